@@ -1,0 +1,52 @@
+"""All settings in one place, read from the environment (and a `.env` file if present).
+
+`DATABASE_URL` is the only unprefixed variable: it is what every PostgreSQL tool already
+understands. Everything else is `IAFACTORY_*`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import platformdirs
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IAFACTORY_", env_file=".env", extra="ignore")
+
+    # --- database -----------------------------------------------------------------------
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "IAFACTORY_DATABASE_URL"),
+        description="Admin connection (migrations, roles). Unset: the embedded PostgreSQL is used.",
+    )
+    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("iafactory")))
+    embedded_db_name: str = "iafactory"
+    # The login role the service connects as. It is a member of the NOLOGIN group role
+    # `iaf_app` created by migration 008; it owns nothing and never bypasses RLS.
+    app_db_user: str = "iafactory_app"
+    app_db_password: SecretStr = SecretStr("iafactory-app-dev-password")
+    # Full URL for the app role, if it cannot be derived from DATABASE_URL (other host, TLS...).
+    app_database_url: str | None = None
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+
+    # --- HTTP / auth ----------------------------------------------------------------------
+    jwt_secret: SecretStr = SecretStr("dev-only-secret-change-me-in-production-0123456789")
+    jwt_issuer: str = "iafactory"
+    jwt_audience: str = "iafactory-api"
+    access_token_ttl_seconds: int = 3600
+    max_body_bytes: int = 1_048_576
+    log_level: str = "INFO"
+
+    @property
+    def embedded_dir(self) -> Path:
+        return self.data_dir / "pg18"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

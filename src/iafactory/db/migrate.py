@@ -1,0 +1,253 @@
+"""A small, strict migration runner for plain SQL files.
+
+Why our own: the maintained tools each miss something we need (dbmate and Alembic take no lock
+against concurrent runs, dbmate and yoyo do not notice edited files, Flyway's dry run is paid and
+its lock hangs `CREATE INDEX CONCURRENTLY`). This one is ~250 lines:
+
+* files `NNN_name.sql` applied in order, each recorded in `schema_migrations` with its SHA-256;
+* an applied file that changed is reported (`--check`) and blocks further runs: never re-run silently;
+* a session-level advisory lock, held on its *own* connection, serialises runners without keeping
+  a transaction open (a transaction would make `CREATE INDEX CONCURRENTLY` wait forever);
+* a file runs in one transaction and is rolled back whole on error, unless its first line is
+  `-- iafactory:no-transaction`: then each statement commits on its own (for CONCURRENTLY and for
+  long backfills), every statement must be idempotent, and a failed run is finished by running
+  again; invalid indexes a failed concurrent build left behind are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+import sqlparse
+
+from iafactory.db.scope import admin_connect
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+NO_TRANSACTION_MARKER = "-- iafactory:no-transaction"
+# Any constant shared by the Python runner and scripts/run_migrations.sh.
+ADVISORY_LOCK_KEY = 7_114_614_202_512
+
+_FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+TRACKING_TABLE_SQL = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version      varchar(10) PRIMARY KEY,
+    name         text NOT NULL,
+    checksum     char(64) NOT NULL,
+    applied_at   timestamptz NOT NULL DEFAULT now(),
+    execution_ms integer,
+    applied_by   text NOT NULL DEFAULT current_user,
+    tool         text NOT NULL DEFAULT 'iafactory'
+)
+"""
+
+
+class MigrationError(Exception):
+    """A migration could not run. The message names the file, the statement and the cause."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Path
+    sql: str
+    checksum: str
+
+    @property
+    def transactional(self) -> bool:
+        return not self.sql.lstrip().startswith(NO_TRANSACTION_MARKER)
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+    def statements(self) -> list[tuple[int, str]]:
+        """(line number, statement) for each statement, comments-only fragments dropped."""
+        out: list[tuple[int, str]] = []
+        pos = 0
+        for raw in sqlparse.split(self.sql):
+            stmt = raw.strip()
+            start = self.sql.find(stmt, pos)
+            pos = start + len(stmt) if start >= 0 else pos
+            if not sqlparse.format(stmt, strip_comments=True).strip().rstrip(";").strip():
+                continue
+            out.append((self.sql.count("\n", 0, max(start, 0)) + 1, stmt))
+        return out
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    version: str
+    name: str
+    state: str  # applied | pending | changed | missing (recorded, but no file)
+    applied_at: datetime | None = None
+    execution_ms: int | None = None
+    migration: Migration | None = None
+
+
+def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    migrations: dict[str, Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path.name}: migration files are named NNN_snake_case_name.sql")
+        version, name = match.groups()
+        if version in migrations:
+            raise MigrationError(f"{path.name}: version {version} is used twice ({migrations[version].filename})")
+        data = path.read_bytes()
+        migrations[version] = Migration(version, name, path, data.decode("utf-8"), hashlib.sha256(data).hexdigest())
+    return [migrations[v] for v in sorted(migrations)]
+
+
+async def _applied(conn: psycopg.AsyncConnection) -> dict[str, dict]:
+    row = await (await conn.execute("SELECT to_regclass('public.schema_migrations') IS NOT NULL AS e")).fetchone()
+    if not row["e"]:
+        return {}
+    cur = await conn.execute(
+        "SELECT version, name, checksum, applied_at, execution_ms FROM schema_migrations ORDER BY version"
+    )
+    return {r["version"]: r for r in await cur.fetchall()}
+
+
+async def status(conn: psycopg.AsyncConnection, migrations: list[Migration] | None = None) -> list[MigrationStatus]:
+    migrations = discover() if migrations is None else migrations
+    applied = await _applied(conn)
+    rows: list[MigrationStatus] = []
+    for m in migrations:
+        rec = applied.pop(m.version, None)
+        if rec is None:
+            rows.append(MigrationStatus(m.version, m.name, "pending", migration=m))
+        else:
+            state = "applied" if rec["checksum"] == m.checksum else "changed"
+            rows.append(MigrationStatus(m.version, m.name, state, rec["applied_at"], rec["execution_ms"], m))
+    for version, rec in sorted(applied.items()):
+        rows.append(MigrationStatus(version, rec["name"], "missing", rec["applied_at"], rec["execution_ms"]))
+    return rows
+
+
+def plan(statuses: list[MigrationStatus], target: str | None = None) -> list[Migration]:
+    """What `migrate [target]` would run, or a MigrationError saying why it must not."""
+    changed = [s for s in statuses if s.state == "changed"]
+    if changed:
+        names = ", ".join(f"{s.version}_{s.name}.sql" for s in changed)
+        raise MigrationError(
+            f"applied migration(s) changed since they ran: {names}. Restore the original file(s) "
+            "and put the change in a new migration."
+        )
+    missing = [s for s in statuses if s.state == "missing"]
+    if missing:
+        names = ", ".join(s.version for s in missing)
+        raise MigrationError(f"the database has migration(s) {names} that this code does not know: upgrade the code")
+    pending = [s.migration for s in statuses if s.state == "pending" and s.migration is not None]
+    if target is None:
+        return pending
+    known = {s.version: s for s in statuses}
+    if target not in known:
+        raise MigrationError(f"no migration {target}; known: {', '.join(sorted(known))}")
+    if known[target].state == "applied":
+        return []
+    earlier = [m.version for m in pending if m.version < target]
+    if earlier:
+        raise MigrationError(
+            f"{target} cannot run before {', '.join(earlier)}: apply {earlier[0]} first "
+            "(or run `iafactory migrate` to apply everything in order)"
+        )
+    return [known[target].migration]  # type: ignore[list-item]
+
+
+def _describe_failure(m: Migration, line: int, stmt: str, err: psycopg.Error) -> MigrationError:
+    diag = getattr(err, "diag", None)
+    message = (diag.message_primary if diag and diag.message_primary else str(err)).strip()
+    detail = f" ({diag.message_detail})" if diag and diag.message_detail else ""
+    if diag and diag.statement_position:
+        line += stmt.count("\n", 0, int(diag.statement_position) - 1)
+    first = " ".join(stmt.split())[:120]
+    return MigrationError(f"{m.filename}, line {line}: {message}{detail}\n  statement: {first}")
+
+
+async def _drop_invalid_indexes(conn: psycopg.AsyncConnection) -> list[str]:
+    cur = await conn.execute(
+        """SELECT format('%I.%I', n.nspname, c.relname) AS name FROM pg_index i
+           JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE NOT i.indisvalid AND n.nspname IN ('public', 'app')"""
+    )
+    names = [r["name"] for r in await cur.fetchall()]
+    for name in names:
+        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+    return names
+
+
+async def _run_one(conn: psycopg.AsyncConnection, m: Migration) -> int:
+    started = time.perf_counter()
+    record = "INSERT INTO schema_migrations (version, name, checksum, execution_ms) VALUES (%s, %s, %s, %s)"
+    if m.transactional:
+        try:
+            async with conn.transaction():
+                for line, stmt in m.statements():
+                    try:
+                        await conn.execute(stmt)
+                    except psycopg.Error as err:
+                        raise _describe_failure(m, line, stmt, err) from err
+                elapsed = int((time.perf_counter() - started) * 1000)
+                await conn.execute(record, (m.version, m.name, m.checksum, elapsed))
+        except MigrationError:
+            raise
+        return elapsed
+    for line, stmt in m.statements():
+        try:
+            await conn.execute(stmt)
+        except psycopg.Error as err:
+            failure = _describe_failure(m, line, stmt, err)
+            dropped = await _drop_invalid_indexes(conn)
+            if dropped:
+                failure = MigrationError(f"{failure}\n  dropped invalid indexes left behind: {', '.join(dropped)}")
+            raise failure from err
+    elapsed = int((time.perf_counter() - started) * 1000)
+    await conn.execute(record, (m.version, m.name, m.checksum, elapsed))
+    return elapsed
+
+
+async def migrate(
+    conninfo: str,
+    target: str | None = None,
+    *,
+    migrations: list[Migration] | None = None,
+    on_start: Callable[[Migration], None] | None = None,
+    on_done: Callable[[Migration, int], None] | None = None,
+) -> list[Migration]:
+    """Apply pending migrations (or just `target`) under the advisory lock. Returns what ran."""
+    migrations = discover() if migrations is None else migrations
+    lock = await admin_connect(conninfo)
+    try:
+        # Session-level lock on a connection that never opens a transaction: a second runner
+        # waits here, then finds nothing left to do.
+        await lock.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        async with await admin_connect(conninfo) as conn:
+            await conn.execute("SET client_min_messages = warning")
+            await conn.execute(TRACKING_TABLE_SQL)
+            todo = plan(await status(conn, migrations), target)
+            for m in todo:
+                if on_start:
+                    on_start(m)
+                elapsed = await _run_one(conn, m)
+                if on_done:
+                    on_done(m, elapsed)
+            return todo
+    finally:
+        try:
+            await lock.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+        finally:
+            await lock.close()
+
+
+async def check(conninfo: str, migrations: list[Migration] | None = None) -> list[MigrationStatus]:
+    async with await admin_connect(conninfo) as conn:
+        return await status(conn, migrations)

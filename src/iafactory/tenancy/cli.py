@@ -1,0 +1,95 @@
+"""`iafactory tenants ...`: operator commands for tenants and their members."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from pydantic import EmailStr, TypeAdapter, ValidationError
+
+from iafactory.cli import CliError, admin_url, app, console, parse_json_option, print_table, run
+from iafactory.db.scope import admin_connect
+from iafactory.tenancy import service
+from iafactory.tenancy.schemas import Plan, Region, Role, Status, TenantCreate, TenantFilters
+
+tenants_app = typer.Typer(help="Create and list tenants, manage their members.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+
+
+@tenants_app.command("create")
+@run
+async def create_command(
+    name: str = typer.Option(..., help="Display name, e.g. 'Cabinet Dr. Dupont Genève'."),
+    slug: str = typer.Option(..., help="URL-safe identifier: lowercase letters, digits and single dashes."),
+    region: str = typer.Option(..., help="Where the tenant's data lives: DZ, CH, FR, BE or CA."),
+    plan: str = typer.Option("free", help="free, pro or enterprise."),
+    status: str = typer.Option("trial", help="active, suspended, trial or cancelled."),
+    admin_email: str | None = typer.Option(None, help="The tenant's administrative contact."),
+    admin_phone: str | None = typer.Option(None, help="Phone of the administrative contact."),
+    metadata: str | None = typer.Option(None, help='JSON object, e.g. \'{"type": "school"}\'.'),
+    settings: str | None = typer.Option(None, help="JSON object of tenant settings (plan overrides...)."),
+    trial_ends_at: str | None = typer.Option(None, help="ISO 8601 date-time with zone, e.g. 2027-01-31T23:59:59Z."),
+) -> None:
+    """Create a tenant. Invalid input is refused before anything is written."""
+    data = TenantCreate.model_validate({
+        "name": name, "slug": slug, "region": region, "plan": plan, "status": status,
+        "admin_email": admin_email, "admin_phone": admin_phone,
+        "metadata": parse_json_option("metadata", metadata),
+        "settings": parse_json_option("settings", settings),
+        "trial_ends_at": trial_ends_at,
+    })
+    async with await admin_connect(admin_url()) as conn:
+        async with conn.transaction():
+            tenant = await service.create_tenant(conn, data)
+    console.print(f"created tenant {tenant.slug} ({tenant.id}) in {tenant.region}, plan {tenant.plan}, {tenant.status}")
+
+
+@tenants_app.command("list")
+@run
+async def list_command(
+    region: str | None = typer.Option(None, help="Only this region (DZ, CH, FR, BE, CA)."),
+    plan: str | None = typer.Option(None, help="Only this plan."),
+    status: str | None = typer.Option(None, help="Only this status."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
+) -> None:
+    """List tenants, optionally filtered."""
+    filters = TenantFilters.model_validate({"region": region, "plan": plan, "status": status})
+    async with await admin_connect(admin_url()) as conn:
+        tenants = await service.list_tenants(conn, filters)
+    if as_json:
+        for t in tenants:
+            print(json.dumps(t.model_dump(mode="json"), ensure_ascii=False))
+        return
+    print_table(
+        f"Tenants ({len(tenants)})",
+        ["slug", "name", "region", "plan", "status", "admin email", "id"],
+        [[t.slug, t.name, t.region, t.plan, t.status, t.admin_email, t.id] for t in tenants],
+    )
+
+
+@tenants_app.command("add-user")
+@run
+async def add_user_command(
+    slug: str = typer.Argument(..., help="The tenant's slug."),
+    email: str = typer.Argument(..., help="The user's email; the user is created if new."),
+    role: str = typer.Option("member", help="owner, admin, member or viewer."),
+    name: str = typer.Option("", help="Display name for a new user."),
+) -> None:
+    """Add a user to a tenant with a role (or change the role of an existing member)."""
+    try:
+        checked_role = TypeAdapter(Role).validate_python(role)
+    except ValidationError as err:
+        raise CliError(f"--role: must be one of owner, admin, member, viewer (got {role!r})") from err
+    try:
+        checked_email = TypeAdapter(EmailStr).validate_python(email)
+    except ValidationError as err:
+        raise CliError(f"EMAIL: {err.errors()[0]['msg']} (got {email!r})") from err
+    async with await admin_connect(admin_url()) as conn:
+        async with conn.transaction():
+            result = await service.add_user(conn, slug, checked_email, checked_role, name=name)
+    verb = "created and added" if result["user_created"] else "added"
+    console.print(f"{verb} {result['email']} to {slug} as {checked_role}")
+
+
+# Re-exported for --help texts and tests that enumerate the accepted values.
+__all__ = ["Plan", "Region", "Status"]

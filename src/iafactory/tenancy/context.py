@@ -1,0 +1,35 @@
+"""The tenant context: what a request's credential resolved to.
+
+It is the only thing that picks a tenant. It is built from a verified credential (JWT or API
+key, see `iafactory.auth`) or, for operator commands, from a tenant looked up by slug; then it
+is handed to `iafactory.db.scope.Database.tenant`, which sets it for one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+ROLES = ("viewer", "member", "admin", "owner")
+ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
+
+
+@dataclass(frozen=True, slots=True)
+class TenantContext:
+    tenant_id: UUID
+    user_id: int | None = None
+    api_key_id: UUID | None = None
+    role: str | None = None
+    # Scope of an API key ("read" or "write"); None for a user session.
+    key_scope: str | None = None
+
+    def __post_init__(self) -> None:
+        # A real UUID object, never a string: it is interpolated into SET LOCAL, which takes no
+        # bind parameters. Its canonical str() cannot carry anything but hex digits and dashes.
+        if not isinstance(self.tenant_id, UUID):
+            raise TypeError("TenantContext.tenant_id must be a uuid.UUID")
+        if self.role is not None and self.role not in ROLE_RANK:
+            raise ValueError(f"unknown role {self.role!r}")
+
+    def has_role(self, minimum: str) -> bool:
+        return self.role is not None and ROLE_RANK[self.role] >= ROLE_RANK[minimum]
