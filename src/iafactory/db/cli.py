@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from iafactory.cli import admin_url, app, console, print_table, run
+from iafactory.config import get_settings
 from iafactory.db import migrate as migrations
+from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db import verify as verification
 from iafactory.db.scope import admin_connect
 
@@ -49,7 +51,7 @@ async def migrate_command(
     def done(m: migrations.Migration, ms: int) -> None:
         console.print(f"[green]ok[/green] ({ms} ms)")
 
-    applied = await migrations.migrate(url, version, on_start=started, on_done=done)
+    applied = await migrate_and_prepare(url, get_settings(), version, on_start=started, on_done=done)
     if not applied:
         console.print(f"{version} is already applied." if version else "Database is up to date.")
 

@@ -96,6 +96,30 @@ def _tenant_prelude(ctx: TenantContext | None) -> list[sql.Composable]:
     return statements
 
 
+@asynccontextmanager
+async def _pipelined_transaction(
+    conn: psycopg.AsyncConnection[dict[str, Any]],
+    ctx: TenantContext | None,
+    gate: tuple[str | sql.Composable, Params] | None,
+) -> AsyncIterator[Transaction]:
+    try:
+        async with conn.pipeline() as pipeline:
+            for statement in _tenant_prelude(ctx):
+                await conn.execute(statement)
+            if gate is not None:
+                await conn.execute(*gate)
+            yield Transaction(conn, pipeline)
+            await conn.execute("COMMIT")
+    except BaseException:
+        # The pipeline was synced on exit; end whatever is left of the transaction.
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            try:
+                await conn.execute("ROLLBACK")
+            except psycopg.Error:
+                pass
+        raise
+
+
 class Database:
     """Owns the application pool and hands out the three scopes described above."""
 
@@ -129,22 +153,8 @@ class Database:
         self, ctx: TenantContext | None, gate: tuple[str | sql.Composable, Params] | None
     ) -> AsyncIterator[Transaction]:
         async with self._pool.connection() as conn:
-            try:
-                async with conn.pipeline() as pipeline:
-                    for statement in _tenant_prelude(ctx):
-                        await conn.execute(statement)
-                    if gate is not None:
-                        await conn.execute(*gate)
-                    yield Transaction(conn, pipeline)
-                    await conn.execute("COMMIT")
-            except BaseException:
-                # The pipeline has been synced on exit; end whatever is left of the transaction.
-                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    try:
-                        await conn.execute("ROLLBACK")
-                    except psycopg.Error:
-                        pass
-                raise
+            async with _pipelined_transaction(conn, ctx, gate) as tx:
+                yield tx
 
     def tenant(
         self, ctx: TenantContext, *, gate: tuple[str | sql.Composable, Params] | None = None
@@ -164,6 +174,15 @@ class Database:
         """A dedicated connection with the administrative URL (migrations, roles, operator tasks)."""
         async with await admin_connect(self.admin_conninfo) as conn:
             yield conn
+
+
+@asynccontextmanager
+async def operator_transaction(conninfo: str) -> AsyncIterator[Transaction]:
+    """A transaction on an operator's own connection (CLI commands): no tenant is set, so tenant
+    tables show nothing; platform work goes through the platform.* definer functions."""
+    async with await admin_connect(conninfo) as conn:
+        async with _pipelined_transaction(conn, None, None) as tx:
+            yield tx
 
 
 async def admin_connect(conninfo: str) -> psycopg.AsyncConnection[dict[str, Any]]:

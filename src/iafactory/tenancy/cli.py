@@ -8,7 +8,7 @@ import typer
 from pydantic import EmailStr, TypeAdapter, ValidationError
 
 from iafactory.cli import CliError, admin_url, app, console, parse_json_option, print_table, run
-from iafactory.db.scope import admin_connect
+from iafactory.db.scope import operator_transaction
 from iafactory.tenancy import service
 from iafactory.tenancy.schemas import Plan, Region, Role, Status, TenantCreate, TenantFilters
 
@@ -38,9 +38,8 @@ async def create_command(
         "settings": parse_json_option("settings", settings),
         "trial_ends_at": trial_ends_at,
     })
-    async with await admin_connect(admin_url()) as conn:
-        async with conn.transaction():
-            tenant = await service.create_tenant(conn, data)
+    async with operator_transaction(admin_url()) as tx:
+        tenant = await service.create_tenant(tx, data)
     console.print(f"created tenant {tenant.slug} ({tenant.id}) in {tenant.region}, plan {tenant.plan}, {tenant.status}")
 
 
@@ -54,8 +53,8 @@ async def list_command(
 ) -> None:
     """List tenants, optionally filtered."""
     filters = TenantFilters.model_validate({"region": region, "plan": plan, "status": status})
-    async with await admin_connect(admin_url()) as conn:
-        tenants = await service.list_tenants(conn, filters)
+    async with operator_transaction(admin_url()) as tx:
+        tenants = await service.list_tenants(tx, filters)
     if as_json:
         for t in tenants:
             print(json.dumps(t.model_dump(mode="json"), ensure_ascii=False))
@@ -84,9 +83,8 @@ async def add_user_command(
         checked_email = TypeAdapter(EmailStr).validate_python(email)
     except ValidationError as err:
         raise CliError(f"EMAIL: {err.errors()[0]['msg']} (got {email!r})") from err
-    async with await admin_connect(admin_url()) as conn:
-        async with conn.transaction():
-            result = await service.add_user(conn, slug, checked_email, checked_role, name=name)
+    async with operator_transaction(admin_url()) as tx:
+        result = await service.add_member(tx, slug, checked_email, checked_role, name=name)
     verb = "created and added" if result["user_created"] else "added"
     console.print(f"{verb} {result['email']} to {slug} as {checked_role}")
 

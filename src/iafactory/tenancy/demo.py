@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import psycopg
-
+from iafactory.db.scope import Transaction
 from iafactory.tenancy import service
 from iafactory.tenancy.schemas import TenantCreate
 
@@ -31,12 +30,13 @@ DEMO_TENANTS = [
 ]
 
 
-async def load_demo_tenants(conn: psycopg.AsyncConnection) -> int:
+async def load_demo_tenants(tx: Transaction) -> int:
     """Create the demo tenants that do not exist yet; returns how many were created."""
     created = 0
     for data in DEMO_TENANTS:
-        exists = await (await conn.execute("SELECT 1 FROM tenants WHERE slug = %s", (data.slug,))).fetchone()
-        if exists is None:
-            await service.create_tenant(conn, data)
+        try:
+            await service.get_tenant(tx, slug=data.slug)
+        except service.TenantNotFound:
+            await service.create_tenant(tx, data)
             created += 1
     return created

@@ -1,35 +1,34 @@
-"""Platform-level tenant operations (create, list, add a member).
+"""Platform-level tenant operations: create, list, change plan or status, add a member.
 
-These run on an operator connection (the CLI's admin URL); they never serve a tenant's request.
-Services never commit: the caller owns the transaction.
+They go through the `platform.*` SECURITY DEFINER functions (migration 008), which allow an
+operator's own login (CLI) or a platform administrator's request, and nobody else. The caller
+owns the transaction; nothing here commits.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from iafactory.tenancy.schemas import Role, Tenant, TenantCreate, TenantFilters
-
-TENANT_COLUMNS = (
-    "id, name, slug, region, plan, status, admin_email, admin_phone, settings, metadata, "
-    "created_at, updated_at, trial_ends_at"
-)
+from iafactory.db.scope import Transaction
+from iafactory.tenancy.schemas import Plan, Role, Status, Tenant, TenantCreate, TenantFilters
 
 
 class TenantError(Exception):
     """A tenant operation was refused; the message is meant for the person who asked."""
 
 
-async def create_tenant(conn: psycopg.AsyncConnection, data: TenantCreate) -> Tenant:
+class TenantNotFound(TenantError):
+    pass
+
+
+async def create_tenant(tx: Transaction, data: TenantCreate) -> Tenant:
     try:
-        cur = await conn.execute(
-            f"""INSERT INTO tenants (name, slug, region, plan, status, admin_email, admin_phone,
-                                     settings, metadata, trial_ends_at)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                RETURNING {TENANT_COLUMNS}""",
+        row = await tx.fetchrow(
+            "SELECT * FROM platform.create_tenant(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 data.name, data.slug, data.region, data.plan, data.status, data.admin_email,
                 data.admin_phone, Jsonb(data.settings), Jsonb(data.metadata), data.trial_ends_at,
@@ -37,41 +36,39 @@ async def create_tenant(conn: psycopg.AsyncConnection, data: TenantCreate) -> Te
         )
     except psycopg.errors.UniqueViolation as err:
         raise TenantError(f"slug {data.slug!r} is already taken") from err
-    row = await cur.fetchone()
     return Tenant.model_validate(row)
 
 
-async def list_tenants(conn: psycopg.AsyncConnection, filters: TenantFilters) -> list[Tenant]:
-    clauses, params = [], []
-    for column in ("region", "plan", "status"):
-        value = getattr(filters, column)
-        if value is not None:
-            clauses.append(f"{column} = %s")
-            params.append(value)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    cur = await conn.execute(f"SELECT {TENANT_COLUMNS} FROM tenants {where} ORDER BY created_at, slug", params)
-    return [Tenant.model_validate(r) for r in await cur.fetchall()]
+async def list_tenants(
+    tx: Transaction, filters: TenantFilters, *, limit: int = 1000, after: tuple[Any, UUID] | None = None
+) -> list[Tenant]:
+    rows = await tx.fetch(
+        "SELECT * FROM platform.list_tenants(%s, %s, %s, %s, %s, %s)",
+        (filters.region, filters.plan, filters.status, limit, after[0] if after else None, after[1] if after else None),
+    )
+    return [Tenant.model_validate(r) for r in rows]
 
 
-async def add_user(
-    conn: psycopg.AsyncConnection, slug: str, email: str, role: Role, *, name: str = "", password_hash: str | None = None
+async def get_tenant(tx: Transaction, *, tenant_id: UUID | None = None, slug: str | None = None) -> Tenant:
+    row = await tx.fetchrow("SELECT * FROM platform.get_tenant(%s, %s)", (tenant_id, slug))
+    if row is None:
+        raise TenantNotFound(f"no tenant with slug {slug!r}" if slug else f"no tenant {tenant_id}")
+    return Tenant.model_validate(row)
+
+
+async def update_tenant(tx: Transaction, tenant_id: UUID, *, plan: Plan | None = None, status: Status | None = None) -> Tenant:
+    row = await tx.fetchrow("SELECT * FROM platform.update_tenant(%s, %s, %s)", (tenant_id, plan, status))
+    if row is None:
+        raise TenantNotFound(f"no tenant {tenant_id}")
+    return Tenant.model_validate(row)
+
+
+async def add_member(
+    tx: Transaction, slug: str, email: str, role: Role, *, name: str = "", password_hash: str | None = None
 ) -> dict[str, Any]:
     """Add (or re-role) a user in a tenant, creating the user if the email is new."""
-    tenant = await (await conn.execute("SELECT id FROM tenants WHERE slug = %s", (slug,))).fetchone()
-    if tenant is None:
-        raise TenantError(f"no tenant with slug {slug!r}")
-    user = await (
-        await conn.execute(
-            """INSERT INTO users (email, name, password_hash) VALUES (%s, %s, %s)
-               ON CONFLICT ((lower(email))) DO UPDATE
-                   SET password_hash = coalesce(EXCLUDED.password_hash, users.password_hash)
-               RETURNING id, email, (xmax = 0) AS created""",
-            (email, name, password_hash),
-        )
-    ).fetchone()
-    await conn.execute(
-        """INSERT INTO tenant_users (tenant_id, user_id, role) VALUES (%s, %s, %s)
-           ON CONFLICT (tenant_id, user_id) DO UPDATE SET role = EXCLUDED.role""",
-        (tenant["id"], user["id"], role),
+    tenant = await get_tenant(tx, slug=slug)
+    row = await tx.fetchrow(
+        "SELECT * FROM platform.add_member(%s, %s, %s, %s, %s)", (tenant.id, email, role, name, password_hash)
     )
-    return {"tenant_id": tenant["id"], "user_id": user["id"], "email": user["email"], "user_created": user["created"]}
+    return {"tenant_id": tenant.id, **row}

@@ -1,0 +1,35 @@
+"""From settings to a ready database: migrate, make sure the app's login role exists, open the pool."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from iafactory.config import Settings
+from iafactory.db import migrate, roles, server
+from iafactory.db.scope import Database, admin_connect
+
+
+async def migrate_and_prepare(
+    admin_url: str,
+    settings: Settings,
+    target: str | None = None,
+    *,
+    on_start: Callable[[migrate.Migration], None] | None = None,
+    on_done: Callable[[migrate.Migration, int], None] | None = None,
+) -> list[migrate.Migration]:
+    applied = await migrate.migrate(admin_url, target, on_start=on_start, on_done=on_done)
+    async with await admin_connect(admin_url) as conn:
+        has_group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
+        if has_group:
+            await roles.ensure_app_login(conn, settings.app_db_user, settings.app_db_password.get_secret_value())
+    return applied
+
+
+def database(settings: Settings, admin_url: str) -> Database:
+    """The application's pool (not opened yet) for the database behind `admin_url`."""
+    return Database(
+        server.app_conninfo(settings, admin_url),
+        admin_url,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+    )

@@ -1,0 +1,39 @@
+"""The application's login role: created (or corrected) from configuration after migrating.
+
+Its name and password are deployment settings, so they live here rather than in a migration; the
+privileges come from membership in the `iaf_app` group role that migration 008 creates.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from iafactory.db.migrate import MigrationError
+
+
+async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: str) -> None:
+    group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
+    if group is None:
+        raise MigrationError("role iaf_app does not exist yet: apply migration 008 first")
+    role = await (await conn.execute(
+        """SELECT rolsuper, rolbypassrls,
+                  EXISTS (SELECT 1 FROM pg_class c WHERE c.relowner = r.oid
+                          AND c.relnamespace = 'public'::regnamespace) AS owns_tables
+           FROM pg_roles r WHERE rolname = %s""", (user,))).fetchone()
+    ident, secret = sql.Identifier(user), sql.Literal(password)
+    if role is None:
+        await conn.execute(sql.SQL(
+            "CREATE ROLE {} LOGIN PASSWORD {} NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT"
+        ).format(ident, secret))
+    elif role["rolsuper"] or role["rolbypassrls"] or role["owns_tables"]:
+        # Never demote or reuse a privileged role by accident: that would be a configuration error.
+        raise MigrationError(
+            f"the configured application role {user!r} is a superuser, bypasses RLS or owns tables; "
+            "set IAFACTORY_APP_DB_USER to a dedicated role name"
+        )
+    else:
+        await conn.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {} NOCREATEDB NOCREATEROLE INHERIT").format(ident, secret))
+    await conn.execute(sql.SQL("GRANT iaf_app TO {}").format(ident))
+    dbname = conn.info.dbname
+    await conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO iaf_app").format(sql.Identifier(dbname)))

@@ -1,0 +1,114 @@
+"""Test fixtures: a real PostgreSQL, always.
+
+With DATABASE_URL set (e.g. the machine's PostgreSQL 15), tests create their databases on that
+server; otherwise on the embedded PostgreSQL 18, started (or reused) in a test data directory.
+Every test that changes the schema gets a database of its own, created and dropped here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from iafactory.config import Settings
+from iafactory.db import server
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    """Admin URL of the server the tests run against (its maintenance database)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    data_dir = Path(os.environ.get("IAFACTORY_TEST_DATA_DIR", Path(tempfile.gettempdir()) / "iafactory-test"))
+    return server.start_embedded(Settings(data_dir=data_dir, database_url=None))
+
+
+@pytest.fixture(scope="session")
+def server_version(server_url: str) -> int:
+    with psycopg.connect(server_url) as conn:
+        return conn.info.server_version // 10000
+
+
+def _create_database(server_url: str) -> tuple[str, str]:
+    name = f"iaf_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, server.with_database(server_url, name)
+
+
+def _drop_database(server_url: str, name: str) -> None:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def make_database(server_url: str) -> Iterator[Callable[[], str]]:
+    """Factory: a new empty database per call, dropped after the test. Returns its admin URL."""
+    created: list[str] = []
+
+    def make() -> str:
+        name, url = _create_database(server_url)
+        created.append(name)
+        return url
+
+    yield make
+    for name in created:
+        _drop_database(server_url, name)
+
+
+@pytest.fixture
+def empty_db(make_database: Callable[[], str]) -> str:
+    return make_database()
+
+
+def run_cli(*args: str, db_url: str, env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `iafactory` console script against `db_url`."""
+    full_env = {**os.environ, "DATABASE_URL": db_url, **(env or {})}
+    exe = Path(sys.executable).with_name("iafactory")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, input=input, timeout=300)
+
+
+def migrate_sync(url: str, target: str | None = None, **kwargs) -> list:
+    """Apply migrations with the real runner (what `iafactory migrate` does)."""
+    import asyncio
+
+    from iafactory.db import migrate
+
+    return asyncio.run(migrate.migrate(url, target, **kwargs))
+
+
+def prepare_sync(url: str) -> list:
+    """Migrate and create the application's login role, as `iafactory migrate` does."""
+    import asyncio
+
+    from iafactory.db.bootstrap import migrate_and_prepare
+
+    return asyncio.run(migrate_and_prepare(url, test_settings(url)))
+
+
+def test_settings(url: str) -> Settings:
+    return Settings(database_url=url)
+
+
+@pytest.fixture
+def migrated_db(make_database: Callable[[], str]) -> str:
+    """A new database with every migration applied. Returns its admin URL."""
+    url = make_database()
+    prepare_sync(url)
+    return url
