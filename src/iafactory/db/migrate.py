@@ -7,7 +7,9 @@ its lock hangs `CREATE INDEX CONCURRENTLY`). This one is ~250 lines:
 * files `NNN_name.sql` applied in order, each recorded in `schema_migrations` with its SHA-256;
 * an applied file that changed is reported (`--check`) and blocks further runs: never re-run silently;
 * a session-level advisory lock, held on its *own* connection, serialises runners without keeping
-  a transaction open (a transaction would make `CREATE INDEX CONCURRENTLY` wait forever);
+  a transaction open (a transaction would make `CREATE INDEX CONCURRENTLY` wait forever); a
+  runner waiting for it polls `pg_try_advisory_lock` rather than blocking in `pg_advisory_lock`,
+  whose statement holds a snapshot that the lock holder's `CREATE INDEX CONCURRENTLY` would wait for;
 * a file runs in one transaction and is rolled back whole on error, unless its first line is
   `-- iafactory:no-transaction`: then each statement commits on its own (for CONCURRENTLY and for
   long backfills), every statement must be idempotent, and a failed run is finished by running
@@ -16,6 +18,7 @@ its lock hangs `CREATE INDEX CONCURRENTLY`). This one is ~250 lines:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
@@ -215,6 +218,23 @@ async def _run_one(conn: psycopg.AsyncConnection, m: Migration) -> int:
     return elapsed
 
 
+async def _take_lock(lock: psycopg.AsyncConnection) -> None:
+    """Take the runners' advisory lock, waiting as long as another runner holds it.
+
+    Not `SELECT pg_advisory_lock(...)`: while that statement waits it holds a snapshot, and
+    `CREATE INDEX CONCURRENTLY` in the runner holding the lock waits for every older snapshot in
+    the database. Each would wait for the other forever, and the deadlock detector cannot see it
+    (the cycle goes through the client). Between two tries this session is idle, with no snapshot.
+    """
+    delay = 0.01
+    while True:
+        cur = await lock.execute("SELECT pg_try_advisory_lock(%s) AS got", (ADVISORY_LOCK_KEY,))
+        if (await cur.fetchone())["got"]:
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
 async def migrate(
     conninfo: str,
     target: str | None = None,
@@ -229,7 +249,7 @@ async def migrate(
     try:
         # Session-level lock on a connection that never opens a transaction: a second runner
         # waits here, then finds nothing left to do.
-        await lock.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        await _take_lock(lock)
         async with await admin_connect(conninfo) as conn:
             await conn.execute("SET client_min_messages = warning")
             await conn.execute(TRACKING_TABLE_SQL)
