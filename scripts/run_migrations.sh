@@ -32,11 +32,19 @@ command -v psql >/dev/null || die "psql not found"
 command -v sha256sum >/dev/null || die "sha256sum not found"
 
 # Hold the advisory lock on a session of its own for the whole run; it opens no transaction, so
-# CREATE INDEX CONCURRENTLY in a migration does not wait for it.
+# CREATE INDEX CONCURRENTLY in a migration does not wait for it. While another runner holds it,
+# poll pg_try_advisory_lock: a session blocked in pg_advisory_lock holds a snapshot, which the
+# other runner's CREATE INDEX CONCURRENTLY would wait for, forever.
 coproc LOCK { psql ${url:+"$url"} -X -q -A -t -v ON_ERROR_STOP=1 2>&1; }
-echo "SELECT 'locked' FROM pg_advisory_lock($lock_key);" >&"${LOCK[1]}"
-read -r -t 600 got <&"${LOCK[0]}" || die "could not take the migration lock (is the database reachable?)"
-[ "$got" = "locked" ] || die "could not take the migration lock: $got"
+waited=0
+while :; do
+  echo "SELECT pg_try_advisory_lock($lock_key);" >&"${LOCK[1]}"
+  read -r -t 600 got <&"${LOCK[0]}" || die "could not take the migration lock (is the database reachable?)"
+  [ "$got" = "t" ] && break
+  [ "$got" = "f" ] || die "could not take the migration lock: $got"
+  [ "$waited" -lt 6000 ] || die "another migration run has held the lock for 10 minutes"
+  sleep 0.1; waited=$((waited + 1))
+done
 release() { exec {LOCK[1]}>&- 2>/dev/null || true; wait "$LOCK_PID" 2>/dev/null || true; }
 trap release EXIT
 
