@@ -99,11 +99,11 @@ def prepare_sync(url: str) -> list:
 
     from iafactory.db.bootstrap import migrate_and_prepare
 
-    return asyncio.run(migrate_and_prepare(url, test_settings(url)))
+    return asyncio.run(migrate_and_prepare(url, settings_for(url)))
 
 
-def test_settings(url: str) -> Settings:
-    return Settings(database_url=url)
+def settings_for(url: str, **overrides) -> Settings:
+    return Settings(database_url=url, **overrides)
 
 
 @pytest.fixture
