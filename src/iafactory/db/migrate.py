@@ -73,17 +73,33 @@ class Migration:
         return self.path.name
 
     def statements(self) -> list[tuple[int, str]]:
-        """(line number, statement) for each statement, comments-only fragments dropped."""
+        """(line number, statement) for each statement, comments-only fragments dropped.
+
+        The comment lines sqlparse attaches in front of a statement are left out, so that the line
+        number (and an error's excerpt) is that of the statement itself, not of the comment above it.
+        """
         out: list[tuple[int, str]] = []
         pos = 0
         for raw in sqlparse.split(self.sql):
-            stmt = raw.strip()
+            stmt = _strip_leading_comments(raw)
             start = self.sql.find(stmt, pos)
             pos = start + len(stmt) if start >= 0 else pos
             if not sqlparse.format(stmt, strip_comments=True).strip().rstrip(";").strip():
                 continue
             out.append((self.sql.count("\n", 0, max(start, 0)) + 1, stmt))
         return out
+
+
+def _strip_leading_comments(stmt: str) -> str:
+    stmt = stmt.strip()
+    while True:
+        if stmt.startswith("--"):
+            end = stmt.find("\n")
+            stmt = "" if end < 0 else stmt[end + 1 :].lstrip()
+        elif stmt.startswith("/*") and "*/" in stmt:
+            stmt = stmt[stmt.index("*/") + 2 :].lstrip()
+        else:
+            return stmt
 
 
 @dataclass(frozen=True)
