@@ -1,0 +1,193 @@
+"""`iafactory tenants ...` and `iafactory verify`, run as the installed command against a real,
+migrated PostgreSQL database."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from conftest import migrate_sync, run_cli
+
+from iafactory.db import server
+
+# The four tenants of the Phase 1 design document (seed 000, "Créer Vos Premiers Tenants").
+SEED_TENANTS = [
+    {
+        "name": "École Ibn Khaldoun Alger", "slug": "ecole-ibn-khaldoun-alger", "region": "DZ", "plan": "pro",
+        "status": "active", "admin_email": "admin@ecole-ibn-khaldoun.dz",
+        "metadata": {"type": "school", "students_count": 500, "city": "Alger"},
+    },
+    {
+        "name": "Cabinet Dr. Dupont Genève", "slug": "cabinet-dupont-geneve", "region": "CH", "plan": "enterprise",
+        "status": "active", "admin_email": "admin@cabinet-dupont.ch",
+        "metadata": {"type": "medical", "speciality": "general", "city": "Genève"},
+    },
+    {
+        "name": "Étude Maître Martin Lausanne", "slug": "etude-martin-lausanne", "region": "CH", "plan": "pro",
+        "status": "active", "admin_email": "contact@etude-martin.ch",
+        "metadata": {"type": "legal", "speciality": "business_law", "city": "Lausanne"},
+    },
+    {
+        "name": "Fiduciaire Bernard Zurich", "slug": "fiduciaire-bernard-zurich", "region": "CH", "plan": "enterprise",
+        "status": "active", "admin_email": "info@fiduciaire-bernard.ch",
+        "metadata": {"type": "accounting", "clients_count": 120, "city": "Zurich"},
+    },
+]
+# As the document writes it: metadata is a JSON text, passed to the CLI exactly like that.
+SEED_METADATA_TEXT = {
+    "ecole-ibn-khaldoun-alger": '{"type": "school", "students_count": 500, "city": "Alger"}',
+    "cabinet-dupont-geneve": '{"type": "medical", "speciality": "general", "city": "Genève"}',
+    "etude-martin-lausanne": '{"type": "legal", "speciality": "business_law", "city": "Lausanne"}',
+    "fiduciaire-bernard-zurich": '{"type": "accounting", "clients_count": 120, "city": "Zurich"}',
+}
+
+
+def create_args(t: dict) -> list[str]:
+    return ["tenants", "create", "--name", t["name"], "--slug", t["slug"], "--region", t["region"],
+            "--plan", t["plan"], "--status", t["status"], "--admin-email", t["admin_email"],
+            "--metadata", SEED_METADATA_TEXT[t["slug"]]]
+
+
+def fingerprint(url: str) -> dict[str, tuple[int, str]]:
+    """Row count and a digest of every row of the tables these commands write."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {
+            table: conn.execute(
+                f"SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {table} t"
+            ).fetchone()
+            for table in ("tenants", "users", "tenant_users")
+        }
+
+
+def one_error_line(result) -> str:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def seeded_db(server_url: str) -> Iterator[str]:
+    """A migrated database holding the four seed tenants (created with the CLI) and one member.
+    Shared by the tests below, which must not change it (they check that they do not)."""
+    name = f"iaf_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = server.with_database(server_url, name)
+    try:
+        migrate_sync(url)
+        for t in SEED_TENANTS:
+            result = run_cli(*create_args(t), db_url=url)
+            assert result.returncode == 0, result.stderr
+        assert run_cli("tenants", "add-user", "cabinet-dupont-geneve", "jean.dupont@cabinet-dupont.ch",
+                       "--role", "owner", db_url=url).returncode == 0
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_create_the_four_seed_tenants_with_the_cli(migrated_db: str) -> None:
+    for t in SEED_TENANTS:
+        result = run_cli(*create_args(t), db_url=migrated_db)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        assert f"created tenant {t['slug']} (" in result.stdout
+        assert f"in {t['region']}, plan {t['plan']}, {t['status']}" in result.stdout
+    with psycopg.connect(migrated_db) as conn:
+        rows = conn.execute(
+            """SELECT name, slug, region, plan, status, admin_email, metadata, admin_phone, settings, trial_ends_at
+               FROM tenants WHERE slug <> 'system-default' ORDER BY created_at""").fetchall()
+    assert rows == [
+        (t["name"], t["slug"], t["region"], t["plan"], t["status"], t["admin_email"], t["metadata"], None, {}, None)
+        for t in SEED_TENANTS
+    ]
+
+
+def test_list_region_ch_shows_only_ch_tenants(seeded_db: str) -> None:
+    result = run_cli("tenants", "list", "--region", "CH", "--json", db_url=seeded_db)
+    assert result.returncode == 0, result.stderr
+    listed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {t["region"] for t in listed} == {"CH"}
+    assert sorted(t["slug"] for t in listed) == sorted(
+        ["system-default"] + [t["slug"] for t in SEED_TENANTS if t["region"] == "CH"])
+    by_slug = {t["slug"]: t for t in listed}
+    assert by_slug["cabinet-dupont-geneve"]["name"] == "Cabinet Dr. Dupont Genève"
+    assert by_slug["cabinet-dupont-geneve"]["metadata"] == SEED_TENANTS[1]["metadata"]
+    uuid.UUID(by_slug["etude-martin-lausanne"]["id"])
+
+    dz = run_cli("tenants", "list", "--region", "DZ", "--json", db_url=seeded_db)
+    assert [json.loads(line)["slug"] for line in dz.stdout.splitlines()] == ["ecole-ibn-khaldoun-alger"]
+
+
+def test_add_user_as_admin(migrated_db: str) -> None:
+    assert run_cli(*create_args(SEED_TENANTS[0]), db_url=migrated_db).returncode == 0
+    result = run_cli("tenants", "add-user", "ecole-ibn-khaldoun-alger", "directeur@ecole-ibn-khaldoun.dz",
+                     "--role", "admin", db_url=migrated_db)
+    assert result.returncode == 0, result.stderr
+    assert "directeur@ecole-ibn-khaldoun.dz" in result.stdout
+    with psycopg.connect(migrated_db) as conn:
+        rows = conn.execute(
+            """SELECT t.slug, u.email, tu.role FROM tenant_users tu
+               JOIN tenants t ON t.id = tu.tenant_id JOIN users u ON u.id = tu.user_id""").fetchall()
+    assert rows == [("ecole-ibn-khaldoun-alger", "directeur@ecole-ibn-khaldoun.dz", "admin")]
+
+
+BAD_INPUT = [
+    pytest.param(["tenants", "create", "--name", "Antenne", "--slug", "antenne", "--region", "US"],
+                 "--region", id="unknown-region"),
+    pytest.param(["tenants", "create", "--name", "Autre Dupont", "--slug", "cabinet-dupont-geneve", "--region", "CH"],
+                 "slug", id="duplicate-slug"),
+    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--admin-email", "admin.x.ch"],
+                 "--admin-email", id="malformed-admin-email"),
+    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--metadata", "{type: school}"],
+                 "--metadata", id="malformed-json-metadata"),
+    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--metadata", '["school"]'],
+                 "--metadata", id="json-metadata-not-an-object"),
+    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--plan", "premium"],
+                 "--plan", id="bad-plan"),
+    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--status", "deleted"],
+                 "--status", id="bad-status"),
+    pytest.param(["tenants", "create", "--name", "X", "--slug", "Cabinet_Dupont", "--region", "CH"],
+                 "--slug", id="bad-slug"),
+    pytest.param(["tenants", "add-user", "cabinet-dupont-geneve", "new.member@cabinet-dupont.ch", "--role", "boss"],
+                 "--role", id="bad-role"),
+    pytest.param(["tenants", "add-user", "cabinet-dupont-geneve", "not-an-email", "--role", "admin"],
+                 "EMAIL", id="malformed-member-email"),
+    pytest.param(["tenants", "add-user", "no-such-tenant", "new.member@cabinet-dupont.ch", "--role", "admin"],
+                 "slug", id="unknown-tenant-slug"),
+]
+
+
+@pytest.mark.parametrize(("args", "field"), BAD_INPUT)
+def test_bad_input_is_one_error_line_exit_1_and_writes_nothing(seeded_db: str, args: list[str], field: str) -> None:
+    before = fingerprint(seeded_db)
+    assert before["tenants"][0] == 5 and before["tenant_users"][0] == 1
+    result = run_cli(*args, db_url=seeded_db)
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert field in line
+    assert result.stdout == ""
+    assert fingerprint(seeded_db) == before
+
+
+def test_verify_passes_on_a_migrated_database(migrated_db: str) -> None:
+    result = run_cli("verify", db_url=migrated_db)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) >= 7
+    assert all(line.startswith("PASS") for line in lines), result.stdout
+
+
+def test_verify_fails_on_a_database_migrated_only_to_005(empty_db: str) -> None:
+    for v in ("001", "002", "003", "004", "005"):
+        migrate_sync(empty_db, v)
+    result = run_cli("verify", db_url=empty_db)
+    assert result.returncode == 1
+    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert fails, result.stdout
+    assert any("migrations applied" in line and "006 (pending)" in line for line in fails), result.stdout
+    assert any("tenants" in line for line in fails), result.stdout
