@@ -103,7 +103,7 @@ async def test_a_failed_statement_rolls_back_the_whole_transaction(small_pool: D
     ctx = TenantContext(tenant_id=tenant)
     with pytest.raises(psycopg.errors.CheckViolation):
         async with small_pool.tenant(ctx) as tx:
-            await tx.queue("INSERT INTO projects (tenant_id, name) VALUES (%s, 'kept?')", (tenant,))
+            await tx.execute("INSERT INTO projects (tenant_id, name) VALUES (%s, 'kept?')", (tenant,))
             await tx.execute("INSERT INTO projects (tenant_id, name, status) VALUES (%s, 'bad', 'nope')", (tenant,))
     async with small_pool.tenant(ctx) as tx:
         assert await tx.fetchval("SELECT count(*) FROM projects") == 0

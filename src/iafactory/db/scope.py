@@ -1,7 +1,7 @@
 """The only door to PostgreSQL.
 
-Every connection the application opens comes from here, and this is the only module that
-sets `app.tenant_id`. Three scopes exist:
+Every connection the application opens comes from here, and this is the only module that sets
+`app.tenant_id`. Three scopes exist:
 
 * `Database.tenant(ctx)`: a transaction on the pooled *application* role (no superuser, no
   BYPASSRLS, owns nothing) in which `SET LOCAL app.tenant_id` names exactly one tenant. Row-Level
@@ -12,17 +12,24 @@ sets `app.tenant_id`. Three scopes exist:
 * `Database.anonymous()`: the same role with no tenant set. Tenant tables show zero rows and
   refuse writes; only the narrow SECURITY DEFINER functions of the pre-tenant steps (login,
   API-key lookup, list my tenants) answer.
-* `Database.admin()`: a plain connection with the administrative URL, for the migration runner
+* `operator_transaction()` / `admin_connect()`: the administrative URL, for the migration runner
   and operator commands. Never used to serve a request.
 
-The tenant prelude (BEGIN, SET LOCAL, and an optional gate statement) is sent in the same
-network round trip as the first real statement, using libpq's pipeline mode: setting the tenant
-costs no extra round trip.
+Cost: setting the tenant must not add round trips. The prelude (`BEGIN`, `SET LOCAL ...`, an
+optional gate statement) travels in the same simple-query message as the first real statement,
+which runs as `EXECUTE` of a statement prepared once per connection (`PREPARE` rides along the
+first time). A read-only scope sends `BEGIN READ ONLY; SET LOCAL ...; EXECUTE ...; COMMIT` as one
+message per statement: one round trip, no separate commit. Parameters are rendered as literals by
+psycopg's own adapters (`sql.Literal`), never by string formatting.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
+import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -34,24 +41,64 @@ from psycopg_pool import AsyncConnectionPool
 
 from iafactory.tenancy.context import TenantContext
 
-Params = Sequence[Any] | dict[str, Any] | None
+Params = Sequence[Any] | None
+Conn = psycopg.AsyncConnection[dict[str, Any]]
 
-_SETTING_NAME = re.compile(r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
+_PLACEHOLDER = re.compile(r"%%|%s")
+_SETTING_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
+
+# Per connection: SQL text -> name of the server-side prepared statement, least recently used first.
+_prepared: weakref.WeakKeyDictionary[Conn, OrderedDict[str, str]] = weakref.WeakKeyDictionary()
+PREPARED_PER_CONNECTION = 256
+_names = itertools.count(1)
+
+
+def _to_dollar_params(query: str) -> str:
+    counter = iter(range(1, 10_000))
+    return _PLACEHOLDER.sub(lambda m: "%" if m.group(0) == "%%" else f"${next(counter)}", query)
+
+
+def _render(conn: Conn, query: str | sql.Composable) -> str:
+    return query if isinstance(query, str) else query.as_string(conn)
+
+
+def _literal(conn: Conn, value: Any) -> str:
+    """An SQL literal for `value`. UUIDs, ints and None cannot carry quotes, so they take a fast
+    path; everything else goes through psycopg's adapters (escaping, casts, JSON, arrays)."""
+    if value is None:
+        return "NULL"
+    kind = type(value)
+    if kind is uuid.UUID:
+        return f"'{value}'::uuid"
+    if kind is int:
+        return str(value)
+    if kind is bool:
+        return "true" if value else "false"
+    return sql.Literal(value).as_string(conn)
+
+
+def _inline(conn: Conn, query: str, params: Params) -> str:
+    """`query` with each %s replaced by the literal of its parameter."""
+    values = iter(params or ())
+    return _PLACEHOLDER.sub(lambda m: "%" if m.group(0) == "%%" else _literal(conn, next(values)), query)
 
 
 class Transaction:
-    """One transaction. Statements are pipelined; a fetch waits only for what it needs."""
+    """One transaction (or, read-only, a series of one-message transactions) as one tenant."""
 
-    def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]], pipeline: psycopg.AsyncPipeline) -> None:
+    def __init__(self, conn: Conn, prelude: list[str], *, read_only: bool) -> None:
         self._conn = conn
-        self._pipeline = pipeline
+        self._prelude = prelude
+        self._read_only = read_only
+        self._begun = False  # explicit mode: BEGIN and the prelude have been sent
 
+    # -- public API ----------------------------------------------------------------------------
     async def fetch(self, query: str | sql.Composable, params: Params = None) -> list[dict[str, Any]]:
-        cur = await self._conn.execute(query, params)
+        cur = await self._run(query, params)
         return await cur.fetchall()
 
     async def fetchrow(self, query: str | sql.Composable, params: Params = None) -> dict[str, Any] | None:
-        cur = await self._conn.execute(query, params)
+        cur = await self._run(query, params)
         return await cur.fetchone()
 
     async def fetchval(self, query: str | sql.Composable, params: Params = None) -> Any:
@@ -59,69 +106,147 @@ class Transaction:
         return None if row is None else next(iter(row.values()))
 
     async def execute(self, query: str | sql.Composable, params: Params = None) -> int:
-        """Run a statement and return its row count (this waits for the server)."""
-        cur = await self._conn.execute(query, params)
-        await self._pipeline.sync()
+        """Run a statement; returns its row count."""
+        cur = await self._run(query, params)
         return cur.rowcount
 
-    async def queue(self, query: str | sql.Composable, params: Params = None) -> None:
-        """Send a statement without waiting for it; an error surfaces at the next wait or at commit."""
-        await self._conn.execute(query, params)
-
     async def executemany(self, query: str | sql.Composable, params_seq: Sequence[Params]) -> None:
+        await self.begin()
         async with self._conn.cursor() as cur:
             await cur.executemany(query, params_seq)
 
     async def set_local(self, name: str, value: str) -> None:
-        """Set a transaction-local setting other than the tenant (e.g. plan_cache_mode)."""
-        if name == "app.tenant_id" or not (_SETTING_NAME.match(name) or name.isidentifier()):
+        """Another transaction-local setting (e.g. plan_cache_mode). Never the tenant."""
+        if name.startswith("app.") or not _SETTING_NAME.match(name):
             raise ValueError(f"refusing to set {name!r} here")
-        await self._conn.execute(sql.SQL("SET LOCAL {} = {}").format(sql.SQL(name), sql.Literal(value)))
+        statement = sql.SQL("SET LOCAL {} = {}").format(sql.SQL(name), sql.Literal(value)).as_string(self._conn)
+        if self._read_only or not self._begun:
+            self._prelude.append(statement)
+        else:
+            await self._conn.execute(statement)
+
+    async def begin(self) -> None:
+        """Send the prelude now (explicit mode), e.g. before COPY or executemany."""
+        if self._read_only:
+            raise psycopg.ProgrammingError("this tenant scope is read-only")
+        if not self._begun:
+            await self._conn.execute(";\n".join(["BEGIN", *self._prelude]), prepare=False)
+            self._begun = True
 
     @property
-    def connection(self) -> psycopg.AsyncConnection[dict[str, Any]]:
-        """For COPY and other driver features; the transaction and its tenant stay in force."""
+    def connection(self) -> Conn:
+        """For COPY and other driver features, after `begin()`; the tenant stays in force."""
         return self._conn
 
+    # -- internals -----------------------------------------------------------------------------
+    async def _run(self, query: str | sql.Composable, params: Params) -> psycopg.AsyncCursor[dict[str, Any]]:
+        text = _render(self._conn, query)
+        registry = _prepared.setdefault(self._conn, OrderedDict())
+        name = registry.get(text)
+        statements: list[str] = []
+        new_name = None
+        if name is None:
+            if len(registry) >= PREPARED_PER_CONNECTION:
+                statements.append(f"DEALLOCATE {registry.popitem(last=False)[1]}")
+            new_name = name = f"iaf_{next(_names)}"
+            statements.append(f"PREPARE {name} AS {_to_dollar_params(text)}")
+        else:
+            registry.move_to_end(text)
+        if not self._begun:
+            statements.append("BEGIN READ ONLY" if self._read_only else "BEGIN")
+            statements.extend(self._prelude)
+        target = len(statements)
+        args = ", ".join(_literal(self._conn, p) for p in (params or ()))
+        statements.append(f"EXECUTE {name}({args})" if args else f"EXECUTE {name}")
+        if self._read_only:
+            statements.append("COMMIT")
+        else:
+            self._begun = True
+        try:
+            cur = await self._conn.execute(";\n".join(statements), prepare=False)
+        except psycopg.Error:
+            # PREPARE is not transactional: it may have succeeded before a later statement failed.
+            if new_name is not None and await self._exists(new_name):
+                registry[text] = new_name
+            raise
+        if new_name is not None:
+            registry[text] = new_name
+        for _ in range(target):
+            cur.nextset()
+        return cur
 
-def _tenant_prelude(ctx: TenantContext | None) -> list[sql.Composable]:
-    statements: list[sql.Composable] = [sql.SQL("BEGIN")]
+    async def _exists(self, name: str) -> bool:
+        if self._conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            await self._conn.execute("ROLLBACK")
+        row = await (await self._conn.execute(
+            "SELECT 1 AS x FROM pg_prepared_statements WHERE name = %s", (name,), prepare=False)).fetchone()
+        return row is not None
+
+    async def _finish(self, ok: bool) -> None:
+        status = self._conn.info.transaction_status
+        if status == psycopg.pq.TransactionStatus.IDLE:
+            return
+        await self._conn.execute("COMMIT" if ok and status == psycopg.pq.TransactionStatus.INTRANS else "ROLLBACK")
+
+
+def _tenant_prelude(conn: Conn, ctx: TenantContext | None, gate: tuple[str, Params] | None) -> list[str]:
+    statements: list[str] = []
     if ctx is not None:
-        # str(UUID) is canonical hex-and-dashes; Literal quotes it anyway.
-        statements.append(sql.SQL("SET LOCAL app.tenant_id = {}").format(sql.Literal(str(ctx.tenant_id))))
+        # TenantContext guarantees a uuid.UUID: its str() is only hex digits and dashes.
+        statements.append(f"SET LOCAL app.tenant_id = '{ctx.tenant_id}'")
         if ctx.user_id is not None:
-            statements.append(sql.SQL("SET LOCAL app.user_id = {}").format(sql.Literal(str(int(ctx.user_id)))))
+            statements.append(f"SET LOCAL app.user_id = '{int(ctx.user_id)}'")
         if ctx.api_key_id is not None:
-            statements.append(sql.SQL("SET LOCAL app.api_key_id = {}").format(sql.Literal(str(ctx.api_key_id))))
+            statements.append(f"SET LOCAL app.api_key_id = '{uuid.UUID(str(ctx.api_key_id))}'")
+    if gate is not None:
+        statements.append(_inline(conn, *gate))
     return statements
 
 
-@asynccontextmanager
-async def _pipelined_transaction(
-    conn: psycopg.AsyncConnection[dict[str, Any]],
-    ctx: TenantContext | None,
-    gate: tuple[str | sql.Composable, Params] | None,
-) -> AsyncIterator[Transaction]:
-    try:
-        async with conn.pipeline() as pipeline:
-            for statement in _tenant_prelude(ctx):
-                await conn.execute(statement)
-            if gate is not None:
-                await conn.execute(*gate)
-            yield Transaction(conn, pipeline)
-            await conn.execute("COMMIT")
-    except BaseException:
-        # The pipeline was synced on exit; end whatever is left of the transaction.
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            try:
-                await conn.execute("ROLLBACK")
-            except psycopg.Error:
-                pass
-        raise
+class _Scope:
+    """Async context manager for one scope: a pooled (or given) connection and its Transaction.
+    A plain class rather than nested generators: this sits on every request's hot path."""
+
+    __slots__ = ("_pool", "_conn", "_ctx", "_gate", "_read_only", "_tx")
+
+    def __init__(self, pool: AsyncConnectionPool | None, conn: Conn | None, ctx: TenantContext | None,
+                 gate: tuple[str, Params] | None, read_only: bool) -> None:
+        self._pool, self._conn, self._ctx, self._gate, self._read_only = pool, conn, ctx, gate, read_only
+        self._tx: Transaction | None = None
+
+    async def __aenter__(self) -> Transaction:
+        if self._pool is not None:
+            self._conn = await self._pool.getconn()
+        assert self._conn is not None
+        try:
+            self._tx = Transaction(self._conn, _tenant_prelude(self._conn, self._ctx, self._gate),
+                                   read_only=self._read_only)
+        except BaseException:
+            await self._release()
+            raise
+        return self._tx
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            assert self._tx is not None
+            if exc_type is None:
+                await self._tx._finish(ok=True)
+            else:
+                try:
+                    await self._tx._finish(ok=False)
+                except psycopg.Error:
+                    pass  # the original exception is the one that matters
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        if self._pool is not None and self._conn is not None:
+            await self._pool.putconn(self._conn)
+            self._conn = None
 
 
 class Database:
-    """Owns the application pool and hands out the three scopes described above."""
+    """Owns the application pool and hands out the tenant and anonymous scopes."""
 
     def __init__(self, app_conninfo: str, admin_conninfo: str, *, min_size: int = 2, max_size: int = 10) -> None:
         self.app_conninfo = app_conninfo
@@ -130,7 +255,9 @@ class Database:
             app_conninfo,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            # Statements are prepared by this module (PREPARE/EXECUTE); psycopg's own cache would
+            # answer a ROLLBACK with DEALLOCATE ALL and drop ours.
+            kwargs={"autocommit": True, "row_factory": dict_row, "prepare_threshold": None},
             open=False,
             name="iafactory-app",
         )
@@ -148,32 +275,22 @@ class Database:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    @asynccontextmanager
-    async def _transaction(
-        self, ctx: TenantContext | None, gate: tuple[str | sql.Composable, Params] | None
-    ) -> AsyncIterator[Transaction]:
-        async with self._pool.connection() as conn:
-            async with _pipelined_transaction(conn, ctx, gate) as tx:
-                yield tx
-
     def tenant(
-        self, ctx: TenantContext, *, gate: tuple[str | sql.Composable, Params] | None = None
+        self, ctx: TenantContext, *, read_only: bool = False, gate: tuple[str, Params] | None = None
     ) -> AbstractAsyncContextManager[Transaction]:
-        """A transaction as `ctx.tenant_id`. `gate` is a statement queued after the tenant is set
-        (e.g. a membership check that raises); if it fails, nothing after it runs."""
+        """A transaction as `ctx.tenant_id`.
+
+        `gate` is a statement (`%s` placeholders) that runs right after the tenant is set and
+        before anything else, e.g. a membership check that raises; if it fails nothing else runs.
+        `read_only` makes every statement its own read-only transaction, in one round trip.
+        """
         if not isinstance(ctx, TenantContext):
             raise TypeError("Database.tenant needs a TenantContext")
-        return self._transaction(ctx, gate)
+        return _Scope(self._pool, None, ctx, gate, read_only)
 
     def anonymous(self) -> AbstractAsyncContextManager[Transaction]:
         """A transaction with no tenant: only the pre-tenant definer functions see anything."""
-        return self._transaction(None, None)
-
-    @asynccontextmanager
-    async def admin(self) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
-        """A dedicated connection with the administrative URL (migrations, roles, operator tasks)."""
-        async with await admin_connect(self.admin_conninfo) as conn:
-            yield conn
+        return _Scope(self._pool, None, None, None, False)
 
 
 @asynccontextmanager
@@ -181,11 +298,10 @@ async def operator_transaction(conninfo: str) -> AsyncIterator[Transaction]:
     """A transaction on an operator's own connection (CLI commands): no tenant is set, so tenant
     tables show nothing; platform work goes through the platform.* definer functions."""
     async with await admin_connect(conninfo) as conn:
-        async with _pipelined_transaction(conn, None, None) as tx:
+        async with _Scope(None, conn, None, None, False) as tx:
             yield tx
 
 
-async def admin_connect(conninfo: str) -> psycopg.AsyncConnection[dict[str, Any]]:
+async def admin_connect(conninfo: str) -> Conn:
     """An autocommit connection with the administrative URL. Never serves a request."""
     return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, row_factory=dict_row)
-
