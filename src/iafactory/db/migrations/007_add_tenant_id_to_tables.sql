@@ -7,7 +7,7 @@
 --     existing row reads back as the system-default tenant without an UPDATE.
 --   * The foreign key is added NOT VALID, then validated under SHARE UPDATE EXCLUSIVE (writers go on).
 --   * NOT NULL goes through a validated CHECK, so SET NOT NULL skips its full-table scan.
---   * Each brief ACCESS EXCLUSIVE step uses a short lock_timeout and retries, so a long reader
+--   * Each brief ACCESS EXCLUSIVE step uses a 100 ms lock_timeout and retries, so a long reader
 --     never makes writers queue behind the DDL.
 --   * Indexes on the existing tables are built CONCURRENTLY.
 -- Every statement is idempotent: a run that stopped half-way is finished by running it again.
@@ -23,7 +23,7 @@
 -- idx_{table}_tenant_created leads with tenant_id and serves every query the other would.
 
 -- Runs one DDL statement with a short lock_timeout, retrying while the lock is busy.
-CREATE OR REPLACE PROCEDURE app.run_ddl_briefly(ddl text, max_attempts integer DEFAULT 50)
+CREATE OR REPLACE PROCEDURE app.run_ddl_briefly(ddl text, max_attempts integer DEFAULT 200)
     LANGUAGE plpgsql AS $$
 DECLARE
     attempt integer := 0;
@@ -31,14 +31,14 @@ BEGIN
     LOOP
         attempt := attempt + 1;
         BEGIN
-            PERFORM set_config('lock_timeout', '500ms', true);
+            PERFORM set_config('lock_timeout', '100ms', true);
             EXECUTE ddl;
             RETURN;
         EXCEPTION WHEN lock_not_available THEN
             IF attempt >= max_attempts THEN
                 RAISE;
             END IF;
-            PERFORM pg_sleep(least(0.02 * attempt, 0.5));
+            PERFORM pg_sleep(least(0.01 * attempt, 0.25));
         END;
     END LOOP;
 END
