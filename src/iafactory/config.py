@@ -39,8 +39,17 @@ class Settings(BaseSettings):
     jwt_issuer: str = "iafactory"
     jwt_audience: str = "iafactory-api"
     access_token_ttl_seconds: int = 3600
+    # HMAC key for API-key hashes: a leaked table of hashes is useless without it.
+    api_key_secret: SecretStr = SecretStr("dev-only-api-key-secret-change-me-0123456789")
+    api_key_environment: str = "live"  # keys read iaf_live_...; "test" for staging keys
+    # argon2id parameters (argon2-cffi's defaults: RFC 9106 low-memory profile).
+    argon2_time_cost: int = 3
+    argon2_memory_cost_kib: int = 65536
+    argon2_parallelism: int = 4
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
+    host: str = "127.0.0.1"
+    port: int = 8000
 
     @property
     def embedded_dir(self) -> Path:

@@ -86,11 +86,13 @@ def _inline(conn: Conn, query: str, params: Params) -> str:
 class Transaction:
     """One transaction (or, read-only, a series of one-message transactions) as one tenant."""
 
-    def __init__(self, conn: Conn, prelude: list[str], *, read_only: bool) -> None:
+    def __init__(self, conn: Conn, prelude: list[str], *, read_only: bool, must_send: bool = False) -> None:
         self._conn = conn
         self._prelude = prelude
         self._read_only = read_only
         self._begun = False  # explicit mode: BEGIN and the prelude have been sent
+        self._sent = False  # anything sent at all (read-only mode sends the prelude each time)
+        self._must_send = must_send  # the prelude holds a gate: it runs even if nothing else does
 
     # -- public API ----------------------------------------------------------------------------
     async def fetch(self, query: str | sql.Composable, params: Params = None) -> list[dict[str, Any]]:
@@ -131,7 +133,7 @@ class Transaction:
             raise psycopg.ProgrammingError("this tenant scope is read-only")
         if not self._begun:
             await self._conn.execute(";\n".join(["BEGIN", *self._prelude]), prepare=False)
-            self._begun = True
+            self._begun = self._sent = True
 
     @property
     def connection(self) -> Conn:
@@ -169,6 +171,7 @@ class Transaction:
             if new_name is not None and await self._exists(new_name):
                 registry[text] = new_name
             raise
+        self._sent = True
         if new_name is not None:
             registry[text] = new_name
         for _ in range(target):
@@ -183,14 +186,22 @@ class Transaction:
         return row is not None
 
     async def _finish(self, ok: bool) -> None:
+        if ok and self._must_send and not self._sent:
+            # Nothing ran: still run the gate (e.g. the membership check) before answering.
+            await self._conn.execute(";\n".join(["BEGIN READ ONLY", *self._prelude, "COMMIT"]), prepare=False)
+            self._sent = True
+            return
         status = self._conn.info.transaction_status
         if status == psycopg.pq.TransactionStatus.IDLE:
             return
         await self._conn.execute("COMMIT" if ok and status == psycopg.pq.TransactionStatus.INTRANS else "ROLLBACK")
 
 
-def _tenant_prelude(conn: Conn, ctx: TenantContext | None, gate: tuple[str, Params] | None) -> list[str]:
+def _tenant_prelude(conn: Conn, ctx: TenantContext | None, gate: tuple[str, Params] | None,
+                    user_id: int | None = None) -> list[str]:
     statements: list[str] = []
+    if ctx is None and user_id is not None:
+        statements.append(f"SET LOCAL app.user_id = '{int(user_id)}'")
     if ctx is not None:
         # TenantContext guarantees a uuid.UUID: its str() is only hex digits and dashes.
         statements.append(f"SET LOCAL app.tenant_id = '{ctx.tenant_id}'")
@@ -207,11 +218,12 @@ class _Scope:
     """Async context manager for one scope: a pooled (or given) connection and its Transaction.
     A plain class rather than nested generators: this sits on every request's hot path."""
 
-    __slots__ = ("_pool", "_conn", "_ctx", "_gate", "_read_only", "_tx")
+    __slots__ = ("_pool", "_conn", "_ctx", "_gate", "_read_only", "_tx", "_user_id")
 
     def __init__(self, pool: AsyncConnectionPool | None, conn: Conn | None, ctx: TenantContext | None,
-                 gate: tuple[str, Params] | None, read_only: bool) -> None:
+                 gate: tuple[str, Params] | None, read_only: bool, user_id: int | None = None) -> None:
         self._pool, self._conn, self._ctx, self._gate, self._read_only = pool, conn, ctx, gate, read_only
+        self._user_id = user_id
         self._tx: Transaction | None = None
 
     async def __aenter__(self) -> Transaction:
@@ -219,8 +231,8 @@ class _Scope:
             self._conn = await self._pool.getconn()
         assert self._conn is not None
         try:
-            self._tx = Transaction(self._conn, _tenant_prelude(self._conn, self._ctx, self._gate),
-                                   read_only=self._read_only)
+            self._tx = Transaction(self._conn, _tenant_prelude(self._conn, self._ctx, self._gate, self._user_id),
+                                   read_only=self._read_only, must_send=self._gate is not None)
         except BaseException:
             await self._release()
             raise
@@ -288,9 +300,11 @@ class Database:
             raise TypeError("Database.tenant needs a TenantContext")
         return _Scope(self._pool, None, ctx, gate, read_only)
 
-    def anonymous(self) -> AbstractAsyncContextManager[Transaction]:
-        """A transaction with no tenant: only the pre-tenant definer functions see anything."""
-        return _Scope(self._pool, None, None, None, False)
+    def anonymous(self, *, user_id: int | None = None, read_only: bool = False) -> AbstractAsyncContextManager[Transaction]:
+        """A transaction with no tenant: only the pre-tenant definer functions see anything.
+        `user_id` (a verified user) lets a user read their own row and the platform functions
+        check that they are a platform administrator."""
+        return _Scope(self._pool, None, None, None, read_only, user_id)
 
 
 @asynccontextmanager

@@ -40,3 +40,30 @@ async def load_demo_tenants(tx: Transaction) -> int:
             await service.create_tenant(tx, data)
             created += 1
     return created
+
+
+DEMO_PASSWORD = "iafactory-demo-2026"
+# (email, name, [(tenant slug, role)], platform admin)
+DEMO_USERS = [
+    ("admin@ecole-ibn-khaldoun.dz", "Direction École Ibn Khaldoun", [("ecole-ibn-khaldoun-alger", "owner")], False),
+    ("admin@cabinet-dupont.ch", "Dr. Dupont", [("cabinet-dupont-geneve", "owner")], False),
+    ("contact@etude-martin.ch", "Maître Martin", [("etude-martin-lausanne", "owner")], False),
+    ("info@fiduciaire-bernard.ch", "Fiduciaire Bernard", [("fiduciaire-bernard-zurich", "owner")], False),
+    # One person in two tenants: switches with POST /api/v1/auth/select-tenant.
+    ("consultant@iafactory.ch", "Consultant IAFactory",
+     [("cabinet-dupont-geneve", "admin"), ("fiduciaire-bernard-zurich", "member")], False),
+    ("platform@iafactory.ch", "Platform operator", [], True),
+]
+
+
+async def load_demo_users(tx: Transaction, password_hash: str) -> None:
+    """Create the demo users and memberships (idempotent: existing ones get the demo password)."""
+    for email, name, memberships, platform_admin in DEMO_USERS:
+        for slug, role in memberships:
+            await service.add_member(tx, slug, email, role, name=name, password_hash=password_hash)
+        if not memberships:
+            # A user without a tenant: created through the system-default tenant's registry path.
+            await tx.fetchval("SELECT app.register_user(%s, %s, %s) WHERE app.find_user_id(%s) IS NULL",
+                              (email, name, password_hash, email))
+        if platform_admin:
+            await service.set_platform_admin(tx, email, True)

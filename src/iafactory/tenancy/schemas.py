@@ -81,3 +81,44 @@ class TenantFilters(BaseModel):
     region: Region | None = None
     plan: Plan | None = None
     status: Status | None = None
+
+
+class TenantUpdate(BaseModel):
+    """What a tenant's owner may change. Region, plan and status belong to the platform."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=255)
+    admin_email: EmailStr | None = None
+    admin_phone: str | None = Field(default=None, max_length=50)
+    settings: dict[str, Any] | None = None
+
+    _json_size = field_validator("settings")(lambda v: None if v is None else _bounded_json_object(v))
+
+
+class AdminTenantUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan: Plan | None = None
+    status: Status | None = None
+
+
+class MemberOut(BaseModel):
+    user_id: int
+    email: str
+    name: str
+    role: Role
+    created_at: datetime
+
+
+class MemberCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: EmailStr
+    role: Role = "member"
+
+
+class MemberUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role

@@ -72,3 +72,7 @@ async def add_member(
         "SELECT * FROM platform.add_member(%s, %s, %s, %s, %s)", (tenant.id, email, role, name, password_hash)
     )
     return {"tenant_id": tenant.id, **row}
+
+
+async def set_platform_admin(tx: Transaction, email: str, flag: bool) -> int:
+    return await tx.fetchval("SELECT platform.set_platform_admin(%s, %s)", (email, flag))

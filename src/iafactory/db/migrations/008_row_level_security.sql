@@ -185,7 +185,7 @@ BEGIN
                WHERE id = app.current_user_id() AND is_platform_admin AND is_active) THEN
         RETURN;
     END IF;
-    RAISE EXCEPTION 'platform administrators only' USING ERRCODE = 'insufficient_privilege';
+    RAISE EXCEPTION 'platform administrators only' USING ERRCODE = 'IA403';
 END
 $$;
 

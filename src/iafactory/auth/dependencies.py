@@ -1,0 +1,161 @@
+"""From a request's credential to the transaction that runs as its tenant.
+
+    Authorization: Bearer <JWT or API key> | X-API-Key: <key>
+        → Principal (who is calling; verified signature or key hash)
+        → TenantContext (the tenant the credential names, and nothing else)
+        → Database.tenant(ctx, gate=app.authorize(min_role, write))
+
+The tenant never comes from a path, query or body field. Membership, role, tenant status and key
+revocation are re-checked by `app.authorize` inside the request's own transaction, in the same
+round trip as its first statement, so a removed member or a revoked key is refused on the very
+next request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import Depends, Request
+
+from iafactory.auth import api_keys, tokens
+from iafactory.config import Settings
+from iafactory.db.scope import Database, Transaction
+from iafactory.http.problems import Problem
+from iafactory.tenancy.context import ROLE_RANK, TenantContext
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+KEY_CACHE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: int | None
+    tenant_id: UUID | None
+    role: str | None
+    api_key_id: UUID | None = None
+    key_scope: str | None = None
+    platform_admin: bool = False
+
+
+@dataclass
+class TenantSession:
+    """What a tenant-scoped handler receives: the transaction, and who it runs for."""
+
+    tx: Transaction
+    ctx: TenantContext
+    principal: Principal
+
+
+def unauthorized(detail: str) -> Problem:
+    return Problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _credential(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise unauthorized("use 'Authorization: Bearer <token or API key>'")
+        return value.strip()
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    raise unauthorized("missing credentials: send 'Authorization: Bearer <token>' or 'X-API-Key: <key>'")
+
+
+async def _principal_from_key(request: Request, key: str) -> Principal:
+    settings: Settings = request.app.state.settings
+    prefix = api_keys.parse_prefix(key)
+    if prefix is None:
+        raise unauthorized("malformed API key")
+    cache: dict[str, tuple[float, dict[str, Any]]] = request.app.state.key_cache
+    hit = cache.get(prefix)
+    if hit is not None and hit[0] > time.monotonic():
+        row = hit[1]
+    else:
+        db: Database = request.app.state.db
+        async with db.anonymous() as tx:
+            row = await tx.fetchrow("SELECT * FROM app.authenticate_api_key(%s)", (prefix,))
+        if row is None:
+            raise unauthorized("unknown API key")
+        # Revocation and expiry are checked again by app.authorize on every request; the cache
+        # only saves the lookup.
+        cache[prefix] = (time.monotonic() + KEY_CACHE_SECONDS, row)
+    if not api_keys.matches(settings, key, row["key_hash"]):
+        raise unauthorized("unknown API key")
+    if row["revoked_at"] is not None:
+        raise unauthorized("API key has been revoked")
+    if row["expires_at"] is not None and row["expires_at"].timestamp() <= time.time():
+        raise unauthorized("API key has expired")
+    return Principal(user_id=None, tenant_id=row["tenant_id"], role=None, api_key_id=row["id"],
+                     key_scope=row["scope"])
+
+
+async def principal(request: Request) -> Principal:
+    """Who is calling. Verifies the credential; does not yet check it against the tenant."""
+    credential = _credential(request)
+    if api_keys.looks_like_key(credential):
+        who = await _principal_from_key(request, credential)
+    else:
+        try:
+            claims = tokens.verify(request.app.state.settings, credential)
+        except tokens.InvalidToken as err:
+            raise unauthorized(str(err)) from err
+        who = Principal(claims.user_id, claims.tenant_id, claims.role, platform_admin=claims.platform_admin)
+    request.state.principal = who
+    return who
+
+
+CurrentPrincipal = Annotated[Principal, Depends(principal)]
+
+
+def tenant_session(min_role: str = "viewer"):  # noqa: ANN201 - a FastAPI dependency
+    """Dependency: a transaction as the credential's tenant, gated on `min_role`. The request owns
+    it: it commits after the handler returns and before the response is sent."""
+    if min_role not in ROLE_RANK:
+        raise ValueError(min_role)
+
+    async def dependency(request: Request, who: CurrentPrincipal) -> AsyncIterator[TenantSession]:
+        if who.tenant_id is None:
+            raise Problem(403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first",
+                          type_="tenant-required")
+        ctx = TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id,
+                            role=who.role if who.role in ROLE_RANK else None, key_scope=who.key_scope)
+        request.state.tenant_id = str(who.tenant_id)
+        read_only = request.method in READ_METHODS
+        db: Database = request.app.state.db
+        gate = ("SELECT app.authorize(%s, %s)", (min_role, not read_only))
+        async with db.tenant(ctx, read_only=read_only, gate=gate) as tx:
+            yield TenantSession(tx, ctx, who)
+
+    return Depends(dependency, scope="function")
+
+
+async def _user_session(request: Request, who: CurrentPrincipal) -> AsyncIterator[tuple[Transaction, Principal]]:
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    db: Database = request.app.state.db
+    async with db.anonymous(user_id=who.user_id, read_only=request.method in READ_METHODS) as tx:
+        yield tx, who
+
+
+async def _anonymous_session(request: Request) -> AsyncIterator[Transaction]:
+    db: Database = request.app.state.db
+    async with db.anonymous() as tx:
+        yield tx
+
+
+# No credential yet (register, login): only the pre-tenant definer functions answer.
+AnonymousSession = Annotated[Transaction, Depends(_anonymous_session, scope="function")]
+
+# A transaction with no tenant for a signed-in user (tenant selection, platform administration).
+UserSession = Annotated[tuple[Transaction, Principal], Depends(_user_session, scope="function")]
+
+Viewer = Annotated[TenantSession, tenant_session("viewer")]
+Member = Annotated[TenantSession, tenant_session("member")]
+Admin = Annotated[TenantSession, tenant_session("admin")]
+Owner = Annotated[TenantSession, tenant_session("owner")]

@@ -1,0 +1,77 @@
+"""/api/v1/auth/*, /api/v1/me and /api/v1/api-keys."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from fastapi import APIRouter, Request, Response
+
+from iafactory.auth import service
+from iafactory.auth.dependencies import Admin, AnonymousSession, CurrentPrincipal, UserSession, Viewer
+from iafactory.auth.schemas import (
+    ApiKeyCreate, ApiKeyCreated, ApiKeyOut, LoginIn, MeOut, Membership, RegisterIn, SelectTenantIn, TokenOut, UserOut,
+)
+from iafactory.config import Settings
+from iafactory.http.problems import not_found
+
+router = APIRouter(tags=["auth"])
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+@router.post("/auth/register", status_code=201, response_model=UserOut, summary="Create an account")
+async def register(body: RegisterIn, request: Request, tx: AnonymousSession) -> Any:
+    user_id = await service.register(tx, _settings(request), body)
+    return {"id": user_id, "email": body.email, "name": body.name, "is_platform_admin": False,
+            "created_at": await tx.fetchval("SELECT now()")}
+
+
+@router.post("/auth/login", response_model=TokenOut,
+             summary="Sign in: a token, and the list of your tenants (selected if there is only one)")
+async def login(body: LoginIn, request: Request, tx: AnonymousSession) -> Any:
+    settings = _settings(request)
+    user = await service.authenticate(tx, settings, body)
+    tenants = await service.memberships(tx, user["user_id"])
+    open_tenants = [t for t in tenants if t.status in service.SELECTABLE]
+    selected = open_tenants[0] if len(tenants) == 1 and open_tenants else None
+    token, ttl = service.token_for(settings, user["user_id"], selected, user["is_platform_admin"])
+    request.state.user_id = user["user_id"]
+    return TokenOut(access_token=token, expires_in=ttl, tenant=selected, tenants=tenants)
+
+
+@router.post("/auth/select-tenant", response_model=TokenOut, summary="A new token acting for one of your tenants")
+async def select_tenant(body: SelectTenantIn, request: Request, session: UserSession) -> Any:
+    tx, who = session
+    assert who.user_id is not None
+    tenants = await service.memberships(tx, who.user_id)
+    chosen = service.choose(tenants, body.tenant)
+    token, ttl = service.token_for(_settings(request), who.user_id, chosen, who.platform_admin)
+    return TokenOut(access_token=token, expires_in=ttl, tenant=chosen, tenants=tenants)
+
+
+@router.get("/me", response_model=MeOut, tags=["auth"], summary="Who am I: user, current tenant and role")
+async def me(who: CurrentPrincipal, request: Request) -> Any:
+    return await service.whoami(request.app.state.db, who)
+
+
+@router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, tags=["api-keys"],
+             summary="Create an API key (the secret is returned once)")
+async def create_api_key(body: ApiKeyCreate, request: Request, s: Admin) -> Any:
+    return await service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body)
+
+
+@router.get("/api-keys", response_model=list[ApiKeyOut], tags=["api-keys"], summary="List API keys (no secrets)")
+async def list_api_keys(s: Viewer) -> Any:
+    return await service.list_keys(s.tx, s.ctx.tenant_id)
+
+
+@router.delete("/api-keys/{key_id}", status_code=204, response_class=Response, tags=["api-keys"],
+               summary="Revoke an API key")
+async def revoke_api_key(key_id: UUID, request: Request, s: Admin) -> Response:
+    if not await service.revoke_key(s.tx, s.ctx.tenant_id, key_id):
+        raise not_found("API key", key_id)
+    request.app.state.key_cache.clear()
+    return Response(status_code=204)

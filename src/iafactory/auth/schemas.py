@@ -1,0 +1,89 @@
+"""Request and response shapes of authentication and API keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
+
+from iafactory.tenancy.schemas import Role
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegisterIn(Strict):
+    email: EmailStr
+    password: str = Field(min_length=10, max_length=200, description="At least 10 characters.")
+    name: str = Field(default="", max_length=255)
+
+
+class LoginIn(Strict):
+    email: EmailStr
+    password: str = Field(min_length=1, max_length=200)
+
+
+class SelectTenantIn(Strict):
+    tenant: str = Field(min_length=1, max_length=100, description="Tenant id or slug.")
+
+
+class Membership(BaseModel):
+    id: UUID
+    slug: str
+    name: str
+    role: Role
+    status: str
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+    tenant: Membership | None = Field(description="The tenant this token acts for, if one is selected.")
+    tenants: list[Membership]
+
+
+class UserOut(BaseModel):
+    id: int
+    email: str
+    name: str
+    is_platform_admin: bool
+    created_at: datetime
+
+
+class MeOut(BaseModel):
+    user: UserOut | None
+    tenant: Membership | None
+    role: Role | None
+    api_key_id: UUID | None = None
+    tenants: list[Membership] = []
+
+
+class ApiKeyCreate(Strict):
+    name: str = Field(min_length=1, max_length=100)
+    scope: Literal["read", "write"] = "read"
+    expires_at: datetime | None = Field(default=None, description="Optional expiry (ISO 8601 with time zone).")
+
+    @model_validator(mode="after")
+    def _aware(self) -> ApiKeyCreate:
+        if self.expires_at is not None and self.expires_at.tzinfo is None:
+            raise ValueError("expires_at needs a time zone, e.g. 2027-01-01T00:00:00Z")
+        return self
+
+
+class ApiKeyOut(BaseModel):
+    id: UUID
+    name: str
+    prefix: str = Field(description="Public start of the key, to recognise it; the secret is never shown again.")
+    scope: Literal["read", "write"]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The secret key. Shown once: store it now.")

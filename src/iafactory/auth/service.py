@@ -1,0 +1,109 @@
+"""Sign-up, sign-in, tenant selection and API keys. Services never commit."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from iafactory.auth import api_keys, passwords, tokens
+from iafactory.auth.dependencies import Principal
+from iafactory.auth.schemas import ApiKeyCreate, LoginIn, MeOut, Membership, RegisterIn
+from iafactory.config import Settings
+from iafactory.db.scope import Database, Transaction
+from iafactory.http.problems import Problem
+from iafactory.tenancy.context import TenantContext
+
+SELECTABLE = ("active", "trial")
+KEY_COLUMNS = "id, name, prefix, scope, created_at, expires_at, last_used_at, revoked_at"
+
+
+async def register(tx: Transaction, settings: Settings, data: RegisterIn) -> int:
+    hashed = await passwords.hash_password(settings, data.password)
+    try:
+        return await tx.fetchval("SELECT app.register_user(%s, %s, %s)", (data.email, data.name, hashed))
+    except psycopg.errors.UniqueViolation as err:
+        raise Problem(409, "Conflict", "an account with this email already exists", type_="conflict") from err
+
+
+async def authenticate(tx: Transaction, settings: Settings, data: LoginIn) -> dict[str, Any]:
+    row = await tx.fetchrow("SELECT * FROM app.find_login(%s)", (data.email,))
+    ok = await passwords.verify_password(settings, row["password_hash"] if row else None, data.password)
+    if not ok or row is None:
+        raise Problem(401, "Unauthorized", "wrong email or password", headers={"WWW-Authenticate": "Bearer"})
+    if not row["is_active"]:
+        raise Problem(403, "Forbidden", "this account is disabled")
+    await tx.execute("SELECT app.record_login(%s)", (row["user_id"],))
+    return row
+
+
+async def memberships(tx: Transaction, user_id: int) -> list[Membership]:
+    rows = await tx.fetch("SELECT * FROM app.user_memberships(%s)", (user_id,))
+    return [Membership(id=r["tenant_id"], slug=r["slug"], name=r["name"], role=r["role"], status=r["status"])
+            for r in rows]
+
+
+def token_for(settings: Settings, user_id: int, tenant: Membership | None, platform_admin: bool) -> tuple[str, int]:
+    return tokens.issue(settings, user_id, tenant_id=tenant.id if tenant else None,
+                        role=tenant.role if tenant else None, platform_admin=platform_admin)
+
+
+def choose(tenants: list[Membership], wanted: str) -> Membership:
+    """The membership named by id or slug; 403 when the user is not a member or it is closed."""
+    try:
+        wanted_id: UUID | None = UUID(wanted)
+    except ValueError:
+        wanted_id = None
+    for m in tenants:
+        if m.id == wanted_id or m.slug == wanted:
+            if m.status not in SELECTABLE:
+                raise Problem(403, "Forbidden", f"tenant {m.slug} is {m.status}", type_="tenant-inactive")
+            return m
+    raise Problem(403, "Forbidden", "you are not a member of this tenant", type_="not-a-member")
+
+
+async def create_key(tx: Transaction, settings: Settings, tenant_id: UUID, user_id: int | None,
+                     data: ApiKeyCreate) -> dict[str, Any]:
+    key, prefix = api_keys.generate(settings)
+    row = await tx.fetchrow(
+        f"""INSERT INTO api_keys (tenant_id, name, prefix, key_hash, scope, created_by, expires_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {KEY_COLUMNS}""",
+        (tenant_id, data.name, prefix, api_keys.digest(settings, key), data.scope, user_id, data.expires_at))
+    assert row is not None
+    return {**row, "key": key}
+
+
+async def list_keys(tx: Transaction, tenant_id: UUID) -> list[dict[str, Any]]:
+    return await tx.fetch(
+        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s ORDER BY created_at DESC, id DESC", (tenant_id,))
+
+
+async def revoke_key(tx: Transaction, tenant_id: UUID, key_id: UUID) -> bool:
+    return await tx.execute(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = %s AND id = %s",
+        (tenant_id, key_id)) > 0
+
+
+async def whoami(db: Database, who: Principal) -> MeOut:
+    """The caller, their tenants and, with a tenant selected, their current role (re-checked by
+    the same gate as every tenant request)."""
+    user_sql = "SELECT id, email, name, is_platform_admin, created_at FROM users WHERE id = %s"
+    if who.tenant_id is None:
+        async with db.anonymous(user_id=who.user_id, read_only=True) as tx:
+            user = await tx.fetchrow(user_sql, (who.user_id,))
+            tenants = await memberships(tx, who.user_id) if who.user_id else []
+        return MeOut(user=user, tenant=None, role=None, tenants=tenants)
+    ctx = TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id)
+    async with db.tenant(ctx, read_only=True, gate=("SELECT app.authorize(%s, %s)", ("viewer", False))) as tx:
+        tenant = await tx.fetchrow("SELECT id, slug, name, status FROM tenants WHERE id = %s", (who.tenant_id,))
+        if who.user_id is not None:
+            user = await tx.fetchrow(user_sql, (who.user_id,))
+            role = await tx.fetchval("SELECT role FROM tenant_users WHERE tenant_id = %s AND user_id = %s",
+                                     (who.tenant_id, who.user_id))
+        else:
+            user, role = None, "member" if who.key_scope == "write" else "viewer"
+    assert tenant is not None  # the gate refused otherwise
+    membership = Membership(id=tenant["id"], slug=tenant["slug"], name=tenant["name"], role=role,
+                            status=tenant["status"])
+    return MeOut(user=user, tenant=membership, role=role, api_key_id=who.api_key_id)

@@ -1,0 +1,135 @@
+-- 009: the per-request gate, API-key authentication, and member lookups for the HTTP service.
+--
+-- app.authorize() runs inside every request's tenant transaction, in the same round trip as the
+-- request's first statement. It re-checks against the database what a token only claims:
+-- membership and role (a removed or demoted member loses access on the next request), tenant
+-- status, and, for API keys, revocation, expiry and scope. It raises with a dedicated SQLSTATE
+-- that the service turns into 401 / 403:
+--   IA401  the credential is no longer valid (revoked or expired key, disabled account)
+--   IA403  valid credential, but not allowed (not a member, role too low, tenant suspended ...)
+
+CREATE OR REPLACE FUNCTION app.role_rank(p_role text) RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$ SELECT array_position(ARRAY['viewer', 'member', 'admin', 'owner'], p_role) $$;
+
+CREATE OR REPLACE FUNCTION app.authorize(p_min_role text, p_write boolean) RETURNS void
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    v_tenant record;
+    v_key record;
+    v_role text;
+    v_key_id uuid := nullif(current_setting('app.api_key_id', true), '')::uuid;
+BEGIN
+    -- Runs as the caller: RLS shows only the current tenant's rows.
+    SELECT status, trial_ends_at INTO v_tenant FROM public.tenants WHERE id = app.current_tenant_id();
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant not found or not accessible' USING ERRCODE = 'IA403';
+    END IF;
+    IF v_tenant.status = 'suspended' THEN
+        RAISE EXCEPTION 'tenant is suspended' USING ERRCODE = 'IA403';
+    ELSIF v_tenant.status = 'cancelled' THEN
+        RAISE EXCEPTION 'tenant is cancelled' USING ERRCODE = 'IA403';
+    END IF;
+
+    IF v_key_id IS NOT NULL THEN
+        SELECT scope, expires_at, revoked_at INTO v_key FROM public.api_keys WHERE id = v_key_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'unknown API key' USING ERRCODE = 'IA401';
+        ELSIF v_key.revoked_at IS NOT NULL THEN
+            RAISE EXCEPTION 'API key has been revoked' USING ERRCODE = 'IA401';
+        ELSIF v_key.expires_at IS NOT NULL AND v_key.expires_at <= now() THEN
+            RAISE EXCEPTION 'API key has expired' USING ERRCODE = 'IA401';
+        END IF;
+        v_role := CASE v_key.scope WHEN 'write' THEN 'member' ELSE 'viewer' END;
+        IF p_write AND v_key.scope <> 'write' THEN
+            RAISE EXCEPTION 'this API key is read-only' USING ERRCODE = 'IA403';
+        END IF;
+    ELSE
+        SELECT tu.role INTO v_role FROM public.tenant_users tu
+        WHERE tu.tenant_id = app.current_tenant_id() AND tu.user_id = app.current_user_id();
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'not a member of this tenant' USING ERRCODE = 'IA403';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM public.users u WHERE u.id = app.current_user_id() AND u.is_active) THEN
+            RAISE EXCEPTION 'account is disabled' USING ERRCODE = 'IA401';
+        END IF;
+    END IF;
+
+    IF app.role_rank(v_role) < app.role_rank(p_min_role) THEN
+        RAISE EXCEPTION 'this action requires the % role (you are %)', p_min_role, v_role
+            USING ERRCODE = 'IA403';
+    END IF;
+END
+$$;
+
+-- API-key authentication before the tenant is known: the key row for a prefix, with last use
+-- recorded at most once a minute (a write per request would cost more than it tells).
+DROP POLICY IF EXISTS definer_touch ON api_keys;
+CREATE POLICY definer_touch ON api_keys AS PERMISSIVE FOR UPDATE TO iaf_owner USING (true) WITH CHECK (true);
+
+CREATE OR REPLACE FUNCTION app.authenticate_api_key(p_prefix text)
+    RETURNS TABLE (tenant_id uuid, id uuid, key_hash bytea, scope text, expires_at timestamptz,
+                   revoked_at timestamptz)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
+    AS $$
+#variable_conflict use_column
+BEGIN
+    UPDATE public.api_keys k SET last_used_at = now()
+    WHERE k.prefix = p_prefix AND k.revoked_at IS NULL
+      AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute');
+    RETURN QUERY
+        SELECT k.tenant_id, k.id, k.key_hash, k.scope::text, k.expires_at, k.revoked_at
+        FROM public.api_keys k WHERE k.prefix = p_prefix;
+END
+$$;
+
+-- Adding a member by email: the user's id, and nothing else about them.
+CREATE OR REPLACE FUNCTION app.find_user_id(p_email text) RETURNS integer
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+    AS $$ SELECT u.id FROM public.users u WHERE lower(u.email) = lower(p_email) $$;
+
+-- The application may read members' emails and names through the users policy; it may add,
+-- re-role and remove members of the current tenant through RLS on tenant_users.
+
+-- Operators (CLI) grant or withdraw platform administration.
+CREATE OR REPLACE FUNCTION platform.set_platform_admin(p_email text, p_flag boolean) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
+    AS $$
+DECLARE
+    v_id integer;
+BEGIN
+    PERFORM app.assert_platform_operator();
+    UPDATE public.users SET is_platform_admin = p_flag WHERE lower(email) = lower(p_email) RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
+        RAISE EXCEPTION 'no account with email %', p_email USING ERRCODE = 'IA404';
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+-- Every function in app and platform: owned by iaf_owner, executable by the application only.
+-- Later migrations that add functions end with CALL app.lock_down_functions().
+CREATE OR REPLACE PROCEDURE app.lock_down_functions()
+    LANGUAGE plpgsql AS $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure AS sig, p.prokind FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname IN ('app', 'platform')
+    LOOP
+        IF f.prokind = 'p' THEN
+            EXECUTE format('ALTER PROCEDURE %s OWNER TO iaf_owner', f.sig);
+            EXECUTE format('REVOKE ALL ON PROCEDURE %s FROM PUBLIC', f.sig);
+        ELSE
+            EXECUTE format('ALTER FUNCTION %s OWNER TO iaf_owner', f.sig);
+            EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.sig);
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO iaf_app', f.sig);
+        END IF;
+    END LOOP;
+END
+$$;
+
+CALL app.lock_down_functions();

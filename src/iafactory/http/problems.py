@@ -1,0 +1,133 @@
+"""Every 4xx and 5xx as RFC 9457 `application/problem+json`. No stack trace or SQL text ever
+reaches a client: database errors are mapped to a status and a sentence written here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("iafactory.http")
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://docs.iafactory.ch/problems/"
+
+# SQLSTATEs raised by our own SQL (app.authorize and friends) → HTTP status.
+APP_SQLSTATES = {"IA401": 401, "IA402": 402, "IA403": 403, "IA404": 404, "IA409": 409, "IA429": 429}
+
+
+class Problem(Exception):
+    """Raise to answer with a problem document."""
+
+    def __init__(self, status: int, title: str, detail: str | None = None, *, type_: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail or title)
+        self.status, self.title, self.detail, self.type_ = status, title, detail, type_
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def not_found(what: str, ident: object) -> Problem:
+    # Identical for "does not exist" and "belongs to another tenant": nothing to learn from it.
+    return Problem(404, "Not Found", f"{what} {ident} not found", type_="not-found")
+
+
+def problem_response(status: int, title: str, detail: str | None = None, *, type_: str | None = None,
+                     headers: dict[str, str] | None = None, request: Request | None = None, **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"type": TYPE_BASE + type_ if type_ else "about:blank", "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    if request is not None:
+        body["instance"] = request.url.path
+        rid = getattr(request.state, "request_id", None)
+        if rid:
+            body["request_id"] = rid
+    body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        where, rest = parts[0], parts[1:]
+        return f"{where}.{'.'.join(rest)}" if rest else where
+    return ".".join(parts)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc.status, exc.title, exc.detail, type_=exc.type_, headers=exc.headers,
+                                request=request, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": _field(e["loc"]), "message": e["msg"].removeprefix("Value error, "), "type": e["type"]}
+                  for e in exc.errors()]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return problem_response(422, "Validation failed", detail, type_="validation", request=request, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {404: "Not Found", 405: "Method Not Allowed", 401: "Unauthorized", 403: "Forbidden",
+                  413: "Content Too Large"}
+        detail = exc.detail if isinstance(exc.detail, str) else None
+        return problem_response(exc.status_code, titles.get(exc.status_code, "Error"), detail,
+                                headers=getattr(exc, "headers", None), request=request)
+
+    @app.exception_handler(psycopg.Error)
+    async def _database(request: Request, exc: psycopg.Error) -> JSONResponse:
+        return database_problem(request, exc)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
+                                request=request)
+
+
+def database_problem(request: Request, exc: psycopg.Error) -> JSONResponse:
+    state = exc.sqlstate or ""
+    diag = exc.diag
+    if state in APP_SQLSTATES:
+        status = APP_SQLSTATES[state]
+        titles = {401: "Unauthorized", 402: "Payment Required", 403: "Forbidden", 404: "Not Found",
+                  409: "Conflict", 429: "Too Many Requests"}
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return problem_response(status, titles[status], diag.message_primary, headers=headers, request=request)
+    if isinstance(exc, psycopg.errors.UniqueViolation):
+        return problem_response(409, "Conflict", _constraint_sentence(diag.constraint_name, "already exists"),
+                                type_="conflict", request=request)
+    if isinstance(exc, psycopg.errors.ForeignKeyViolation):
+        # Either the referenced row does not exist in this tenant, or rows still depend on this one.
+        sentence = ("it is still referenced by other records" if "still referenced" in (diag.message_detail or "")
+                    or (diag.message_primary or "").startswith("update or delete")
+                    else "it references a record that does not exist")
+        return problem_response(409, "Conflict", _constraint_sentence(diag.constraint_name, sentence),
+                                type_="conflict", request=request)
+    if isinstance(exc, (psycopg.errors.CheckViolation, psycopg.errors.NotNullViolation,
+                        psycopg.errors.StringDataRightTruncation, psycopg.errors.NumericValueOutOfRange,
+                        psycopg.errors.InvalidTextRepresentation, psycopg.errors.InvalidDatetimeFormat,
+                        psycopg.errors.DatetimeFieldOverflow)):
+        return problem_response(422, "Validation failed",
+                                _constraint_sentence(diag.constraint_name or diag.column_name, "invalid value"),
+                                type_="validation", request=request)
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        # An RLS refusal that slipped past the API's own checks: the row is not the caller's.
+        return problem_response(403, "Forbidden", "not allowed for this tenant", request=request)
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        log.error("write attempted in a read-only request: %s %s", request.method, request.url.path)
+    elif isinstance(exc, psycopg.OperationalError):
+        return problem_response(503, "Service Unavailable", "the database is not reachable", request=request)
+    log.error("database error on %s %s: %s %s", request.method, request.url.path, state, diag.message_primary)
+    return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
+                            request=request)
+
+
+def _constraint_sentence(name: str | None, what: str) -> str:
+    return f"{what} ({name})" if name else what

@@ -1,0 +1,61 @@
+"""Routes for a Resource: create, get, list (cursor pages, newest first), update, delete.
+
+No `from __future__ import annotations` here: the handlers' annotations refer to each resource's
+own models, which FastAPI must see as real classes.
+"""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+
+from iafactory.auth.dependencies import Member, Viewer
+from iafactory.http.problems import not_found
+from iafactory.resources import pagination, repository
+from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
+from iafactory.resources.spec import Resource
+
+
+def crud_router(spec: Resource) -> APIRouter:
+    router = APIRouter(prefix=f"/{spec.name}", tags=[spec.tag])
+    Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
+
+    @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.slug}",
+                 summary=f"Create a {spec.noun}")
+    async def create(body: Create, s: Member) -> Any:  # type: ignore[valid-type]
+        return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump())
+
+    @router.get("", response_model=Page[Read], operation_id=f"list_{spec.slug}",
+                summary=f"List {spec.noun}s, newest first")
+    async def list_(
+        s: Viewer,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")] = DEFAULT_LIMIT,
+        cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+    ) -> Any:
+        after = pagination.decode(cursor, IdType) if cursor else None
+        rows = await repository.page(s.tx, spec, s.ctx.tenant_id, limit, after)
+        items, next_cursor = pagination.page_of(rows, limit)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @router.get("/{item_id}", response_model=Read, operation_id=f"get_{spec.slug}", summary=f"Get a {spec.noun}")
+    async def get(item_id: IdType, s: Viewer) -> Any:  # type: ignore[valid-type]
+        row = await repository.get(s.tx, spec, s.ctx.tenant_id, item_id)
+        if row is None:
+            raise not_found(spec.noun, item_id)
+        return row
+
+    @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.slug}",
+                  summary=f"Update a {spec.noun}")
+    async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
+        row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, body.model_dump(exclude_unset=True))
+        if row is None:
+            raise not_found(spec.noun, item_id)
+        return row
+
+    @router.delete("/{item_id}", status_code=204, response_class=Response, operation_id=f"delete_{spec.slug}",
+                   summary=f"Delete a {spec.noun}")
+    async def delete(item_id: IdType, s: Member) -> Response:  # type: ignore[valid-type]
+        if not await repository.delete(s.tx, spec, s.ctx.tenant_id, item_id):
+            raise not_found(spec.noun, item_id)
+        return Response(status_code=204)
+
+    return router

@@ -1,0 +1,29 @@
+"""What a record type is: its table, id type and schemas. Declared next to each domain's schemas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str                      # URL segment(s) and operation-id stem, e.g. "crm/leads"
+    table: str                     # PostgreSQL table
+    noun: str                      # "lead", for messages and summaries
+    tag: str                       # OpenAPI tag
+    create: type[BaseModel]
+    update: type[BaseModel]
+    read: type[BaseModel]
+    id_type: type = UUID           # int for the tables that existed before tenancy
+    json_columns: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.read.model_fields)
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace("/", "_").replace("-", "_")

@@ -1,0 +1,117 @@
+"""/api/v1/tenant (the caller's own tenant), /api/v1/members, /api/v1/admin/tenants (platform)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+import psycopg
+from fastapi import APIRouter, Query, Response
+from psycopg.types.json import Jsonb
+
+from iafactory.auth.dependencies import Admin, Owner, UserSession, Viewer
+from iafactory.http.problems import Problem, not_found
+from iafactory.resources.pagination import MAX_LIMIT, Page, decode, page_of
+from iafactory.tenancy import members, service
+from iafactory.tenancy.schemas import (
+    AdminTenantUpdate, MemberCreate, MemberOut, MemberUpdate, Plan, Region, Status, Tenant, TenantCreate,
+    TenantFilters, TenantUpdate,
+)
+
+router = APIRouter()
+TENANT_COLUMNS = ("id, name, slug, region, plan, status, admin_email, admin_phone, settings, metadata, "
+                  "created_at, updated_at, trial_ends_at")
+
+
+@router.get("/tenant", response_model=Tenant, tags=["tenant"], summary="The current tenant")
+async def get_tenant(s: Viewer) -> Any:
+    return await s.tx.fetchrow(f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id = %s", (s.ctx.tenant_id,))
+
+
+@router.patch("/tenant", response_model=Tenant, tags=["tenant"],
+              summary="Edit the tenant's name, contact and settings (owner)")
+async def update_tenant(body: TenantUpdate, s: Owner) -> Any:
+    changes = body.model_dump(exclude_unset=True)
+    if "name" in changes and changes["name"] is None:
+        raise Problem(422, "Validation failed", "body.name: cannot be null", type_="validation")
+    if changes.get("settings") is not None:
+        changes["settings"] = Jsonb(changes["settings"])
+    if not changes:
+        return await get_tenant(s)
+    assignments = ", ".join(f"{column} = %s" for column in changes)
+    return await s.tx.fetchrow(f"UPDATE tenants SET {assignments} WHERE id = %s RETURNING {TENANT_COLUMNS}",
+                               (*changes.values(), s.ctx.tenant_id))
+
+
+@router.get("/members", response_model=list[MemberOut], tags=["members"], summary="Members of the tenant")
+async def list_members(s: Viewer) -> Any:
+    return await members.list_members(s.tx, s.ctx.tenant_id)
+
+
+@router.post("/members", status_code=201, response_model=MemberOut, tags=["members"],
+             summary="Add a registered user by email (admin)")
+async def add_member(body: MemberCreate, s: Admin) -> Any:
+    return await members.add_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, body.email, body.role)
+
+
+@router.patch("/members/{user_id}", response_model=MemberOut, tags=["members"], summary="Change a member's role (admin)")
+async def change_member(user_id: int, body: MemberUpdate, s: Admin) -> Any:
+    return await members.change_role(s.tx, s.ctx.tenant_id, s.ctx.user_id, user_id, body.role)
+
+
+@router.delete("/members/{user_id}", status_code=204, response_class=Response, tags=["members"],
+               summary="Remove a member (admin)")
+async def remove_member(user_id: int, s: Admin) -> Response:
+    await members.remove_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, user_id)
+    return Response(status_code=204)
+
+
+# --- platform administration -------------------------------------------------------------------
+
+@router.get("/admin/tenants", response_model=Page[Tenant], tags=["platform"], summary="All tenants (platform admin)")
+async def admin_list_tenants(
+    session: UserSession,
+    region: Region | None = None,
+    plan: Plan | None = None,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> Any:
+    tx, _ = session
+    after = decode(cursor, UUID) if cursor else None
+    # Oldest first here (a stable registry order); the cursor still encodes (created_at, id).
+    rows = await service.list_tenants(tx, TenantFilters(region=region, plan=plan, status=status),
+                                      limit=limit + 1, after=after)
+    items, next_cursor = page_of([r.model_dump() for r in rows], limit)
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.post("/admin/tenants", status_code=201, response_model=Tenant, tags=["platform"],
+             summary="Create a tenant (platform admin)")
+async def admin_create_tenant(body: TenantCreate, session: UserSession) -> Any:
+    tx, _ = session
+    try:
+        return await service.create_tenant(tx, body)
+    except service.TenantError as err:
+        raise Problem(409, "Conflict", str(err), type_="conflict") from err
+
+
+@router.get("/admin/tenants/{tenant_id}", response_model=Tenant, tags=["platform"], summary="One tenant (platform admin)")
+async def admin_get_tenant(tenant_id: UUID, session: UserSession) -> Any:
+    tx, _ = session
+    try:
+        return await service.get_tenant(tx, tenant_id=tenant_id)
+    except service.TenantNotFound as err:
+        raise not_found("tenant", tenant_id) from err
+
+
+@router.patch("/admin/tenants/{tenant_id}", response_model=Tenant, tags=["platform"],
+              summary="Change a tenant's plan or status (platform admin)")
+async def admin_update_tenant(tenant_id: UUID, body: AdminTenantUpdate, session: UserSession) -> Any:
+    tx, _ = session
+    try:
+        return await service.update_tenant(tx, tenant_id, plan=body.plan, status=body.status)
+    except service.TenantNotFound as err:
+        raise not_found("tenant", tenant_id) from err
+    except psycopg.errors.CheckViolation as err:
+        raise Problem(422, "Validation failed", "invalid plan or status", type_="validation") from err
