@@ -1,0 +1,44 @@
+"""The HTTP service end to end: sign in, select a tenant, create and read a record, and the
+problem+json answers for the common mistakes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from api_support import ApiWorld, api_client, api_world  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_login_create_list_get(api_world: ApiWorld) -> None:
+    c, a = api_world.client, api_world.a
+    r = await c.post("/api/v1/projects", json={"name": "Rentrée 2026", "settings": {"lang": "fr"}}, headers=a.auth("member"))
+    assert r.status_code == 201, r.text
+    project = r.json()
+    r = await c.get("/api/v1/projects", headers=a.auth("viewer"))
+    assert r.status_code == 200
+    assert [p["id"] for p in r.json()["items"]] == [project["id"]]
+    r = await c.get(f"/api/v1/projects/{project['id']}", headers=a.key("read"))
+    assert r.status_code == 200 and r.json()["name"] == "Rentrée 2026"
+
+
+async def test_a_tenant_id_in_the_body_is_refused(api_world: ApiWorld) -> None:
+    r = await api_world.client.post("/api/v1/projects", json={"name": "x", "tenant_id": str(api_world.b.id)},
+                                    headers=api_world.a.auth("owner"))
+    assert r.status_code == 422
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["errors"][0]["field"] == "body.tenant_id"
+
+
+async def test_another_tenants_id_answers_like_a_missing_one(api_world: ApiWorld) -> None:
+    c = api_world.client
+    r = await c.post("/api/v1/projects", json={"name": "secret"}, headers=api_world.b.auth("owner"))
+    theirs = r.json()["id"]
+    other = await c.get(f"/api/v1/projects/{theirs}", headers=api_world.a.auth("owner"))
+    missing = await c.get(f"/api/v1/projects/{theirs + 10_000}", headers=api_world.a.auth("owner"))
+    assert other.status_code == missing.status_code == 404
+    strip = lambda body, ident: {k: re.sub(rf"\b{ident}\b", "ID", str(v)) for k, v in body.items()  # noqa: E731
+                                 if k != "request_id"}
+    assert strip(other.json(), theirs) == strip(missing.json(), theirs + 10_000)
