@@ -89,6 +89,8 @@ async def build_world(client: httpx.AsyncClient, admin_url: str, settings: Setti
             t = await service.create_tenant(tx, TenantCreate(name=f"Tenant {name.upper()}", slug=slug, region="CH",
                                                              plan="pro", status="active"))
             tenants[name] = TenantFixture(id=t.id, slug=slug)
+            # Billable actions (PME analyses, transcriptions) need credits.
+            await tx.fetch("SELECT * FROM platform.grant_credits(%s, 100000, 'test credits', 'seed')", (t.id,))
             for role in ROLES:
                 row = await service.add_member(tx, slug, f"{role}-{name}-{tag}@example.ch", role,
                                                name=f"{role} {name}", password_hash=pw_hash)

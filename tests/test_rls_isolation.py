@@ -60,6 +60,8 @@ def world(server_url: str) -> Iterator[dict[str, Any]]:
             for tid, slug in ((TENANT_A, "tenant-a"), (TENANT_B, "tenant-b")):
                 conn.execute("INSERT INTO tenants (id, name, slug, region, plan, status) "
                              "VALUES (%s, %s, %s, 'CH', 'pro', 'active')", (tid, slug, slug))
+                # Billable tables (e.g. pme_analyses) debit credits on insert.
+                conn.execute("SELECT platform.grant_credits(%s, 1000, 'test credits', 'seed')", (tid,))
             tables = load_tables(conn)
             user_id = conn.execute("INSERT INTO users (email, name) VALUES ('sample@example.ch', 'Sample') "
                                    "RETURNING id").fetchone()[0]
@@ -67,16 +69,31 @@ def world(server_url: str) -> Iterator[dict[str, Any]]:
         rows: dict[str, dict[uuid.UUID, dict[str, Any]]] = {}
         with psycopg.connect(app_url(admin)) as conn:
             for tenant in (TENANT_A, TENANT_B):
-                with conn.transaction():
-                    set_tenant(conn, tenant)
-                    parents: dict[str, dict[str, Any]] = {}
-                    for table in insert_order(tables):
-                        try:
-                            row = insert_row(conn, table, row_for(tables[table], tenant, parents, global_rows))
-                        except psycopg.Error as err:
-                            raise AssertionError(f"cannot insert a sample row into {table}: {err}") from err
-                        parents[table] = row
-                        rows.setdefault(table, {})[tenant] = row
+                parents: dict[str, dict[str, Any]] = {}
+                for table in insert_order(tables):
+                    # One committed transaction per row, so that rows the owner seeds can reference them.
+                    values = row_for(tables[table], tenant, parents, global_rows)
+                    try:
+                        with conn.transaction():
+                            set_tenant(conn, tenant)
+                            row = insert_row(conn, table, values)
+                    except psycopg.errors.InsufficientPrivilege:
+                        # Not writable by the application at all (e.g. the credit ledger, which
+                        # only definer functions write): seed it as the owner instead.
+                        with psycopg.connect(admin, autocommit=True) as owner:
+                            row = insert_row(owner, table, values)
+                    except psycopg.errors.UniqueViolation:
+                        # One row per tenant that already exists (e.g. the billing account the
+                        # credit grant opened): use it.
+                        cond, params = pk_where(tables[table], values)
+                        with psycopg.connect(admin) as owner:
+                            row = owner.cursor(row_factory=psycopg.rows.dict_row).execute(
+                                sql.SQL("SELECT * FROM {} WHERE {}").format(sql.Identifier(table), cond), params
+                            ).fetchone()
+                    except psycopg.Error as err:
+                        raise AssertionError(f"cannot insert a sample row into {table}: {err}") from err
+                    parents[table] = row
+                    rows.setdefault(table, {})[tenant] = row
         yield {"admin": admin, "app": app_url(admin), "tables": tables, "rows": rows, "globals": global_rows}
     finally:
         _drop_database(server_url, name)
@@ -167,11 +184,18 @@ def test_updates_and_deletes_cannot_touch_other_tenants_rows(world: dict[str, An
         for name, table in world["tables"].items():
             b_row = world["rows"][name][TENANT_B]
             cond, params = pk_where(table, b_row)
-            with conn.transaction():
-                set_tenant(conn, TENANT_A)
-                upd = conn.execute(sql.SQL("UPDATE {} SET tenant_id = tenant_id WHERE {}").format(
-                    sql.Identifier(name), cond), params).rowcount
-                dele = conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(sql.Identifier(name), cond), params).rowcount
+            upd = dele = 0
+            for statement in ("UPDATE {} SET tenant_id = tenant_id WHERE {}", "DELETE FROM {} WHERE {}"):
+                try:
+                    with conn.transaction():
+                        set_tenant(conn, TENANT_A)
+                        n = conn.execute(sql.SQL(statement).format(sql.Identifier(name), cond), params).rowcount
+                except psycopg.errors.InsufficientPrivilege:
+                    n = 0  # the application may not update or delete this table at all
+                if statement.startswith("UPDATE"):
+                    upd = n
+                else:
+                    dele = n
             if upd or dele:
                 touched.append(f"{name}: update {upd}, delete {dele}")
         with conn.transaction():
@@ -229,12 +253,19 @@ def test_without_a_tenant_every_table_is_empty_and_read_only(world: dict[str, An
             set_tenant(conn, TENANT_A)
         assert conn.execute("SELECT current_setting('app.tenant_id', true)").fetchone()[0] == ""
         for name, table in world["tables"].items():
-            with conn.transaction():
-                count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))).fetchone()[0]
-                cond, params = pk_where(table, world["rows"][name][TENANT_A])
-                upd = conn.execute(sql.SQL("UPDATE {} SET tenant_id = tenant_id WHERE {}").format(
-                    sql.Identifier(name), cond), params).rowcount
-                dele = conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(sql.Identifier(name), cond), params).rowcount
+            count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))).fetchone()[0]
+            cond, params = pk_where(table, world["rows"][name][TENANT_A])
+            upd = dele = 0
+            for statement in ("UPDATE {} SET tenant_id = tenant_id WHERE {}", "DELETE FROM {} WHERE {}"):
+                try:
+                    with conn.transaction():
+                        n = conn.execute(sql.SQL(statement).format(sql.Identifier(name), cond), params).rowcount
+                except psycopg.errors.InsufficientPrivilege:
+                    n = 0
+                if statement.startswith("UPDATE"):
+                    upd = n
+                else:
+                    dele = n
             if count or upd or dele:
                 problems.append(f"{name}: {count} visible, {upd} updated, {dele} deleted")
             parents = {ref: world["rows"][ref][TENANT_A] for _, ref, _ in table.references}

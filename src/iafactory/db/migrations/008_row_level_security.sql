@@ -236,12 +236,28 @@ BEGIN
 END
 $$;
 
+-- Allowed status transitions (a cancelled tenant stays cancelled: its data is kept until erased).
+CREATE OR REPLACE FUNCTION app.status_transition_allowed(p_from text, p_to text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+        SELECT p_from = p_to OR (p_from, p_to) IN (
+            ('trial', 'active'), ('trial', 'suspended'), ('trial', 'cancelled'),
+            ('active', 'suspended'), ('active', 'cancelled'),
+            ('suspended', 'active'), ('suspended', 'cancelled'))
+    $$;
+
 CREATE OR REPLACE FUNCTION platform.update_tenant(p_id uuid, p_plan text DEFAULT NULL, p_status text DEFAULT NULL)
     RETURNS SETOF public.tenants
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
     AS $$
+DECLARE
+    v_current text;
 BEGIN
     PERFORM app.assert_platform_operator();
+    SELECT status INTO v_current FROM public.tenants WHERE id = p_id FOR UPDATE;
+    IF FOUND AND p_status IS NOT NULL AND NOT app.status_transition_allowed(v_current, p_status) THEN
+        RAISE EXCEPTION 'a % tenant cannot become %', v_current, p_status USING ERRCODE = 'IA409';
+    END IF;
     RETURN QUERY
         UPDATE public.tenants t
         SET plan = coalesce(p_plan, t.plan), status = coalesce(p_status, t.status)

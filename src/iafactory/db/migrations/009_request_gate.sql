@@ -30,6 +30,11 @@ BEGIN
         RAISE EXCEPTION 'tenant is suspended' USING ERRCODE = 'IA403';
     ELSIF v_tenant.status = 'cancelled' THEN
         RAISE EXCEPTION 'tenant is cancelled' USING ERRCODE = 'IA403';
+    ELSIF p_write AND v_tenant.status = 'trial' AND v_tenant.trial_ends_at IS NOT NULL
+          AND v_tenant.trial_ends_at <= now() THEN
+        -- An expired trial needs no job to flip it: reads still work, writes wait for a plan.
+        RAISE EXCEPTION 'trial ended on %: reads are allowed, writes need an active subscription',
+            to_char(v_tenant.trial_ends_at, 'YYYY-MM-DD') USING ERRCODE = 'IA403';
     END IF;
 
     IF v_key_id IS NOT NULL THEN
