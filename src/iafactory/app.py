@@ -14,6 +14,7 @@ from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
 from iafactory.http import problems
 from iafactory.http.middleware import RequestContextMiddleware
+from iafactory.plans.ratelimit import RedisRateLimiter
 
 log = logging.getLogger("iafactory")
 
@@ -21,11 +22,12 @@ log = logging.getLogger("iafactory")
 def api_routers() -> list:
     """Every router mounted under /api/v1. The isolation tests enumerate the app's routes, so a
     router added here is covered by them without further work."""
+    from iafactory.audit.endpoints import router as audit_router
     from iafactory.auth.endpoints import router as auth_router
     from iafactory.domains import resource_routers
     from iafactory.tenancy.endpoints import router as tenancy_router
 
-    return [auth_router, tenancy_router, *resource_routers()]
+    return [auth_router, tenancy_router, audit_router, *resource_routers()]
 
 
 def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
@@ -34,18 +36,21 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if database is not None:
-            app.state.db = database
-            yield
-            return
-        admin = server.admin_conninfo(settings)
-        db = bootstrap.database(settings, admin)
-        await db.open()
-        app.state.db = db
+        own_db = database is None
+        if own_db:
+            db = bootstrap.database(settings, server.admin_conninfo(settings))
+            await db.open()
+            app.state.db = db
+        if settings.redis_url:
+            app.state.rate_limiter = RedisRateLimiter(settings.redis_url, app.state.db)
         try:
             yield
         finally:
-            await db.close()
+            if app.state.rate_limiter is not None:
+                await app.state.rate_limiter.close()
+                app.state.rate_limiter = None
+            if own_db:
+                await app.state.db.close()
 
     app = FastAPI(
         title="IAFactory API",
@@ -61,6 +66,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     )
     app.state.settings = settings
     app.state.key_cache = {}
+    app.state.rate_limiter = None
     if database is not None:
         app.state.db = database
     problems.install(app)

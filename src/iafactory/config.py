@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     argon2_time_cost: int = 3
     argon2_memory_cost_kib: int = 65536
     argon2_parallelism: int = 4
+    # Rate-limit counters in Redis instead of PostgreSQL (e.g. redis://127.0.0.1:6379/0).
+    redis_url: str | None = None
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
     host: str = "127.0.0.1"

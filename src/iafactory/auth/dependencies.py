@@ -13,6 +13,7 @@ next request.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from iafactory.auth import api_keys, tokens
 from iafactory.config import Settings
 from iafactory.db.scope import Database, Transaction
 from iafactory.http.problems import Problem
+from iafactory.plans import ratelimit
 from iafactory.tenancy.context import ROLE_RANK, TenantContext
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -48,6 +50,15 @@ class TenantSession:
     tx: Transaction
     ctx: TenantContext
     principal: Principal
+
+
+def client_ip(request: Request) -> str | None:
+    """The peer's address when it is one (test clients and unix sockets may give a name or nothing)."""
+    host = request.client.host if request.client else None
+    try:
+        return str(ipaddress.ip_address(host)) if host else None
+    except ValueError:
+        return None
 
 
 def unauthorized(detail: str) -> Problem:
@@ -124,12 +135,20 @@ def tenant_session(min_role: str = "viewer"):  # noqa: ANN201 - a FastAPI depend
             raise Problem(403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first",
                           type_="tenant-required")
         ctx = TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id,
-                            role=who.role if who.role in ROLE_RANK else None, key_scope=who.key_scope)
+                            role=who.role if who.role in ROLE_RANK else None, key_scope=who.key_scope,
+                            client_ip=client_ip(request),
+                            request_id=getattr(request.state, "request_id", None))
         request.state.tenant_id = str(who.tenant_id)
         read_only = request.method in READ_METHODS
         db: Database = request.app.state.db
         gate = ("SELECT app.authorize(%s, %s)", (min_role, not read_only))
-        async with db.tenant(ctx, read_only=read_only, gate=gate) as tx:
+        limiter = request.app.state.rate_limiter
+        if limiter is not None:
+            await limiter.hit(who.tenant_id, who.api_key_id)
+            before = None
+        else:
+            before = ratelimit.postgres_counter(who.tenant_id, who.api_key_id)
+        async with db.tenant(ctx, read_only=read_only, gate=gate, before=before) as tx:
             yield TenantSession(tx, ctx, who)
 
     return Depends(dependency, scope="function")

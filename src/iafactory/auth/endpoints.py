@@ -7,8 +7,9 @@ from uuid import UUID
 
 from fastapi import APIRouter, Request, Response
 
+from iafactory.audit import service as audit
 from iafactory.auth import service
-from iafactory.auth.dependencies import Admin, AnonymousSession, CurrentPrincipal, UserSession, Viewer
+from iafactory.auth.dependencies import Admin, AnonymousSession, CurrentPrincipal, UserSession, Viewer, client_ip
 from iafactory.auth.schemas import (
     ApiKeyCreate, ApiKeyCreated, ApiKeyOut, LoginIn, MeOut, Membership, RegisterIn, SelectTenantIn, TokenOut, UserOut,
 )
@@ -20,6 +21,7 @@ router = APIRouter(tags=["auth"])
 
 def _settings(request: Request) -> Settings:
     return request.app.state.settings
+
 
 
 @router.post("/auth/register", status_code=201, response_model=UserOut, summary="Create an account")
@@ -39,6 +41,11 @@ async def login(body: LoginIn, request: Request, tx: AnonymousSession) -> Any:
     selected = open_tenants[0] if len(tenants) == 1 and open_tenants else None
     token, ttl = service.token_for(settings, user["user_id"], selected, user["is_platform_admin"])
     request.state.user_id = user["user_id"]
+    # Every tenant this sign-in can reach records it.
+    for tenant in tenants[:50]:
+        await audit.record(tx, tenant.id, "auth.login", user_id=user["user_id"],
+                           details={"selected": selected is not None and selected.id == tenant.id},
+                           ip=client_ip(request), request_id=request.state.request_id)
     return TokenOut(access_token=token, expires_in=ttl, tenant=selected, tenants=tenants)
 
 
@@ -49,6 +56,8 @@ async def select_tenant(body: SelectTenantIn, request: Request, session: UserSes
     tenants = await service.memberships(tx, who.user_id)
     chosen = service.choose(tenants, body.tenant)
     token, ttl = service.token_for(_settings(request), who.user_id, chosen, who.platform_admin)
+    await audit.record(tx, chosen.id, "auth.tenant_selected", user_id=who.user_id, details={"role": chosen.role},
+                       ip=client_ip(request), request_id=request.state.request_id)
     return TokenOut(access_token=token, expires_in=ttl, tenant=chosen, tenants=tenants)
 
 

@@ -86,9 +86,13 @@ def _inline(conn: Conn, query: str, params: Params) -> str:
 class Transaction:
     """One transaction (or, read-only, a series of one-message transactions) as one tenant."""
 
-    def __init__(self, conn: Conn, prelude: list[str], *, read_only: bool, must_send: bool = False) -> None:
+    def __init__(self, conn: Conn, prelude: list[str], *, read_only: bool, must_send: bool = False,
+                 before: str | None = None) -> None:
         self._conn = conn
         self._prelude = prelude
+        # Runs once, in its own transaction, at the head of the first message (e.g. the rate-limit
+        # counter, whose row lock must not last as long as the request).
+        self._before = ["BEGIN", before, "COMMIT"] if before else []
         self._read_only = read_only
         self._begun = False  # explicit mode: BEGIN and the prelude have been sent
         self._sent = False  # anything sent at all (read-only mode sends the prelude each time)
@@ -132,7 +136,8 @@ class Transaction:
         if self._read_only:
             raise psycopg.ProgrammingError("this tenant scope is read-only")
         if not self._begun:
-            await self._conn.execute(";\n".join(["BEGIN", *self._prelude]), prepare=False)
+            await self._conn.execute(";\n".join([*self._before, "BEGIN", *self._prelude]), prepare=False)
+            self._before = []
             self._begun = self._sent = True
 
     @property
@@ -154,6 +159,9 @@ class Transaction:
             statements.append(f"PREPARE {name} AS {_to_dollar_params(text)}")
         else:
             registry.move_to_end(text)
+        if self._before:
+            statements.extend(self._before)
+            self._before = []
         if not self._begun:
             statements.append("BEGIN READ ONLY" if self._read_only else "BEGIN")
             statements.extend(self._prelude)
@@ -188,7 +196,8 @@ class Transaction:
     async def _finish(self, ok: bool) -> None:
         if ok and self._must_send and not self._sent:
             # Nothing ran: still run the gate (e.g. the membership check) before answering.
-            await self._conn.execute(";\n".join(["BEGIN READ ONLY", *self._prelude, "COMMIT"]), prepare=False)
+            await self._conn.execute(";\n".join([*self._before, "BEGIN READ ONLY", *self._prelude, "COMMIT"]),
+                                     prepare=False)
             self._sent = True
             return
         status = self._conn.info.transaction_status
@@ -209,6 +218,11 @@ def _tenant_prelude(conn: Conn, ctx: TenantContext | None, gate: tuple[str, Para
             statements.append(f"SET LOCAL app.user_id = '{int(ctx.user_id)}'")
         if ctx.api_key_id is not None:
             statements.append(f"SET LOCAL app.api_key_id = '{uuid.UUID(str(ctx.api_key_id))}'")
+        # Read by the audit log's defaults. Both are validated by TenantContext.
+        if ctx.client_ip is not None:
+            statements.append(f"SET LOCAL app.client_ip = '{ctx.client_ip}'")
+        if ctx.request_id is not None:
+            statements.append(f"SET LOCAL app.request_id = '{ctx.request_id}'")
     if gate is not None:
         statements.append(_inline(conn, *gate))
     return statements
@@ -218,12 +232,14 @@ class _Scope:
     """Async context manager for one scope: a pooled (or given) connection and its Transaction.
     A plain class rather than nested generators: this sits on every request's hot path."""
 
-    __slots__ = ("_pool", "_conn", "_ctx", "_gate", "_read_only", "_tx", "_user_id")
+    __slots__ = ("_pool", "_conn", "_ctx", "_gate", "_read_only", "_tx", "_user_id", "_before")
 
     def __init__(self, pool: AsyncConnectionPool | None, conn: Conn | None, ctx: TenantContext | None,
-                 gate: tuple[str, Params] | None, read_only: bool, user_id: int | None = None) -> None:
+                 gate: tuple[str, Params] | None, read_only: bool, user_id: int | None = None,
+                 before: tuple[str, Params] | None = None) -> None:
         self._pool, self._conn, self._ctx, self._gate, self._read_only = pool, conn, ctx, gate, read_only
         self._user_id = user_id
+        self._before = before
         self._tx: Transaction | None = None
 
     async def __aenter__(self) -> Transaction:
@@ -232,7 +248,8 @@ class _Scope:
         assert self._conn is not None
         try:
             self._tx = Transaction(self._conn, _tenant_prelude(self._conn, self._ctx, self._gate, self._user_id),
-                                   read_only=self._read_only, must_send=self._gate is not None)
+                                   read_only=self._read_only, must_send=self._gate is not None,
+                                   before=_inline(self._conn, *self._before) if self._before else None)
         except BaseException:
             await self._release()
             raise
@@ -288,17 +305,20 @@ class Database:
         await self.close()
 
     def tenant(
-        self, ctx: TenantContext, *, read_only: bool = False, gate: tuple[str, Params] | None = None
+        self, ctx: TenantContext, *, read_only: bool = False, gate: tuple[str, Params] | None = None,
+        before: tuple[str, Params] | None = None,
     ) -> AbstractAsyncContextManager[Transaction]:
         """A transaction as `ctx.tenant_id`.
 
         `gate` is a statement (`%s` placeholders) that runs right after the tenant is set and
         before anything else, e.g. a membership check that raises; if it fails nothing else runs.
         `read_only` makes every statement its own read-only transaction, in one round trip.
+        `before` runs once in a short transaction of its own ahead of it, in the same message
+        (the rate-limit counter).
         """
         if not isinstance(ctx, TenantContext):
             raise TypeError("Database.tenant needs a TenantContext")
-        return _Scope(self._pool, None, ctx, gate, read_only)
+        return _Scope(self._pool, None, ctx, gate, read_only, before=before)
 
     def anonymous(self, *, user_id: int | None = None, read_only: bool = False) -> AbstractAsyncContextManager[Transaction]:
         """A transaction with no tenant: only the pre-tenant definer functions see anything.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 
@@ -11,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from iafactory.http.problems import PROBLEM_JSON
 
 access_log = logging.getLogger("iafactory.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class RequestContextMiddleware:
@@ -26,7 +28,9 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        offered = headers.get(b"x-request-id", b"").decode("latin-1")
+        # A caller's id is kept when it is safe to log and to store; otherwise we make one.
+        request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status = {"code": 500}
 

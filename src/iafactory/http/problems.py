@@ -99,7 +99,12 @@ def database_problem(request: Request, exc: psycopg.Error) -> JSONResponse:
         titles = {401: "Unauthorized", 402: "Payment Required", 403: "Forbidden", 404: "Not Found",
                   409: "Conflict", 429: "Too Many Requests"}
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return problem_response(status, titles[status], diag.message_primary, headers=headers, request=request)
+        detail = diag.message_detail or ""
+        if status == 429 and detail.startswith("retry_after="):
+            headers = {"Retry-After": detail.removeprefix("retry_after=")}
+        extra = {"limit": detail.removeprefix("limit=")} if detail.startswith("limit=") else {}
+        return problem_response(status, titles[status], diag.message_primary, headers=headers, request=request,
+                                **extra)
     if isinstance(exc, psycopg.errors.UniqueViolation):
         return problem_response(409, "Conflict", _constraint_sentence(diag.constraint_name, "already exists"),
                                 type_="conflict", request=request)

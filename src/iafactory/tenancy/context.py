@@ -7,11 +7,14 @@ is handed to `iafactory.db.scope.Database.tenant`, which sets it for one transac
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from uuid import UUID
 
 ROLES = ("viewer", "member", "admin", "owner")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +25,9 @@ class TenantContext:
     role: str | None = None
     # Scope of an API key ("read" or "write"); None for a user session.
     key_scope: str | None = None
+    # Request metadata the audit log records.
+    client_ip: str | None = None
+    request_id: str | None = None
 
     def __post_init__(self) -> None:
         # A real UUID object, never a string: it is interpolated into SET LOCAL, which takes no
@@ -30,6 +36,10 @@ class TenantContext:
             raise TypeError("TenantContext.tenant_id must be a uuid.UUID")
         if self.role is not None and self.role not in ROLE_RANK:
             raise ValueError(f"unknown role {self.role!r}")
+        if self.client_ip is not None:
+            object.__setattr__(self, "client_ip", str(ipaddress.ip_address(self.client_ip)))
+        if self.request_id is not None and not _REQUEST_ID.fullmatch(self.request_id):
+            raise ValueError("request_id must be 1-64 letters, digits, '-' or '_'")
 
     def has_role(self, minimum: str) -> bool:
         return self.role is not None and ROLE_RANK[self.role] >= ROLE_RANK[minimum]

@@ -41,6 +41,41 @@ CREATE OR REPLACE FUNCTION app.tenant_limits(p_tenant uuid)
         WHERE t.id = p_tenant
     $$;
 
+-- Overrides are the platform's to set: a tenant owner editing settings cannot raise them.
+CREATE OR REPLACE FUNCTION app.protect_limit_overrides() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF NEW.settings->'limits' IS DISTINCT FROM OLD.settings->'limits' THEN
+        PERFORM app.assert_platform_operator();
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE OR REPLACE TRIGGER tenants_protect_limits BEFORE UPDATE OF settings ON tenants
+    FOR EACH ROW EXECUTE FUNCTION app.protect_limit_overrides();
+
+CREATE OR REPLACE FUNCTION platform.set_tenant_limits(p_id uuid, p_limits jsonb)
+    RETURNS SETOF public.tenants
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
+    AS $$
+BEGIN
+    PERFORM app.assert_platform_operator();
+    IF EXISTS (SELECT 1 FROM jsonb_each(coalesce(p_limits, '{}'::jsonb)) e
+               WHERE e.key NOT IN ('requests_per_minute', 'key_requests_per_minute', 'max_members',
+                                   'max_api_keys', 'max_kb_bytes', 'monthly_credits')
+                  OR jsonb_typeof(e.value) NOT IN ('number', 'null')) THEN
+        RAISE EXCEPTION 'unknown limit or non-numeric value in %', p_limits USING ERRCODE = 'IA409';
+    END IF;
+    RETURN QUERY
+        UPDATE public.tenants t
+        SET settings = CASE WHEN p_limits IS NULL OR p_limits = '{}'::jsonb THEN t.settings - 'limits'
+                            ELSE jsonb_set(t.settings, '{limits}', jsonb_strip_nulls(p_limits)) END
+        WHERE t.id = p_id
+        RETURNING *;
+END
+$$;
+
 ------------------------------------------------------------------------------------------------
 -- Rate limits shared by every worker: fixed one-minute windows in an UNLOGGED table (no WAL; a
 -- crash forgets at most a minute of counts). app.rate_hit runs in its own short transaction,
