@@ -21,6 +21,7 @@ from rich.table import Table
 from iafactory.config import get_settings
 from iafactory.db import server
 from iafactory.db.migrate import MigrationError
+from iafactory.tenancy.portability import PortabilityError
 from iafactory.tenancy.service import TenantError
 
 app = typer.Typer(
@@ -61,7 +62,7 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return asyncio.run(coro_fn(*args, **kwargs))
-        except (CliError, MigrationError, TenantError) as err:
+        except (CliError, MigrationError, TenantError, PortabilityError) as err:
             print_error(str(err))
         except ValidationError as err:
             print_error(field_errors(err))

@@ -151,6 +151,14 @@ class Transaction:
         registry = _prepared.setdefault(self._conn, OrderedDict())
         name = registry.get(text)
         statements: list[str] = []
+        if self._before:
+            statements.extend(self._before)
+            self._before = []
+        if not self._begun:
+            statements.append("BEGIN READ ONLY" if self._read_only else "BEGIN")
+            statements.extend(self._prelude)
+        # PREPARE goes after BEGIN and the prelude: it reads the catalog, which would count as the
+        # transaction's first query (SET TRANSACTION must come before any).
         new_name = None
         if name is None:
             if len(registry) >= PREPARED_PER_CONNECTION:
@@ -159,12 +167,6 @@ class Transaction:
             statements.append(f"PREPARE {name} AS {_to_dollar_params(text)}")
         else:
             registry.move_to_end(text)
-        if self._before:
-            statements.extend(self._before)
-            self._before = []
-        if not self._begun:
-            statements.append("BEGIN READ ONLY" if self._read_only else "BEGIN")
-            statements.extend(self._prelude)
         target = len(statements)
         args = ", ".join(_literal(self._conn, p) for p in (params or ()))
         statements.append(f"EXECUTE {name}({args})" if args else f"EXECUTE {name}")
@@ -328,11 +330,20 @@ class Database:
 
 
 @asynccontextmanager
-async def operator_transaction(conninfo: str) -> AsyncIterator[Transaction]:
-    """A transaction on an operator's own connection (CLI commands): no tenant is set, so tenant
-    tables show nothing; platform work goes through the platform.* definer functions."""
+async def operator_transaction(conninfo: str, ctx: TenantContext | None = None, *, snapshot: bool = False,
+                               bulk: bool = False) -> AsyncIterator[Transaction]:
+    """A transaction on an operator's own connection (CLI commands). Without `ctx`, tenant tables
+    show nothing and platform work goes through the platform.* definer functions. With `ctx`, it
+    acts for that tenant (export, erasure, import). `snapshot`: one consistent REPEATABLE READ
+    view. `bulk`: plan-limit, billing and audit triggers stand aside (restoring or erasing a
+    tenant); the database honours that flag for operator logins only."""
     async with await admin_connect(conninfo) as conn:
-        async with _Scope(None, conn, None, None, False) as tx:
+        scope = _Scope(None, conn, ctx, None, False)
+        async with scope as tx:
+            if snapshot:
+                tx._prelude.insert(0, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            if bulk:
+                tx._prelude.append("SET LOCAL app.bulk_operation = 'on'")
             yield tx
 
 

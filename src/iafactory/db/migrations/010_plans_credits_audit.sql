@@ -1,5 +1,20 @@
 -- 010: plans that govern the service, credits that cannot go negative, and the audit log.
 
+-- Operator bulk work (tenant import and erasure) sets app.bulk_operation for its transaction to
+-- bypass plan limits, billing and audit triggers. Only an operator's own login can: for the
+-- application's login the flag means nothing.
+CREATE OR REPLACE FUNCTION app.is_application_session() RETURNS boolean
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+    AS $$
+        SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m
+                       JOIN pg_catalog.pg_roles r ON r.oid = m.member
+                       WHERE r.rolname = session_user AND m.roleid = 'iaf_app'::regrole)
+    $$;
+
+CREATE OR REPLACE FUNCTION app.bulk_operation() RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$ SELECT current_setting('app.bulk_operation', true) = 'on' AND NOT app.is_application_session() $$;
+
 ------------------------------------------------------------------------------------------------
 -- Plans and limits. One row per plan; a tenant may override any limit in settings->'limits'.
 ------------------------------------------------------------------------------------------------
@@ -145,7 +160,7 @@ DECLARE
     v_max bigint;
     v_name text;
 BEGIN
-    IF current_setting('app.importing', true) = 'on' THEN
+    IF app.bulk_operation() THEN
         RETURN NEW;
     END IF;
     SELECT * INTO v_limits FROM app.tenant_limits(NEW.tenant_id);
@@ -318,7 +333,7 @@ CREATE OR REPLACE FUNCTION app.bill_action() RETURNS trigger
 DECLARE
     v_cost bigint;
 BEGIN
-    IF current_setting('app.importing', true) = 'on' THEN
+    IF app.bulk_operation() THEN
         RETURN NEW;
     END IF;
     SELECT credits INTO v_cost FROM public.billable_actions WHERE action = TG_ARGV[0];
@@ -376,7 +391,7 @@ DECLARE
     v_target text;
     v_details jsonb := '{}'::jsonb;
 BEGIN
-    IF current_setting('app.importing', true) = 'on' THEN
+    IF app.bulk_operation() THEN
         RETURN NULL;
     END IF;
     IF TG_TABLE_NAME = 'tenant_users' THEN
