@@ -6,12 +6,26 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from iafactory.crm.schemas import DEALS, LEADS
+from iafactory.knowledge.schemas import KNOWLEDGE_BASE
+from iafactory.pme.schemas import PME_ANALYSES
 from iafactory.projects.schemas import PROJECTS
 from iafactory.resources import Resource
 from iafactory.resources.router import crud_router
+from iafactory.voice.schemas import CONVERSATIONS, TRANSCRIPTIONS
+from iafactory.workflows.schemas import BMAD_WORKFLOWS, BOLT_WORKFLOWS, ORCHESTRATOR_STATE
 
 RESOURCES: list[Resource] = [
     PROJECTS,
+    KNOWLEDGE_BASE,
+    BOLT_WORKFLOWS,
+    BMAD_WORKFLOWS,
+    ORCHESTRATOR_STATE,
+    TRANSCRIPTIONS,
+    CONVERSATIONS,
+    LEADS,
+    DEALS,
+    PME_ANALYSES,
 ]
 
 
