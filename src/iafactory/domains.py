@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from iafactory.billing.endpoints import router as billing_router
 from iafactory.crm.schemas import DEALS, LEADS
 from iafactory.knowledge.schemas import KNOWLEDGE_BASE
 from iafactory.pme.schemas import PME_ANALYSES
@@ -30,4 +31,6 @@ RESOURCES: list[Resource] = [
 
 
 def resource_routers() -> list[APIRouter]:
-    return [crud_router(spec) for spec in RESOURCES]
+    """One CRUD router per Resource, then the domains that are not plain CRUD: billing (an account
+    per tenant, a read-only ledger, batched idempotent usage events) has its own endpoints."""
+    return [*(crud_router(spec) for spec in RESOURCES), billing_router]

@@ -1,0 +1,140 @@
+"""The SQL of billing: the billing account, the credit ledger and usage events.
+
+Every statement names the tenant explicitly (`tenant_id = %s`) even though RLS already restricts
+it, as in iafactory.resources.repository. The caller owns the transaction; nothing here commits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from psycopg import sql
+
+from iafactory.billing.schemas import UsageEventIn
+from iafactory.db.scope import Transaction
+
+ACCOUNT_COLUMNS = ("billing_name", "billing_email", "address", "vat_number", "currency", "credit_balance",
+                   "created_at", "updated_at")
+# What GET answers before the account has ever been saved: the column defaults of billing_accounts (007).
+DEFAULT_ACCOUNT: dict[str, Any] = {"billing_name": "", "billing_email": None, "address": "", "vat_number": None,
+                                   "currency": "CHF", "credit_balance": 0, "created_at": None, "updated_at": None}
+# The contact fields; credit_balance is deliberately not among them (nor granted to the application, 010).
+EDITABLE_ACCOUNT_COLUMNS = frozenset({"billing_name", "billing_email", "address", "vat_number", "currency"})
+
+CREDIT_COLUMNS = ("id", "kind", "amount", "reason", "idempotency_key", "balance_after", "created_by", "created_at")
+USAGE_COLUMNS = ("id", "event_type", "quantity", "occurred_at", "idempotency_key", "properties", "user_id",
+                 "api_key_id", "created_at")
+
+
+def _columns(names: Sequence[str]) -> sql.Composable:
+    return sql.SQL(", ").join(map(sql.Identifier, names))
+
+
+# --- Billing account -----------------------------------------------------------------------------
+
+async def get_account(tx: Transaction, tenant_id: UUID) -> dict[str, Any]:
+    """The tenant's account, or the defaults when none has been saved yet (nothing is written)."""
+    query = sql.SQL("SELECT {} FROM billing_accounts WHERE tenant_id = %s").format(_columns(ACCOUNT_COLUMNS))
+    row = await tx.fetchrow(query, (tenant_id,))
+    return row if row is not None else dict(DEFAULT_ACCOUNT)
+
+
+async def update_account(tx: Transaction, tenant_id: UUID, changes: dict[str, Any]) -> dict[str, Any]:
+    """Creates the account with `changes` (other columns take their defaults) or changes only those
+    columns of the existing one. One statement, so two first saves at once cannot collide."""
+    unknown = set(changes) - EDITABLE_ACCOUNT_COLUMNS
+    if unknown:
+        raise ValueError(f"not editable: {sorted(unknown)}")
+    if not changes:
+        return await get_account(tx, tenant_id)
+    names = list(changes)
+    query = sql.SQL(
+        "INSERT INTO billing_accounts (tenant_id, {}) VALUES (%s, {}) "
+        "ON CONFLICT (tenant_id) DO UPDATE SET {} WHERE billing_accounts.tenant_id = %s RETURNING {}"
+    ).format(
+        _columns(names),
+        sql.SQL(", ").join(sql.Placeholder() * len(names)),
+        sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n)) for n in names),
+        _columns(ACCOUNT_COLUMNS),
+    )
+    row = await tx.fetchrow(query, [tenant_id, *changes.values(), tenant_id])
+    assert row is not None
+    return row
+
+
+async def balance(tx: Transaction, tenant_id: UUID) -> dict[str, Any]:
+    row = await tx.fetchrow(
+        "SELECT credit_balance AS balance, currency FROM billing_accounts WHERE tenant_id = %s", (tenant_id,))
+    if row is None:
+        return {"balance": DEFAULT_ACCOUNT["credit_balance"], "currency": DEFAULT_ACCOUNT["currency"]}
+    return row
+
+
+# --- Credit ledger -------------------------------------------------------------------------------
+# Read-only here: only the definer functions of 010 (grants, debits of billable actions) write it.
+
+async def credit_page(tx: Transaction, tenant_id: UUID, limit: int,
+                      after: tuple[datetime, Any] | None) -> list[dict[str, Any]]:
+    """Newest first; `limit + 1` rows so the caller can tell whether a next page exists."""
+    keyset = sql.SQL("AND (created_at, id) < (%s, %s)") if after else sql.SQL("")
+    query = sql.SQL(
+        "SELECT {} FROM credit_transactions WHERE tenant_id = %s {} ORDER BY created_at DESC, id DESC LIMIT %s"
+    ).format(_columns(CREDIT_COLUMNS), keyset)
+    return await tx.fetch(query, [tenant_id, *(after or ()), limit + 1])
+
+
+# --- Usage events --------------------------------------------------------------------------------
+
+# One statement for the whole batch, whatever its size (so one prepared statement): the events
+# travel as parallel arrays and are unnested server-side. A key already stored for the tenant is
+# skipped by ON CONFLICT; RETURNING tells which keys this statement stored.
+_INSERT_USAGE = sql.SQL("""
+    INSERT INTO usage_events (tenant_id, event_type, quantity, occurred_at, idempotency_key, properties,
+                              user_id, api_key_id)
+    SELECT %s::uuid, e.event_type, e.quantity, coalesce(e.occurred_at, now()), e.idempotency_key,
+           e.properties::jsonb, %s::integer, %s::uuid
+    FROM unnest(%s::text[], %s::numeric[], %s::timestamptz[], %s::text[], %s::text[])
+         AS e (event_type, quantity, occurred_at, idempotency_key, properties)
+    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+    RETURNING idempotency_key
+""")
+
+
+async def record_usage(tx: Transaction, tenant_id: UUID, events: Sequence[UsageEventIn], *,
+                       user_id: int | None, api_key_id: UUID | None) -> tuple[list[str], list[str]]:
+    """Stores the events whose key is new for the tenant. Returns (accepted, duplicates), each in
+    batch order; a key repeated inside the batch counts once (its first occurrence is stored)."""
+    unique: dict[str, UsageEventIn] = {}
+    for event in events:
+        unique.setdefault(event.idempotency_key, event)
+    batch = list(unique.values())
+    rows = await tx.fetch(_INSERT_USAGE, [
+        tenant_id, user_id, api_key_id,
+        [e.event_type for e in batch],
+        [e.quantity for e in batch],
+        [e.occurred_at for e in batch],
+        [e.idempotency_key for e in batch],
+        [json.dumps(e.properties, ensure_ascii=False) for e in batch],
+    ])
+    stored = {r["idempotency_key"] for r in rows}
+    return [k for k in unique if k in stored], [k for k in unique if k not in stored]
+
+
+async def usage_page(tx: Transaction, tenant_id: UUID, limit: int, after: tuple[datetime, Any] | None,
+                     event_type: str | None = None) -> list[dict[str, Any]]:
+    """Newest first (by the time the event was received), optionally one event type."""
+    conditions = [sql.SQL("tenant_id = %s")]
+    params: list[Any] = [tenant_id]
+    if event_type is not None:
+        conditions.append(sql.SQL("event_type = %s"))
+        params.append(event_type)
+    if after is not None:
+        conditions.append(sql.SQL("(created_at, id) < (%s, %s)"))
+        params.extend(after)
+    query = sql.SQL("SELECT {} FROM usage_events WHERE {} ORDER BY created_at DESC, id DESC LIMIT %s").format(
+        _columns(USAGE_COLUMNS), sql.SQL(" AND ").join(conditions))
+    return await tx.fetch(query, [*params, limit + 1])
