@@ -14,7 +14,7 @@ from iafactory.http.problems import Problem, not_found
 from iafactory.resources.pagination import MAX_LIMIT, Page, decode, page_of
 from iafactory.tenancy import members, service
 from iafactory.tenancy.schemas import (
-    AdminTenantUpdate, MemberCreate, MemberOut, MemberUpdate, Plan, Region, Status, Tenant, TenantCreate,
+    AdminTenantUpdate, CreditGrant, CreditResult, MemberCreate, MemberOut, MemberUpdate, Plan, Region, Status, Tenant, TenantCreate,
     TenantFilters, TenantUpdate,
 )
 
@@ -110,8 +110,18 @@ async def admin_get_tenant(tenant_id: UUID, session: UserSession) -> Any:
 async def admin_update_tenant(tenant_id: UUID, body: AdminTenantUpdate, session: UserSession) -> Any:
     tx, _ = session
     try:
-        return await service.update_tenant(tx, tenant_id, plan=body.plan, status=body.status)
+        tenant = await service.update_tenant(tx, tenant_id, plan=body.plan, status=body.status)
+        if body.limits is not None:
+            tenant = await service.set_limits(tx, tenant_id, body.limits.model_dump(exclude_none=True))
+        return tenant
     except service.TenantNotFound as err:
         raise not_found("tenant", tenant_id) from err
     except psycopg.errors.CheckViolation as err:
         raise Problem(422, "Validation failed", "invalid plan or status", type_="validation") from err
+
+
+@router.post("/admin/tenants/{tenant_id}/credits", response_model=CreditResult, tags=["platform"],
+             summary="Grant credits to a tenant (platform admin; idempotent)")
+async def admin_grant_credits(tenant_id: UUID, body: CreditGrant, session: UserSession) -> Any:
+    tx, _ = session
+    return await service.grant_credits(tx, tenant_id, body.amount, body.reason, body.idempotency_key, body.kind)

@@ -96,11 +96,41 @@ class TenantUpdate(BaseModel):
     _json_size = field_validator("settings")(lambda v: None if v is None else _bounded_json_object(v))
 
 
+class LimitOverrides(BaseModel):
+    """Per-tenant overrides of the plan's limits; null removes an override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    key_requests_per_minute: int | None = Field(default=None, ge=1)
+    max_members: int | None = Field(default=None, ge=1)
+    max_api_keys: int | None = Field(default=None, ge=0)
+    max_kb_bytes: int | None = Field(default=None, ge=0)
+    monthly_credits: int | None = Field(default=None, ge=0)
+
+
 class AdminTenantUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     plan: Plan | None = None
     status: Status | None = None
+    limits: LimitOverrides | None = Field(default=None, description="Replaces the tenant's limit overrides.")
+
+
+class CreditGrant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: int = Field(ge=1, le=10**12)
+    reason: str = Field(min_length=1, max_length=500)
+    idempotency_key: str = Field(min_length=1, max_length=255,
+                                 description="Retrying with the same key grants once.")
+    kind: Literal["grant", "refund"] = "grant"
+
+
+class CreditResult(BaseModel):
+    transaction_id: UUID
+    balance: int
+    duplicate: bool
 
 
 class MemberOut(BaseModel):

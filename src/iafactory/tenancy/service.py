@@ -76,3 +76,22 @@ async def add_member(
 
 async def set_platform_admin(tx: Transaction, email: str, flag: bool) -> int:
     return await tx.fetchval("SELECT platform.set_platform_admin(%s, %s)", (email, flag))
+
+
+async def set_limits(tx: Transaction, tenant_id: UUID, limits: dict[str, Any]) -> Tenant:
+    row = await tx.fetchrow("SELECT * FROM platform.set_tenant_limits(%s, %s)", (tenant_id, Jsonb(limits)))
+    if row is None:
+        raise TenantNotFound(f"no tenant {tenant_id}")
+    return Tenant.model_validate(row)
+
+
+async def grant_credits(tx: Transaction, tenant_id: UUID, amount: int, reason: str, key: str,
+                        kind: str = "grant") -> dict[str, Any]:
+    return await tx.fetchrow("SELECT * FROM platform.grant_credits(%s, %s, %s, %s, %s)",
+                             (tenant_id, amount, reason, key, kind))
+
+
+async def grant_monthly(tx: Transaction, month: Any = None) -> list[dict[str, Any]]:
+    if month is None:
+        return await tx.fetch("SELECT * FROM platform.grant_monthly()")
+    return await tx.fetch("SELECT * FROM platform.grant_monthly(%s)", (month,))
