@@ -143,3 +143,485 @@ def count_rows(admin_url: str, table: str, tenant_id: uuid.UUID | None = None) -
         if tenant_id is None:
             return conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
         return conn.execute(f'SELECT count(*) FROM "{table}" WHERE tenant_id = %s', (tenant_id,)).fetchone()[0]
+
+
+# --- The route table, read from the app's OpenAPI document ----------------------------------------
+# Shared by the generated matrices (test_api_isolation_matrix, test_api_roles): a route added to the
+# app is enumerated here without anyone editing a test. FastAPI wraps included routers lazily, so the
+# OpenAPI document, not `app.routes`, is the reliable list.
+
+import re as _re  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+
+API_PREFIX = "/api/v1"
+ID_PARAM = _re.compile(r"^(?:id|[a-z0-9_]+_id)$")
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ROLE_RANKS = {role: rank for rank, role in enumerate(("viewer", "member", "admin", "owner"))}
+
+
+def offline_openapi() -> dict[str, Any]:
+    """The OpenAPI document of a freshly built app. Building it opens no connection, so test modules
+    can enumerate routes at collection time."""
+    return create_app(Settings(database_url="postgresql://unused@127.0.0.1:1/unused")).openapi()
+
+
+def resolve_schema(doc: dict[str, Any], schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Follow `$ref`s (one level at a time, as often as needed)."""
+    while schema is not None and "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        schema = doc["components"]["schemas"][name]
+    return schema
+
+
+@dataclass(frozen=True)
+class ApiOperation:
+    method: str
+    path: str
+    path_params: tuple[str, ...]
+    query_params: tuple[str, ...]
+    body: dict[str, Any] | None  # the JSON request body's schema, `$ref` resolved
+    responses: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.path}"
+
+    @property
+    def is_write(self) -> bool:
+        return self.method in WRITE_METHODS
+
+    @property
+    def kind(self) -> str | None:
+        """'by_id': one `{..._id}` path parameter naming a record (GET/PATCH/DELETE /projects/{item_id},
+        or an action on it such as POST /admin/tenants/{tenant_id}/credits); 'collection': no path
+        parameter; None: a shape the generated matrices do not know how to drive."""
+        if not self.path_params:
+            return "collection"
+        if len(self.path_params) == 1 and ID_PARAM.match(self.path_params[0]):
+            return "by_id"
+        return None
+
+    @property
+    def collection(self) -> str:
+        """/api/v1/projects for /api/v1/projects/{item_id} (and for /api/v1/projects/{item_id}/run);
+        itself for a collection route."""
+        return self.path.split("/{", 1)[0] if self.kind == "by_id" else self.path
+
+    @property
+    def is_action(self) -> bool:
+        """A route below a record (/admin/tenants/{tenant_id}/credits), not the record itself."""
+        return self.kind == "by_id" and not self.path.endswith("}")
+
+    def at(self, ident: Any) -> str:
+        """The path with the record's id filled in."""
+        return self.path.replace("{" + self.path_params[0] + "}", str(ident)) if self.path_params else self.path
+
+    @property
+    def id_param(self) -> str | None:
+        return self.path_params[0] if self.kind == "by_id" else None
+
+
+def api_operations(doc: dict[str, Any]) -> list[ApiOperation]:
+    """Every operation of the document (not only /api/v1), in document order."""
+    ops = []
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method not in ("get", "put", "post", "patch", "delete", "head", "options", "trace"):
+                continue
+            params = [*item.get("parameters", []), *op.get("parameters", [])]
+            body = (op.get("requestBody") or {}).get("content", {}).get("application/json", {}).get("schema")
+            ops.append(ApiOperation(
+                method=method.upper(), path=path,
+                path_params=tuple(p["name"] for p in params if p["in"] == "path"),
+                query_params=tuple(p["name"] for p in params if p["in"] == "query"),
+                body=resolve_schema(doc, body), responses=tuple(op.get("responses", {}))))
+    return ops
+
+
+# --- Who may call what -----------------------------------------------------------------------------
+
+def resource_prefixes() -> list[str]:
+    """The tenant-owned record types registered in iafactory.domains (their CRUD routes)."""
+    from iafactory.domains import RESOURCES
+
+    return [f"{API_PREFIX}/{spec.name}" for spec in RESOURCES]
+
+
+def write_role_table() -> dict[str, str | None]:
+    """Minimum role to call a WRITE route, by path prefix (the longest matching prefix wins).
+    'platform' = a platform administrator's token; None = no role (the sign-in steps). A write
+    route that matches no entry is a route nobody has decided about: the role tests fail on it."""
+    return {
+        f"{API_PREFIX}/auth": None,          # register, login, select-tenant: before any tenant role
+        f"{API_PREFIX}/admin": "platform",   # tenant registry: platform administrators only
+        f"{API_PREFIX}/members": "admin",
+        f"{API_PREFIX}/api-keys": "admin",
+        f"{API_PREFIX}/tenant": "owner",     # the caller's own tenant (name, contact, settings)
+        f"{API_PREFIX}/billing-account": "admin",  # the billing contact
+        f"{API_PREFIX}/usage-events": "member",    # metering, like any record a member writes
+        **{prefix: "member" for prefix in resource_prefixes()},
+    }
+
+
+def read_role_table() -> dict[str, str | None]:
+    """Minimum role to call a READ route, by path prefix."""
+    return {
+        f"{API_PREFIX}/me": None,            # any valid credential, with or without a tenant
+        f"{API_PREFIX}/admin": "platform",
+        f"{API_PREFIX}/members": "viewer",
+        f"{API_PREFIX}/api-keys": "viewer",
+        f"{API_PREFIX}/tenant": "viewer",
+        f"{API_PREFIX}/billing-account": "viewer",
+        f"{API_PREFIX}/credits": "viewer",
+        f"{API_PREFIX}/usage-events": "viewer",
+        f"{API_PREFIX}/audit-events": "admin",     # who did what: admins only
+        **{prefix: "viewer" for prefix in resource_prefixes()},
+    }
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def required_role(method: str, path: str) -> str | None:
+    """The minimum role for `method path`; LookupError if no table entry covers it."""
+    table = write_role_table() if method.upper() in WRITE_METHODS else read_role_table()
+    matches = [prefix for prefix in table if _under(path, prefix)]
+    if not matches:
+        raise LookupError(f"{method} {path}: no entry in the role table of tests/api_support.py "
+                          f"(write_role_table / read_role_table) says which role may call it")
+    return table[max(matches, key=len)]
+
+
+@dataclass(frozen=True)
+class Credential:
+    label: str
+    headers: dict[str, str]
+    role: str | None = None          # the tenant role it acts with (API keys: read → viewer, write → member)
+    tenant_id: uuid.UUID | None = None
+    api_key: bool = False
+    read_only: bool = False          # a read-scope API key
+    platform: bool = False           # a platform administrator's token
+
+
+def tenant_credentials(t: TenantFixture) -> list[Credential]:
+    """Every credential of a tenant: each role's JWT, and both API keys through both headers."""
+    creds = [Credential(f"{role} JWT", t.auth(role), role, t.id) for role in ROLES]
+    for scope in ("read", "write"):
+        for header in ("bearer", "x-api-key"):
+            creds.append(Credential(f"{scope} key ({'Authorization: Bearer' if header == 'bearer' else 'X-API-Key'})",
+                                    t.key(scope, header), "viewer" if scope == "read" else "member", t.id,
+                                    api_key=True, read_only=scope == "read"))
+    return creds
+
+
+def allowed(cred: Credential, method: str, path: str) -> bool:
+    """Whether the credential may call the route at all (else 403), per the role tables."""
+    need = required_role(method, path)
+    if need is None:
+        return True
+    if need == "platform":
+        return cred.platform and not cred.api_key
+    if cred.tenant_id is None or cred.role is None:
+        return False
+    if cred.read_only and method.upper() in WRITE_METHODS:
+        return False
+    return ROLE_RANKS[cred.role] >= ROLE_RANKS[need]
+
+
+# --- Request bodies generated from the schema ---------------------------------------------------------
+
+class UnresolvedReference(LookupError):
+    pass
+
+
+# Values a schema cannot express: fields whose valid value depends on the state of the system.
+REGISTERED_EMAIL = object()  # an account that exists and belongs to no tenant yet
+BODY_OVERRIDES: dict[str, dict[str, Any]] = {
+    # Adding a member takes the email of a registered user; "viewer" because only owners may grant
+    # "owner" (the schema's first enum value), which test_api_auth checks on its own.
+    f"{API_PREFIX}/members": {"email": REGISTERED_EMAIL, "role": "viewer"},
+}
+
+_PATTERN_CANDIDATES = ("fr", "en", "de", "fr-CH", "a", "abc", "x1", "slug-1", "A", "1", "0", "2030-01-01", "#336699")
+
+
+class BodyBuilder:
+    """A valid instance of a JSON schema (the OpenAPI dialect FastAPI writes).
+
+    Strings carry `marker`, so a test can tell whose data a response shows. `reference(name)`
+    supplies the id for a `<noun>_id` field (or raises UnresolvedReference). `full=True` fills every
+    property (for updates); otherwise only the required ones."""
+
+    def __init__(self, doc: dict[str, Any], marker: str,
+                 reference: Callable[[str], Any] | None = None) -> None:
+        self.doc, self.marker, self.reference = doc, marker, reference
+        self.counter = 0
+
+    def _n(self) -> int:
+        self.counter += 1
+        return self.counter
+
+    def build(self, schema: dict[str, Any] | None, *, full: bool = False, where: str = "body") -> Any:
+        schema = resolve_schema(self.doc, schema) or {}
+        if "const" in schema:
+            return schema["const"]
+        if "enum" in schema:
+            return schema["enum"][0]
+        if "default" in schema and schema.get("type") is None and not any(k in schema for k in ("anyOf", "oneOf", "allOf")):
+            return schema["default"]
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                options = [resolve_schema(self.doc, o) for o in schema[key]]
+                options = [o for o in options if o.get("type") != "null"] or options
+                return self.build(options[0], full=full, where=where)
+        if "allOf" in schema:
+            merged: dict[str, Any] = {}
+            for part in schema["allOf"]:
+                merged.update(resolve_schema(self.doc, part) or {})
+            return self.build(merged, full=full, where=where)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind == "object" or "properties" in schema:
+            return self._object(schema, full, where)
+        if kind == "array":
+            return [self.build(schema.get("items"), full=full, where=f"{where}[]")
+                    for _ in range(schema.get("minItems", 0))]
+        if kind == "string":
+            return self._string(schema, where)
+        if kind in ("integer", "number"):
+            low = schema.get("minimum", schema.get("exclusiveMinimum", 0) + 1 if "exclusiveMinimum" in schema else 1)
+            high = schema.get("maximum", schema["exclusiveMaximum"] - 1 if "exclusiveMaximum" in schema else None)
+            value = max(low, 1) if high is None or max(low, 1) <= high else low
+            return int(value) if kind == "integer" else float(value)
+        if kind == "boolean":
+            return True
+        if kind == "null":
+            return None
+        raise AssertionError(f"{where}: cannot build a value for schema {schema!r}; teach BodyBuilder (tests/api_support.py)")
+
+    def _object(self, schema: dict[str, Any], full: bool, where: str) -> dict[str, Any]:
+        required = set(schema.get("required", []))
+        out: dict[str, Any] = {}
+        for name, prop in schema.get("properties", {}).items():
+            if not (full or name in required):
+                continue
+            if name.endswith("_id") and self.reference is not None:
+                try:
+                    out[name] = self.reference(name)
+                except UnresolvedReference:
+                    if name in required:
+                        raise
+                continue
+            out[name] = self.build(prop, full=full, where=f"{where}.{name}")
+        return out
+
+    def _string(self, schema: dict[str, Any], where: str) -> str:
+        fmt = schema.get("format")
+        n = self._n()
+        if fmt == "email":
+            return f"{self.marker}-{n}@example.ch"
+        if fmt == "date-time":
+            return "2030-01-01T00:00:00Z"
+        if fmt == "date":
+            return "2030-01-01"
+        if fmt == "time":
+            return "12:00:00Z"
+        if fmt == "uuid":
+            return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.marker}/{n}"))
+        if fmt in ("uri", "url"):
+            return f"https://example.ch/{self.marker}/{n}"
+        low, high = schema.get("minLength", 0), schema.get("maxLength", 10_000)
+        if "pattern" in schema:
+            pattern = _re.compile(schema["pattern"])
+            field_name = where.rsplit(".", 1)[-1].replace("_", "-")
+            for candidate in (f"{self.marker}-{field_name}-{n}", *_PATTERN_CANDIDATES):
+                if pattern.search(candidate) and low <= len(candidate) <= high:
+                    return candidate
+            raise AssertionError(f"{where}: no known value matches pattern {schema['pattern']!r}; "
+                                 f"add one to _PATTERN_CANDIDATES in tests/api_support.py")
+        value = f"{self.marker}-{where.rsplit('.', 1)[-1].replace('_', '-')}-{n}"
+        if len(value) < low:
+            value += "x" * (low - len(value))
+        return value[:high]
+
+
+async def register_user(client: httpx.AsyncClient, marker: str) -> tuple[int, str]:
+    """A new account (belonging to no tenant): its id and email."""
+    email = f"{marker}-{uuid.uuid4().hex[:8]}@example.ch"
+    r = await client.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD, "name": marker})
+    assert r.status_code == 201, r.text
+    return r.json()["id"], email
+
+
+async def apply_overrides(client: httpx.AsyncClient, collection: str, body: Any, marker: str) -> Any:
+    """BODY_OVERRIDES for fields the schema cannot describe (e.g. "a registered email")."""
+    overrides = BODY_OVERRIDES.get(collection)
+    if not overrides or not isinstance(body, dict):
+        return body
+    out = dict(body)
+    for name, value in overrides.items():
+        if name not in body and value is REGISTERED_EMAIL:
+            continue  # e.g. PATCH /members/{id} takes no email
+        out[name] = (await register_user(client, marker))[1] if value is REGISTERED_EMAIL else value
+    return out
+
+
+# --- Creating records from the route table ----------------------------------------------------------
+
+def tenant_writable_collections(doc: dict[str, Any]) -> dict[str, ApiOperation]:
+    """Collection routes a tenant writes to (POST create, or PATCH/PUT of a per-tenant singleton such
+    as /tenant), keyed by collection path; the platform's and the sign-in routes excluded."""
+    out: dict[str, ApiOperation] = {}
+    for op in api_operations(doc):
+        if (op.path.startswith(API_PREFIX) and op.kind == "collection" and op.method in ("POST", "PATCH", "PUT")
+                and required_role(op.method, op.path) in ROLE_RANKS):
+            out.setdefault(op.path, op)
+    return out
+
+
+def id_field(doc: dict[str, Any], collection: str) -> str:
+    """The field of a record that its by-id routes take: the path parameter's name when records carry
+    it (members: user_id), else "id"."""
+    for op in api_operations(doc):
+        if op.kind == "by_id" and not op.is_action and op.collection == collection:
+            return op.id_param or "id"
+    return "id"
+
+
+def record_id(doc: dict[str, Any], collection: str, record: Any) -> Any:
+    if not isinstance(record, dict):
+        return None
+    name = id_field(doc, collection)
+    return record.get(name, record.get("id"))
+
+
+def reference_fields(doc: dict[str, Any], schema: dict[str, Any] | None) -> dict[str, bool]:
+    """`<noun>_id` properties of a body schema (nested objects and arrays included) -> required?"""
+    found: dict[str, bool] = {}
+
+    def walk(s: dict[str, Any] | None, required: bool) -> None:
+        s = resolve_schema(doc, s) or {}
+        for key in ("anyOf", "oneOf", "allOf"):
+            for option in s.get(key, []):
+                walk(option, required)
+        if "items" in s:
+            walk(s["items"], required and s.get("minItems", 0) > 0)
+        needed = set(s.get("required", []))
+        for name, prop in s.get("properties", {}).items():
+            if name.endswith("_id"):
+                found[name] = found.get(name, False) or (required and name in needed)
+            else:
+                walk(prop, required and name in needed)
+
+    walk(schema, True)
+    return found
+
+
+def referenced_collection(doc: dict[str, Any], field_name: str) -> str | None:
+    """The tenant collection a `<noun>_id` field points into: lead_id -> /api/v1/crm/leads, matched on
+    the collection's last path segment (plural forms accepted). None when no collection matches."""
+    noun = field_name.removesuffix("_id").replace("-", "_")
+    forms = {noun, f"{noun}s", f"{noun}es", f"{noun[:-1]}ies" if noun.endswith("y") else noun}
+    matches = [c for c, op in tenant_writable_collections(doc).items()
+               if op.method == "POST" and c.rsplit("/", 1)[-1].replace("-", "_") in forms]
+    if len(matches) > 1:
+        raise UnresolvedReference(f"{field_name} is ambiguous: it could point into any of {matches}")
+    return matches[0] if matches else None
+
+
+class Seeder:
+    """Creates records for one tenant through its collections' own create routes, with bodies built
+    from the OpenAPI schema; records that a body references (`lead_id` ...) are created first."""
+
+    def __init__(self, client: httpx.AsyncClient, doc: dict[str, Any], marker: str, headers: dict[str, str]) -> None:
+        self.client, self.doc, self.marker, self.headers = client, doc, marker, headers
+        self.ids: dict[str, list[Any]] = {}  # collection -> ids created, oldest first
+        self.builder = BodyBuilder(doc, marker, self._reference)
+
+    def _reference(self, field_name: str) -> Any:
+        target = referenced_collection(self.doc, field_name)
+        if target is None or not self.ids.get(target):
+            raise UnresolvedReference(field_name)
+        return self.ids[target][-1]
+
+    async def _ensure_references(self, op: ApiOperation, seen: tuple[str, ...] = ()) -> None:
+        for name, required in reference_fields(self.doc, op.body).items():
+            target = referenced_collection(self.doc, name)
+            if target is None:
+                if required:
+                    raise UnresolvedReference(
+                        f"{op.label}: required field {name!r} looks like a reference to a "
+                        f"{name.removesuffix('_id')!r}, but no collection under {API_PREFIX} creates one. Teach "
+                        f"referenced_collection() in tests/api_support.py where such records come from.")
+                continue
+            if target in seen:
+                raise UnresolvedReference(f"{op.label}: circular references {' -> '.join((*seen, target))}")
+            if not self.ids.get(target):
+                await self.create(target, seen=(*seen, op.path))
+
+    async def body(self, op: ApiOperation, *, full: bool = True) -> Any:
+        await self._ensure_references(op)
+        body = self.builder.build(op.body, full=full) if op.body is not None else None
+        return await apply_overrides(self.client, op.collection, body, self.marker)
+
+    async def write(self, op: ApiOperation, path: str | None = None, *, headers: dict[str, str] | None = None,
+                    expect_success: bool = True) -> httpx.Response:
+        """Send `op` with a generated body: every property first; only the required ones if the
+        app refuses that (422), since optional fields may have rules a schema cannot express."""
+        headers = headers or self.headers
+        r = await self.client.request(op.method, path or op.path, json=await self.body(op, full=True), headers=headers)
+        if r.status_code == 422:
+            first = r.text
+            r = await self.client.request(op.method, path or op.path, json=await self.body(op, full=False),
+                                          headers=headers)
+            if expect_success and r.status_code >= 300:
+                raise AssertionError(f"{op.label}: the body generated from the schema was refused, with every "
+                                     f"field: {first}\nwith the required fields only: {r.status_code} {r.text}")
+        if expect_success and r.status_code >= 300:
+            raise AssertionError(f"{op.label} as {self.marker}: {r.status_code} {r.text}")
+        return r
+
+    async def create(self, collection: str, *, headers: dict[str, str] | None = None,
+                     seen: tuple[str, ...] = ()) -> Any:
+        op = tenant_writable_collections(self.doc).get(collection) or next(
+            (o for o in api_operations(self.doc) if o.kind == "collection" and o.method == "POST"
+             and o.path == collection), None)
+        if op is None or op.method != "POST":
+            raise UnresolvedReference(f"nothing creates records in {collection}")
+        await self._ensure_references(op, seen)
+        r = await self.write(op, headers=headers)
+        ident = record_id(self.doc, collection, r.json() if r.content else None)
+        if ident is not None:
+            self.ids.setdefault(collection, []).append(ident)
+        return ident
+
+
+async def provision_for_load(admin_url: str, world: ApiWorld) -> None:
+    """Lift the plan limits off the two tenants (enterprise plan: request rates, members, API keys)
+    and grant this month's credits, so that generated matrices are not cut short by a quota."""
+    async with operator_transaction(admin_url) as tx:
+        for t in (world.a, world.b):
+            await service.update_tenant(tx, t.id, plan="enterprise")
+        if await tx.fetchval("SELECT to_regprocedure('platform.grant_monthly(date)') IS NOT NULL"):
+            await tx.execute("SELECT * FROM platform.grant_monthly()")
+
+
+# --- A world shared by one test module (read-mostly matrices) -----------------------------------------
+
+@pytest.fixture(scope="module")
+async def module_api_client(module_db: str) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
+    settings = fast_settings(module_db)
+    db = bootstrap.database(settings, module_db)
+    async with db:
+        app = create_app(settings, db)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield client, module_db, settings
+
+
+@pytest.fixture(scope="module")
+async def module_api_world(module_api_client: tuple[httpx.AsyncClient, str, Settings]) -> ApiWorld:
+    client, admin_url, settings = module_api_client
+    return await build_world(client, admin_url, settings)
