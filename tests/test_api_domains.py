@@ -234,25 +234,23 @@ async def test_a_deal_cannot_reference_another_tenants_lead(api_world: ApiWorld)
     c, a, b = api_world.client, api_world.a, api_world.b
     theirs = await new_lead(c, b.auth("owner"), "Jean Dupont")
     r = await c.post(f"{API}/crm/deals", json={"lead_id": theirs, "title": "Contrat volé"}, headers=a.auth("owner"))
-    assert r.status_code == 409, r.text
-    assert "does not exist" in r.json()["detail"]
+    # Answered like a lead that does not exist: bad input, named by its field.
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == ["body.lead_id"]
     assert count_rows(api_world.admin_url, "crm_deals") == 0
 
     ours = await new_lead(c, a.auth("owner"))
     r = await c.post(f"{API}/crm/deals", json={"lead_id": ours, "title": "Contrat"}, headers=a.auth("owner"))
     deal = r.json()
     r = await c.patch(f"{API}/crm/deals/{deal['id']}", json={"lead_id": theirs}, headers=a.auth("owner"))
-    assert r.status_code == 409
+    assert r.status_code == 422
     r = await c.get(f"{API}/crm/deals/{deal['id']}", headers=a.auth("owner"))
     assert r.json()["lead_id"] == ours
 
 
-async def test_a_lead_with_deals_cannot_be_deleted(api_world: ApiWorld, server_version: int,
-                                                   request: pytest.FixtureRequest) -> None:
-    if server_version >= 18:
-        # PostgreSQL 18 reports ON DELETE RESTRICT as restrict_violation (23001) instead of
-        # foreign_key_violation (23503), and http/problems.py only maps the latter: a 500 there.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="problems.py does not map RestrictViolation (23001)"))
+async def test_a_lead_with_deals_cannot_be_deleted(api_world: ApiWorld) -> None:
+    # PostgreSQL 18 reports ON DELETE RESTRICT as restrict_violation (23001), 15 as
+    # foreign_key_violation (23503): both must answer 409.
     c, owner = api_world.client, api_world.a.auth("owner")
     lead = await new_lead(c, owner)
     r = await c.post(f"{API}/crm/deals", json={"lead_id": lead, "title": "Contrat-cadre"}, headers=owner)
@@ -267,8 +265,8 @@ async def test_a_workflow_cannot_reference_another_tenants_project(api_world: Ap
     c, a, b = api_world.client, api_world.a, api_world.b
     theirs = await new_project(c, b.auth("owner"), "Projet confidentiel")
     r = await c.post(f"{API}/{name}", json={"name": "Intrusion", "project_id": theirs}, headers=a.auth("owner"))
-    assert r.status_code == 409, r.text
-    assert r.json()["detail"].startswith("it references a record that does not exist")
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == ["body.project_id"]
     assert count_rows(api_world.admin_url, SPECS[name].table) == 0
 
     ours = await new_project(c, a.auth("owner"))
@@ -276,7 +274,7 @@ async def test_a_workflow_cannot_reference_another_tenants_project(api_world: Ap
     assert r.status_code == 201
     ident = r.json()["id"]
     r = await c.patch(f"{API}/{name}/{ident}", json={"project_id": theirs}, headers=a.auth("owner"))
-    assert r.status_code == 409
+    assert r.status_code == 422
     assert (await c.get(f"{API}/{name}/{ident}", headers=a.auth("owner"))).json()["project_id"] == ours
     # Deleting the project takes its workflows with it (ON DELETE CASCADE, same tenant only).
     assert (await c.delete(f"{API}/projects/{ours}", headers=a.auth("owner"))).status_code == 204

@@ -42,3 +42,13 @@ async def test_another_tenants_id_answers_like_a_missing_one(api_world: ApiWorld
     strip = lambda body, ident: {k: re.sub(rf"\b{ident}\b", "ID", str(v)) for k, v in body.items()  # noqa: E731
                                  if k != "request_id"}
     assert strip(other.json(), theirs) == strip(missing.json(), theirs + 10_000)
+
+
+async def test_values_postgresql_cannot_store_are_a_422_not_a_500(api_world: ApiWorld) -> None:
+    c, owner = api_world.client, api_world.a.auth("owner")
+    r = await c.post("/api/v1/projects", json={"name": "nul\u0000byte"}, headers=owner)
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", r.text
+    r = await c.get("/api/v1/projects?cursor=not-a-cursor", headers=owner)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "query.cursor"
+    r = await c.get(f"/api/v1/projects/{2**63}", headers=owner)
+    assert r.status_code in (404, 422) and r.status_code != 500

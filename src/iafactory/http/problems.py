@@ -4,6 +4,7 @@ reaches a client: database errors are mapped to a status and a sentence written 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import psycopg
@@ -82,7 +83,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(psycopg.Error)
     async def _database(request: Request, exc: psycopg.Error) -> JSONResponse:
-        return database_problem(request, exc)
+        fields: list[str] = []
+        if isinstance(exc, psycopg.errors.ForeignKeyViolation) and exc.diag.constraint_name:
+            fields = await _constraint_columns(request, exc.diag.constraint_name)
+        return database_problem(request, exc, fk_fields=fields)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -91,7 +95,27 @@ def install(app: FastAPI) -> None:
                                 request=request)
 
 
-def database_problem(request: Request, exc: psycopg.Error) -> JSONResponse:
+_constraint_cache: dict[str, list[str]] = {}
+
+
+async def _constraint_columns(request: Request, constraint: str) -> list[str]:
+    """The columns of a foreign key, without tenant_id. With RLS on the referenced table PostgreSQL
+    leaves the key out of the error detail, so the catalog says which field was wrong."""
+    if constraint not in _constraint_cache:
+        try:
+            async with request.app.state.db.anonymous(read_only=True) as tx:
+                rows = await tx.fetch(
+                    """SELECT a.attname FROM pg_constraint c
+                       CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY k(n, i)
+                       JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
+                       WHERE c.conname = %s AND c.contype = 'f' ORDER BY k.i""", (constraint,))
+        except psycopg.Error:
+            return []
+        _constraint_cache[constraint] = [r["attname"] for r in rows if r["attname"] != "tenant_id"]
+    return _constraint_cache[constraint]
+
+
+def database_problem(request: Request, exc: psycopg.Error, fk_fields: list[str] | None = None) -> JSONResponse:
     state = exc.sqlstate or ""
     diag = exc.diag
     if state in APP_SQLSTATES:
@@ -108,19 +132,29 @@ def database_problem(request: Request, exc: psycopg.Error) -> JSONResponse:
     if isinstance(exc, psycopg.errors.UniqueViolation):
         return problem_response(409, "Conflict", _constraint_sentence(diag.constraint_name, "already exists"),
                                 type_="conflict", request=request)
+    still_referenced = isinstance(exc, psycopg.errors.RestrictViolation) or (
+        isinstance(exc, psycopg.errors.ForeignKeyViolation)
+        and (diag.message_primary or "").startswith("update or delete"))
+    if still_referenced:
+        # PostgreSQL 18 reports ON DELETE RESTRICT as 23001, earlier versions as 23503.
+        return problem_response(409, "Conflict", _constraint_sentence(diag.constraint_name,
+                                "it is still referenced by other records"), type_="conflict", request=request)
     if isinstance(exc, psycopg.errors.ForeignKeyViolation):
-        # Either the referenced row does not exist in this tenant, or rows still depend on this one.
-        sentence = ("it is still referenced by other records" if "still referenced" in (diag.message_detail or "")
-                    or (diag.message_primary or "").startswith("update or delete")
-                    else "it references a record that does not exist")
-        return problem_response(409, "Conflict", _constraint_sentence(diag.constraint_name, sentence),
-                                type_="conflict", request=request)
+        # The referenced record does not exist *in this tenant*: bad input, named by its field.
+        fields = fk_fields or _fk_fields(diag.message_detail)
+        errors = [{"field": f"body.{f}", "message": "no such record", "type": "reference"} for f in fields]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "references a record that does not exist"
+        return problem_response(422, "Validation failed", detail, type_="validation", request=request, errors=errors)
     if isinstance(exc, (psycopg.errors.CheckViolation, psycopg.errors.NotNullViolation,
                         psycopg.errors.StringDataRightTruncation, psycopg.errors.NumericValueOutOfRange,
                         psycopg.errors.InvalidTextRepresentation, psycopg.errors.InvalidDatetimeFormat,
                         psycopg.errors.DatetimeFieldOverflow)):
         return problem_response(422, "Validation failed",
                                 _constraint_sentence(diag.constraint_name or diag.column_name, "invalid value"),
+                                type_="validation", request=request)
+    if isinstance(exc, psycopg.errors.DataError):
+        # e.g. a NUL character in text, a number out of range: the value, not the server, is wrong.
+        return problem_response(422, "Validation failed", f"invalid value: {diag.message_primary}",
                                 type_="validation", request=request)
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         # An RLS refusal that slipped past the API's own checks: the row is not the caller's.
@@ -132,6 +166,14 @@ def database_problem(request: Request, exc: psycopg.Error) -> JSONResponse:
     log.error("database error on %s %s: %s %s", request.method, request.url.path, state, diag.message_primary)
     return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
                             request=request)
+
+
+def _fk_fields(detail: str | None) -> list[str]:
+    """Columns named in 'Key (tenant_id, lead_id)=(...) is not present', without tenant_id."""
+    match = re.match(r"Key \(([^)]*)\)=", detail or "")
+    if not match:
+        return []
+    return [c.strip() for c in match.group(1).split(",") if c.strip() != "tenant_id"]
 
 
 def _constraint_sentence(name: str | None, what: str) -> str:

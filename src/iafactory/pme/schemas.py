@@ -53,6 +53,6 @@ class AnalysisOut(BaseModel):
     updated_at: datetime
 
 
-PME_ANALYSES = Resource(name="pme-analyses", table="pme_analyses", noun="PME analysis", tag="pme",
+PME_ANALYSES = Resource(name="pme-analyses", table="pme_analyses", noun="PME analysis", plural="PME analyses", tag="pme",
                         create=AnalysisCreate, update=AnalysisUpdate, read=AnalysisOut,
                         json_columns=frozenset({"inputs", "results"}))

@@ -34,7 +34,8 @@ def decode(cursor: str, id_type: type) -> tuple[datetime, object]:
         return datetime.fromisoformat(created), (UUID(ident) if id_type is UUID else id_type(ident))
     except (ValueError, TypeError, json.JSONDecodeError) as err:
         raise Problem(422, "Validation failed", "query.cursor: not a cursor returned by this API",
-                      type_="validation") from err
+                      type_="validation", errors=[{"field": "query.cursor", "message": "not a cursor returned by "
+                                                   "this API", "type": "value_error"}]) from err
 
 
 def page_of(rows: list[dict], limit: int, key: str = "id") -> tuple[list[dict], str | None]:

@@ -25,7 +25,7 @@ def crud_router(spec: Resource) -> APIRouter:
         return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump())
 
     @router.get("", response_model=Page[Read], operation_id=f"list_{spec.slug}",
-                summary=f"List {spec.noun}s, newest first")
+                summary=f"List {spec.nouns}, newest first")
     async def list_(
         s: Viewer,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")] = DEFAULT_LIMIT,

@@ -19,10 +19,15 @@ class Resource:
     read: type[BaseModel]
     id_type: type = UUID           # int for the tables that existed before tenancy
     json_columns: frozenset[str] = field(default_factory=frozenset)
+    plural: str = ""               # defaults to noun + "s"
 
     @property
     def columns(self) -> list[str]:
         return list(self.read.model_fields)
+
+    @property
+    def nouns(self) -> str:
+        return self.plural or f"{self.noun}s"
 
     @property
     def slug(self) -> str:

@@ -133,6 +133,6 @@ class OrchestratorStateOut(BaseModel):
     updated_at: datetime
 
 
-ORCHESTRATOR_STATE = Resource(name="orchestrator-state", table="orchestrator_state", noun="run state",
+ORCHESTRATOR_STATE = Resource(name="orchestrator-state", table="orchestrator_state", noun="run state", plural="run states",
                               tag="workflows", create=OrchestratorStateCreate, update=OrchestratorStateUpdate,
                               read=OrchestratorStateOut, id_type=int, json_columns=frozenset({"state"}))
