@@ -320,3 +320,30 @@ async def test_audit_rows_carry_ip_and_request_id(api_world: ApiWorld) -> None:
 
 def _since(minutes: int) -> str:
     return (datetime.now(timezone.utc) - timedelta(minutes=minutes)).isoformat()
+
+
+# --- usage ------------------------------------------------------------------------------------------
+
+async def test_usage_batches_count_once_and_summaries_aggregate_in_the_database(api_world: ApiWorld) -> None:
+    c, headers = api_world.client, api_world.a.auth("member")
+    events = [{"event_type": "llm.tokens", "quantity": 100, "idempotency_key": f"k{i}",
+               "occurred_at": "2026-11-02T10:00:00Z" if i % 2 else "2026-11-03T10:00:00Z"} for i in range(6)]
+    events.append({"event_type": "voice.minutes", "quantity": 3, "idempotency_key": "v1",
+                   "occurred_at": "2026-11-02T11:00:00Z"})
+    first, retry = await asyncio.gather(
+        c.post("/api/v1/usage-events", json={"events": events}, headers=headers),
+        c.post("/api/v1/usage-events", json={"events": events}, headers=headers))
+    assert first.status_code == retry.status_code == 200
+    # Sent twice at once: every event is new in exactly one of the answers.
+    assert sorted(first.json()["accepted"] + retry.json()["accepted"]) == sorted(e["idempotency_key"] for e in events)
+    window = "from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z"
+    by_type = (await c.get(f"/api/v1/usage/summary?{window}&group_by=type", headers=headers)).json()["rows"]
+    assert by_type == [{"key": "llm.tokens", "events": 6, "quantity": 600.0},
+                       {"key": "voice.minutes", "events": 1, "quantity": 3.0}]
+    by_day = (await c.get(f"/api/v1/usage/summary?{window}&group_by=day", headers=headers)).json()["rows"]
+    assert by_day == [{"key": "2026-11-02", "events": 4, "quantity": 303.0},
+                      {"key": "2026-11-03", "events": 3, "quantity": 300.0}]
+    other = (await c.get(f"/api/v1/usage/summary?{window}", headers=api_world.b.auth("viewer"))).json()["rows"]
+    assert other == []
+    r = await c.get("/api/v1/usage/summary?from=2026-12-01T00:00:00Z&to=2026-11-01T00:00:00Z", headers=headers)
+    assert r.status_code == 422

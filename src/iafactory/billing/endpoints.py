@@ -6,7 +6,8 @@ API key); the billing contact is the admins'. The SQL is in billing/service.py.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Query
@@ -15,7 +16,9 @@ from iafactory.auth.dependencies import Admin, Member, Viewer
 from iafactory.billing import service
 from iafactory.billing.schemas import (
     BillingAccount, BillingAccountUpdate, CreditBalance, CreditTransaction, UsageBatch, UsageBatchResult, UsageEvent,
+    UsageSummary,
 )
+from iafactory.http.problems import Problem
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, decode, page_of
 
 router = APIRouter()
@@ -74,3 +77,22 @@ async def list_usage_events(
     rows = await service.usage_page(s.tx, s.ctx.tenant_id, limit, after, event_type)
     items, next_cursor = page_of(rows, limit)
     return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/usage/summary", response_model=UsageSummary, tags=["billing"], operation_id="usage_summary",
+            summary="Usage totals over a period, by event type or by day")
+async def usage_summary(
+    s: Viewer,
+    since: Annotated[datetime | None, Query(alias="from", description="Start (inclusive); default 30 days ago")] = None,
+    until: Annotated[datetime | None, Query(alias="to", description="End (exclusive); default now")] = None,
+    group_by: Annotated[Literal["type", "day"], Query()] = "type",
+) -> Any:
+    until = until or datetime.now(timezone.utc)
+    since = since or until - timedelta(days=30)
+    if since.tzinfo is None or until.tzinfo is None:
+        raise Problem(422, "Validation failed", "query.from/query.to: need a time zone, e.g. 2026-11-01T00:00:00Z",
+                      type_="validation")
+    if since >= until:
+        raise Problem(422, "Validation failed", "query.from: must be before query.to", type_="validation")
+    rows = await service.usage_summary(s.tx, s.ctx.tenant_id, since, until, group_by)
+    return {"since": since, "until": until, "group_by": group_by, "rows": rows}

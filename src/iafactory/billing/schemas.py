@@ -89,3 +89,16 @@ class UsageEvent(BaseModel):
     user_id: int | None
     api_key_id: UUID | None
     created_at: datetime
+
+
+class UsageSummaryRow(BaseModel):
+    key: str = Field(description="The event type, or the UTC day (YYYY-MM-DD)")
+    events: int
+    quantity: float
+
+
+class UsageSummary(BaseModel):
+    since: datetime
+    until: datetime
+    group_by: Literal["type", "day"]
+    rows: list[UsageSummaryRow]

@@ -138,3 +138,14 @@ async def usage_page(tx: Transaction, tenant_id: UUID, limit: int, after: tuple[
     query = sql.SQL("SELECT {} FROM usage_events WHERE {} ORDER BY created_at DESC, id DESC LIMIT %s").format(
         _columns(USAGE_COLUMNS), sql.SQL(" AND ").join(conditions))
     return await tx.fetch(query, [*params, limit + 1])
+
+
+async def usage_summary(tx: Transaction, tenant_id: UUID, since: datetime, until: datetime,
+                        group_by: str) -> list[dict[str, Any]]:
+    """Totals aggregated by the database, by event type or by UTC day, over [since, until)."""
+    key = "event_type" if group_by == "type" else "date_trunc('day', occurred_at AT TIME ZONE 'UTC')::date::text"
+    return await tx.fetch(
+        f"""SELECT {key} AS key, count(*) AS events, sum(quantity) AS quantity
+            FROM usage_events
+            WHERE tenant_id = %s AND occurred_at >= %s AND occurred_at < %s
+            GROUP BY 1 ORDER BY 1""", (tenant_id, since, until))
