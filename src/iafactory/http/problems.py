@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from http import HTTPStatus
 from typing import Any
 
 import psycopg
@@ -78,7 +79,7 @@ def install(app: FastAPI) -> None:
         titles = {404: "Not Found", 405: "Method Not Allowed", 401: "Unauthorized", 403: "Forbidden",
                   413: "Content Too Large"}
         detail = exc.detail if isinstance(exc.detail, str) else None
-        return problem_response(exc.status_code, titles.get(exc.status_code, "Error"), detail,
+        return problem_response(exc.status_code, titles.get(exc.status_code) or _phrase(exc.status_code), detail,
                                 headers=getattr(exc, "headers", None), request=request)
 
     @app.exception_handler(psycopg.Error)
@@ -174,6 +175,14 @@ def _fk_fields(detail: str | None) -> list[str]:
     if not match:
         return []
     return [c.strip() for c in match.group(1).split(",") if c.strip() != "tenant_id"]
+
+
+def _phrase(status: int) -> str:
+    """The standard reason phrase ("Bad Request" for an unparseable body), not a vague "Error"."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 def _constraint_sentence(name: str | None, what: str) -> str:

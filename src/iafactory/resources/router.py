@@ -14,13 +14,17 @@ from iafactory.resources import pagination, repository
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from iafactory.resources.spec import Resource
 
+# Documented next to the app-wide 401/403/422, so that clients (and schema-driven tests) know them.
+NOT_FOUND = {404: {"description": "No such record in this tenant (application/problem+json)"}}
+CONFLICT = {409: {"description": "Conflicts with existing or dependent records (application/problem+json)"}}
+
 
 def crud_router(spec: Resource) -> APIRouter:
     router = APIRouter(prefix=f"/{spec.name}", tags=[spec.tag])
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
 
     @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.slug}",
-                 summary=f"Create a {spec.noun}")
+                 responses=CONFLICT, summary=f"Create a {spec.noun}")
     async def create(body: Create, s: Member) -> Any:  # type: ignore[valid-type]
         return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump())
 
@@ -36,7 +40,8 @@ def crud_router(spec: Resource) -> APIRouter:
         items, next_cursor = pagination.page_of(rows, limit)
         return {"items": items, "next_cursor": next_cursor}
 
-    @router.get("/{item_id}", response_model=Read, operation_id=f"get_{spec.slug}", summary=f"Get a {spec.noun}")
+    @router.get("/{item_id}", response_model=Read, operation_id=f"get_{spec.slug}", responses=NOT_FOUND,
+                summary=f"Get a {spec.noun}")
     async def get(item_id: IdType, s: Viewer) -> Any:  # type: ignore[valid-type]
         row = await repository.get(s.tx, spec, s.ctx.tenant_id, item_id)
         if row is None:
@@ -44,7 +49,7 @@ def crud_router(spec: Resource) -> APIRouter:
         return row
 
     @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.slug}",
-                  summary=f"Update a {spec.noun}")
+                  responses={**NOT_FOUND, **CONFLICT}, summary=f"Update a {spec.noun}")
     async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
         row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, body.model_dump(exclude_unset=True))
         if row is None:
@@ -52,7 +57,7 @@ def crud_router(spec: Resource) -> APIRouter:
         return row
 
     @router.delete("/{item_id}", status_code=204, response_class=Response, operation_id=f"delete_{spec.slug}",
-                   summary=f"Delete a {spec.noun}")
+                   responses={**NOT_FOUND, **CONFLICT}, summary=f"Delete a {spec.noun}")
     async def delete(item_id: IdType, s: Member) -> Response:  # type: ignore[valid-type]
         if not await repository.delete(s.tx, spec, s.ctx.tenant_id, item_id):
             raise not_found(spec.noun, item_id)
