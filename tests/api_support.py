@@ -181,6 +181,7 @@ class ApiOperation:
     query_params: tuple[str, ...]
     body: dict[str, Any] | None  # the JSON request body's schema, `$ref` resolved
     responses: tuple[str, ...]
+    required_query: tuple[tuple[str, str], ...] = ()  # (name, sample value) of required query parameters
 
     @property
     def label(self) -> str:
@@ -234,8 +235,31 @@ def api_operations(doc: dict[str, Any]) -> list[ApiOperation]:
                 method=method.upper(), path=path,
                 path_params=tuple(p["name"] for p in params if p["in"] == "path"),
                 query_params=tuple(p["name"] for p in params if p["in"] == "query"),
-                body=resolve_schema(doc, body), responses=tuple(op.get("responses", {}))))
+                body=resolve_schema(doc, body), responses=tuple(op.get("responses", {})),
+                required_query=required_query_values(params)))
     return ops
+
+
+def required_query_values(params: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """Sample values for required query parameters, from their schema: enums take their first
+    value; date-times open the widest window (the first one 2000, later ones 2100), so that a
+    from/to pair is valid; numbers take their minimum."""
+    values = []
+    datetimes = 0
+    for p in params:
+        if p["in"] != "query" or not p.get("required"):
+            continue
+        schema = p.get("schema", {})
+        if schema.get("enum"):
+            values.append((p["name"], str(schema["enum"][0])))
+        elif schema.get("format") == "date-time":
+            values.append((p["name"], "2000-01-01T00:00:00Z" if datetimes == 0 else "2100-01-01T00:00:00Z"))
+            datetimes += 1
+        elif schema.get("type") in ("integer", "number"):
+            values.append((p["name"], str(schema.get("minimum", 1))))
+        else:
+            raise LookupError(f"no sample for required query parameter {p['name']} ({schema})")
+    return tuple(values)
 
 
 # --- Who may call what -----------------------------------------------------------------------------
@@ -274,6 +298,7 @@ def read_role_table() -> dict[str, str | None]:
         f"{API_PREFIX}/billing-account": "viewer",
         f"{API_PREFIX}/credits": "viewer",
         f"{API_PREFIX}/usage-events": "viewer",
+        f"{API_PREFIX}/usage/summary": "viewer",
         f"{API_PREFIX}/audit-events": "admin",     # who did what: admins only
         **{prefix: "viewer" for prefix in resource_prefixes()},
     }

@@ -119,7 +119,7 @@ class Matrix:
                     and required_role("GET", op.path) != "platform"):
                 for ident in self.b_ids(op):
                     r = await c.get(op.at(ident), headers=b.auth("owner"))
-                    snap[f"{op.path} {ident}"] = (r.status_code, r.json())
+                    snap[f"{op.path} {ident}"] = (r.status_code, stable(r.json()))
         r = await c.get(f"{API_PREFIX}/admin/tenants/{b.id}", headers=self.world.headers(self.world.platform_token))
         snap["registry"] = (r.status_code, r.json())
         return snap
@@ -156,11 +156,18 @@ def rows_of(body: Any) -> list[dict[str, Any]]:
     return [body] if isinstance(body, dict) else []
 
 
+def stable(body: Any) -> Any:
+    """A response body without what differs per request (problem documents carry a request_id)."""
+    if isinstance(body, dict):
+        return {k: v for k, v in body.items() if k != "request_id"}
+    return body
+
+
 async def read_all(c: httpx.AsyncClient, op: ApiOperation, headers: dict[str, str], page_size: int = 1) -> Any:
     """A collection read: every page (with page_size=1, every cursor gets used)."""
     if "limit" not in op.query_params or "cursor" not in op.query_params:
-        r = await c.get(op.path, headers=headers)
-        return (r.status_code, r.json())
+        r = await c.get(op.path, params=dict(op.required_query), headers=headers)
+        return (r.status_code, stable(r.json()))
     pages: list[tuple[int, Any]] = []
     params: dict[str, Any] = {"limit": page_size}
     for _ in range(500):

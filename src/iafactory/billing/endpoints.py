@@ -6,7 +6,7 @@ API key); the billing contact is the admins'. The SQL is in billing/service.py.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -83,12 +83,10 @@ async def list_usage_events(
             summary="Usage totals over a period, by event type or by day")
 async def usage_summary(
     s: Viewer,
-    since: Annotated[datetime | None, Query(alias="from", description="Start (inclusive); default 30 days ago")] = None,
-    until: Annotated[datetime | None, Query(alias="to", description="End (exclusive); default now")] = None,
+    since: Annotated[datetime, Query(alias="from", description="Start (inclusive), e.g. 2026-11-01T00:00:00Z")],
+    until: Annotated[datetime, Query(alias="to", description="End (exclusive), e.g. 2026-12-01T00:00:00Z")],
     group_by: Annotated[Literal["type", "day"], Query()] = "type",
 ) -> Any:
-    until = until or datetime.now(timezone.utc)
-    since = since or until - timedelta(days=30)
     if since.tzinfo is None or until.tzinfo is None:
         raise Problem(422, "Validation failed", "query.from/query.to: need a time zone, e.g. 2026-11-01T00:00:00Z",
                       type_="validation")
