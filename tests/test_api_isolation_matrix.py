@@ -169,13 +169,13 @@ async def read_all(c: httpx.AsyncClient, op: ApiOperation, headers: dict[str, st
         r = await c.get(op.path, params=dict(op.required_query), headers=headers)
         return (r.status_code, stable(r.json()))
     pages: list[tuple[int, Any]] = []
-    params: dict[str, Any] = {"limit": page_size}
+    params: dict[str, Any] = {**dict(op.required_query), "limit": page_size}
     for _ in range(500):
         r = await c.get(op.path, params=params, headers=headers)
-        pages.append((r.status_code, r.json()))
+        pages.append((r.status_code, stable(r.json())))
         if r.status_code != 200 or not r.json().get("next_cursor"):
             return pages
-        params = {"limit": page_size, "cursor": r.json()["next_cursor"]}
+        params = {**dict(op.required_query), "limit": page_size, "cursor": r.json()["next_cursor"]}
     raise AssertionError(f"{op.label}: more than 500 pages")
 
 

@@ -1,0 +1,162 @@
+"""Property-based conformance: schemathesis against the app's own /openapi.json.
+
+For every operation of the document, schemathesis generates requests from the schema (valid ones,
+and invalid ones that the app must refuse) and sends them with real credentials of a tenant: the
+owner's JWT and a write API key (and a platform administrator's token for /admin routes). Each
+response must be no 5xx, carry a documented status code and content type, and match the
+documented body schema; invalid requests must be refused with a 4xx. Statuses the app sends but
+its document omits are listed in KNOWN_UNDOCUMENTED, each a reported bug; any other fails.
+
+schemathesis 4 (pip show schemathesis) is used through its Python API rather than its pytest
+plugin: `schemathesis.openapi.from_asgi` loads /openapi.json from the app, `APIOperation.as_strategy`
+gives Hypothesis strategies, `Case.call_and_validate` sends a case in-process (ASGI) and runs the
+checks. (Its lazy `from_fixture` loader does not run under pytest 9.) Hypothesis runs
+derandomized, with no example database and no deadline, and a small budget per operation, so the
+module is deterministic and bounded. The app under test owns its connection pool (its lifespan runs
+in schemathesis' ASGI event loop); the tenants are made beforehand through a second app instance.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import hypothesis
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.python import asgi as schemathesis_asgi
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance, negative_data_rejection, response_headers_conformance, response_schema_conformance,
+)
+
+from api_support import (  # noqa: F401 - fixtures
+    ApiOperation, ApiWorld, api_operations, fast_settings, module_api_client, module_api_world, module_db,
+    offline_openapi, provision_for_load,
+)
+from iafactory.app import create_app
+
+pytestmark = pytest.mark.anyio
+
+OPERATIONS = [op for op in api_operations(offline_openapi())]
+BUDGET = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 4}  # examples per operation and credential
+
+# Responses the app really sends that its OpenAPI document does not list. Each is a bug in the
+# document (reported; the fix belongs where the route is declared): delete its line once fixed.
+# Anything undocumented that is not here fails the test.
+KNOWN_UNDOCUMENTED: list[tuple[int, str, str]] = [
+    (400, r"^(POST|PATCH|PUT) ", "a body that is not UTF-8 JSON: FastAPI answers 400 before validation; no "
+                                 "operation documents 400 (app-wide, like 401/403/422, in app.py)"),
+    (413, r"^(POST|PATCH|PUT) ", "a body over max_body_bytes: RequestContextMiddleware answers 413; string fields of "
+                                 "maxLength 200000 let a valid body exceed 1 MiB (app-wide, in app.py)"),
+    (404, r"^(PATCH|DELETE) /api/v1/members/\{user_id\}$", "no such member (tenancy/endpoints.py)"),
+    (404, r"^DELETE /api/v1/api-keys/\{key_id\}$", "no such API key (auth/endpoints.py)"),
+    (404, r"^(GET|PATCH) /api/v1/admin/tenants/\{tenant_id\}$|^POST /api/v1/admin/tenants/\{tenant_id\}/credits$",
+     "no such tenant (tenancy/endpoints.py)"),
+    (404, r"^POST /api/v1/members$", "no account with that email (tenancy/endpoints.py)"),
+    (409, r"^POST /api/v1/auth/register$", "an account with this email exists (auth/endpoints.py)"),
+    (409, r"^(POST|PATCH|DELETE) /api/v1/members", "already a member / the last owner (tenancy/endpoints.py)"),
+    (409, r"^POST /api/v1/admin/tenants$", "slug taken (tenancy/endpoints.py)"),
+]
+
+
+def known_gap(label: str, status: int) -> str | None:
+    return next((why for code, pattern, why in KNOWN_UNDOCUMENTED if code == status and re.search(pattern, label)),
+                None)
+
+
+def documented_status(ctx: Any, response: Any, case: Any) -> None:
+    """schemathesis' status_code_conformance, less the known gaps above."""
+    documented = {str(code) for code in case.operation.responses.status_codes}
+    status = response.status_code
+    if str(status) in documented or known_gap(f"{case.method.upper()} {case.operation.path}", status):
+        return None
+    raise AssertionError(f"Undocumented status code {status} (documented: {', '.join(sorted(documented))})")
+
+
+CONFORMANCE = [not_a_server_error, documented_status, content_type_conformance, response_headers_conformance,
+               response_schema_conformance]
+# A refusal is a refusal: 413 (body too large) counts, next to schemathesis' own list.
+CONFIG = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {"expected-statuses": [
+    "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]}}})
+
+
+@pytest.fixture(scope="module")
+def api_schema(module_db: str, module_api_world: ApiWorld) -> Iterator[Any]:
+    app = create_app(fast_settings(module_db))  # its lifespan opens its own pool
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)
+    yield schema
+    schemathesis_asgi.shutdown_lifespans()  # close that pool before the database is dropped
+
+
+@pytest.fixture(scope="module")
+async def world(module_api_world: ApiWorld) -> ApiWorld:
+    await provision_for_load(module_api_world.admin_url, module_api_world)
+    return module_api_world
+
+
+def credentials(w: ApiWorld, op: ApiOperation) -> dict[str, dict[str, str]]:
+    creds = {"owner JWT": w.a.auth("owner"), "write API key": w.a.key("write")}
+    if op.path.startswith("/api/v1/admin"):
+        creds["platform admin"] = w.headers(w.platform_token)
+    return creds
+
+
+def fuzz(operation: Any, headers: dict[str, str], mode: GenerationMode) -> str | None:
+    """Runs in a worker thread; returns schemathesis' report of the first failure, if any. (Its
+    failures are BaseExceptionGroups: they are turned into text here rather than sent across the
+    thread boundary into the event loop.)"""
+    checks = CONFORMANCE + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
+
+    @hypothesis.settings(max_examples=BUDGET[mode], deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink],
+                         report_multiple_bugs=False)
+    @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+    def run(case: Any) -> None:
+        case.call_and_validate(headers=headers, checks=checks)
+
+    try:
+        run()
+    except hypothesis.errors.Unsatisfiable:
+        if mode is not GenerationMode.NEGATIVE:
+            raise
+        return None  # nothing to make invalid: no parameters and no body
+    except (Exception, BaseExceptionGroup) as err:  # noqa: BLE001 - the report, with a curl to reproduce
+        return str(err) or repr(err)
+    return None
+
+
+@pytest.mark.parametrize("op", OPERATIONS, ids=[op.label for op in OPERATIONS])
+async def test_operation_conforms_to_its_schema(api_schema: Any, world: ApiWorld, op: ApiOperation) -> None:
+    operation = api_schema[op.path][op.method]
+    failures = []
+    for label, headers in credentials(world, op).items():
+        for mode in BUDGET:
+            report = await anyio.to_thread.run_sync(fuzz, operation, headers, mode)
+            if report is not None:
+                failures.append(f"--- {op.label} as {label}, {mode.value} data:\n{report}")
+    assert not failures, "\n".join(failures)
+
+
+async def test_the_document_is_the_one_served(api_schema: Any) -> None:
+    assert api_schema.raw_schema["paths"].keys() == offline_openapi()["paths"].keys()
+
+
+def test_an_undocumented_status_fails_unless_it_is_a_known_gap() -> None:
+    """The allow-list is narrow: the same status on another route, or another status, still fails."""
+    from types import SimpleNamespace
+
+    def case(method: str, path: str, documented: tuple[str, ...]) -> Any:
+        return SimpleNamespace(method=method, operation=SimpleNamespace(
+            path=path, responses=SimpleNamespace(status_codes=documented)))
+
+    members = case("delete", "/api/v1/members/{user_id}", ("204", "401", "403", "422"))
+    assert documented_status(None, SimpleNamespace(status_code=404), members) is None
+    with pytest.raises(AssertionError, match="Undocumented status code 418"):
+        documented_status(None, SimpleNamespace(status_code=418), members)
+    with pytest.raises(AssertionError, match="Undocumented status code 404"):
+        documented_status(None, SimpleNamespace(status_code=404), case("get", "/api/v1/tenant", ("200", "401")))
