@@ -151,7 +151,7 @@ def count_rows(admin_url: str, table: str, tenant_id: uuid.UUID | None = None) -
 # OpenAPI document, not `app.routes`, is the reliable list.
 
 import re as _re  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 API_PREFIX = "/api/v1"
 ID_PARAM = _re.compile(r"^(?:id|[a-z0-9_]+_id)$")

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from api_support import (  # noqa: F401 - fixtures
-    PASSWORD, ApiWorld, build_world, login, module_api_client, module_db,
+    PASSWORD, ApiWorld, build_world, module_api_client, module_db,
 )
 from iafactory.auth import api_keys
 from iafactory.config import Settings
