@@ -182,6 +182,8 @@ class ApiOperation:
     body: dict[str, Any] | None  # the JSON request body's schema, `$ref` resolved
     responses: tuple[str, ...]
     required_query: tuple[tuple[str, str], ...] = ()  # (name, sample value) of required query parameters
+    # A POST that only reads (marked `x-reads-only` in the document, e.g. a search).
+    reads_only: bool = False
 
     @property
     def label(self) -> str:
@@ -189,7 +191,7 @@ class ApiOperation:
 
     @property
     def is_write(self) -> bool:
-        return self.method in WRITE_METHODS
+        return self.method in WRITE_METHODS and not self.reads_only
 
     @property
     def kind(self) -> str | None:
@@ -236,8 +238,14 @@ def api_operations(doc: dict[str, Any]) -> list[ApiOperation]:
                 path_params=tuple(p["name"] for p in params if p["in"] == "path"),
                 query_params=tuple(p["name"] for p in params if p["in"] == "query"),
                 body=resolve_schema(doc, body), responses=tuple(op.get("responses", {})),
-                required_query=required_query_values(params)))
+                required_query=required_query_values(params), reads_only=bool(op.get("x-reads-only"))))
+            if op.get("x-reads-only"):
+                READS_ONLY_ROUTES.add((method.upper(), path))
     return ops
+
+
+# (METHOD, path) of the POST routes that only read: read API keys may call them.
+READS_ONLY_ROUTES: set[tuple[str, str]] = set()
 
 
 def required_query_values(params: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
@@ -284,6 +292,7 @@ def write_role_table() -> dict[str, str | None]:
         f"{API_PREFIX}/billing-account": "admin",  # the billing contact
         f"{API_PREFIX}/usage-events": "member",    # metering, like any record a member writes
         **{prefix: "member" for prefix in resource_prefixes()},
+        f"{API_PREFIX}/knowledge-base/search": "viewer",  # a POST that only reads
     }
 
 
@@ -349,7 +358,7 @@ def allowed(cred: Credential, method: str, path: str) -> bool:
         return cred.platform and not cred.api_key
     if cred.tenant_id is None or cred.role is None:
         return False
-    if cred.read_only and method.upper() in WRITE_METHODS:
+    if cred.read_only and method.upper() in WRITE_METHODS and (method.upper(), path) not in READS_ONLY_ROUTES:
         return False
     return ROLE_RANKS[cred.role] >= ROLE_RANKS[need]
 

@@ -117,6 +117,10 @@ def sample_value(col: Column, enums: dict[str, list[str]]) -> Any:
         return "2026-01-01"
     if t == "bytea":
         return bytes(32)
+    if t == "regconfig":
+        return "simple"
+    if t == "tsvector":
+        return ""
     raise AssertionError(f"catalog_rows cannot make a value of type {t} for column {col.name}")
 
 

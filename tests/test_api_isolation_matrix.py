@@ -54,7 +54,8 @@ NON_TENANT_ROUTES = {
     "GET /openapi.json": "the document itself (static)",
 }
 # Exercised by a dedicated test below rather than by a generated one.
-DEDICATED = {"POST /api/v1/auth/select-tenant": "test_select_tenant_into_b_is_refused"}
+DEDICATED = {"POST /api/v1/auth/select-tenant": "test_select_tenant_into_b_is_refused",
+             "POST /api/v1/knowledge-base/search": "tests/test_knowledge.py (search isolation, every filter)"}
 
 
 def _tenant_op(op: ApiOperation) -> bool:
@@ -63,7 +64,8 @@ def _tenant_op(op: ApiOperation) -> bool:
 
 BY_ID = [op for op in OPERATIONS if _tenant_op(op) and op.kind == "by_id"]
 READS = [op for op in OPERATIONS if _tenant_op(op) and op.kind == "collection" and op.method == "GET"]
-WRITES = [op for op in OPERATIONS if _tenant_op(op) and op.kind == "collection" and op.method in ("POST", "PATCH", "PUT")]
+WRITES = [op for op in OPERATIONS if _tenant_op(op) and op.kind == "collection" and op.method in ("POST", "PATCH", "PUT")
+          and not op.reads_only]
 
 
 def _role(op: ApiOperation) -> str | None:

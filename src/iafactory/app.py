@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,9 +45,22 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             app.state.db = db
         if settings.redis_url:
             app.state.rate_limiter = RedisRateLimiter(settings.redis_url, app.state.db)
+        worker_task, stop = None, asyncio.Event()
+        run_worker = settings.run_worker if settings.run_worker is not None else settings.database_url is None
+        if own_db and run_worker:
+            # On the embedded default the API indexes documents itself, so one command is enough.
+            from iafactory.knowledge import worker
+            from iafactory.knowledge.embeddings import embedder
+
+            worker_task = asyncio.create_task(worker.run_forever(app.state.db, embedder(settings), stop))
         try:
             yield
         finally:
+            if worker_task is not None:
+                stop.set()
+                worker_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker_task
             if app.state.rate_limiter is not None:
                 await app.state.rate_limiter.close()
                 app.state.rate_limiter = None

@@ -118,6 +118,7 @@ def main() -> None:
     # Imported here so that each domain registers its commands on `app`.
     from iafactory import demo as _demo  # noqa: F401
     from iafactory import serve as _serve  # noqa: F401
+    from iafactory.knowledge import cli as _knowledge_cli  # noqa: F401
     from iafactory.plans import cli as _plans_cli  # noqa: F401
     from iafactory.db import cli as _db_cli  # noqa: F401
     from iafactory.tenancy import cli as _tenancy_cli  # noqa: F401

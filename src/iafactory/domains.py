@@ -10,6 +10,7 @@ from iafactory.billing.endpoints import router as billing_router
 from iafactory.crm.schemas import DEALS, LEADS
 from iafactory.knowledge.schemas import KNOWLEDGE_BASE
 from iafactory.pme.schemas import PME_ANALYSES
+from iafactory.knowledge.endpoints import router as knowledge_router
 from iafactory.projects.schemas import PROJECTS
 from iafactory.resources import Resource
 from iafactory.resources.router import crud_router
@@ -31,6 +32,7 @@ RESOURCES: list[Resource] = [
 
 
 def resource_routers() -> list[APIRouter]:
-    """One CRUD router per Resource, then the domains that are not plain CRUD: billing (an account
-    per tenant, a read-only ledger, batched idempotent usage events) has its own endpoints."""
-    return [*(crud_router(spec) for spec in RESOURCES), billing_router]
+    """One CRUD router per Resource, then the domains that are not plain CRUD: knowledge-base
+    search, and billing (an account per tenant, a read-only ledger, batched idempotent usage
+    events)."""
+    return [knowledge_router, *(crud_router(spec) for spec in RESOURCES), billing_router]

@@ -124,9 +124,10 @@ async def principal(request: Request) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(principal)]
 
 
-def tenant_session(min_role: str = "viewer"):  # noqa: ANN201 - a FastAPI dependency
+def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):  # noqa: ANN201
     """Dependency: a transaction as the credential's tenant, gated on `min_role`. The request owns
-    it: it commits after the handler returns and before the response is sent."""
+    it: it commits after the handler returns and before the response is sent. `read_only`
+    defaults to the HTTP method (GET/HEAD read); True for a POST that only reads (search)."""
     if min_role not in ROLE_RANK:
         raise ValueError(min_role)
 
@@ -139,16 +140,16 @@ def tenant_session(min_role: str = "viewer"):  # noqa: ANN201 - a FastAPI depend
                             client_ip=client_ip(request),
                             request_id=getattr(request.state, "request_id", None))
         request.state.tenant_id = str(who.tenant_id)
-        read_only = request.method in READ_METHODS
+        reading = request.method in READ_METHODS if read_only is None else read_only
         db: Database = request.app.state.db
-        gate = ("SELECT app.authorize(%s, %s)", (min_role, not read_only))
+        gate = ("SELECT app.authorize(%s, %s)", (min_role, not reading))
         limiter = request.app.state.rate_limiter
         if limiter is not None:
             await limiter.hit(who.tenant_id, who.api_key_id)
             before = None
         else:
             before = ratelimit.postgres_counter(who.tenant_id, who.api_key_id)
-        async with db.tenant(ctx, read_only=read_only, gate=gate, before=before) as tx:
+        async with db.tenant(ctx, read_only=reading, gate=gate, before=before) as tx:
             yield TenantSession(tx, ctx, who)
 
     return Depends(dependency, scope="function")

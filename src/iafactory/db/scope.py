@@ -53,6 +53,12 @@ PREPARED_PER_CONNECTION = 256
 _names = itertools.count(1)
 
 
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
 def _to_dollar_params(query: str) -> str:
     counter = iter(range(1, 10_000))
     return _PLACEHOLDER.sub(lambda m: "%" if m.group(0) == "%%" else f"${next(counter)}", query)
@@ -321,6 +327,23 @@ class Database:
         if not isinstance(ctx, TenantContext):
             raise TypeError("Database.tenant needs a TenantContext")
         return _Scope(self._pool, None, ctx, gate, read_only, before=before)
+
+    async def listen(self, channel: str, wake: Any, stop: Any) -> None:
+        """Set `wake` (an asyncio.Event) on each NOTIFY on `channel` until `stop` is set. A dedicated
+        connection of the application role: LISTEN holds no transaction and sees no tenant data."""
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", channel):
+            raise ValueError(channel)
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(self.app_conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {channel}")
+                    async for _ in conn.notifies():
+                        wake.set()
+                        if stop.is_set():
+                            return
+            except psycopg.OperationalError:
+                wake.set()  # fall back to polling until the database is back
+                await _sleep(1.0)
 
     def anonymous(self, *, user_id: int | None = None, read_only: bool = False) -> AbstractAsyncContextManager[Transaction]:
         """A transaction with no tenant: only the pre-tenant definer functions see anything.

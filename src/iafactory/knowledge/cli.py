@@ -1,0 +1,73 @@
+"""`iafactory worker` and `iafactory knowledge ...`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import typer
+
+from iafactory.cli import admin_url, app, console, run
+from iafactory.config import get_settings
+from iafactory.db import bootstrap
+from iafactory.db.scope import operator_transaction
+from iafactory.knowledge import worker
+from iafactory.knowledge.embeddings import embedder
+
+knowledge_app = typer.Typer(help="Knowledge-base indexing.", no_args_is_help=True)
+app.add_typer(knowledge_app, name="knowledge")
+
+
+@app.command("worker")
+@run
+async def worker_command(
+    once: bool = typer.Option(False, "--once", help="Run the queued jobs, then exit."),
+) -> None:
+    """Index knowledge-base documents in the background (several workers may run at once)."""
+    settings = get_settings()
+    db = bootstrap.database(settings, admin_url())
+    async with db:
+        model = embedder(settings)
+        if once:
+            done = await worker.drain(db, model)
+            console.print(f"ran {done} job(s)")
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        console.print(f"worker started (embedder: {model.model_id or 'none'}); Ctrl-C to stop")
+        await worker.run_forever(db, model, stop)
+
+
+@knowledge_app.command("reembed")
+@run
+async def reembed_command(
+    all_chunks: bool = typer.Option(False, "--all", help="Re-embed every document, not only those embedded "
+                                                           "with another model."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Run the jobs here, with progress."),
+) -> None:
+    """Queue re-embedding with the configured model (e.g. after changing IAFACTORY_EMBEDDING_*)."""
+    settings = get_settings()
+    model = embedder(settings)
+    async with operator_transaction(admin_url()) as tx:
+        queued = await tx.fetchval(
+            """WITH stale AS (
+                   SELECT DISTINCT d.tenant_id, d.id FROM knowledge_base d
+                   LEFT JOIN knowledge_chunks c ON c.tenant_id = d.tenant_id AND c.document_id = d.id
+                   WHERE %s OR c.embedding_model IS DISTINCT FROM %s)
+               , queued AS (
+                   INSERT INTO knowledge_jobs (tenant_id, document_id, kind)
+                   SELECT tenant_id, id, 'reembed' FROM stale RETURNING 1)
+               SELECT count(*) FROM queued""", (all_chunks, model.model_id))
+    console.print(f"queued {queued} document(s) for re-embedding with {model.model_id or 'no model'}")
+    if not wait or not queued:
+        return
+    from rich.progress import Progress
+
+    db = bootstrap.database(settings, admin_url())
+    async with db:
+        with Progress(console=console) as bar:
+            task = bar.add_task("re-embedding", total=queued)
+            while await worker.run_one(db, model):
+                bar.advance(task)

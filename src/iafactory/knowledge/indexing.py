@@ -1,0 +1,85 @@
+"""Indexing one document: chunk, detect language, reuse unchanged embeddings, write the chunks.
+
+Runs in a worker, as the document's tenant: the read and the write are two short tenant
+transactions, and the slow part (embedding) happens between them with no transaction open. If the
+document changed in the meantime, the write is skipped: the change queued a newer job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from iafactory.db.scope import Database
+from iafactory.knowledge.chunking import chunk_text
+from iafactory.knowledge.embeddings import Embedder, vector_literal
+from iafactory.knowledge.text import detect_language, fold, ts_config
+from iafactory.tenancy.context import TenantContext
+
+INSERT_CHUNK = """
+    INSERT INTO knowledge_chunks (tenant_id, document_id, chunk_no, content, char_start, char_end, heading_path,
+                                  language, ts_config, content_hash, tsv, embedding, embedding_model)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig, %s,
+            setweight(to_tsvector('simple', %s), 'A') || to_tsvector(%s::regconfig, %s) || to_tsvector('simple', %s),
+            app.to_embedding(%s), %s)"""
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    chunks: int
+    embedded: int  # newly embedded (the rest reused their stored vector)
+    skipped: bool = False
+
+
+async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, document_id: int,
+                         *, force_reembed: bool = False) -> IndexResult:
+    ctx = TenantContext(tenant_id=tenant_id)
+    async with db.tenant(ctx) as tx:
+        doc = await tx.fetchrow(
+            "SELECT id, title, content, language, updated_at FROM knowledge_base WHERE tenant_id = %s AND id = %s",
+            (tenant_id, document_id))
+        if doc is None:
+            return IndexResult(0, 0, skipped=True)  # deleted since: its chunks went with it
+        await tx.execute("UPDATE knowledge_base SET index_status = 'indexing' WHERE tenant_id = %s AND id = %s",
+                         (tenant_id, document_id))
+        old = await tx.fetch(
+            """SELECT content_hash, embedding::text AS embedding, embedding_model FROM knowledge_chunks
+               WHERE tenant_id = %s AND document_id = %s""", (tenant_id, document_id))
+    reusable = {} if force_reembed else {
+        r["content_hash"]: r["embedding"] for r in old
+        if r["embedding"] is not None and r["embedding_model"] == embedder.model_id}
+
+    chunks = chunk_text(doc["content"] or "") or chunk_text(doc["title"])
+    document_language = doc["language"] or detect_language(doc["content"] or doc["title"])
+    rows: list[dict[str, Any]] = []
+    to_embed: list[int] = []
+    for chunk in chunks:
+        language = detect_language(chunk.text) or document_language
+        passage = f"{chunk.heading_path}\n{chunk.text}" if chunk.heading_path else chunk.text
+        rows.append({"chunk": chunk, "language": language, "passage": passage,
+                     "embedding": reusable.get(chunk.content_hash)})
+        if rows[-1]["embedding"] is None and embedder.model_id is not None:
+            to_embed.append(len(rows) - 1)
+    vectors = await embedder.embed_documents([f"{doc['title']}\n{rows[i]['passage']}" for i in to_embed])
+    for i, vector in zip(to_embed, vectors):
+        rows[i]["embedding"] = vector_literal(vector)
+
+    async with db.tenant(ctx) as tx:
+        current = await tx.fetchval("SELECT updated_at FROM knowledge_base WHERE tenant_id = %s AND id = %s",
+                                    (tenant_id, document_id))
+        if current != doc["updated_at"]:
+            return IndexResult(len(rows), len(to_embed), skipped=True)
+        await tx.execute("DELETE FROM knowledge_chunks WHERE tenant_id = %s AND document_id = %s",
+                         (tenant_id, document_id))
+        for row in rows:
+            chunk, config = row["chunk"], ts_config(row["language"])
+            folded = fold(f"{chunk.heading_path} {chunk.text}")
+            await tx.execute(INSERT_CHUNK, (
+                tenant_id, document_id, chunk.number, chunk.text, chunk.start, chunk.end, chunk.heading_path,
+                row["language"], config, chunk.content_hash, fold(doc["title"]), config, folded, folded,
+                row["embedding"], embedder.model_id if row["embedding"] else None))
+        await tx.execute(
+            """UPDATE knowledge_base SET index_status = 'indexed', indexed_at = now(), index_error = NULL
+               WHERE tenant_id = %s AND id = %s""", (tenant_id, document_id))
+    return IndexResult(len(rows), len(to_embed))
