@@ -131,7 +131,9 @@ def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None): 
     if min_role not in ROLE_RANK:
         raise ValueError(min_role)
 
-    async def dependency(request: Request, who: CurrentPrincipal) -> AsyncIterator[TenantSession]:
+    async def dependency(request: Request) -> AsyncIterator[TenantSession]:
+        # Called directly rather than as a sub-dependency: one dependency to resolve per request.
+        who = await principal(request)
         if who.tenant_id is None:
             raise Problem(403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first",
                           type_="tenant-required")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -23,6 +24,7 @@ class TokenClaims:
     tenant_id: uuid.UUID | None
     role: str | None
     platform_admin: bool
+    expires_at: float = 0.0
 
 
 def issue(settings: Settings, user_id: int, *, tenant_id: uuid.UUID | None = None, role: str | None = None,
@@ -46,7 +48,29 @@ def issue(settings: Settings, user_id: int, *, tenant_id: uuid.UUID | None = Non
     return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm=ALGORITHM), ttl
 
 
+# Verified tokens, until they expire: checking a signature and parsing the claims on every
+# request cost more than the request's SQL. Revocation does not depend on this cache: membership,
+# role and tenant status are re-checked in the database on every request.
+_VERIFIED: OrderedDict[tuple[str, str, str, str], tuple[float, TokenClaims]] = OrderedDict()
+_VERIFIED_MAX = 10_000
+
+
 def verify(settings: Settings, token: str) -> TokenClaims:
+    key = (settings.jwt_secret.get_secret_value(), settings.jwt_audience, settings.jwt_issuer, token)
+    hit = _VERIFIED.get(key)
+    if hit is not None:
+        if hit[0] > time.time():
+            return hit[1]
+        del _VERIFIED[key]
+        raise InvalidToken("token has expired")
+    claims = _verify(settings, token)
+    _VERIFIED[key] = (claims.expires_at, claims)
+    if len(_VERIFIED) > _VERIFIED_MAX:
+        _VERIFIED.popitem(last=False)
+    return claims
+
+
+def _verify(settings: Settings, token: str) -> TokenClaims:
     try:
         claims = jwt.decode(
             token,
@@ -70,4 +94,5 @@ def verify(settings: Settings, token: str) -> TokenClaims:
         tenant_id = uuid.UUID(claims["tenant_id"]) if claims.get("tenant_id") else None
     except (ValueError, TypeError) as err:
         raise InvalidToken("invalid token: malformed claims") from err
-    return TokenClaims(user_id, tenant_id, claims.get("role"), bool(claims.get("platform_admin")))
+    return TokenClaims(user_id, tenant_id, claims.get("role"), bool(claims.get("platform_admin")),
+                       float(claims["exp"]))

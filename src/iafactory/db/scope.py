@@ -98,28 +98,34 @@ class Transaction:
         self._prelude = prelude
         # Runs once, in its own transaction, at the head of the first message (e.g. the rate-limit
         # counter, whose row lock must not last as long as the request).
-        self._before = ["BEGIN", before, "COMMIT"] if before else []
+        # Its commit need not wait for the WAL flush: losing a counter increment in a crash is harmless.
+        self._before = ["BEGIN", "SET LOCAL synchronous_commit = off", before, "COMMIT"] if before else []
         self._read_only = read_only
         self._begun = False  # explicit mode: BEGIN and the prelude have been sent
         self._sent = False  # anything sent at all (read-only mode sends the prelude each time)
         self._must_send = must_send  # the prelude holds a gate: it runs even if nothing else does
+        self._closed = False  # committed by a statement sent with last=True
 
     # -- public API ----------------------------------------------------------------------------
-    async def fetch(self, query: str | sql.Composable, params: Params = None) -> list[dict[str, Any]]:
-        cur = await self._run(query, params)
+    async def fetch(self, query: str | sql.Composable, params: Params = None, *, last: bool = False
+                    ) -> list[dict[str, Any]]:
+        """`last=True`: this is the transaction's last statement, so COMMIT travels in the same
+        message (a single-statement write costs one round trip, like a read)."""
+        cur = await self._run(query, params, last=last)
         return await cur.fetchall()
 
-    async def fetchrow(self, query: str | sql.Composable, params: Params = None) -> dict[str, Any] | None:
-        cur = await self._run(query, params)
+    async def fetchrow(self, query: str | sql.Composable, params: Params = None, *, last: bool = False
+                       ) -> dict[str, Any] | None:
+        cur = await self._run(query, params, last=last)
         return await cur.fetchone()
 
     async def fetchval(self, query: str | sql.Composable, params: Params = None) -> Any:
         row = await self.fetchrow(query, params)
         return None if row is None else next(iter(row.values()))
 
-    async def execute(self, query: str | sql.Composable, params: Params = None) -> int:
+    async def execute(self, query: str | sql.Composable, params: Params = None, *, last: bool = False) -> int:
         """Run a statement; returns its row count."""
-        cur = await self._run(query, params)
+        cur = await self._run(query, params, last=last)
         return cur.rowcount
 
     async def executemany(self, query: str | sql.Composable, params_seq: Sequence[Params]) -> None:
@@ -152,7 +158,10 @@ class Transaction:
         return self._conn
 
     # -- internals -----------------------------------------------------------------------------
-    async def _run(self, query: str | sql.Composable, params: Params) -> psycopg.AsyncCursor[dict[str, Any]]:
+    async def _run(self, query: str | sql.Composable, params: Params, *, last: bool = False
+                   ) -> psycopg.AsyncCursor[dict[str, Any]]:
+        if self._closed:
+            raise psycopg.ProgrammingError("this transaction was committed by a statement marked last=True")
         text = _render(self._conn, query)
         registry = _prepared.setdefault(self._conn, OrderedDict())
         name = registry.get(text)
@@ -178,6 +187,9 @@ class Transaction:
         statements.append(f"EXECUTE {name}({args})" if args else f"EXECUTE {name}")
         if self._read_only:
             statements.append("COMMIT")
+        elif last:
+            statements.append("COMMIT")
+            self._closed = True
         else:
             self._begun = True
         try:

@@ -26,7 +26,7 @@ def crud_router(spec: Resource) -> APIRouter:
     @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.slug}",
                  responses=CONFLICT, summary=f"Create a {spec.noun}")
     async def create(body: Create, s: Member) -> Any:  # type: ignore[valid-type]
-        return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump())
+        return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=True)
 
     @router.get("", response_model=Page[Read], operation_id=f"list_{spec.slug}",
                 summary=f"List {spec.nouns}, newest first")
@@ -51,7 +51,8 @@ def crud_router(spec: Resource) -> APIRouter:
     @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.slug}",
                   responses={**NOT_FOUND, **CONFLICT}, summary=f"Update a {spec.noun}")
     async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
-        row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, body.model_dump(exclude_unset=True))
+        row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, body.model_dump(exclude_unset=True),
+                                      last=True)
         if row is None:
             raise not_found(spec.noun, item_id)
         return row
@@ -59,7 +60,7 @@ def crud_router(spec: Resource) -> APIRouter:
     @router.delete("/{item_id}", status_code=204, response_class=Response, operation_id=f"delete_{spec.slug}",
                    responses={**NOT_FOUND, **CONFLICT}, summary=f"Delete a {spec.noun}")
     async def delete(item_id: IdType, s: Member) -> Response:  # type: ignore[valid-type]
-        if not await repository.delete(s.tx, spec, s.ctx.tenant_id, item_id):
+        if not await repository.delete(s.tx, spec, s.ctx.tenant_id, item_id, last=True):
             raise not_found(spec.noun, item_id)
         return Response(status_code=204)
 

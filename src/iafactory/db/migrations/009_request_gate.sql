@@ -16,49 +16,52 @@ CREATE OR REPLACE FUNCTION app.authorize(p_min_role text, p_write boolean) RETUR
     LANGUAGE plpgsql STABLE
     AS $$
 DECLARE
-    v_tenant record;
-    v_key record;
-    v_role text;
     v_key_id uuid := nullif(current_setting('app.api_key_id', true), '')::uuid;
+    v_user_id integer := app.current_user_id();
+    r record;
+    v_role text;
 BEGIN
-    -- Runs as the caller: RLS shows only the current tenant's rows.
-    SELECT status, trial_ends_at INTO v_tenant FROM public.tenants WHERE id = app.current_tenant_id();
+    -- One statement, run as the caller: RLS shows only the current tenant's rows.
+    SELECT t.status, t.trial_ends_at, tu.role AS member_role, u.is_active,
+           k.id AS key_id, k.scope, k.expires_at, k.revoked_at
+      INTO r
+      FROM public.tenants t
+      LEFT JOIN public.tenant_users tu
+             ON v_key_id IS NULL AND tu.tenant_id = t.id AND tu.user_id = v_user_id
+      LEFT JOIN public.users u ON v_key_id IS NULL AND u.id = v_user_id
+      LEFT JOIN public.api_keys k ON v_key_id IS NOT NULL AND k.tenant_id = t.id AND k.id = v_key_id
+     WHERE t.id = app.current_tenant_id();
     IF NOT FOUND THEN
         RAISE EXCEPTION 'tenant not found or not accessible' USING ERRCODE = 'IA403';
     END IF;
-    IF v_tenant.status = 'suspended' THEN
+    IF r.status = 'suspended' THEN
         RAISE EXCEPTION 'tenant is suspended' USING ERRCODE = 'IA403';
-    ELSIF v_tenant.status = 'cancelled' THEN
+    ELSIF r.status = 'cancelled' THEN
         RAISE EXCEPTION 'tenant is cancelled' USING ERRCODE = 'IA403';
-    ELSIF p_write AND v_tenant.status = 'trial' AND v_tenant.trial_ends_at IS NOT NULL
-          AND v_tenant.trial_ends_at <= now() THEN
-        -- An expired trial needs no job to flip it: reads still work, writes wait for a plan.
+    ELSIF p_write AND r.status = 'trial' AND r.trial_ends_at IS NOT NULL AND r.trial_ends_at <= now() THEN
+        -- An expired trial needs no job to flip it: reads are still allowed, writes wait for a plan.
         RAISE EXCEPTION 'trial ended on %: reads are allowed, writes need an active subscription',
-            to_char(v_tenant.trial_ends_at, 'YYYY-MM-DD') USING ERRCODE = 'IA403';
+            to_char(r.trial_ends_at, 'YYYY-MM-DD') USING ERRCODE = 'IA403';
     END IF;
 
     IF v_key_id IS NOT NULL THEN
-        SELECT scope, expires_at, revoked_at INTO v_key FROM public.api_keys WHERE id = v_key_id;
-        IF NOT FOUND THEN
+        IF r.key_id IS NULL THEN
             RAISE EXCEPTION 'unknown API key' USING ERRCODE = 'IA401';
-        ELSIF v_key.revoked_at IS NOT NULL THEN
+        ELSIF r.revoked_at IS NOT NULL THEN
             RAISE EXCEPTION 'API key has been revoked' USING ERRCODE = 'IA401';
-        ELSIF v_key.expires_at IS NOT NULL AND v_key.expires_at <= now() THEN
+        ELSIF r.expires_at IS NOT NULL AND r.expires_at <= now() THEN
             RAISE EXCEPTION 'API key has expired' USING ERRCODE = 'IA401';
-        END IF;
-        v_role := CASE v_key.scope WHEN 'write' THEN 'member' ELSE 'viewer' END;
-        IF p_write AND v_key.scope <> 'write' THEN
+        ELSIF p_write AND r.scope <> 'write' THEN
             RAISE EXCEPTION 'this API key is read-only' USING ERRCODE = 'IA403';
         END IF;
+        v_role := CASE r.scope WHEN 'write' THEN 'member' ELSE 'viewer' END;
     ELSE
-        SELECT tu.role INTO v_role FROM public.tenant_users tu
-        WHERE tu.tenant_id = app.current_tenant_id() AND tu.user_id = app.current_user_id();
-        IF NOT FOUND THEN
+        IF r.member_role IS NULL THEN
             RAISE EXCEPTION 'not a member of this tenant' USING ERRCODE = 'IA403';
-        END IF;
-        IF NOT EXISTS (SELECT 1 FROM public.users u WHERE u.id = app.current_user_id() AND u.is_active) THEN
+        ELSIF NOT coalesce(r.is_active, false) THEN
             RAISE EXCEPTION 'account is disabled' USING ERRCODE = 'IA401';
         END IF;
+        v_role := r.member_role;
     END IF;
 
     IF app.role_rank(v_role) < app.role_rank(p_min_role) THEN
