@@ -20,9 +20,11 @@ import os
 import sys
 import threading
 import time
-import uuid
 
 import psycopg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import create_database, drop_database, percentile  # noqa: E402
 
 from iafactory.config import Settings
 from iafactory.db import migrate, server
@@ -105,28 +107,11 @@ class Inserter:
         return [lat for t, lat in self.samples if start <= t < end]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 def stats_ms(values: list[float]) -> str:
     if not values:
         return "no inserts"
     return (f"p50 {percentile(values, 0.50) * 1000:7.3f} ms   p99 {percentile(values, 0.99) * 1000:8.3f} ms   "
             f"max {max(values) * 1000:9.3f} ms")
-
-
-def create_database(server_url: str) -> tuple[str, str]:
-    name = f"iaf_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name, server.with_database(server_url, name)
-
-
-def drop_database(server_url: str, name: str) -> None:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def fill(url: str, rows: int) -> None:
@@ -268,7 +253,7 @@ def main() -> int:
     server_url = args.database_url or server.admin_conninfo(settings)
     with psycopg.connect(server_url) as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]
-    name, url = create_database(server_url)
+    name, url = create_database(server_url, "iaf_bench_migrate")
     log(f"PostgreSQL {version}, database {name}")
     ok = False
     try:

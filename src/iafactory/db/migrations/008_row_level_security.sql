@@ -292,8 +292,10 @@ BEGIN
 END
 $$;
 
--- Every function in app and platform: owned by iaf_owner, not executable by PUBLIC.
-DO $$
+-- Every function in app and platform: owned by iaf_owner, executable by the application only.
+-- Later migrations that add functions end with CALL app.lock_down_functions().
+CREATE OR REPLACE PROCEDURE app.lock_down_functions()
+    LANGUAGE plpgsql AS $$
 DECLARE
     f record;
 BEGIN
@@ -313,3 +315,5 @@ BEGIN
     END LOOP;
 END
 $$;
+
+CALL app.lock_down_functions();

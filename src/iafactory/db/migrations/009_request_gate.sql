@@ -116,28 +116,4 @@ BEGIN
 END
 $$;
 
--- Every function in app and platform: owned by iaf_owner, executable by the application only.
--- Later migrations that add functions end with CALL app.lock_down_functions().
-CREATE OR REPLACE PROCEDURE app.lock_down_functions()
-    LANGUAGE plpgsql AS $$
-DECLARE
-    f record;
-BEGIN
-    FOR f IN
-        SELECT p.oid::regprocedure AS sig, p.prokind FROM pg_proc p
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE n.nspname IN ('app', 'platform')
-    LOOP
-        IF f.prokind = 'p' THEN
-            EXECUTE format('ALTER PROCEDURE %s OWNER TO iaf_owner', f.sig);
-            EXECUTE format('REVOKE ALL ON PROCEDURE %s FROM PUBLIC', f.sig);
-        ELSE
-            EXECUTE format('ALTER FUNCTION %s OWNER TO iaf_owner', f.sig);
-            EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.sig);
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO iaf_app', f.sig);
-        END IF;
-    END LOOP;
-END
-$$;
-
 CALL app.lock_down_functions();
