@@ -73,10 +73,17 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         description="Multi-tenant backend for IAFactory's AI products. Every request acts for exactly one "
                     "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.",
         lifespan=lifespan,
+        # Every error is application/problem+json (RFC 9457); these can come from any route.
         responses={
+            400: {"description": "Malformed request body (application/problem+json)"},
             401: {"description": "Missing or invalid credentials (application/problem+json)"},
-            403: {"description": "Not allowed (application/problem+json)"},
-            422: {"description": "Validation failed (application/problem+json)"},
+            402: {"description": "Out of credits (application/problem+json)"},
+            403: {"description": "Not allowed: role, key scope, tenant status or plan limit (application/problem+json)"},
+            404: {"description": "No such record in this tenant (application/problem+json)"},
+            409: {"description": "Conflict with the current state (application/problem+json)"},
+            413: {"description": "Request body too large (application/problem+json)"},
+            422: {"description": "Validation failed, naming the field (application/problem+json)"},
+            429: {"description": "Rate limit exceeded; see Retry-After (application/problem+json)"},
         },
     )
     app.state.settings = settings
