@@ -26,9 +26,11 @@ BEGIN
                    RETURNS double precision
                    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT a OPERATOR(public.<=>) b'$f$;
     ELSE
+        -- Takes pgvector's text form and an array's own (a stored embedding read back as text
+        -- and reused): either way a one-dimensional real[].
         EXECUTE $f$CREATE OR REPLACE FUNCTION app.to_embedding(p text) RETURNS real[]
                    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-                   AS $b$SELECT ('{' || btrim(p, '[] ') || '}')::real[]$b$$f$;
+                   AS $b$SELECT ('{' || btrim(p, '[]{} ') || '}')::real[]$b$$f$;
         -- Embeddings are unit vectors: cosine distance is 1 - dot product.
         EXECUTE $f$CREATE OR REPLACE FUNCTION app.cosine_distance(a real[], b real[]) RETURNS double precision
                    LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -236,11 +238,16 @@ BEGIN
     END IF;
     IF p_mode IN ('hybrid', 'keyword') AND coalesce(p_query_text, '') <> '' THEN
         -- Any of the query's words (stemmed in the query's language, and as written): ranking,
-        -- not the match, rewards passages that contain more of them.
+        -- not the match, rewards passages that contain more of them. Not the words that the
+        -- query's language ignores ("de", "the", "und"): as written, they would match nearly
+        -- every passage of that language, and fusion would rank those above a passage found by
+        -- meaning alone (e.g. in another language). PostgreSQL's 'arabic' has no stop words.
         SELECT to_tsquery('simple', string_agg(DISTINCT quote_literal(w), ' | '))
           INTO v_query
-          FROM unnest(tsvector_to_array(to_tsvector(p_query_config::regconfig, p_query_text))
-                      || tsvector_to_array(to_tsvector('simple', p_query_text))) AS w;
+          FROM (SELECT unnest(tsvector_to_array(to_tsvector(p_query_config::regconfig, p_query_text)))
+                UNION
+                SELECT s FROM unnest(tsvector_to_array(to_tsvector('simple', p_query_text))) AS s
+                WHERE to_tsvector(p_query_config::regconfig, s) <> ''::tsvector) AS words (w);
     END IF;
     RETURN QUERY
     WITH docs AS (
