@@ -7,6 +7,7 @@ document changed in the meantime, the write is skipped: the change queued a newe
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -57,11 +58,14 @@ async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, docu
     for chunk in chunks:
         language = detect_language(chunk.text) or document_language
         passage = f"{chunk.heading_path}\n{chunk.text}" if chunk.heading_path else chunk.text
-        rows.append({"chunk": chunk, "language": language, "passage": passage,
-                     "embedding": reusable.get(chunk.content_hash)})
+        # The hash covers exactly the text embedded, title included: a new title re-embeds.
+        embedded_text = f"{doc['title']}\n{passage}"
+        content_hash = hashlib.sha256(embedded_text.encode()).hexdigest()
+        rows.append({"chunk": chunk, "language": language, "text": embedded_text, "hash": content_hash,
+                     "embedding": reusable.get(content_hash)})
         if rows[-1]["embedding"] is None and embedder.model_id is not None:
             to_embed.append(len(rows) - 1)
-    vectors = await embedder.embed_documents([f"{doc['title']}\n{rows[i]['passage']}" for i in to_embed])
+    vectors = await embedder.embed_documents([rows[i]["text"] for i in to_embed])
     for i, vector in zip(to_embed, vectors):
         rows[i]["embedding"] = vector_literal(vector)
 
@@ -77,7 +81,7 @@ async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, docu
             folded = fold(f"{chunk.heading_path} {chunk.text}")
             await tx.execute(INSERT_CHUNK, (
                 tenant_id, document_id, chunk.number, chunk.text, chunk.start, chunk.end, chunk.heading_path,
-                row["language"], config, chunk.content_hash, fold(doc["title"]), config, folded, folded,
+                row["language"], config, row["hash"], fold(doc["title"]), config, folded, folded,
                 row["embedding"], embedder.model_id if row["embedding"] else None))
         await tx.execute(
             """UPDATE knowledge_base SET index_status = 'indexed', indexed_at = now(), index_error = NULL
