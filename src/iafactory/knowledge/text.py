@@ -51,5 +51,6 @@ def detect_language(text: str) -> str | None:
 
 
 def ts_config(language: str | None) -> str:
-    """The PostgreSQL text-search configuration for a language; 'simple' when unknown."""
-    return TS_CONFIGS.get(language or "", "simple")
+    """The PostgreSQL text-search configuration for a language ('fr', or a regional 'fr-CH');
+    'simple' when unknown."""
+    return TS_CONFIGS.get((language or "").split("-", 1)[0].lower(), "simple")
