@@ -36,6 +36,10 @@ async def _finish(db: Database, tenant_id: UUID, job_id: int, document_id: int, 
                 """UPDATE knowledge_jobs SET status = 'queued', last_error = %s,
                           run_after = now() + make_interval(secs => power(2, attempts))
                    WHERE tenant_id = %s AND id = %s""", (error[:2000], tenant_id, job_id))
+            # Nothing is indexing it until the retry: the document waits, as a new one does.
+            await tx.execute("UPDATE knowledge_base SET index_status = 'pending' "
+                             "WHERE tenant_id = %s AND id = %s AND index_status = 'indexing'",
+                             (tenant_id, document_id))
 
 
 async def run_one(db: Database, embedder: Embedder) -> bool:
