@@ -50,18 +50,18 @@ SEARCH = "/api/v1/knowledge-base/search"
 KB = "/api/v1/knowledge-base"
 
 # recall@5 measured on this corpus (the same on the embedded PostgreSQL 18 with pgvector and on
-# PostgreSQL 15 with real[]): all 42 queries hybrid 0.810, keyword 0.548, semantic 0.905; the 21
-# cross-language ones 0.619, 0.143, 0.810; the 21 same-language ones 1.000, 0.952, 1.000. The
+# PostgreSQL 15 with real[]): all 42 queries hybrid 0.905, keyword 0.548, semantic 0.905; the 21
+# cross-language ones 0.810, 0.143, 0.810; the 21 same-language ones 1.000, 0.952, 1.000. The
 # embedder is deterministic; the floors below leave a margin of one to two queries per subset.
 #
-# Hybrid is below semantic on the cross-language queries: reciprocal rank fusion ranks a passage
-# that both retrievers return (any same-language passage sharing a word with the query, also
-# within the semantic pool, which holds a small tenant's whole corpus) above one that only the
-# vector search finds (the answer in another language). Not asserted; see the test.
+# Hybrid used to fall below semantic on cross-language queries (0.619): reciprocal rank fusion
+# ranked any same-language passage sharing one word with the query above the answer in another
+# language that only the vector search found. In hybrid mode the keyword side now counts only
+# passages holding at least half of the query's words (app.search_knowledge).
 MIN_RECALL = {
-    "all": {"hybrid": 0.75, "keyword": 0.45, "semantic": 0.85},
+    "all": {"hybrid": 0.85, "keyword": 0.45, "semantic": 0.85},
     "same-language": {"hybrid": 0.95, "keyword": 0.85, "semantic": 0.95},
-    "cross-language": {"hybrid": 0.55, "keyword": 0.0, "semantic": 0.75},
+    "cross-language": {"hybrid": 0.75, "keyword": 0.0, "semantic": 0.75},
 }
 
 # B's documents: A's query words, B's marker, metadata that also matches A's documents.
@@ -252,14 +252,9 @@ async def test_recall_at_5_per_mode(kb: Knowledge) -> None:
     for name, floors in MIN_RECALL.items():
         for mode, floor in floors.items():
             assert mean(mode, subsets[name]) >= floor, (name, mode, mean(mode, subsets[name]))
-    # Fusion loses nothing where the answer shares the query's language, and on cross-language
-    # queries it beats keyword search alone...
+    # Fusion loses nothing against either retriever alone, in the query's language or across.
     assert mean("hybrid", same) >= max(mean("semantic", same), mean("keyword", same))
-    assert mean("hybrid", cross) >= mean("keyword", cross)
-    # ...but not semantic search alone (see MIN_RECALL): reported, not asserted.
-    if mean("hybrid", cross) < mean("semantic", cross):
-        print(f"NOTE: cross-language recall@{K}: hybrid {mean('hybrid', cross):.3f} < semantic "
-              f"{mean('semantic', cross):.3f}")
+    assert mean("hybrid", cross) >= max(mean("semantic", cross), mean("keyword", cross))
 
 
 async def test_chunks_carry_their_language_and_text_search_configuration(kb: Knowledge) -> None:

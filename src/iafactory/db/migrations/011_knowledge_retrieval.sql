@@ -232,6 +232,8 @@ DECLARE
     v_tenant uuid := app.current_tenant_id();
     v_pool integer := greatest(p_k * 4, 40);
     v_query tsquery;
+    v_words tsquery[];  -- one query per distinct word: its stem or the word as written
+    v_need integer := 1;
 BEGIN
     IF v_tenant IS NULL THEN
         RETURN;  -- no tenant, no rows (fail closed)
@@ -248,6 +250,21 @@ BEGIN
                 UNION
                 SELECT s FROM unnest(tsvector_to_array(to_tsvector('simple', p_query_text))) AS s
                 WHERE to_tsvector(p_query_config::regconfig, s) <> ''::tsvector) AS words (w);
+        -- In hybrid mode the keyword side speaks only for passages holding at least half of the
+        -- query's words: fusion adds the two rankings, and a passage sharing one common word
+        -- with the query would otherwise outrank the right passage found by meaning alone (for
+        -- instance in another language).
+        IF p_mode = 'hybrid' THEN
+            SELECT array_agg(q) INTO v_words FROM (
+                SELECT to_tsquery('simple', string_agg(DISTINCT quote_literal(l), ' | ')) AS q
+                FROM unnest(tsvector_to_array(to_tsvector('simple', p_query_text))) AS s (word)
+                CROSS JOIN LATERAL (
+                    SELECT unnest(tsvector_to_array(to_tsvector(p_query_config::regconfig, s.word)))
+                    UNION SELECT s.word) AS lex (l)
+                WHERE to_tsvector(p_query_config::regconfig, s.word) <> ''::tsvector
+                GROUP BY s.word) per_word;
+            v_need := ceil(coalesce(cardinality(v_words), 0) / 2.0);
+        END IF;
     END IF;
     RETURN QUERY
     WITH docs AS (
@@ -263,6 +280,7 @@ BEGIN
         WHERE v_query IS NOT NULL AND c.tenant_id = v_tenant AND c.tsv @@ v_query
           AND c.document_id IN (SELECT id FROM docs)
           AND (p_language IS NULL OR c.language = p_language)
+          AND (v_need <= 1 OR (SELECT count(*) FROM unnest(v_words) AS w (q) WHERE c.tsv @@ w.q) >= v_need)
         ORDER BY ts_rank_cd(c.tsv, v_query) DESC, c.document_id, c.chunk_no
         LIMIT v_pool
     ),
