@@ -9,6 +9,7 @@ way a customer would end up with it.
 from __future__ import annotations
 
 import uuid
+from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,15 +113,22 @@ async def build_world(client: httpx.AsyncClient, admin_url: str, settings: Setti
                     both_user_token=await login(client, both), platform_token=await login(client, platform))
 
 
-@pytest.fixture
-async def api_client(migrated_db: str) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
-    settings = fast_settings(migrated_db)
-    db = bootstrap.database(settings, migrated_db)
+@asynccontextmanager
+async def app_client(admin_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
+    """The real app, in process, on the database behind `admin_url` (the app role's own pool)."""
+    settings = fast_settings(admin_url)
+    db = bootstrap.database(settings, admin_url)
     async with db:
         app = create_app(settings, db)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client, migrated_db, settings
+            yield client, admin_url, settings
+
+
+@pytest.fixture
+async def api_client(migrated_db: str) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
+    async with app_client(migrated_db) as client:
+        yield client
 
 
 @pytest.fixture
@@ -646,13 +654,8 @@ async def provision_for_load(admin_url: str, world: ApiWorld) -> None:
 
 @pytest.fixture(scope="module")
 async def module_api_client(module_db: str) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
-    settings = fast_settings(module_db)
-    db = bootstrap.database(settings, module_db)
-    async with db:
-        app = create_app(settings, db)
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client, module_db, settings
+    async with app_client(module_db) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
