@@ -25,6 +25,7 @@ psycopg's own adapters (`sql.Literal`), never by string formatting.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import uuid
@@ -45,18 +46,11 @@ Params = Sequence[Any] | None
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
 _PLACEHOLDER = re.compile(r"%%|%s")
-_SETTING_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
 
 # Per connection: SQL text -> name of the server-side prepared statement, least recently used first.
 _prepared: weakref.WeakKeyDictionary[Conn, OrderedDict[str, str]] = weakref.WeakKeyDictionary()
 PREPARED_PER_CONNECTION = 256
 _names = itertools.count(1)
-
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
 
 
 def _to_dollar_params(query: str) -> str:
@@ -128,23 +122,8 @@ class Transaction:
         cur = await self._run(query, params, last=last)
         return cur.rowcount
 
-    async def executemany(self, query: str | sql.Composable, params_seq: Sequence[Params]) -> None:
-        await self.begin()
-        async with self._conn.cursor() as cur:
-            await cur.executemany(query, params_seq)
-
-    async def set_local(self, name: str, value: str) -> None:
-        """Another transaction-local setting (e.g. plan_cache_mode). Never the tenant."""
-        if name.startswith("app.") or not _SETTING_NAME.match(name):
-            raise ValueError(f"refusing to set {name!r} here")
-        statement = sql.SQL("SET LOCAL {} = {}").format(sql.SQL(name), sql.Literal(value)).as_string(self._conn)
-        if self._read_only or not self._begun:
-            self._prelude.append(statement)
-        else:
-            await self._conn.execute(statement)
-
     async def begin(self) -> None:
-        """Send the prelude now (explicit mode), e.g. before COPY or executemany."""
+        """Send the prelude now (explicit mode), e.g. before using `connection` for COPY."""
         if self._read_only:
             raise psycopg.ProgrammingError("this tenant scope is read-only")
         if not self._begun:
@@ -355,7 +334,7 @@ class Database:
                             return
             except psycopg.OperationalError:
                 wake.set()  # fall back to polling until the database is back
-                await _sleep(1.0)
+                await asyncio.sleep(1.0)
 
     def anonymous(self, *, user_id: int | None = None, read_only: bool = False) -> AbstractAsyncContextManager[Transaction]:
         """A transaction with no tenant: only the pre-tenant definer functions see anything.

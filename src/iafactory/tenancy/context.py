@@ -40,6 +40,3 @@ class TenantContext:
             object.__setattr__(self, "client_ip", str(ipaddress.ip_address(self.client_ip)))
         if self.request_id is not None and not _REQUEST_ID.fullmatch(self.request_id):
             raise ValueError("request_id must be 1-64 letters, digits, '-' or '_'")
-
-    def has_role(self, minimum: str) -> bool:
-        return self.role is not None and ROLE_RANK[self.role] >= ROLE_RANK[minimum]
