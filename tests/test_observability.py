@@ -139,6 +139,25 @@ async def test_an_unexpected_error_is_logged_with_its_request_and_tenant(migrate
     assert "RuntimeError: bug in a handler" in error["exception"]
 
 
+async def test_the_indexing_worker_logs_each_job_with_its_tenant(migrated_db: str, log_lines: LogLines) -> None:
+    from iafactory.knowledge import worker
+    from iafactory.knowledge.embeddings import embedder
+
+    settings = fast_settings(migrated_db, embedding_provider="none")
+    async with bootstrap.database(settings, migrated_db) as db:
+        transport = httpx.ASGITransport(app=create_app(settings, db))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            world = await build_world(client, migrated_db, settings)
+            for tenant in (world.a, world.b):
+                r = await client.post("/api/v1/knowledge-base", json={"title": "t", "content": "un texte"},
+                                      headers=tenant.auth("member"))
+                assert r.status_code == 201, r.text
+        assert await worker.drain(db, embedder(settings)) == 2
+    done = [e for e in log_lines if e["logger"] == "iafactory.worker" and e["message"].startswith("indexed")]
+    assert sorted(e["tenant_id"] for e in done) == sorted([str(world.a.id), str(world.b.id)])
+    assert all(isinstance(e["job_id"], int) and "request_id" not in e for e in done)
+
+
 def test_text_format_for_people_keeps_the_fields() -> None:
     record = logging.LogRecord("iafactory.access", logging.INFO, __file__, 1, "GET %s 200", ("/x",), None)
     record.fields = {"tenant_id": "t-1", "status": 200}
