@@ -252,6 +252,40 @@ async def test_admission_placeholders_reach_the_scrape(api_world: ApiWorld) -> N
         metrics.set_admission_queue_length(0)
 
 
+async def test_plan_labels_one_lookup_per_tenant_then_cached(api_world: ApiWorld) -> None:
+    import asyncio
+    import uuid
+
+    from iafactory.db.scope import operator_transaction
+    from iafactory.tenancy import service
+
+    class CountingDatabase:
+        """The real database; counts the scopes opened through it."""
+
+        def __init__(self, db: Any) -> None:
+            self.db, self.opened = db, 0
+
+        def anonymous(self, **kwargs: Any) -> Any:
+            self.opened += 1
+            return self.db.anonymous(**kwargs)
+
+    settings = api_world.settings
+    async with bootstrap.database(settings, api_world.admin_url) as real:
+        db = CountingDatabase(real)
+        labels = metrics.PlanLabels()
+        tenant = api_world.a.id
+        assert await labels.plan(db, tenant, lookup=False) == "unknown"  # nothing cached, no lookup allowed
+        assert await asyncio.gather(*(labels.plan(db, tenant) for _ in range(20))) == ["pro"] * 20
+        assert db.opened == 1  # concurrent misses share one lookup
+        async with operator_transaction(api_world.admin_url) as tx:
+            await service.update_tenant(tx, tenant, plan="enterprise")
+        assert await labels.plan(db, tenant) == "pro" and db.opened == 1  # cached for a minute
+        labels._cache[str(tenant)] = (0.0, "pro")  # as if the minute had passed
+        assert await labels.plan(db, tenant) == "enterprise" and db.opened == 2
+        assert await labels.plan(db, uuid.uuid4()) == "unknown"  # no such tenant
+        assert await labels.plan(db, None) == "none"
+
+
 @pytest.fixture
 async def remote_client(migrated_db: str) -> AsyncIterator[Any]:
     """Clients of one app: from loopback, from a public address; with and without a metrics token."""

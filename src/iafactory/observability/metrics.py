@@ -122,7 +122,8 @@ def route_template(scope: Mapping[str, Any]) -> str:
 class PlanLabels:
     """Tenant id -> plan, per process, for a minute. A miss costs one `app.tenant_limits` call,
     made by the middleware *after* the response has been sent (so never on a client's clock);
-    the request path itself does not know the plan (the gate does not return it)."""
+    the request path itself does not know the plan (the gate does not return it). One lookup per
+    tenant at a time: concurrent requests share it, or keep the expired value while it runs."""
 
     TTL_SECONDS = 60.0
     MAX_ENTRIES = 10_000
@@ -130,27 +131,38 @@ class PlanLabels:
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[float, str]] = {}
+        self._inflight: dict[str, asyncio.Future[str]] = {}
 
     async def plan(self, db: Any, tenant_id: str | UUID | None, *, lookup: bool = True) -> str:
+        """`lookup=False`: from the cache only (e.g. after an error escaped the request)."""
         if tenant_id is None:
             return NO_PLAN
         key = str(tenant_id)
         hit = self._cache.get(key)
-        now = time.monotonic()
-        if hit is not None and (hit[0] > now or not lookup or db is None):
+        if hit is not None and (hit[0] > time.monotonic() or not lookup or db is None):
             return hit[1]
         if not lookup or db is None:
             return UNKNOWN_PLAN
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = self._inflight[key] = asyncio.ensure_future(self._lookup(db, key))
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        elif hit is not None:
+            return hit[1]
+        return await asyncio.shield(pending)
+
+    async def _lookup(self, db: Any, key: str) -> str:
         try:
             async with asyncio.timeout(self.LOOKUP_TIMEOUT_SECONDS):
                 async with db.anonymous(read_only=True) as tx:
                     plan = await tx.fetchval("SELECT plan FROM app.tenant_limits(%s)", (UUID(key),))
         except Exception:  # noqa: BLE001 - a label is not worth failing or slowing anything for
+            hit = self._cache.get(key)
             return hit[1] if hit is not None else UNKNOWN_PLAN
         plan = plan or UNKNOWN_PLAN
         if len(self._cache) >= self.MAX_ENTRIES:
             self._cache.clear()
-        self._cache[key] = (now + self.TTL_SECONDS, plan)
+        self._cache[key] = (time.monotonic() + self.TTL_SECONDS, plan)
         return plan
 
 
