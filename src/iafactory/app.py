@@ -16,6 +16,7 @@ from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
 from iafactory.http import problems
 from iafactory.http.middleware import RequestContextMiddleware
+from iafactory.observability import logs, metrics
 from iafactory.plans.ratelimit import RedisRateLimiter
 
 log = logging.getLogger("iafactory")
@@ -32,12 +33,18 @@ def api_routers() -> list:
     return [auth_router, tenancy_router, audit_router, *resource_routers()]
 
 
-def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
-    """`database` lets a caller (tests, benchmarks) own the pool; otherwise the lifespan opens one."""
+def create_app(settings: Settings | None = None, database: Database | None = None, *,
+               span_exporter: Any = None) -> FastAPI:
+    """`database` lets a caller (tests, benchmarks) own the pool; otherwise the lifespan opens one.
+    `span_exporter` turns tracing on with that exporter (tests); otherwise tracing is on when an
+    OTLP endpoint is configured."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not logging.getLogger().handlers:
+            # Started by uvicorn directly rather than by `iafactory serve`: log in our format anyway.
+            logs.configure(settings.log_format, settings.log_level)
         own_db = database is None
         if own_db:
             db = bootstrap.database(settings, server.admin_conninfo(settings))
@@ -53,9 +60,13 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             from iafactory.knowledge.embeddings import embedder
 
             worker_task = asyncio.create_task(worker.run_forever(app.state.db, embedder(settings), stop))
+        pool_gauges = asyncio.create_task(metrics.refresh_pool_forever(app.state.db))
         try:
             yield
         finally:
+            pool_gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pool_gauges
             if worker_task is not None:
                 stop.set()
                 worker_task.cancel()
@@ -66,6 +77,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
                 app.state.rate_limiter = None
             if own_db:
                 await app.state.db.close()
+            if app.state.tracing is not None:
+                app.state.tracing.shutdown()
+            metrics.worker_exiting()
 
     app = FastAPI(
         title="IAFactory API",
@@ -91,10 +105,19 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.rate_limiter = None
     if database is not None:
         app.state.db = database
+    app.state.tracing = None
+    if span_exporter is not None or settings.otlp_endpoint:
+        from iafactory.observability import tracing
+
+        app.state.tracing = tracing.instrument(app, settings, span_exporter)
     problems.install(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
+                       span_hook=app.state.tracing.annotate if app.state.tracing else None)
     for router in api_routers():
         app.include_router(router, prefix="/api/v1")
+    from iafactory.observability.endpoints import router as metrics_router
+
+    app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, Any]:

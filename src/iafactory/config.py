@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class Settings(BaseSettings):
@@ -58,9 +61,26 @@ class Settings(BaseSettings):
     # `iafactory serve` runs an indexing worker in-process (default: with the embedded database).
     run_worker: bool | None = None
     max_body_bytes: int = 1_048_576
-    log_level: str = "INFO"
+
+    # --- observability --------------------------------------------------------------------
+    # `serve` logs one JSON object per line (for collectors); `text` is for people.
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # /metrics: with a token, only `Authorization: Bearer <token>` gets it (any bind address);
+    # without one, only loopback peers that came through no proxy.
+    metrics_token: SecretStr | None = Field(default=None, min_length=16)
+    # Tracing (needs the `otel` extra). The standard OTEL_EXPORTER_OTLP_ENDPOINT works too.
+    otlp_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("IAFACTORY_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"))
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if value.strip().lower() in _LEVELS else value.strip().lower()
 
     @property
     def embedded_dir(self) -> Path:

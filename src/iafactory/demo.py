@@ -60,4 +60,5 @@ def demo_command(
                   f"OpenAPI: http://{host}:{port}/openapi.json")
     console.print(f"Try: curl -s -X POST http://{host}:{port}/api/v1/auth/login -H 'content-type: application/json' "
                   f"-d '{{\"email\": \"admin@cabinet-dupont.ch\", \"password\": \"{DEMO_PASSWORD}\"}}'")
-    run_server(host, port, 1)
+    # The demo is read by a person: text logs unless IAFACTORY_LOG_FORMAT says otherwise.
+    run_server(host, port, 1, log_format=None if "log_format" in settings.model_fields_set else "text")

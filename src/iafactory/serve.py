@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 
 import typer
 import uvicorn
@@ -10,11 +13,30 @@ import uvicorn
 from iafactory.cli import admin_url, app, console
 from iafactory.config import get_settings
 from iafactory.db.bootstrap import migrate_and_prepare
+from iafactory.observability import logs
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def run_server(host: str, port: int, workers: int) -> None:
-    uvicorn.run("iafactory.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=get_settings().log_level.lower(), access_log=False, proxy_headers=True)
+def run_server(host: str, port: int, workers: int, log_format: str | None = None) -> None:
+    """Logging is handed to uvicorn as `log_config`, which it applies in this process and again in
+    each worker process it spawns. With several workers the metrics live in files of a fresh
+    directory (prometheus_client's multiprocess mode), set before the workers start and removed
+    after they stop; an operator's own PROMETHEUS_MULTIPROC_DIR is used as is and kept."""
+    settings = get_settings()
+    log_config = logs.logging_config(log_format or settings.log_format, settings.log_level)
+    own_dir = None
+    if workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        own_dir = tempfile.mkdtemp(prefix="iafactory-metrics-")
+        os.environ[MULTIPROC_ENV] = own_dir
+    try:
+        uvicorn.run("iafactory.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_config=log_config, log_level=settings.log_level.lower(), access_log=False,
+                    proxy_headers=True)
+    finally:
+        if own_dir is not None:
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 @app.command("serve")
@@ -24,7 +46,7 @@ def serve_command(
     workers: int = typer.Option(1, min=1, max=64, help="Worker processes."),
     migrate: bool = typer.Option(True, "--migrate/--no-migrate", help="Apply pending migrations first."),
 ) -> None:
-    """Run the API (OpenAPI at /openapi.json, docs at /docs)."""
+    """Run the API (OpenAPI at /openapi.json, docs at /docs, metrics at /metrics)."""
     settings = get_settings()
     host, port = host or settings.host, port or settings.port
     if migrate:

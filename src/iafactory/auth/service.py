@@ -13,6 +13,7 @@ from iafactory.auth.schemas import ApiKeyCreate, LoginIn, MeOut, Membership, Reg
 from iafactory.config import Settings
 from iafactory.db.scope import Database, Transaction
 from iafactory.http.problems import Problem
+from iafactory.observability import metrics
 from iafactory.tenancy.context import TenantContext
 
 SELECTABLE = ("active", "trial")
@@ -31,8 +32,10 @@ async def authenticate(tx: Transaction, settings: Settings, data: LoginIn) -> di
     row = await tx.fetchrow("SELECT * FROM app.find_login(%s)", (data.email,))
     ok = await passwords.verify_password(settings, row["password_hash"] if row else None, data.password)
     if not ok or row is None:
+        metrics.count_login_failure("bad_credentials")
         raise Problem(401, "Unauthorized", "wrong email or password", headers={"WWW-Authenticate": "Bearer"})
     if not row["is_active"]:
+        metrics.count_login_failure("disabled")
         raise Problem(403, "Forbidden", "this account is disabled")
     await tx.execute("SELECT app.record_login(%s)", (row["user_id"],))
     return row

@@ -296,6 +296,11 @@ class Database:
     async def close(self) -> None:
         await self._pool.close()
 
+    def pool_stats(self) -> dict[str, int]:
+        """The pool's figures (pool_size, pool_available, requests_waiting, pool_max, ...) for
+        /metrics. Read-only: get_stats(), not pop_stats(), so other readers' counters stay."""
+        return self._pool.get_stats()
+
     async def __aenter__(self) -> Database:
         await self.open()
         return self
