@@ -40,6 +40,9 @@ async def migrate_command(
             for s in statuses:
                 if s.state == "changed":
                     console.print(f"[yellow]{s.version}_{s.name}.sql changed since it was applied[/yellow]")
+                if s.superseded_by_reason:
+                    console.print(f"{s.version}_{s.name}.sql was applied as an earlier text, accepted as equivalent "
+                                  f"(superseded_checksums.txt: {s.superseded_by_reason})", highlight=False)
         if dry_run:
             todo = migrations.plan(statuses, version)
             if not todo:
