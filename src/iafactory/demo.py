@@ -56,9 +56,14 @@ def demo_command(
         return
     settings = get_settings()
     host, port = host or settings.host, port or settings.port
+    # One line each, never wrapped: scripts (scripts/smoke_demo.py) read the address and the credential.
     console.print(f"\nAPI: http://{host}:{port}/api/v1   docs: http://{host}:{port}/docs   "
-                  f"OpenAPI: http://{host}:{port}/openapi.json")
+                  f"OpenAPI: http://{host}:{port}/openapi.json", soft_wrap=True, highlight=False)
     console.print(f"Try: curl -s -X POST http://{host}:{port}/api/v1/auth/login -H 'content-type: application/json' "
-                  f"-d '{{\"email\": \"admin@cabinet-dupont.ch\", \"password\": \"{DEMO_PASSWORD}\"}}'")
+                  f"-d '{{\"email\": \"admin@cabinet-dupont.ch\", \"password\": \"{DEMO_PASSWORD}\"}}'",
+                  soft_wrap=True, highlight=False, markup=False)
+    if not settings.database_url:
+        console.print(f"The embedded PostgreSQL ({settings.embedded_dir}) keeps running when the API stops: "
+                      "`.venv/bin/iafactory db stop` stops it.", soft_wrap=True, highlight=False, markup=False)
     # The demo is read by a person: text logs unless IAFACTORY_LOG_FORMAT says otherwise.
     run_server(host, port, 1, log_format=None if "log_format" in settings.model_fields_set else "text")
