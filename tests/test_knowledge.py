@@ -281,6 +281,37 @@ async def test_passages_cite_their_document(kb: Knowledge) -> None:
     assert top["document_id"] == kb.ids["fr-acc-vat-deadline"] and top["heading_path"] == "Délai de dépôt"
 
 
+async def test_relevance_normalises_the_fused_score_without_reordering(kb: Knowledge) -> None:
+    """relevance = score / the best fused score possible: 1/61 per ranking fused (two in hybrid mode
+    with an embedder, one otherwise). Order and scores stay those of app.search_knowledge."""
+    w = kb.world
+    assert kb.embedder.model_id is not None  # the real embedder: hybrid fuses two rankings
+    seen_both = seen_one = 0
+    for q in QUERIES[:12]:
+        for mode in MODES:
+            r = await w.client.post(SEARCH, json={"query": q["query"], "mode": mode, "k": 10},
+                                    headers=w.a.auth("viewer"))
+            passages = r.json()["passages"]
+            assert passages, (mode, q["query"])
+            rankings = 2 if mode == "hybrid" else 1
+            scores = [p["score"] for p in passages]
+            assert scores == sorted(scores, reverse=True)  # the order is still the fused score's
+            for p in passages:
+                assert 0 <= p["relevance"] <= 1
+                assert p["relevance"] == pytest.approx(p["score"] * 61 / rankings, abs=1e-4)
+            relevances = [p["relevance"] for p in passages]
+            assert relevances == sorted(relevances, reverse=True)
+            if mode != "hybrid":
+                assert relevances[0] == 1.0  # first of the only ranking used
+            else:
+                # Found by both rankings (each rank within the pool of 40): above one half; by one: at most 0.5.
+                for p in passages:
+                    assert (p["relevance"] > 0.5) == (len(p["retrievers"]) == 2), p
+                    seen_both += len(p["retrievers"]) == 2
+                    seen_one += len(p["retrievers"]) == 1
+    assert seen_both and seen_one
+
+
 # --- Isolation ----------------------------------------------------------------------------------
 
 

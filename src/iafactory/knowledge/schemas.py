@@ -66,8 +66,16 @@ class Passage(BaseModel):
     char_end: int
     heading_path: str
     language: str | None
-    score: float
-    retrievers: list[Literal["keyword", "semantic"]]
+    score: float = Field(description=(
+        "Raw reciprocal-rank-fusion score: the sum over the rankings that found the passage of "
+        "1 / (60 + its rank there). Results are ordered by it. Its scale is small (at most 2/61 ≈ 0.033 in "
+        "hybrid mode, 1/61 ≈ 0.016 otherwise) and depends on the mode: compare it only within one answer."))
+    relevance: float = Field(ge=0, le=1, description=(
+        "`score` divided by the best score possible for this search: 1/61 for each ranking fused (two in "
+        "hybrid mode when the query could be embedded, else one). 1.0 = ranked first by every ranking "
+        "used; about 0.5 in hybrid mode = first in one ranking and absent from the other. A rank-based "
+        "measure, not a probability of being correct."))
+    retrievers: list[Literal["keyword", "semantic"]] = Field(description="The rankings that found the passage")
 
 
 class SearchOut(BaseModel):
