@@ -318,6 +318,49 @@ async def test_audit_rows_carry_ip_and_request_id(api_world: ApiWorld) -> None:
     assert traced and traced[0]["request_id"] == "trace-1234" and traced[0]["ip"] == "127.0.0.1"
 
 
+async def test_tenant_creation_and_platform_actions_are_audited_with_ip_and_request_id(api_world: ApiWorld) -> None:
+    """Platform actions run without a tenant scope (platform.* definer functions); their audit rows
+    still name the administrator, the client's IP and the request."""
+    c, w = api_world.client, api_world
+
+    def platform(request_id: str) -> dict[str, str]:
+        return {**w.headers(w.platform_token), "X-Request-Id": request_id}
+
+    admin_id = (await c.get("/api/v1/me", headers=w.headers(w.platform_token))).json()["user"]["id"]
+    slug = f"audited-{uuid.uuid4().hex[:8]}"
+    r = await c.post("/api/v1/admin/tenants", json={"name": "Cabinet Audité", "slug": slug, "region": "FR",
+                                                    "status": "active"}, headers=platform("create-1"))
+    assert r.status_code == 201, r.text
+    created = r.json()["id"]
+    tenant = f"/api/v1/admin/tenants/{w.a.id}"
+    for body, rid in (({"plan": "enterprise"}, "plan-1"), ({"status": "suspended"}, "status-1"),
+                      ({"status": "active"}, "status-2"), ({"limits": {"max_members": 50}}, "limits-1")):
+        assert (await c.patch(tenant, json=body, headers=platform(rid))).status_code == 200
+    r = await c.post(f"{tenant}/credits", json={"amount": 5, "reason": "audit", "idempotency_key": "audit-1"},
+                     headers=platform("grant-1"))
+    assert r.status_code == 200, r.text
+
+    with psycopg.connect(w.admin_url) as conn:
+        rows = conn.execute(
+            """SELECT tenant_id::text, action, request_id, host(ip), actor_user_id FROM audit_events
+               WHERE request_id = ANY (%s) ORDER BY created_at""",
+            (["create-1", "plan-1", "status-1", "status-2", "limits-1", "grant-1"],)).fetchall()
+        details = conn.execute("SELECT details FROM audit_events WHERE tenant_id = %s AND action = 'tenant.created'",
+                               (created,)).fetchone()[0]
+    a = str(w.a.id)
+    assert rows == [(created, "tenant.created", "create-1", "127.0.0.1", admin_id),
+                    (a, "tenant.plan_changed", "plan-1", "127.0.0.1", admin_id),
+                    (a, "tenant.status_changed", "status-1", "127.0.0.1", admin_id),
+                    (a, "tenant.status_changed", "status-2", "127.0.0.1", admin_id),
+                    (a, "tenant.settings_changed", "limits-1", "127.0.0.1", admin_id),
+                    (a, "credits.grant", "grant-1", "127.0.0.1", admin_id)]
+    assert details == {"name": "Cabinet Audité", "slug": slug, "region": "FR", "plan": "free", "status": "active"}
+    # The tenant's admins see them in their own log.
+    log = (await c.get("/api/v1/audit-events?limit=100", headers=w.a.auth("admin"))).json()["items"]
+    grant = next(e for e in log if e["action"] == "credits.grant" and e["request_id"] == "grant-1")
+    assert grant["ip"] == "127.0.0.1" and grant["actor_user_id"] == admin_id
+
+
 def _since(minutes: int) -> str:
     return (datetime.now(timezone.utc) - timedelta(minutes=minutes)).isoformat()
 
