@@ -302,9 +302,10 @@ async def test_billing_account_defaults_then_upsert(api_world: ApiWorld) -> None
 
     r = await c.get(f"{API}/billing-account", headers=admin)
     assert r.status_code == 200
+    # An Algerian tenant: the currency of its region (DZD) before anything is saved.
     assert r.json() == {"billing_name": "", "billing_email": None, "address": "", "vat_number": None,
-                        "currency": "CHF", "credit_balance": 0, "created_at": None, "updated_at": None}
-    assert (await c.get(f"{API}/credits/balance", headers=admin)).json() == {"balance": 0, "currency": "CHF"}
+                        "currency": "DZD", "credit_balance": 0, "created_at": None, "updated_at": None}
+    assert (await c.get(f"{API}/credits/balance", headers=admin)).json() == {"balance": 0, "currency": "DZD"}
     assert count_rows(api_world.admin_url, "billing_accounts", tenant_id) == 0
 
     contact = {"billing_name": "Cabinet Haddad & Associés", "billing_email": "facturation@haddad.example.dz",

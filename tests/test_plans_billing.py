@@ -10,13 +10,15 @@ import httpx
 import psycopg
 import pytest
 
-from api_support import ApiWorld, api_client, api_world, fast_settings  # noqa: F401 - fixtures
+from api_support import PASSWORD, ApiWorld, api_client, api_world, fast_settings, login  # noqa: F401 - fixtures
 from iafactory.app import create_app
+from iafactory.auth.passwords import hash_password
 from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
 from iafactory.plans.ratelimit import RedisRateLimiter
 from iafactory.tenancy import service
 from iafactory.tenancy.context import TenantContext
+from iafactory.tenancy.schemas import TenantCreate
 
 pytestmark = pytest.mark.anyio
 
@@ -256,6 +258,47 @@ async def test_the_monthly_grant_applies_once_per_month(api_world: ApiWorld) -> 
     assert first[api_world.a.id]["credits"] == 5000  # the pro plan
     balance, ledger_sum, _ = await balance_and_ledger(api_world.admin_url, api_world.a.id)
     assert balance == ledger_sum == 100_000 + 5000
+
+
+async def tenant_with_admin(world: ApiWorld, region: str) -> tuple[uuid.UUID, dict[str, str]]:
+    """A new tenant of `region` (no billing account yet) and its admin's token."""
+    tag = uuid.uuid4().hex[:6]
+    email = f"admin-{region.lower()}-{tag}@example.org"
+    async with operator_transaction(world.admin_url) as tx:
+        t = await service.create_tenant(tx, TenantCreate(name=f"Cabinet {region}", slug=f"cabinet-{region.lower()}-{tag}",
+                                                         region=region, plan="pro", status="active"))
+        await service.add_member(tx, t.slug, email, "admin", password_hash=await hash_password(world.settings, PASSWORD))
+    return t.id, world.headers(await login(world.client, email))
+
+
+async def test_currency_follows_the_region_unless_set(api_world: ApiWorld) -> None:
+    c, w = api_world.client, api_world
+    expected = {"DZ": "DZD", "CH": "CHF", "FR": "EUR", "BE": "EUR", "CA": "CAD"}
+    for region, currency in expected.items():
+        tenant_id, admin = await tenant_with_admin(w, region)
+        # Before the account exists, then once a grant has created it (the credit functions of 010).
+        assert (await c.get("/api/v1/credits/balance", headers=admin)).json() == {"balance": 0, "currency": currency}
+        r = await c.post(f"/api/v1/admin/tenants/{tenant_id}/credits",
+                         json={"amount": 100, "reason": "welcome", "idempotency_key": "welcome"},
+                         headers=w.headers(w.platform_token))
+        assert r.status_code == 200, r.text
+        assert (await c.get("/api/v1/credits/balance", headers=admin)).json() == {"balance": 100, "currency": currency}
+        assert (await c.get("/api/v1/billing-account", headers=admin)).json()["currency"] == currency
+        # A deal takes the region's currency too, unless the client names one.
+        lead = (await c.post("/api/v1/crm/leads", json={"full_name": "Client"}, headers=admin)).json()
+        r = await c.post("/api/v1/crm/deals", json={"lead_id": lead["id"], "title": "Audit"}, headers=admin)
+        assert r.status_code == 201 and r.json()["currency"] == currency, r.text
+        r = await c.post("/api/v1/crm/deals", json={"lead_id": lead["id"], "title": "Export", "currency": "CAD"},
+                         headers=admin)
+        assert r.status_code == 201 and r.json()["currency"] == "CAD", r.text
+
+    # A currency set explicitly is kept when the account is created later by a grant.
+    tenant_id, admin = await tenant_with_admin(w, "DZ")
+    r = await c.patch("/api/v1/billing-account", json={"billing_name": "Haddad SARL", "currency": "EUR"}, headers=admin)
+    assert r.status_code == 200 and r.json()["currency"] == "EUR", r.text
+    async with operator_transaction(w.admin_url) as tx:
+        await service.grant_credits(tx, tenant_id, 10, "start", "start")
+    assert (await c.get("/api/v1/credits/balance", headers=admin)).json() == {"balance": 10, "currency": "EUR"}
 
 
 async def test_billable_actions_debit_and_refuse_with_402_when_out_of_credits(api_world: ApiWorld) -> None:
