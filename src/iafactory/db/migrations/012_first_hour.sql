@@ -43,6 +43,58 @@ WHERE t.id = a.tenant_id AND t.region IN ('DZ', 'FR', 'BE', 'CA') AND a.currency
   AND NOT EXISTS (SELECT 1 FROM credit_transactions c WHERE c.tenant_id = a.tenant_id);
 
 ------------------------------------------------------------------------------------------------
+-- The monthly plan grant for one tenant (`iafactory demo` grants its own tenants), and the
+-- grant for all tenants built on it: one idempotency key per tenant and month, one code path.
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION platform.grant_monthly_to(p_tenant uuid, p_month date DEFAULT current_date)
+    RETURNS TABLE (tenant_id uuid, slug text, credits bigint, granted boolean, balance bigint, currency text)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
+    AS $$
+#variable_conflict use_column
+DECLARE
+    t record;
+    v_granted boolean := false;
+BEGIN
+    PERFORM app.assert_platform_operator();
+    SELECT tn.id, tn.slug::text AS slug, tn.status, l.monthly_credits INTO t
+    FROM public.tenants tn CROSS JOIN LATERAL app.tenant_limits(tn.id) l
+    WHERE tn.id = p_tenant;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no tenant %', p_tenant USING ERRCODE = 'IA404';
+    END IF;
+    IF t.status IN ('active', 'trial') AND t.monthly_credits > 0 THEN
+        SELECT NOT r.duplicate INTO v_granted FROM internal.apply_credit(
+            t.id, 'grant', t.monthly_credits, 'monthly plan grant ' || to_char(p_month, 'YYYY-MM'),
+            'monthly:' || to_char(p_month, 'YYYY-MM'), NULL) r;
+    END IF;
+    RETURN QUERY
+        SELECT t.id, t.slug, t.monthly_credits, v_granted, coalesce(a.credit_balance, 0::bigint),
+               coalesce(a.currency::text, app.region_currency(tn.region))
+        FROM public.tenants tn LEFT JOIN public.billing_accounts a ON a.tenant_id = tn.id
+        WHERE tn.id = t.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION platform.grant_monthly(p_month date DEFAULT current_date)
+    RETURNS TABLE (tenant_id uuid, slug text, credits bigint, granted boolean)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
+    AS $$
+#variable_conflict use_column
+DECLARE
+    v_id uuid;
+BEGIN
+    PERFORM app.assert_platform_operator();
+    FOR v_id IN
+        SELECT tn.id FROM public.tenants tn CROSS JOIN LATERAL app.tenant_limits(tn.id) l
+        WHERE tn.status IN ('active', 'trial') AND l.monthly_credits > 0
+        ORDER BY tn.created_at, tn.id
+    LOOP
+        RETURN QUERY SELECT g.tenant_id, g.slug, g.credits, g.granted FROM platform.grant_monthly_to(v_id, p_month) g;
+    END LOOP;
+END
+$$;
+
+------------------------------------------------------------------------------------------------
 -- Tenant creation is audited, whichever path creates it (the platform API, the CLI). Like every
 -- audit row it records who (user, or the operator's login) and, for a request, its IP and id.
 ------------------------------------------------------------------------------------------------
