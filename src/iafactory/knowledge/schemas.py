@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from iafactory.resources import Resource
 from iafactory.resources.types import JsonObject, Language, LongText, Patch, Strict
@@ -35,7 +35,9 @@ class DocumentOut(BaseModel):
     title: str
     content: str
     source: str | None
-    language: str | None
+    language: str | None = Field(description="The language the client set; if none, the detected one (null until "
+                                             "indexed, or when the text has no recognisable language)")
+    detected_language: str | None = Field(description="Detected while indexing: the language of most of the text")
     metadata: dict
     index_status: Literal["pending", "indexing", "indexed", "failed"] = Field(
         description="Chunking and embedding run in the background after each change of the text.")
@@ -43,6 +45,12 @@ class DocumentOut(BaseModel):
     index_error: str | None
     created_at: datetime
     updated_at: datetime
+
+    @model_validator(mode="after")
+    def _detected_unless_set(self) -> DocumentOut:
+        if self.language is None:
+            self.language = self.detected_language
+        return self
 
 
 SearchMode = Literal["hybrid", "keyword", "semantic"]

@@ -95,6 +95,22 @@ END
 $$;
 
 ------------------------------------------------------------------------------------------------
+-- A document's detected language: the dominant language of its chunks, kept by the indexing
+-- worker beside the client's own `language` (which the API shows first when set). A column of its
+-- own, so that the worker's write neither moves updated_at nor queues another indexing job.
+------------------------------------------------------------------------------------------------
+ALTER TABLE knowledge_base ADD COLUMN IF NOT EXISTS detected_language varchar(8);
+
+-- Documents indexed before this migration: the language covering most of their text.
+UPDATE knowledge_base d SET detected_language = dominant.language
+FROM (SELECT DISTINCT ON (c.tenant_id, c.document_id) c.tenant_id, c.document_id, c.language
+      FROM knowledge_chunks c WHERE c.language IS NOT NULL
+      GROUP BY c.tenant_id, c.document_id, c.language
+      ORDER BY c.tenant_id, c.document_id, sum(c.char_end - c.char_start) DESC, c.language) dominant
+WHERE d.tenant_id = dominant.tenant_id AND d.id = dominant.document_id
+  AND d.language IS NULL AND d.detected_language IS NULL;
+
+------------------------------------------------------------------------------------------------
 -- Tenant creation is audited, whichever path creates it (the platform API, the CLI). Like every
 -- audit row it records who (user, or the operator's login) and, for a request, its IP and id.
 ------------------------------------------------------------------------------------------------
