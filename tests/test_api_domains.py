@@ -284,6 +284,22 @@ async def test_a_workflow_cannot_reference_another_tenants_project(api_world: Ap
 
 # --- Billing -------------------------------------------------------------------------------------
 
+async def test_a_project_belongs_to_the_user_who_created_it(api_world: ApiWorld) -> None:
+    c, a = api_world.client, api_world.a
+    for role in ("member", "owner"):
+        r = await c.post(f"{API}/projects", json={"name": f"by the {role}"}, headers=a.auth(role))
+        assert r.status_code == 201 and r.json()["owner_id"] == a.user_ids[role], r.text
+        assert (await c.get(f"{API}/projects/{r.json()['id']}", headers=a.auth("viewer"))).json()["owner_id"] \
+            == a.user_ids[role]
+    # An API key acts for the tenant, not for a person: no owner.
+    r = await c.post(f"{API}/projects", json={"name": "by the integration"}, headers=a.key("write"))
+    assert r.status_code == 201 and r.json()["owner_id"] is None, r.text
+    # The owner is not the client's to choose (another tenant's user id, for instance).
+    r = await c.post(f"{API}/projects", json={"name": "x", "owner_id": api_world.b.user_ids["owner"]},
+                     headers=a.auth("member"))
+    assert fields(r) == ["body.owner_id"]
+
+
 async def tenant_without_account(world: ApiWorld) -> tuple[uuid.UUID, dict[str, str]]:
     """A new tenant with a single admin, and no billing account (no credits ever granted)."""
     tag = uuid.uuid4().hex[:6]

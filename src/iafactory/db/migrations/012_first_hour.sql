@@ -111,6 +111,12 @@ WHERE d.tenant_id = dominant.tenant_id AND d.id = dominant.document_id
   AND d.language IS NULL AND d.detected_language IS NULL;
 
 ------------------------------------------------------------------------------------------------
+-- A project belongs to the user who created it. With an API key no user is set (the key acts for
+-- the tenant, not for a person), so such projects have no owner.
+------------------------------------------------------------------------------------------------
+ALTER TABLE projects ALTER COLUMN owner_id SET DEFAULT app.current_user_id();
+
+------------------------------------------------------------------------------------------------
 -- Tenant creation is audited, whichever path creates it (the platform API, the CLI). Like every
 -- audit row it records who (user, or the operator's login) and, for a request, its IP and id.
 ------------------------------------------------------------------------------------------------
