@@ -416,6 +416,33 @@ async def test_single_tenant_login_selects_it(world: ApiWorld) -> None:
     assert r.json()["tenant"]["id"] == str(world.a.id) and len(r.json()["tenants"]) == 1
 
 
+async def test_me_lists_my_tenants_with_role_and_current_for_every_credential(world: ApiWorld) -> None:
+    """GET /me and GET /me/tenants answer the same list, whatever the credential."""
+    c, w = world.client, world
+
+    async def tenants(headers: dict[str, str]) -> list[tuple[str, str, bool]]:
+        me = await c.get(f"{API}/me", headers=headers)
+        mine = await c.get(f"{API}/me/tenants", headers=headers)
+        assert me.status_code == mine.status_code == 200, (me.text, mine.text)
+        assert me.json()["tenants"] == mine.json()
+        return sorted((t["id"], t["role"], t["current"]) for t in mine.json())
+
+    a, b = str(w.a.id), str(w.b.id)
+    # A token for one tenant (the case that used to answer "tenants": []).
+    assert await tenants(w.a.auth("owner")) == [(a, "owner", True)]
+    # A user of two tenants: none selected, then A selected.
+    assert await tenants(bearer(w.both_user_token)) == sorted([(a, "admin", False), (b, "member", False)])
+    r = await c.post(f"{API}/auth/select-tenant", json={"tenant": w.a.slug}, headers=bearer(w.both_user_token))
+    assert await tenants(bearer(r.json()["access_token"])) == sorted([(a, "admin", True), (b, "member", False)])
+    # API keys: their own tenant only, with the role the key acts as.
+    assert await tenants(w.a.key("read")) == [(a, "viewer", True)]
+    assert await tenants(w.b.key("write", header="bearer")) == [(b, "member", True)]
+    # A user with no tenant.
+    assert await tenants(bearer(w.platform_token)) == []
+    listed = (await c.get(f"{API}/me/tenants", headers=w.a.auth("viewer"))).json()
+    assert listed[0]["slug"] == w.a.slug and listed[0]["status"] == "active"
+
+
 # --- register and login ------------------------------------------------------------------------------
 
 async def test_register(world: ApiWorld) -> None:

@@ -12,7 +12,7 @@ from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db.scope import operator_transaction
 from iafactory.tenancy import service
 from iafactory.serve import run_server
-from iafactory.tenancy.demo import DEMO_PASSWORD, DEMO_USERS, load_demo_tenants, load_demo_users
+from iafactory.tenancy.demo import DEMO_PASSWORD, DEMO_TENANTS, DEMO_USERS, load_demo_tenants, load_demo_users
 from iafactory.tenancy.schemas import TenantFilters
 
 
@@ -27,6 +27,9 @@ async def prepare_demo() -> None:
         created = await load_demo_tenants(tx)
         await load_demo_users(tx, password_hash)
         tenants = await service.list_tenants(tx, TenantFilters())
+        # Billable actions (a PME analysis...) need credits: this month's plan grant, once per month.
+        demo_slugs = {t.slug for t in DEMO_TENANTS}
+        grants = [await service.grant_monthly_to(tx, t.id) for t in tenants if t.slug in demo_slugs]
     console.print(f"Demo tenants: {created} created.")
     statuses = await migrations.check(url)
     print_table("Migrations", ["version", "name", "state"], [[s.version, s.name, s.state] for s in statuses])
@@ -34,6 +37,13 @@ async def prepare_demo() -> None:
         f"Tenants ({len(tenants)})",
         ["slug", "name", "region", "plan", "status"],
         [[t.slug, t.name, t.region, t.plan, t.status] for t in tenants],
+    )
+    print_table(
+        f"Monthly plan credits: {sum(g['granted'] for g in grants)} demo tenants granted now, "
+        f"{sum(not g['granted'] for g in grants)} already this month",
+        ["slug", "credits", "currency", "balance", "granted"],
+        [[g["slug"], g["credits"], g["currency"], g["balance"], "now" if g["granted"] else "already this month"]
+         for g in grants],
     )
     print_table(
         f"Demo users (password for all: {DEMO_PASSWORD})",

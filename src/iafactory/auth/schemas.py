@@ -38,6 +38,11 @@ class Membership(BaseModel):
     status: str
 
 
+class MyTenant(Membership):
+    current: bool = Field(description="True for the tenant this credential acts for (the selected tenant of "
+                                      "a token, the tenant of an API key).")
+
+
 class TokenOut(BaseModel):
     access_token: str
     token_type: Literal["bearer"] = "bearer"
@@ -59,7 +64,8 @@ class MeOut(BaseModel):
     tenant: Membership | None
     role: Role | None
     api_key_id: UUID | None = None
-    tenants: list[Membership] = []
+    tenants: list[MyTenant] = Field(default=[], description="Every tenant of the caller, with their role there; "
+                                    "an API key has exactly one, its own.")
 
 
 class ApiKeyCreate(Strict):
