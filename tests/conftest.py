@@ -8,6 +8,7 @@ Every test that changes the schema gets a database of its own, created and dropp
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,11 @@ from iafactory.config import Settings
 from iafactory.db import server
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Real secrets for this test session: the service has no usable defaults any more (with
+# DATABASE_URL they must be configured), and fixed values in a repository would be public ones.
+TEST_SECRETS = {name: secrets.token_urlsafe(40) for name in ("jwt_secret", "api_key_secret", "app_db_password")}
+SECRET_ENV = {f"IAFACTORY_{name.upper()}": value for name, value in TEST_SECRETS.items()}
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +84,8 @@ def empty_db(make_database: Callable[[], str]) -> str:
 
 
 def run_cli(*args: str, db_url: str, env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run the installed `iafactory` console script against `db_url`."""
-    full_env = {**os.environ, "DATABASE_URL": db_url, **(env or {})}
+    """Run the installed `iafactory` console script against `db_url` (with this session's secrets)."""
+    full_env = {**os.environ, **SECRET_ENV, "DATABASE_URL": db_url, **(env or {})}
     exe = Path(sys.executable).with_name("iafactory")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, input=input, timeout=300)
 
@@ -103,7 +109,7 @@ def prepare_sync(url: str) -> list:
 
 
 def settings_for(url: str, **overrides) -> Settings:
-    return Settings(database_url=url, **overrides)
+    return Settings(database_url=url, **{**TEST_SECRETS, **overrides})
 
 
 @pytest.fixture
