@@ -54,6 +54,8 @@ class RequestContextMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._refuse(send_wrapper, request_id, 413, "Content Too Large",
                                f"request body exceeds {self.max_body_bytes} bytes")
+        elif (declared is None or declared == b"0") and b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send_wrapper)  # no body to wait for (every GET)
         else:
             first = await self._read_body(receive)
             if isinstance(first, tuple):

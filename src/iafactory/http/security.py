@@ -43,11 +43,13 @@ class SecurityHeadersMiddleware:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = message.setdefault("headers", [])
-                present = {name.lower() for name, _ in headers}
+                present, html = set(), False
+                for name, value in headers:
+                    name = name.lower()
+                    present.add(name)
+                    html = html or (name == b"content-type" and value.startswith(b"text/html"))
                 added = [h for h in COMMON if h[0] not in present]
                 if b"content-security-policy" not in present:
-                    html = any(name.lower() == b"content-type" and value.startswith(b"text/html")
-                               for name, value in headers)
                     added.append((b"content-security-policy", DOCS_CSP if html else API_CSP))
                 if https and self.hsts is not None and b"strict-transport-security" not in present:
                     added.append((b"strict-transport-security", self.hsts))
