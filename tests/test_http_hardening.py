@@ -23,8 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api_support import module_api_client, module_db  # noqa: F401 - fixtures
+from api_support import fast_settings, module_api_client, module_db  # noqa: F401 - fixtures
 from conftest import SECRET_ENV
+from iafactory.app import create_app
+from iafactory.db import bootstrap
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
@@ -307,3 +309,23 @@ async def test_hsts_on_https(module_api_client: tuple[httpx.AsyncClient, str, ob
     client = module_api_client[0]
     r = await client.get("https://testserver/healthz")
     assert r.headers["strict-transport-security"] == "max-age=31536000"
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_error_gets_the_headers_too(module_db: str) -> None:  # noqa: F811
+    """Starlette answers unhandled exceptions from outside every middleware: the 500 problem
+    carries the same headers all the same."""
+    settings = fast_settings(module_db)
+    async with bootstrap.database(settings, module_db) as db:
+        app = create_app(settings, db)
+
+        @app.get("/api/v1/boom", include_in_schema=False)
+        async def boom() -> None:
+            raise RuntimeError("boom")
+
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            r = await client.get("/api/v1/boom")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-store"
+    assert r.headers["content-security-policy"].startswith("default-src 'none'")

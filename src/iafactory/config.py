@@ -185,8 +185,8 @@ def serving_problems(settings: Settings, host: str) -> list[str]:
 
 
 def app_db_password_problem(settings: Settings) -> str | None:
-    """With DATABASE_URL, the application role's password must be a real one (it reaches every
-    tenant's rows once `app.tenant_id` is set). IAFACTORY_APP_DATABASE_URL carries its own."""
+    """With DATABASE_URL, the application role's password must be a real one: once connected, that
+    role may act as any tenant. IAFACTORY_APP_DATABASE_URL carries its own."""
     if settings.app_database_url:
         from psycopg.conninfo import conninfo_to_dict
 

@@ -28,6 +28,16 @@ COMMON = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")
           (b"referrer-policy", b"no-referrer"))
 
 
+def json_answer_headers(path: str) -> dict[str, str]:
+    """The headers above for a JSON answer sent outside this middleware: Starlette answers an
+    unhandled exception from its outermost layer (ServerErrorMiddleware), after ours."""
+    headers = {name.decode(): value.decode() for name, value in COMMON}
+    headers["content-security-policy"] = API_CSP.decode()
+    if path.startswith("/api/"):
+        headers["cache-control"] = "no-store"
+    return headers
+
+
 class SecurityHeadersMiddleware:
     def __init__(self, app: ASGIApp, hsts_max_age: int = 31_536_000) -> None:
         self.app = app
