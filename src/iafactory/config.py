@@ -27,7 +27,7 @@ KNOWN_DEV_SECRETS = frozenset({
 # guessable online, against a server that logs failures: 16 characters at least.
 MIN_KEY_BYTES = 32
 MIN_DB_PASSWORD_CHARS = 16
-SECRET_HINT = "e.g. python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+SECRET_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
 
 
 class ConfigError(Exception):
@@ -139,18 +139,18 @@ def is_loopback(host: str) -> bool:
 
 def _key_problem(field: str, value: SecretStr | None, minimum: int, unit: str) -> str | None:
     if value is None:
-        return f"{env_name(field)} is not set ({SECRET_HINT})"
+        return f"{env_name(field)} is not set"
     raw = value.get_secret_value()
     if raw in KNOWN_DEV_SECRETS:
-        return f"{env_name(field)} is a public development value: set a secret of your own ({SECRET_HINT})"
+        return f"{env_name(field)} is a public development value: set a secret of your own"
     size = len(raw.encode()) if unit == "bytes" else len(raw)
     if size < minimum:
-        return f"{env_name(field)} is too short: at least {minimum} {unit} ({SECRET_HINT})"
+        return f"{env_name(field)} is too short: at least {minimum} {unit}"
     return None
 
 
 def serving_problems(settings: Settings, host: str) -> list[str]:
-    """What stops `serve` from starting safely, one sentence per setting (empty: fine).
+    """What stops `serve` from starting safely, one clause per setting (empty: fine).
 
     With DATABASE_URL, or listening beyond loopback, every secret must come from configuration:
     generated ones are tied to one data directory and nobody would know to back them up or rotate
@@ -164,7 +164,7 @@ def serving_problems(settings: Settings, host: str) -> list[str]:
         problem = _key_problem(field, getattr(settings, field), MIN_KEY_BYTES, "bytes")
         if problem is None and (external or exposed) and field in settings.generated_secrets:
             where = "with DATABASE_URL" if external else f"to listen on {host}"
-            problem = f"{env_name(field)} must be configured {where} ({SECRET_HINT})"
+            problem = f"{env_name(field)} must be configured {where}"
         if problem:
             problems.append(problem)
     if settings.jwt_previous_secret is not None:

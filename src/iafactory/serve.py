@@ -10,7 +10,7 @@ import typer
 import uvicorn
 
 from iafactory.cli import admin_url, app, console, print_error
-from iafactory.config import ConfigError, Settings, get_settings, serving_problems
+from iafactory.config import SECRET_HINT, ConfigError, Settings, get_settings, serving_problems
 from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.http.protocol import HttpLimits, LimitedHttpToolsProtocol
 
@@ -45,7 +45,7 @@ def settings_to_serve(host: str | None) -> tuple[Settings, str]:
     host = host or settings.host
     problems = serving_problems(settings, host)
     if problems:
-        print_error("; ".join(problems))
+        print_error(f"{'; '.join(problems)} ({SECRET_HINT})")
         raise typer.Exit(1)
     return settings, host
 

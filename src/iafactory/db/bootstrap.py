@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from iafactory.config import ConfigError, Settings, app_db_password_problem
+from iafactory.config import SECRET_HINT, ConfigError, Settings, app_db_password_problem
 from iafactory.db import migrate, roles, server
 from iafactory.db.scope import Database, admin_connect
 
@@ -19,7 +19,7 @@ async def migrate_and_prepare(
 ) -> list[migrate.Migration]:
     # Checked before migrating: a missing or public password changes nothing.
     if settings.database_url is not None and (problem := app_db_password_problem(settings)):
-        raise ConfigError(problem)
+        raise ConfigError(f"{problem} ({SECRET_HINT})")
     password = server.app_login_password(settings)
     applied = await migrate.migrate(admin_url, target, on_start=on_start, on_done=on_done)
     async with await admin_connect(admin_url) as conn:
