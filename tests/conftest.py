@@ -11,6 +11,7 @@ Every test that changes the schema gets a database of its own, created and dropp
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import uuid
@@ -24,6 +25,11 @@ from iafactory.config import Settings
 from iafactory.db import server
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Real secrets for this test session: the service has no usable defaults any more (with
+# DATABASE_URL they must be configured), and fixed values in a repository would be public ones.
+TEST_SECRETS = {name: secrets.token_urlsafe(40) for name in ("jwt_secret", "api_key_secret", "app_db_password")}
+SECRET_ENV = {f"IAFACTORY_{name.upper()}": value for name, value in TEST_SECRETS.items()}
 
 
 def embedded_test_data_dir() -> Path:
@@ -84,8 +90,9 @@ def empty_db(make_database: Callable[[], str]) -> str:
 
 
 def run_cli(*args: str, db_url: str | None, env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run the installed `iafactory` console script against `db_url` (None: DATABASE_URL unset, the embedded server)."""
-    full_env = {**os.environ, **(env or {})}
+    """Run the installed `iafactory` console script against `db_url` (None: DATABASE_URL unset, the
+    embedded server), with this session's secrets."""
+    full_env = {**os.environ, **SECRET_ENV, **(env or {})}
     full_env.pop("DATABASE_URL", None)
     if db_url is not None:
         full_env["DATABASE_URL"] = db_url
@@ -112,7 +119,7 @@ def prepare_sync(url: str) -> list:
 
 
 def settings_for(url: str, **overrides) -> Settings:
-    return Settings(database_url=url, **overrides)
+    return Settings(database_url=url, **{**TEST_SECRETS, **overrides})
 
 
 @pytest.fixture

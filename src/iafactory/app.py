@@ -17,6 +17,7 @@ from iafactory.db.scope import Database
 from iafactory.http import problems
 from iafactory.http.middleware import RequestContextMiddleware
 from iafactory.observability import logs, metrics
+from iafactory.http.security import SecurityHeadersMiddleware
 from iafactory.plans.ratelimit import RedisRateLimiter
 
 log = logging.getLogger("iafactory")
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             403: {"description": "Not allowed: role, key scope, tenant status or plan limit (application/problem+json)"},
             404: {"description": "No such record in this tenant (application/problem+json)"},
             409: {"description": "Conflict with the current state (application/problem+json)"},
+            408: {"description": "Request body not received in time (application/problem+json)"},
             413: {"description": "Request body too large (application/problem+json)"},
             422: {"description": "Validation failed, naming the field (application/problem+json)"},
             429: {"description": "Rate limit exceeded; see Retry-After (application/problem+json)"},
@@ -112,7 +114,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         app.state.tracing = tracing.instrument(app, settings, span_exporter)
     problems.install(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
-                       span_hook=app.state.tracing.annotate if app.state.tracing else None)
+                       span_hook=app.state.tracing.annotate if app.state.tracing else None,
+                       body_timeout=settings.body_timeout_seconds)
+    # Added last, so outermost: the 413/408 answers of the middleware above get the headers too.
+    app.add_middleware(SecurityHeadersMiddleware, hsts_max_age=settings.hsts_max_age_seconds)
     for router in api_routers():
         app.include_router(router, prefix="/api/v1")
     from iafactory.observability.endpoints import router as metrics_router

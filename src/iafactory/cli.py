@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from iafactory.config import get_settings
+from iafactory.config import ConfigError, get_settings
 from iafactory.db import server
 from iafactory.db.migrate import MigrationError
 from iafactory.tenancy.portability import PortabilityError
@@ -65,7 +65,7 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return asyncio.run(coro_fn(*args, **kwargs))
-        except (CliError, MigrationError, TenantError, PortabilityError) as err:
+        except (CliError, ConfigError, MigrationError, TenantError, PortabilityError) as err:
             print_error(str(err))
         except ValidationError as err:
             print_error(field_errors(err))
@@ -130,4 +130,8 @@ def load_commands() -> typer.Typer:
 
 
 def main() -> None:
-    load_commands()()
+    try:
+        load_commands()()
+    except ConfigError as err:  # e.g. an unreadable secrets file, met while reading the settings
+        print_error(str(err))
+        sys.exit(1)

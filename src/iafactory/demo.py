@@ -11,7 +11,7 @@ from iafactory.db import migrate as migrations
 from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db.scope import operator_transaction
 from iafactory.tenancy import service
-from iafactory.serve import run_server
+from iafactory.serve import run_server, settings_to_serve
 from iafactory.tenancy.demo import DEMO_PASSWORD, DEMO_TENANTS, DEMO_USERS, load_demo_tenants, load_demo_users
 from iafactory.tenancy.schemas import TenantFilters
 
@@ -61,11 +61,12 @@ def demo_command(
 ) -> None:
     """Migrate, load demo tenants and users, and run the API: everything on the embedded PostgreSQL
     (or DATABASE_URL)."""
+    if serve:
+        settings, host = settings_to_serve(host)  # refuse before writing anything
     prepare_demo()
     if not serve:
         return
-    settings = get_settings()
-    host, port = host or settings.host, port or settings.port
+    port = port or settings.port
     # One line each, never wrapped: scripts (scripts/smoke_demo.py) read the address and the credential.
     console.print(f"\nAPI: http://{host}:{port}/api/v1   docs: http://{host}:{port}/docs   "
                   f"OpenAPI: http://{host}:{port}/openapi.json", soft_wrap=True, highlight=False)

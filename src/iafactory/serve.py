@@ -1,21 +1,38 @@
-"""`iafactory serve`: the HTTP service (uvicorn)."""
+"""`iafactory serve`: the HTTP service (uvicorn, with the limits of iafactory/http/protocol.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import typer
 import uvicorn
 
-from iafactory.cli import admin_url, app, console
-from iafactory.config import get_settings
+from iafactory.cli import admin_url, app, console, print_error
+from iafactory.config import SECRET_HINT, ConfigError, Settings, get_settings, serving_problems
 from iafactory.db.bootstrap import migrate_and_prepare
+from iafactory.http.protocol import HttpLimits, LimitedHttpToolsProtocol
 from iafactory.observability import logs
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Server options shared by `serve` and the benchmarks' baseline server."""
+    limits = HttpLimits(settings.max_header_bytes, settings.max_headers, settings.header_timeout_seconds)
+    return {
+        "http": functools.partial(LimitedHttpToolsProtocol, limits=limits),
+        "timeout_keep_alive": settings.keep_alive_timeout_seconds,
+        "server_header": False,  # no "server: uvicorn": nothing to look up in a vulnerability list
+        "date_header": True,
+        "log_level": settings.log_level.lower(),
+        "access_log": False,
+        "proxy_headers": True,
+    }
 
 
 def run_server(host: str, port: int, workers: int, log_format: str | None = None) -> None:
@@ -31,12 +48,27 @@ def run_server(host: str, port: int, workers: int, log_format: str | None = None
         os.environ[MULTIPROC_ENV] = own_dir
     try:
         uvicorn.run("iafactory.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_config=log_config, log_level=settings.log_level.lower(), access_log=False,
-                    proxy_headers=True)
+                    log_config=log_config, **uvicorn_options(settings))
     finally:
         if own_dir is not None:
             os.environ.pop(MULTIPROC_ENV, None)
             shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def settings_to_serve(host: str | None) -> tuple[Settings, str]:
+    """The settings, and the host to listen on, once it is safe to serve; otherwise one `error:`
+    line naming every missing or unusable setting, and exit status 1, before anything starts."""
+    try:
+        settings = get_settings()
+    except ConfigError as err:
+        print_error(str(err))
+        raise typer.Exit(1) from err
+    host = host or settings.host
+    problems = serving_problems(settings, host)
+    if problems:
+        print_error(f"{'; '.join(problems)} ({SECRET_HINT})")
+        raise typer.Exit(1)
+    return settings, host
 
 
 @app.command("serve")
@@ -47,8 +79,8 @@ def serve_command(
     migrate: bool = typer.Option(True, "--migrate/--no-migrate", help="Apply pending migrations first."),
 ) -> None:
     """Run the API (OpenAPI at /openapi.json, docs at /docs, metrics at /metrics)."""
-    settings = get_settings()
-    host, port = host or settings.host, port or settings.port
+    settings, host = settings_to_serve(host)
+    port = port or settings.port
     if migrate:
         applied = asyncio.run(migrate_and_prepare(admin_url(), settings))
         if applied:

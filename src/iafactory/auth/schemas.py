@@ -6,8 +6,9 @@ from datetime import datetime, timezone
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from iafactory.emails import Email
 from iafactory.tenancy.schemas import Role
 
 
@@ -16,13 +17,13 @@ class Strict(BaseModel):
 
 
 class RegisterIn(Strict):
-    email: EmailStr
+    email: Email
     password: str = Field(min_length=10, max_length=200, description="At least 10 characters.")
     name: str = Field(default="", max_length=255)
 
 
 class LoginIn(Strict):
-    email: EmailStr
+    email: Email
     password: str = Field(min_length=1, max_length=200)
 
 

@@ -123,6 +123,18 @@ def app_conninfo(settings: Settings, admin: str) -> str:
         return settings.app_database_url
     params = conninfo_to_dict(admin)
     params["user"] = settings.app_db_user
-    params["password"] = settings.app_db_password.get_secret_value()
+    params["password"] = settings.secret("app_db_password")
     params.setdefault("application_name", "iafactory")
     return make_conninfo(**params)
+
+
+def app_login_password(settings: Settings) -> str | None:
+    """The password `migrate` gives the application role: IAFACTORY_APP_DB_PASSWORD, else the one in
+    IAFACTORY_APP_DATABASE_URL when that URL logs in as the same role, else None (left unchanged).
+    Without either URL or password there is nothing sensible to set: ConfigError names the setting."""
+    if settings.app_db_password is not None:
+        return settings.app_db_password.get_secret_value()
+    if settings.app_database_url:
+        params = conninfo_to_dict(settings.app_database_url)
+        return params.get("password") if params.get("user") == settings.app_db_user else None
+    return settings.secret("app_db_password")

@@ -1,8 +1,9 @@
-"""Request id, body-size limit, and per request: one access-log line (tenant, caller, route
-template, status, duration) and the request metrics."""
+"""Request id, body size and time limits, and per request: one access-log line (tenant, caller,
+route template, status, duration) and the request metrics."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -10,6 +11,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from iafactory.http.problems import PROBLEM_JSON
@@ -23,12 +25,21 @@ class RequestContextMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware): cheap, and it can refuse an oversized body while it streams.
 
     `span_hook(who, route)` (set when tracing is on): called as the response starts, while the
-    tracing server span is still open (it ends with the last body message)."""
+    tracing server span is still open (it ends with the last body message).
+
+    The body is read here, before the application runs, within `max_body_bytes` and
+    `body_timeout` seconds: a declared length over the limit gets 413 at once, a chunked body gets
+    413 as soon as it passes the limit (the framework would turn an error while it reads the body
+    into a 400), and a body that does not arrive in time gets 408. Every handler reads its whole
+    body anyway, so this costs no memory the handler would not have used.
+    """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int,
-                 span_hook: Callable[[Mapping[str, Any], str], None] | None = None) -> None:
+                 span_hook: Callable[[Mapping[str, Any], str], None] | None = None,
+                 body_timeout: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.span_hook = span_hook
         self.plans = metrics.PlanLabels()
 
@@ -66,23 +77,27 @@ class RequestContextMiddleware:
         try:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                await self._too_large(send_wrapper, request_id)
+                await self._refuse(send_wrapper, request_id, 413, "Content Too Large",
+                                   f"request body exceeds {self.max_body_bytes} bytes")
+            elif (declared is None or declared == b"0") and b"transfer-encoding" not in headers:
+                await self.app(scope, receive, send_wrapper)  # no body to wait for (every GET)
             else:
-                received = 0
+                first = await self._read_body(receive)
+                if isinstance(first, tuple):
+                    await self._refuse(send_wrapper, request_id, *first)
+                elif first["type"] == "http.disconnect":
+                    status["code"] = 499  # the client went away before its body arrived
+                else:
+                    replayed = False
 
-                async def receive_limited() -> Message:
-                    nonlocal received
-                    message = await receive()
-                    if message["type"] == "http.request":
-                        received += len(message.get("body", b""))
-                        if received > self.max_body_bytes:
-                            raise _BodyTooLarge
-                    return message
+                    async def receive_buffered() -> Message:
+                        nonlocal replayed
+                        if not replayed:
+                            replayed = True
+                            return first
+                        return await receive()  # only http.disconnect from here on
 
-                try:
-                    await self.app(scope, receive_limited, send_wrapper)
-                except _BodyTooLarge:
-                    await self._too_large(send_wrapper, request_id)
+                    await self.app(scope, receive_buffered, send_wrapper)
         except BaseException:
             # The error handler outside logs it: leave this request's context bound for that line.
             escaped = True
@@ -112,13 +127,31 @@ class RequestContextMiddleware:
             "client_ip": client[0] if client else None, "plan": plan,
         }})
 
-    async def _too_large(self, send: Send, request_id: str) -> None:
-        body = (f'{{"type":"about:blank","title":"Content Too Large","status":413,'
-                f'"detail":"request body exceeds {self.max_body_bytes} bytes","request_id":"{request_id}"}}').encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]})
+    async def _read_body(self, receive: Receive) -> Message | tuple[int, str, str]:
+        """The whole body as one http.request message (or the disconnect), else (status, title, detail)."""
+        chunks: list[bytes] = []
+        size = 0
+        with anyio.move_on_after(self.body_timeout):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    return 413, "Content Too Large", f"request body exceeds {self.max_body_bytes} bytes"
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        return 408, "Request Timeout", f"request body not received within {self.body_timeout:g} s"
+
+    async def _refuse(self, send: Send, request_id: str, status: int, title: str, detail: str) -> None:
+        body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail,
+                           "request_id": request_id}).encode()
+        headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]
+        if status == 408:
+            headers.append((b"connection", b"close"))  # a client this slow gets no second request
+        # After a 413 the server drops the rest of the body; the connection's header timer
+        # (http/protocol.py) closes it if the rest takes longer than a request head may.
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass

@@ -103,8 +103,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        from iafactory.http.security import json_answer_headers
+
         return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
-                                request=request)
+                                request=request, headers=json_answer_headers(request.url.path))
 
 
 _constraint_cache: dict[str, list[str]] = {}
