@@ -14,6 +14,8 @@ import platformdirs
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from iafactory.jsonvalues import JsonLimits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IAFACTORY_", env_file=".env", extra="ignore")
@@ -58,6 +60,13 @@ class Settings(BaseSettings):
     # `iafactory serve` runs an indexing worker in-process (default: with the embedded database).
     run_worker: bool | None = None
     max_body_bytes: int = 1_048_576
+    # Every free-form JSON field of a request (metadata, settings, inputs...): refused with 422
+    # beyond these (iafactory.jsonvalues).
+    json_max_depth: int = Field(default=32, ge=1, le=200)
+    json_max_bytes: int = Field(default=65_536, ge=2)
+    json_max_keys: int = Field(default=1_000, ge=1)
+    json_max_items: int = Field(default=10_000, ge=1)
+    json_max_string: int = Field(default=32_768, ge=1)
     log_level: str = "INFO"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -65,6 +74,11 @@ class Settings(BaseSettings):
     @property
     def embedded_dir(self) -> Path:
         return self.data_dir / "pg18"
+
+    @property
+    def json_limits(self) -> JsonLimits:
+        return JsonLimits(depth=self.json_max_depth, nbytes=self.json_max_bytes, keys=self.json_max_keys,
+                          items=self.json_max_items, string=self.json_max_string)
 
 
 @lru_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 
 from iafactory.audit import service as audit
 from iafactory.auth import service
@@ -15,8 +15,9 @@ from iafactory.auth.schemas import (
 )
 from iafactory.config import Settings
 from iafactory.http.problems import not_found
+from iafactory.http.rendering import api_router
 
-router = APIRouter(tags=["auth"])
+router = api_router(tags=["auth"])
 
 
 def _settings(request: Request) -> Settings:

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 
 from iafactory.auth.dependencies import Admin, Member, Viewer
 from iafactory.billing import service
@@ -19,9 +19,10 @@ from iafactory.billing.schemas import (
     UsageSummary,
 )
 from iafactory.http.problems import Problem
+from iafactory.http.rendering import api_router
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, decode, page_of
 
-router = APIRouter()
+router = api_router()
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")]
 Cursor = Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")]

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Response
 
 from iafactory.auth.dependencies import Member, Viewer
 from iafactory.http.problems import not_found
+from iafactory.http.rendering import api_router
 from iafactory.resources import pagination, repository
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from iafactory.resources.spec import Resource
@@ -20,7 +21,7 @@ CONFLICT = {409: {"description": "Conflicts with existing or dependent records (
 
 
 def crud_router(spec: Resource) -> APIRouter:
-    router = APIRouter(prefix=f"/{spec.name}", tags=[spec.tag])
+    router = api_router(prefix=f"/{spec.name}", tags=[spec.tag])
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
 
     @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.slug}",

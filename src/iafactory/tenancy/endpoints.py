@@ -6,11 +6,12 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import psycopg
-from fastapi import APIRouter, Query, Response
+from fastapi import Query, Response
 from psycopg.types.json import Jsonb
 
 from iafactory.auth.dependencies import Admin, Owner, UserSession, Viewer
 from iafactory.http.problems import Problem, not_found
+from iafactory.http.rendering import api_router
 from iafactory.resources.pagination import MAX_LIMIT, Page, decode, page_of
 from iafactory.tenancy import members, service
 from iafactory.tenancy.schemas import (
@@ -18,7 +19,7 @@ from iafactory.tenancy.schemas import (
     TenantFilters, TenantUpdate,
 )
 
-router = APIRouter()
+router = api_router()
 TENANT_COLUMNS = ("id, name, slug, region, plan, status, admin_email, admin_phone, settings, metadata, "
                   "created_at, updated_at, trial_ends_at")
 
