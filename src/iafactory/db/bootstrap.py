@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import psycopg
+
 from iafactory.config import Settings
 from iafactory.db import migrate, roles, server
-from iafactory.db.scope import Database, admin_connect
+from iafactory.db.scope import Database
 
 
 async def migrate_and_prepare(
@@ -17,12 +19,13 @@ async def migrate_and_prepare(
     on_start: Callable[[migrate.Migration], None] | None = None,
     on_done: Callable[[migrate.Migration, int], None] | None = None,
 ) -> list[migrate.Migration]:
-    applied = await migrate.migrate(admin_url, target, on_start=on_start, on_done=on_done)
-    async with await admin_connect(admin_url) as conn:
+    async def app_login(conn: psycopg.AsyncConnection) -> None:
         has_group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
         if has_group:
             await roles.ensure_app_login(conn, settings.app_db_user, settings.app_db_password.get_secret_value())
-    return applied
+
+    # Under the migration lock: replicas starting together create the role once.
+    return await migrate.migrate(admin_url, target, on_start=on_start, on_done=on_done, then=app_login)
 
 
 def database(settings: Settings, admin_url: str) -> Database:
