@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     embedding_dimension: int = 1536
     # `iafactory serve` runs an indexing worker in-process (default: with the embedded database).
     run_worker: bool | None = None
+    # An indexing job is held for this long after its worker was last heard of (a heartbeat renews
+    # it every third of it): a job whose worker died is taken by another within this time.
+    worker_lease_seconds: int = Field(default=25, ge=1, le=3600)
     max_body_bytes: int = 1_048_576
     # Every free-form JSON field of a request (metadata, settings, inputs...): refused with 422
     # beyond these (iafactory.jsonvalues).
