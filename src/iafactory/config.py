@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     json_max_keys: int = Field(default=1_000, ge=1)
     json_max_items: int = Field(default=10_000, ge=1)
     json_max_string: int = Field(default=32_768, ge=1)
+    # How long an Idempotency-Key and its stored answer are kept (at least 24 hours).
+    idempotency_key_ttl_seconds: int = Field(default=86_400, ge=86_400)
     log_level: str = "INFO"
     host: str = "127.0.0.1"
     port: int = 8000

@@ -6,6 +6,8 @@ A claimed job is held by a short lease (`IAFACTORY_WORKER_LEASE_SECONDS`) that a
 while the job runs. A worker that is stopped (SIGTERM, or the server shutting down) gives its job
 back at once, without counting the attempt; a worker that dies loses its job when the lease runs
 out, and another worker takes it.
+
+When idle, the worker also deletes expired idempotency keys (every few minutes, in batches).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ log = logging.getLogger("iafactory.worker")
 MAX_ATTEMPTS = 5
 IDLE_POLL_SECONDS = 2.0
 LEASE_SECONDS = 25
+PURGE_EVERY_SECONDS = 300.0
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 _HELD = "tenant_id = %s AND id = %s AND lease_token = %s AND status = 'running'"
@@ -145,6 +148,17 @@ async def drain(db: Database, embedder: Embedder, **kwargs: Any) -> int:
     return done
 
 
+async def purge_idempotency_keys(db: Database) -> int:
+    """Delete expired idempotency keys of every tenant, a batch at a time (013)."""
+    deleted = 0
+    while True:
+        async with db.anonymous() as tx:
+            batch = await tx.fetchval("SELECT app.purge_idempotency_keys(1000)")
+        deleted += batch
+        if batch < 1000:
+            return deleted
+
+
 async def run_forever(db: Database, embedder: Embedder, stop: asyncio.Event | None = None, *,
                       lease_seconds: int = LEASE_SECONDS) -> None:
     """Work while there is work; otherwise wait for a NOTIFY from a new job, or a short poll.
@@ -154,6 +168,7 @@ async def run_forever(db: Database, embedder: Embedder, stop: asyncio.Event | No
     listener = asyncio.create_task(db.listen("iafactory_knowledge_jobs", wake, stop))
     stopping = asyncio.create_task(stop.wait())
     job: asyncio.Task[bool] | None = None
+    next_purge = time.monotonic()
     try:
         while not stop.is_set():
             job = asyncio.create_task(run_one(db, embedder, lease_seconds=lease_seconds))
@@ -165,6 +180,13 @@ async def run_forever(db: Database, embedder: Embedder, stop: asyncio.Event | No
                     continue
             except Exception:  # noqa: BLE001 - the database may be restarting: keep the worker alive
                 log.exception("worker loop error")
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + PURGE_EVERY_SECONDS
+                try:
+                    if deleted := await purge_idempotency_keys(db):
+                        log.info("deleted %s expired idempotency keys", deleted)
+                except Exception:  # noqa: BLE001 - housekeeping: try again next time
+                    log.warning("could not delete expired idempotency keys", exc_info=True)
             wake.clear()
             woken = asyncio.create_task(wake.wait())
             await asyncio.wait({woken, stopping}, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 
 from iafactory.auth.dependencies import Member, Viewer
+from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import not_found
 from iafactory.http.rendering import api_router
 from iafactory.resources import pagination, repository
@@ -26,8 +27,9 @@ def crud_router(spec: Resource) -> APIRouter:
 
     @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.slug}",
                  responses=CONFLICT, summary=f"Create a {spec.noun}")
-    async def create(body: Create, s: Member) -> Any:  # type: ignore[valid-type]
-        return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=True)
+    async def create(body: Create, s: Member, idempotency: Idempotent) -> Any:  # type: ignore[valid-type]
+        return await idempotency.create(
+            s, lambda last: repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=last))
 
     @router.get("", response_model=Page[Read], operation_id=f"list_{spec.slug}",
                 summary=f"List {spec.nouns}, newest first")

@@ -10,6 +10,7 @@ from fastapi import Query, Response
 from psycopg.types.json import Jsonb
 
 from iafactory.auth.dependencies import Admin, Owner, UserSession, Viewer
+from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import Problem, not_found
 from iafactory.http.rendering import api_router
 from iafactory.resources.pagination import MAX_LIMIT, Page, decode, page_of
@@ -51,8 +52,9 @@ async def list_members(s: Viewer) -> Any:
 
 @router.post("/members", status_code=201, response_model=MemberOut, tags=["members"],
              summary="Add a registered user by email (admin)")
-async def add_member(body: MemberCreate, s: Admin) -> Any:
-    return await members.add_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, body.email, body.role)
+async def add_member(body: MemberCreate, s: Admin, idempotency: Idempotent) -> Any:
+    return await idempotency.create(
+        s, lambda last: members.add_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, body.email, body.role))
 
 
 @router.patch("/members/{user_id}", response_model=MemberOut, tags=["members"], summary="Change a member's role (admin)")
