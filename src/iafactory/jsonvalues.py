@@ -30,11 +30,26 @@ class JsonLimits:
     string: int = 32_768     # characters in one string (keys included)
 
 
-def _where(path: tuple[Any, ...]) -> str:
-    if not path:
+def _where(trail: Any) -> str:
+    """`trail` is (parent trail, key) pairs down from the top (None): e.g. "a.b[3].c"."""
+    steps: list[Any] = []
+    while trail is not None:
+        trail, step = trail
+        steps.append(step)
+    if not steps:
         return "the top level"
-    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in reversed(steps)).lstrip(".")
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _scalar_error(item: Any, limits: JsonLimits) -> str | None:
+    if isinstance(item, str):
+        return f"a string longer than {limits.string} characters" if len(item) > limits.string else None
+    if isinstance(item, float):
+        return None if math.isfinite(item) else f"numbers must be finite, not {item}"
+    if item is None or isinstance(item, (bool, int)):
+        return None
+    return f"not a JSON value: {type(item).__name__}"
 
 
 def check(value: Any, limits: JsonLimits) -> None:
@@ -43,34 +58,33 @@ def check(value: Any, limits: JsonLimits) -> None:
     Iterative, and it stops at the first container deeper than the limit, so a value nested
     thousands of levels deep costs no more than one nested `limits.depth` levels.
     """
-    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 1, ())]
+    if not isinstance(value, (dict, list)):
+        error = _scalar_error(value, limits)
+        if error:
+            raise ValueError(f"{error} (at the top level)")
+    stack: list[tuple[Any, int, Any]] = [(value, 1, None)] if isinstance(value, (dict, list)) else []
     while stack:
-        item, depth, path = stack.pop()
+        item, depth, trail = stack.pop()
+        if depth > limits.depth:
+            raise ValueError(f"nested deeper than {limits.depth} levels (at {_where(trail)})")
         if isinstance(item, dict):
-            if depth > limits.depth:
-                raise ValueError(f"nested deeper than {limits.depth} levels (at {_where(path)})")
             if len(item) > limits.keys:
-                raise ValueError(f"more than {limits.keys} keys in one object (at {_where(path)})")
-            for key, child in item.items():
-                if not isinstance(key, str):
-                    raise ValueError(f"object keys must be strings (at {_where(path)})")
-                if len(key) > limits.string:
-                    raise ValueError(f"a key longer than {limits.string} characters (at {_where(path)})")
-                stack.append((child, depth + 1, (*path, key)))
-        elif isinstance(item, list):
-            if depth > limits.depth:
-                raise ValueError(f"nested deeper than {limits.depth} levels (at {_where(path)})")
+                raise ValueError(f"more than {limits.keys} keys in one object (at {_where(trail)})")
+            children: Any = item.items()
+        else:
             if len(item) > limits.items:
-                raise ValueError(f"more than {limits.items} items in one array (at {_where(path)})")
-            stack.extend((child, depth + 1, (*path, i)) for i, child in enumerate(item))
-        elif isinstance(item, str):
-            if len(item) > limits.string:
-                raise ValueError(f"a string longer than {limits.string} characters (at {_where(path)})")
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                raise ValueError(f"numbers must be finite, not {item} (at {_where(path)})")
-        elif item is not None and not isinstance(item, (bool, int)):
-            raise ValueError(f"not a JSON value: {type(item).__name__} (at {_where(path)})")
+                raise ValueError(f"more than {limits.items} items in one array (at {_where(trail)})")
+            children = enumerate(item)
+        for key, child in children:
+            if isinstance(key, str) and len(key) > limits.string:
+                raise ValueError(f"a key longer than {limits.string} characters (at {_where(trail)})")
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1, (trail, key)))
+            elif kind is str and len(child) <= limits.string or kind is int or kind is bool or child is None:
+                continue  # the common cases, without a call
+            elif error := _scalar_error(child, limits):
+                raise ValueError(f"{error} (at {_where((trail, key))})")
     size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
     if size > limits.nbytes:
         raise ValueError(f"must be at most {limits.nbytes} bytes of JSON (is {size})")
