@@ -60,7 +60,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             from iafactory.knowledge import worker
             from iafactory.knowledge.embeddings import embedder
 
-            worker_task = asyncio.create_task(worker.run_forever(app.state.db, embedder(settings), stop))
+            worker_task = asyncio.create_task(worker.run_forever(app.state.db, embedder(settings), stop,
+                                                                 lease_seconds=settings.worker_lease_seconds))
         pool_gauges = asyncio.create_task(metrics.refresh_pool_forever(app.state.db))
         try:
             yield

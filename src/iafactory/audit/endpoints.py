@@ -6,14 +6,15 @@ from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 
 from iafactory.audit import service
 from iafactory.audit.schemas import AuditEventOut
 from iafactory.auth.dependencies import Admin
+from iafactory.http.rendering import api_router
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, decode, page_of
 
-router = APIRouter(tags=["audit"])
+router = api_router(tags=["audit"])
 
 
 @router.get("/audit-events", response_model=Page[AuditEventOut], summary="The tenant's audit log (admin)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 
 from iafactory.audit import service as audit
 from iafactory.auth import service
@@ -14,9 +14,11 @@ from iafactory.auth.schemas import (
     ApiKeyCreate, ApiKeyCreated, ApiKeyOut, LoginIn, MeOut, MyTenant, RegisterIn, SelectTenantIn, TokenOut, UserOut,
 )
 from iafactory.config import Settings
+from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import not_found
+from iafactory.http.rendering import api_router
 
-router = APIRouter(tags=["auth"])
+router = api_router(tags=["auth"])
 
 
 def _settings(request: Request) -> Settings:
@@ -74,8 +76,11 @@ async def my_tenants(who: CurrentPrincipal, request: Request) -> Any:
 
 @router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, tags=["api-keys"],
              summary="Create an API key (the secret is returned once)")
-async def create_api_key(body: ApiKeyCreate, request: Request, s: Admin) -> Any:
-    return await service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body)
+async def create_api_key(body: ApiKeyCreate, request: Request, s: Admin, idempotency: Idempotent) -> Any:
+    # The secret is not stored with the answer: a replay shows the key without it.
+    return await idempotency.create(
+        s, lambda last: service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body),
+        redact=("key",))
 
 
 @router.get("/api-keys", response_model=list[ApiKeyOut], tags=["api-keys"], summary="List API keys (no secrets)")

@@ -95,4 +95,6 @@ class ApiKeyOut(BaseModel):
 
 
 class ApiKeyCreated(ApiKeyOut):
-    key: str = Field(description="The secret key. Shown once: store it now.")
+    key: str | None = Field(description="The secret key. Shown once: store it now. null when this answer is "
+                                        "replayed for a retried Idempotency-Key: the secret is never stored, so "
+                                        "revoke that key and create another.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from pydantic import AwareDatetime
 
 from iafactory.auth.dependencies import Admin, Member, Viewer
@@ -18,10 +18,12 @@ from iafactory.billing.schemas import (
     BillingAccount, BillingAccountUpdate, CreditBalance, CreditTransaction, UsageBatch, UsageBatchResult, UsageEvent,
     UsageSummary,
 )
-from iafactory.http.problems import invalid
+from iafactory.http.idempotency import Idempotent
+from iafactory.http.problems import Problem, invalid
+from iafactory.http.rendering import api_router
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, decode, page_of
 
-router = APIRouter()
+router = api_router()
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")]
 Cursor = Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")]
@@ -59,10 +61,13 @@ async def get_credit_balance(s: Viewer) -> Any:
              summary="Record a batch of usage events (idempotent per idempotency_key)",
              description="Events whose idempotency_key is already stored for the tenant are not stored again: "
                          "they are listed under `duplicates`. A key repeated within one batch counts once.")
-async def record_usage_events(body: UsageBatch, s: Member) -> Any:
-    accepted, duplicates = await service.record_usage(s.tx, s.ctx.tenant_id, body.events,
-                                                      user_id=s.ctx.user_id, api_key_id=s.ctx.api_key_id)
-    return {"accepted": accepted, "duplicates": duplicates}
+async def record_usage_events(body: UsageBatch, s: Member, idempotency: Idempotent) -> Any:
+    async def record(last: bool) -> dict[str, Any]:
+        accepted, duplicates = await service.record_usage(s.tx, s.ctx.tenant_id, body.events,
+                                                          user_id=s.ctx.user_id, api_key_id=s.ctx.api_key_id)
+        return {"accepted": accepted, "duplicates": duplicates}
+
+    return await idempotency.create(s, record)
 
 
 @router.get("/usage-events", response_model=Page[UsageEvent], tags=["billing"], operation_id="list_usage_events",

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 
 from iafactory.auth.dependencies import Member, Viewer
+from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import not_found
+from iafactory.http.rendering import api_router
 from iafactory.resources import pagination, repository
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from iafactory.resources.spec import Resource
@@ -20,13 +22,14 @@ CONFLICT = {409: {"description": "Conflicts with existing or dependent records (
 
 
 def crud_router(spec: Resource) -> APIRouter:
-    router = APIRouter(prefix=f"/{spec.name}", tags=[spec.tag])
+    router = api_router(prefix=f"/{spec.name}", tags=[spec.tag])
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
 
     @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.slug}",
                  responses=CONFLICT, summary=f"Create a {spec.noun}")
-    async def create(body: Create, s: Member) -> Any:  # type: ignore[valid-type]
-        return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=True)
+    async def create(body: Create, s: Member, idempotency: Idempotent) -> Any:  # type: ignore[valid-type]
+        return await idempotency.create(
+            s, lambda last: repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=last))
 
     @router.get("", response_model=Page[Read], operation_id=f"list_{spec.slug}",
                 summary=f"List {spec.nouns}, newest first")

@@ -1,24 +1,31 @@
-"""Field types shared by the resource schemas: bounded JSON and text, so that no request can
-store an arbitrarily large value."""
+"""Field types shared by the request schemas: bounded JSON and text, so that no request can
+store an arbitrarily large (or deep) value. Every free-form JSON field of every request, resource
+or not (tenant settings, usage-event properties, search filters...), is a JsonObject or a
+JsonArray: one place holds the rule."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-MAX_JSON_BYTES = 64 * 1024
+from iafactory import jsonvalues
 
 
 def _bounded(value: Any) -> Any:
-    if len(json.dumps(value, ensure_ascii=False, default=str).encode()) > MAX_JSON_BYTES:
-        raise ValueError(f"must be at most {MAX_JSON_BYTES} bytes of JSON")
+    """Depth, keys, items, string length, finite numbers and total size, with the limits of the
+    settings (IAFACTORY_JSON_MAX_*). Checked at validation, so before anything is written."""
+    from iafactory.config import get_settings
+
+    jsonvalues.check(value, get_settings().json_limits)
     return value
 
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_bounded)]
 JsonArray = Annotated[list[Any], AfterValidator(_bounded)]
+# A JSON column as read back, when it may hold any JSON (tables older than the API): validated no
+# further. pydantic's JsonValue walks the value and fails on a deeply nested one.
+StoredJson = Any
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 LongText = Annotated[str, Field(max_length=200_000)]
 Language = Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$", max_length=8, description="ISO 639 code, e.g. fr")]

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Response
+import psycopg
+from fastapi import Query, Response
 from psycopg.types.json import Jsonb
 
 from iafactory.auth.dependencies import Admin, Owner, UserSession, Viewer
+from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import Problem, invalid, not_found
+from iafactory.http.rendering import api_router
 from iafactory.resources.pagination import MAX_LIMIT, Page, decode, page_of
 from iafactory.tenancy import members, service
 from iafactory.tenancy.schemas import (
@@ -17,7 +20,7 @@ from iafactory.tenancy.schemas import (
     TenantFilters, TenantUpdate,
 )
 
-router = APIRouter()
+router = api_router()
 TENANT_COLUMNS = ("id, name, slug, region, plan, status, admin_email, admin_phone, settings, metadata, "
                   "created_at, updated_at, trial_ends_at")
 
@@ -49,8 +52,9 @@ async def list_members(s: Viewer) -> Any:
 
 @router.post("/members", status_code=201, response_model=MemberOut, tags=["members"],
              summary="Add a registered user by email (admin)")
-async def add_member(body: MemberCreate, s: Admin) -> Any:
-    return await members.add_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, body.email, body.role)
+async def add_member(body: MemberCreate, s: Admin, idempotency: Idempotent) -> Any:
+    return await idempotency.create(
+        s, lambda last: members.add_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, body.email, body.role))
 
 
 @router.patch("/members/{user_id}", response_model=MemberOut, tags=["members"], summary="Change a member's role (admin)")

@@ -12,22 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from iafactory.emails import Email
 
+from iafactory.resources.types import JsonObject
+
 Region = Literal["DZ", "CH", "FR", "BE", "CA"]
 Plan = Literal["free", "pro", "enterprise"]
 Status = Literal["active", "suspended", "trial", "cancelled"]
 Role = Literal["owner", "admin", "member", "viewer"]
 
 SLUG_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
-MAX_JSON_BYTES = 64 * 1024
-
-
-def _bounded_json_object(value: dict[str, Any] | None) -> dict[str, Any]:
-    import json
-
-    value = {} if value is None else value
-    if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_JSON_BYTES:
-        raise ValueError(f"must be at most {MAX_JSON_BYTES} bytes of JSON")
-    return value
 
 
 class TenantCreate(BaseModel):
@@ -40,11 +32,9 @@ class TenantCreate(BaseModel):
     status: Status = "trial"
     admin_email: Email | None = None
     admin_phone: str | None = Field(default=None, max_length=50)
-    settings: dict[str, Any] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    settings: JsonObject = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
     trial_ends_at: datetime | None = None
-
-    _json_size = field_validator("settings", "metadata")(_bounded_json_object)
 
     @field_validator("slug")
     @classmethod
@@ -93,9 +83,7 @@ class TenantUpdate(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=255)
     admin_email: Email | None = None
     admin_phone: str | None = Field(default=None, max_length=50)
-    settings: dict[str, Any] | None = None
-
-    _json_size = field_validator("settings")(lambda v: None if v is None else _bounded_json_object(v))
+    settings: JsonObject | None = None
 
 
 class LimitOverrides(BaseModel):

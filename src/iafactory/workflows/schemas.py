@@ -14,10 +14,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, JsonValue
+from pydantic import BaseModel, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonArray, JsonObject, LongText, Name, Patch, Strict
+from iafactory.resources.types import JsonArray, JsonObject, LongText, Name, Patch, StoredJson, Strict
 
 RunStatus = Literal["draft", "queued", "running", "completed", "failed", "cancelled"]
 BmadPhase = Literal["analysis", "planning", "solutioning", "implementation"]
@@ -51,8 +51,8 @@ class BoltWorkflowOut(BaseModel):
     name: str
     prompt: str
     status: RunStatus
-    definition: JsonValue
-    result: JsonValue
+    definition: StoredJson
+    result: StoredJson
     created_at: datetime
     updated_at: datetime
 
@@ -88,8 +88,8 @@ class BmadWorkflowOut(BaseModel):
     name: str
     phase: BmadPhase
     status: RunStatus
-    agents: JsonValue
-    artifacts: JsonValue
+    agents: StoredJson
+    artifacts: StoredJson
     created_at: datetime
     updated_at: datetime
 
@@ -127,7 +127,7 @@ class OrchestratorStateOut(BaseModel):
     session_key: str
     agent: str
     status: OrchestratorStatus
-    state: JsonValue
+    state: StoredJson
     last_step: int
     created_at: datetime
     updated_at: datetime
