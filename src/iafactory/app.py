@@ -96,11 +96,11 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     for router in api_routers():
         app.include_router(router, prefix="/api/v1")
 
-    @app.get("/healthz", tags=["health"], summary="The process is up")
+    @app.get("/healthz", tags=["health"], operation_id="check_health", summary="The process is up")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="The database answers")
+    @app.get("/readyz", tags=["health"], operation_id="check_readiness", summary="The database answers")
     async def readyz(request: Request) -> Any:
         try:
             async with request.app.state.db.anonymous(read_only=True) as tx:

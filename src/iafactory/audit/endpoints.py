@@ -16,7 +16,8 @@ from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, decod
 router = APIRouter(tags=["audit"])
 
 
-@router.get("/audit-events", response_model=Page[AuditEventOut], summary="The tenant's audit log (admin)")
+@router.get("/audit-events", response_model=Page[AuditEventOut], operation_id="list_audit_events",
+            summary="The tenant's audit log (admin)")
 async def list_audit_events(
     s: Admin,
     action: Annotated[str | None, Query(max_length=100, description="e.g. member.added")] = None,

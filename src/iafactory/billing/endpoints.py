@@ -79,7 +79,7 @@ async def list_usage_events(
     return {"items": items, "next_cursor": next_cursor}
 
 
-@router.get("/usage/summary", response_model=UsageSummary, tags=["billing"], operation_id="usage_summary",
+@router.get("/usage/summary", response_model=UsageSummary, tags=["billing"], operation_id="get_usage_summary",
             summary="Usage totals over a period, by event type or by day")
 async def usage_summary(
     s: Viewer,

@@ -23,12 +23,12 @@ def crud_router(spec: Resource) -> APIRouter:
     router = APIRouter(prefix=f"/{spec.name}", tags=[spec.tag])
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
 
-    @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.slug}",
+    @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.operation_noun}",
                  responses=CONFLICT, summary=f"Create a {spec.noun}")
     async def create(body: Create, s: Member) -> Any:  # type: ignore[valid-type]
         return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=True)
 
-    @router.get("", response_model=Page[Read], operation_id=f"list_{spec.slug}",
+    @router.get("", response_model=Page[Read], operation_id=f"list_{spec.operation_nouns}",
                 summary=f"List {spec.nouns}, newest first")
     async def list_(
         s: Viewer,
@@ -40,7 +40,7 @@ def crud_router(spec: Resource) -> APIRouter:
         items, next_cursor = pagination.page_of(rows, limit)
         return {"items": items, "next_cursor": next_cursor}
 
-    @router.get("/{item_id}", response_model=Read, operation_id=f"get_{spec.slug}", responses=NOT_FOUND,
+    @router.get("/{item_id}", response_model=Read, operation_id=f"get_{spec.operation_noun}", responses=NOT_FOUND,
                 summary=f"Get a {spec.noun}")
     async def get(item_id: IdType, s: Viewer) -> Any:  # type: ignore[valid-type]
         row = await repository.get(s.tx, spec, s.ctx.tenant_id, item_id)
@@ -48,7 +48,7 @@ def crud_router(spec: Resource) -> APIRouter:
             raise not_found(spec.noun, item_id)
         return row
 
-    @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.slug}",
+    @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.operation_noun}",
                   responses={**NOT_FOUND, **CONFLICT}, summary=f"Update a {spec.noun}")
     async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
         row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, body.model_dump(exclude_unset=True),
@@ -57,7 +57,7 @@ def crud_router(spec: Resource) -> APIRouter:
             raise not_found(spec.noun, item_id)
         return row
 
-    @router.delete("/{item_id}", status_code=204, response_class=Response, operation_id=f"delete_{spec.slug}",
+    @router.delete("/{item_id}", status_code=204, response_class=Response, operation_id=f"delete_{spec.operation_noun}",
                    responses={**NOT_FOUND, **CONFLICT}, summary=f"Delete a {spec.noun}")
     async def delete(item_id: IdType, s: Member) -> Response:  # type: ignore[valid-type]
         if not await repository.delete(s.tx, spec, s.ctx.tenant_id, item_id, last=True):

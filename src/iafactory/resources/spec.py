@@ -32,3 +32,17 @@ class Resource:
     @property
     def slug(self) -> str:
         return self.name.replace("/", "_").replace("-", "_")
+
+    @property
+    def operation_noun(self) -> str:
+        """The noun in operation ids, as a person would name the client methods: create_lead,
+        list_leads, get_pme_analysis."""
+        return _identifier(self.noun)
+
+    @property
+    def operation_nouns(self) -> str:
+        return _identifier(self.nouns)
+
+
+def _identifier(words: str) -> str:
+    return "_".join(words.lower().replace("-", " ").split())
