@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 
 from iafactory.config import Settings, get_settings
 from iafactory.db import bootstrap, server
@@ -67,12 +68,17 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             if own_db:
                 await app.state.db.close()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from files shipped in the
+    # fastapi-offline package (served under /static-offline-docs), not from a CDN, so the
+    # interactive docs work on a machine without internet access.
+    app = FastAPIOffline(
         title="IAFactory API",
         version="1.0.0",
         description="Multi-tenant backend for IAFactory's AI products. Every request acts for exactly one "
                     "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.",
         lifespan=lifespan,
+        # No call to the public online validator either.
+        swagger_ui_parameters={"validatorUrl": None},
         # Every error is application/problem+json (RFC 9457); these can come from any route.
         responses={
             400: {"description": "Malformed request body (application/problem+json)"},
