@@ -116,19 +116,23 @@ def _route_table(routes: list[BaseRoute]) -> list[Any]:
 
 
 def allowed_methods(routes: list[BaseRoute], scope: dict[str, Any]) -> list[str]:
-    """The methods of every route whose path matches the request's path, in a conventional order."""
+    """The methods of every route of the request's path, in a conventional order. Where routes with
+    fewer path parameters match (/knowledge-base/search beside /knowledge-base/{item_id}), the
+    path is theirs, as the OpenAPI document says."""
     path = scope.get("route_path") or scope["path"].removeprefix(scope.get("root_path", "") or "")
-    found: set[str] = set()
+    found: dict[int, set[str]] = {}
     for route in _route_table(routes):
         regex = getattr(route, "path_regex", None)
         if regex is None or not regex.match(path):
             continue
+        params = len(getattr(route, "param_convertors", None) or ())
         if isinstance(route, Mount) or isinstance(getattr(route, "route", None), Mount):
             if isinstance(getattr(route, "app", None), StaticFiles):
-                found |= {"GET", "HEAD"}
+                found.setdefault(params, set()).update({"GET", "HEAD"})
             continue
-        found |= set(getattr(route, "methods", None) or ())
-    return sorted(found, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
+        found.setdefault(params, set()).update(getattr(route, "methods", None) or ())
+    methods = found[min(found)] if found else set()
+    return sorted(methods, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
 
 
 _constraint_cache: dict[str, list[str]] = {}
