@@ -15,7 +15,7 @@ from fastapi_offline import FastAPIOffline
 from iafactory.config import Settings, get_settings
 from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
-from iafactory.http import problems
+from iafactory.http import docs, problems
 from iafactory.http.middleware import RequestContextMiddleware
 from iafactory.plans.ratelimit import RedisRateLimiter
 
@@ -68,14 +68,18 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             if own_db:
                 await app.state.db.close()
 
-    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from files shipped in the
-    # fastapi-offline package (served under /static-offline-docs), not from a CDN, so the
-    # interactive docs work on a machine without internet access.
+    # FastAPIOffline serves the Swagger UI and ReDoc files shipped in the fastapi-offline package
+    # (under /static-offline-docs), so the interactive docs need no CDN; the pages themselves are
+    # iafactory.http.docs (with a policy that keeps them on this origin).
     app = FastAPIOffline(
+        docs_url=None, redoc_url=None,
         title="IAFactory API",
         version="1.0.0",
         description="Multi-tenant backend for IAFactory's AI products. Every request acts for exactly one "
-                    "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.",
+                    "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.\n\n"
+                    "Sign in with `POST /api/v1/auth/login`, then send `Authorization: Bearer <token>` "
+                    "(or an API key as Bearer or `X-API-Key`). Text and JSON values cannot contain the NUL "
+                    "character (U+0000): PostgreSQL cannot store it, and such requests get 422.",
         lifespan=lifespan,
         # No call to the public online validator either.
         swagger_ui_parameters={"validatorUrl": None},
@@ -98,6 +102,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     if database is not None:
         app.state.db = database
     problems.install(app)
+    docs.install(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     for router in api_routers():
         app.include_router(router, prefix="/api/v1")

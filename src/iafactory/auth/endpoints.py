@@ -16,7 +16,7 @@ from iafactory.auth.schemas import (
 from iafactory.config import Settings
 from iafactory.http.problems import not_found
 
-router = APIRouter(tags=["auth"])
+router = APIRouter()  # tags per route: an operation listed under two tags shows twice in /docs
 
 
 def _settings(request: Request) -> Settings:
@@ -24,7 +24,7 @@ def _settings(request: Request) -> Settings:
 
 
 
-@router.post("/auth/register", status_code=201, response_model=UserOut, operation_id="register",
+@router.post("/auth/register", status_code=201, response_model=UserOut, tags=["auth"], operation_id="register",
              summary="Create an account")
 async def register(body: RegisterIn, request: Request, tx: AnonymousSession) -> Any:
     user_id = await service.register(tx, _settings(request), body)
@@ -32,7 +32,7 @@ async def register(body: RegisterIn, request: Request, tx: AnonymousSession) -> 
             "created_at": await tx.fetchval("SELECT now()")}
 
 
-@router.post("/auth/login", response_model=TokenOut, operation_id="login",
+@router.post("/auth/login", response_model=TokenOut, tags=["auth"], operation_id="login",
              summary="Sign in: a token, and the list of your tenants (selected if there is only one)")
 async def login(body: LoginIn, request: Request, tx: AnonymousSession) -> Any:
     settings = _settings(request)
@@ -50,7 +50,7 @@ async def login(body: LoginIn, request: Request, tx: AnonymousSession) -> Any:
     return TokenOut(access_token=token, expires_in=ttl, tenant=selected, tenants=tenants)
 
 
-@router.post("/auth/select-tenant", response_model=TokenOut, operation_id="select_tenant",
+@router.post("/auth/select-tenant", response_model=TokenOut, tags=["auth"], operation_id="select_tenant",
              summary="A new token acting for one of your tenants")
 async def select_tenant(body: SelectTenantIn, request: Request, session: UserSession) -> Any:
     tx, who = session
