@@ -70,7 +70,9 @@ async def me(who: CurrentPrincipal, request: Request) -> Any:
 
 
 @router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, tags=["api-keys"],
-             operation_id="create_api_key", summary="Create an API key (the secret is returned once)")
+             operation_id="create_api_key", summary="Create an API key (the secret is returned once)",
+             responses={422: {"description": "Invalid body, or expires_at not in the future "
+                                             "(application/problem+json)"}})
 async def create_api_key(body: ApiKeyCreate, request: Request, s: Admin) -> Any:
     return await service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body)
 

@@ -6,7 +6,6 @@ API key); the billing contact is the admins'. The SQL is in billing/service.py.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -19,12 +18,12 @@ from iafactory.billing.schemas import (
     UsageSummary,
 )
 from iafactory.http.problems import Problem
-from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, decode, page_of
+from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Cursor, Page, decode, page_of
+from iafactory.resources.types import Timestamp
 
 router = APIRouter()
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")]
-Cursor = Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")]
 
 
 @router.get("/billing-account", response_model=BillingAccount, tags=["billing"], operation_id="get_billing_account",
@@ -80,16 +79,16 @@ async def list_usage_events(
 
 
 @router.get("/usage/summary", response_model=UsageSummary, tags=["billing"], operation_id="get_usage_summary",
+            responses={422: {"description": "`from` is not before `to`, or a bound lacks its time zone "
+                                            "(application/problem+json)"}},
             summary="Usage totals over a period, by event type or by day")
 async def usage_summary(
     s: Viewer,
-    since: Annotated[datetime, Query(alias="from", description="Start (inclusive), e.g. 2026-11-01T00:00:00Z")],
-    until: Annotated[datetime, Query(alias="to", description="End (exclusive), e.g. 2026-12-01T00:00:00Z")],
+    since: Annotated[Timestamp, Query(alias="from", description="Start (inclusive), e.g. 2026-11-01T00:00:00Z; "
+                                                                 "before `to`")],
+    until: Annotated[Timestamp, Query(alias="to", description="End (exclusive), e.g. 2026-12-01T00:00:00Z")],
     group_by: Annotated[Literal["type", "day"], Query()] = "type",
 ) -> Any:
-    if since.tzinfo is None or until.tzinfo is None:
-        raise Problem(422, "Validation failed", "query.from/query.to: need a time zone, e.g. 2026-11-01T00:00:00Z",
-                      type_="validation")
     if since >= until:
         raise Problem(422, "Validation failed", "query.from: must be before query.to", type_="validation")
     rows = await service.usage_summary(s.tx, s.ctx.tenant_id, since, until, group_by)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Response
 from iafactory.auth.dependencies import Member, Viewer
 from iafactory.http.problems import not_found
 from iafactory.resources import pagination, repository
-from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
+from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, cursor_param
 from iafactory.resources.spec import Resource
 
 # Documented next to the app-wide 401/403/422, so that clients (and schema-driven tests) know them.
@@ -19,12 +19,18 @@ NOT_FOUND = {404: {"description": "No such record in this tenant (application/pr
 CONFLICT = {409: {"description": "Conflicts with existing or dependent records (application/problem+json)"}}
 
 
+def _documented(*notes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {code: {"description": f"{text} (application/problem+json)"} for code, text in notes}
+
+
 def crud_router(spec: Resource) -> APIRouter:
     router = APIRouter(prefix=f"/{spec.name}", tags=[spec.tag])
+    create_responses = {**CONFLICT, **_documented(*spec.write_responses, *spec.create_responses)}
+    update_responses = {**NOT_FOUND, **CONFLICT, **_documented(*spec.write_responses)}
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
 
     @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.operation_noun}",
-                 responses=CONFLICT, summary=f"Create a {spec.noun}")
+                 responses=create_responses, summary=f"Create a {spec.noun}")
     async def create(body: Create, s: Member) -> Any:  # type: ignore[valid-type]
         return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=True)
 
@@ -33,7 +39,7 @@ def crud_router(spec: Resource) -> APIRouter:
     async def list_(
         s: Viewer,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")] = DEFAULT_LIMIT,
-        cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+        cursor: cursor_param(IdType) = None,  # type: ignore[valid-type]
     ) -> Any:
         after = pagination.decode(cursor, IdType) if cursor else None
         rows = await repository.page(s.tx, spec, s.ctx.tenant_id, limit, after)
@@ -49,7 +55,7 @@ def crud_router(spec: Resource) -> APIRouter:
         return row
 
     @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.operation_noun}",
-                  responses={**NOT_FOUND, **CONFLICT}, summary=f"Update a {spec.noun}")
+                  responses=update_responses, summary=f"Update a {spec.noun}")
     async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
         row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, body.model_dump(exclude_unset=True),
                                       last=True)

@@ -20,6 +20,10 @@ class Resource:
     id_type: type = UUID           # int for the tables that existed before tenancy
     json_columns: frozenset[str] = field(default_factory=frozenset)
     plural: str = ""               # defaults to noun + "s"
+    # Answers particular to this record type that no schema can state (a referenced record must
+    # exist, credits must suffice), documented on its create route, or on create and update.
+    create_responses: tuple[tuple[int, str], ...] = ()
+    write_responses: tuple[tuple[int, str], ...] = ()
 
     @property
     def columns(self) -> list[str]:

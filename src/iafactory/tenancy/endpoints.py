@@ -11,7 +11,7 @@ from psycopg.types.json import Jsonb
 
 from iafactory.auth.dependencies import Admin, Owner, UserSession, Viewer
 from iafactory.http.problems import Problem, not_found
-from iafactory.resources.pagination import MAX_LIMIT, Page, decode, page_of
+from iafactory.resources.pagination import MAX_LIMIT, Cursor, Page, decode, page_of
 from iafactory.tenancy import members, service
 from iafactory.tenancy.schemas import (
     AdminTenantUpdate, CreditGrant, CreditResult, MemberCreate, MemberOut, MemberUpdate, Plan, Region, Status, Tenant, TenantCreate,
@@ -51,7 +51,10 @@ async def list_members(s: Viewer) -> Any:
 
 
 @router.post("/members", status_code=201, response_model=MemberOut, tags=["members"], operation_id="add_member",
-             summary="Add a registered user by email (admin)")
+             summary="Add a registered user by email (admin)",
+             responses={404: {"description": "No account has this email: they register first "
+                                             "(application/problem+json)"},
+                        409: {"description": "Already a member (application/problem+json)"}})
 async def add_member(body: MemberCreate, s: Admin) -> Any:
     return await members.add_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, body.email, body.role)
 
@@ -79,7 +82,7 @@ async def admin_list_tenants(
     plan: Plan | None = None,
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Cursor = None,
 ) -> Any:
     tx, _ = session
     after = decode(cursor, UUID) if cursor else None
@@ -91,7 +94,8 @@ async def admin_list_tenants(
 
 
 @router.post("/admin/tenants", status_code=201, response_model=Tenant, tags=["platform"],
-             operation_id="admin_create_tenant", summary="Create a tenant (platform admin)")
+             operation_id="admin_create_tenant", summary="Create a tenant (platform admin)",
+             responses={409: {"description": "The slug is taken (application/problem+json)"}})
 async def admin_create_tenant(body: TenantCreate, session: UserSession) -> Any:
     tx, _ = session
     try:
