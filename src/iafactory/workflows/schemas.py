@@ -23,6 +23,8 @@ RunStatus = Literal["draft", "queued", "running", "completed", "failed", "cancel
 BmadPhase = Literal["analysis", "planning", "solutioning", "implementation"]
 OrchestratorStatus = Literal["idle", "running", "waiting", "completed", "failed"]
 ProjectId = Annotated[int, Field(ge=1, le=2**63 - 1, description="A project of the same tenant")]
+# A workflow's project must be a project of the same tenant (composite foreign key).
+PROJECT_REFERENCE = ((422, "Invalid body, or project_id names no project of this tenant"),)
 
 
 # --- Bolt ----------------------------------------------------------------------------------------
@@ -59,7 +61,7 @@ class BoltWorkflowOut(BaseModel):
 
 BOLT_WORKFLOWS = Resource(name="bolt-workflows", table="bolt_workflows", noun="Bolt workflow", tag="workflows",
                           create=BoltWorkflowCreate, update=BoltWorkflowUpdate, read=BoltWorkflowOut, id_type=int,
-                          json_columns=frozenset({"definition", "result"}))
+                          json_columns=frozenset({"definition", "result"}), write_responses=PROJECT_REFERENCE)
 
 
 # --- BMAD ----------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ class BmadWorkflowOut(BaseModel):
 
 BMAD_WORKFLOWS = Resource(name="bmad-workflows", table="bmad_workflows", noun="BMAD workflow", tag="workflows",
                           create=BmadWorkflowCreate, update=BmadWorkflowUpdate, read=BmadWorkflowOut, id_type=int,
-                          json_columns=frozenset({"agents", "artifacts"}))
+                          json_columns=frozenset({"agents", "artifacts"}), write_responses=PROJECT_REFERENCE)
 
 
 # --- Orchestrator --------------------------------------------------------------------------------
