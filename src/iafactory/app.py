@@ -1,4 +1,5 @@
-"""The FastAPI application: every resource under /api/v1, problem+json errors, one pool."""
+"""The FastAPI application: every resource under /api/v1, problem+json errors, one pool, and the
+admission control of one worker process (`app.state.load`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from iafactory.admission import AdmissionMiddleware, CpuWork, LoadControl
 from iafactory.config import Settings, get_settings
 from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
@@ -43,6 +45,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             db = bootstrap.database(settings, server.admin_conninfo(settings))
             await db.open()
             app.state.db = db
+        app.state.load.database = app.state.db
         if settings.redis_url:
             app.state.rate_limiter = RedisRateLimiter(settings.redis_url, app.state.db)
         worker_task, stop = None, asyncio.Event()
@@ -66,6 +69,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
                 app.state.rate_limiter = None
             if own_db:
                 await app.state.db.close()
+            app.state.load.close()
 
     app = FastAPI(
         title="IAFactory API",
@@ -89,9 +93,12 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.settings = settings
     app.state.key_cache = {}
     app.state.rate_limiter = None
+    app.state.load = load_control(settings)
     if database is not None:
         app.state.db = database
+        app.state.load.database = database
     problems.install(app)
+    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_requests_in_flight, load=app.state.load)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     for router in api_routers():
         app.include_router(router, prefix="/api/v1")
@@ -100,13 +107,38 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="The database answers")
+    @app.get("/readyz", tags=["health"], summary="Every database this process needs answers",
+             responses={503: {"description": "Which one does not answer (application/problem+json)"}})
     async def readyz(request: Request) -> Any:
-        try:
-            async with request.app.state.db.anonymous(read_only=True) as tx:
-                await tx.fetchval("SELECT 1")
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
-            return problems.problem_response(503, "Service Unavailable", "the database is not reachable")
-        return {"status": "ready"}
+        checks = await readiness(request.app)
+        failed = {name: reason for name, reason in checks.items() if reason != "ok"}
+        if failed:
+            name, reason = next(iter(failed.items()))
+            return problems.unavailable_response(name, reason, checks=checks)
+        return {"status": "ready", "checks": checks}
 
+    return app
+
+
+def load_control(settings: Settings) -> LoadControl:
+    """The CPU-heavy work's own bounded thread pools (the database's gate belongs to its pool)."""
+    timeout = settings.queue_timeout_seconds
+    hashing = CpuWork("hashing", settings.password_hash_concurrency, max_waiting=settings.password_hash_max_waiting,
+                      timeout=timeout, nice=settings.cpu_work_nice)
+    embedding = CpuWork("embedding", settings.embedding_concurrency, max_waiting=settings.embedding_max_waiting,
+                        timeout=timeout, key_slots=max(1, settings.embedding_concurrency // 2),
+                        key_waiting=max(1, settings.embedding_max_waiting // 4), nice=settings.cpu_work_nice)
+    return LoadControl(hashing, embedding)
+
+
+async def readiness(app: FastAPI) -> dict[str, str]:
+    """"ok" or why not, for each thing this process cannot serve without: the application's
+    database (its pool), and Redis when rate limits are counted there. Within the readyz timeout."""
+    settings: Settings = app.state.settings
+    checks: dict[str, str] = {}
+    reason = await app.state.db.check(settings.readyz_timeout_seconds)
+    checks["database"] = reason or "ok"
+    if app.state.rate_limiter is not None:
+        checks["redis"] = await app.state.rate_limiter.check(settings.readyz_timeout_seconds) or "ok"
+    return checks
     return app

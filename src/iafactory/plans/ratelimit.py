@@ -39,6 +39,19 @@ class RedisRateLimiter:
     async def close(self) -> None:
         await self._redis.aclose()
 
+    async def check(self, timeout: float) -> str | None:
+        """For /readyz: None when Redis answers a PING within `timeout` seconds, else why not."""
+        import asyncio
+
+        try:
+            async with asyncio.timeout(timeout):
+                await self._redis.ping()
+        except TimeoutError:
+            return "no answer in time"
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return "unreachable"
+        return None
+
     async def _tenant_limits(self, tenant_id: UUID) -> dict[str, Any] | None:
         hit = self._limits.get(tenant_id)
         if hit and hit[0] > time.monotonic():
