@@ -205,6 +205,20 @@ async def test_one_tenants_flood_leaves_connections_to_the_others(world: ApiWorl
         assert [r.status_code for r in await asyncio.gather(*flood)] == [200] * 3
 
 
+async def test_beyond_the_requests_in_flight_a_process_answers_503_busy_but_health_probes_pass(world: ApiWorld) -> None:
+    async with serving(world.admin_url, pool_min_size=1, pool_max_size=1, max_requests_in_flight=1,
+                       queue_timeout_seconds=120) as (app, db, client):
+        async with holding(db, world.a.id, 1):
+            queued = asyncio.create_task(client.get(f"{API}/projects", headers=world.b.auth("viewer")))
+            await until(lambda: db.gate.waiting == 1, "one request in flight")
+            r = await client.get(f"{API}/projects", headers=world.b.auth("viewer"))
+            assert is_busy(r), r.text
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
+            assert app.state.load.stats()["http"]["shed"] == 1
+        assert (await queued).status_code == 200
+
+
 # --- a client that went away ------------------------------------------------------------------------------
 
 @asynccontextmanager

@@ -414,7 +414,6 @@ class AdmissionMiddleware:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.shed = 0
-        self.gone = 0
         if load is not None:
             load.http = self
 
@@ -433,14 +432,11 @@ class AdmissionMiddleware:
             await self.app(scope, watch.receive, send)
         finally:
             self.in_flight -= 1
-            if watch.gone:
-                self.gone += 1
             current_request.reset(token)
             await watch.close()
 
     def stats(self) -> dict[str, int]:
-        return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "shed": self.shed,
-                "gone": self.gone}
+        return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "shed": self.shed}
 
 
 async def _busy(send: Send, retry_after: int) -> None:

@@ -12,6 +12,7 @@ import time
 from typing import Any
 from uuid import UUID
 
+from iafactory.admission import CREDENTIALS
 from iafactory.db.scope import Database, Params
 from iafactory.http.problems import Problem
 
@@ -56,7 +57,7 @@ class RedisRateLimiter:
         hit = self._limits.get(tenant_id)
         if hit and hit[0] > time.monotonic():
             return hit[1]
-        async with self._db.anonymous(read_only=True) as tx:
+        async with self._db.anonymous(read_only=True, lane=CREDENTIALS) as tx:
             row = await tx.fetchrow("SELECT * FROM app.tenant_limits(%s)", (tenant_id,))
         if row is not None:
             self._limits[tenant_id] = (time.monotonic() + LIMITS_CACHE_SECONDS, row)
