@@ -307,7 +307,8 @@ class _Health:
 
     Nothing probes while all is well. A broken connection, a failed reconnection or a pool timeout
     starts a probe (a fresh connection of the application role, `SELECT 1`), repeated every
-    `probe_interval` while it fails. While the database is down, scopes are refused at once
+    `probe_interval` while it fails. A probe that finds no server (or one shutting down) marks
+    the database down; one that is only slow does not (it may be the machine's load). While the database is down, scopes are refused at once
     ("database unavailable") instead of each waiting for a connection; when a probe succeeds,
     the pool's idle connections are checked (the broken ones replaced, the pool grown again) and
     service resumes, without waiting for psycopg_pool's backoff (1, 2, 4 ... 32 s)."""
@@ -341,7 +342,11 @@ class _Health:
         reason = await asyncio.shield(self._probe)
         self._probed, self._probed_at = reason, monotonic()
         if reason is not None:
-            self._mark_down(reason)
+            if reason in DOWN:
+                # Not there, or shutting down: down. A probe that is slow (the machine's load?),
+                # finds no connection slot or is refused its login may fail where the pool's
+                # open connections still work: readyz says so, requests are not turned away.
+                self._mark_down(reason)
             self.suspect()
         return reason
 
@@ -370,11 +375,15 @@ class _Health:
                 task.cancel()
 
 
+SLOW = "no answer in time"
+DOWN = frozenset({"unreachable", "starting up or shutting down"})
+
+
 def _reason(err: BaseException) -> str:
     """A short sentence on why the database did not answer, safe to show to anyone (no host,
     socket path or user name)."""
     if isinstance(err, (TimeoutError, psycopg.errors.ConnectionTimeout)):
-        return "no answer in time"
+        return SLOW
     text = str(err).lower()
     if "starting up" in text or "shutting down" in text or "recovery" in text:
         return "starting up or shutting down"
@@ -537,9 +546,7 @@ class Database:
             async with asyncio.timeout(timeout):
                 return await self.health.probe()
         except TimeoutError:
-            self.health._mark_down("no answer in time")
-            self.health.suspect()
-            return "no answer in time"
+            return SLOW
 
     def load_stats(self) -> dict[str, Any]:
         """For metrics: the admission gate, the pool, and whether the database answers."""
