@@ -26,7 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api_support import (  # noqa: F401 - fixtures
-    ApiWorld, build_world, count_rows, fast_settings, module_api_client, module_db,
+    ApiWorld, build_world, fast_settings, module_api_client, module_db,
 )
 from iafactory.admission import ANONYMOUS, CpuWork, Gate
 from iafactory.app import create_app
