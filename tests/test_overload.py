@@ -115,7 +115,8 @@ async def test_a_sign_in_flood_hashes_with_no_connection_held_and_other_tenants_
         await service.add_member(tx, world.a.slug, email, "viewer", password_hash=await hash_password(real, "pw-flood-1234"))
     async with serving(world.admin_url, **REAL_ARGON2, password_hash_concurrency=2,
                        password_hash_max_waiting=flood_size, pool_max_waiting=4 * flood_size,
-                       tenant_max_waiting=2 * flood_size, queue_timeout_seconds=120) as (app, db, client):
+                       tenant_max_waiting=2 * flood_size, anonymous_max_in_flight=2 * flood_size,
+                       queue_timeout_seconds=120) as (app, db, client):
         hashing = app.state.load.hashing
 
         def sign_in() -> asyncio.Task[httpx.Response]:
@@ -217,6 +218,31 @@ async def test_beyond_the_requests_in_flight_a_process_answers_503_busy_but_heal
             assert (await client.get("/readyz")).status_code == 200
             assert app.state.load.stats()["http"]["shed"] == 1
         assert (await queued).status_code == 200
+
+
+async def test_sign_ins_and_one_credential_have_lanes_refused_before_anything_is_parsed(world: ApiWorld) -> None:
+    async with serving(world.admin_url, pool_min_size=1, pool_max_size=1, anonymous_max_in_flight=2,
+                       credential_max_in_flight=1, queue_timeout_seconds=120) as (app, db, client):
+        hashing = app.state.load.hashing
+        body = {"email": f"nobody-{uuid.uuid4().hex[:6]}@example.ch", "password": "whatever-123"}
+        async with frozen(hashing):
+            sign_ins = [asyncio.create_task(client.post(f"{API}/auth/login", json=body)) for _ in range(2)]
+            await until(lambda: hashing.gate.waiting == 2, "two sign-ins in flight")
+            admitted = db.gate.admitted
+            r = await client.post(f"{API}/auth/login", content=b"not even JSON")
+            http = app.state.load.http  # (the middleware exists once the app has served a request)
+            assert is_busy(r) and http.shed_anonymous == 1  # refused before its body was read
+            assert db.gate.admitted == admitted
+        assert [r.status_code for r in await asyncio.gather(*sign_ins)] == [401, 401]
+        async with holding(db, world.a.id, 1):
+            queued = asyncio.create_task(client.get(f"{API}/projects", headers=world.b.auth("viewer")))
+            await until(lambda: db.gate.waiting == 1, "one request of this token in flight")
+            r = await client.get(f"{API}/projects", headers=world.b.auth("viewer"))
+            assert is_busy(r) and http.shed_credential == 1
+            # Another credential of the same tenant has a lane of its own.
+            other = asyncio.create_task(client.get(f"{API}/projects", headers=world.b.key("read")))
+            await until(lambda: db.gate.waiting == 2, "the other credential's request queued")
+        assert [r.status_code for r in await asyncio.gather(queued, other)] == [200, 200]
 
 
 # --- a client that went away ------------------------------------------------------------------------------

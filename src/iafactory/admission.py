@@ -403,17 +403,36 @@ def _lower_priority(nice: int) -> None:
 # --- the HTTP side ------------------------------------------------------------------------------------
 
 class AdmissionMiddleware:
-    """Pure ASGI. Gives each request a `ClientWatch` (see `current_request`) and bounds the number
-    of requests in progress in this process; beyond it, 503 busy at once. Health probes are
-    always let through."""
+    """Pure ASGI, in front of everything else the application does for a request.
+
+    * Gives each request a `ClientWatch` (see `current_request`).
+    * Bounds the requests in progress in this process (`max_in_flight`), and, in lanes of their
+      own, those of the unauthenticated endpoints (`anonymous_paths`: sign-in, registration) and
+      those of any one credential (the raw Authorization / X-API-Key value: a forged one only
+      ever counts against itself). Beyond, 503 busy at once, before the body is read, JSON
+      parsed or a token verified: a flood of hundreds of clients then costs a few microseconds
+      per refused request instead of a millisecond, and a burst of them does not hold up the
+      event loop in front of other tenants' requests. The finer, per-tenant caps come later,
+      once the credential is verified (`Gate`).
+    * Health probes are always let through.
+    """
 
     EXEMPT = frozenset({"/healthz", "/readyz"})
 
-    def __init__(self, app: ASGIApp, max_in_flight: int, load: LoadControl | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_in_flight: int, load: LoadControl | None = None, *,
+                 anonymous_paths: frozenset[str] = frozenset(), anonymous_max_in_flight: int | None = None,
+                 credential_max_in_flight: int | None = None) -> None:
         self.app = app
         self.max_in_flight = max_in_flight
+        self.anonymous_paths = anonymous_paths
+        self.anonymous_max_in_flight = anonymous_max_in_flight or max_in_flight
+        self.credential_max_in_flight = credential_max_in_flight or max_in_flight
         self.in_flight = 0
-        self.shed = 0
+        self.anonymous_in_flight = 0
+        self._by_credential: Counter[bytes] = Counter()
+        self.shed = 0  # over max_in_flight
+        self.shed_anonymous = 0
+        self.shed_credential = 0
         if load is not None:
             load.http = self
 
@@ -421,22 +440,55 @@ class AdmissionMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight and scope["path"] not in self.EXEMPT:
-            self.shed += 1
-            await _busy(send, 1)
-            return
+        path = scope["path"]
+        anonymous = path in self.anonymous_paths
+        credential = None if anonymous else _credential(scope)
+        if path not in self.EXEMPT:
+            if self.in_flight >= self.max_in_flight:
+                self.shed += 1
+                await _busy(send, 1)
+                return
+            if anonymous and self.anonymous_in_flight >= self.anonymous_max_in_flight:
+                self.shed_anonymous += 1
+                await _busy(send, 1)
+                return
+            if credential is not None and self._by_credential[credential] >= self.credential_max_in_flight:
+                self.shed_credential += 1
+                await _busy(send, 1)
+                return
         watch = ClientWatch(receive)
         token = current_request.set(watch)
         self.in_flight += 1
+        if anonymous:
+            self.anonymous_in_flight += 1
+        if credential is not None:
+            self._by_credential[credential] += 1
         try:
             await self.app(scope, watch.receive, send)
         finally:
             self.in_flight -= 1
+            if anonymous:
+                self.anonymous_in_flight -= 1
+            if credential is not None:
+                left = self._by_credential[credential] - 1
+                if left > 0:
+                    self._by_credential[credential] = left
+                else:
+                    del self._by_credential[credential]
             current_request.reset(token)
             await watch.close()
 
     def stats(self) -> dict[str, int]:
-        return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "shed": self.shed}
+        return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "shed": self.shed,
+                "anonymous_in_flight": self.anonymous_in_flight, "shed_anonymous": self.shed_anonymous,
+                "credentials_in_flight": len(self._by_credential), "shed_credential": self.shed_credential}
+
+
+def _credential(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers") or ():
+        if name == b"authorization" or name == b"x-api-key":
+            return value
+    return None
 
 
 async def _busy(send: Send, retry_after: int) -> None:

@@ -98,7 +98,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         app.state.db = database
         app.state.load.database = database
     problems.install(app)
-    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_requests_in_flight, load=app.state.load)
+    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_requests_in_flight, load=app.state.load,
+                       anonymous_paths=frozenset({"/api/v1/auth/login", "/api/v1/auth/register"}),
+                       anonymous_max_in_flight=settings.anonymous_max_in_flight,
+                       credential_max_in_flight=settings.credential_max_in_flight)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     for router in api_routers():
         app.include_router(router, prefix="/api/v1")

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     cpu_work_nice: int = Field(default=10, ge=0, le=19)
     # Requests in progress in one worker process; beyond, 503 busy at once (health probes exempt).
     max_requests_in_flight: int = Field(default=1024, ge=1)
+    # ... of them, at most this many sign-ins and registrations, and this many with one credential
+    # (token or API key): refused before anything is parsed, so a flood costs next to nothing.
+    anonymous_max_in_flight: int = Field(default=32, ge=1)
+    credential_max_in_flight: int = Field(default=32, ge=1)
 
     # --- HTTP / auth ----------------------------------------------------------------------
     jwt_secret: SecretStr = SecretStr("dev-only-secret-change-me-in-production-0123456789")
