@@ -22,9 +22,12 @@ async def search(body: SearchIn, request: Request, who: CurrentPrincipal) -> Any
     # 1. Authorize and count it against the rate limit (one round trip), so that a refused caller
     #    costs no embedding; 2. embed the query with no connection held; 3. search.
     ctx = tenant_context(request, who)
+    cpu = request.app.state.load.embedding
+    if body.mode != "keyword":
+        cpu.gate.check_room(ctx.tenant_id)  # this tenant's embedding queue is full: refuse before any work
     async with open_tenant_session(request, who, ctx, "viewer", read_only=True):
         pass
     model = embedder(request.app.state.settings)
-    params = await search_service.prepare(model, request.app.state.load.embedding, ctx.tenant_id, body)
+    params = await search_service.prepare(model, cpu, ctx.tenant_id, body)
     async with open_tenant_session(request, who, ctx, "viewer", read_only=True, count=False) as s:
         return await search_service.search(s.tx, model, body, params)
