@@ -121,8 +121,11 @@ async def app_client(admin_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, s
     async with db:
         app = create_app(settings, db)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client, admin_url, settings
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+                yield client, admin_url, settings
+        finally:
+            app.state.load.close()  # the hashing and embedding threads (no lifespan runs here)
 
 
 @pytest.fixture

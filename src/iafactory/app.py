@@ -1,4 +1,5 @@
-"""The FastAPI application: every resource under /api/v1, problem+json errors, one pool."""
+"""The FastAPI application: every resource under /api/v1, problem+json errors, one pool, and the
+admission control of one worker process (`app.state.load`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 
+from iafactory.admission import AdmissionMiddleware, CpuWork, LoadControl
 from iafactory.config import Settings, get_settings
 from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             db = bootstrap.database(settings, server.admin_conninfo(settings))
             await db.open()
             app.state.db = db
+        app.state.load.database = app.state.db
         if settings.redis_url:
             app.state.rate_limiter = RedisRateLimiter(settings.redis_url, app.state.db)
         worker_task, stop = None, asyncio.Event()
@@ -83,6 +86,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             if app.state.tracing is not None:
                 app.state.tracing.shutdown()
             metrics.worker_exiting()
+            app.state.load.close()
 
     # FastAPIOffline serves the Swagger UI and ReDoc files shipped in the fastapi-offline package
     # (under /static-offline-docs), so the interactive docs need no CDN; the pages themselves are
@@ -116,8 +120,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.settings = settings
     app.state.key_cache = {}
     app.state.rate_limiter = None
+    app.state.load = load_control(settings)
     if database is not None:
         app.state.db = database
+        app.state.load.database = database
     app.state.tracing = None
     if span_exporter is not None or settings.otlp_endpoint:
         from iafactory.observability import tracing
@@ -125,6 +131,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         app.state.tracing = tracing.instrument(app, settings, span_exporter)
     problems.install(app)
     docs.install(app)
+    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_requests_in_flight, load=app.state.load,
+                       anonymous_paths=frozenset({"/api/v1/auth/login", "/api/v1/auth/register"}),
+                       anonymous_max_in_flight=settings.anonymous_max_in_flight,
+                       credential_max_in_flight=settings.credential_max_in_flight)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
                        span_hook=app.state.tracing.annotate if app.state.tracing else None,
                        body_timeout=settings.body_timeout_seconds)
@@ -140,13 +150,39 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], operation_id="check_readiness", summary="The database answers")
+    @app.get("/readyz", tags=["health"], operation_id="check_readiness",
+             summary="Every database this process needs answers",
+             responses={503: {"description": "Which one does not answer (application/problem+json)"}})
     async def readyz(request: Request) -> Any:
-        try:
-            async with request.app.state.db.anonymous(read_only=True) as tx:
-                await tx.fetchval("SELECT 1")
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
-            return problems.problem_response(503, "Service Unavailable", "the database is not reachable")
-        return {"status": "ready"}
+        checks = await readiness(request.app)
+        failed = {name: reason for name, reason in checks.items() if reason != "ok"}
+        if failed:
+            name, reason = next(iter(failed.items()))
+            return problems.unavailable_response(name, reason, checks=checks)
+        return {"status": "ready", "checks": checks}
 
+    return app
+
+
+def load_control(settings: Settings) -> LoadControl:
+    """The CPU-heavy work's own bounded thread pools (the database's gate belongs to its pool)."""
+    timeout = settings.queue_timeout_seconds
+    hashing = CpuWork("hashing", settings.password_hash_concurrency, max_waiting=settings.password_hash_max_waiting,
+                      timeout=timeout, nice=settings.cpu_work_nice)
+    embedding = CpuWork("embedding", settings.embedding_concurrency, max_waiting=settings.embedding_max_waiting,
+                        timeout=timeout, key_slots=max(1, settings.embedding_concurrency // 2),
+                        key_waiting=max(1, settings.embedding_max_waiting // 4), nice=settings.cpu_work_nice)
+    return LoadControl(hashing, embedding)
+
+
+async def readiness(app: FastAPI) -> dict[str, str]:
+    """"ok" or why not, for each thing this process cannot serve without: the application's
+    database (its pool), and Redis when rate limits are counted there. Within the readyz timeout."""
+    settings: Settings = app.state.settings
+    checks: dict[str, str] = {}
+    reason = await app.state.db.check(settings.readyz_timeout_seconds)
+    checks["database"] = reason or "ok"
+    if app.state.rate_limiter is not None:
+        checks["redis"] = await app.state.rate_limiter.check(settings.readyz_timeout_seconds) or "ok"
+    return checks
     return app

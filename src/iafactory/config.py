@@ -65,6 +65,42 @@ class Settings(BaseSettings):
     pool_min_size: int = 2
     pool_max_size: int = 10
 
+    # --- load and outages (per worker process; iafactory/admission.py, db/scope.py) -------------
+    # The longest a request waits in any queue (a connection, a password hash, a query embedding)
+    # before it is answered 503 "busy, retry after N s".
+    queue_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Requests queued for a connection; beyond, 503 busy at once.
+    pool_max_waiting: int = Field(default=256, ge=0)
+    # One tenant's share: connections held at once (default half the pool) and requests queued
+    # (default a quarter of pool_max_waiting), so that one tenant's flood leaves room to the others.
+    tenant_max_connections: int | None = Field(default=None, ge=1)
+    tenant_max_waiting: int | None = Field(default=None, ge=1)
+    # The unauthenticated lane (sign-in, registration; API-key lookups have their own of the same
+    # size): connections at once (default a quarter of the pool).
+    anonymous_max_connections: int | None = Field(default=None, ge=1)
+    # Connecting gives up after this (libpq's minimum is 2 s); a failed reconnection after
+    # db_reconnect_timeout_seconds, after which the database is probed every db_probe_interval_seconds
+    # and service resumes as soon as it answers.
+    db_connect_timeout_seconds: int = Field(default=2, ge=2)
+    db_reconnect_timeout_seconds: float = Field(default=2.0, gt=0)
+    db_probe_interval_seconds: float = Field(default=0.5, gt=0)
+    # /readyz answers 503 if the database has not answered within this.
+    readyz_timeout_seconds: float = Field(default=1.0, gt=0)
+    # Password hashes (argon2id, argon2_memory_cost_kib each) computed at once, and queued.
+    password_hash_concurrency: int = Field(default=2, ge=1)
+    password_hash_max_waiting: int = Field(default=64, ge=0)
+    # Query embeddings computed at once (one tenant: half of them), and queued.
+    embedding_concurrency: int = Field(default=2, ge=1)
+    embedding_max_waiting: int = Field(default=64, ge=0)
+    # Hashing and embedding threads run this much nicer than serving (Linux; 0: same priority).
+    cpu_work_nice: int = Field(default=10, ge=0, le=19)
+    # Requests in progress in one worker process; beyond, 503 busy at once (health probes exempt).
+    max_requests_in_flight: int = Field(default=1024, ge=1)
+    # ... of them, at most this many sign-ins and registrations, and this many with one credential
+    # (token or API key): refused before anything is parsed, so a flood costs next to nothing.
+    anonymous_max_in_flight: int = Field(default=32, ge=1)
+    credential_max_in_flight: int = Field(default=32, ge=1)
+
     # --- HTTP / auth ----------------------------------------------------------------------
     # No public defaults: on the embedded database these are generated on first start and kept in
     # the data directory (secret_store.py); anywhere else they must be configured (`serve` refuses

@@ -9,7 +9,7 @@ from fastapi import Request, Response
 
 from iafactory.audit import service as audit
 from iafactory.auth import service
-from iafactory.auth.dependencies import Admin, AnonymousSession, CurrentPrincipal, UserSession, Viewer, client_ip
+from iafactory.auth.dependencies import Admin, CurrentPrincipal, UserSession, Viewer, client_ip
 from iafactory.auth.schemas import (
     ApiKeyCreate, ApiKeyCreated, ApiKeyOut, LoginIn, MeOut, MyTenant, RegisterIn, SelectTenantIn, TokenOut, UserOut,
 )
@@ -28,27 +28,20 @@ def _settings(request: Request) -> Settings:
 
 @router.post("/auth/register", status_code=201, response_model=UserOut, tags=["auth"], operation_id="register",
              summary="Create an account")
-async def register(body: RegisterIn, request: Request, tx: AnonymousSession) -> Any:
-    user_id = await service.register(tx, _settings(request), body)
-    return {"id": user_id, "email": body.email, "name": body.name, "is_platform_admin": False,
-            "created_at": await tx.fetchval("SELECT now()")}
+async def register(body: RegisterIn, request: Request) -> Any:
+    # No transaction from a dependency: the password is hashed before one begins.
+    return await service.register(request.app.state.db, _settings(request), request.app.state.load.hashing, body)
 
 
 @router.post("/auth/login", response_model=TokenOut, tags=["auth"], operation_id="login",
              summary="Sign in: a token, and the list of your tenants (selected if there is only one)")
-async def login(body: LoginIn, request: Request, tx: AnonymousSession) -> Any:
+async def login(body: LoginIn, request: Request) -> Any:
     settings = _settings(request)
-    user = await service.authenticate(tx, settings, body)
-    tenants = await service.memberships(tx, user["user_id"])
-    open_tenants = [t for t in tenants if t.status in service.SELECTABLE]
-    selected = open_tenants[0] if len(tenants) == 1 and open_tenants else None
+    user, tenants, selected = await service.sign_in(
+        request.app.state.db, settings, request.app.state.load.hashing, body,
+        ip=client_ip(request), request_id=request.state.request_id)
     token, ttl = service.token_for(settings, user["user_id"], selected, user["is_platform_admin"])
     request.state.user_id = user["user_id"]
-    # Every tenant this sign-in can reach records it.
-    for tenant in tenants[:50]:
-        await audit.record(tx, tenant.id, "auth.login", user_id=user["user_id"],
-                           details={"selected": selected is not None and selected.id == tenant.id},
-                           ip=client_ip(request), request_id=request.state.request_id)
     return TokenOut(access_token=token, expires_in=ttl, tenant=selected, tenants=tenants)
 
 

@@ -1,4 +1,8 @@
-"""Sign-up, sign-in, tenant selection and API keys. Services never commit."""
+"""Sign-up, sign-in, tenant selection and API keys. Services never commit.
+
+Password hashing never happens while a transaction (and so a pooled connection) is open: a
+sign-in reads the stored hash in one short transaction, verifies it with none open, and records
+the sign-in in a second one."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from uuid import UUID
 
 import psycopg
 
+from iafactory.admission import ANONYMOUS, CpuWork
+from iafactory.audit import service as audit
 from iafactory.auth import api_keys, passwords, tokens
 from iafactory.auth.dependencies import Principal
 from iafactory.auth.schemas import ApiKeyCreate, LoginIn, MeOut, Membership, MyTenant, RegisterIn
@@ -20,25 +26,43 @@ SELECTABLE = ("active", "trial")
 KEY_COLUMNS = "id, name, prefix, scope, created_at, expires_at, last_used_at, revoked_at"
 
 
-async def register(tx: Transaction, settings: Settings, data: RegisterIn) -> int:
-    hashed = await passwords.hash_password(settings, data.password)
-    try:
-        return await tx.fetchval("SELECT app.register_user(%s, %s, %s)", (data.email, data.name, hashed))
-    except psycopg.errors.UniqueViolation as err:
-        raise Problem(409, "Conflict", "an account with this email already exists", type_="conflict") from err
+async def register(db: Database, settings: Settings, cpu: CpuWork, data: RegisterIn) -> dict[str, Any]:
+    cpu.gate.check_room(ANONYMOUS)  # a full hashing queue: refuse before doing anything
+    hashed = await passwords.hash_password(settings, data.password, cpu)
+    async with db.anonymous() as tx:
+        try:
+            user_id = await tx.fetchval("SELECT app.register_user(%s, %s, %s)", (data.email, data.name, hashed))
+        except psycopg.errors.UniqueViolation as err:
+            raise Problem(409, "Conflict", "an account with this email already exists", type_="conflict") from err
+        created_at = await tx.fetchval("SELECT now()")
+    return {"id": user_id, "email": data.email, "name": data.name, "is_platform_admin": False,
+            "created_at": created_at}
 
 
-async def authenticate(tx: Transaction, settings: Settings, data: LoginIn) -> dict[str, Any]:
-    row = await tx.fetchrow("SELECT * FROM app.find_login(%s)", (data.email,))
-    ok = await passwords.verify_password(settings, row["password_hash"] if row else None, data.password)
+async def sign_in(db: Database, settings: Settings, cpu: CpuWork, data: LoginIn, *, ip: str | None,
+                  request_id: str | None) -> tuple[dict[str, Any], list[Membership], Membership | None]:
+    """The user, their tenants, and the tenant selected for them (when they have exactly one)."""
+    cpu.gate.check_room(ANONYMOUS)  # a full hashing queue: refuse before reading anything
+    async with db.anonymous(read_only=True) as tx:
+        row = await tx.fetchrow("SELECT * FROM app.find_login(%s)", (data.email,))
+    ok = await passwords.verify_password(settings, row["password_hash"] if row else None, data.password, cpu)
     if not ok or row is None:
         metrics.count_login_failure("bad_credentials")
         raise Problem(401, "Unauthorized", "wrong email or password", headers={"WWW-Authenticate": "Bearer"})
     if not row["is_active"]:
         metrics.count_login_failure("disabled")
         raise Problem(403, "Forbidden", "this account is disabled")
-    await tx.execute("SELECT app.record_login(%s)", (row["user_id"],))
-    return row
+    async with db.anonymous() as tx:
+        await tx.execute("SELECT app.record_login(%s)", (row["user_id"],))
+        tenants = await memberships(tx, row["user_id"])
+        open_tenants = [t for t in tenants if t.status in SELECTABLE]
+        selected = open_tenants[0] if len(tenants) == 1 and open_tenants else None
+        # Every tenant this sign-in can reach records it.
+        for tenant in tenants[:50]:
+            await audit.record(tx, tenant.id, "auth.login", user_id=row["user_id"],
+                               details={"selected": selected is not None and selected.id == tenant.id},
+                               ip=ip, request_id=request_id)
+    return row, tenants, selected
 
 
 async def memberships(tx: Transaction, user_id: int) -> list[Membership]:

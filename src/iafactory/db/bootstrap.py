@@ -8,7 +8,7 @@ import psycopg
 
 from iafactory.config import SECRET_HINT, ConfigError, Settings, app_db_password_problem
 from iafactory.db import migrate, roles, server
-from iafactory.db.scope import Database
+from iafactory.db.scope import Database, PoolLimits, admin_connect
 
 
 async def migrate_and_prepare(
@@ -40,4 +40,14 @@ def database(settings: Settings, admin_url: str) -> Database:
         admin_url,
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
+        limits=PoolLimits(
+            queue_timeout=settings.queue_timeout_seconds,
+            max_waiting=settings.pool_max_waiting,
+            tenant_slots=settings.tenant_max_connections,
+            tenant_waiting=settings.tenant_max_waiting,
+            anonymous_slots=settings.anonymous_max_connections,
+            connect_timeout=settings.db_connect_timeout_seconds,
+            reconnect_timeout=settings.db_reconnect_timeout_seconds,
+            probe_interval=settings.db_probe_interval_seconds,
+        ),
     )

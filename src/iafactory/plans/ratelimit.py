@@ -12,6 +12,7 @@ import time
 from typing import Any
 from uuid import UUID
 
+from iafactory.admission import CREDENTIALS
 from iafactory.db.scope import Database, Params
 from iafactory.http.problems import Problem
 
@@ -39,11 +40,24 @@ class RedisRateLimiter:
     async def close(self) -> None:
         await self._redis.aclose()
 
+    async def check(self, timeout: float) -> str | None:
+        """For /readyz: None when Redis answers a PING within `timeout` seconds, else why not."""
+        import asyncio
+
+        try:
+            async with asyncio.timeout(timeout):
+                await self._redis.ping()
+        except TimeoutError:
+            return "no answer in time"
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return "unreachable"
+        return None
+
     async def _tenant_limits(self, tenant_id: UUID) -> dict[str, Any] | None:
         hit = self._limits.get(tenant_id)
         if hit and hit[0] > time.monotonic():
             return hit[1]
-        async with self._db.anonymous(read_only=True) as tx:
+        async with self._db.anonymous(read_only=True, lane=CREDENTIALS) as tx:
             row = await tx.fetchrow("SELECT * FROM app.tenant_limits(%s)", (tenant_id,))
         if row is not None:
             self._limits[tenant_id] = (time.monotonic() + LIMITS_CACHE_SECONDS, row)
