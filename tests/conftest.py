@@ -24,6 +24,11 @@ import pytest
 from iafactory.config import Settings
 from iafactory.db import server
 
+# The API fixtures (api_client, api_world, module_db, module_api_client, module_api_world) live in
+# tests/api_support.py; registered here, every test module gets them by parameter name, without
+# importing them. Its plain helpers (login, Seeder, ...) are imported as usual.
+pytest_plugins = ["api_support"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Real secrets for this test session: the service has no usable defaults any more (with

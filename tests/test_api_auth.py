@@ -27,9 +27,7 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from api_support import (  # noqa: F401 - fixtures
-    PASSWORD, ApiWorld, build_world, module_api_client, module_db,
-)
+from api_support import PASSWORD, ApiWorld, build_world
 from iafactory.auth import api_keys, tokens
 from iafactory.app import create_app
 from iafactory.config import Settings

@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from api_support import PASSWORD, ApiWorld, api_client, api_world, count_rows, login  # noqa: F401 - fixtures
+from api_support import PASSWORD, ApiWorld, count_rows, login
 from iafactory.auth.passwords import hash_password
 from iafactory.db.scope import operator_transaction
 from iafactory.domains import RESOURCES

@@ -29,10 +29,10 @@ from typing import Any
 import httpx
 import pytest
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ApiOperation, ApiWorld, Credential, Seeder, allowed, api_operations, id_field,
-    module_api_client, module_api_world, module_db, offline_openapi, provision_for_load, reference_fields,
-    referenced_collection, required_role, tenant_credentials, tenant_writable_collections,
+from api_support import (
+    API_PREFIX, ApiOperation, ApiWorld, Credential, Seeder, allowed, api_operations, id_field, offline_openapi,
+    provision_for_load, reference_fields, referenced_collection, required_role, tenant_credentials,
+    tenant_writable_collections,
 )
 
 pytestmark = pytest.mark.anyio

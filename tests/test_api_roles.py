@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ApiOperation, ApiWorld, Credential, Seeder, allowed, api_operations, id_field, module_api_client,
-    module_api_world, module_db, offline_openapi, provision_for_load, required_role, resource_prefixes,
-    write_role_table,
+from api_support import (
+    API_PREFIX, ApiOperation, ApiWorld, Credential, Seeder, allowed, api_operations, id_field, offline_openapi,
+    provision_for_load, required_role, resource_prefixes, write_role_table,
 )
 
 pytestmark = pytest.mark.anyio

@@ -34,9 +34,8 @@ from schemathesis.specs.openapi.checks import (
     content_type_conformance, negative_data_rejection, response_headers_conformance, response_schema_conformance,
 )
 
-from api_support import (  # noqa: F401 - fixtures
-    ApiOperation, ApiWorld, api_operations, fast_settings, module_api_client, module_api_world, module_db,
-    offline_openapi, provision_for_load, reference_fields,
+from api_support import (
+    ApiOperation, ApiWorld, api_operations, fast_settings, offline_openapi, provision_for_load, reference_fields,
 )
 from iafactory.app import create_app
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from api_support import ApiWorld, api_client, api_world  # noqa: F401 - fixtures
+from api_support import ApiWorld
 
 pytestmark = pytest.mark.anyio
 

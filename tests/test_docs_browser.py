@@ -26,7 +26,7 @@ import httpx
 import pytest
 import uvicorn
 
-from api_support import PASSWORD, fast_settings, module_db  # noqa: F401 - fixtures
+from api_support import PASSWORD, fast_settings
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
 from iafactory.db.scope import operator_transaction

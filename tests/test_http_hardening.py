@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api_support import fast_settings, module_api_client, module_db  # noqa: F401 - fixtures
+from api_support import fast_settings
 from conftest import SECRET_ENV
 from iafactory.app import create_app
 from iafactory.db import bootstrap

@@ -22,9 +22,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ApiOperation, ApiWorld, Seeder, api_operations, module_api_client, module_api_world, module_db,
-    offline_openapi, provision_for_load, required_role, resolve_schema,
+from api_support import (
+    API_PREFIX, ApiOperation, ApiWorld, Seeder, api_operations, offline_openapi, provision_for_load, required_role,
+    resolve_schema,
 )
 from iafactory import jsonvalues
 from iafactory.domains import RESOURCES

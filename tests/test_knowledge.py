@@ -30,7 +30,7 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from api_support import ApiWorld, module_api_client, module_api_world, module_db  # noqa: F401 - fixtures
+from api_support import ApiWorld
 from iafactory.db.scope import Database
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import Embedder, embedder, vector_literal

@@ -10,7 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from api_support import PASSWORD, ApiWorld, api_client, api_world, fast_settings, login  # noqa: F401 - fixtures
+from api_support import PASSWORD, ApiWorld, fast_settings, login
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
 from iafactory.db import bootstrap
