@@ -31,9 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url  # noqa: E402
-
-from iafactory.db import bootstrap  # noqa: E402
+from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url
+from iafactory.db import bootstrap
 
 HOST = "127.0.0.1"
 SERVER = """

@@ -24,8 +24,7 @@ import time
 import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import create_database, drop_database, percentile  # noqa: E402
-
+from _common import create_database, drop_database, percentile
 from iafactory.config import Settings
 from iafactory.db import migrate, server
 

@@ -28,8 +28,8 @@ import pytest
 from pydantic import SecretStr
 
 from api_support import PASSWORD, ApiWorld, build_world
-from iafactory.auth import api_keys, tokens
 from iafactory.app import create_app
+from iafactory.auth import api_keys, tokens
 from iafactory.config import Settings
 from iafactory.db import bootstrap
 

@@ -22,8 +22,19 @@ from typing import Any
 import pytest
 
 from api_support import (
-    API_PREFIX, ApiOperation, ApiWorld, Credential, Seeder, allowed, api_operations, id_field, offline_openapi,
-    provision_for_load, required_role, resource_prefixes, write_role_table,
+    API_PREFIX,
+    ApiOperation,
+    ApiWorld,
+    Credential,
+    Seeder,
+    allowed,
+    api_operations,
+    id_field,
+    offline_openapi,
+    provision_for_load,
+    required_role,
+    resource_prefixes,
+    write_role_table,
 )
 
 pytestmark = pytest.mark.anyio

@@ -31,11 +31,20 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi as schemathesis_asgi
 from schemathesis.specs.openapi.checks import (
-    content_type_conformance, negative_data_rejection, response_headers_conformance, response_schema_conformance,
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
 )
 
 from api_support import (
-    ApiOperation, ApiWorld, api_operations, fast_settings, offline_openapi, provision_for_load, reference_fields,
+    ApiOperation,
+    ApiWorld,
+    api_operations,
+    fast_settings,
+    offline_openapi,
+    provision_for_load,
+    reference_fields,
 )
 from iafactory.app import create_app
 

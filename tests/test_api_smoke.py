@@ -54,7 +54,7 @@ async def test_values_postgresql_cannot_store_are_a_422_not_a_500(api_world: Api
     assert r.status_code in (404, 422) and r.status_code != 500
 
 
-def problem_fields(r) -> list[str]:  # noqa: ANN001 - an httpx.Response
+def problem_fields(r) -> list[str]:  # an httpx.Response
     """The fields a 422 names; every 422 has the same shape (problem+json with `errors`)."""
     assert r.status_code == 422, r.text
     assert r.headers["content-type"] == "application/problem+json"

@@ -131,7 +131,7 @@ def test_two_serve_processes_booting_together_both_come_up(
     procs = [subprocess.Popen([EXE, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for port in ports]
     try:
-        ready = {port: False for port in ports}
+        ready = dict.fromkeys(ports, False)
         deadline = time.monotonic() + 120  # a bound on the wait, not a synchronisation
         while not all(ready.values()) and time.monotonic() < deadline:
             for port, proc in zip(ports, procs):

@@ -23,7 +23,14 @@ import psycopg
 import pytest
 
 from api_support import (
-    API_PREFIX, ROLE_RANKS, ApiOperation, ApiWorld, Seeder, api_operations, offline_openapi, provision_for_load,
+    API_PREFIX,
+    ROLE_RANKS,
+    ApiOperation,
+    ApiWorld,
+    Seeder,
+    api_operations,
+    offline_openapi,
+    provision_for_load,
     required_role,
 )
 from iafactory.knowledge import worker

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import migrate_sync, run_cli
 
+from conftest import migrate_sync, run_cli
 from iafactory.db import migrate, server, verify
 from iafactory.db.scope import admin_connect
 
@@ -254,7 +254,7 @@ def test_upgrade_from_single_tenant_install_assigns_every_row_to_system_default(
         WHERE c.relkind IN ('r', 'p') ORDER BY 1""")]
     assert set(LEGACY_TABLES) <= set(tenant_tables)
     nulls = {t: query(empty_db, f"SELECT count(*) FROM {t} WHERE tenant_id IS NULL")[0][0] for t in tenant_tables}
-    assert nulls == {t: 0 for t in tenant_tables}
+    assert nulls == dict.fromkeys(tenant_tables, 0)
 
     assert failed_checks(empty_db) == []
 

@@ -12,8 +12,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from conftest import run_cli
 from catalog_rows import TENANT_A, TENANT_B
+from conftest import run_cli
 
 
 def counts(admin_url: str, tenant: object, tables: list[str]) -> dict[str, int]:

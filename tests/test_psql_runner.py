@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import REPO, migrate_sync, run_cli
 
+from conftest import REPO, migrate_sync, run_cli
 from iafactory.db import migrate
 
 SCRIPT = REPO / "scripts" / "run_migrations.sh"

@@ -15,6 +15,7 @@ from psycopg import sql
 from catalog_rows import TENANT_A, TENANT_B, insert_order, insert_row, pk_where, row_for, set_tenant
 from conftest import settings_for
 
+
 @pytest.fixture(scope="module")
 def world(catalog_world: dict[str, Any]) -> dict[str, Any]:
     """This module's tenants A and B with a row in every tenant table (catalog_rows.catalog_world)."""

@@ -48,7 +48,7 @@ class EmbeddingService:
         service = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:  # http.server's naming
                 texts = json.loads(self.rfile.read(int(self.headers["content-length"])))["input"]
                 service.arrived.set()
                 service.release.wait(WAIT)

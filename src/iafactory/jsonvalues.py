@@ -81,7 +81,7 @@ def check(value: Any, limits: JsonLimits) -> None:
             kind = type(child)
             if kind is dict or kind is list:
                 stack.append((child, depth + 1, (trail, key)))
-            elif kind is str and len(child) <= limits.string or kind is int or kind is bool or child is None:
+            elif (kind is str and len(child) <= limits.string) or kind is int or kind is bool or child is None:
                 continue  # the common cases, without a call
             elif error := _scalar_error(child, limits):
                 raise ValueError(f"{error} (at {_where((trail, key))})")

@@ -157,7 +157,7 @@ UserPrincipal = Annotated[Principal, Depends(user_principal)]
 KEY_ROLES = frozenset({"viewer", "member"})
 
 
-def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):  # noqa: ANN201
+def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):
     """Dependency: a transaction as the credential's tenant, gated on `min_role`. The request owns
     it: it commits after the handler returns and before the response is sent. `read_only`
     defaults to the HTTP method (GET/HEAD read); True for a POST that only reads (search)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 from uuid import UUID
 
@@ -81,7 +81,7 @@ class ApiKeyCreate(Strict):
     def _aware(self) -> ApiKeyCreate:
         if self.expires_at is not None and self.expires_at.tzinfo is None:
             raise ValueError("expires_at needs a time zone, e.g. 2027-01-01T00:00:00Z")
-        if self.expires_at is not None and self.expires_at <= datetime.now(timezone.utc):
+        if self.expires_at is not None and self.expires_at <= datetime.now(UTC):
             raise ValueError("expires_at must be in the future")
         return self
 

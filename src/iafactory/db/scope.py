@@ -246,7 +246,7 @@ class _Scope:
     """Async context manager for one scope: a pooled (or given) connection and its Transaction.
     A plain class rather than nested generators: this sits on every request's hot path."""
 
-    __slots__ = ("_pool", "_conn", "_ctx", "_gate", "_read_only", "_tx", "_user_id", "_before", "_request")
+    __slots__ = ("_before", "_conn", "_ctx", "_gate", "_pool", "_read_only", "_request", "_tx", "_user_id")
 
     def __init__(self, pool: AsyncConnectionPool | None, conn: Conn | None, ctx: TenantContext | None,
                  gate: tuple[str, Params] | None, read_only: bool, user_id: int | None = None,

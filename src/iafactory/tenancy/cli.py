@@ -95,7 +95,7 @@ async def add_user_command(
 __all__ = ["Plan", "Region", "Status"]
 
 
-def _progress_bar():  # noqa: ANN202 - a rich Progress and the callback that feeds it
+def _progress_bar():  # a rich Progress and the callback that feeds it
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     bar = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), console=console,

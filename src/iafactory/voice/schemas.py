@@ -9,7 +9,16 @@ from uuid import UUID
 from pydantic import BaseModel, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonArray, JsonObject, Language, LongText, Patch, Strict, Timestamp, decimal_number
+from iafactory.resources.types import (
+    JsonArray,
+    JsonObject,
+    Language,
+    LongText,
+    Patch,
+    Strict,
+    Timestamp,
+    decimal_number,
+)
 
 TranscriptionStatus = Literal["pending", "processing", "completed", "failed"]
 Channel = Literal["phone", "web", "whatsapp"]
