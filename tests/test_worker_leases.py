@@ -11,6 +11,7 @@ job for as long as the test wants, and the test knows when it got there. Nothing
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from conftest import settings_for
+from conftest import SECRET_ENV, settings_for
 from iafactory.db import bootstrap
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import OpenAICompatibleEmbedder
@@ -110,6 +111,7 @@ def state(url: str, document_id: int) -> dict[str, Any]:
 
 def env_for(url: str, service: EmbeddingService, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAFACTORY_")}
+    env.update(SECRET_ENV)  # no public default secrets since i10-secrets
     env.update(DATABASE_URL=url, IAFACTORY_EMBEDDING_PROVIDER="openai", IAFACTORY_EMBEDDING_URL=service.url,
                IAFACTORY_EMBEDDING_MODEL="held-back", IAFACTORY_WORKER_LEASE_SECONDS=str(LEASE), **extra)
     return env
@@ -185,7 +187,7 @@ async def test_a_running_job_keeps_its_lease_and_a_killed_workers_job_is_taken_a
         # The heartbeat keeps the job beyond its first lease while the worker lives...
         deadline = time.monotonic() + WAIT
         while state(migrated_db, doc)["held_for"].total_seconds() <= LEASE + 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         renewed = state(migrated_db, doc)
         assert renewed["held_for"].total_seconds() > LEASE + 1
         assert renewed["status"] == "running" and renewed["leased"], renewed
@@ -206,7 +208,7 @@ async def test_a_running_job_keeps_its_lease_and_a_killed_workers_job_is_taken_a
     while not ran and time.monotonic() < deadline:
         ran = await index_with(migrated_db, service)
         if not ran:
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
     assert ran == 1
     done = state(migrated_db, doc)
     assert (done["status"], done["attempts"], done["index_status"]) == ("done", 2, "indexed")
