@@ -502,7 +502,7 @@ def make_query(rng: np.random.Generator, tenant: Tenant, vocabs: dict[str, Vocab
     if kind == "natural":  # a natural-language query: stop words too
         words.insert(1 if len(words) > 1 else 0, vocab.words[int(rng.choice(vocab.stop))])
     elif kind == "name":  # a name and a word or two: selective
-        words = [vocab.words[int(rng.choice(vocab.names))]] + words[:int(rng.integers(0, 2))]
+        words = [vocab.words[int(rng.choice(vocab.names))], *words[:int(rng.integers(0, 2))]]
     if rng.random() < 0.15:  # a word of another topic
         words.append(vocab.words[int(rng.choice(vocab.content))])
     vector = emb.query(rng, topic)
@@ -754,7 +754,7 @@ async def ingestion(db, admin: str, settings: Settings, n_docs: int, rng: np.ran
         await embedder.embed_documents(batch)
     embed_only = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for title, content in docs:
+    for _title, content in docs:
         for c in chunk_text(content):
             detect_language(c.text)
     python_prep = time.perf_counter() - t0

@@ -94,7 +94,7 @@ def insert_order(tables: dict[str, TableInfo]) -> list[str]:
         if name in order or name in path:
             return
         for _, ref, _ in tables[name].references:
-            visit(ref, path + (name,))
+            visit(ref, (*path, name))
         order.append(name)
 
     for name in tables:
@@ -143,11 +143,11 @@ def row_for(
             continue
         if not global_rows or ref not in global_rows:
             raise AssertionError(f"{table.name} needs a row of global table {ref}")
-        for lc, rc in zip(local, remote):
+        for lc, rc in zip(local, remote, strict=True):
             values[lc] = global_rows[ref][rc]
     for local, ref, remote in table.references:
         parent = parents[ref]
-        for lc, rc in zip(local, remote):
+        for lc, rc in zip(local, remote, strict=True):
             values[lc] = parent[rc]
     for col in table.columns.values():
         if col.name in values or (col.has_default and col.name not in table.primary_key) or not col.not_null:

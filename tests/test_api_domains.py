@@ -380,7 +380,7 @@ async def test_credit_ledger_newest_first_in_pages(api_world: ApiWorld) -> None:
     assert set(page["items"][0]) == {"id", "kind", "amount", "reason", "idempotency_key", "balance_after",
                                      "created_by", "created_at"}
     r = await c.get(f"{API}/credits", params={"limit": 2, "cursor": page["next_cursor"]}, headers=a.key("read"))
-    assert [t["idempotency_key"] for t in r.json()["items"]][0] == "test:0"
+    assert next(t["idempotency_key"] for t in r.json()["items"]) == "test:0"
     assert (await c.get(f"{API}/credits/balance", headers=a.auth("viewer"))).json()["balance"] == balance
     assert "test:0" not in {t["idempotency_key"] for t in (await c.get(f"{API}/credits", headers=b.auth("viewer"))).json()["items"]}
     r = await c.get(f"{API}/credits", params={"cursor": "garbage"}, headers=a.auth("viewer"))

@@ -138,7 +138,7 @@ def test_role_table_says_what_the_product_promises() -> None:
 
 @pytest.mark.parametrize(("op", "actor"), CASES)
 async def test_write_route_role(roles: Roles, op: ApiOperation, actor: str) -> None:
-    w, c = roles.world, roles.world.client
+    w = roles.world
     cred = credential(w, actor)
     may = allowed(cred, op.method, op.path)
     path = op.path

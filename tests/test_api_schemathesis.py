@@ -51,7 +51,7 @@ from iafactory.app import create_app
 pytestmark = pytest.mark.anyio
 
 DOC = offline_openapi()
-OPERATIONS = [op for op in api_operations(DOC)]
+OPERATIONS = list(api_operations(DOC))
 BUDGET = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 4}  # examples per operation and credential
 
 # Responses the app really sends that its OpenAPI document does not list. Each is a bug in the

@@ -97,7 +97,7 @@ async def test_api_key_rate_limit_is_per_key(api_world: ApiWorld) -> None:
     async def burst() -> list[int]:
         codes = [(await api_world.client.get("/api/v1/projects", headers=api_world.a.key("read"))).status_code
                  for _ in range(4)]
-        return codes + [(await api_world.client.get("/api/v1/projects", headers=api_world.a.key("write"))).status_code]
+        return [*codes, (await api_world.client.get("/api/v1/projects", headers=api_world.a.key("write"))).status_code]
 
     assert await in_one_window(api_world.admin_url, burst) == [200, 200, 200, 429, 200]
 

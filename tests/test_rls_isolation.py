@@ -31,7 +31,7 @@ def test_catalog_finds_the_tenant_tables(world: dict[str, Any]) -> None:
 def test_every_tenant_table_has_forced_rls_and_the_tenant_policy(world: dict[str, Any]) -> None:
     problems = []
     with psycopg.connect(world["admin"]) as conn:
-        for table in list(world["tables"]) + ["tenants"]:
+        for table in [*list(world["tables"]), "tenants"]:
             enabled, forced = conn.execute(
                 "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = %s::regclass", (table,)
             ).fetchone()
@@ -211,7 +211,7 @@ def test_composite_foreign_keys_refuse_cross_tenant_references_even_for_the_owne
     checked = 0
     with psycopg.connect(world["admin"]) as conn:
         for name, table in world["tables"].items():
-            for local, ref, remote in table.references:
+            for local, ref, _remote in table.references:
                 if "tenant_id" not in local or len(local) < 2:
                     continue
                 parents = {r: world["rows"][r][TENANT_A] for _, r, _ in table.references}

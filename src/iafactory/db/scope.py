@@ -26,6 +26,7 @@ psycopg's own adapters (`sql.Literal`), never by string formatting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import uuid
@@ -278,10 +279,8 @@ class _Scope:
             if exc_type is None:
                 await self._tx._finish(ok=True)
             else:
-                try:
+                with contextlib.suppress(psycopg.Error):  # the original exception is the one that matters
                     await self._tx._finish(ok=False)
-                except psycopg.Error:
-                    pass  # the original exception is the one that matters
         finally:
             await self._release()
 

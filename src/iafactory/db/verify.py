@@ -13,10 +13,7 @@ DEFAULT_TENANT_ID = "00000000-0000-0000-0000-000000000000"
 # The tables of the original single-tenant install, whose rows must now belong to system-default.
 LEGACY_TABLES = ("projects", "knowledge_base", "bolt_workflows", "orchestrator_state", "bmad_workflows")
 # Every table the Phase 1 design names as tenant-scoped. More may exist; none of these may be missing.
-REQUIRED_TENANT_TABLES = LEGACY_TABLES + (
-    "tenant_users", "api_keys", "usage_events", "voice_transcriptions", "voice_conversations",
-    "crm_leads", "crm_deals", "billing_accounts", "credit_transactions", "pme_analyses",
-)
+REQUIRED_TENANT_TABLES = (*LEGACY_TABLES, "tenant_users", "api_keys", "usage_events", "voice_transcriptions", "voice_conversations", "crm_leads", "crm_deals", "billing_accounts", "credit_transactions", "pme_analyses")
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ async def tenant_tables(tx: Transaction) -> list[TableInfo]:
             return
         for ref in by_name[name]["refs"]:
             if ref in by_name:
-                visit(ref, path + (name,))
+                visit(ref, (*path, name))
         ordered.append(name)
 
     for name in by_name:
