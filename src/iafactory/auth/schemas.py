@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from iafactory.emails import Email
-from iafactory.resources.types import timestamp
+from iafactory.resources.types import timestamp_rules
 from iafactory.tenancy.schemas import Role
 
-Expiry = timestamp("Optional expiry, in the future (RFC 3339 with a time zone).")
+Expiry = Annotated[datetime, timestamp_rules("Optional expiry, in the future (RFC 3339 with a time zone).")]
 
 
 class Strict(BaseModel):
