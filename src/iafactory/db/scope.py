@@ -249,7 +249,7 @@ class _Scope:
 
     __slots__ = ("_before", "_conn", "_ctx", "_gate", "_pool", "_read_only", "_request", "_tx", "_user_id")
 
-    def __init__(self, pool: AsyncConnectionPool | None, conn: Conn | None, ctx: TenantContext | None,
+    def __init__(self, pool: AsyncConnectionPool[Conn] | None, conn: Conn | None, ctx: TenantContext | None,
                  gate: tuple[str, Params] | None, read_only: bool, user_id: int | None = None,
                  before: tuple[str, Params] | None = None,
                  request: tuple[str | None, str | None] = (None, None)) -> None:
@@ -296,8 +296,9 @@ class Database:
     def __init__(self, app_conninfo: str, admin_conninfo: str, *, min_size: int = 2, max_size: int = 10) -> None:
         self.app_conninfo = app_conninfo
         self.admin_conninfo = admin_conninfo
-        self._pool = AsyncConnectionPool(
+        self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             app_conninfo,
+            connection_class=psycopg.AsyncConnection[dict[str, Any]],
             min_size=min_size,
             max_size=max_size,
             # Statements are prepared by this module (PREPARE/EXECUTE); psycopg's own cache would
