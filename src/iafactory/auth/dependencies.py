@@ -101,6 +101,7 @@ async def _principal_from_key(request: Request, key: str) -> Principal:
         raise unauthorized("malformed API key")
     cache: dict[str, tuple[float, dict[str, Any]]] = request.app.state.key_cache
     hit = cache.get(prefix)
+    row: dict[str, Any] | None
     if hit is not None and hit[0] > time.monotonic():
         row = hit[1]
     else:
