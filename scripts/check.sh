@@ -9,7 +9,7 @@ status=0
 echo "=== ruff check ===" >&2
 .venv/bin/ruff check src tests bench scripts || status=1
 echo "=== ruff format --check ===" >&2
-.venv/bin/ruff format --check src tests bench scripts || status=1
+.venv/bin/ruff format --check --output-format concise src tests bench scripts || status=1
 echo "=== mypy src ===" >&2
 .venv/bin/mypy src || status=1
 exit "$status"
