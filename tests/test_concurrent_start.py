@@ -24,7 +24,7 @@ import httpx
 import psycopg
 import pytest
 
-from conftest import _drop_database
+from conftest import SECRET_ENV, _drop_database
 from iafactory.db import migrate, server
 
 EXE = str(Path(sys.executable).with_name("iafactory"))
@@ -34,6 +34,7 @@ RUNNERS = 3
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("IAFACTORY_")}
+    env.update(SECRET_ENV)  # no public default secrets since i10-secrets
     # Nothing the runners do here needs the embedding model or an indexing worker.
     env.update(IAFACTORY_EMBEDDING_PROVIDER="none", IAFACTORY_RUN_WORKER="false", **extra)
     return env
