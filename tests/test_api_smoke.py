@@ -4,6 +4,7 @@ problem+json answers for the common mistakes."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -39,8 +40,10 @@ async def test_another_tenants_id_answers_like_a_missing_one(api_world: ApiWorld
     other = await c.get(f"/api/v1/projects/{theirs}", headers=api_world.a.auth("owner"))
     missing = await c.get(f"/api/v1/projects/{theirs + 10_000}", headers=api_world.a.auth("owner"))
     assert other.status_code == missing.status_code == 404
-    strip = lambda body, ident: {k: re.sub(rf"\b{ident}\b", "ID", str(v)) for k, v in body.items()  # noqa: E731
-                                 if k != "request_id"}
+
+    def strip(body: dict[str, Any], ident: int) -> dict[str, str]:
+        return {k: re.sub(rf"\b{ident}\b", "ID", str(v)) for k, v in body.items() if k != "request_id"}
+
     assert strip(other.json(), theirs) == strip(missing.json(), theirs + 10_000)
 
 
