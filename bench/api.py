@@ -63,14 +63,13 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url  # noqa: E402
-
-from iafactory.auth.passwords import hash_password  # noqa: E402
-from iafactory.config import Settings  # noqa: E402
-from iafactory.db import bootstrap  # noqa: E402
-from iafactory.db.scope import admin_connect, operator_transaction  # noqa: E402
-from iafactory.tenancy import service  # noqa: E402
-from iafactory.tenancy.schemas import TenantCreate  # noqa: E402
+from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url
+from iafactory.auth.passwords import hash_password
+from iafactory.config import Settings
+from iafactory.db import bootstrap
+from iafactory.db.scope import admin_connect, operator_transaction
+from iafactory.tenancy import service
+from iafactory.tenancy.schemas import TenantCreate
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

@@ -35,9 +35,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from iafactory.config import Settings
-from iafactory.serve import uvicorn_options
 from iafactory.projects.schemas import ProjectCreate, ProjectOut
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, page_of
+from iafactory.serve import uvicorn_options
 
 # The statements iafactory.resources.repository builds for PROJECTS, written out.
 _COLUMNS = ", ".join(f'"{c}"' for c in ProjectOut.model_fields)

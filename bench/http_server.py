@@ -27,13 +27,13 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url  # noqa: E402
-
-from iafactory.db import bootstrap  # noqa: E402
+from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url
+from iafactory.db import bootstrap
 
 HOST = "127.0.0.1"
 SERVER = """
@@ -151,10 +151,10 @@ def main() -> None:
                 big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 50_000_000 + b"\r\n\r\n"
                 many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(
                     b"X-H%d: v\r\n" % i for i in range(100_000)) + b"\r\n"
-                for label, run in (("one 50 MB header", lambda: hostile(port, big)),
-                                   ("ten 50 MB headers", lambda: hostile_parallel(port, big, 10)),
-                                   ("100,000 headers", lambda: hostile(port, many)),
-                                   ("half a header", lambda: hostile(port, b"GET / HTTP/1.1\r\nX-Slow: ", 30))):
+                for label, run in (("one 50 MB header", partial(hostile, port, big)),
+                                   ("ten 50 MB headers", partial(hostile_parallel, port, big, 10)),
+                                   ("100,000 headers", partial(hostile, port, many)),
+                                   ("half a header", partial(hostile, port, b"GET / HTTP/1.1\r\nX-Slow: ", 30))):
                     before = rss_mib(proc.pid)
                     line, seconds = run()
                     hostile_rows.append((LABELS[variant], label, line, seconds, before, rss_mib(proc.pid)))

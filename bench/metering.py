@@ -22,16 +22,15 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCH_SECRETS, create_database, drop_database, server_url  # noqa: E402
-
-from iafactory.app import create_app  # noqa: E402
-from iafactory.auth.passwords import hash_password  # noqa: E402
-from iafactory.config import Settings  # noqa: E402
-from iafactory.db import bootstrap  # noqa: E402
-from iafactory.db.scope import Database, operator_transaction  # noqa: E402
-from iafactory.tenancy import service  # noqa: E402
-from iafactory.tenancy.context import TenantContext  # noqa: E402
-from iafactory.tenancy.schemas import TenantCreate  # noqa: E402
+from _common import BENCH_SECRETS, create_database, drop_database, server_url
+from iafactory.app import create_app
+from iafactory.auth.passwords import hash_password
+from iafactory.config import Settings
+from iafactory.db import bootstrap
+from iafactory.db.scope import Database, operator_transaction
+from iafactory.tenancy import service
+from iafactory.tenancy.context import TenantContext
+from iafactory.tenancy.schemas import TenantCreate
 
 BATCH = 1000
 

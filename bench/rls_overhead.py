@@ -34,11 +34,10 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import bench_settings, create_database, drop_database, median, pgbench, server_url  # noqa: E402
-
-from iafactory.config import Settings  # noqa: E402
-from iafactory.db import bootstrap  # noqa: E402
-from iafactory.tenancy.context import TenantContext  # noqa: E402
+from _common import bench_settings, create_database, drop_database, median, pgbench, server_url
+from iafactory.config import Settings
+from iafactory.db import bootstrap
+from iafactory.tenancy.context import TenantContext
 
 TENANT_BASE = 100000  # tenant k has id 00000000-0000-4000-8000-000000{TENANT_BASE + k}
 
@@ -170,7 +169,7 @@ async def client_side(admin: str, settings: Settings, per: int, n: int = 3000, r
                                kwargs={"autocommit": True, "row_factory": dict_row})
     query = ("SELECT id, title, created_at FROM knowledge_base WHERE tenant_id = %s "
              "ORDER BY created_at DESC LIMIT 20")
-    tenants = [tenant_uuid(k) for k in range(0, 50)]
+    tenants = [tenant_uuid(k) for k in range(50)]
     await db.open()
     await bare.open()
     timings: dict[str, list[float]] = {"bare": [], "tenant read": [], "tenant read-write": []}

@@ -13,6 +13,7 @@ if every step worked. Standard library only (it runs before any .venv exists).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -231,10 +232,8 @@ def main() -> int:
         if leftovers:
             failure = failure or f"processes still running after the stop: {leftovers}"
             for pid in leftovers:
-                try:
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
         if failure:
             tail = "\n".join(demo.printed().splitlines()[-40:])
             print(f"--- last lines demo.sh printed ---\n{tail}\n---", file=sys.stderr)

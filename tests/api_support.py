@@ -9,8 +9,8 @@ way a customer would end up with it.
 from __future__ import annotations
 
 import uuid
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,7 +302,7 @@ def write_role_table() -> dict[str, str | None]:
         f"{API_PREFIX}/tenant": "owner",     # the caller's own tenant (name, contact, settings)
         f"{API_PREFIX}/billing-account": "admin",  # the billing contact
         f"{API_PREFIX}/usage-events": "member",    # metering, like any record a member writes
-        **{prefix: "member" for prefix in resource_prefixes()},
+        **dict.fromkeys(resource_prefixes(), "member"),
         f"{API_PREFIX}/knowledge-base/search": "viewer",  # a POST that only reads
     }
 
@@ -320,7 +320,7 @@ def read_role_table() -> dict[str, str | None]:
         f"{API_PREFIX}/usage-events": "viewer",
         f"{API_PREFIX}/usage/summary": "viewer",
         f"{API_PREFIX}/audit-events": "admin",     # who did what: admins only
-        **{prefix: "viewer" for prefix in resource_prefixes()},
+        **dict.fromkeys(resource_prefixes(), "viewer"),
     }
 
 

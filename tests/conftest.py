@@ -24,6 +24,12 @@ import pytest
 from iafactory.config import Settings
 from iafactory.db import server
 
+# Shared fixtures live in plugins registered here, so every test module gets them by parameter name
+# without importing them: tests/api_support.py (api_client, api_world, module_db, module_api_client,
+# module_api_world) and tests/catalog_rows.py (catalog_world). Their plain helpers (login, Seeder,
+# row_for, ...) are imported as usual.
+pytest_plugins = ["api_support", "catalog_rows"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Real secrets for this test session: the service has no usable defaults any more (with

@@ -27,11 +27,9 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from api_support import (  # noqa: F401 - fixtures
-    PASSWORD, ApiWorld, build_world, module_api_client, module_db,
-)
-from iafactory.auth import api_keys, tokens
+from api_support import PASSWORD, ApiWorld, build_world
 from iafactory.app import create_app
+from iafactory.auth import api_keys, tokens
 from iafactory.config import Settings
 from iafactory.db import bootstrap
 

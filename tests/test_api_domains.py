@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from api_support import PASSWORD, ApiWorld, api_client, api_world, count_rows, login  # noqa: F401 - fixtures
+from api_support import PASSWORD, ApiWorld, count_rows, login
 from iafactory.auth.passwords import hash_password
 from iafactory.db.scope import operator_transaction
 from iafactory.domains import RESOURCES
@@ -203,7 +203,7 @@ async def test_bad_values_are_422_naming_the_field_and_write_nothing(api_world: 
         r = await c.post(url, json={**body, field_: "é" * limit}, headers=owner)
         assert r.status_code == 201, (name, r.text)
     counts = {name: count_rows(api_world.admin_url, SPECS[name].table) for name in CASES}
-    assert counts == {name: 1 for name in CASES} | {"crm/leads": 2}, counts
+    assert counts == dict.fromkeys(CASES, 1) | {"crm/leads": 2}, counts
 
     # Ranges and formats of the SQL, refused before they reach it.
     more = [
@@ -380,7 +380,7 @@ async def test_credit_ledger_newest_first_in_pages(api_world: ApiWorld) -> None:
     assert set(page["items"][0]) == {"id", "kind", "amount", "reason", "idempotency_key", "balance_after",
                                      "created_by", "created_at"}
     r = await c.get(f"{API}/credits", params={"limit": 2, "cursor": page["next_cursor"]}, headers=a.key("read"))
-    assert [t["idempotency_key"] for t in r.json()["items"]][0] == "test:0"
+    assert next(t["idempotency_key"] for t in r.json()["items"]) == "test:0"
     assert (await c.get(f"{API}/credits/balance", headers=a.auth("viewer"))).json()["balance"] == balance
     assert "test:0" not in {t["idempotency_key"] for t in (await c.get(f"{API}/credits", headers=b.auth("viewer"))).json()["items"]}
     r = await c.get(f"{API}/credits", params={"cursor": "garbage"}, headers=a.auth("viewer"))

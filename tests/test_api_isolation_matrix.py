@@ -29,10 +29,22 @@ from typing import Any
 import httpx
 import pytest
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ApiOperation, ApiWorld, Credential, Seeder, allowed, api_operations, id_field,
-    module_api_client, module_api_world, module_db, offline_openapi, provision_for_load, reference_fields,
-    referenced_collection, required_role, tenant_credentials, tenant_writable_collections,
+from api_support import (
+    API_PREFIX,
+    ApiOperation,
+    ApiWorld,
+    Credential,
+    Seeder,
+    allowed,
+    api_operations,
+    id_field,
+    offline_openapi,
+    provision_for_load,
+    reference_fields,
+    referenced_collection,
+    required_role,
+    tenant_credentials,
+    tenant_writable_collections,
 )
 
 pytestmark = pytest.mark.anyio
@@ -344,7 +356,7 @@ async def test_collection_write_lands_in_own_tenant(matrix: Matrix, op: ApiOpera
     for cred in m.creds:
         r = await m.seeders["a"].write(op, headers=cred.headers, expect_success=False)
         ok = allowed(cred, op.method, op.path)
-        if ok and not 200 <= r.status_code < 300 or not ok and r.status_code != 403:
+        if (ok and not 200 <= r.status_code < 300) or (not ok and r.status_code != 403):
             failures.append(f"{cred.label}: {r.status_code} (expected {'2xx' if ok else 403}) {r.text[:300]}")
         if found := leaks(m, cred, r.text):
             failures.append(f"{cred.label}: B's data in the body: {found}")

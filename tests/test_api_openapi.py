@@ -23,7 +23,10 @@ from fastapi.utils import generate_unique_id
 from starlette.routing import Mount
 
 from api_support import (
-    READS_ONLY_ROUTES, Credential, allowed, api_operations,
+    READS_ONLY_ROUTES,
+    Credential,
+    allowed,
+    api_operations,
 )
 from iafactory.app import create_app
 from iafactory.config import Settings

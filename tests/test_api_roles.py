@@ -21,9 +21,19 @@ from typing import Any
 
 import pytest
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ApiOperation, ApiWorld, Credential, Seeder, allowed, api_operations, id_field, module_api_client,
-    module_api_world, module_db, offline_openapi, provision_for_load, required_role, resource_prefixes,
+from api_support import (
+    API_PREFIX,
+    ApiOperation,
+    ApiWorld,
+    Credential,
+    Seeder,
+    allowed,
+    api_operations,
+    id_field,
+    offline_openapi,
+    provision_for_load,
+    required_role,
+    resource_prefixes,
     write_role_table,
 )
 
@@ -128,7 +138,7 @@ def test_role_table_says_what_the_product_promises() -> None:
 
 @pytest.mark.parametrize(("op", "actor"), CASES)
 async def test_write_route_role(roles: Roles, op: ApiOperation, actor: str) -> None:
-    w, c = roles.world, roles.world.client
+    w = roles.world
     cred = credential(w, actor)
     may = allowed(cred, op.method, op.path)
     path = op.path

@@ -31,19 +31,27 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi as schemathesis_asgi
 from schemathesis.specs.openapi.checks import (
-    content_type_conformance, negative_data_rejection, response_headers_conformance, response_schema_conformance,
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
 )
 
-from api_support import (  # noqa: F401 - fixtures
-    ApiOperation, ApiWorld, api_operations, fast_settings, module_api_client, module_api_world, module_db,
-    offline_openapi, provision_for_load, reference_fields,
+from api_support import (
+    ApiOperation,
+    ApiWorld,
+    api_operations,
+    fast_settings,
+    offline_openapi,
+    provision_for_load,
+    reference_fields,
 )
 from iafactory.app import create_app
 
 pytestmark = pytest.mark.anyio
 
 DOC = offline_openapi()
-OPERATIONS = [op for op in api_operations(DOC)]
+OPERATIONS = list(api_operations(DOC))
 BUDGET = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 4}  # examples per operation and credential
 
 # Responses the app really sends that its OpenAPI document does not list. Each is a bug in the

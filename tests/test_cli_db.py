@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
 from conftest import REPO, embedded_test_data_dir, run_cli
 
 # A checkout this deep puts PGDATA/.s.PGSQL.5432 past the 107 bytes a unix socket path may have.

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from conftest import migrate_sync, run_cli
 
+from conftest import migrate_sync, run_cli
 from iafactory.db import server
 
 # The four tenants of the Phase 1 design document (seed 000, "Créer Vos Premiers Tenants").

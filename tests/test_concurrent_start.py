@@ -9,6 +9,7 @@ fresh login role name, so that both creations are really raced.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -131,17 +132,15 @@ def test_two_serve_processes_booting_together_both_come_up(
     procs = [subprocess.Popen([EXE, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for port in ports]
     try:
-        ready = {port: False for port in ports}
+        ready = dict.fromkeys(ports, False)
         deadline = time.monotonic() + 120  # a bound on the wait, not a synchronisation
         while not all(ready.values()) and time.monotonic() < deadline:
-            for port, proc in zip(ports, procs):
+            for port, proc in zip(ports, procs, strict=True):
                 if proc.poll() is not None:
                     pytest.fail(f"serve on {port} exited {proc.returncode}: {proc.stdout.read()}")
                 if not ready[port]:
-                    try:
+                    with contextlib.suppress(httpx.TransportError):
                         ready[port] = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-                    except httpx.TransportError:
-                        pass
             time.sleep(0.2)
         assert all(ready.values()), ready
     finally:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from conftest import run_cli
 
 from api_support import app_client, login
+from conftest import run_cli
 from iafactory.tenancy.demo import DEMO_PASSWORD
 
 pytestmark = pytest.mark.anyio

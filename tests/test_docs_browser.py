@@ -26,7 +26,7 @@ import httpx
 import pytest
 import uvicorn
 
-from api_support import PASSWORD, fast_settings, module_db  # noqa: F401 - fixtures
+from api_support import PASSWORD, fast_settings
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
 from iafactory.db.scope import operator_transaction
@@ -63,7 +63,7 @@ class _Server(uvicorn.Server):
 
 
 @pytest.fixture(scope="module")
-def live_server(module_db: str) -> Iterator[str]:  # noqa: F811 - fixture
+def live_server(module_db: str) -> Iterator[str]:
     """The real service on a free port of 127.0.0.1; its lifespan opens its own pool."""
     app = create_app(fast_settings(module_db))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -83,7 +83,7 @@ def live_server(module_db: str) -> Iterator[str]:  # noqa: F811 - fixture
 
 
 @pytest.fixture(scope="module")
-def owner_token(module_db: str, live_server: str) -> str:  # noqa: F811 - fixture
+def owner_token(module_db: str, live_server: str) -> str:
     """A tenant with one owner (made on the operator path), and the token its owner gets by
     signing in to the live service."""
     tag = uuid.uuid4().hex[:6]

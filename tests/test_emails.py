@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api_support import PASSWORD, ApiWorld, api_client, api_world  # noqa: F401 - fixtures
+from api_support import PASSWORD, ApiWorld
 from conftest import run_cli
 from iafactory.emails import normalize_email
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api_support import fast_settings, module_api_client, module_db  # noqa: F401 - fixtures
+from api_support import fast_settings
 from conftest import SECRET_ENV
 from iafactory.app import create_app
 from iafactory.db import bootstrap
@@ -59,7 +59,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def live_server(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:  # noqa: F811
+def live_server(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAFACTORY_")}
     env.update(SECRET_ENV, DATABASE_URL=module_db, IAFACTORY_HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT),
@@ -312,7 +312,7 @@ async def test_hsts_on_https(module_api_client: tuple[httpx.AsyncClient, str, ob
 
 
 @pytest.mark.anyio
-async def test_an_unexpected_error_gets_the_headers_too(module_db: str) -> None:  # noqa: F811
+async def test_an_unexpected_error_gets_the_headers_too(module_db: str) -> None:
     """Starlette answers unhandled exceptions from outside every middleware: the 500 problem
     carries the same headers all the same."""
     settings = fast_settings(module_db)

@@ -22,9 +22,16 @@ from typing import Any
 import psycopg
 import pytest
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ROLE_RANKS, ApiOperation, ApiWorld, Seeder, api_client, api_operations, api_world, offline_openapi,
-    provision_for_load, required_role,
+from api_support import (
+    API_PREFIX,
+    ROLE_RANKS,
+    ApiOperation,
+    ApiWorld,
+    Seeder,
+    api_operations,
+    offline_openapi,
+    provision_for_load,
+    required_role,
 )
 from iafactory.knowledge import worker
 

@@ -22,9 +22,16 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ApiOperation, ApiWorld, Seeder, api_operations, module_api_client, module_api_world, module_db,
-    offline_openapi, provision_for_load, required_role, resolve_schema,
+from api_support import (
+    API_PREFIX,
+    ApiOperation,
+    ApiWorld,
+    Seeder,
+    api_operations,
+    offline_openapi,
+    provision_for_load,
+    required_role,
+    resolve_schema,
 )
 from iafactory import jsonvalues
 from iafactory.domains import RESOURCES
@@ -48,7 +55,7 @@ def free_form_paths(schema: dict[str, Any] | None, prefix: tuple[Any, ...] = ())
         return [prefix]
     if kind == "array":
         items = resolve_schema(DOC, schema.get("items")) or {}
-        return [prefix] if not items or "type" not in items and "anyOf" not in items else free_form_paths(items, (*prefix, 0))
+        return [prefix] if not items or ("type" not in items and "anyOf" not in items) else free_form_paths(items, (*prefix, 0))
     for name, prop in schema.get("properties", {}).items():
         found += free_form_paths(prop, (*prefix, name))
     return found

@@ -30,7 +30,7 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from api_support import ApiWorld, module_api_client, module_api_world, module_db  # noqa: F401 - fixtures
+from api_support import ApiWorld
 from iafactory.db.scope import Database
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import Embedder, embedder, vector_literal
@@ -326,7 +326,7 @@ async def test_a_never_sees_b_in_any_mode_filter_or_credential(kb: Knowledge) ->
     w = kb.world
     by_id = {q["id"]: q for q in QUERIES}
     checked = 0
-    for qid, (b_id, b_body) in zip(B_QUERIES, kb.b_docs.items()):
+    for qid, (b_id, b_body) in zip(B_QUERIES, kb.b_docs.items(), strict=True):
         q = by_id[qid]
         a_id = kb.ids[q["relevant"][0]]
         credentials = [w.a.auth("viewer"), w.a.auth("owner"), w.a.key("read"), w.a.key("write", "bearer")]
@@ -488,9 +488,9 @@ async def test_status_lifecycle_and_reuse_of_unchanged_embeddings(kb: Knowledge)
         assert await worker.drain(kb.db, spy) == 1
         second = await chunk_rows(w, doc["id"])
         assert len(second) == 3 and len(spy.texts) == 1 and "acht Franken" in spy.texts[0]
-        for old, new in zip(first, second):
+        for old, new in zip(first, second, strict=True):
             assert (old["embedding"] == new["embedding"]) == (old["content_hash"] == new["content_hash"])
-        assert [old["content_hash"] == new["content_hash"] for old, new in zip(first, second)] == [True, False, True]
+        assert [old["content_hash"] == new["content_hash"] for old, new in zip(first, second, strict=True)] == [True, False, True]
         r = await w.client.get(f"{KB}/{doc['id']}", headers=w.a.auth("viewer"))
         assert r.json()["index_status"] == "indexed"
 
@@ -505,7 +505,7 @@ async def test_status_lifecycle_and_reuse_of_unchanged_embeddings(kb: Knowledge)
         assert await worker.drain(kb.db, spy) == 1
         assert len(spy.texts) == 3 and all(t.startswith("Mittagstisch der Primarschule\n") for t in spy.texts)
         third = await chunk_rows(w, doc["id"])
-        assert all(a["embedding"] != b["embedding"] for a, b in zip(second, third))
+        assert all(a["embedding"] != b["embedding"] for a, b in zip(second, third, strict=True))
         statuses = await admin_rows(w, "SELECT status, attempts FROM knowledge_jobs WHERE document_id = %s",
                                     (doc["id"],))
         assert statuses == [{"status": "done", "attempts": 1}] * 3

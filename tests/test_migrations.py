@@ -7,6 +7,7 @@ tests, which share one migrated database and roll every statement back.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import migrate_sync, run_cli
 
+from conftest import migrate_sync, run_cli
 from iafactory.db import migrate, server, verify
 from iafactory.db.scope import admin_connect
 
@@ -244,7 +245,7 @@ def test_upgrade_from_single_tenant_install_assigns_every_row_to_system_default(
         assert (table, on_default) == (table, total)
     after = _legacy_rows_without_tenant(empty_db)
     # Columns added by later migrations (e.g. indexing state) aside, every value is unchanged.
-    assert {t: [{k: row[k] for k in old} for row, old in zip(after[t], before[t])] for t in before} == before
+    assert {t: [{k: row[k] for k in old} for row, old in zip(after[t], before[t], strict=True)] for t in before} == before
     assert {t: len(rows) for t, rows in after.items()} == {t: len(rows) for t, rows in before.items()}
 
     # No NULL tenant_id in any table that has the column (found in the catalog, not listed).
@@ -254,7 +255,7 @@ def test_upgrade_from_single_tenant_install_assigns_every_row_to_system_default(
         WHERE c.relkind IN ('r', 'p') ORDER BY 1""")]
     assert set(LEGACY_TABLES) <= set(tenant_tables)
     nulls = {t: query(empty_db, f"SELECT count(*) FROM {t} WHERE tenant_id IS NULL")[0][0] for t in tenant_tables}
-    assert nulls == {t: 0 for t in tenant_tables}
+    assert nulls == dict.fromkeys(tenant_tables, 0)
 
     assert failed_checks(empty_db) == []
 
@@ -386,7 +387,7 @@ def test_edited_applied_migration_is_reported_and_blocks_every_run(empty_db: str
     assert "changed" in str(err.value)
     assert not table_exists(empty_db, "later_table")
     assert recorded_versions(empty_db) == recorded
-    with pytest.raises(migrate.MigrationError, match="003_create_knowledge_base.sql"):
+    with pytest.raises(migrate.MigrationError, match=re.escape("003_create_knowledge_base.sql")):
         migrate_dir(empty_db, directory, new)
     assert not table_exists(empty_db, "later_table")
 
@@ -424,7 +425,7 @@ def test_failing_transactional_migration_rolls_back_whole_and_names_file_line_st
     bad.write_text(BAD_TRANSACTIONAL.format(v=v, column="label || ' bis'"))
     assert migrate_dir(empty_db, directory) == [v]
     assert query(empty_db, "SELECT count(*) FROM bad_probe")[0][0] == 4
-    assert recorded_versions(empty_db) == recorded + [v]
+    assert recorded_versions(empty_db) == [*recorded, v]
 
 
 BAD_CONCURRENT = """\
@@ -518,7 +519,7 @@ def test_tenant_check_constraints_reject_bad_values(shared_migrated_db: str, val
         good = ("Ok", "ok-tenant", "CH", "free", "trial")
         fixed = tuple(g if i == {"tenants_region_valid": 2, "tenants_plan_valid": 3,
                                  "tenants_status_valid": 4, "tenants_slug_format": 1}[constraint] else v
-                      for i, (v, g) in enumerate(zip(values, good)))
+                      for i, (v, g) in enumerate(zip(values, good, strict=True)))
         conn.execute(TENANT_INSERT, fixed)
         conn.rollback()
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_support import ApiWorld, api_client, api_world, build_world, fast_settings  # noqa: F401 - fixtures
+from api_support import ApiWorld, build_world, fast_settings
 from iafactory.app import create_app
 from iafactory.auth.dependencies import Viewer
 from iafactory.config import Settings

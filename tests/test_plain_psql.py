@@ -10,10 +10,10 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from conftest import prepare_sync, run_cli
-from test_migrations import SNAPSHOT_QUERIES, failed_checks, query, schema_snapshot
 
+from conftest import prepare_sync, run_cli
 from iafactory.db import migrate
+from test_migrations import SNAPSHOT_QUERIES, failed_checks, query, schema_snapshot
 
 pytestmark = pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
 

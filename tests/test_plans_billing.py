@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
 import pytest
 
-from api_support import PASSWORD, ApiWorld, api_client, api_world, fast_settings, login  # noqa: F401 - fixtures
+from api_support import PASSWORD, ApiWorld, login
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
 from iafactory.db import bootstrap
@@ -36,7 +36,7 @@ def fresh_window(admin_url: str) -> datetime:
         return conn.execute("SELECT date_trunc('minute', now())").fetchone()[0]
 
 
-async def in_one_window(admin_url: str, burst, reset=None):  # noqa: ANN001, ANN201
+async def in_one_window(admin_url: str, burst, reset=None):
     """Run `burst` inside a single rate-limit window. The windows are fixed minutes: if the burst
     happened to straddle a minute boundary, the observation is void and the burst runs again."""
     for _ in range(3):
@@ -97,7 +97,7 @@ async def test_api_key_rate_limit_is_per_key(api_world: ApiWorld) -> None:
     async def burst() -> list[int]:
         codes = [(await api_world.client.get("/api/v1/projects", headers=api_world.a.key("read"))).status_code
                  for _ in range(4)]
-        return codes + [(await api_world.client.get("/api/v1/projects", headers=api_world.a.key("write"))).status_code]
+        return [*codes, (await api_world.client.get("/api/v1/projects", headers=api_world.a.key("write"))).status_code]
 
     assert await in_one_window(api_world.admin_url, burst) == [200, 200, 200, 429, 200]
 
@@ -405,7 +405,7 @@ async def test_tenant_creation_and_platform_actions_are_audited_with_ip_and_requ
 
 
 def _since(minutes: int) -> str:
-    return (datetime.now(timezone.utc) - timedelta(minutes=minutes)).isoformat()
+    return (datetime.now(UTC) - timedelta(minutes=minutes)).isoformat()
 
 
 # --- usage ------------------------------------------------------------------------------------------

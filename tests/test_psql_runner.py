@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import REPO, migrate_sync, run_cli
 
+from conftest import REPO, migrate_sync, run_cli
 from iafactory.db import migrate
 
 SCRIPT = REPO / "scripts" / "run_migrations.sh"
@@ -348,7 +348,7 @@ def test_database_migrated_with_the_old_008_stays_valid_for_both_runners(
         migrate_sync(empty_db, migrations=migrate.discover(before_fix))
     else:
         assert run_script(empty_db, migrations_dir=before_fix).returncode == 0
-    old_sum = dict((v, c) for v, c, _ in recorded(empty_db))["008"]
+    old_sum = {v: c for v, c, _ in recorded(empty_db)}["008"]
     assert old_sum != next(m.checksum for m in files() if m.version == "008")
 
     # Today's files: nothing "changed", nothing to do, for either runner.
@@ -366,7 +366,7 @@ def test_database_migrated_with_the_old_008_stays_valid_for_both_runners(
     assert script.stdout.strip() == "Database is up to date."
     assert verify_ok(empty_db)
     # The record keeps what really ran.
-    assert dict((v, c) for v, c, _ in recorded(empty_db))["008"] == old_sum
+    assert {v: c for v, c, _ in recorded(empty_db)}["008"] == old_sum
 
 
 def test_a_checksum_not_listed_is_still_changed(empty_db: str, tmp_path: Path) -> None:

@@ -143,7 +143,7 @@ async def test_serve_with_two_workers_logs_every_request_and_sums_metrics(
             batch = {f"get-{len(sent) + i}" for i in range(20)}
             await asyncio.gather(*(get(rid, owner) for rid in batch))
             sent |= batch
-            served.wait_for("an access line per request", lambda _: len(served.access(sent)) == len(sent))
+            served.wait_for("an access line per request", lambda _, sent=sent: len(served.access(sent)) == len(sent))
 
         lines = served.access(sent)
         assert len(lines) == len(sent) and {e["request_id"] for e in lines} == sent  # one line each

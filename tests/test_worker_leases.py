@@ -11,6 +11,7 @@ job for as long as the test wants, and the test knows when it got there. Nothing
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -48,7 +49,7 @@ class EmbeddingService:
         service = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:  # http.server's naming
                 texts = json.loads(self.rfile.read(int(self.headers["content-length"])))["input"]
                 service.arrived.set()
                 service.release.wait(WAIT)
@@ -186,7 +187,7 @@ async def test_a_running_job_keeps_its_lease_and_a_killed_workers_job_is_taken_a
         # The heartbeat keeps the job beyond its first lease while the worker lives...
         deadline = time.monotonic() + WAIT
         while state(migrated_db, doc)["held_for"].total_seconds() <= LEASE + 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         renewed = state(migrated_db, doc)
         assert renewed["held_for"].total_seconds() > LEASE + 1
         assert renewed["status"] == "running" and renewed["leased"], renewed
@@ -207,7 +208,7 @@ async def test_a_running_job_keeps_its_lease_and_a_killed_workers_job_is_taken_a
     while not ran and time.monotonic() < deadline:
         ran = await index_with(migrated_db, service)
         if not ran:
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
     assert ran == 1
     done = state(migrated_db, doc)
     assert (done["status"], done["attempts"], done["index_status"]) == ("done", 2, "indexed")

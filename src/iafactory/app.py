@@ -19,8 +19,8 @@ from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
 from iafactory.http import docs, problems
 from iafactory.http.middleware import RequestContextMiddleware
-from iafactory.observability import logs, metrics
 from iafactory.http.security import SecurityHeadersMiddleware
+from iafactory.observability import logs, metrics
 from iafactory.plans.ratelimit import RedisRateLimiter
 
 log = logging.getLogger("iafactory")

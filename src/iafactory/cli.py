@@ -121,9 +121,9 @@ def load_commands() -> typer.Typer:
     """`app` with every domain's commands registered on it (each registers itself on import)."""
     from iafactory import demo as _demo  # noqa: F401
     from iafactory import serve as _serve  # noqa: F401
+    from iafactory.db import cli as _db_cli  # noqa: F401
     from iafactory.knowledge import cli as _knowledge_cli  # noqa: F401
     from iafactory.plans import cli as _plans_cli  # noqa: F401
-    from iafactory.db import cli as _db_cli  # noqa: F401
     from iafactory.tenancy import cli as _tenancy_cli  # noqa: F401
 
     return app

@@ -7,7 +7,7 @@ understands. Everything else is `IAFACTORY_*`.
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -295,7 +295,7 @@ def previous_key_expiry(settings: Settings) -> float | None:
     at = settings.jwt_previous_secret_expires_at
     if at is None:
         return None
-    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
 @lru_cache

@@ -10,8 +10,8 @@ from iafactory.config import get_settings
 from iafactory.db import migrate as migrations
 from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db.scope import operator_transaction
-from iafactory.tenancy import service
 from iafactory.serve import run_server, settings_to_serve
+from iafactory.tenancy import service
 from iafactory.tenancy.demo import DEMO_PASSWORD, DEMO_TENANTS, DEMO_USERS, load_demo_tenants, load_demo_users
 from iafactory.tenancy.schemas import TenantFilters
 

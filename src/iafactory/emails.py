@@ -49,7 +49,7 @@ def _script(ch: str) -> str | None:
     if not ch.isalpha():
         return None
     name = unicodedata.name(ch, "")
-    if name.startswith("CJK ") or name.startswith("IDEOGRAPHIC"):
+    if name.startswith(("CJK ", "IDEOGRAPHIC")):
         return "HAN"
     first = name.split(" ", 1)[0]
     return None if first in ("", "MODIFIER") else first

@@ -102,6 +102,7 @@ async def _principal_from_key(request: Request, key: str) -> Principal:
         raise unauthorized("malformed API key")
     cache: dict[str, tuple[float, dict[str, Any]]] = request.app.state.key_cache
     hit = cache.get(prefix)
+    row: dict[str, Any] | None
     if hit is not None and hit[0] > time.monotonic():
         row = hit[1]
     else:
@@ -188,7 +189,7 @@ async def open_tenant_session(request: Request, who: Principal, ctx: TenantConte
         yield TenantSession(tx, ctx, who)
 
 
-def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):  # noqa: ANN201
+def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):
     """Dependency: a transaction as the credential's tenant, gated on `min_role`. The request owns
     it: it commits after the handler returns and before the response is sent. `read_only`
     defaults to the HTTP method (GET/HEAD read); True for a POST that only reads."""

@@ -11,7 +11,16 @@ from iafactory.audit import service as audit
 from iafactory.auth import service
 from iafactory.auth.dependencies import Admin, CurrentPrincipal, UserSession, Viewer, client_ip
 from iafactory.auth.schemas import (
-    ApiKeyCreate, ApiKeyCreated, ApiKeyOut, LoginIn, MeOut, MyTenant, RegisterIn, SelectTenantIn, TokenOut, UserOut,
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyOut,
+    LoginIn,
+    MeOut,
+    MyTenant,
+    RegisterIn,
+    SelectTenantIn,
+    TokenOut,
+    UserOut,
 )
 from iafactory.config import Settings
 from iafactory.http.idempotency import Idempotent

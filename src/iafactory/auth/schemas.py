@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from iafactory.emails import Email
-from iafactory.resources.types import timestamp
+from iafactory.resources.types import timestamp_rules
 from iafactory.tenancy.schemas import Role
 
-Expiry = timestamp("Optional expiry, in the future (RFC 3339 with a time zone).")
+Expiry = Annotated[datetime, timestamp_rules("Optional expiry, in the future (RFC 3339 with a time zone).")]
 
 
 class Strict(BaseModel):
@@ -81,7 +81,7 @@ class ApiKeyCreate(Strict):
     def _aware(self) -> ApiKeyCreate:
         if self.expires_at is not None and self.expires_at.tzinfo is None:
             raise ValueError("expires_at needs a time zone, e.g. 2027-01-01T00:00:00Z")
-        if self.expires_at is not None and self.expires_at <= datetime.now(timezone.utc):
+        if self.expires_at is not None and self.expires_at <= datetime.now(UTC):
             raise ValueError("expires_at must be in the future")
         return self
 

@@ -15,7 +15,7 @@ from iafactory.admission import ANONYMOUS, CpuWork
 from iafactory.audit import service as audit
 from iafactory.auth import api_keys, passwords, tokens
 from iafactory.auth.dependencies import Principal
-from iafactory.auth.schemas import ApiKeyCreate, LoginIn, MeOut, Membership, MyTenant, RegisterIn
+from iafactory.auth.schemas import ApiKeyCreate, LoginIn, Membership, MeOut, MyTenant, RegisterIn
 from iafactory.config import Settings
 from iafactory.db.scope import Database, Transaction
 from iafactory.http.problems import Problem

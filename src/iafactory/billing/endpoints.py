@@ -14,11 +14,17 @@ from fastapi import Query
 from iafactory.auth.dependencies import Admin, Member, Viewer
 from iafactory.billing import service
 from iafactory.billing.schemas import (
-    BillingAccount, BillingAccountUpdate, CreditBalance, CreditTransaction, UsageBatch, UsageBatchResult, UsageEvent,
+    BillingAccount,
+    BillingAccountUpdate,
+    CreditBalance,
+    CreditTransaction,
+    UsageBatch,
+    UsageBatchResult,
+    UsageEvent,
     UsageSummary,
 )
 from iafactory.http.idempotency import Idempotent
-from iafactory.http.problems import Problem, invalid
+from iafactory.http.problems import invalid
 from iafactory.http.rendering import api_router
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Cursor, Page, decode, page_of
 from iafactory.resources.types import Timestamp

@@ -12,12 +12,12 @@ from uuid import UUID
 
 from pydantic import BaseModel, EmailStr, Field
 
-from iafactory.resources.types import JsonObject, Patch, Strict, Timestamp, decimal_number
+from iafactory.resources.types import JsonObject, Patch, Strict, Timestamp, decimal_rules
 
 Currency = Literal["DZD", "CHF", "EUR", "CAD"]
 CreditKind = Literal["grant", "debit", "refund", "adjustment"]
 MAX_EVENTS_PER_BATCH = 1000
-Quantity = decimal_number(20, 6)  # numeric(20, 6), not negative
+Quantity = Annotated[Decimal, decimal_rules(20, 6)]  # numeric(20, 6), not negative
 
 
 # --- Billing account -----------------------------------------------------------------------------

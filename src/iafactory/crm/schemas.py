@@ -12,7 +12,7 @@ from uuid import UUID
 from pydantic import BaseModel, EmailStr, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonObject, LongText, Name, Patch, Strict, decimal_number
+from iafactory.resources.types import JsonObject, LongText, Name, Patch, Strict, decimal_rules
 
 LeadStatus = Literal["new", "contacted", "qualified", "converted", "lost"]
 DealStage = Literal["prospecting", "proposal", "negotiation", "won", "lost"]
@@ -24,7 +24,7 @@ Company = Annotated[str, Field(min_length=1, max_length=255)]
 LeadSource = Annotated[str, Field(min_length=1, max_length=50, description="e.g. manual, website, salon, referral")]
 Score = Annotated[int, Field(ge=0, le=100)]
 # numeric(14, 2), not negative.
-Amount = decimal_number(14, 2)
+Amount = Annotated[Decimal, decimal_rules(14, 2)]
 
 
 # --- Leads ---------------------------------------------------------------------------------------

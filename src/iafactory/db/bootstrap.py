@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import psycopg
-
 from iafactory.config import SECRET_HINT, ConfigError, Settings, app_db_password_problem
 from iafactory.db import migrate, roles, server
-from iafactory.db.scope import Database, PoolLimits, admin_connect
+from iafactory.db.scope import Conn, Database, PoolLimits, admin_connect
 
 
 async def migrate_and_prepare(
@@ -24,7 +22,7 @@ async def migrate_and_prepare(
         raise ConfigError(f"{problem} ({SECRET_HINT})")
     password = server.app_login_password(settings)
 
-    async def app_login(conn: psycopg.AsyncConnection) -> None:
+    async def app_login(conn: Conn) -> None:
         has_group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
         if has_group:
             await roles.ensure_app_login(conn, settings.app_db_user, password)

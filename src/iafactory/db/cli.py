@@ -11,8 +11,8 @@ from iafactory.cli import admin_url, app, console, err_console, print_error, pri
 from iafactory.config import Settings, get_settings
 from iafactory.db import migrate as migrations
 from iafactory.db import server
-from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db import verify as verification
+from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db.scope import admin_connect
 
 db_app = typer.Typer(help="Database utilities.", no_args_is_help=True)

@@ -12,9 +12,10 @@ import psycopg
 from psycopg import sql
 
 from iafactory.db.migrate import MigrationError
+from iafactory.db.scope import Conn
 
 
-async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: str | None) -> None:
+async def ensure_app_login(conn: Conn, user: str, password: str | None) -> None:
     """`password` None: the role logs in some other way (certificate, peer) or keeps its password."""
     group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
     if group is None:
@@ -49,7 +50,7 @@ async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: s
     await _shared_catalog(conn, sql.SQL("GRANT CONNECT ON DATABASE {} TO iaf_app").format(sql.Identifier(dbname)))
 
 
-async def _shared_catalog(conn: psycopg.AsyncConnection, statement: sql.Composable, attempts: int = 5) -> None:
+async def _shared_catalog(conn: Conn, statement: sql.Composed, attempts: int = 5) -> None:
     """Roles and database privileges live in catalogs shared by the whole cluster. Two runners
     changing the same row at once (e.g. for two databases) make one fail with "tuple concurrently
     updated"; the statements here are idempotent, so it runs again."""

@@ -31,6 +31,7 @@ returns (psycopg_pool alone backs off up to 32 s between reconnection attempts).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
@@ -293,10 +294,8 @@ class _Scope:
             if exc_type is None:
                 await self._tx._finish(ok=True)
             else:
-                try:
+                with contextlib.suppress(psycopg.Error):  # the original exception is the one that matters
                     await self._tx._finish(ok=False)
-                except psycopg.Error:
-                    pass  # the original exception is the one that matters
         finally:
             await self._release()
 
@@ -429,8 +428,9 @@ class Database:
                          lanes={ANONYMOUS: anonymous, CREDENTIALS: anonymous})
         self.health = _Health(self)
         self.checked_out = 0  # connections out of the pool right now
-        self._pool = AsyncConnectionPool(
+        self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             app_conninfo,
+            connection_class=psycopg.AsyncConnection[dict[str, Any]],
             min_size=min_size,
             max_size=max_size,
             # Statements are prepared by this module (PREPARE/EXECUTE); psycopg's own cache would

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psycopg
-
 from iafactory.db import catalog
 from iafactory.db.migrate import status
+from iafactory.db.scope import Conn
 
 DEFAULT_TENANT_ID = "00000000-0000-0000-0000-000000000000"
 # The tables of the original single-tenant install, whose rows must now belong to system-default.
 LEGACY_TABLES = ("projects", "knowledge_base", "bolt_workflows", "orchestrator_state", "bmad_workflows")
 # Every table the Phase 1 design names as tenant-scoped. More may exist; none of these may be missing.
-REQUIRED_TENANT_TABLES = LEGACY_TABLES + (
-    "tenant_users", "api_keys", "usage_events", "voice_transcriptions", "voice_conversations",
-    "crm_leads", "crm_deals", "billing_accounts", "credit_transactions", "pme_analyses",
-)
+REQUIRED_TENANT_TABLES = (*LEGACY_TABLES, "tenant_users", "api_keys", "usage_events", "voice_transcriptions", "voice_conversations", "crm_leads", "crm_deals", "billing_accounts", "credit_transactions", "pme_analyses")
 
 
 @dataclass(frozen=True)
@@ -26,7 +22,7 @@ class Check:
     detail: str
 
 
-async def run_checks(conn: psycopg.AsyncConnection) -> list[Check]:
+async def run_checks(conn: Conn) -> list[Check]:
     checks: list[Check] = []
     statuses = await status(conn)
     not_applied = [f"{s.version} ({s.state})" for s in statuses if s.state != "applied"]
@@ -38,6 +34,7 @@ async def run_checks(conn: psycopg.AsyncConnection) -> list[Check]:
     row = await (await conn.execute(
         "SELECT count(*) AS n, count(*) FILTER (WHERE id = %s) AS d FROM tenants", (DEFAULT_TENANT_ID,)
     )).fetchone()
+    assert row is not None  # an aggregate returns one row
     checks.append(Check("tenants exist", row["n"] >= 1 and row["d"] == 1,
                         f"{row['n']} tenant(s), system-default {'present' if row['d'] else 'MISSING'}"))
 
@@ -57,10 +54,10 @@ async def run_checks(conn: psycopg.AsyncConnection) -> list[Check]:
 
     nulls = {}
     for table in tenant_tables:
-        n = (await (await conn.execute(
-            f'SELECT count(*) AS n FROM "{table}" WHERE tenant_id IS NULL')).fetchone())["n"]
-        if n:
-            nulls[table] = n
+        row = await (await conn.execute(f'SELECT count(*) AS n FROM "{table}" WHERE tenant_id IS NULL')).fetchone()
+        assert row is not None  # an aggregate returns one row
+        if row["n"]:
+            nulls[table] = row["n"]
     checks.append(Check("no NULL tenant_id", not nulls,
                         ", ".join(f"{t}: {n}" for t, n in nulls.items()) or "0 everywhere"))
 
@@ -70,6 +67,7 @@ async def run_checks(conn: psycopg.AsyncConnection) -> list[Check]:
             r = await (await conn.execute(
                 f'SELECT count(*) AS total, count(*) FILTER (WHERE tenant_id = %s) AS default_rows FROM "{table}"',
                 (DEFAULT_TENANT_ID,))).fetchone()
+            assert r is not None  # an aggregate returns one row
             counts.append(f"{table} {r['default_rows']}/{r['total']}")
     checks.append(Check("existing data assigned to system-default", not nulls and len(counts) == len(LEGACY_TABLES),
                         "; ".join(counts) + " rows on system-default"))

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import MutableMapping
 from http import HTTPStatus
 from typing import Any
 
 import psycopg
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, routing
 from fastapi.exceptions import RequestValidationError
-from fastapi import routing
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Mount
@@ -158,7 +158,7 @@ def _route_table(routes: list[BaseRoute]) -> list[Any]:
     return list(expand(routes)) if expand is not None else list(routes)
 
 
-def allowed_methods(routes: list[BaseRoute], scope: dict[str, Any]) -> list[str]:
+def allowed_methods(routes: list[BaseRoute], scope: MutableMapping[str, Any]) -> list[str]:
     """The methods of every route of the request's path, in a conventional order. Where routes with
     fewer path parameters match (/knowledge-base/search beside /knowledge-base/{item_id}), the
     path is theirs, as the OpenAPI document says."""
@@ -214,7 +214,7 @@ def database_problem(request: Request, exc: psycopg.Error, fields: list[str] | N
         detail = diag.message_detail or ""
         if status == 429 and detail.startswith("retry_after="):
             headers = {"Retry-After": detail.removeprefix("retry_after=")}
-        extra = {"limit": detail.removeprefix("limit=")} if detail.startswith("limit=") else {}
+        extra: dict[str, Any] = {"limit": detail.removeprefix("limit=")} if detail.startswith("limit=") else {}
         return problem_response(status, titles[status], diag.message_primary, headers=headers, request=request,
                                 **extra)
     if isinstance(exc, psycopg.errors.UniqueViolation):
@@ -238,14 +238,13 @@ def database_problem(request: Request, exc: psycopg.Error, fields: list[str] | N
                         psycopg.errors.DatetimeFieldOverflow)):
         detail = _constraint_sentence(diag.constraint_name or diag.column_name, "invalid value")
         named = fields or ([diag.column_name] if diag.column_name else [])
-        return problem_response(422, "Validation failed", detail, type_="validation", request=request,
-                                **({"errors": _field_errors(named, detail, "constraint")} if named else {}))
+        extra = {"errors": _field_errors(named, detail, "constraint")} if named else {}
+        return problem_response(422, "Validation failed", detail, type_="validation", request=request, **extra)
     if isinstance(exc, psycopg.errors.DataError):
         # e.g. a NUL character in text, a number out of range: the value, not the server, is wrong.
+        extra = {"errors": _field_errors([diag.column_name], "invalid value", "value_error")} if diag.column_name else {}
         return problem_response(422, "Validation failed", f"invalid value: {diag.message_primary}",
-                                type_="validation", request=request,
-                                **({"errors": _field_errors([diag.column_name], "invalid value", "value_error")}
-                                   if diag.column_name else {}))
+                                type_="validation", request=request, **extra)
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         # An RLS refusal that slipped past the API's own checks: the row is not the caller's.
         return problem_response(403, "Forbidden", "not allowed for this tenant", request=request)

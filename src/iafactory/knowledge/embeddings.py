@@ -18,8 +18,12 @@ from iafactory.config import Settings
 
 
 class Embedder(Protocol):
-    model_id: str | None
-    dimension: int
+    # Read-only members: an implementation may narrow them (NoEmbedder's model_id is always None).
+    @property
+    def model_id(self) -> str | None: ...
+
+    @property
+    def dimension(self) -> int: ...
 
     async def embed_documents(self, texts: list[str]) -> list[list[float]]: ...
 

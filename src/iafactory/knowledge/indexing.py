@@ -60,7 +60,7 @@ async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, docu
     document_language = doc["language"] or whole
     rows: list[dict[str, Any]] = []
     to_embed: list[int] = []
-    for chunk, chunk_language in zip(chunks, detected):
+    for chunk, chunk_language in zip(chunks, detected, strict=True):
         language = chunk_language or document_language
         passage = f"{chunk.heading_path}\n{chunk.text}" if chunk.heading_path else chunk.text
         # The hash covers exactly the text embedded, title included: a new title re-embeds.
@@ -71,7 +71,7 @@ async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, docu
         if rows[-1]["embedding"] is None and embedder.model_id is not None:
             to_embed.append(len(rows) - 1)
     vectors = await embedder.embed_documents([rows[i]["text"] for i in to_embed])
-    for i, vector in zip(to_embed, vectors):
+    for i, vector in zip(to_embed, vectors, strict=True):
         rows[i]["embedding"] = vector_literal(vector)
 
     async with db.tenant(ctx) as tx:
@@ -99,7 +99,7 @@ async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, docu
 def dominant_language(languages: list[str | None], chunks: list[Chunk]) -> str | None:
     """The language detected in most of the text (characters of the chunks where one was detected)."""
     weight: Counter[str] = Counter()
-    for language, chunk in zip(languages, chunks):
+    for language, chunk in zip(languages, chunks, strict=True):
         if language is not None:
             weight[language] += len(chunk.text)
     return max(sorted(weight), key=weight.__getitem__) if weight else None

@@ -96,7 +96,7 @@ async def _heartbeat(db: Database, job: dict[str, Any], lease_seconds: int) -> N
                 held = await tx.execute(
                     f"UPDATE knowledge_jobs SET lease_until = now() + make_interval(secs => %s) WHERE {_HELD}",
                     (lease_seconds, tenant_id, job_id, token), last=True)
-        except Exception:  # noqa: BLE001 - the database may be restarting: try again next beat
+        except Exception:  # the database may be restarting: try again next beat
             log.warning("could not renew the lease of job %s", job_id, exc_info=True)
             continue
         if not held:
@@ -179,14 +179,14 @@ async def run_forever(db: Database, embedder: Embedder, stop: asyncio.Event | No
             try:
                 if job.result():
                     continue
-            except Exception:  # noqa: BLE001 - the database may be restarting: keep the worker alive
+            except Exception:  # the database may be restarting: keep the worker alive
                 log.exception("worker loop error")
             if time.monotonic() >= next_purge:
                 next_purge = time.monotonic() + PURGE_EVERY_SECONDS
                 try:
                     if deleted := await purge_idempotency_keys(db):
                         log.info("deleted %s expired idempotency keys", deleted)
-                except Exception:  # noqa: BLE001 - housekeeping: try again next time
+                except Exception:  # housekeeping: try again next time
                     log.warning("could not delete expired idempotency keys", exc_info=True)
             wake.clear()
             woken = asyncio.create_task(wake.wait())

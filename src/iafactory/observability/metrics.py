@@ -22,7 +22,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 log = logging.getLogger("iafactory.metrics")
@@ -92,7 +100,7 @@ async def refresh_pool_forever(db: Any, every_seconds: float = 5.0) -> None:
     while True:
         try:
             update_pool(db.pool_stats())
-        except Exception:  # noqa: BLE001 - a gauge must never take the worker down
+        except Exception:  # a gauge must never take the worker down
             log.debug("pool stats unavailable", exc_info=True)
         await asyncio.sleep(every_seconds)
 

@@ -17,8 +17,8 @@ from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, curso
 from iafactory.resources.spec import Resource
 
 # Documented next to the app-wide 401/403/422, so that clients (and schema-driven tests) know them.
-NOT_FOUND = {404: {"description": "No such record in this tenant (application/problem+json)"}}
-CONFLICT = {409: {"description": "Conflicts with existing or dependent records (application/problem+json)"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such record in this tenant (application/problem+json)"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "Conflicts with existing or dependent records (application/problem+json)"}}
 
 
 def _documented(*notes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -26,18 +26,22 @@ def _documented(*notes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
 
 
 def crud_router(spec: Resource) -> APIRouter:
+    # The models come from the Resource at run time and FastAPI reads them from the annotations:
+    # mypy cannot take a variable as a type, hence the valid-type/attr-defined ignores below.
     router = api_router(prefix=f"/{spec.name}", tags=[spec.tag])
     create_responses = {**CONFLICT, **_documented(*spec.write_responses, *spec.create_responses)}
     update_responses = {**NOT_FOUND, **CONFLICT, **_documented(*spec.write_responses)}
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
+    ReadPage = Page[Read]  # type: ignore[valid-type]  # noqa: N806
 
     @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.operation_noun}",
                  responses=create_responses, summary=f"Create a {spec.noun}")
     async def create(body: Create, s: Member, idempotency: Idempotent) -> Any:  # type: ignore[valid-type]
+        values = body.model_dump()  # type: ignore[attr-defined]
         return await idempotency.create(
-            s, lambda last: repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=last))
+            s, lambda last: repository.insert(s.tx, spec, s.ctx.tenant_id, values, last=last))
 
-    @router.get("", response_model=Page[Read], operation_id=f"list_{spec.operation_nouns}",
+    @router.get("", response_model=ReadPage, operation_id=f"list_{spec.operation_nouns}",
                 summary=f"List {spec.nouns}, newest first")
     async def list_(
         s: Viewer,
@@ -60,8 +64,8 @@ def crud_router(spec: Resource) -> APIRouter:
     @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.operation_noun}",
                   responses=update_responses, summary=f"Update a {spec.noun}")
     async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
-        row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, body.model_dump(exclude_unset=True),
-                                      last=True)
+        changes = body.model_dump(exclude_unset=True)  # type: ignore[attr-defined]
+        row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, changes, last=True)
         if row is None:
             raise not_found(spec.noun, item_id)
         return row

@@ -6,10 +6,13 @@ JsonArray: one place holds the rule."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
+import annotated_types
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from iafactory import jsonvalues
@@ -55,16 +58,33 @@ def _rfc3339(value: Any) -> Any:
     return value
 
 
-def timestamp(description: str | None = None) -> Any:
+@dataclass(frozen=True)
+class Rules(annotated_types.GroupedMetadata):
+    """Several pydantic annotations as one, so that a parametrised type is written
+    `Annotated[Decimal, decimal_rules(14, 2)]`: a type mypy can check (a function returning
+    `Annotated[...]` is not one)."""
+
+    items: tuple[Any, ...]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items)
+
+
+def timestamp_rules(description: str | None = None) -> Rules:
     """A date-time that must carry its offset, e.g. 2026-11-01T00:00:00Z or 2026-11-01T01:00:00+01:00."""
     schema: dict[str, Any] = {"type": "string", "format": "date-time", "pattern": RFC3339,
                               "examples": ["2026-11-01T00:00:00Z"]}
     if description:
         schema["description"] = description
-    return Annotated[datetime, BeforeValidator(_rfc3339), WithJsonSchema(schema)]
+    return Rules((BeforeValidator(_rfc3339), WithJsonSchema(schema)))
 
 
-Timestamp = timestamp()
+def timestamp(description: str | None = None) -> Any:
+    """`Annotated[datetime, timestamp_rules(description)]`, built at run time (mypy cannot use it as a type)."""
+    return Annotated[datetime, timestamp_rules(description)]
+
+
+Timestamp = Annotated[datetime, timestamp_rules()]
 
 
 def _number(value: Any) -> Any:
@@ -73,13 +93,24 @@ def _number(value: Any) -> Any:
     return value
 
 
-def json_int(*, ge: int | None = None, le: int | None = None) -> Any:
+def int_rules(*, ge: int | None = None, le: int | None = None) -> Rules:
     """An integer as JSON Schema means it (1 and 1.0), not true/false or "1", which pydantic would take."""
-    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_number)]
+    return Rules((Field(ge=ge, le=le), BeforeValidator(_number)))
+
+
+def json_int(*, ge: int | None = None, le: int | None = None) -> Any:
+    """`Annotated[int, int_rules(...)]`, built at run time (mypy cannot use it as a type)."""
+    return Annotated[int, int_rules(ge=ge, le=le)]
 
 
 def decimal_number(max_digits: int, places: int, *, maximum: int | None = None,
                    description: str | None = None) -> Any:
+    """`Annotated[Decimal, decimal_rules(...)]`, built at run time (mypy cannot use it as a type)."""
+    return Annotated[Decimal, decimal_rules(max_digits, places, maximum=maximum, description=description)]
+
+
+def decimal_rules(max_digits: int, places: int, *, maximum: int | None = None,
+                  description: str | None = None) -> Rules:
     """A non-negative numeric(max_digits, places) as a JSON number. The schema states the range and
     the step (multipleOf), so a generated value fits the column; strings are refused."""
     step = Decimal(1).scaleb(-places)
@@ -92,7 +123,7 @@ def decimal_number(max_digits: int, places: int, *, maximum: int | None = None,
         schema["exclusiveMaximum"] = 10 ** (max_digits - places)
     if description:
         schema["description"] = description
-    return Annotated[Decimal, BeforeValidator(_number), bound, WithJsonSchema(schema)]
+    return Rules((BeforeValidator(_number), bound, WithJsonSchema(schema)))
 
 
 class Strict(BaseModel):

@@ -95,12 +95,12 @@ async def add_user_command(
 __all__ = ["Plan", "Region", "Status"]
 
 
-def _progress_bar():  # noqa: ANN202 - a rich Progress and the callback that feeds it
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+def _progress_bar():  # a rich Progress and the callback that feeds it
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
     bar = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), console=console,
                    transient=False)
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
 
     def update(table: str, done: int, total: int) -> None:
         if table not in tasks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from iafactory.db.scope import Transaction
 from iafactory.tenancy import service
-from iafactory.tenancy.schemas import TenantCreate
+from iafactory.tenancy.schemas import Role, TenantCreate
 
 DEMO_TENANTS = [
     TenantCreate(
@@ -44,7 +44,8 @@ async def load_demo_tenants(tx: Transaction) -> int:
 
 DEMO_PASSWORD = "iafactory-demo-2026"
 # (email, name, [(tenant slug, role)], platform admin)
-DEMO_USERS = [
+# (email, name, [(tenant slug, role)], platform admin)
+DEMO_USERS: list[tuple[str, str, list[tuple[str, Role]], bool]] = [
     ("admin@ecole-ibn-khaldoun.dz", "Direction École Ibn Khaldoun", [("ecole-ibn-khaldoun-alger", "owner")], False),
     ("admin@cabinet-dupont.ch", "Dr. Dupont", [("cabinet-dupont-geneve", "owner")], False),
     ("contact@etude-martin.ch", "Maître Martin", [("etude-martin-lausanne", "owner")], False),

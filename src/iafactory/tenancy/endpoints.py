@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-import psycopg
 from fastapi import Query, Response
 from psycopg.types.json import Jsonb
 
@@ -16,8 +15,19 @@ from iafactory.http.rendering import api_router
 from iafactory.resources.pagination import MAX_LIMIT, Cursor, Page, decode, page_of
 from iafactory.tenancy import members, service
 from iafactory.tenancy.schemas import (
-    AdminTenantUpdate, CreditGrant, CreditResult, MemberCreate, MemberOut, MemberUpdate, Plan, Region, Status, Tenant, TenantCreate,
-    TenantFilters, TenantUpdate,
+    AdminTenantUpdate,
+    CreditGrant,
+    CreditResult,
+    MemberCreate,
+    MemberOut,
+    MemberUpdate,
+    Plan,
+    Region,
+    Status,
+    Tenant,
+    TenantCreate,
+    TenantFilters,
+    TenantUpdate,
 )
 
 router = api_router()

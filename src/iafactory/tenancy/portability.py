@@ -75,7 +75,7 @@ async def tenant_tables(tx: Transaction) -> list[TableInfo]:
             return
         for ref in by_name[name]["refs"]:
             if ref in by_name:
-                visit(ref, path + (name,))
+                visit(ref, (*path, name))
         ordered.append(name)
 
     for name in by_name:
@@ -173,15 +173,22 @@ async def erase_tenant(admin_url: str, slug: str, confirm: str) -> dict[str, int
     return deleted
 
 
+def _member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular file's content (extractfile gives None only for other kinds of member)."""
+    f = archive.extractfile(member)
+    if f is None:
+        raise PortabilityError(f"{member.name}: not a regular file")
+    return f.read()
+
+
 def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     try:
         with tarfile.open(path, "r:gz") as archive:
             members = {m.name: m for m in archive.getmembers() if m.isfile()}
             if "manifest.json" not in members:
                 raise PortabilityError(f"{path}: no manifest.json, not an IAFactory export")
-            manifest = json.loads(archive.extractfile(members["manifest.json"]).read())  # type: ignore[union-attr]
-            files = {name: archive.extractfile(m).read() for name, m in members.items()  # type: ignore[union-attr]
-                     if name.startswith("tables/")}
+            manifest = json.loads(_member_bytes(archive, members["manifest.json"]))
+            files = {name: _member_bytes(archive, m) for name, m in members.items() if name.startswith("tables/")}
     except (tarfile.TarError, OSError, json.JSONDecodeError) as err:
         raise PortabilityError(f"{path}: cannot read the archive ({err})") from err
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:

@@ -71,6 +71,7 @@ async def add_member(
     row = await tx.fetchrow(
         "SELECT * FROM platform.add_member(%s, %s, %s, %s, %s)", (tenant.id, email, role, name, password_hash)
     )
+    assert row is not None  # the function returns one row or raises
     return {"tenant_id": tenant.id, **row}
 
 
@@ -87,8 +88,10 @@ async def set_limits(tx: Transaction, tenant_id: UUID, limits: dict[str, Any]) -
 
 async def grant_credits(tx: Transaction, tenant_id: UUID, amount: int, reason: str, key: str,
                         kind: str = "grant") -> dict[str, Any]:
-    return await tx.fetchrow("SELECT * FROM platform.grant_credits(%s, %s, %s, %s, %s)",
-                             (tenant_id, amount, reason, key, kind))
+    row = await tx.fetchrow("SELECT * FROM platform.grant_credits(%s, %s, %s, %s, %s)",
+                            (tenant_id, amount, reason, key, kind))
+    assert row is not None  # the function returns one row or raises
+    return row
 
 
 async def grant_monthly(tx: Transaction, month: Any = None) -> list[dict[str, Any]]:
@@ -101,5 +104,8 @@ async def grant_monthly_to(tx: Transaction, tenant_id: UUID, month: Any = None) 
     """The plan's monthly credits for one tenant, once per month (the key `grant_monthly` uses):
     the row says whether this call granted them, and the balance and currency after it."""
     if month is None:
-        return await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s)", (tenant_id,))
-    return await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s, %s)", (tenant_id, month))
+        row = await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s)", (tenant_id,))
+    else:
+        row = await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s, %s)", (tenant_id, month))
+    assert row is not None  # the function returns one row or raises
+    return row

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonArray, JsonObject, Language, LongText, Patch, Strict, Timestamp, decimal_number
+from iafactory.resources.types import (
+    JsonArray,
+    JsonObject,
+    Language,
+    LongText,
+    Patch,
+    Strict,
+    Timestamp,
+    decimal_rules,
+)
 
 TranscriptionStatus = Literal["pending", "processing", "completed", "failed"]
 Channel = Literal["phone", "web", "whatsapp"]
@@ -18,7 +28,7 @@ ConversationStatus = Literal["active", "ended", "failed"]
 Title = Annotated[str, Field(max_length=255)]
 AudioUrl = Annotated[str, Field(min_length=1, max_length=2000, description="Where the audio file is stored")]
 # numeric(10, 2) with a non-negative check: refused here rather than rounded or overflowed there.
-Duration = decimal_number(10, 2, description="Seconds")
+Duration = Annotated[Decimal, decimal_rules(10, 2, description="Seconds")]
 AgentName = Annotated[str, Field(min_length=1, max_length=100)]
 Caller = Annotated[str, Field(min_length=1, max_length=100, description="Phone number or handle of the caller")]
 
