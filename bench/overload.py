@@ -54,15 +54,16 @@ import httpx
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import create_database, drop_database, free_port, percentile, server_url  # noqa: E402
-from api import CpuMeter, log_tail, start_server, stop_server, wait_ready  # noqa: E402
+import contextlib
 
-from iafactory.auth.passwords import hash_password  # noqa: E402
-from iafactory.config import Settings  # noqa: E402
-from iafactory.db import bootstrap  # noqa: E402
-from iafactory.db.scope import admin_connect, operator_transaction  # noqa: E402
-from iafactory.tenancy import service  # noqa: E402
-from iafactory.tenancy.schemas import TenantCreate  # noqa: E402
+from _common import create_database, drop_database, free_port, percentile, server_url
+from api import CpuMeter, log_tail, start_server, stop_server, wait_ready
+from iafactory.auth.passwords import hash_password
+from iafactory.config import Settings
+from iafactory.db import bootstrap
+from iafactory.db.scope import admin_connect, operator_transaction
+from iafactory.tenancy import service
+from iafactory.tenancy.schemas import TenantCreate
 
 HOST = "127.0.0.1"
 LIST_PATH = "/api/v1/projects?limit=20"
@@ -70,8 +71,14 @@ STEADY_PASSWORD = "steady-password-correct-horse"
 FLOOD_PASSWORD = "flood-password-correct-horse"
 NO_LIMITS = {"requests_per_minute": 1_000_000_000, "key_requests_per_minute": 1_000_000_000}
 TARGET_RATIO = 3.0
-QUERIES = ["horaires d'ouverture du cabinet", "procédure de facturation trimestrielle", "school enrolment deadline",
-           "protection des données des patients", "contrat de travail à durée déterminée", "tax return documents"]
+QUERIES = [
+    "horaires d'ouverture du cabinet",
+    "procédure de facturation trimestrielle",
+    "school enrolment deadline",
+    "protection des données des patients",
+    "contrat de travail à durée déterminée",
+    "tax return documents",
+]
 TOPICS = ["horaires", "facturation", "inscription", "données", "contrat", "impôts", "rendez-vous", "archives"]
 
 
@@ -100,6 +107,7 @@ class Phase:
 
 # -- setup -------------------------------------------------------------------------------------------
 
+
 async def create_world(admin: str) -> World:
     tag = uuid.uuid4().hex[:6]
     cheap = Settings(database_url=admin, argon2_time_cost=1, argon2_memory_cost_kib=1024, argon2_parallelism=1)
@@ -109,8 +117,10 @@ async def create_world(admin: str) -> World:
     world = World(f"steady-{tag}@example.ch", f"flood-{tag}@example.ch", uuid.uuid4())
     async with operator_transaction(admin) as tx:
         for label, email, pw in (("steady", world.steady_email, steady_hash), ("flood", world.flood_email, flood_hash)):
-            tenant = await service.create_tenant(tx, TenantCreate(name=f"Overload {label}", slug=f"{label}-{tag}",
-                                                                  region="CH", plan="pro", status="active"))
+            tenant = await service.create_tenant(
+                tx,
+                TenantCreate(name=f"Overload {label}", slug=f"{label}-{tag}", region="CH", plan="pro", status="active"),
+            )
             await service.add_member(tx, tenant.slug, email, "owner", name=label, password_hash=pw)
             await tx.fetchrow("SELECT * FROM platform.set_tenant_limits(%s, %s)", (tenant.id, Jsonb(NO_LIMITS)))
             if label == "flood":
@@ -122,7 +132,9 @@ async def create_world(admin: str) -> World:
             """INSERT INTO projects (tenant_id, name, description, status, settings, created_at, updated_at)
                SELECT %s, 'Project ' || g, 'Seeded by bench/overload.py', 'active', '{}'::jsonb,
                       now() - g * interval '1 minute', now() - g * interval '1 minute'
-               FROM generate_series(1, 300) g""", (steady_id,))
+               FROM generate_series(1, 300) g""",
+            (steady_id,),
+        )
         await conn.execute("VACUUM ANALYZE projects")
     return world
 
@@ -136,9 +148,11 @@ async def seed_documents(base: str, world: World, count: int = 40) -> None:
             content = "\n\n".join(
                 f"## {topic.title()} {j}\n\nCe document décrit la procédure {topic} numéro {i}.{j} pour le cabinet, "
                 f"les horaires, les responsables et les délais. This section explains {topic} step {j} in English too."
-                for j in range(6))
-            r = await client.post("/api/v1/knowledge-base", headers=headers,
-                                  json={"title": f"Guide {topic} {i}", "content": content})
+                for j in range(6)
+            )
+            r = await client.post(
+                "/api/v1/knowledge-base", headers=headers, json={"title": f"Guide {topic} {i}", "content": content}
+            )
             if r.status_code != 201:
                 raise SystemExit(f"creating a document: {r.status_code} {r.text[:300]}")
         deadline = time.monotonic() + 600
@@ -164,6 +178,7 @@ async def sign_in(base: str, email: str, password: str) -> str:
 
 
 # -- the steady tenant ---------------------------------------------------------------------------------
+
 
 async def steady(base: str, token: str, rate: float, seconds: float, phase: Phase) -> None:
     headers = {"Authorization": f"Bearer {token}"}
@@ -201,20 +216,19 @@ async def peak_rss(pgid: int, stop: asyncio.Event) -> float:
                 continue
             try:
                 stat = (entry / "stat").read_text()
-                if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
+                if int(stat[stat.rindex(")") + 2 :].split()[2]) != pgid:
                     continue
                 total += int((entry / "statm").read_text().split()[1]) * page
             except (OSError, ValueError, IndexError):
                 continue
         peak = max(peak, total)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.25)
-        except TimeoutError:
-            pass
     return peak / 2**20
 
 
 # -- the flood (a process of its own: python bench/overload.py --flood KIND ...) --------------------------
+
 
 async def flood(kind: str, base: str, seconds: float, concurrency: int, world: dict, greedy: bool) -> dict:
     """`concurrency` connections, each sending its next request as soon as the last is answered,
@@ -235,8 +249,10 @@ async def flood(kind: str, base: str, seconds: float, concurrency: int, world: d
             path, auth = "/api/v1/knowledge-base/search", f"Authorization: Bearer {world['flood_token']}\r\n"
             body = json.dumps({"query": f"{QUERIES[(i + n) % len(QUERIES)]} {n}", "k": 10})
         payload = body.encode()
-        return (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\n{auth}Content-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
 
     async def loop(i: int) -> None:
         n, reader, writer = 0, None, None
@@ -275,8 +291,12 @@ async def flood(kind: str, base: str, seconds: float, concurrency: int, world: d
 
     await asyncio.gather(*(loop(i) for i in range(concurrency)))
     ok = sorted(latencies)
-    return {"codes": dict(codes), "sent": len(latencies), "p50_ms": percentile(ok, 0.5) * 1000 if ok else None,
-            "cpu": _own_cpu()}
+    return {
+        "codes": dict(codes),
+        "sent": len(latencies),
+        "p50_ms": percentile(ok, 0.5) * 1000 if ok else None,
+        "cpu": _own_cpu(),
+    }
 
 
 def _own_cpu() -> float:
@@ -322,18 +342,45 @@ async def slow_headers(base: str, seconds: float, connections: int) -> dict:
     return {"codes": dict(outcome), "sent": connections, "p50_ms": None, "cpu": _own_cpu()}
 
 
-def start_flood(kind: str, base: str, seconds: float, concurrency: int, world: World, nice: int, greedy: bool
-                ) -> subprocess.Popen:
+def start_flood(
+    kind: str, base: str, seconds: float, concurrency: int, world: World, nice: int, greedy: bool
+) -> subprocess.Popen:
     payload = json.dumps({"flood_email": world.flood_email, "flood_token": world.flood_token})
-    return subprocess.Popen([sys.executable, __file__, "--flood", kind, "--base", base, "--seconds", str(seconds),
-                             "--concurrency", str(concurrency), "--world", payload, *(["--greedy"] if greedy else [])],
-                            stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(nice) if nice else None)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--flood",
+            kind,
+            "--base",
+            base,
+            "--seconds",
+            str(seconds),
+            "--concurrency",
+            str(concurrency),
+            "--world",
+            payload,
+            *(["--greedy"] if greedy else []),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.nice(nice) if nice else None,
+    )
 
 
 # -- phases ------------------------------------------------------------------------------------------------
 
-async def run_phase(name: str, kind: str | None, concurrency: int, args: argparse.Namespace, base: str,
-                    world: World, pgid: int, meter: CpuMeter) -> Phase:
+
+async def run_phase(
+    name: str,
+    kind: str | None,
+    concurrency: int,
+    args: argparse.Namespace,
+    base: str,
+    world: World,
+    pgid: int,
+    meter: CpuMeter,
+) -> Phase:
     phase = Phase(name)
     stop = asyncio.Event()
     memory = asyncio.create_task(peak_rss(pgid, stop))
@@ -349,16 +396,21 @@ async def run_phase(name: str, kind: str | None, concurrency: int, args: argpars
     phase.peak_rss_mib = await memory
     phase.load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     used = meter.delta(before, "server")
-    phase.cpu = {"server": used["app"], "PostgreSQL": used.get("pg", float("nan")),
-                 "flood client": phase.flood.get("cpu", 0.0) if phase.flood else 0.0}
+    phase.cpu = {
+        "server": used["app"],
+        "PostgreSQL": used.get("pg", float("nan")),
+        "flood client": phase.flood.get("cpu", 0.0) if phase.flood else 0.0,
+    }
     return phase
 
 
 def show(phase: Phase) -> None:
     fails = ", ".join(f"{k} x{v}" for k, v in phase.failures.items()) or "none"
-    line = (f"  {phase.name:<15} steady p50 {phase.ms(0.5):7.1f} ms  p99 {phase.ms(0.99):7.1f} ms  "
-            f"max {phase.ms(1.0):7.1f} ms  n={len(phase.latencies)}  failures: {fails}  "
-            f"server RSS peak {phase.peak_rss_mib:.0f} MiB  load {phase.load}")
+    line = (
+        f"  {phase.name:<15} steady p50 {phase.ms(0.5):7.1f} ms  p99 {phase.ms(0.99):7.1f} ms  "
+        f"max {phase.ms(1.0):7.1f} ms  n={len(phase.latencies)}  failures: {fails}  "
+        f"server RSS peak {phase.peak_rss_mib:.0f} MiB  load {phase.load}"
+    )
     print(line, flush=True)
     cpu = ", ".join(f"{k} {v:.1f}" for k, v in phase.cpu.items())
     print(f"  {'':<15} CPU seconds: {cpu}", flush=True)
@@ -383,20 +435,37 @@ async def run(args: argparse.Namespace) -> None:
         base = f"http://{HOST}:{port}"
         env = {**os.environ, "DATABASE_URL": admin, "IAFACTORY_LOG_LEVEL": "WARNING", "IAFACTORY_RUN_WORKER": "true"}
         log_path = workdir / "server.log"
-        proc = start_server([str(Path(sys.executable).with_name("iafactory")), "serve", "--no-migrate", "--host", HOST,
-                             "--port", str(port), "--workers", "1"], env, log_path)
+        proc = start_server(
+            [
+                str(Path(sys.executable).with_name("iafactory")),
+                "serve",
+                "--no-migrate",
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env,
+            log_path,
+        )
         async with httpx.AsyncClient(timeout=5) as probe:
             await wait_ready(probe, f"{base}/readyz", proc, log_path)
         world.steady_token = await sign_in(base, world.steady_email, STEADY_PASSWORD)
         world.flood_token = await sign_in(base, world.flood_email, FLOOD_PASSWORD)
         print("indexing the flood tenant's documents ...", flush=True)
         await seed_documents(base, world)
-        print(f"{os.cpu_count()} CPUs, load {Path('/proc/loadavg').read_text().split()[:3]}; "
-              f"steady tenant: GET {LIST_PATH} at {args.rate}/s, {args.seconds:.0f} s per phase", flush=True)
+        print(
+            f"{os.cpu_count()} CPUs, load {Path('/proc/loadavg').read_text().split()[:3]}; "
+            f"steady tenant: GET {LIST_PATH} at {args.rate}/s, {args.seconds:.0f} s per phase",
+            flush=True,
+        )
         meter = CpuMeter(admin, {"server": proc.pid})
         closers.append(meter.close)
-        await run_phase("warm-up", None, 0, argparse.Namespace(**{**vars(args), "seconds": 3}), base, world, proc.pid,
-                        meter)
+        await run_phase(
+            "warm-up", None, 0, argparse.Namespace(**{**vars(args), "seconds": 3}), base, world, proc.pid, meter
+        )
         floods = [("logins", args.logins), ("searches", args.searches), ("slow headers", args.slow)]
         kinds = {"logins": "logins", "searches": "searches", "slow headers": "slow"}
         # (flood, stage) -> the phases of every round, pooled
@@ -405,16 +474,21 @@ async def run(args: argparse.Namespace) -> None:
             print(f"round {rnd + 1}/{args.rounds}:", flush=True)
             for flood_name, concurrency in floods:
                 for stage, kind in (("before", None), ("during", kinds[flood_name]), ("after", None)):
-                    phase = await run_phase(f"{stage} {flood_name}", kind, concurrency, args, base, world,
-                                            proc.pid, meter)
+                    phase = await run_phase(
+                        f"{stage} {flood_name}", kind, concurrency, args, base, world, proc.pid, meter
+                    )
                     show(phase)
                     pooled.setdefault((flood_name, stage), []).append(phase)
                     if proc.poll() is not None:
                         raise SystemExit(f"the server died:\n{log_tail(log_path)}")
-        print(f"\nsteady tenant, all rounds pooled ({args.rounds} x {args.seconds:.0f} s per stage); "
-              f"target: p99 during a flood <= {TARGET_RATIO:.0f}x p99 before it")
-        print(f"  {'flood':<13} {'p50 before':>10} {'p99 before':>10} {'p50 during':>10} {'p99 during':>10} "
-              f"{'p99 after':>10} {'ratio':>6}  shed (503) / flood requests")
+        print(
+            f"\nsteady tenant, all rounds pooled ({args.rounds} x {args.seconds:.0f} s per stage); "
+            f"target: p99 during a flood <= {TARGET_RATIO:.0f}x p99 before it"
+        )
+        print(
+            f"  {'flood':<13} {'p50 before':>10} {'p99 before':>10} {'p50 during':>10} {'p99 during':>10} "
+            f"{'p99 after':>10} {'ratio':>6}  shed (503) / flood requests"
+        )
         failed = 0
         for flood_name, _ in floods:
             merged = {}
@@ -426,9 +500,11 @@ async def run(args: argparse.Namespace) -> None:
             shed = sum(f["codes"].get("503", 0) for f in floods_run)
             sent = sum(f["sent"] for f in floods_run)
             mark = "" if ratio <= TARGET_RATIO else "  !! over target"
-            print(f"  {flood_name:<13} {merged['before'].ms(0.5):10.1f} {merged['before'].ms(0.99):10.1f} "
-                  f"{merged['during'].ms(0.5):10.1f} {merged['during'].ms(0.99):10.1f} "
-                  f"{merged['after'].ms(0.99):10.1f} {ratio:5.2f}x  {shed} / {sent}{mark}")
+            print(
+                f"  {flood_name:<13} {merged['before'].ms(0.5):10.1f} {merged['before'].ms(0.99):10.1f} "
+                f"{merged['during'].ms(0.5):10.1f} {merged['during'].ms(0.99):10.1f} "
+                f"{merged['after'].ms(0.99):10.1f} {ratio:5.2f}x  {shed} / {sent}{mark}"
+            )
         print(f"  (milliseconds; steady tenant's failed requests over all stages: {failed})")
     finally:
         for close in closers:
@@ -450,8 +526,11 @@ def main() -> None:
     parser.add_argument("--logins", type=int, default=64, help="concurrent sign-in clients")
     parser.add_argument("--searches", type=int, default=64, help="concurrent search clients")
     parser.add_argument("--slow", type=int, default=256, help="slow-header connections (at most 1000)")
-    parser.add_argument("--greedy", action="store_true",
-                        help="flood clients ignore Retry-After: each connection resends at once when refused")
+    parser.add_argument(
+        "--greedy",
+        action="store_true",
+        help="flood clients ignore Retry-After: each connection resends at once when refused",
+    )
     parser.add_argument("--flood-nice", type=int, default=19, help="CPU niceness of the flood's clients (0: none)")
     parser.add_argument("--database-url")
     parser.add_argument("--port", type=int)
@@ -465,8 +544,9 @@ def main() -> None:
     if args.flood:
         if not args.base.startswith(f"http://{HOST}:"):
             raise SystemExit("floods are for loopback only")
-        result = asyncio.run(flood(args.flood, args.base, args.seconds, min(args.concurrency, 1000),
-                                   json.loads(args.world), args.greedy))
+        result = asyncio.run(
+            flood(args.flood, args.base, args.seconds, min(args.concurrency, 1000), json.loads(args.world), args.greedy)
+        )
         print(json.dumps(result))
         return
     asyncio.run(run(args))

@@ -46,10 +46,14 @@ class TableInfo:
 
 
 def load_tables(conn: psycopg.Connection) -> dict[str, TableInfo]:
-    names = [r[0] for r in conn.execute(
-        """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    names = [
+        r[0]
+        for r in conn.execute(
+            """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id'
-           WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY 1""")]
+           WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY 1"""
+        )
+    ]
     tables: dict[str, TableInfo] = {}
     for name in names:
         cols = {}
@@ -59,15 +63,23 @@ def load_tables(conn: psycopg.Connection) -> dict[str, TableInfo]:
                       CASE WHEN a.atttypmod > 4 AND a.atttypid IN ('varchar'::regtype, 'bpchar'::regtype)
                            THEN a.atttypmod - 4 END
                FROM pg_attribute a WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
-               ORDER BY a.attnum""", (name,)):
+               ORDER BY a.attnum""",
+            (name,),
+        ):
             cols[col] = Column(col, typ, notnull, hasdef or ident, maxlen)
-        pk = [r[0] for r in conn.execute(
-            """SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid
-               AND a.attnum = ANY (i.indkey) WHERE i.indrelid = %s::regclass AND i.indisprimary""", (name,))]
+        pk = [
+            r[0]
+            for r in conn.execute(
+                """SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid
+               AND a.attnum = ANY (i.indkey) WHERE i.indrelid = %s::regclass AND i.indisprimary""",
+                (name,),
+            )
+        ]
         info = TableInfo(name, cols, pk)
         for (definition,) in conn.execute(
             "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'c'",
-            (name,)):
+            (name,),
+        ):
             m = re.match(r"CHECK \(\(\(?\(?(\w+)\)?(?:::\w+(?: \w+)?)?\)? = ANY \(+ARRAY\[(.*?)\]", definition)
             if m:
                 info.enums[m.group(1)] = re.findall(r"'([^']*)'", m.group(2))
@@ -77,7 +89,9 @@ def load_tables(conn: psycopg.Connection) -> dict[str, TableInfo]:
                       c.confrelid::regclass::text,
                       (SELECT array_agg(a.attname ORDER BY k.i) FROM unnest(c.confkey) WITH ORDINALITY k(n, i)
                        JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n)
-               FROM pg_constraint c WHERE c.conrelid = %s::regclass AND c.contype = 'f'""", (name,)):
+               FROM pg_constraint c WHERE c.conrelid = %s::regclass AND c.contype = 'f'""",
+            (name,),
+        ):
             if ref in names and ref != name:
                 info.references.append((list(local), ref, list(remote)))
             elif ref not in names:
@@ -131,7 +145,9 @@ def sample_value(col: Column, enums: dict[str, list[str]]) -> Any:
 
 
 def row_for(
-    table: TableInfo, tenant_id: uuid.UUID, parents: dict[str, dict[str, Any]],
+    table: TableInfo,
+    tenant_id: uuid.UUID,
+    parents: dict[str, dict[str, Any]],
     global_rows: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Values for a new row of `table` belonging to `tenant_id`; `parents` holds a row of the
@@ -183,7 +199,9 @@ def pk_where(table: TableInfo, row: dict[str, Any]) -> tuple[sql.Composable, lis
 def insert_row(conn: psycopg.Connection, table: str, values: dict[str, Any]) -> dict[str, Any]:
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
     if not values:
-        return cur.execute(sql.SQL("INSERT INTO {} DEFAULT VALUES RETURNING *").format(sql.Identifier(table))).fetchone()
+        return cur.execute(
+            sql.SQL("INSERT INTO {} DEFAULT VALUES RETURNING *").format(sql.Identifier(table))
+        ).fetchone()
     query = sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
         sql.Identifier(table),
         sql.SQL(", ").join(map(sql.Identifier, values)),
@@ -202,13 +220,17 @@ def catalog_world(server_url: str) -> Iterator[dict[str, Any]]:
         prepare_sync(admin)
         with psycopg.connect(admin, autocommit=True) as conn:
             for tid, slug in ((TENANT_A, "tenant-a"), (TENANT_B, "tenant-b")):
-                conn.execute("INSERT INTO tenants (id, name, slug, region, plan, status) "
-                             "VALUES (%s, %s, %s, 'CH', 'pro', 'active')", (tid, slug, slug))
+                conn.execute(
+                    "INSERT INTO tenants (id, name, slug, region, plan, status) "
+                    "VALUES (%s, %s, %s, 'CH', 'pro', 'active')",
+                    (tid, slug, slug),
+                )
                 # Billable tables (e.g. pme_analyses) debit credits on insert.
                 conn.execute("SELECT platform.grant_credits(%s, 1000, 'test credits', 'seed')", (tid,))
             tables = load_tables(conn)
-            user_id = conn.execute("INSERT INTO users (email, name) VALUES ('sample@example.ch', 'Sample') "
-                                   "RETURNING id").fetchone()[0]
+            user_id = conn.execute(
+                "INSERT INTO users (email, name) VALUES ('sample@example.ch', 'Sample') RETURNING id"
+            ).fetchone()[0]
         global_rows = {"users": {"id": user_id}}
         rows: dict[str, dict[uuid.UUID, dict[str, Any]]] = {}
         with psycopg.connect(app_url(admin)) as conn:
@@ -231,9 +253,13 @@ def catalog_world(server_url: str) -> Iterator[dict[str, Any]]:
                         # credit grant opened): use it.
                         cond, params = pk_where(tables[table], values)
                         with psycopg.connect(admin) as owner:
-                            row = owner.cursor(row_factory=psycopg.rows.dict_row).execute(
-                                sql.SQL("SELECT * FROM {} WHERE {}").format(sql.Identifier(table), cond), params
-                            ).fetchone()
+                            row = (
+                                owner.cursor(row_factory=psycopg.rows.dict_row)
+                                .execute(
+                                    sql.SQL("SELECT * FROM {} WHERE {}").format(sql.Identifier(table), cond), params
+                                )
+                                .fetchone()
+                            )
                     except psycopg.Error as err:
                         raise AssertionError(f"cannot insert a sample row into {table}: {err}") from err
                     parents[table] = row

@@ -95,7 +95,9 @@ def empty_db(make_database: Callable[[], str]) -> str:
     return make_database()
 
 
-def run_cli(*args: str, db_url: str | None, env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, db_url: str | None, env: dict[str, str] | None = None, input: str | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed `iafactory` console script against `db_url` (None: DATABASE_URL unset, the
     embedded server), with this session's secrets."""
     full_env = {**os.environ, **SECRET_ENV, **(env or {})}

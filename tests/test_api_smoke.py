@@ -15,7 +15,9 @@ pytestmark = pytest.mark.anyio
 
 async def test_login_create_list_get(api_world: ApiWorld) -> None:
     c, a = api_world.client, api_world.a
-    r = await c.post("/api/v1/projects", json={"name": "Rentrée 2026", "settings": {"lang": "fr"}}, headers=a.auth("member"))
+    r = await c.post(
+        "/api/v1/projects", json={"name": "Rentrée 2026", "settings": {"lang": "fr"}}, headers=a.auth("member")
+    )
     assert r.status_code == 201, r.text
     project = r.json()
     r = await c.get("/api/v1/projects", headers=a.auth("viewer"))
@@ -26,8 +28,9 @@ async def test_login_create_list_get(api_world: ApiWorld) -> None:
 
 
 async def test_a_tenant_id_in_the_body_is_refused(api_world: ApiWorld) -> None:
-    r = await api_world.client.post("/api/v1/projects", json={"name": "x", "tenant_id": str(api_world.b.id)},
-                                    headers=api_world.a.auth("owner"))
+    r = await api_world.client.post(
+        "/api/v1/projects", json={"name": "x", "tenant_id": str(api_world.b.id)}, headers=api_world.a.auth("owner")
+    )
     assert r.status_code == 422
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["errors"][0]["field"] == "body.tenant_id"

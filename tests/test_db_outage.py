@@ -61,8 +61,7 @@ def own_server() -> Iterator[OwnServer]:
     socket_dir = srv.get_postmaster_info().socket_dir
 
     def ctl(*args: str) -> None:
-        pgexec("pg_ctl", ("-w", "-D", str(srv.pgdata), *args), bin_path=srv.bin_path, user=srv.system_user,
-               timeout=60)
+        pgexec("pg_ctl", ("-w", "-D", str(srv.pgdata), *args), bin_path=srv.bin_path, user=srv.system_user, timeout=60)
 
     running = {"up": True}
 
@@ -90,8 +89,9 @@ async def test_an_outage_fails_fast_and_service_resumes_within_two_seconds(own_s
     await asyncio.to_thread(prepare_sync, admin)
     settings = fast_settings(admin)  # the timeouts at their defaults
     async with operator_transaction(admin) as tx:
-        tenant = await service.create_tenant(tx, TenantCreate(name="Outage", slug=name.replace("_", "-"), region="CH",
-                                                              plan="pro", status="active"))
+        tenant = await service.create_tenant(
+            tx, TenantCreate(name="Outage", slug=name.replace("_", "-"), region="CH", plan="pro", status="active")
+        )
         owner = await service.add_member(tx, tenant.slug, f"{name}@example.ch", "owner")
     token, _ = tokens.issue(settings, owner["user_id"], tenant_id=tenant.id, role="owner", platform_admin=False)
     headers = {"Authorization": f"Bearer {token}"}
@@ -148,9 +148,11 @@ async def test_an_outage_fails_fast_and_service_resumes_within_two_seconds(own_s
             stats = db.load_stats()
             assert stats["up"] and stats["outages"] == 1
 
-    print(f"\n/readyz 503 {readyz_down:.2f} s after the stop; slowest answers during the outage: "
-          f"readyz {slowest['/readyz']:.3f} s, GET /projects {slowest['/api/v1/projects']:.3f} s; "
-          f"service back {resumed:.2f} s after the restart")
+    print(
+        f"\n/readyz 503 {readyz_down:.2f} s after the stop; slowest answers during the outage: "
+        f"readyz {slowest['/readyz']:.3f} s, GET /projects {slowest['/api/v1/projects']:.3f} s; "
+        f"service back {resumed:.2f} s after the restart"
+    )
     assert readyz_down <= REQUIREMENT_SECONDS
     assert max(slowest.values()) <= REQUIREMENT_SECONDS
     assert resumed <= REQUIREMENT_SECONDS

@@ -25,9 +25,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from api_support import (  # noqa: F401 - fixtures
-    ApiWorld, build_world, fast_settings, module_api_client, module_db,
-)
+from api_support import ApiWorld, build_world, fast_settings
 from iafactory.admission import ANONYMOUS, CpuWork, Gate
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
@@ -40,8 +38,10 @@ from iafactory.tenancy.context import TenantContext
 pytestmark = pytest.mark.anyio
 
 API = "/api/v1"
-REAL_ARGON2 = {name: Settings.model_fields[name].default
-               for name in ("argon2_time_cost", "argon2_memory_cost_kib", "argon2_parallelism")}
+REAL_ARGON2 = {
+    name: Settings.model_fields[name].default
+    for name in ("argon2_time_cost", "argon2_memory_cost_kib", "argon2_parallelism")
+}
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +98,17 @@ async def frozen(cpu: CpuWork) -> AsyncIterator[None]:
 
 def is_busy(r: httpx.Response) -> bool:
     body = r.json()
-    return (r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
-            and int(r.headers["retry-after"]) >= 1 and body["type"].endswith("/busy")
-            and body["detail"] == f"busy, retry after {r.headers['retry-after']} s")
+    return (
+        r.status_code == 503
+        and r.headers["content-type"] == "application/problem+json"
+        and int(r.headers["retry-after"]) >= 1
+        and body["type"].endswith("/busy")
+        and body["detail"] == f"busy, retry after {r.headers['retry-after']} s"
+    )
 
 
 # --- sign-in flood -----------------------------------------------------------------------------------
+
 
 async def test_a_sign_in_flood_hashes_with_no_connection_held_and_other_tenants_are_served(world: ApiWorld) -> None:
     flood_size = 60
@@ -112,15 +117,25 @@ async def test_a_sign_in_flood_hashes_with_no_connection_held_and_other_tenants_
     # it costs in production.
     real = fast_settings(world.admin_url).model_copy(update=REAL_ARGON2)
     async with operator_transaction(world.admin_url) as tx:
-        await service.add_member(tx, world.a.slug, email, "viewer", password_hash=await hash_password(real, "pw-flood-1234"))
-    async with serving(world.admin_url, **REAL_ARGON2, password_hash_concurrency=2,
-                       password_hash_max_waiting=flood_size, pool_max_waiting=4 * flood_size,
-                       tenant_max_waiting=2 * flood_size, anonymous_max_in_flight=2 * flood_size,
-                       queue_timeout_seconds=120) as (app, db, client):
+        await service.add_member(
+            tx, world.a.slug, email, "viewer", password_hash=await hash_password(real, "pw-flood-1234")
+        )
+    async with serving(
+        world.admin_url,
+        **REAL_ARGON2,
+        password_hash_concurrency=2,
+        password_hash_max_waiting=flood_size,
+        pool_max_waiting=4 * flood_size,
+        tenant_max_waiting=2 * flood_size,
+        anonymous_max_in_flight=2 * flood_size,
+        queue_timeout_seconds=120,
+    ) as (app, db, client):
         hashing = app.state.load.hashing
 
         def sign_in() -> asyncio.Task[httpx.Response]:
-            return asyncio.create_task(client.post(f"{API}/auth/login", json={"email": email, "password": "pw-flood-1234"}))
+            return asyncio.create_task(
+                client.post(f"{API}/auth/login", json={"email": email, "password": "pw-flood-1234"})
+            )
 
         # 1. Hashing frozen: every sign-in of the flood has read its hash and waits for a thread.
         async with frozen(hashing):
@@ -141,8 +156,10 @@ async def test_a_sign_in_flood_hashes_with_no_connection_held_and_other_tenants_
         took = time.perf_counter() - started
         still_hashing = hashing.gate.active + hashing.gate.waiting
         assert r.status_code == 200 and still_hashing > 0
-        print(f"\nGET /projects of another tenant during a {flood_size}-sign-in flood: {took * 1000:.1f} ms "
-              f"({still_hashing} sign-ins still hashing or queued)")
+        print(
+            f"\nGET /projects of another tenant during a {flood_size}-sign-in flood: {took * 1000:.1f} ms "
+            f"({still_hashing} sign-ins still hashing or queued)"
+        )
         responses = await asyncio.gather(*flood)
     assert [r.status_code for r in responses] == [200] * flood_size
     assert hashing.gate.peak_active <= 2  # memory: at most two 64 MiB hashes at a time
@@ -150,8 +167,9 @@ async def test_a_sign_in_flood_hashes_with_no_connection_held_and_other_tenants_
 
 
 async def test_a_full_hashing_queue_refuses_sign_ins_at_once_without_reading_anything(world: ApiWorld) -> None:
-    async with serving(world.admin_url, password_hash_concurrency=1, password_hash_max_waiting=2,
-                       queue_timeout_seconds=120) as (app, db, client):
+    async with serving(
+        world.admin_url, password_hash_concurrency=1, password_hash_max_waiting=2, queue_timeout_seconds=120
+    ) as (app, db, client):
         hashing = app.state.load.hashing
         body = {"email": f"nobody-{uuid.uuid4().hex[:6]}@example.ch", "password": "whatever-123"}
         async with frozen(hashing):
@@ -167,12 +185,21 @@ async def test_a_full_hashing_queue_refuses_sign_ins_at_once_without_reading_any
 
 # --- the connection queue ------------------------------------------------------------------------------
 
+
 async def test_a_full_connection_queue_answers_503_busy_with_retry_after_at_once(world: ApiWorld) -> None:
-    async with serving(world.admin_url, pool_min_size=1, pool_max_size=2, pool_max_waiting=2,
-                       tenant_max_connections=2, tenant_max_waiting=2, queue_timeout_seconds=120) as (app, db, client):
+    async with serving(
+        world.admin_url,
+        pool_min_size=1,
+        pool_max_size=2,
+        pool_max_waiting=2,
+        tenant_max_connections=2,
+        tenant_max_waiting=2,
+        queue_timeout_seconds=120,
+    ) as (_app, db, client):
         async with holding(db, world.a.id, 2):
-            queued = [asyncio.create_task(client.get(f"{API}/projects", headers=world.b.auth("viewer")))
-                      for _ in range(2)]
+            queued = [
+                asyncio.create_task(client.get(f"{API}/projects", headers=world.b.auth("viewer"))) for _ in range(2)
+            ]
             await until(lambda: db.gate.waiting == 2, "two requests queued")
             r = await client.get(f"{API}/projects", headers=world.b.auth("viewer"))
             assert is_busy(r), r.text
@@ -182,33 +209,49 @@ async def test_a_full_connection_queue_answers_503_busy_with_retry_after_at_once
 
 
 async def test_a_request_waiting_longer_than_the_queue_timeout_gets_503_busy(world: ApiWorld) -> None:
-    async with serving(world.admin_url, pool_min_size=1, pool_max_size=1, queue_timeout_seconds=0.2) as (app, db, client):
-        async with holding(db, world.a.id, 1):
-            r = await client.get(f"{API}/projects", headers=world.b.auth("viewer"))
-            assert is_busy(r), r.text
-            assert db.gate.shed_timeout == 1 and db.gate.waiting == 0
+    async with (
+        serving(world.admin_url, pool_min_size=1, pool_max_size=1, queue_timeout_seconds=0.2) as (
+            _app,
+            db,
+            client,
+        ),
+        holding(db, world.a.id, 1),
+    ):
+        r = await client.get(f"{API}/projects", headers=world.b.auth("viewer"))
+        assert is_busy(r), r.text
+        assert db.gate.shed_timeout == 1 and db.gate.waiting == 0
 
 
 async def test_one_tenants_flood_leaves_connections_to_the_others(world: ApiWorld) -> None:
-    async with serving(world.admin_url, pool_min_size=1, pool_max_size=4, pool_max_waiting=16,
-                       tenant_max_connections=2, tenant_max_waiting=3, queue_timeout_seconds=120) as (app, db, client):
+    async with serving(
+        world.admin_url,
+        pool_min_size=1,
+        pool_max_size=4,
+        pool_max_waiting=16,
+        tenant_max_connections=2,
+        tenant_max_waiting=3,
+        queue_timeout_seconds=120,
+    ) as (_app, db, client):
         async with holding(db, world.a.id, 2):  # tenant A at its cap
-            flood = [asyncio.create_task(client.get(f"{API}/projects", headers=world.a.auth("viewer")))
-                     for _ in range(3)]
+            flood = [
+                asyncio.create_task(client.get(f"{API}/projects", headers=world.a.auth("viewer"))) for _ in range(3)
+            ]
             await until(lambda: db.gate.waiting_for(world.a.id) == 3, "A's requests queued behind its cap")
             # A's share of the queue is full: refused at once, while B is served on the free slots.
             r = await client.get(f"{API}/projects", headers=world.a.auth("viewer"))
             assert is_busy(r), r.text
-            others = await asyncio.gather(*(client.get(f"{API}/projects", headers=world.b.auth("viewer"))
-                                            for _ in range(4)))
+            others = await asyncio.gather(
+                *(client.get(f"{API}/projects", headers=world.b.auth("viewer")) for _ in range(4))
+            )
             assert [o.status_code for o in others] == [200] * 4
             assert db.gate.waiting_for(world.a.id) == 3 and not any(f.done() for f in flood)
         assert [r.status_code for r in await asyncio.gather(*flood)] == [200] * 3
 
 
 async def test_beyond_the_requests_in_flight_a_process_answers_503_busy_but_health_probes_pass(world: ApiWorld) -> None:
-    async with serving(world.admin_url, pool_min_size=1, pool_max_size=1, max_requests_in_flight=1,
-                       queue_timeout_seconds=120) as (app, db, client):
+    async with serving(
+        world.admin_url, pool_min_size=1, pool_max_size=1, max_requests_in_flight=1, queue_timeout_seconds=120
+    ) as (app, db, client):
         async with holding(db, world.a.id, 1):
             queued = asyncio.create_task(client.get(f"{API}/projects", headers=world.b.auth("viewer")))
             await until(lambda: db.gate.waiting == 1, "one request in flight")
@@ -221,8 +264,14 @@ async def test_beyond_the_requests_in_flight_a_process_answers_503_busy_but_heal
 
 
 async def test_sign_ins_and_one_credential_have_lanes_refused_before_anything_is_parsed(world: ApiWorld) -> None:
-    async with serving(world.admin_url, pool_min_size=1, pool_max_size=1, anonymous_max_in_flight=2,
-                       credential_max_in_flight=1, queue_timeout_seconds=120) as (app, db, client):
+    async with serving(
+        world.admin_url,
+        pool_min_size=1,
+        pool_max_size=1,
+        anonymous_max_in_flight=2,
+        credential_max_in_flight=1,
+        queue_timeout_seconds=120,
+    ) as (app, db, client):
         hashing = app.state.load.hashing
         body = {"email": f"nobody-{uuid.uuid4().hex[:6]}@example.ch", "password": "whatever-123"}
         async with frozen(hashing):
@@ -247,6 +296,7 @@ async def test_sign_ins_and_one_credential_have_lanes_refused_before_anything_is
 
 # --- a client that went away ------------------------------------------------------------------------------
 
+
 @asynccontextmanager
 async def real_server(app: FastAPI) -> AsyncIterator[int]:
     """uvicorn on a free loopback port, in this event loop (a real socket, so a real disconnect)."""
@@ -262,12 +312,15 @@ async def real_server(app: FastAPI) -> AsyncIterator[int]:
         await task
 
 
-async def send_then_hang_up(port: int, method: str, path: str, token: str, body: dict[str, Any] | None,
-                            hang_up_when: Callable[[], bool]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def send_then_hang_up(
+    port: int, method: str, path: str, token: str, body: dict[str, Any] | None, hang_up_when: Callable[[], bool]
+) -> None:
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body).encode() if body is not None else b""
-    head = (f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
     writer.write(head + payload)
     await writer.drain()
     await until(hang_up_when, "the request to be queued")
@@ -287,29 +340,41 @@ async def test_a_queued_request_whose_client_disconnected_never_reaches_the_data
                 admitted = gate.admitted
                 # A write with a body, and a DELETE with none (its disconnect is seen without a body
                 # to read first).
-                await send_then_hang_up(port, "POST", f"{API}/projects", world.b.tokens["member"],
-                                        {"name": ghost}, lambda: gate.waiting == 1)
+                await send_then_hang_up(
+                    port,
+                    "POST",
+                    f"{API}/projects",
+                    world.b.tokens["member"],
+                    {"name": ghost},
+                    lambda: gate.waiting == 1,
+                )
                 await until(lambda: gate.gone == 1 and gate.waiting == 0, "the first hang-up to empty the queue")
-                await send_then_hang_up(port, "DELETE", f"{API}/projects/{kept}", world.b.tokens["member"], None,
-                                        lambda: gate.waiting == 1)
+                await send_then_hang_up(
+                    port, "DELETE", f"{API}/projects/{kept}", world.b.tokens["member"], None, lambda: gate.waiting == 1
+                )
                 await until(lambda: gate.gone == 2 and gate.waiting == 0, "the second hang-up to empty the queue")
             # The slot is free again: a request still queued would take it now. Both are finished.
             await until(lambda: app.state.load.http.in_flight == 0, "both requests to finish")
             assert gate.admitted == admitted
     async with operator_transaction(world.admin_url) as tx:
-        names = {row["name"] for row in await tx.fetch("SELECT name FROM projects WHERE tenant_id = %s",
-                                                        (world.b.id,))}
+        names = {row["name"] for row in await tx.fetch("SELECT name FROM projects WHERE tenant_id = %s", (world.b.id,))}
     assert ghost not in names and "keep me" in names
 
 
 # --- search ------------------------------------------------------------------------------------------------
 
+
 async def test_a_search_embeds_its_query_with_no_connection_held(world: ApiWorld) -> None:
     async with serving(world.admin_url, embedding_concurrency=1, queue_timeout_seconds=120) as (app, db, client):
         embedding = app.state.load.embedding
         async with frozen(embedding):
-            search = asyncio.create_task(client.post(f"{API}/knowledge-base/search", headers=world.a.auth("viewer"),
-                                                     json={"query": "horaires d'ouverture", "mode": "hybrid"}))
+            search = asyncio.create_task(
+                client.post(
+                    f"{API}/knowledge-base/search",
+                    headers=world.a.auth("viewer"),
+                    json={"query": "horaires d'ouverture", "mode": "hybrid"},
+                )
+            )
             await until(lambda: embedding.gate.waiting == 1, "the search to wait for the embedder")
             assert db.checked_out == 0 and db.gate.active == 0
         r = await search
@@ -319,13 +384,16 @@ async def test_a_search_embeds_its_query_with_no_connection_held(world: ApiWorld
 
 async def test_a_refused_search_costs_no_embedding(world: ApiWorld) -> None:
     """Authorization and the rate limit run before the query is embedded."""
-    async with serving(world.admin_url) as (app, db, client):
+    async with serving(world.admin_url) as (app, _db, client):
         platform = world.headers(world.platform_token)
         r = await client.patch(f"{API}/admin/tenants/{world.b.id}", json={"status": "suspended"}, headers=platform)
         assert r.status_code == 200, r.text
         try:
-            r = await client.post(f"{API}/knowledge-base/search", headers=world.b.auth("viewer"),
-                                  json={"query": "horaires", "mode": "semantic"})
+            r = await client.post(
+                f"{API}/knowledge-base/search",
+                headers=world.b.auth("viewer"),
+                json={"query": "horaires", "mode": "semantic"},
+            )
             assert r.status_code == 403, r.text
             assert app.state.load.embedding.gate.admitted == 0
         finally:
@@ -334,6 +402,7 @@ async def test_a_refused_search_costs_no_embedding(world: ApiWorld) -> None:
 
 
 # --- the gate itself -------------------------------------------------------------------------------------------
+
 
 async def test_a_cancelled_waiter_that_was_handed_a_slot_hands_it_on() -> None:
     gate = Gate("t", 1, max_waiting=10, timeout=10)

@@ -18,8 +18,12 @@ from conftest import run_cli
 
 def counts(admin_url: str, tenant: object, tables: list[str]) -> dict[str, int]:
     with psycopg.connect(admin_url) as conn:
-        return {t: conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.Identifier(t)),
-                                (tenant,)).fetchone()[0] for t in tables}
+        return {
+            t: conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.Identifier(t)), (tenant,)
+            ).fetchone()[0]
+            for t in tables
+        }
 
 
 def manifest(path: Path) -> dict[str, Any]:
@@ -44,15 +48,18 @@ def test_export_erase_import_gives_back_the_same_rows(catalog_world: dict[str, A
     assert set(counts(admin, TENANT_A, tables).values()) == {0}
     assert counts(admin, TENANT_B, tables) == b_before
     with psycopg.connect(admin) as conn:
-        assert conn.execute("SELECT slug FROM tenant_erasures WHERE erased_tenant = %s", (TENANT_A,)).fetchone() \
-            == ("tenant-a",)
+        assert conn.execute("SELECT slug FROM tenant_erasures WHERE erased_tenant = %s", (TENANT_A,)).fetchone() == (
+            "tenant-a",
+        )
 
     r = run_cli("tenants", "import", str(first), db_url=admin)
     assert r.returncode == 0, r.stderr
     r = run_cli("tenants", "export", "tenant-a", "-o", str(second), db_url=admin)
     assert r.returncode == 0, r.stderr
     again = manifest(second)
-    assert {t: m["sha256"] for t, m in again["tables"].items()} == {t: m["sha256"] for t, m in exported["tables"].items()}
+    assert {t: m["sha256"] for t, m in again["tables"].items()} == {
+        t: m["sha256"] for t, m in exported["tables"].items()
+    }
     assert counts(admin, TENANT_B, tables) == b_before
 
 
@@ -63,8 +70,9 @@ def test_erasure_needs_the_slug_repeated(catalog_world: dict[str, Any]) -> None:
     assert counts(catalog_world["admin"], TENANT_B, sorted(catalog_world["tables"])) == before
 
 
-def test_import_refuses_a_tampered_archive_or_a_tenant_that_is_not_empty(catalog_world: dict[str, Any],
-                                                                         tmp_path: Path) -> None:
+def test_import_refuses_a_tampered_archive_or_a_tenant_that_is_not_empty(
+    catalog_world: dict[str, Any], tmp_path: Path
+) -> None:
     admin = catalog_world["admin"]
     archive = tmp_path / "b.tar.gz"
     assert run_cli("tenants", "export", "tenant-b", "-o", str(archive), db_url=admin).returncode == 0

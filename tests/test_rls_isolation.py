@@ -38,13 +38,16 @@ def test_every_tenant_table_has_forced_rls_and_the_tenant_policy(world: dict[str
             policies = conn.execute(
                 """SELECT polname, polroles::regrole[]::text[], pg_get_expr(polqual, polrelid),
                           pg_get_expr(polwithcheck, polrelid)
-                   FROM pg_policy WHERE polrelid = %s::regclass""", (table,)).fetchall()
+                   FROM pg_policy WHERE polrelid = %s::regclass""",
+                (table,),
+            ).fetchall()
             if not (enabled and forced):
                 problems.append(f"{table}: RLS enabled={enabled} forced={forced}")
             column = "id" if table == "tenants" else "tenant_id"
             tenant_policies = [p for p in policies if "current_tenant_id()" in (p[2] or "")]
-            if not tenant_policies or any(f"({column} = ( SELECT app.current_tenant_id()" not in p[2]
-                                          or p[2] != p[3] for p in tenant_policies):
+            if not tenant_policies or any(
+                f"({column} = ( SELECT app.current_tenant_id()" not in p[2] or p[2] != p[3] for p in tenant_policies
+            ):
                 problems.append(f"{table}: no tenant policy with matching USING/WITH CHECK: {policies}")
             # Any other policy may only be for the definer role, never for the application.
             for pol in policies:
@@ -58,26 +61,39 @@ def test_application_role_is_powerless_outside_rls(world: dict[str, Any]) -> Non
     with psycopg.connect(world["admin"]) as conn:
         role = conn.execute(
             "SELECT rolsuper, rolbypassrls, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = %s",
-            (settings.app_db_user,)).fetchone()
+            (settings.app_db_user,),
+        ).fetchone()
         assert role == (False, False, False, False)
         owned = conn.execute(
             """SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner
-               WHERE r.rolname IN (%s, 'iaf_app')""", (settings.app_db_user,)).fetchone()[0]
+               WHERE r.rolname IN (%s, 'iaf_app')""",
+            (settings.app_db_user,),
+        ).fetchone()[0]
         owned += conn.execute(
             """SELECT count(*) FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
-               WHERE r.rolname IN (%s, 'iaf_app')""", (settings.app_db_user,)).fetchone()[0]
+               WHERE r.rolname IN (%s, 'iaf_app')""",
+            (settings.app_db_user,),
+        ).fetchone()[0]
         assert owned == 0
-        memberships = [r[0] for r in conn.execute(
-            """SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
-               JOIN pg_roles u ON u.oid = m.member WHERE u.rolname = %s""", (settings.app_db_user,))]
+        memberships = [
+            r[0]
+            for r in conn.execute(
+                """SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+               JOIN pg_roles u ON u.oid = m.member WHERE u.rolname = %s""",
+                (settings.app_db_user,),
+            )
+        ]
         assert memberships == ["iaf_app"]
-        group = conn.execute("SELECT rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = 'iaf_app'").fetchone()
+        group = conn.execute(
+            "SELECT rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = 'iaf_app'"
+        ).fetchone()
         assert group == (False, False, False)
         # Every table in public (tenant tables, tenants, users) is owned by iaf_owner.
         owners = conn.execute(
             """SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c
                WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
-                 AND c.relname <> 'schema_migrations'""").fetchall()
+                 AND c.relname <> 'schema_migrations'"""
+        ).fetchall()
         assert {o for _, o in owners} == {"iaf_owner"}, owners
     with psycopg.connect(world["app"]) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT * FROM schema_migrations")
@@ -89,10 +105,13 @@ def test_other_tenants_rows_are_invisible(world: dict[str, Any]) -> None:
         for table in world["tables"]:
             with conn.transaction():
                 set_tenant(conn, TENANT_A)
-                seen = conn.execute(sql.SQL("SELECT DISTINCT tenant_id FROM {}").format(sql.Identifier(table))).fetchall()
+                seen = conn.execute(
+                    sql.SQL("SELECT DISTINCT tenant_id FROM {}").format(sql.Identifier(table))
+                ).fetchall()
                 # Even asking for B explicitly returns nothing.
-                asked = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(
-                    sql.Identifier(table)), (TENANT_B,)).fetchone()[0]
+                asked = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.Identifier(table)), (TENANT_B,)
+                ).fetchone()[0]
             if seen != [(TENANT_A,)] or asked != 0:
                 leaks.append(f"{table}: saw {seen}, asked for B got {asked}")
         with conn.transaction():
@@ -130,8 +149,12 @@ def test_updates_and_deletes_cannot_touch_other_tenants_rows(world: dict[str, An
         set_tenant(conn, TENANT_B)
         for name, table in world["tables"].items():
             cond, params = pk_where(table, world["rows"][name][TENANT_B])
-            assert conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-                sql.Identifier(name), cond), params).fetchone()[0] == 1, name
+            assert (
+                conn.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE {}").format(sql.Identifier(name), cond), params
+                ).fetchone()[0]
+                == 1
+            ), name
         assert conn.execute("SELECT name FROM tenants").fetchone()[0] == "tenant-b"
 
 
@@ -159,8 +182,10 @@ def test_moving_a_row_to_another_tenant_is_refused(world: dict[str, Any]) -> Non
             try:
                 with conn.transaction():
                     set_tenant(conn, TENANT_A)
-                    n = conn.execute(sql.SQL("UPDATE {} SET tenant_id = %s WHERE {}").format(
-                        sql.Identifier(name), cond), [TENANT_B, *params]).rowcount
+                    n = conn.execute(
+                        sql.SQL("UPDATE {} SET tenant_id = %s WHERE {}").format(sql.Identifier(name), cond),
+                        [TENANT_B, *params],
+                    ).rowcount
                 moved.append(f"{name}: {n} row(s)")
             except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ForeignKeyViolation):
                 pass
@@ -229,7 +254,8 @@ def test_definer_functions_are_narrow_and_pinned(world: dict[str, Any]) -> None:
         rows = conn.execute(
             """SELECT p.oid::regprocedure::text, p.prosecdef, p.proconfig, pg_get_userbyid(p.proowner),
                       has_function_privilege('public', p.oid, 'EXECUTE')
-               FROM pg_proc p WHERE p.pronamespace IN ('app'::regnamespace, 'platform'::regnamespace)""").fetchall()
+               FROM pg_proc p WHERE p.pronamespace IN ('app'::regnamespace, 'platform'::regnamespace)"""
+        ).fetchall()
     definers = [r for r in rows if r[1]]
     assert definers, "expected SECURITY DEFINER functions"
     for sig, _, config, owner, public_exec in definers:

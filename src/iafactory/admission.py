@@ -22,6 +22,7 @@ that metrics can read them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -32,7 +33,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from time import monotonic
 from typing import Any, TypeVar
 
@@ -68,6 +69,7 @@ class ClientGone(Exception):
 
 # --- the client, seen from a queued request -------------------------------------------------------
 
+
 class ClientWatch:
     """The request's ASGI `receive`, able to notice a disconnect while the request is queued.
 
@@ -76,7 +78,7 @@ class ClientWatch:
     application, `http.disconnect` marks the client gone and fails whatever it was waiting for.
     """
 
-    __slots__ = ("_receive", "_buffer", "_more", "_task", "_hooks", "_error", "gone")
+    __slots__ = ("_buffer", "_error", "_hooks", "_more", "_receive", "_task", "gone")
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
@@ -115,10 +117,8 @@ class ClientWatch:
         self._hooks.append(hook)
 
         def unhook() -> None:
-            try:
+            with suppress(ValueError):
                 self._hooks.remove(hook)
-            except ValueError:
-                pass
 
         return unhook
 
@@ -148,10 +148,8 @@ class ClientWatch:
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            try:
+            with suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
 
 # The watch of the request being served in this task (None outside a request).
@@ -160,8 +158,9 @@ current_request: contextvars.ContextVar[ClientWatch | None] = contextvars.Contex
 
 # --- gates ------------------------------------------------------------------------------------------
 
+
 class _Waiter:
-    __slots__ = ("key", "future")
+    __slots__ = ("future", "key")
 
     def __init__(self, key: Hashable, future: asyncio.Future[None]) -> None:
         self.key, self.future = key, future
@@ -175,15 +174,23 @@ class Gate:
     have been served with. `lanes` gives some keys (the unauthenticated lane) a cap of their own.
     """
 
-    def __init__(self, name: str, slots: int, *, max_waiting: int, timeout: float, key_slots: int | None = None,
-                 key_waiting: int | None = None, lanes: dict[Hashable, int] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        slots: int,
+        *,
+        max_waiting: int,
+        timeout: float,
+        key_slots: int | None = None,
+        key_waiting: int | None = None,
+        lanes: dict[Hashable, int] | None = None,
+    ) -> None:
         self.name = name
         self.slots = max(1, slots)
         self.max_waiting = max(0, max_waiting)
         self.timeout = timeout
         self.key_slots = max(1, min(key_slots or self.slots, self.slots))
-        self.key_waiting = max(0, min(key_waiting if key_waiting is not None else self.max_waiting,
-                                      self.max_waiting))
+        self.key_waiting = max(0, min(key_waiting if key_waiting is not None else self.max_waiting, self.max_waiting))
         self.lanes = {k: max(1, min(v, self.slots)) for k, v in (lanes or {}).items()}
         self.active = 0
         self._active_by_key: Counter[Hashable] = Counter()
@@ -218,10 +225,19 @@ class Gate:
         return max(1, min(30, math.ceil((len(self._queue) + 1) * self._hold / self.slots)))
 
     def stats(self) -> dict[str, Any]:
-        return {"slots": self.slots, "active": self.active, "waiting": len(self._queue),
-                "max_waiting": self.max_waiting, "admitted": self.admitted, "queued": self.queued,
-                "shed_full": self.shed_full, "shed_timeout": self.shed_timeout, "gone": self.gone,
-                "peak_active": self.peak_active, "peak_waiting": self.peak_waiting}
+        return {
+            "slots": self.slots,
+            "active": self.active,
+            "waiting": len(self._queue),
+            "max_waiting": self.max_waiting,
+            "admitted": self.admitted,
+            "queued": self.queued,
+            "shed_full": self.shed_full,
+            "shed_timeout": self.shed_timeout,
+            "gone": self.gone,
+            "peak_active": self.peak_active,
+            "peak_waiting": self.peak_waiting,
+        }
 
     # -- admission -----------------------------------------------------------------------------
     def _free_for(self, key: Hashable) -> bool:
@@ -297,7 +313,7 @@ class Gate:
             self._dispatch()
 
     @asynccontextmanager
-    async def slot(self, key: Hashable = None):  # noqa: ANN201 - an async context manager
+    async def slot(self, key: Hashable = None):
         await self.acquire(key)
         started = monotonic()
         try:
@@ -356,10 +372,20 @@ class CpuWork:
     the bound on concurrent work (and on argon2's memory) is exact.
     """
 
-    def __init__(self, name: str, threads: int, *, max_waiting: int, timeout: float, key_slots: int | None = None,
-                 key_waiting: int | None = None, nice: int = 10) -> None:
-        self.gate = Gate(name, threads, max_waiting=max_waiting, timeout=timeout, key_slots=key_slots,
-                         key_waiting=key_waiting)
+    def __init__(
+        self,
+        name: str,
+        threads: int,
+        *,
+        max_waiting: int,
+        timeout: float,
+        key_slots: int | None = None,
+        key_waiting: int | None = None,
+        nice: int = 10,
+    ) -> None:
+        self.gate = Gate(
+            name, threads, max_waiting=max_waiting, timeout=timeout, key_slots=key_slots, key_waiting=key_waiting
+        )
         self._nice = nice
         self._executor: ThreadPoolExecutor | None = None
 
@@ -381,8 +407,12 @@ class CpuWork:
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.gate.slots, thread_name_prefix=f"iaf-{self.gate.name}",
-                                                initializer=_lower_priority, initargs=(self._nice,))
+            self._executor = ThreadPoolExecutor(
+                self.gate.slots,
+                thread_name_prefix=f"iaf-{self.gate.name}",
+                initializer=_lower_priority,
+                initargs=(self._nice,),
+            )
         return self._executor
 
     def close(self) -> None:
@@ -393,14 +423,15 @@ class CpuWork:
 
 def _lower_priority(nice: int) -> None:
     if nice > 0 and sys.platform.startswith("linux"):
-        try:
-            # On Linux the nice value belongs to the thread, not the process.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
-        except OSError:  # pragma: no cover - not allowed here: run at normal priority
-            pass
+        # On Linux the nice value belongs to the thread, not the process. Not allowed: normal priority.
+        with contextlib.suppress(OSError):
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+            )
 
 
 # --- the HTTP side ------------------------------------------------------------------------------------
+
 
 class AdmissionMiddleware:
     """Pure ASGI, in front of everything else the application does for a request.
@@ -419,9 +450,16 @@ class AdmissionMiddleware:
 
     EXEMPT = frozenset({"/healthz", "/readyz"})
 
-    def __init__(self, app: ASGIApp, max_in_flight: int, load: LoadControl | None = None, *,
-                 anonymous_paths: frozenset[str] = frozenset(), anonymous_max_in_flight: int | None = None,
-                 credential_max_in_flight: int | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_in_flight: int,
+        load: LoadControl | None = None,
+        *,
+        anonymous_paths: frozenset[str] = frozenset(),
+        anonymous_max_in_flight: int | None = None,
+        credential_max_in_flight: int | None = None,
+    ) -> None:
         self.app = app
         self.max_in_flight = max_in_flight
         self.anonymous_paths = anonymous_paths
@@ -479,9 +517,15 @@ class AdmissionMiddleware:
             await watch.close()
 
     def stats(self) -> dict[str, int]:
-        return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "shed": self.shed,
-                "anonymous_in_flight": self.anonymous_in_flight, "shed_anonymous": self.shed_anonymous,
-                "credentials_in_flight": len(self._by_credential), "shed_credential": self.shed_credential}
+        return {
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "shed": self.shed,
+            "anonymous_in_flight": self.anonymous_in_flight,
+            "shed_anonymous": self.shed_anonymous,
+            "credentials_in_flight": len(self._by_credential),
+            "shed_credential": self.shed_credential,
+        }
 
 
 def _credential(scope: Scope) -> bytes | None:
@@ -492,11 +536,21 @@ def _credential(scope: Scope) -> bytes | None:
 
 
 async def _busy(send: Send, retry_after: int) -> None:
-    body = (f'{{"type":"https://docs.iafactory.ch/problems/busy","title":"Service Unavailable","status":503,'
-            f'"detail":"busy, retry after {retry_after} s"}}').encode()
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/problem+json"), (b"retry-after", str(retry_after).encode()),
-                            (b"content-length", str(len(body)).encode())]})
+    body = (
+        f'{{"type":"https://docs.iafactory.ch/problems/busy","title":"Service Unavailable","status":503,'
+        f'"detail":"busy, retry after {retry_after} s"}}'
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"retry-after", str(retry_after).encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

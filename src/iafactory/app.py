@@ -37,8 +37,9 @@ def api_routers() -> list:
     return [auth_router, tenancy_router, audit_router, *resource_routers()]
 
 
-def create_app(settings: Settings | None = None, database: Database | None = None, *,
-               span_exporter: Any = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, database: Database | None = None, *, span_exporter: Any = None
+) -> FastAPI:
     """`database` lets a caller (tests, benchmarks) own the pool; otherwise the lifespan opens one.
     `span_exporter` turns tracing on with that exporter (tests); otherwise tracing is on when an
     OTLP endpoint is configured."""
@@ -64,8 +65,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             from iafactory.knowledge import worker
             from iafactory.knowledge.embeddings import embedder
 
-            worker_task = asyncio.create_task(worker.run_forever(app.state.db, embedder(settings), stop,
-                                                                 lease_seconds=settings.worker_lease_seconds))
+            worker_task = asyncio.create_task(
+                worker.run_forever(app.state.db, embedder(settings), stop, lease_seconds=settings.worker_lease_seconds)
+            )
         pool_gauges = asyncio.create_task(metrics.refresh_pool_forever(app.state.db))
         try:
             yield
@@ -92,14 +94,15 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     # (under /static-offline-docs), so the interactive docs need no CDN; the pages themselves are
     # iafactory.http.docs (with a policy that keeps them on this origin).
     app = FastAPIOffline(
-        docs_url=None, redoc_url=None,
+        docs_url=None,
+        redoc_url=None,
         title="IAFactory API",
         version="1.0.0",
         description="Multi-tenant backend for IAFactory's AI products. Every request acts for exactly one "
-                    "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.\n\n"
-                    "Sign in with `POST /api/v1/auth/login`, then send `Authorization: Bearer <token>` "
-                    "(or an API key as Bearer or `X-API-Key`). Text and JSON values cannot contain the NUL "
-                    "character (U+0000): PostgreSQL cannot store it, and such requests get 422.",
+        "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.\n\n"
+        "Sign in with `POST /api/v1/auth/login`, then send `Authorization: Bearer <token>` "
+        "(or an API key as Bearer or `X-API-Key`). Text and JSON values cannot contain the NUL "
+        "character (U+0000): PostgreSQL cannot store it, and such requests get 422.",
         lifespan=lifespan,
         # No call to the public online validator either.
         swagger_ui_parameters={"validatorUrl": None},
@@ -108,7 +111,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             400: {"description": "Malformed request body (application/problem+json)"},
             401: {"description": "Missing or invalid credentials (application/problem+json)"},
             402: {"description": "Out of credits (application/problem+json)"},
-            403: {"description": "Not allowed: role, key scope, tenant status or plan limit (application/problem+json)"},
+            403: {
+                "description": "Not allowed: role, key scope, tenant status or plan limit (application/problem+json)"
+            },
             404: {"description": "No such record in this tenant (application/problem+json)"},
             409: {"description": "Conflict with the current state (application/problem+json)"},
             408: {"description": "Request body not received in time (application/problem+json)"},
@@ -131,13 +136,20 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         app.state.tracing = tracing.instrument(app, settings, span_exporter)
     problems.install(app)
     docs.install(app)
-    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_requests_in_flight, load=app.state.load,
-                       anonymous_paths=frozenset({"/api/v1/auth/login", "/api/v1/auth/register"}),
-                       anonymous_max_in_flight=settings.anonymous_max_in_flight,
-                       credential_max_in_flight=settings.credential_max_in_flight)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
-                       span_hook=app.state.tracing.annotate if app.state.tracing else None,
-                       body_timeout=settings.body_timeout_seconds)
+    app.add_middleware(
+        AdmissionMiddleware,
+        max_in_flight=settings.max_requests_in_flight,
+        load=app.state.load,
+        anonymous_paths=frozenset({"/api/v1/auth/login", "/api/v1/auth/register"}),
+        anonymous_max_in_flight=settings.anonymous_max_in_flight,
+        credential_max_in_flight=settings.credential_max_in_flight,
+    )
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        span_hook=app.state.tracing.annotate if app.state.tracing else None,
+        body_timeout=settings.body_timeout_seconds,
+    )
     # Added last, so outermost: the 413/408 answers of the middleware above get the headers too.
     app.add_middleware(SecurityHeadersMiddleware, hsts_max_age=settings.hsts_max_age_seconds)
     for router in api_routers():
@@ -150,9 +162,13 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], operation_id="check_readiness",
-             summary="Every database this process needs answers",
-             responses={503: {"description": "Which one does not answer (application/problem+json)"}})
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        operation_id="check_readiness",
+        summary="Every database this process needs answers",
+        responses={503: {"description": "Which one does not answer (application/problem+json)"}},
+    )
     async def readyz(request: Request) -> Any:
         checks = await readiness(request.app)
         failed = {name: reason for name, reason in checks.items() if reason != "ok"}
@@ -167,16 +183,27 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
 def load_control(settings: Settings) -> LoadControl:
     """The CPU-heavy work's own bounded thread pools (the database's gate belongs to its pool)."""
     timeout = settings.queue_timeout_seconds
-    hashing = CpuWork("hashing", settings.password_hash_concurrency, max_waiting=settings.password_hash_max_waiting,
-                      timeout=timeout, nice=settings.cpu_work_nice)
-    embedding = CpuWork("embedding", settings.embedding_concurrency, max_waiting=settings.embedding_max_waiting,
-                        timeout=timeout, key_slots=max(1, settings.embedding_concurrency // 2),
-                        key_waiting=max(1, settings.embedding_max_waiting // 4), nice=settings.cpu_work_nice)
+    hashing = CpuWork(
+        "hashing",
+        settings.password_hash_concurrency,
+        max_waiting=settings.password_hash_max_waiting,
+        timeout=timeout,
+        nice=settings.cpu_work_nice,
+    )
+    embedding = CpuWork(
+        "embedding",
+        settings.embedding_concurrency,
+        max_waiting=settings.embedding_max_waiting,
+        timeout=timeout,
+        key_slots=max(1, settings.embedding_concurrency // 2),
+        key_waiting=max(1, settings.embedding_max_waiting // 4),
+        nice=settings.cpu_work_nice,
+    )
     return LoadControl(hashing, embedding)
 
 
 async def readiness(app: FastAPI) -> dict[str, str]:
-    """"ok" or why not, for each thing this process cannot serve without: the application's
+    """ "ok" or why not, for each thing this process cannot serve without: the application's
     database (its pool), and Redis when rate limits are counted there. Within the readyz timeout."""
     settings: Settings = app.state.settings
     checks: dict[str, str] = {}

@@ -42,6 +42,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 def print_error(message: str) -> None:
     err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
+
 T = TypeVar("T")
 
 

@@ -20,11 +20,13 @@ from iafactory.jsonvalues import JsonLimits
 
 # The built-in defaults of earlier versions. They are public (they were in this repository), so
 # they are refused wherever they turn up.
-KNOWN_DEV_SECRETS = frozenset({
-    "dev-only-secret-change-me-in-production-0123456789",
-    "dev-only-api-key-secret-change-me-0123456789",
-    "iafactory-app-dev-password",
-})
+KNOWN_DEV_SECRETS = frozenset(
+    {
+        "dev-only-secret-change-me-in-production-0123456789",
+        "dev-only-api-key-secret-change-me-0123456789",
+        "iafactory-app-dev-password",
+    }
+)
 # Signing and HMAC keys can be attacked offline: 32 bytes at least. The database password is only
 # guessable online, against a server that logs failures: 16 characters at least.
 MIN_KEY_BYTES = 32
@@ -146,7 +148,8 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = Field(default=None, min_length=16)
     # Tracing (needs the `otel` extra). The standard OTEL_EXPORTER_OTLP_ENDPOINT works too.
     otlp_endpoint: str | None = Field(
-        default=None, validation_alias=AliasChoices("IAFACTORY_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"))
+        default=None, validation_alias=AliasChoices("IAFACTORY_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
 
     # Every free-form JSON field of a request (metadata, settings, inputs...): refused with 422
     # beyond these (iafactory.jsonvalues).
@@ -190,8 +193,13 @@ class Settings(BaseSettings):
 
     @property
     def json_limits(self) -> JsonLimits:
-        return JsonLimits(depth=self.json_max_depth, nbytes=self.json_max_bytes, keys=self.json_max_keys,
-                          items=self.json_max_items, string=self.json_max_string)
+        return JsonLimits(
+            depth=self.json_max_depth,
+            nbytes=self.json_max_bytes,
+            keys=self.json_max_keys,
+            items=self.json_max_items,
+            string=self.json_max_string,
+        )
 
     @property
     def generated_secrets(self) -> frozenset[str]:
@@ -203,7 +211,6 @@ class Settings(BaseSettings):
         if value is None:
             raise ConfigError(f"{env_name(field)} is not set ({SECRET_HINT})")
         return value.get_secret_value()
-
 
 
 def is_loopback(host: str) -> bool:
@@ -250,11 +257,15 @@ def serving_problems(settings: Settings, host: str) -> list[str]:
         if problem:
             problems.append(problem)
         elif settings.jwt_previous_secret_expires_at is None:
-            problems.append(f"{env_name('jwt_previous_secret_expires_at')} is not set: how long the previous key "
-                            "stays valid, e.g. 2027-01-31T12:00:00Z (at least the token lifetime after rotating)")
+            problems.append(
+                f"{env_name('jwt_previous_secret_expires_at')} is not set: how long the previous key "
+                "stays valid, e.g. 2027-01-31T12:00:00Z (at least the token lifetime after rotating)"
+            )
     if settings.access_token_ttl_seconds > settings.jwt_max_token_lifetime_seconds:
-        problems.append(f"{env_name('access_token_ttl_seconds')} exceeds "
-                        f"{env_name('jwt_max_token_lifetime_seconds')}: the tokens issued would be refused")
+        problems.append(
+            f"{env_name('access_token_ttl_seconds')} exceeds "
+            f"{env_name('jwt_max_token_lifetime_seconds')}: the tokens issued would be refused"
+        )
     if external:
         problem = app_db_password_problem(settings)
         if problem:

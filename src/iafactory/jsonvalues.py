@@ -23,11 +23,11 @@ _END = object()
 
 @dataclass(frozen=True)
 class JsonLimits:
-    depth: int = 32          # nested objects and arrays; {"a": 1} is depth 1
-    nbytes: int = 65_536     # UTF-8 bytes of the compact JSON text
-    keys: int = 1_000        # keys in one object
-    items: int = 10_000      # items in one array
-    string: int = 32_768     # characters in one string (keys included)
+    depth: int = 32  # nested objects and arrays; {"a": 1} is depth 1
+    nbytes: int = 65_536  # UTF-8 bytes of the compact JSON text
+    keys: int = 1_000  # keys in one object
+    items: int = 10_000  # items in one array
+    string: int = 32_768  # characters in one string (keys included)
 
 
 def _where(trail: Any) -> str:
@@ -92,6 +92,7 @@ def check(value: Any, limits: JsonLimits) -> None:
 
 # --- Encoding -------------------------------------------------------------------------------------
 
+
 def _scalar(value: Any) -> str:
     if value is None:
         return "null"
@@ -155,6 +156,8 @@ def _skip_ws(text: str, i: int) -> int:
     match = _WHITESPACE.match(text, i)
     assert match is not None
     return match.end()
+
+
 _NUMBER = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?")
 _LITERALS = {"true": True, "false": False, "null": None}
 
@@ -174,11 +177,11 @@ def _loads_iteratively(text: str) -> Any:
     stack: list[list[Any]] = []  # [container, pending key]
     while True:
         # Read one value at i; a container is opened (pushed) and filled by the loop below.
-        ch = text[i:i + 1]
+        ch = text[i : i + 1]
         value: Any = _END
         if ch == "{":
             i = _skip_ws(text, i + 1)
-            if text[i:i + 1] == "}":
+            if text[i : i + 1] == "}":
                 value, i = {}, i + 1
             else:
                 key, i = _key(text, i)
@@ -186,7 +189,7 @@ def _loads_iteratively(text: str) -> Any:
                 continue
         elif ch == "[":
             i = _skip_ws(text, i + 1)
-            if text[i:i + 1] == "]":
+            if text[i : i + 1] == "]":
                 value, i = [], i + 1
             else:
                 stack.append([[], None])
@@ -207,7 +210,7 @@ def _loads_iteratively(text: str) -> Any:
         # A complete value: put it in its container; close the containers it completes.
         while True:
             if not stack:
-                if text[_skip_ws(text, i):].strip():
+                if text[_skip_ws(text, i) :].strip():
                     raise ValueError(f"extra data after JSON at character {i}")
                 return value
             container, key = stack[-1]
@@ -216,7 +219,7 @@ def _loads_iteratively(text: str) -> Any:
             else:
                 container.append(value)
             i = _skip_ws(text, i)
-            ch = text[i:i + 1]
+            ch = text[i : i + 1]
             if ch == ",":
                 i = _skip_ws(text, i + 1)
                 if isinstance(container, dict):
@@ -230,10 +233,10 @@ def _loads_iteratively(text: str) -> Any:
 
 def _key(text: str, i: int) -> tuple[str, int]:
     """An object's key and the position after its colon (and the whitespace after it)."""
-    if text[i:i + 1] != '"':
+    if text[i : i + 1] != '"':
         raise ValueError(f"invalid JSON at character {i}: expected a key")
     key, i = scanstring(text, i + 1)
     i = _skip_ws(text, i)
-    if text[i:i + 1] != ":":
+    if text[i : i + 1] != ":":
         raise ValueError(f"invalid JSON at character {i}: expected ':'")
     return key, _skip_ws(text, i + 1)

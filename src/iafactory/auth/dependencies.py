@@ -73,13 +73,19 @@ def unauthorized(detail: str) -> Problem:
 # OpenAPI document says which it accepts (Swagger UI's Authorize button sends them). They never
 # refuse by themselves (auto_error=False): `_credential` words the 401.
 bearer_scheme = HTTPBearer(
-    auto_error=False, scheme_name="bearerAuth", bearerFormat="JWT",
+    auto_error=False,
+    scheme_name="bearerAuth",
+    bearerFormat="JWT",
     description="A token from POST /api/v1/auth/login (or /auth/select-tenant). Where an operation also "
-                "lists apiKeyAuth, an API key (iaf_live_...) is accepted here too.")
+    "lists apiKeyAuth, an API key (iaf_live_...) is accepted here too.",
+)
 api_key_scheme = APIKeyHeader(
-    name="X-API-Key", auto_error=False, scheme_name="apiKeyAuth",
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="apiKeyAuth",
     description="An API key (iaf_live_...) from POST /api/v1/api-keys; it acts for its tenant as a viewer "
-                "(read scope) or a member (write scope).")
+    "(read scope) or a member (write scope).",
+)
 
 BearerCredential = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 ApiKeyCredential = Annotated[str | None, Depends(api_key_scheme)]
@@ -121,8 +127,7 @@ async def _principal_from_key(request: Request, key: str) -> Principal:
         raise unauthorized("API key has been revoked")
     if row["expires_at"] is not None and row["expires_at"].timestamp() <= time.time():
         raise unauthorized("API key has expired")
-    return Principal(user_id=None, tenant_id=row["tenant_id"], role=None, api_key_id=row["id"],
-                     key_scope=row["scope"])
+    return Principal(user_id=None, tenant_id=row["tenant_id"], role=None, api_key_id=row["id"], key_scope=row["scope"])
 
 
 async def _principal(request: Request, bearer: HTTPAuthorizationCredentials | None, api_key: str | None) -> Principal:
@@ -163,17 +168,25 @@ KEY_ROLES = frozenset({"viewer", "member"})
 def tenant_context(request: Request, who: Principal) -> TenantContext:
     """The tenant the credential acts for (403 when a user token has none selected)."""
     if who.tenant_id is None:
-        raise Problem(403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first",
-                      type_="tenant-required")
+        raise Problem(
+            403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first", type_="tenant-required"
+        )
     request.state.tenant_id = str(who.tenant_id)
-    return TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id,
-                         role=who.role if who.role in ROLE_RANK else None, key_scope=who.key_scope,
-                         client_ip=client_ip(request), request_id=getattr(request.state, "request_id", None))
+    return TenantContext(
+        tenant_id=who.tenant_id,
+        user_id=who.user_id,
+        api_key_id=who.api_key_id,
+        role=who.role if who.role in ROLE_RANK else None,
+        key_scope=who.key_scope,
+        client_ip=client_ip(request),
+        request_id=getattr(request.state, "request_id", None),
+    )
 
 
 @asynccontextmanager
-async def open_tenant_session(request: Request, who: Principal, ctx: TenantContext, min_role: str,
-                              read_only: bool, *, count: bool = True) -> AsyncIterator[TenantSession]:
+async def open_tenant_session(
+    request: Request, who: Principal, ctx: TenantContext, min_role: str, read_only: bool, *, count: bool = True
+) -> AsyncIterator[TenantSession]:
     """The tenant transaction itself, gated on `min_role` and (unless `count` is False: a second
     transaction of the same request) counted by the rate limiter. For a handler that must do slow
     work between transactions (a search embeds its query)."""
@@ -196,8 +209,9 @@ def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):
     if min_role not in ROLE_RANK:
         raise ValueError(min_role)
 
-    async def key_or_token(request: Request, bearer: BearerCredential,
-                           api_key: ApiKeyCredential) -> AsyncIterator[TenantSession]:
+    async def key_or_token(
+        request: Request, bearer: BearerCredential, api_key: ApiKeyCredential
+    ) -> AsyncIterator[TenantSession]:
         who = await _principal(request, bearer, api_key)
         async with _tenant_scope(request, who, min_role, read_only) as session:
             yield session
@@ -211,8 +225,9 @@ def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):
 
 
 @asynccontextmanager
-async def _tenant_scope(request: Request, who: Principal, min_role: str,
-                        read_only: bool | None) -> AsyncIterator[TenantSession]:
+async def _tenant_scope(
+    request: Request, who: Principal, min_role: str, read_only: bool | None
+) -> AsyncIterator[TenantSession]:
     # A context manager (not a nested generator) so that an error in the handler reaches
     # db.tenant() and rolls the transaction back.
     ctx = tenant_context(request, who)
@@ -225,8 +240,12 @@ async def _user_session(request: Request, who: UserPrincipal) -> AsyncIterator[t
     if who.user_id is None:
         raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
     db: Database = request.app.state.db
-    async with db.anonymous(user_id=who.user_id, read_only=request.method in READ_METHODS,
-                            client_ip=client_ip(request), request_id=getattr(request.state, "request_id", None)) as tx:
+    async with db.anonymous(
+        user_id=who.user_id,
+        read_only=request.method in READ_METHODS,
+        client_ip=client_ip(request),
+        request_id=getattr(request.state, "request_id", None),
+    ) as tx:
         yield tx, who
 
 

@@ -31,16 +31,18 @@ async def hash_password(settings: Settings, password: str, cpu: CpuWork | None =
     return await anyio.to_thread.run_sync(hasher(settings).hash, password)
 
 
-async def verify_password(settings: Settings, stored_hash: str | None, password: str,
-                          cpu: CpuWork | None = None) -> bool:
+async def verify_password(
+    settings: Settings, stored_hash: str | None, password: str, cpu: CpuWork | None = None
+) -> bool:
     """False for a wrong password or a missing hash. An unknown email is checked against a dummy
     hash, so that timing does not tell which emails have accounts."""
     ph = hasher(settings)
 
     def check() -> bool:
         # The dummy hash is made here, in the thread, the first time it is needed.
-        target = stored_hash or _dummy_hash(settings.argon2_time_cost, settings.argon2_memory_cost_kib,
-                                            settings.argon2_parallelism)
+        target = stored_hash or _dummy_hash(
+            settings.argon2_time_cost, settings.argon2_memory_cost_kib, settings.argon2_parallelism
+        )
         try:
             return ph.verify(target, password)
         except (VerificationError, InvalidHashError):

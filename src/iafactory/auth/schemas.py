@@ -43,8 +43,10 @@ class Membership(BaseModel):
 
 
 class MyTenant(Membership):
-    current: bool = Field(description="True for the tenant this credential acts for (the selected tenant of "
-                                      "a token, the tenant of an API key).")
+    current: bool = Field(
+        description="True for the tenant this credential acts for (the selected tenant of "
+        "a token, the tenant of an API key)."
+    )
 
 
 class TokenOut(BaseModel):
@@ -68,8 +70,10 @@ class MeOut(BaseModel):
     tenant: Membership | None
     role: Role | None
     api_key_id: UUID | None = None
-    tenants: list[MyTenant] = Field(default=[], description="Every tenant of the caller, with their role there; "
-                                    "an API key has exactly one, its own.")
+    tenants: list[MyTenant] = Field(
+        default=[],
+        description="Every tenant of the caller, with their role there; an API key has exactly one, its own.",
+    )
 
 
 class ApiKeyCreate(Strict):
@@ -98,6 +102,8 @@ class ApiKeyOut(BaseModel):
 
 
 class ApiKeyCreated(ApiKeyOut):
-    key: str | None = Field(description="The secret key. Shown once: store it now. null when this answer is "
-                                        "replayed for a retried Idempotency-Key: the secret is never stored, so "
-                                        "revoke that key and create another.")
+    key: str | None = Field(
+        description="The secret key. Shown once: store it now. null when this answer is "
+        "replayed for a retried Idempotency-Key: the secret is never stored, so "
+        "revoke that key and create another."
+    )

@@ -35,12 +35,12 @@ async def register(db: Database, settings: Settings, cpu: CpuWork, data: Registe
         except psycopg.errors.UniqueViolation as err:
             raise Problem(409, "Conflict", "an account with this email already exists", type_="conflict") from err
         created_at = await tx.fetchval("SELECT now()")
-    return {"id": user_id, "email": data.email, "name": data.name, "is_platform_admin": False,
-            "created_at": created_at}
+    return {"id": user_id, "email": data.email, "name": data.name, "is_platform_admin": False, "created_at": created_at}
 
 
-async def sign_in(db: Database, settings: Settings, cpu: CpuWork, data: LoginIn, *, ip: str | None,
-                  request_id: str | None) -> tuple[dict[str, Any], list[Membership], Membership | None]:
+async def sign_in(
+    db: Database, settings: Settings, cpu: CpuWork, data: LoginIn, *, ip: str | None, request_id: str | None
+) -> tuple[dict[str, Any], list[Membership], Membership | None]:
     """The user, their tenants, and the tenant selected for them (when they have exactly one)."""
     cpu.gate.check_room(ANONYMOUS)  # a full hashing queue: refuse before reading anything
     async with db.anonymous(read_only=True) as tx:
@@ -59,21 +59,33 @@ async def sign_in(db: Database, settings: Settings, cpu: CpuWork, data: LoginIn,
         selected = open_tenants[0] if len(tenants) == 1 and open_tenants else None
         # Every tenant this sign-in can reach records it.
         for tenant in tenants[:50]:
-            await audit.record(tx, tenant.id, "auth.login", user_id=row["user_id"],
-                               details={"selected": selected is not None and selected.id == tenant.id},
-                               ip=ip, request_id=request_id)
+            await audit.record(
+                tx,
+                tenant.id,
+                "auth.login",
+                user_id=row["user_id"],
+                details={"selected": selected is not None and selected.id == tenant.id},
+                ip=ip,
+                request_id=request_id,
+            )
     return row, tenants, selected
 
 
 async def memberships(tx: Transaction, user_id: int) -> list[Membership]:
     rows = await tx.fetch("SELECT * FROM app.user_memberships(%s)", (user_id,))
-    return [Membership(id=r["tenant_id"], slug=r["slug"], name=r["name"], role=r["role"], status=r["status"])
-            for r in rows]
+    return [
+        Membership(id=r["tenant_id"], slug=r["slug"], name=r["name"], role=r["role"], status=r["status"]) for r in rows
+    ]
 
 
 def token_for(settings: Settings, user_id: int, tenant: Membership | None, platform_admin: bool) -> tuple[str, int]:
-    return tokens.issue(settings, user_id, tenant_id=tenant.id if tenant else None,
-                        role=tenant.role if tenant else None, platform_admin=platform_admin)
+    return tokens.issue(
+        settings,
+        user_id,
+        tenant_id=tenant.id if tenant else None,
+        role=tenant.role if tenant else None,
+        platform_admin=platform_admin,
+    )
 
 
 def choose(tenants: list[Membership], wanted: str) -> Membership:
@@ -90,26 +102,33 @@ def choose(tenants: list[Membership], wanted: str) -> Membership:
     raise Problem(403, "Forbidden", "you are not a member of this tenant", type_="not-a-member")
 
 
-async def create_key(tx: Transaction, settings: Settings, tenant_id: UUID, user_id: int | None,
-                     data: ApiKeyCreate) -> dict[str, Any]:
+async def create_key(
+    tx: Transaction, settings: Settings, tenant_id: UUID, user_id: int | None, data: ApiKeyCreate
+) -> dict[str, Any]:
     key, prefix = api_keys.generate(settings)
     row = await tx.fetchrow(
         f"""INSERT INTO api_keys (tenant_id, name, prefix, key_hash, scope, created_by, expires_at)
             VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {KEY_COLUMNS}""",
-        (tenant_id, data.name, prefix, api_keys.digest(settings, key), data.scope, user_id, data.expires_at))
+        (tenant_id, data.name, prefix, api_keys.digest(settings, key), data.scope, user_id, data.expires_at),
+    )
     assert row is not None
     return {**row, "key": key}
 
 
 async def list_keys(tx: Transaction, tenant_id: UUID) -> list[dict[str, Any]]:
     return await tx.fetch(
-        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s ORDER BY created_at DESC, id DESC", (tenant_id,))
+        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s ORDER BY created_at DESC, id DESC", (tenant_id,)
+    )
 
 
 async def revoke_key(tx: Transaction, tenant_id: UUID, key_id: UUID) -> bool:
-    return await tx.execute(
-        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = %s AND id = %s",
-        (tenant_id, key_id)) > 0
+    return (
+        await tx.execute(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = %s AND id = %s",
+            (tenant_id, key_id),
+        )
+        > 0
+    )
 
 
 async def whoami(db: Database, who: Principal) -> MeOut:
@@ -126,19 +145,22 @@ async def whoami(db: Database, who: Principal) -> MeOut:
         tenant = await tx.fetchrow("SELECT id, slug, name, status FROM tenants WHERE id = %s", (who.tenant_id,))
         if who.user_id is not None:
             user = await tx.fetchrow(user_sql, (who.user_id,))
-            role = await tx.fetchval("SELECT role FROM tenant_users WHERE tenant_id = %s AND user_id = %s",
-                                     (who.tenant_id, who.user_id))
+            role = await tx.fetchval(
+                "SELECT role FROM tenant_users WHERE tenant_id = %s AND user_id = %s", (who.tenant_id, who.user_id)
+            )
             tenants = await memberships(tx, who.user_id)
         else:
             user, role = None, "member" if who.key_scope == "write" else "viewer"
             tenants = []
     assert tenant is not None  # the gate refused otherwise
-    membership = Membership(id=tenant["id"], slug=tenant["slug"], name=tenant["name"], role=role,
-                            status=tenant["status"])
+    membership = Membership(
+        id=tenant["id"], slug=tenant["slug"], name=tenant["name"], role=role, status=tenant["status"]
+    )
     if who.user_id is None:
         tenants = [membership]  # an API key belongs to exactly one tenant
-    return MeOut(user=user, tenant=membership, role=role, api_key_id=who.api_key_id,
-                 tenants=_marked(tenants, who.tenant_id))
+    return MeOut(
+        user=user, tenant=membership, role=role, api_key_id=who.api_key_id, tenants=_marked(tenants, who.tenant_id)
+    )
 
 
 def _marked(tenants: list[Membership], current: UUID | None) -> list[MyTenant]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from iafactory.config import SECRET_HINT, ConfigError, Settings, app_db_password_problem
 from iafactory.db import migrate, roles, server
-from iafactory.db.scope import Conn, Database, PoolLimits, admin_connect
+from iafactory.db.scope import Conn, Database, PoolLimits
 
 
 async def migrate_and_prepare(

@@ -48,15 +48,17 @@ async def tenant_tables(conn: Conn) -> dict[str, TenantTable]:
 
 
 async def _references_tenant_table(conn: Conn, table: str) -> bool:
-    row = await (await conn.execute(
-        """SELECT EXISTS (
+    row = await (
+        await conn.execute(
+            """SELECT EXISTS (
                SELECT 1 FROM pg_constraint k
                JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY (k.conkey)
                JOIN pg_attribute fa ON fa.attrelid = k.confrelid AND fa.attnum = ANY (k.confkey)
                WHERE k.conrelid = %s::regclass AND k.contype = 'f'
                  AND a.attname = 'tenant_id' AND fa.attname = 'tenant_id') AS e""",
-        (f"public.{table}",),
-    )).fetchone()
+            (f"public.{table}",),
+        )
+    ).fetchone()
     assert row is not None
     return bool(row["e"])
 

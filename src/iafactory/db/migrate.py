@@ -160,8 +160,14 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         if version in migrations:
             raise MigrationError(f"{path.name}: version {version} is used twice ({migrations[version].filename})")
         data = path.read_bytes()
-        migrations[version] = Migration(version, name, path, data.decode("utf-8"), hashlib.sha256(data).hexdigest(),
-                                        tuple(superseded.pop(version, ())))
+        migrations[version] = Migration(
+            version,
+            name,
+            path,
+            data.decode("utf-8"),
+            hashlib.sha256(data).hexdigest(),
+            tuple(superseded.pop(version, ())),
+        )
     if superseded:
         raise MigrationError(f"{SUPERSEDED_FILE} names migration(s) with no file: {', '.join(sorted(superseded))}")
     return [migrations[v] for v in sorted(migrations)]

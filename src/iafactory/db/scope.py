@@ -104,8 +104,9 @@ def _inline(conn: Conn, query: str, params: Params) -> str:
 class Transaction:
     """One transaction (or, read-only, a series of one-message transactions) as one tenant."""
 
-    def __init__(self, conn: Conn, prelude: list[str], *, read_only: bool, must_send: bool = False,
-                 before: str | None = None) -> None:
+    def __init__(
+        self, conn: Conn, prelude: list[str], *, read_only: bool, must_send: bool = False, before: str | None = None
+    ) -> None:
         self._conn = conn
         self._prelude = prelude
         # Runs once, in its own transaction, at the head of the first message (e.g. the rate-limit
@@ -119,15 +120,17 @@ class Transaction:
         self._closed = False  # committed by a statement sent with last=True
 
     # -- public API ----------------------------------------------------------------------------
-    async def fetch(self, query: str | sql.Composable, params: Params = None, *, last: bool = False
-                    ) -> list[dict[str, Any]]:
+    async def fetch(
+        self, query: str | sql.Composable, params: Params = None, *, last: bool = False
+    ) -> list[dict[str, Any]]:
         """`last=True`: this is the transaction's last statement, so COMMIT travels in the same
         message (a single-statement write costs one round trip, like a read)."""
         cur = await self._run(query, params, last=last)
         return await cur.fetchall()
 
-    async def fetchrow(self, query: str | sql.Composable, params: Params = None, *, last: bool = False
-                       ) -> dict[str, Any] | None:
+    async def fetchrow(
+        self, query: str | sql.Composable, params: Params = None, *, last: bool = False
+    ) -> dict[str, Any] | None:
         cur = await self._run(query, params, last=last)
         return await cur.fetchone()
 
@@ -155,8 +158,9 @@ class Transaction:
         return self._conn
 
     # -- internals -----------------------------------------------------------------------------
-    async def _run(self, query: str | sql.Composable, params: Params, *, last: bool = False
-                   ) -> psycopg.AsyncCursor[dict[str, Any]]:
+    async def _run(
+        self, query: str | sql.Composable, params: Params, *, last: bool = False
+    ) -> psycopg.AsyncCursor[dict[str, Any]]:
         if self._closed:
             raise psycopg.ProgrammingError("this transaction was committed by a statement marked last=True")
         text = _render(self._conn, query)
@@ -206,15 +210,19 @@ class Transaction:
     async def _exists(self, name: str) -> bool:
         if self._conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             await self._conn.execute("ROLLBACK")
-        row = await (await self._conn.execute(
-            "SELECT 1 AS x FROM pg_prepared_statements WHERE name = %s", (name,), prepare=False)).fetchone()
+        row = await (
+            await self._conn.execute(
+                "SELECT 1 AS x FROM pg_prepared_statements WHERE name = %s", (name,), prepare=False
+            )
+        ).fetchone()
         return row is not None
 
     async def _finish(self, ok: bool) -> None:
         if ok and self._must_send and not self._sent:
             # Nothing ran: still run the gate (e.g. the membership check) before answering.
-            await self._conn.execute(";\n".join([*self._before, "BEGIN READ ONLY", *self._prelude, "COMMIT"]),
-                                     prepare=False)
+            await self._conn.execute(
+                ";\n".join([*self._before, "BEGIN READ ONLY", *self._prelude, "COMMIT"]), prepare=False
+            )
             self._sent = True
             return
         status = self._conn.info.transaction_status
@@ -223,9 +231,13 @@ class Transaction:
         await self._conn.execute("COMMIT" if ok and status == psycopg.pq.TransactionStatus.INTRANS else "ROLLBACK")
 
 
-def _tenant_prelude(conn: Conn, ctx: TenantContext | None, gate: tuple[str, Params] | None,
-                    user_id: int | None = None, request: tuple[str | None, str | None] = (None, None)
-                    ) -> list[str]:
+def _tenant_prelude(
+    conn: Conn,
+    ctx: TenantContext | None,
+    gate: tuple[str, Params] | None,
+    user_id: int | None = None,
+    request: tuple[str | None, str | None] = (None, None),
+) -> list[str]:
     statements: list[str] = []
     if ctx is None:
         if user_id is not None:
@@ -258,13 +270,32 @@ class _Scope:
     """Async context manager for one scope: a pooled (or given) connection and its Transaction.
     A plain class rather than nested generators: this sits on every request's hot path."""
 
-    __slots__ = ("_db", "_conn", "_ctx", "_gate", "_read_only", "_tx", "_user_id", "_before", "_lane", "_since",
-                 "_request")
+    __slots__ = (
+        "_before",
+        "_conn",
+        "_ctx",
+        "_db",
+        "_gate",
+        "_lane",
+        "_read_only",
+        "_request",
+        "_since",
+        "_tx",
+        "_user_id",
+    )
 
-    def __init__(self, db: Database | None, conn: Conn | None, ctx: TenantContext | None,
-                 gate: tuple[str, Params] | None, read_only: bool, user_id: int | None = None,
-                 before: tuple[str, Params] | None = None, lane: Hashable = ANONYMOUS,
-                 request: tuple[str | None, str | None] = (None, None)) -> None:
+    def __init__(
+        self,
+        db: Database | None,
+        conn: Conn | None,
+        ctx: TenantContext | None,
+        gate: tuple[str, Params] | None,
+        read_only: bool,
+        user_id: int | None = None,
+        before: tuple[str, Params] | None = None,
+        lane: Hashable = ANONYMOUS,
+        request: tuple[str | None, str | None] = (None, None),
+    ) -> None:
         self._db, self._conn, self._ctx, self._gate, self._read_only = db, conn, ctx, gate, read_only
         self._user_id = user_id
         self._before = before
@@ -279,10 +310,13 @@ class _Scope:
             self._since = monotonic()
         assert self._conn is not None
         try:
-            self._tx = Transaction(self._conn, _tenant_prelude(self._conn, self._ctx, self._gate, self._user_id,
-                                                               self._request),
-                                   read_only=self._read_only, must_send=self._gate is not None,
-                                   before=_inline(self._conn, *self._before) if self._before else None)
+            self._tx = Transaction(
+                self._conn,
+                _tenant_prelude(self._conn, self._ctx, self._gate, self._user_id, self._request),
+                read_only=self._read_only,
+                must_send=self._gate is not None,
+                before=_inline(self._conn, *self._before) if self._before else None,
+            )
         except BaseException:
             await self._release()
             raise
@@ -416,16 +450,28 @@ class Database:
     """Owns the application pool, its admission gate and health, and hands out the tenant and
     anonymous scopes."""
 
-    def __init__(self, app_conninfo: str, admin_conninfo: str, *, min_size: int = 2, max_size: int = 10,
-                 limits: PoolLimits | None = None) -> None:
+    def __init__(
+        self,
+        app_conninfo: str,
+        admin_conninfo: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        limits: PoolLimits | None = None,
+    ) -> None:
         self.app_conninfo = app_conninfo
         self.admin_conninfo = admin_conninfo
         self.limits = limits = limits or PoolLimits()
         anonymous = limits.anonymous_slots or max(1, max_size // 4)
-        self.gate = Gate("database", max_size, max_waiting=limits.max_waiting, timeout=limits.queue_timeout,
-                         key_slots=limits.tenant_slots or max(1, max_size // 2),
-                         key_waiting=limits.tenant_waiting or max(1, limits.max_waiting // 4),
-                         lanes={ANONYMOUS: anonymous, CREDENTIALS: anonymous})
+        self.gate = Gate(
+            "database",
+            max_size,
+            max_waiting=limits.max_waiting,
+            timeout=limits.queue_timeout,
+            key_slots=limits.tenant_slots or max(1, max_size // 2),
+            key_waiting=limits.tenant_waiting or max(1, limits.max_waiting // 4),
+            lanes={ANONYMOUS: anonymous, CREDENTIALS: anonymous},
+        )
         self.health = _Health(self)
         self.checked_out = 0  # connections out of the pool right now
         self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
@@ -435,8 +481,12 @@ class Database:
             max_size=max_size,
             # Statements are prepared by this module (PREPARE/EXECUTE); psycopg's own cache would
             # answer a ROLLBACK with DEALLOCATE ALL and drop ours.
-            kwargs={"autocommit": True, "row_factory": dict_row, "prepare_threshold": None,
-                    "connect_timeout": limits.connect_timeout},
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "prepare_threshold": None,
+                "connect_timeout": limits.connect_timeout,
+            },
             open=False,
             name="iafactory-app",
             timeout=limits.queue_timeout,
@@ -466,7 +516,11 @@ class Database:
         await self.close()
 
     def tenant(
-        self, ctx: TenantContext, *, read_only: bool = False, gate: tuple[str, Params] | None = None,
+        self,
+        ctx: TenantContext,
+        *,
+        read_only: bool = False,
+        gate: tuple[str, Params] | None = None,
         before: tuple[str, Params] | None = None,
     ) -> AbstractAsyncContextManager[Transaction]:
         """A transaction as `ctx.tenant_id`.
@@ -489,7 +543,8 @@ class Database:
         while not stop.is_set():
             try:
                 async with await psycopg.AsyncConnection.connect(
-                        self.app_conninfo, autocommit=True, connect_timeout=self.limits.connect_timeout) as conn:
+                    self.app_conninfo, autocommit=True, connect_timeout=self.limits.connect_timeout
+                ) as conn:
                     await conn.execute(f"LISTEN {channel}")
                     async for _ in conn.notifies():
                         wake.set()
@@ -499,9 +554,15 @@ class Database:
                 wake.set()  # fall back to polling until the database is back
                 await asyncio.sleep(1.0)
 
-    def anonymous(self, *, user_id: int | None = None, read_only: bool = False, lane: Hashable | None = None,
-                  client_ip: str | None = None, request_id: str | None = None
-                  ) -> AbstractAsyncContextManager[Transaction]:
+    def anonymous(
+        self,
+        *,
+        user_id: int | None = None,
+        read_only: bool = False,
+        lane: Hashable | None = None,
+        client_ip: str | None = None,
+        request_id: str | None = None,
+    ) -> AbstractAsyncContextManager[Transaction]:
         """A transaction with no tenant: only the pre-tenant definer functions see anything.
         `user_id` (a verified user) lets a user read their own row and the platform functions
         check that they are a platform administrator. `lane`: whose share of the pool it uses
@@ -510,8 +571,9 @@ class Database:
         grants), as in a tenant scope."""
         if lane is None:
             lane = ("user", int(user_id)) if user_id is not None else ANONYMOUS
-        return _Scope(self, None, None, None, read_only, user_id, lane=lane,
-                      request=request_metadata(client_ip, request_id))
+        return _Scope(
+            self, None, None, None, read_only, user_id, lane=lane, request=request_metadata(client_ip, request_id)
+        )
 
     # -- connections, load and health ---------------------------------------------------------
     async def _checkout(self, lane: Hashable) -> Conn:
@@ -547,8 +609,9 @@ class Database:
     async def _probe(self) -> str | None:
         try:
             async with asyncio.timeout(self.limits.probe_timeout):
-                conn = await psycopg.AsyncConnection.connect(self.app_conninfo, autocommit=True,
-                                                             connect_timeout=self.limits.connect_timeout)
+                conn = await psycopg.AsyncConnection.connect(
+                    self.app_conninfo, autocommit=True, connect_timeout=self.limits.connect_timeout
+                )
                 try:
                     await conn.execute("SELECT 1")
                 finally:
@@ -562,7 +625,7 @@ class Database:
         """After an outage: drop the idle connections that broke, open new ones now."""
         try:
             await self._pool.check()
-        except Exception:  # noqa: BLE001 - the next request finds out anyway
+        except Exception:
             log.exception("pool check after an outage failed")
 
     async def check(self, timeout: float) -> str | None:
@@ -579,17 +642,26 @@ class Database:
     def load_stats(self) -> dict[str, Any]:
         """For metrics: the admission gate, the pool, and whether the database answers."""
         pool = self._pool.get_stats()
-        return {"gate": self.gate.stats(), "checked_out": self.checked_out,
-                "pool": {"size": pool.get("pool_size", 0), "available": pool.get("pool_available", 0),
-                         "max": pool.get("pool_max", 0), "connections_errors": pool.get("connections_errors", 0),
-                         "connections_lost": pool.get("connections_lost", 0)},
-                "up": not self.health.down, "reason": self.health.reason if self.health.down else None,
-                "outages": self.health.outages}
+        return {
+            "gate": self.gate.stats(),
+            "checked_out": self.checked_out,
+            "pool": {
+                "size": pool.get("pool_size", 0),
+                "available": pool.get("pool_available", 0),
+                "max": pool.get("pool_max", 0),
+                "connections_errors": pool.get("connections_errors", 0),
+                "connections_lost": pool.get("connections_lost", 0),
+            },
+            "up": not self.health.down,
+            "reason": self.health.reason if self.health.down else None,
+            "outages": self.health.outages,
+        }
 
 
 @asynccontextmanager
-async def operator_transaction(conninfo: str, ctx: TenantContext | None = None, *, snapshot: bool = False,
-                               bulk: bool = False) -> AsyncIterator[Transaction]:
+async def operator_transaction(
+    conninfo: str, ctx: TenantContext | None = None, *, snapshot: bool = False, bulk: bool = False
+) -> AsyncIterator[Transaction]:
     """A transaction on an operator's own connection (CLI commands). Without `ctx`, tenant tables
     show nothing and platform work goes through the platform.* definer functions. With `ctx`, it
     acts for that tenant (export, erasure, import). `snapshot`: one consistent REPEATABLE READ

@@ -107,12 +107,17 @@ def stop_embedded(settings: Settings) -> bool:
 
     with pgserver.PostgresServer._lock:
         try:
-            pgexec("pg_ctl", ("-D", str(status.data_dir), "-m", "fast", "-w", "-t", "60", "stop"),
-                   bin_path=handle.bin_path, user=handle.system_user)
+            pgexec(
+                "pg_ctl",
+                ("-D", str(status.data_dir), "-m", "fast", "-w", "-t", "60", "stop"),
+                bin_path=handle.bin_path,
+                user=handle.system_user,
+            )
         except subprocess.CalledProcessError as err:
             raise RuntimeError(
                 f"pg_ctl could not stop the embedded PostgreSQL in {status.data_dir} "
-                f"(exit {err.returncode}); see {status.data_dir / 'log'}") from err
+                f"(exit {err.returncode}); see {status.data_dir / 'log'}"
+            ) from err
     return True
 
 

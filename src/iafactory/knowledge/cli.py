@@ -47,8 +47,9 @@ async def worker_command(
 @knowledge_app.command("reembed")
 @run
 async def reembed_command(
-    all_chunks: bool = typer.Option(False, "--all", help="Re-embed every document, not only those embedded "
-                                                           "with another model."),
+    all_chunks: bool = typer.Option(
+        False, "--all", help="Re-embed every document, not only those embedded with another model."
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Run the jobs here, with progress."),
 ) -> None:
     """Queue re-embedding with the configured model (e.g. after changing IAFACTORY_EMBEDDING_*)."""
@@ -63,7 +64,9 @@ async def reembed_command(
                , queued AS (
                    INSERT INTO knowledge_jobs (tenant_id, document_id, kind)
                    SELECT tenant_id, id, 'reembed' FROM stale RETURNING 1)
-               SELECT count(*) FROM queued""", (all_chunks, model.model_id))
+               SELECT count(*) FROM queued""",
+            (all_chunks, model.model_id),
+        )
     console.print(f"queued {queued} document(s) for re-embedding with {model.model_id or 'no model'}")
     if not wait or not queued:
         return

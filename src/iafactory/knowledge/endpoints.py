@@ -15,9 +15,13 @@ from iafactory.knowledge.schemas import SearchIn, SearchOut
 router = api_router(tags=["knowledge base"])
 
 
-@router.post("/knowledge-base/search", response_model=SearchOut, operation_id="search_knowledge_base",
-             summary="Search the tenant's documents (hybrid, keyword or semantic); cited passages",
-             openapi_extra={"x-reads-only": True})
+@router.post(
+    "/knowledge-base/search",
+    response_model=SearchOut,
+    operation_id="search_knowledge_base",
+    summary="Search the tenant's documents (hybrid, keyword or semantic); cited passages",
+    openapi_extra={"x-reads-only": True},
+)
 async def search(body: SearchIn, request: Request, who: CurrentPrincipal) -> Any:
     # A search reads only: read API keys may search, and the transactions are read-only.
     # 1. Authorize and count it against the rate limit (one round trip), so that a refused caller

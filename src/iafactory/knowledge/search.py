@@ -40,8 +40,17 @@ async def prepare(embedder: Embedder, cpu: CpuWork, key: Hashable, request: Sear
         else:  # a remote service: only the pool's gate applies
             vector = vector_literal(await cpu.run_async(key, embedder.embed_query, request.query))
     config = ts_config(request.language or detect_language(request.query))
-    return (fold(request.query), config, vector, embedder.model_id, request.k, request.mode, request.document_ids,
-            request.language, Jsonb(request.metadata) if request.metadata else None)
+    return (
+        fold(request.query),
+        config,
+        vector,
+        embedder.model_id,
+        request.k,
+        request.mode,
+        request.document_ids,
+        request.language,
+        Jsonb(request.metadata) if request.metadata else None,
+    )
 
 
 async def search(tx: Transaction, embedder: Embedder, request: SearchIn, params: tuple[Any, ...]) -> dict[str, Any]:
@@ -50,11 +59,24 @@ async def search(tx: Transaction, embedder: Embedder, request: SearchIn, params:
     mode, vector = params[5], params[2]
     # The rankings fused: the keyword one unless semantic mode; the vector one when the query has a vector.
     rankings = (mode != "semantic") + (vector is not None)
-    passages = [{
-        "document_id": r["document_id"], "title": r["title"], "chunk_no": r["chunk_no"], "text": r["content"],
-        "char_start": r["char_start"], "char_end": r["char_end"], "heading_path": r["heading_path"],
-        "language": r["language"], "score": r["score"], "relevance": relevance(r["score"], rankings),
-        "retrievers": [name for name, rank in (("keyword", r["keyword_rank"]), ("semantic", r["semantic_rank"]))
-                       if rank is not None],
-    } for r in rows]
+    passages = [
+        {
+            "document_id": r["document_id"],
+            "title": r["title"],
+            "chunk_no": r["chunk_no"],
+            "text": r["content"],
+            "char_start": r["char_start"],
+            "char_end": r["char_end"],
+            "heading_path": r["heading_path"],
+            "language": r["language"],
+            "score": r["score"],
+            "relevance": relevance(r["score"], rankings),
+            "retrievers": [
+                name
+                for name, rank in (("keyword", r["keyword_rank"]), ("semantic", r["semantic_rank"]))
+                if rank is not None
+            ],
+        }
+        for r in rows
+    ]
     return {"query": request.query, "mode": request.mode, "embedding_model": embedder.model_id, "passages": passages}

@@ -25,8 +25,7 @@ def postgres_counter(tenant_id: UUID, api_key_id: UUID | None) -> tuple[str, Par
 
 
 def too_many(message: str, retry_after: int) -> Problem:
-    return Problem(429, "Too Many Requests", message, headers={"Retry-After": str(retry_after)},
-                   type_="rate-limited")
+    return Problem(429, "Too Many Requests", message, headers={"Retry-After": str(retry_after)}, type_="rate-limited")
 
 
 class RedisRateLimiter:
@@ -78,8 +77,14 @@ class RedisRateLimiter:
             pipe.expire(f"iaf:rl:key:{api_key_id}:{window}", 120)
         results = await pipe.execute()
         if results[0] > limits["requests_per_minute"]:
-            raise too_many(f"rate limit exceeded: {limits['requests_per_minute']} requests per minute for this "
-                           f"tenant (plan {limits['plan']})", retry_after)
+            raise too_many(
+                f"rate limit exceeded: {limits['requests_per_minute']} requests per minute for this "
+                f"tenant (plan {limits['plan']})",
+                retry_after,
+            )
         if api_key_id is not None and results[2] > limits["key_requests_per_minute"]:
-            raise too_many(f"rate limit exceeded: {limits['key_requests_per_minute']} requests per minute for "
-                           f"this API key (plan {limits['plan']})", retry_after)
+            raise too_many(
+                f"rate limit exceeded: {limits['key_requests_per_minute']} requests per minute for "
+                f"this API key (plan {limits['plan']})",
+                retry_after,
+            )

@@ -53,8 +53,17 @@ class AnalysisOut(BaseModel):
     updated_at: datetime
 
 
-PME_ANALYSES = Resource(name="pme-analyses", table="pme_analyses", noun="PME analysis", plural="PME analyses", tag="pme",
-                        create=AnalysisCreate, update=AnalysisUpdate, read=AnalysisOut,
-                        json_columns=frozenset({"inputs", "results"}),
-                        create_responses=((402, "Not enough credits: each analysis costs credits, debited with it "
-                                                "(GET /credits/balance)"),))
+PME_ANALYSES = Resource(
+    name="pme-analyses",
+    table="pme_analyses",
+    noun="PME analysis",
+    plural="PME analyses",
+    tag="pme",
+    create=AnalysisCreate,
+    update=AnalysisUpdate,
+    read=AnalysisOut,
+    json_columns=frozenset({"inputs", "results"}),
+    create_responses=(
+        (402, "Not enough credits: each analysis costs credits, debited with it (GET /credits/balance)"),
+    ),
+)

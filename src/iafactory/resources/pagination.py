@@ -31,8 +31,10 @@ CURSOR_PATTERNS = {int: r"^[0-9]{1,16}\.[0-9]{1,18}$", UUID: r"^[0-9]{1,16}\.[0-
 
 def cursor_param(id_type: type = UUID) -> Any:
     """The `cursor` query parameter of a list whose records have ids of `id_type`."""
-    return Annotated[str | None, Query(pattern=CURSOR_PATTERNS[id_type], max_length=60,
-                                       description="next_cursor of the previous page")]
+    return Annotated[
+        str | None,
+        Query(pattern=CURSOR_PATTERNS[id_type], max_length=60, description="next_cursor of the previous page"),
+    ]
 
 
 Cursor = cursor_param(UUID)

@@ -17,8 +17,12 @@ from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, curso
 from iafactory.resources.spec import Resource
 
 # Documented next to the app-wide 401/403/422, so that clients (and schema-driven tests) know them.
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such record in this tenant (application/problem+json)"}}
-CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "Conflicts with existing or dependent records (application/problem+json)"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such record in this tenant (application/problem+json)"}
+}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"description": "Conflicts with existing or dependent records (application/problem+json)"}
+}
 
 
 def _documented(*notes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -34,15 +38,26 @@ def crud_router(spec: Resource) -> APIRouter:
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
     ReadPage = Page[Read]  # type: ignore[valid-type]  # noqa: N806
 
-    @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.operation_noun}",
-                 responses=create_responses, summary=f"Create a {spec.noun}")
+    @router.post(
+        "",
+        status_code=201,
+        response_model=Read,
+        operation_id=f"create_{spec.operation_noun}",
+        responses=create_responses,
+        summary=f"Create a {spec.noun}",
+    )
     async def create(body: Create, s: Member, idempotency: Idempotent) -> Any:  # type: ignore[valid-type]
         values = body.model_dump()  # type: ignore[attr-defined]
         return await idempotency.create(
-            s, lambda last: repository.insert(s.tx, spec, s.ctx.tenant_id, values, last=last))
+            s, lambda last: repository.insert(s.tx, spec, s.ctx.tenant_id, values, last=last)
+        )
 
-    @router.get("", response_model=ReadPage, operation_id=f"list_{spec.operation_nouns}",
-                summary=f"List {spec.nouns}, newest first")
+    @router.get(
+        "",
+        response_model=ReadPage,
+        operation_id=f"list_{spec.operation_nouns}",
+        summary=f"List {spec.nouns}, newest first",
+    )
     async def list_(
         s: Viewer,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")] = DEFAULT_LIMIT,
@@ -53,16 +68,26 @@ def crud_router(spec: Resource) -> APIRouter:
         items, next_cursor = pagination.page_of(rows, limit)
         return {"items": items, "next_cursor": next_cursor}
 
-    @router.get("/{item_id}", response_model=Read, operation_id=f"get_{spec.operation_noun}", responses=NOT_FOUND,
-                summary=f"Get a {spec.noun}")
+    @router.get(
+        "/{item_id}",
+        response_model=Read,
+        operation_id=f"get_{spec.operation_noun}",
+        responses=NOT_FOUND,
+        summary=f"Get a {spec.noun}",
+    )
     async def get(item_id: IdType, s: Viewer) -> Any:  # type: ignore[valid-type]
         row = await repository.get(s.tx, spec, s.ctx.tenant_id, item_id)
         if row is None:
             raise not_found(spec.noun, item_id)
         return row
 
-    @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.operation_noun}",
-                  responses=update_responses, summary=f"Update a {spec.noun}")
+    @router.patch(
+        "/{item_id}",
+        response_model=Read,
+        operation_id=f"update_{spec.operation_noun}",
+        responses=update_responses,
+        summary=f"Update a {spec.noun}",
+    )
     async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
         changes = body.model_dump(exclude_unset=True)  # type: ignore[attr-defined]
         row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, changes, last=True)
@@ -70,8 +95,14 @@ def crud_router(spec: Resource) -> APIRouter:
             raise not_found(spec.noun, item_id)
         return row
 
-    @router.delete("/{item_id}", status_code=204, response_class=Response, operation_id=f"delete_{spec.operation_noun}",
-                   responses={**NOT_FOUND, **CONFLICT}, summary=f"Delete a {spec.noun}")
+    @router.delete(
+        "/{item_id}",
+        status_code=204,
+        response_class=Response,
+        operation_id=f"delete_{spec.operation_noun}",
+        responses={**NOT_FOUND, **CONFLICT},
+        summary=f"Delete a {spec.noun}",
+    )
     async def delete(item_id: IdType, s: Member) -> Response:  # type: ignore[valid-type]
         if not await repository.delete(s.tx, spec, s.ctx.tenant_id, item_id, last=True):
             raise not_found(spec.noun, item_id)

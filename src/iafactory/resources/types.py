@@ -44,8 +44,10 @@ Language = Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$", max_length=
 # RFC 3339 with an offset (the JSON Schema "date-time" format), within what Python and PostgreSQL
 # store: years 0001-9999, offsets up to 15:59 either way. Pydantic alone would also take numbers
 # and digit strings (as Unix times) and a missing offset.
-RFC3339 = (r"^([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
-           r"[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?([Zz]|[+-](0[0-9]|1[0-5]):[0-5][0-9])$")
+RFC3339 = (
+    r"^([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?([Zz]|[+-](0[0-9]|1[0-5]):[0-5][0-9])$"
+)
 
 
 def _rfc3339(value: Any) -> Any:
@@ -72,8 +74,12 @@ class Rules(annotated_types.GroupedMetadata):
 
 def timestamp_rules(description: str | None = None) -> Rules:
     """A date-time that must carry its offset, e.g. 2026-11-01T00:00:00Z or 2026-11-01T01:00:00+01:00."""
-    schema: dict[str, Any] = {"type": "string", "format": "date-time", "pattern": RFC3339,
-                              "examples": ["2026-11-01T00:00:00Z"]}
+    schema: dict[str, Any] = {
+        "type": "string",
+        "format": "date-time",
+        "pattern": RFC3339,
+        "examples": ["2026-11-01T00:00:00Z"],
+    }
     if description:
         schema["description"] = description
     return Rules((BeforeValidator(_rfc3339), WithJsonSchema(schema)))
@@ -103,14 +109,12 @@ def json_int(*, ge: int | None = None, le: int | None = None) -> Any:
     return Annotated[int, int_rules(ge=ge, le=le)]
 
 
-def decimal_number(max_digits: int, places: int, *, maximum: int | None = None,
-                   description: str | None = None) -> Any:
+def decimal_number(max_digits: int, places: int, *, maximum: int | None = None, description: str | None = None) -> Any:
     """`Annotated[Decimal, decimal_rules(...)]`, built at run time (mypy cannot use it as a type)."""
     return Annotated[Decimal, decimal_rules(max_digits, places, maximum=maximum, description=description)]
 
 
-def decimal_rules(max_digits: int, places: int, *, maximum: int | None = None,
-                  description: str | None = None) -> Rules:
+def decimal_rules(max_digits: int, places: int, *, maximum: int | None = None, description: str | None = None) -> Rules:
     """A non-negative numeric(max_digits, places) as a JSON number. The schema states the range and
     the step (multipleOf), so a generated value fits the column; strings are refused."""
     step = Decimal(1).scaleb(-places)

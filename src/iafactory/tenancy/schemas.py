@@ -107,8 +107,7 @@ class CreditGrant(BaseModel):
 
     amount: int = Field(ge=1, le=10**12)
     reason: str = Field(min_length=1, max_length=500)
-    idempotency_key: str = Field(min_length=1, max_length=255,
-                                 description="Retrying with the same key grants once.")
+    idempotency_key: str = Field(min_length=1, max_length=255, description="Retrying with the same key grants once.")
     kind: Literal["grant", "refund"] = "grant"
 
 

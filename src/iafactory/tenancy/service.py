@@ -30,8 +30,16 @@ async def create_tenant(tx: Transaction, data: TenantCreate) -> Tenant:
         row = await tx.fetchrow(
             "SELECT * FROM platform.create_tenant(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
-                data.name, data.slug, data.region, data.plan, data.status, data.admin_email,
-                data.admin_phone, Jsonb(data.settings), Jsonb(data.metadata), data.trial_ends_at,
+                data.name,
+                data.slug,
+                data.region,
+                data.plan,
+                data.status,
+                data.admin_email,
+                data.admin_phone,
+                Jsonb(data.settings),
+                Jsonb(data.metadata),
+                data.trial_ends_at,
             ),
         )
     except psycopg.errors.UniqueViolation as err:
@@ -56,7 +64,9 @@ async def get_tenant(tx: Transaction, *, tenant_id: UUID | None = None, slug: st
     return Tenant.model_validate(row)
 
 
-async def update_tenant(tx: Transaction, tenant_id: UUID, *, plan: Plan | None = None, status: Status | None = None) -> Tenant:
+async def update_tenant(
+    tx: Transaction, tenant_id: UUID, *, plan: Plan | None = None, status: Status | None = None
+) -> Tenant:
     row = await tx.fetchrow("SELECT * FROM platform.update_tenant(%s, %s, %s)", (tenant_id, plan, status))
     if row is None:
         raise TenantNotFound(f"no tenant {tenant_id}")
@@ -86,10 +96,12 @@ async def set_limits(tx: Transaction, tenant_id: UUID, limits: dict[str, Any]) -
     return Tenant.model_validate(row)
 
 
-async def grant_credits(tx: Transaction, tenant_id: UUID, amount: int, reason: str, key: str,
-                        kind: str = "grant") -> dict[str, Any]:
-    row = await tx.fetchrow("SELECT * FROM platform.grant_credits(%s, %s, %s, %s, %s)",
-                            (tenant_id, amount, reason, key, kind))
+async def grant_credits(
+    tx: Transaction, tenant_id: UUID, amount: int, reason: str, key: str, kind: str = "grant"
+) -> dict[str, Any]:
+    row = await tx.fetchrow(
+        "SELECT * FROM platform.grant_credits(%s, %s, %s, %s, %s)", (tenant_id, amount, reason, key, kind)
+    )
     assert row is not None  # the function returns one row or raises
     return row
 

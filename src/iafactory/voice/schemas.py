@@ -35,6 +35,7 @@ Caller = Annotated[str, Field(min_length=1, max_length=100, description="Phone n
 
 # --- Transcriptions ------------------------------------------------------------------------------
 
+
 class TranscriptionCreate(Strict):
     title: Title = ""
     audio_url: AudioUrl | None = None
@@ -68,14 +69,23 @@ class TranscriptionOut(BaseModel):
     updated_at: datetime
 
 
-TRANSCRIPTIONS = Resource(name="voice/transcriptions", table="voice_transcriptions", noun="transcription",
-                          tag="voice", create=TranscriptionCreate, update=TranscriptionUpdate, read=TranscriptionOut,
-                          json_columns=frozenset({"metadata"}),
-                          create_responses=((402, "Not enough credits: each transcription costs credits, debited "
-                                                  "with it (GET /credits/balance)"),))
+TRANSCRIPTIONS = Resource(
+    name="voice/transcriptions",
+    table="voice_transcriptions",
+    noun="transcription",
+    tag="voice",
+    create=TranscriptionCreate,
+    update=TranscriptionUpdate,
+    read=TranscriptionOut,
+    json_columns=frozenset({"metadata"}),
+    create_responses=(
+        (402, "Not enough credits: each transcription costs credits, debited with it (GET /credits/balance)"),
+    ),
+)
 
 
 # --- Conversations -------------------------------------------------------------------------------
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -120,6 +130,13 @@ class ConversationOut(BaseModel):
     updated_at: datetime
 
 
-CONVERSATIONS = Resource(name="voice/conversations", table="voice_conversations", noun="conversation", tag="voice",
-                         create=ConversationCreate, update=ConversationUpdate, read=ConversationOut,
-                         json_columns=frozenset({"messages"}))
+CONVERSATIONS = Resource(
+    name="voice/conversations",
+    table="voice_conversations",
+    noun="conversation",
+    tag="voice",
+    create=ConversationCreate,
+    update=ConversationUpdate,
+    read=ConversationOut,
+    json_columns=frozenset({"messages"}),
+)
