@@ -41,6 +41,12 @@ def _settings(request: Request) -> Settings:
     tags=["auth"],
     operation_id="register",
     summary="Create an account",
+    responses={
+        422: {
+            "description": "Invalid body; also an email on a reserved domain (.test, .invalid ...) or mixing "
+            "scripts (a Cyrillic letter among Latin ones) (application/problem+json)"
+        }
+    },
 )
 async def register(body: RegisterIn, request: Request) -> Any:
     # No transaction from a dependency: the password is hashed before one begins.
