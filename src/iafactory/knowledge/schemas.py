@@ -12,6 +12,9 @@ from iafactory.resources.types import JsonObject, Language, LongText, Patch, Str
 
 Title = Annotated[str, Field(min_length=1, max_length=500)]
 Source = Annotated[str, Field(min_length=1, max_length=1000, description="Where the document comes from: a URL or a reference")]
+# A document id as PostgreSQL stores it (bigint): larger values are refused by validation rather than
+# reaching app.search_knowledge() as numeric[], which matches no signature.
+DocumentId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class DocumentCreate(Strict):
@@ -52,7 +55,7 @@ class SearchIn(Strict):
     query: str = Field(min_length=1, max_length=2000)
     k: int = Field(default=10, ge=1, le=50, description="How many passages")
     mode: SearchMode = "hybrid"
-    document_ids: list[int] | None = Field(default=None, max_length=1000, description="Only these documents")
+    document_ids: list[DocumentId] | None = Field(default=None, max_length=1000, description="Only these documents")
     language: Language | None = Field(default=None, description="Only passages in this language")
     metadata: JsonObject | None = Field(default=None, description="Only documents whose metadata contains this object")
 
