@@ -32,4 +32,6 @@ def database(settings: Settings, admin_url: str) -> Database:
         admin_url,
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
+        direct_conninfo=server.app_direct_conninfo(settings, admin_url),
+        prepared_statements=server.prepared_statements(settings, admin_url),
     )
