@@ -35,5 +35,23 @@ async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: s
     else:
         await conn.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {} NOCREATEDB NOCREATEROLE INHERIT").format(ident, secret))
     await conn.execute(sql.SQL("GRANT iaf_app TO {}").format(ident))
+    await _propagate_set_local(conn, ident)
     dbname = conn.info.dbname
     await conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO iaf_app").format(sql.Identifier(dbname)))
+
+
+async def _propagate_set_local(conn: psycopg.AsyncConnection, role: sql.Identifier) -> None:
+    """Citus forwards the tenant setting (a `SET LOCAL`) to the shards only with
+    `citus.propagate_set_commands = 'local'` (default 'none'): a role default of the app role.
+
+    On PostgreSQL without Citus the name is a placeholder setting, which a superuser may still set:
+    harmless there, and already in place if Citus is added later. A non-superuser admin may not
+    set a placeholder; that only matters where Citus is installed, and there it is an error."""
+    try:
+        await conn.execute(sql.SQL("ALTER ROLE {} SET citus.propagate_set_commands = 'local'").format(role))
+    except psycopg.errors.InsufficientPrivilege as err:
+        citus = await (await conn.execute("SELECT 1 AS x FROM pg_extension WHERE extname = 'citus'")).fetchone()
+        if citus is not None:
+            raise MigrationError(
+                f"cannot set citus.propagate_set_commands = 'local' for the application role: {err}; without it "
+                "the tenant setting never reaches the shards") from err
