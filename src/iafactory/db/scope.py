@@ -42,7 +42,7 @@ import re
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
 from typing import Any
@@ -50,7 +50,7 @@ from typing import Any
 import psycopg
 from psycopg import errors, generators, pq, sql
 from psycopg.adapt import PyFormat, Transformer
-from psycopg.pq.abc import PGresult
+from psycopg.pq.abc import PGconn, PGresult
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -147,9 +147,7 @@ async def _exchange(conn: Conn, steps: Sequence[Step], *, prepared: bool = False
         for name in evict:  # out of the cache already; a Close that does not run leaks one name
             pg.send_close_prepared(name)
         pg.pipeline_sync()
-        await conn.wait(generators.send(pg))
-        results = [(await conn.wait(generators.fetch_many(pg)))[-1] for _ in range(len(commands) + len(evict))]
-        await conn.wait(generators.fetch_many(pg))  # the Sync's own result
+        results = await conn.wait(_communicate(pg, len(commands) + len(evict)))
         collected = True
     finally:
         if collected:
@@ -166,6 +164,17 @@ async def _exchange(conn: Conn, steps: Sequence[Step], *, prepared: bool = False
         if result.status == _FATAL_ERROR:
             raise errors.error_from_result(result, encoding=conn.info.encoding)
     return [r for (kind, *_), r in zip(commands, results) if kind != 1]
+
+
+def _communicate(pg: PGconn, count: int) -> Generator[Any, Any, list[PGresult]]:
+    """Flush what libpq queued, then read the results of `count` commands and of the Sync: one
+    generator for the whole round trip, so the event loop is involved once, not once per command."""
+    yield from generators.send(pg)
+    results = []
+    for _ in range(count):
+        results.append((yield from generators.fetch_many(pg))[-1])
+    yield from generators.fetch_many(pg)  # the Sync's own result
+    return results
 
 
 def _rows(conn: Conn, result: PGresult) -> list[dict[str, Any]]:
@@ -186,10 +195,9 @@ class Transaction:
         self._settings = settings  # SET LOCAL statements, each a message of its own
         self._gate = gate
         # Runs once, in a short transaction of its own, at the head of the first round trip (e.g.
-        # the rate-limit counter, whose row lock must not last as long as the request). Its commit
-        # need not wait for the WAL flush: losing a counter increment in a crash is harmless.
-        self._before: list[Step] = [BEGIN, (b"SET LOCAL synchronous_commit = off", None), before, COMMIT] \
-            if before else []
+        # the rate-limit counter, whose row lock must not last as long as the request; it makes
+        # its own commit asynchronous).
+        self._before: list[Step] = [BEGIN, before, COMMIT] if before else []
         self._begin = BEGIN_READ_ONLY if read_only else begin
         self._read_only = read_only
         self._prepared = prepared
@@ -279,9 +287,11 @@ def _setting(name: str, value: str) -> Step:
     return f"SET LOCAL {name} = '{value}'".encode(), None
 
 
-def _tenant_prelude(ctx: TenantContext | None, user_id: int | None = None) -> list[Step]:
+def _tenant_prelude(ctx: TenantContext | None, user_id: int | None = None, *, read_only: bool = False
+                    ) -> list[Step]:
     """The SET LOCAL statements of a scope. Values are validated types (UUID, int, an IP address,
-    a request id of letters, digits, '-' and '_'): SET takes no bind parameters."""
+    a request id of letters, digits, '-' and '_'): SET takes no bind parameters. A read-only
+    transaction writes no audit row, so it goes without the settings only the audit log reads."""
     statements: list[Step] = []
     if ctx is None and user_id is not None:
         statements.append(_setting("app.user_id", str(int(user_id))))
@@ -293,6 +303,8 @@ def _tenant_prelude(ctx: TenantContext | None, user_id: int | None = None) -> li
         if ctx.api_key_id is not None:
             statements.append(_setting("app.api_key_id", str(uuid.UUID(str(ctx.api_key_id)))))
         # Read by the audit log's defaults. Both are validated by TenantContext.
+        if read_only:
+            return statements
         if ctx.client_ip is not None:
             statements.append(_setting("app.client_ip", ctx.client_ip))
         if ctx.request_id is not None:
@@ -326,7 +338,8 @@ class _Scope:
         assert conn is not None
         try:
             self._tx = Transaction(
-                conn, [*_tenant_prelude(self._ctx, self._user_id), *self._extra], read_only=self._read_only,
+                conn, [*_tenant_prelude(self._ctx, self._user_id, read_only=self._read_only), *self._extra],
+                read_only=self._read_only,
                 gate=_step(conn, *self._gate) if self._gate else None,
                 before=_step(conn, *self._before) if self._before else None,
                 begin=self._begin, prepared=self._prepared)
