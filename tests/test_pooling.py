@@ -228,3 +228,28 @@ async def test_the_app_role_asks_citus_to_propagate_set_local(migrated_db: str) 
     direct = server.app_direct_conninfo(settings_for(migrated_db), migrated_db)
     with psycopg.connect(direct) as conn:
         assert conn.execute("SELECT current_setting('citus.propagate_set_commands', true)").fetchone()[0] == "local"
+
+
+async def test_prepared_statements_beyond_the_per_connection_bound_are_closed(migrated_db: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With prepared statements on, a connection keeps at most PREPARED_PER_CONNECTION of them
+    (least recently used closed first), a statement whose Parse fails is not remembered, and every
+    answer stays right."""
+    from iafactory.db import scope
+
+    monkeypatch.setattr(scope, "PREPARED_PER_CONNECTION", 3)
+    [(tenant, user)] = members(migrated_db, 1)
+    settings = settings_for(migrated_db, pool_min_size=1, pool_max_size=1, db_prepared_statements="on",
+                            app_database_url=server.app_direct_conninfo(settings_for(migrated_db), migrated_db))
+    async with bootstrap.database(settings, migrated_db) as db:
+        for round_ in range(2):
+            for k in range(8):  # eight different statements, each with a parameter
+                async with db.tenant(TenantContext(tenant_id=tenant), read_only=True) as tx:
+                    assert await tx.fetchval(f"SELECT %s::int + {k}", (round_,)) == round_ + k
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                async with db.tenant(TenantContext(tenant_id=tenant), read_only=True) as tx:
+                    await tx.fetch("SELECT * FROM no_such_table WHERE x = %s", (1,))
+        async with db.anonymous() as tx:
+            names = [r["name"] for r in await tx.fetch("SELECT name FROM pg_prepared_statements")]
+    assert 0 < len(names) <= 3, names
+    assert len(scope._prepared) == 1 and len(next(iter(scope._prepared.values()))) == len(names)

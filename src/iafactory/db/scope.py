@@ -110,44 +110,45 @@ async def _exchange(conn: Conn, steps: Sequence[Step], *, prepared: bool = False
     tx = Transformer.from_context(conn)
     cache = _prepared.setdefault(conn, OrderedDict()) if prepared else None
     # Everything that can fail in Python (adapting parameters) happens before anything is sent.
-    commands: list[tuple[int, bytes, bytes | None, Any, Any, Any]] = []
+    send_params, send_prepared = pg.send_query_params, pg.send_query_prepared
+    sends: list[tuple[Any, tuple[Any, ...]]] = []  # (libpq call, its arguments), in order
     new: list[tuple[int, tuple[bytes, tuple[int, ...]], bytes]] = []  # prepares sent: position, key, name
-    preparing: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
-    evict: list[bytes] = []
+    used: set[tuple[bytes, tuple[int, ...]]] = set()
     for query, params in steps:
         if not params:
-            commands.append((0, query, None, None, None, None))
+            sends.append((send_params, (query, None)))
             continue
         values = tx.dump_sequence(params, [PyFormat.AUTO] * len(params))
-        types, formats = tx.types, tx.formats
         if cache is None:
-            commands.append((0, query, None, values, types, formats))
+            sends.append((send_params, (query, values, tx.types, tx.formats)))
             continue
-        key = (query, types)
-        name = cache.get(key) or preparing.get(key)
-        if name is None:
-            name = preparing[key] = f"iaf_{next(_names)}".encode()
-            new.append((len(commands), key, name))
-            commands.append((1, query, name, None, types, None))
-            if len(cache) + len(new) > PREPARED_PER_CONNECTION:
-                evict.append(cache.popitem(last=False)[1])
-        elif key in cache:
+        key = (query, tx.types)
+        used.add(key)
+        name = cache.get(key)
+        if name is not None:
             cache.move_to_end(key)
-        commands.append((2, query, name, values, None, formats))
+        else:
+            name = next((n for _, k, n in new if k == key), None)  # twice in one round trip
+            if name is None:
+                name = f"iaf_{next(_names)}".encode()
+                new.append((len(sends), key, name))
+                sends.append((pg.send_prepare, (name, query, tx.types)))
+        sends.append((send_prepared, (name, values, tx.formats)))
+    if cache is not None and new and len(cache) + len(new) > PREPARED_PER_CONNECTION:
+        # Close the least recently used first, ahead of everything else: nothing before a Close can
+        # fail and skip it (which would leave a statement on the server that nobody knows of).
+        excess = len(cache) + len(new) - PREPARED_PER_CONNECTION
+        oldest = [k for k in cache if k not in used][:excess]
+        closes = [(pg.send_close_prepared, (cache.pop(k),)) for k in oldest]
+        new = [(position + len(closes), key, name) for position, key, name in new]
+        sends[:0] = closes
     collected = False
     pg.enter_pipeline_mode()
     try:
-        for kind, query, name, values, types, formats in commands:
-            if kind == 0:
-                pg.send_query_params(query, values, param_types=types, param_formats=formats)
-            elif kind == 1:
-                pg.send_prepare(name, query, param_types=types)
-            else:
-                pg.send_query_prepared(name, values, param_formats=formats)
-        for name in evict:  # out of the cache already; a Close that does not run leaks one name
-            pg.send_close_prepared(name)
+        for call, args in sends:
+            call(*args)
         pg.pipeline_sync()
-        results = await conn.wait(_communicate(pg, len(commands) + len(evict)))
+        results = await conn.wait(_communicate(pg, len(sends)))
         collected = True
     finally:
         if collected:
@@ -156,14 +157,23 @@ async def _exchange(conn: Conn, steps: Sequence[Step], *, prepared: bool = False
             # Interrupted half-way (cancelled, connection lost): results are still in flight and
             # the session's state is unknown. Nobody may reuse it: the pool discards it.
             pg.finish()
+    for result in results:
+        if result.status == _FATAL_ERROR:
+            _remember(cache, new, results)
+            raise errors.error_from_result(result, encoding=conn.info.encoding)
+    if len(results) == len(steps):
+        return results
+    _remember(cache, new, results)
+    return [r for (call, _), r in zip(sends, results) if call is send_params or call is send_prepared]
+
+
+def _remember(cache: OrderedDict[tuple[bytes, tuple[int, ...]], bytes] | None,
+              new: list[tuple[int, tuple[bytes, tuple[int, ...]], bytes]], results: list[PGresult]) -> None:
+    """Record the statements whose Parse succeeded (one that did not run left nothing behind)."""
     for position, key, name in new:
         if results[position].status == _COMMAND_OK:
             assert cache is not None
             cache[key] = name
-    for result in results:
-        if result.status == _FATAL_ERROR:
-            raise errors.error_from_result(result, encoding=conn.info.encoding)
-    return [r for (kind, *_), r in zip(commands, results) if kind != 1]
 
 
 def _communicate(pg: PGconn, count: int) -> Generator[Any, Any, list[PGresult]]:
