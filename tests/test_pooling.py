@@ -253,3 +253,20 @@ async def test_prepared_statements_beyond_the_per_connection_bound_are_closed(mi
             names = [r["name"] for r in await tx.fetch("SELECT name FROM pg_prepared_statements")]
     assert 0 < len(names) <= 3, names
     assert len(scope._prepared) == 1 and len(next(iter(scope._prepared.values()))) == len(names)
+
+
+def test_prepared_statements_auto_means_only_on_a_direct_pool_url() -> None:
+    from iafactory.config import Settings
+
+    admin = "postgresql://postgres@db.internal:5432/iafactory"
+    pooled = "postgresql://iafactory_app:pw@pgbouncer:6432/iafactory"
+    assert server.prepared_statements(Settings(database_url=admin), admin)  # derived: direct
+    assert not server.prepared_statements(Settings(database_url=admin, app_database_url=pooled), admin)
+    assert server.prepared_statements(Settings(database_url=admin, app_database_url=pooled,
+                                               db_prepared_statements="on"), admin)
+    assert not server.prepared_statements(Settings(database_url=admin, db_prepared_statements="off"), admin)
+    # LISTEN never goes to the pooler: the direct URL is derived from DATABASE_URL unless given.
+    settings = Settings(database_url=admin, app_database_url=pooled)
+    assert "pgbouncer" not in server.app_direct_conninfo(settings, admin)
+    assert server.app_direct_conninfo(settings.model_copy(update={"app_direct_database_url": "postgresql://x@y/z"}),
+                                      admin) == "postgresql://x@y/z"
