@@ -266,6 +266,7 @@ class Transaction:
         if self._closed:
             raise psycopg.ProgrammingError("this transaction was committed by a statement marked last=True")
         step = _step(self._conn, query, params)
+        state = (self._before, self._gate, self._begun, self._sent, self._closed)
         if self._begun:
             steps = [step]
         elif self._read_only:
@@ -278,7 +279,14 @@ class Transaction:
             self._closed = True
         target = len(steps) - 1 - (steps[-1] is COMMIT)
         self._sent = True
-        return (await _exchange(self._conn, steps, prepared=self._prepared))[target]
+        try:
+            return (await _exchange(self._conn, steps, prepared=self._prepared))[target]
+        except BaseException:
+            if not state[2] and self._conn.pgconn.transaction_status == _IDLE:
+                # Refused before anything was sent (a parameter psycopg cannot adapt): the next
+                # statement must still open the transaction and set the tenant.
+                self._before, self._gate, self._begun, self._sent, self._closed = state
+            raise
 
     async def _finish(self, ok: bool) -> None:
         if ok and self._gate is not None and not self._sent:
