@@ -1,5 +1,6 @@
 """Members of the current tenant. Runs in the request's tenant transaction: RLS limits every
-statement to this tenant's memberships."""
+statement to this tenant's memberships, and each names the tenant (`tenant_id = %s`). Emails and
+names come from app.tenant_members(): a user may read only their own row of `users`."""
 
 from __future__ import annotations
 
@@ -10,17 +11,13 @@ from iafactory.db.scope import Transaction
 from iafactory.http.problems import Problem, not_found
 from iafactory.tenancy.schemas import Role
 
-MEMBER_SELECT = """SELECT tu.user_id, u.email, u.name, tu.role, tu.created_at
-                   FROM tenant_users tu JOIN users u ON u.id = tu.user_id
-                   WHERE tu.tenant_id = %s"""
-
-
 async def list_members(tx: Transaction, tenant_id: UUID) -> list[dict[str, Any]]:
-    return await tx.fetch(MEMBER_SELECT + " ORDER BY tu.created_at, tu.user_id", (tenant_id,))
+    # The function takes the tenant from the transaction (like RLS), never from an argument.
+    return await tx.fetch("SELECT * FROM app.tenant_members()")
 
 
 async def get_member(tx: Transaction, tenant_id: UUID, user_id: int) -> dict[str, Any]:
-    row = await tx.fetchrow(MEMBER_SELECT + " AND tu.user_id = %s", (tenant_id, user_id))
+    row = await tx.fetchrow("SELECT * FROM app.tenant_members(%s)", (user_id,))
     if row is None:
         raise not_found("member", user_id)
     return row
