@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     app_db_password: SecretStr = SecretStr("iafactory-app-dev-password")
     # Full URL for the app role, if it cannot be derived from DATABASE_URL (other host, TLS...).
     app_database_url: str | None = None
+    # Only on Citus (`iafactory citus distribute`): the owner role iaf_owner logs in between nodes
+    # with this password. Plain PostgreSQL keeps iaf_owner NOLOGIN and never reads it.
+    owner_db_password: SecretStr | None = None
     pool_min_size: int = 2
     pool_max_size: int = 10
 

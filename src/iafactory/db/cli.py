@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from iafactory.cli import admin_url, app, console, print_table, run
+from iafactory.cli import CliError, admin_url, app, console, print_table, run
 from iafactory.config import get_settings
+from iafactory.db import citus
 from iafactory.db import migrate as migrations
 from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db import verify as verification
@@ -13,6 +14,8 @@ from iafactory.db.scope import admin_connect
 
 db_app = typer.Typer(help="Database utilities.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+citus_app = typer.Typer(help="Scaling out with Citus.", no_args_is_help=True)
+app.add_typer(citus_app, name="citus")
 
 
 @app.command("migrate")
@@ -73,3 +76,18 @@ async def verify_command() -> None:
 def url_command() -> None:
     """Print the admin connection URL (starting the embedded server if needed), e.g. for psql."""
     print(admin_url())
+
+
+@citus_app.command("distribute")
+@run
+async def distribute_command(
+    shard_count: int = typer.Option(32, "--shard-count", min=1, max=1024,
+                                    help="Shards of tenants (and of every table colocated with it)."),
+) -> None:
+    """On a Citus coordinator, after `migrate`: distribute tenants by id and every tenant table by
+    tenant_id (colocated), make the other tables reference tables. Idempotent."""
+    try:
+        await citus.distribute(admin_url(), get_settings(), lambda line: console.print(line, highlight=False),
+                               shard_count=shard_count)
+    except citus.CitusError as err:
+        raise CliError(str(err)) from err
