@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import os
+import secrets
 import statistics
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 from iafactory.config import Settings
 from iafactory.db import server
+
+
+# The service has no default secrets with DATABASE_URL: each benchmark run makes its own.
+BENCH_SECRETS = {name: secrets.token_urlsafe(40) for name in ("jwt_secret", "api_key_secret", "app_db_password")}
+BENCH_SECRET_ENV = {f"IAFACTORY_{name.upper()}": value for name, value in BENCH_SECRETS.items()}
+
+
+def bench_settings(admin: str, **overrides: Any) -> Settings:
+    """Settings for the database behind `admin`, with this run's secrets."""
+    return Settings(database_url=admin, **{**BENCH_SECRETS, **overrides})
 
 
 def server_url(explicit: str | None = None) -> str:

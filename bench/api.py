@@ -63,7 +63,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import create_database, drop_database, free_port, server_url  # noqa: E402
+from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url  # noqa: E402
 
 from iafactory.auth.passwords import hash_password  # noqa: E402
 from iafactory.config import Settings  # noqa: E402
@@ -687,14 +687,14 @@ def main() -> None:
     errors = 0
     try:
         print(f"Database {name}: migrating, {args.tenants} tenants x {args.projects} projects ...", flush=True)
-        asyncio.run(bootstrap.migrate_and_prepare(admin, Settings(database_url=admin)))
+        asyncio.run(bootstrap.migrate_and_prepare(admin, bench_settings(admin)))
         tenants = asyncio.run(create_tenants(admin, args.tenants, args.projects))
 
         real_port = args.port or free_port()
         bare_port = args.port + 1 if args.port else free_port()
         env = {k: v for k, v in os.environ.items()
                if k not in ("IAFACTORY_DATABASE_URL", "IAFACTORY_APP_DATABASE_URL", "BENCH_BARE_DATABASE_URL")}
-        env.update(DATABASE_URL=admin, IAFACTORY_LOG_LEVEL="WARNING", BENCH_BARE_DATABASE_URL=admin)
+        env.update(BENCH_SECRET_ENV, DATABASE_URL=admin, IAFACTORY_LOG_LEVEL="WARNING", BENCH_BARE_DATABASE_URL=admin)
         iafactory = str(Path(sys.executable).with_name("iafactory"))
         real_log, bare_log = workdir / "real.log", workdir / "bare.log"
         real_proc = start_server([iafactory, "serve", "--no-migrate", "--host", HOST, "--port", str(real_port),

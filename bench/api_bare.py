@@ -35,6 +35,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from iafactory.config import Settings
+from iafactory.serve import uvicorn_options
 from iafactory.projects.schemas import ProjectCreate, ProjectOut
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, page_of
 
@@ -111,10 +112,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     database_url()  # fail before uvicorn starts
-    # The options iafactory.serve.run_server passes, so only the application differs.
+    # The options iafactory.serve.run_server passes (protocol with its limits, no server header...),
+    # so only the application differs.
     uvicorn.run("api_bare:create_app", factory=True, app_dir=str(Path(__file__).parent), host=args.host,
-                port=args.port, workers=args.workers, log_level=Settings().log_level.lower(), access_log=False,
-                proxy_headers=True)
+                port=args.port, workers=args.workers, **uvicorn_options(Settings()))
 
 
 if __name__ == "__main__":

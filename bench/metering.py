@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import create_database, drop_database, server_url  # noqa: E402
+from _common import BENCH_SECRETS, create_database, drop_database, server_url  # noqa: E402
 
 from iafactory.app import create_app  # noqa: E402
 from iafactory.auth.passwords import hash_password  # noqa: E402
@@ -116,7 +116,7 @@ async def debits(db: Database, tenants: list[uuid.UUID], total: int, concurrency
 async def main_async(args: argparse.Namespace) -> None:
     url = server_url(args.database_url)
     name, admin = create_database(url, "iaf_bench_meter")
-    settings = Settings(database_url=admin, pool_max_size=args.concurrency, argon2_time_cost=1,
+    settings = Settings(database_url=admin, **BENCH_SECRETS, pool_max_size=args.concurrency, argon2_time_cost=1,
                         argon2_memory_cost_kib=1024, argon2_parallelism=1)
     try:
         await bootstrap.migrate_and_prepare(admin, settings)

@@ -53,7 +53,7 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import create_database, drop_database, percentile, server_url  # noqa: E402
+from _common import bench_settings, create_database, drop_database, percentile, server_url  # noqa: E402
 
 from iafactory.config import Settings  # noqa: E402
 from iafactory.db import bootstrap  # noqa: E402
@@ -891,7 +891,7 @@ def main() -> None:
     vocabs = {lang: Vocabulary(lang) for lang in LANGUAGES}
     url = server_url(args.database_url)
     name, admin = create_database(url, "iaf_bench_retrieval")
-    settings = Settings(database_url=admin)
+    settings = bench_settings(admin)
     counts = {b: len(layout.bucket(b)) for b in BUCKETS}
     print(f"Database {name}: {args.chunks:,} chunks over {args.tenants:,} tenants "
           f"({', '.join(f'{n} {b}' for b, n in counts.items())})")

@@ -34,7 +34,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import create_database, drop_database, median, pgbench, server_url  # noqa: E402
+from _common import bench_settings, create_database, drop_database, median, pgbench, server_url  # noqa: E402
 
 from iafactory.config import Settings  # noqa: E402
 from iafactory.db import bootstrap  # noqa: E402
@@ -219,7 +219,7 @@ def main() -> None:
     per = args.rows // args.tenants
     url = server_url(args.database_url)
     name, admin = create_database(url, "iaf_bench_rls")
-    settings = Settings(database_url=admin)
+    settings = bench_settings(admin)
     print(f"Database {name}: {args.tenants} tenants x {per} rows in projects and in knowledge_base")
     try:
         asyncio.run(bootstrap.migrate_and_prepare(admin, settings))

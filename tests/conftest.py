@@ -1,16 +1,19 @@
 """Test fixtures: a real PostgreSQL, always.
 
 With DATABASE_URL set (e.g. the machine's PostgreSQL 15), tests create their databases on that
-server; otherwise on the embedded PostgreSQL 18, started (or reused) in a test data directory.
+server; otherwise on the embedded PostgreSQL 18, started (or reused) in a test data directory:
+IAFACTORY_TEST_DATA_DIR, or `.test-pg` in this checkout, so that two checkouts on one machine never
+share a server. It keeps running after the tests (the next run reuses it at once);
+`IAFACTORY_DATA_DIR=.test-pg .venv/bin/iafactory db stop` stops it.
 Every test that changes the schema gets a database of its own, created and dropped here.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +25,16 @@ from iafactory.config import Settings
 from iafactory.db import server
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Real secrets for this test session: the service has no usable defaults any more (with
+# DATABASE_URL they must be configured), and fixed values in a repository would be public ones.
+TEST_SECRETS = {name: secrets.token_urlsafe(40) for name in ("jwt_secret", "api_key_secret", "app_db_password")}
+SECRET_ENV = {f"IAFACTORY_{name.upper()}": value for name, value in TEST_SECRETS.items()}
+
+
+def embedded_test_data_dir() -> Path:
+    """The data directory of the tests' embedded server: IAFACTORY_TEST_DATA_DIR, else this checkout's own."""
+    return Path(os.environ.get("IAFACTORY_TEST_DATA_DIR") or REPO / ".test-pg")
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +48,7 @@ def server_url() -> str:
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    data_dir = Path(os.environ.get("IAFACTORY_TEST_DATA_DIR", Path(tempfile.gettempdir()) / "iafactory-test"))
-    return server.start_embedded(Settings(data_dir=data_dir, database_url=None))
+    return server.start_embedded(Settings(data_dir=embedded_test_data_dir(), database_url=None))
 
 
 @pytest.fixture(scope="session")
@@ -77,9 +89,13 @@ def empty_db(make_database: Callable[[], str]) -> str:
     return make_database()
 
 
-def run_cli(*args: str, db_url: str, env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run the installed `iafactory` console script against `db_url`."""
-    full_env = {**os.environ, "DATABASE_URL": db_url, **(env or {})}
+def run_cli(*args: str, db_url: str | None, env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `iafactory` console script against `db_url` (None: DATABASE_URL unset, the
+    embedded server), with this session's secrets."""
+    full_env = {**os.environ, **SECRET_ENV, **(env or {})}
+    full_env.pop("DATABASE_URL", None)
+    if db_url is not None:
+        full_env["DATABASE_URL"] = db_url
     exe = Path(sys.executable).with_name("iafactory")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, input=input, timeout=300)
 
@@ -103,7 +119,7 @@ def prepare_sync(url: str) -> list:
 
 
 def settings_for(url: str, **overrides) -> Settings:
-    return Settings(database_url=url, **overrides)
+    return Settings(database_url=url, **{**TEST_SECRETS, **overrides})
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ import base64
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,12 +25,15 @@ import httpx
 import jwt
 import psycopg
 import pytest
+from pydantic import SecretStr
 
 from api_support import (  # noqa: F401 - fixtures
     PASSWORD, ApiWorld, build_world, module_api_client, module_db,
 )
-from iafactory.auth import api_keys
+from iafactory.auth import api_keys, tokens
+from iafactory.app import create_app
 from iafactory.config import Settings
+from iafactory.db import bootstrap
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +44,15 @@ API = "/api/v1"
 async def world(module_api_client: tuple[httpx.AsyncClient, str, Settings]) -> ApiWorld:
     client, admin_url, settings = module_api_client
     return await build_world(client, admin_url, settings)
+
+
+@asynccontextmanager
+async def app_on(admin_url: str, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """Another server process on the same database, with other settings (e.g. a rotated key)."""
+    async with bootstrap.database(settings, admin_url) as db:
+        transport = httpx.ASGITransport(app=create_app(settings, db), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield client
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -58,8 +72,15 @@ def claims(w: ApiWorld, role: str = "owner", **overrides: Any) -> dict[str, Any]
     return {k: v for k, v in base.items() if v is not None}
 
 
-def signed(w: ApiWorld, payload: dict[str, Any], secret: str | None = None) -> str:
-    return jwt.encode(payload, secret or w.settings.jwt_secret.get_secret_value(), algorithm="HS256")
+# The JWT secret every install shared before secrets had to be configured or generated.
+OLD_DEV_SECRET = "dev-only-secret-change-me-in-production-0123456789"
+
+
+def signed(w: ApiWorld, payload: dict[str, Any], secret: str | None = None, kid: str | None = None) -> str:
+    """Signed with `secret` (default: the service's key), naming the service's current key unless
+    `kid` says otherwise."""
+    return jwt.encode(payload, secret or w.settings.jwt_secret.get_secret_value(), algorithm="HS256",
+                      headers={"kid": kid or tokens.keyring(w.settings).current.kid})
 
 
 def assert_problem(r: httpx.Response, status: int, *, detail: str | None = None) -> dict[str, Any]:
@@ -94,7 +115,19 @@ BAD_TOKENS = {
     "another issuer": lambda w: signed(w, claims(w, iss="someone-else")),
     "no expiry": lambda w: signed(w, claims(w, exp=None)),
     "HS512 with the right secret": lambda w: jwt.encode(claims(w), w.settings.jwt_secret.get_secret_value(),
-                                                        algorithm="HS512"),  # only HS256 is accepted
+                                                        algorithm="HS512",  # only HS256 is accepted
+                                                        headers={"kid": tokens.keyring(w.settings).current.kid}),
+    "31 years of validity": lambda w: signed(w, claims(w, exp=int(time.time()) + 31 * 365 * 86400)),
+    "longer than the maximum lifetime": lambda w: signed(w, claims(
+        w, exp=int(time.time()) + w.settings.jwt_max_token_lifetime_seconds + 60)),
+    "no issued-at": lambda w: signed(w, claims(w, iat=None)),
+    "issued in the future": lambda w: signed(w, claims(w, iat=int(time.time()) + 3600, exp=int(time.time()) + 3900)),
+    "no key id": lambda w: jwt.encode(claims(w), w.settings.jwt_secret.get_secret_value(), algorithm="HS256"),
+    "unknown key id": lambda w: signed(w, claims(w), kid="0123456789abcdef"),
+    "old public dev secret": lambda w: jwt.encode(claims(w), OLD_DEV_SECRET, algorithm="HS256"),
+    "old public dev secret, its key id": lambda w: signed(w, claims(w), secret=OLD_DEV_SECRET,
+                                                          kid=tokens.key_id(OLD_DEV_SECRET)),
+    "old public dev secret, our key id": lambda w: signed(w, claims(w), secret=OLD_DEV_SECRET),
     "garbage": lambda w: "not.a.jwt",
     "random bytes": lambda w: base64.urlsafe_b64encode(uuid.uuid4().bytes * 3).decode(),
 }
@@ -124,6 +157,48 @@ async def test_a_valid_token_still_works(world: ApiWorld) -> None:
     """Control for the negatives above: the same claims, signed properly, are accepted."""
     r = await world.client.get(f"{API}/tenant", headers=bearer(signed(world, claims(world))))
     assert r.status_code == 200 and r.json()["id"] == str(world.a.id)
+
+
+async def test_platform_admin_cannot_be_forged_with_the_old_public_secret(world: ApiWorld) -> None:
+    """The defect: anyone could sign `{"sub": <admin's id>}` with the secret printed in config.py
+    and administer every tenant."""
+    admin_id = jwt.decode(world.platform_token, options={"verify_signature": False})["sub"]
+    assert (await world.client.get(f"{API}/admin/tenants", headers=bearer(world.platform_token))).status_code == 200
+    now = int(time.time())
+    forged = {"iss": world.settings.jwt_issuer, "aud": world.settings.jwt_audience, "sub": admin_id,
+              "iat": now, "nbf": now, "exp": now + 31 * 365 * 86400, "platform_admin": True}
+    for token in (jwt.encode(forged, OLD_DEV_SECRET, algorithm="HS256"),
+                  signed(world, forged, secret=OLD_DEV_SECRET),
+                  signed(world, {**forged, "exp": now + 600}, secret=OLD_DEV_SECRET)):
+        assert_401(await world.client.get(f"{API}/admin/tenants", headers=bearer(token)))
+
+
+async def test_key_rotation_keeps_tokens_of_the_previous_key_until_it_retires(
+        module_api_client: tuple[httpx.AsyncClient, str, Settings]) -> None:
+    """Rotate: the new key signs, tokens of the previous key keep working until the configured
+    moment, then they are refused; tokens name their key in the `kid` header."""
+    client, admin_url, old_settings = module_api_client
+    w = await build_world(client, admin_url, old_settings)
+    old_token = w.a.tokens["owner"]
+    new_secret = "the-key-after-rotation-" + uuid.uuid4().hex
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    rotated = old_settings.model_copy(update={"jwt_secret": SecretStr(new_secret),
+                                              "jwt_previous_secret": old_settings.jwt_secret,
+                                              "jwt_previous_secret_expires_at": soon})
+    retired = rotated.model_copy(update={"jwt_previous_secret_expires_at": datetime.now(UTC) - timedelta(seconds=1)})
+    async with app_on(admin_url, rotated) as after_rotation, app_on(admin_url, retired) as after_expiry:
+        assert (await after_rotation.get(f"{API}/tenant", headers=bearer(old_token))).status_code == 200
+        email = (await client.get(f"{API}/me", headers=bearer(old_token))).json()["user"]["email"]
+        r = await after_rotation.post(f"{API}/auth/login", json={"email": email, "password": PASSWORD})
+        assert r.status_code == 200, r.text
+        new_token = r.json()["access_token"]
+        assert jwt.get_unverified_header(new_token)["kid"] == tokens.key_id(new_secret)
+        assert jwt.get_unverified_header(old_token)["kid"] == tokens.key_id(old_settings.jwt_secret.get_secret_value())
+        assert (await after_rotation.get(f"{API}/tenant", headers=bearer(new_token))).status_code == 200
+        assert_401(await after_expiry.get(f"{API}/tenant", headers=bearer(old_token)), detail="retired key")
+        assert (await after_expiry.get(f"{API}/tenant", headers=bearer(new_token))).status_code == 200
+    # The servers still on the old key do not know the new one.
+    assert_401(await client.get(f"{API}/tenant", headers=bearer(new_token)), detail="unknown key")
 
 
 async def test_signed_claims_are_checked_against_the_database(world: ApiWorld) -> None:
@@ -414,6 +489,33 @@ async def test_single_tenant_login_selects_it(world: ApiWorld) -> None:
     assert (me["tenant"]["id"], me["role"]) == (str(world.a.id), "viewer")
     r = await world.client.post(f"{API}/auth/login", json={"email": me["user"]["email"], "password": PASSWORD})
     assert r.json()["tenant"]["id"] == str(world.a.id) and len(r.json()["tenants"]) == 1
+
+
+async def test_me_lists_my_tenants_with_role_and_current_for_every_credential(world: ApiWorld) -> None:
+    """GET /me and GET /me/tenants answer the same list, whatever the credential."""
+    c, w = world.client, world
+
+    async def tenants(headers: dict[str, str]) -> list[tuple[str, str, bool]]:
+        me = await c.get(f"{API}/me", headers=headers)
+        mine = await c.get(f"{API}/me/tenants", headers=headers)
+        assert me.status_code == mine.status_code == 200, (me.text, mine.text)
+        assert me.json()["tenants"] == mine.json()
+        return sorted((t["id"], t["role"], t["current"]) for t in mine.json())
+
+    a, b = str(w.a.id), str(w.b.id)
+    # A token for one tenant (the case that used to answer "tenants": []).
+    assert await tenants(w.a.auth("owner")) == [(a, "owner", True)]
+    # A user of two tenants: none selected, then A selected.
+    assert await tenants(bearer(w.both_user_token)) == sorted([(a, "admin", False), (b, "member", False)])
+    r = await c.post(f"{API}/auth/select-tenant", json={"tenant": w.a.slug}, headers=bearer(w.both_user_token))
+    assert await tenants(bearer(r.json()["access_token"])) == sorted([(a, "admin", True), (b, "member", False)])
+    # API keys: their own tenant only, with the role the key acts as.
+    assert await tenants(w.a.key("read")) == [(a, "viewer", True)]
+    assert await tenants(w.b.key("write", header="bearer")) == [(b, "member", True)]
+    # A user with no tenant.
+    assert await tenants(bearer(w.platform_token)) == []
+    listed = (await c.get(f"{API}/me/tenants", headers=w.a.auth("viewer"))).json()
+    assert listed[0]["slug"] == w.a.slug and listed[0]["status"] == "active"
 
 
 # --- register and login ------------------------------------------------------------------------------

@@ -284,6 +284,22 @@ async def test_a_workflow_cannot_reference_another_tenants_project(api_world: Ap
 
 # --- Billing -------------------------------------------------------------------------------------
 
+async def test_a_project_belongs_to_the_user_who_created_it(api_world: ApiWorld) -> None:
+    c, a = api_world.client, api_world.a
+    for role in ("member", "owner"):
+        r = await c.post(f"{API}/projects", json={"name": f"by the {role}"}, headers=a.auth(role))
+        assert r.status_code == 201 and r.json()["owner_id"] == a.user_ids[role], r.text
+        assert (await c.get(f"{API}/projects/{r.json()['id']}", headers=a.auth("viewer"))).json()["owner_id"] \
+            == a.user_ids[role]
+    # An API key acts for the tenant, not for a person: no owner.
+    r = await c.post(f"{API}/projects", json={"name": "by the integration"}, headers=a.key("write"))
+    assert r.status_code == 201 and r.json()["owner_id"] is None, r.text
+    # The owner is not the client's to choose (another tenant's user id, for instance).
+    r = await c.post(f"{API}/projects", json={"name": "x", "owner_id": api_world.b.user_ids["owner"]},
+                     headers=a.auth("member"))
+    assert fields(r) == ["body.owner_id"]
+
+
 async def tenant_without_account(world: ApiWorld) -> tuple[uuid.UUID, dict[str, str]]:
     """A new tenant with a single admin, and no billing account (no credits ever granted)."""
     tag = uuid.uuid4().hex[:6]
@@ -302,9 +318,10 @@ async def test_billing_account_defaults_then_upsert(api_world: ApiWorld) -> None
 
     r = await c.get(f"{API}/billing-account", headers=admin)
     assert r.status_code == 200
+    # An Algerian tenant: the currency of its region (DZD) before anything is saved.
     assert r.json() == {"billing_name": "", "billing_email": None, "address": "", "vat_number": None,
-                        "currency": "CHF", "credit_balance": 0, "created_at": None, "updated_at": None}
-    assert (await c.get(f"{API}/credits/balance", headers=admin)).json() == {"balance": 0, "currency": "CHF"}
+                        "currency": "DZD", "credit_balance": 0, "created_at": None, "updated_at": None}
+    assert (await c.get(f"{API}/credits/balance", headers=admin)).json() == {"balance": 0, "currency": "DZD"}
     assert count_rows(api_world.admin_url, "billing_accounts", tenant_id) == 0
 
     contact = {"billing_name": "Cabinet Haddad & Associés", "billing_email": "facturation@haddad.example.dz",

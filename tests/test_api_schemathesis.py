@@ -68,8 +68,19 @@ def documented_status(ctx: Any, response: Any, case: Any) -> None:
     raise AssertionError(f"Undocumented status code {status} (documented: {', '.join(sorted(documented))})")
 
 
+def validation_problem_shape(ctx: Any, response: Any, case: Any) -> None:
+    """Every 422 has the same shape, whoever raised it (FastAPI, a handler, the database): a
+    problem document whose `errors` name the fields."""
+    if response.status_code != 422:
+        return None
+    errors = response.json().get("errors")
+    if not errors or not all(isinstance(e, dict) and isinstance(e.get("field"), str) for e in errors):
+        raise AssertionError(f"422 without an `errors` array naming the fields: {response.text[:500]}")
+    return None
+
+
 CONFORMANCE = [not_a_server_error, documented_status, content_type_conformance, response_headers_conformance,
-               response_schema_conformance]
+               response_schema_conformance, validation_problem_shape]
 # A refusal is a refusal: 413 (body too large) counts, next to schemathesis' own list.
 CONFIG = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {"expected-statuses": [
     "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]}}})

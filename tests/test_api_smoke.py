@@ -52,3 +52,30 @@ async def test_values_postgresql_cannot_store_are_a_422_not_a_500(api_world: Api
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "query.cursor"
     r = await c.get(f"/api/v1/projects/{2**63}", headers=owner)
     assert r.status_code in (404, 422) and r.status_code != 500
+
+
+def problem_fields(r) -> list[str]:  # noqa: ANN001 - an httpx.Response
+    """The fields a 422 names; every 422 has the same shape (problem+json with `errors`)."""
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["type"].endswith("/validation") and body["title"] == "Validation failed", body
+    assert body["errors"] and all(set(e) == {"field", "message", "type"} for e in body["errors"]), body
+    return [e["field"] for e in body["errors"]]
+
+
+async def test_every_422_has_errors_naming_the_field(api_world: ApiWorld) -> None:
+    c, owner = api_world.client, api_world.a.auth("owner")
+    summary = "/api/v1/usage/summary"
+    # A date-time without a time zone (this one used to answer a 422 without `errors`).
+    r = await c.get(f"{summary}?from=2026-11-01T00:00:00&to=2026-12-01T00:00:00Z", headers=owner)
+    assert problem_fields(r) == ["query.from"]
+    assert "time zone" in r.json()["errors"][0]["message"] or "timezone" in r.json()["errors"][0]["message"]
+    r = await c.get(f"{summary}?from=2026-11-01&to=2026-12-01T00:00:00", headers=owner)
+    assert problem_fields(r) == ["query.from", "query.to"]
+    r = await c.get(f"{summary}?from=2026-12-01T00:00:00Z&to=2026-11-01T00:00:00Z", headers=owner)
+    assert problem_fields(r) == ["query.from"]
+    # Raised by handlers and by the database.
+    assert problem_fields(await c.patch("/api/v1/tenant", json={"name": None}, headers=owner)) == ["body.name"]
+    assert problem_fields(await c.get("/api/v1/projects?cursor=not-a-cursor", headers=owner)) == ["query.cursor"]
+    assert problem_fields(await c.post("/api/v1/projects", json={"name": "nul\u0000byte"}, headers=owner))

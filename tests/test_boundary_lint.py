@@ -15,7 +15,7 @@ FORBIDDEN: dict[str, tuple[str, dict[str, str]]] = {
     "tenant setting": (r"app\.tenant_id|set_config\s*\(", {}),
     "raw connection": (
         r"psycopg\.(Async)?Connection\.connect|psycopg\.connect\s*\(|\.connect\s*\(\s*conninfo",
-        {"db/server.py": "creates the embedded server's database before any role exists"},
+        {"db/server.py": "creates the embedded server's database before any role exists; asks its version"},
     ),
     "connection pool": (r"ConnectionPool|\._pool\b|\.connection\s*\(\s*\)", {}),
     "commit": (r"\.commit\s*\(|[\"']COMMIT[\"']", {}),

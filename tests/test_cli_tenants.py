@@ -107,6 +107,21 @@ def test_create_the_four_seed_tenants_with_the_cli(migrated_db: str) -> None:
     ]
 
 
+def test_creating_a_tenant_with_the_cli_is_audited(migrated_db: str) -> None:
+    result = run_cli(*create_args(SEED_TENANTS[0]), db_url=migrated_db)
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(migrated_db) as conn:
+        operator = conn.execute("SELECT session_user").fetchone()[0]
+        rows = conn.execute(
+            """SELECT e.action, e.actor, e.actor_user_id, e.target_id, e.details, e.ip, e.request_id
+               FROM audit_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.slug = %s""",
+            (SEED_TENANTS[0]["slug"],)).fetchall()
+        tenant_id = conn.execute("SELECT id::text FROM tenants WHERE slug = %s", (SEED_TENANTS[0]["slug"],)).fetchone()[0]
+    # Who: the operator's database login (no user, no request behind a CLI command).
+    assert rows == [("tenant.created", operator, None, tenant_id,
+                     {k: SEED_TENANTS[0][k] for k in ("name", "slug", "region", "plan", "status")}, None, None)]
+
+
 def test_list_region_ch_shows_only_ch_tenants(seeded_db: str) -> None:
     result = run_cli("tenants", "list", "--region", "CH", "--json", db_url=seeded_db)
     assert result.returncode == 0, result.stderr

@@ -281,6 +281,37 @@ async def test_passages_cite_their_document(kb: Knowledge) -> None:
     assert top["document_id"] == kb.ids["fr-acc-vat-deadline"] and top["heading_path"] == "Délai de dépôt"
 
 
+async def test_relevance_normalises_the_fused_score_without_reordering(kb: Knowledge) -> None:
+    """relevance = score / the best fused score possible: 1/61 per ranking fused (two in hybrid mode
+    with an embedder, one otherwise). Order and scores stay those of app.search_knowledge."""
+    w = kb.world
+    assert kb.embedder.model_id is not None  # the real embedder: hybrid fuses two rankings
+    seen_both = seen_one = 0
+    for q in QUERIES[:12]:
+        for mode in MODES:
+            r = await w.client.post(SEARCH, json={"query": q["query"], "mode": mode, "k": 10},
+                                    headers=w.a.auth("viewer"))
+            passages = r.json()["passages"]
+            assert passages, (mode, q["query"])
+            rankings = 2 if mode == "hybrid" else 1
+            scores = [p["score"] for p in passages]
+            assert scores == sorted(scores, reverse=True)  # the order is still the fused score's
+            for p in passages:
+                assert 0 <= p["relevance"] <= 1
+                assert p["relevance"] == pytest.approx(p["score"] * 61 / rankings, abs=1e-4)
+            relevances = [p["relevance"] for p in passages]
+            assert relevances == sorted(relevances, reverse=True)
+            if mode != "hybrid":
+                assert relevances[0] == 1.0  # first of the only ranking used
+            else:
+                # Found by both rankings (each rank within the pool of 40): above one half; by one: at most 0.5.
+                for p in passages:
+                    assert (p["relevance"] > 0.5) == (len(p["retrievers"]) == 2), p
+                    seen_both += len(p["retrievers"]) == 2
+                    seen_one += len(p["retrievers"]) == 1
+    assert seen_both and seen_one
+
+
 # --- Isolation ----------------------------------------------------------------------------------
 
 
@@ -641,6 +672,55 @@ async def test_text_without_a_detectable_language_uses_the_simple_configuration(
         assert [p["document_id"] for p in passages] == [regional["id"]]  # German stemming: Kündigungen ~ Kündigung
     finally:
         await delete(w, member, undetectable["id"], regional["id"])
+
+
+MOSTLY_ENGLISH = """# Accès
+
+Le cabinet se trouve au deuxième étage, ascenseur à droite.
+
+# Opening hours
+
+The office is open from Monday to Friday, eight in the morning to six in the evening. Appointments
+outside these hours can be arranged by phone with the reception desk, who will confirm by email.
+
+# Parking
+
+Visitors may park in the courtyard behind the building; the spaces marked with a blue line are
+reserved for patients with reduced mobility, and the gate closes automatically at seven."""
+
+
+async def test_a_document_shows_its_detected_language_unless_the_client_set_one(kb: Knowledge) -> None:
+    w, member = kb.world, kb.world.a.auth("member")
+    assert await queue_is_empty(w)
+    unset = await create(w, member, title="Horaires", content=MOSTLY_ENGLISH)
+    chosen = await create(w, member, title="Frist", content="Die Kündigungsfrist beträgt drei Monate zum "
+                                                             "Monatsende, schriftlich an die Verwaltung.",
+                          language="de-CH")
+    undetectable = await create(w, member, title="Réf. 4471-B", content="4471-B / 12.03.2025 / CHF 1250.-")
+    try:
+        assert unset["language"] is None and unset["detected_language"] is None  # not indexed yet
+        assert await worker.drain(kb.db, kb.embedder) == 3
+        got = {}
+        for doc in (unset, chosen, undetectable):
+            r = await w.client.get(f"{KB}/{doc['id']}", headers=w.a.auth("viewer"))
+            assert r.status_code == 200 and r.json()["index_status"] == "indexed", r.text
+            got[doc["id"]] = (r.json()["language"], r.json()["detected_language"])
+            # Recording the language neither touched the document nor queued another indexing.
+            assert r.json()["updated_at"] == doc["updated_at"]
+        assert await queue_is_empty(w)
+        # The language of most of the text, not of its first passage; the client's own choice
+        # wins; no recognisable language stays null.
+        chunk_languages = await admin_rows(w, "SELECT language FROM knowledge_chunks WHERE document_id = %s "
+                                              "ORDER BY chunk_no", (unset["id"],))
+        assert [c["language"] for c in chunk_languages] == ["fr", "en", "en"]
+        assert got == {unset["id"]: ("en", "en"), chosen["id"]: ("de-CH", "de"), undetectable["id"]: (None, None)}
+        listed = (await w.client.get(f"{KB}?limit=3", headers=w.a.auth("viewer"))).json()["items"]
+        assert {d["id"]: d["language"] for d in listed} == {i: lang for i, (lang, _) in got.items()}
+        # Clearing the client's language shows the detected one.
+        r = await w.client.patch(f"{KB}/{chosen['id']}", json={"language": None}, headers=member)
+        assert r.status_code == 200 and r.json()["language"] == "de", r.text
+    finally:
+        await delete(w, member, unset["id"], chosen["id"], undetectable["id"])
 
 
 # --- The search function's definition ---------------------------------------------------------------

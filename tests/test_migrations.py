@@ -259,6 +259,25 @@ def test_upgrade_from_single_tenant_install_assigns_every_row_to_system_default(
     assert failed_checks(empty_db) == []
 
 
+def test_012_gives_untouched_accounts_their_regions_currency_and_keeps_those_with_a_ledger(empty_db: str) -> None:
+    apply_one_by_one(empty_db, "011")
+    tenants = {}
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        for slug, region in (("dz-new", "DZ"), ("fr-used", "FR"), ("ca-set", "CA"), ("ch-new", "CH")):
+            tenants[slug] = conn.execute("INSERT INTO tenants (name, slug, region, status) VALUES (%s, %s, %s, "
+                                         "'active') RETURNING id", (slug, slug, region)).fetchone()[0]
+        # Before 012 every account took 'CHF', whatever the region.
+        conn.execute("INSERT INTO billing_accounts (tenant_id) VALUES (%s), (%s)",
+                     (tenants["dz-new"], tenants["ch-new"]))
+        conn.execute("INSERT INTO billing_accounts (tenant_id, currency) VALUES (%s, 'CAD')", (tenants["ca-set"],))
+        conn.execute("SELECT platform.grant_credits(%s, 50, 'start', 'start')", (tenants["fr-used"],))
+    currencies = "SELECT t.slug, a.currency FROM billing_accounts a JOIN tenants t ON t.id = a.tenant_id ORDER BY 1"
+    assert query(empty_db, currencies) == [("ca-set", "CAD"), ("ch-new", "CHF"), ("dz-new", "CHF"), ("fr-used", "CHF")]
+    assert [m.version for m in migrate_sync(empty_db, "012")] == ["012"]
+    # The FR account has ledger rows in CHF: its currency stays what its history is in.
+    assert query(empty_db, currencies) == [("ca-set", "CAD"), ("ch-new", "CHF"), ("dz-new", "DZD"), ("fr-used", "CHF")]
+
+
 def _project_references(url: str) -> dict[str, list[tuple]]:
     rows = query(url, """
         SELECT k.conrelid::regclass::text, k.convalidated,

@@ -10,13 +10,15 @@ import httpx
 import psycopg
 import pytest
 
-from api_support import ApiWorld, api_client, api_world, fast_settings  # noqa: F401 - fixtures
+from api_support import PASSWORD, ApiWorld, api_client, api_world, fast_settings, login  # noqa: F401 - fixtures
 from iafactory.app import create_app
+from iafactory.auth.passwords import hash_password
 from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
 from iafactory.plans.ratelimit import RedisRateLimiter
 from iafactory.tenancy import service
 from iafactory.tenancy.context import TenantContext
+from iafactory.tenancy.schemas import TenantCreate
 
 pytestmark = pytest.mark.anyio
 
@@ -258,6 +260,47 @@ async def test_the_monthly_grant_applies_once_per_month(api_world: ApiWorld) -> 
     assert balance == ledger_sum == 100_000 + 5000
 
 
+async def tenant_with_admin(world: ApiWorld, region: str) -> tuple[uuid.UUID, dict[str, str]]:
+    """A new tenant of `region` (no billing account yet) and its admin's token."""
+    tag = uuid.uuid4().hex[:6]
+    email = f"admin-{region.lower()}-{tag}@example.org"
+    async with operator_transaction(world.admin_url) as tx:
+        t = await service.create_tenant(tx, TenantCreate(name=f"Cabinet {region}", slug=f"cabinet-{region.lower()}-{tag}",
+                                                         region=region, plan="pro", status="active"))
+        await service.add_member(tx, t.slug, email, "admin", password_hash=await hash_password(world.settings, PASSWORD))
+    return t.id, world.headers(await login(world.client, email))
+
+
+async def test_currency_follows_the_region_unless_set(api_world: ApiWorld) -> None:
+    c, w = api_world.client, api_world
+    expected = {"DZ": "DZD", "CH": "CHF", "FR": "EUR", "BE": "EUR", "CA": "CAD"}
+    for region, currency in expected.items():
+        tenant_id, admin = await tenant_with_admin(w, region)
+        # Before the account exists, then once a grant has created it (the credit functions of 010).
+        assert (await c.get("/api/v1/credits/balance", headers=admin)).json() == {"balance": 0, "currency": currency}
+        r = await c.post(f"/api/v1/admin/tenants/{tenant_id}/credits",
+                         json={"amount": 100, "reason": "welcome", "idempotency_key": "welcome"},
+                         headers=w.headers(w.platform_token))
+        assert r.status_code == 200, r.text
+        assert (await c.get("/api/v1/credits/balance", headers=admin)).json() == {"balance": 100, "currency": currency}
+        assert (await c.get("/api/v1/billing-account", headers=admin)).json()["currency"] == currency
+        # A deal takes the region's currency too, unless the client names one.
+        lead = (await c.post("/api/v1/crm/leads", json={"full_name": "Client"}, headers=admin)).json()
+        r = await c.post("/api/v1/crm/deals", json={"lead_id": lead["id"], "title": "Audit"}, headers=admin)
+        assert r.status_code == 201 and r.json()["currency"] == currency, r.text
+        r = await c.post("/api/v1/crm/deals", json={"lead_id": lead["id"], "title": "Export", "currency": "CAD"},
+                         headers=admin)
+        assert r.status_code == 201 and r.json()["currency"] == "CAD", r.text
+
+    # A currency set explicitly is kept when the account is created later by a grant.
+    tenant_id, admin = await tenant_with_admin(w, "DZ")
+    r = await c.patch("/api/v1/billing-account", json={"billing_name": "Haddad SARL", "currency": "EUR"}, headers=admin)
+    assert r.status_code == 200 and r.json()["currency"] == "EUR", r.text
+    async with operator_transaction(w.admin_url) as tx:
+        await service.grant_credits(tx, tenant_id, 10, "start", "start")
+    assert (await c.get("/api/v1/credits/balance", headers=admin)).json() == {"balance": 10, "currency": "EUR"}
+
+
 async def test_billable_actions_debit_and_refuse_with_402_when_out_of_credits(api_world: ApiWorld) -> None:
     c, a = api_world.client, api_world.a
     before, _, _ = await balance_and_ledger(api_world.admin_url, a.id)
@@ -316,6 +359,49 @@ async def test_audit_rows_carry_ip_and_request_id(api_world: ApiWorld) -> None:
                                       headers=api_world.a.auth("admin"))).json()["items"]
     traced = [e for e in log if e["details"].get("name") == "traced"]
     assert traced and traced[0]["request_id"] == "trace-1234" and traced[0]["ip"] == "127.0.0.1"
+
+
+async def test_tenant_creation_and_platform_actions_are_audited_with_ip_and_request_id(api_world: ApiWorld) -> None:
+    """Platform actions run without a tenant scope (platform.* definer functions); their audit rows
+    still name the administrator, the client's IP and the request."""
+    c, w = api_world.client, api_world
+
+    def platform(request_id: str) -> dict[str, str]:
+        return {**w.headers(w.platform_token), "X-Request-Id": request_id}
+
+    admin_id = (await c.get("/api/v1/me", headers=w.headers(w.platform_token))).json()["user"]["id"]
+    slug = f"audited-{uuid.uuid4().hex[:8]}"
+    r = await c.post("/api/v1/admin/tenants", json={"name": "Cabinet Audité", "slug": slug, "region": "FR",
+                                                    "status": "active"}, headers=platform("create-1"))
+    assert r.status_code == 201, r.text
+    created = r.json()["id"]
+    tenant = f"/api/v1/admin/tenants/{w.a.id}"
+    for body, rid in (({"plan": "enterprise"}, "plan-1"), ({"status": "suspended"}, "status-1"),
+                      ({"status": "active"}, "status-2"), ({"limits": {"max_members": 50}}, "limits-1")):
+        assert (await c.patch(tenant, json=body, headers=platform(rid))).status_code == 200
+    r = await c.post(f"{tenant}/credits", json={"amount": 5, "reason": "audit", "idempotency_key": "audit-1"},
+                     headers=platform("grant-1"))
+    assert r.status_code == 200, r.text
+
+    with psycopg.connect(w.admin_url) as conn:
+        rows = conn.execute(
+            """SELECT tenant_id::text, action, request_id, host(ip), actor_user_id FROM audit_events
+               WHERE request_id = ANY (%s) ORDER BY created_at""",
+            (["create-1", "plan-1", "status-1", "status-2", "limits-1", "grant-1"],)).fetchall()
+        details = conn.execute("SELECT details FROM audit_events WHERE tenant_id = %s AND action = 'tenant.created'",
+                               (created,)).fetchone()[0]
+    a = str(w.a.id)
+    assert rows == [(created, "tenant.created", "create-1", "127.0.0.1", admin_id),
+                    (a, "tenant.plan_changed", "plan-1", "127.0.0.1", admin_id),
+                    (a, "tenant.status_changed", "status-1", "127.0.0.1", admin_id),
+                    (a, "tenant.status_changed", "status-2", "127.0.0.1", admin_id),
+                    (a, "tenant.settings_changed", "limits-1", "127.0.0.1", admin_id),
+                    (a, "credits.grant", "grant-1", "127.0.0.1", admin_id)]
+    assert details == {"name": "Cabinet Audité", "slug": slug, "region": "FR", "plan": "free", "status": "active"}
+    # The tenant's admins see them in their own log.
+    log = (await c.get("/api/v1/audit-events?limit=100", headers=w.a.auth("admin"))).json()["items"]
+    grant = next(e for e in log if e["action"] == "credits.grant" and e["request_id"] == "grant-1")
+    assert grant["ip"] == "127.0.0.1" and grant["actor_user_id"] == admin_id
 
 
 def _since(minutes: int) -> str:

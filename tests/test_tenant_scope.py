@@ -98,6 +98,21 @@ async def test_a_connection_reused_after_a_tenant_carries_no_tenant(migrated_db:
                 await tx.execute("INSERT INTO projects (tenant_id, name) VALUES (%s, 'y')", (tenant,))
 
 
+async def test_the_anonymous_scope_records_the_request_for_one_transaction_only(migrated_db: str) -> None:
+    """Platform functions run without a tenant; their audit rows read app.client_ip and
+    app.request_id, set here with SET LOCAL: the next user of the pooled connection sees neither."""
+    db = bootstrap.database(settings_for(migrated_db, pool_min_size=1, pool_max_size=1), migrated_db)
+    settings = "SELECT current_setting('app.client_ip', true) AS ip, current_setting('app.request_id', true) AS rid"
+    async with db:
+        async with db.anonymous(client_ip="::ffff:10.0.0.1", request_id="req-42") as tx:
+            assert await tx.fetchrow(settings) == {"ip": "::ffff:a00:1", "rid": "req-42"}
+        async with db.anonymous() as tx:
+            assert await tx.fetchrow(settings) in ({"ip": "", "rid": ""}, {"ip": None, "rid": None})
+        for bad in ({"client_ip": "10.0.0.1'; RESET ALL; --"}, {"request_id": "x'; RESET ALL; --"}):
+            with pytest.raises(ValueError):
+                db.anonymous(**bad)
+
+
 async def test_a_failed_statement_rolls_back_the_whole_transaction(small_pool: Database, migrated_db: str) -> None:
     [tenant] = create_tenants(migrated_db, 1)
     ctx = TenantContext(tenant_id=tenant)

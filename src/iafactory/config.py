@@ -6,13 +6,39 @@ understands. Everything else is `IAFACTORY_*`.
 
 from __future__ import annotations
 
+import ipaddress
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The built-in defaults of earlier versions. They are public (they were in this repository), so
+# they are refused wherever they turn up.
+KNOWN_DEV_SECRETS = frozenset({
+    "dev-only-secret-change-me-in-production-0123456789",
+    "dev-only-api-key-secret-change-me-0123456789",
+    "iafactory-app-dev-password",
+})
+# Signing and HMAC keys can be attacked offline: 32 bytes at least. The database password is only
+# guessable online, against a server that logs failures: 16 characters at least.
+MIN_KEY_BYTES = 32
+MIN_DB_PASSWORD_CHARS = 16
+SECRET_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+
+
+class ConfigError(Exception):
+    """A setting is missing or unusable; the message names the environment variable."""
+
+
+def env_name(field: str) -> str:
+    return "DATABASE_URL" if field == "database_url" else f"IAFACTORY_{field.upper()}"
+
+
+_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class Settings(BaseSettings):
@@ -29,7 +55,9 @@ class Settings(BaseSettings):
     # The login role the service connects as. It is a member of the NOLOGIN group role
     # `iaf_app` created by migration 008; it owns nothing and never bypasses RLS.
     app_db_user: str = "iafactory_app"
-    app_db_password: SecretStr = SecretStr("iafactory-app-dev-password")
+    # No default: generated and kept in the data directory for the embedded database; required
+    # (or inside IAFACTORY_APP_DATABASE_URL) with DATABASE_URL.
+    app_db_password: SecretStr | None = None
     # Full URL for the app role, if it cannot be derived from DATABASE_URL (other host, TLS...).
     app_database_url: str | None = None
     # Only on Citus (`iafactory citus distribute`): the owner role iaf_owner logs in between nodes
@@ -39,12 +67,21 @@ class Settings(BaseSettings):
     pool_max_size: int = 10
 
     # --- HTTP / auth ----------------------------------------------------------------------
-    jwt_secret: SecretStr = SecretStr("dev-only-secret-change-me-in-production-0123456789")
+    # No public defaults: on the embedded database these are generated on first start and kept in
+    # the data directory (secret_store.py); anywhere else they must be configured (`serve` refuses
+    # to start otherwise).
+    jwt_secret: SecretStr | None = None
+    # Rotation: the key that signed tokens until now keeps verifying them (tokens name their key
+    # in the `kid` header) until this moment; afterwards only the current key is accepted.
+    jwt_previous_secret: SecretStr | None = None
+    jwt_previous_secret_expires_at: datetime | None = None
     jwt_issuer: str = "iafactory"
     jwt_audience: str = "iafactory-api"
     access_token_ttl_seconds: int = 3600
+    # Whatever a token's `exp` says, it is refused when exp - iat exceeds this.
+    jwt_max_token_lifetime_seconds: int = 86_400
     # HMAC key for API-key hashes: a leaked table of hashes is useless without it.
-    api_key_secret: SecretStr = SecretStr("dev-only-api-key-secret-change-me-0123456789")
+    api_key_secret: SecretStr | None = None
     api_key_environment: str = "live"  # keys read iaf_live_...; "test" for staging keys
     # argon2id parameters (argon2-cffi's defaults: RFC 9106 low-memory profile).
     argon2_time_cost: int = 3
@@ -61,15 +98,152 @@ class Settings(BaseSettings):
     # `iafactory serve` runs an indexing worker in-process (default: with the embedded database).
     run_worker: bool | None = None
     max_body_bytes: int = 1_048_576
-    log_level: str = "INFO"
+
+    # --- observability --------------------------------------------------------------------
+    # `serve` logs one JSON object per line (for collectors); `text` is for people.
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # /metrics: with a token, only `Authorization: Bearer <token>` gets it (any bind address);
+    # without one, only loopback peers that came through no proxy.
+    metrics_token: SecretStr | None = Field(default=None, min_length=16)
+    # Tracing (needs the `otel` extra). The standard OTEL_EXPORTER_OTLP_ENDPOINT works too.
+    otlp_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("IAFACTORY_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"))
     host: str = "127.0.0.1"
     port: int = 8000
+
+    # --- HTTP limits (iafactory/http/protocol.py) ------------------------------------------------
+    # The request line and headers together; larger -> 431 and the connection is closed.
+    max_header_bytes: int = 32_768
+    max_headers: int = 100
+    # A request's line and headers must arrive within this many seconds of the connection opening
+    # (or of the previous response): slow clients do not hold connections open.
+    header_timeout_seconds: float = 10.0
+    # The body must arrive within this many seconds of the headers; otherwise 408.
+    body_timeout_seconds: float = 30.0
+    keep_alive_timeout_seconds: int = 5
+    # Strict-Transport-Security on answers served over https (TLS here, or a trusted proxy's
+    # X-Forwarded-Proto); 0 sends none.
+    hsts_max_age_seconds: int = 31_536_000
+
+    # Names of the secrets that came from the data directory's store rather than configuration.
+    _generated: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if value.strip().lower() in _LEVELS else value.strip().lower()
 
     @property
     def embedded_dir(self) -> Path:
         return self.data_dir / "pg18"
 
+    @property
+    def generated_secrets(self) -> frozenset[str]:
+        return self._generated
+
+    def secret(self, field: str) -> str:
+        """The value of a secret setting, or ConfigError naming its variable when it is unset."""
+        value = getattr(self, field)
+        if value is None:
+            raise ConfigError(f"{env_name(field)} is not set ({SECRET_HINT})")
+        return value.get_secret_value()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _key_problem(field: str, value: SecretStr | None, minimum: int, unit: str) -> str | None:
+    if value is None:
+        return f"{env_name(field)} is not set"
+    raw = value.get_secret_value()
+    if raw in KNOWN_DEV_SECRETS:
+        return f"{env_name(field)} is a public development value: set a secret of your own"
+    size = len(raw.encode()) if unit == "bytes" else len(raw)
+    if size < minimum:
+        return f"{env_name(field)} is too short: at least {minimum} {unit}"
+    return None
+
+
+def serving_problems(settings: Settings, host: str) -> list[str]:
+    """What stops `serve` from starting safely, one clause per setting (empty: fine).
+
+    With DATABASE_URL, or listening beyond loopback, every secret must come from configuration:
+    generated ones are tied to one data directory and nobody would know to back them up or rotate
+    them. The embedded database itself only answers on a local socket, so its password only
+    matters with DATABASE_URL.
+    """
+    external = settings.database_url is not None
+    exposed = not is_loopback(host)
+    problems: list[str] = []
+    for field in ("jwt_secret", "api_key_secret"):
+        problem = _key_problem(field, getattr(settings, field), MIN_KEY_BYTES, "bytes")
+        if problem is None and (external or exposed) and field in settings.generated_secrets:
+            where = "with DATABASE_URL" if external else f"to listen on {host}"
+            problem = f"{env_name(field)} must be configured {where}"
+        if problem:
+            problems.append(problem)
+    if settings.jwt_previous_secret is not None:
+        problem = _key_problem("jwt_previous_secret", settings.jwt_previous_secret, MIN_KEY_BYTES, "bytes")
+        if problem:
+            problems.append(problem)
+        elif settings.jwt_previous_secret_expires_at is None:
+            problems.append(f"{env_name('jwt_previous_secret_expires_at')} is not set: how long the previous key "
+                            "stays valid, e.g. 2027-01-31T12:00:00Z (at least the token lifetime after rotating)")
+    if settings.access_token_ttl_seconds > settings.jwt_max_token_lifetime_seconds:
+        problems.append(f"{env_name('access_token_ttl_seconds')} exceeds "
+                        f"{env_name('jwt_max_token_lifetime_seconds')}: the tokens issued would be refused")
+    if external:
+        problem = app_db_password_problem(settings)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def app_db_password_problem(settings: Settings) -> str | None:
+    """With DATABASE_URL, the application role's password must be a real one: once connected, that
+    role may act as any tenant. IAFACTORY_APP_DATABASE_URL carries its own."""
+    if settings.app_database_url:
+        from psycopg.conninfo import conninfo_to_dict
+
+        password = conninfo_to_dict(settings.app_database_url).get("password")
+        if password in KNOWN_DEV_SECRETS:
+            return f"{env_name('app_database_url')} uses a public development password"
+        return None
+    return _key_problem("app_db_password", settings.app_db_password, MIN_DB_PASSWORD_CHARS, "characters")
+
+
+def with_embedded_secrets(settings: Settings) -> Settings:
+    """On the embedded default, fill the unset secrets from the data directory's store (generated
+    there on first start). With DATABASE_URL nothing is filled in: they must be configured."""
+    if settings.database_url is not None:
+        return settings
+    from iafactory import secret_store
+
+    missing = [f for f in secret_store.GENERATED if getattr(settings, f) is None]
+    if not missing:
+        return settings
+    stored = secret_store.load_or_create(settings.data_dir)
+    resolved = settings.model_copy(update={f: SecretStr(stored[f]) for f in missing})
+    resolved._generated = frozenset(missing)
+    return resolved
+
+
+def previous_key_expiry(settings: Settings) -> float | None:
+    at = settings.jwt_previous_secret_expires_at
+    if at is None:
+        return None
+    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return with_embedded_secrets(Settings())

@@ -54,7 +54,7 @@ def parse_prefix(value: str) -> str | None:
 
 
 def digest(settings: Settings, key: str) -> bytes:
-    return hmac.new(settings.api_key_secret.get_secret_value().encode(), key.encode(), hashlib.sha256).digest()
+    return hmac.new(settings.secret("api_key_secret").encode(), key.encode(), hashlib.sha256).digest()
 
 
 def matches(settings: Settings, key: str, stored: bytes) -> bool:

@@ -161,13 +161,14 @@ async def _user_session(request: Request, who: CurrentPrincipal) -> AsyncIterato
     if who.user_id is None:
         raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
     db: Database = request.app.state.db
-    async with db.anonymous(user_id=who.user_id, read_only=request.method in READ_METHODS) as tx:
+    async with db.anonymous(user_id=who.user_id, read_only=request.method in READ_METHODS,
+                            client_ip=client_ip(request), request_id=getattr(request.state, "request_id", None)) as tx:
         yield tx, who
 
 
 async def _anonymous_session(request: Request) -> AsyncIterator[Transaction]:
     db: Database = request.app.state.db
-    async with db.anonymous() as tx:
+    async with db.anonymous(client_ip=client_ip(request), request_id=getattr(request.state, "request_id", None)) as tx:
         yield tx
 
 

@@ -11,7 +11,7 @@ from iafactory.audit import service as audit
 from iafactory.auth import service
 from iafactory.auth.dependencies import Admin, AnonymousSession, CurrentPrincipal, UserSession, Viewer, client_ip
 from iafactory.auth.schemas import (
-    ApiKeyCreate, ApiKeyCreated, ApiKeyOut, LoginIn, MeOut, RegisterIn, SelectTenantIn, TokenOut, UserOut,
+    ApiKeyCreate, ApiKeyCreated, ApiKeyOut, LoginIn, MeOut, MyTenant, RegisterIn, SelectTenantIn, TokenOut, UserOut,
 )
 from iafactory.config import Settings
 from iafactory.http.problems import not_found
@@ -64,6 +64,12 @@ async def select_tenant(body: SelectTenantIn, request: Request, session: UserSes
 @router.get("/me", response_model=MeOut, tags=["auth"], summary="Who am I: user, current tenant and role")
 async def me(who: CurrentPrincipal, request: Request) -> Any:
     return await service.whoami(request.app.state.db, who)
+
+
+@router.get("/me/tenants", response_model=list[MyTenant], tags=["auth"],
+            summary="My tenants, with my role in each; `current` marks the one this credential acts for")
+async def my_tenants(who: CurrentPrincipal, request: Request) -> Any:
+    return (await service.whoami(request.app.state.db, who)).tenants
 
 
 @router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, tags=["api-keys"],

@@ -6,8 +6,9 @@ from datetime import datetime, timezone
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from iafactory.emails import Email
 from iafactory.tenancy.schemas import Role
 
 
@@ -16,13 +17,13 @@ class Strict(BaseModel):
 
 
 class RegisterIn(Strict):
-    email: EmailStr
+    email: Email
     password: str = Field(min_length=10, max_length=200, description="At least 10 characters.")
     name: str = Field(default="", max_length=255)
 
 
 class LoginIn(Strict):
-    email: EmailStr
+    email: Email
     password: str = Field(min_length=1, max_length=200)
 
 
@@ -36,6 +37,11 @@ class Membership(BaseModel):
     name: str
     role: Role
     status: str
+
+
+class MyTenant(Membership):
+    current: bool = Field(description="True for the tenant this credential acts for (the selected tenant of "
+                                      "a token, the tenant of an API key).")
 
 
 class TokenOut(BaseModel):
@@ -59,7 +65,8 @@ class MeOut(BaseModel):
     tenant: Membership | None
     role: Role | None
     api_key_id: UUID | None = None
-    tenants: list[Membership] = []
+    tenants: list[MyTenant] = Field(default=[], description="Every tenant of the caller, with their role there; "
+                                    "an API key has exactly one, its own.")
 
 
 class ApiKeyCreate(Strict):

@@ -9,10 +9,11 @@ import psycopg
 
 from iafactory.auth import api_keys, passwords, tokens
 from iafactory.auth.dependencies import Principal
-from iafactory.auth.schemas import ApiKeyCreate, LoginIn, MeOut, Membership, RegisterIn
+from iafactory.auth.schemas import ApiKeyCreate, LoginIn, MeOut, Membership, MyTenant, RegisterIn
 from iafactory.config import Settings
 from iafactory.db.scope import Database, Transaction
 from iafactory.http.problems import Problem
+from iafactory.observability import metrics
 from iafactory.tenancy.context import TenantContext
 
 SELECTABLE = ("active", "trial")
@@ -31,8 +32,10 @@ async def authenticate(tx: Transaction, settings: Settings, data: LoginIn) -> di
     row = await tx.fetchrow("SELECT * FROM app.find_login(%s)", (data.email,))
     ok = await passwords.verify_password(settings, row["password_hash"] if row else None, data.password)
     if not ok or row is None:
+        metrics.count_login_failure("bad_credentials")
         raise Problem(401, "Unauthorized", "wrong email or password", headers={"WWW-Authenticate": "Bearer"})
     if not row["is_active"]:
+        metrics.count_login_failure("disabled")
         raise Problem(403, "Forbidden", "this account is disabled")
     await tx.execute("SELECT app.record_login(%s)", (row["user_id"],))
     return row
@@ -89,14 +92,14 @@ async def revoke_key(tx: Transaction, tenant_id: UUID, key_id: UUID) -> bool:
 
 
 async def whoami(db: Database, who: Principal) -> MeOut:
-    """The caller, their tenants and, with a tenant selected, their current role (re-checked by
-    the same gate as every tenant request)."""
+    """The caller, all their tenants (the one this credential acts for marked `current`) and, with
+    a tenant selected, their current role (re-checked by the same gate as every tenant request)."""
     user_sql = "SELECT id, email, name, is_platform_admin, created_at FROM users WHERE id = %s"
     if who.tenant_id is None:
         async with db.anonymous(user_id=who.user_id, read_only=True) as tx:
             user = await tx.fetchrow(user_sql, (who.user_id,))
             tenants = await memberships(tx, who.user_id) if who.user_id else []
-        return MeOut(user=user, tenant=None, role=None, tenants=tenants)
+        return MeOut(user=user, tenant=None, role=None, tenants=_marked(tenants, None))
     ctx = TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id)
     async with db.tenant(ctx, read_only=True, gate=("SELECT app.authorize(%s, %s)", ("viewer", False))) as tx:
         tenant = await tx.fetchrow("SELECT id, slug, name, status FROM tenants WHERE id = %s", (who.tenant_id,))
@@ -104,9 +107,18 @@ async def whoami(db: Database, who: Principal) -> MeOut:
             user = await tx.fetchrow(user_sql, (who.user_id,))
             role = await tx.fetchval("SELECT role FROM tenant_users WHERE tenant_id = %s AND user_id = %s",
                                      (who.tenant_id, who.user_id))
+            tenants = await memberships(tx, who.user_id)
         else:
             user, role = None, "member" if who.key_scope == "write" else "viewer"
+            tenants = []
     assert tenant is not None  # the gate refused otherwise
     membership = Membership(id=tenant["id"], slug=tenant["slug"], name=tenant["name"], role=role,
                             status=tenant["status"])
-    return MeOut(user=user, tenant=membership, role=role, api_key_id=who.api_key_id)
+    if who.user_id is None:
+        tenants = [membership]  # an API key belongs to exactly one tenant
+    return MeOut(user=user, tenant=membership, role=role, api_key_id=who.api_key_id,
+                 tenants=_marked(tenants, who.tenant_id))
+
+
+def _marked(tenants: list[Membership], current: UUID | None) -> list[MyTenant]:
+    return [MyTenant(**t.model_dump(), current=t.id == current) for t in tenants]

@@ -6,11 +6,11 @@ API key); the billing contact is the admins'. The SQL is in billing/service.py.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Query
+from pydantic import AwareDatetime
 
 from iafactory.auth.dependencies import Admin, Member, Viewer
 from iafactory.billing import service
@@ -18,7 +18,7 @@ from iafactory.billing.schemas import (
     BillingAccount, BillingAccountUpdate, CreditBalance, CreditTransaction, UsageBatch, UsageBatchResult, UsageEvent,
     UsageSummary,
 )
-from iafactory.http.problems import Problem
+from iafactory.http.problems import invalid
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, decode, page_of
 
 router = APIRouter()
@@ -83,14 +83,15 @@ async def list_usage_events(
             summary="Usage totals over a period, by event type or by day")
 async def usage_summary(
     s: Viewer,
-    since: Annotated[datetime, Query(alias="from", description="Start (inclusive), e.g. 2026-11-01T00:00:00Z")],
-    until: Annotated[datetime, Query(alias="to", description="End (exclusive), e.g. 2026-12-01T00:00:00Z")],
+    # AwareDatetime: a date-time without a zone is refused by validation, naming the field, like
+    # every other 422.
+    since: Annotated[AwareDatetime, Query(alias="from", description="Start (inclusive), with a time zone, "
+                                                                     "e.g. 2026-11-01T00:00:00Z")],
+    until: Annotated[AwareDatetime, Query(alias="to", description="End (exclusive), with a time zone, "
+                                                                   "e.g. 2026-12-01T00:00:00Z")],
     group_by: Annotated[Literal["type", "day"], Query()] = "type",
 ) -> Any:
-    if since.tzinfo is None or until.tzinfo is None:
-        raise Problem(422, "Validation failed", "query.from/query.to: need a time zone, e.g. 2026-11-01T00:00:00Z",
-                      type_="validation")
     if since >= until:
-        raise Problem(422, "Validation failed", "query.from: must be before query.to", type_="validation")
+        raise invalid("query.from", "must be before query.to")
     rows = await service.usage_summary(s.tx, s.ctx.tenant_id, since, until, group_by)
     return {"since": since, "until": until, "group_by": group_by, "rows": rows}

@@ -34,7 +34,8 @@ class BillingAccount(BaseModel):
     billing_email: str | None
     address: str
     vat_number: str | None
-    currency: Currency
+    currency: Currency = Field(description="The currency of the tenant's region unless set (DZ: DZD, CH: CHF, "
+                                           "FR and BE: EUR, CA: CAD)")
     credit_balance: int = Field(description="Credits, in whole units; changed only by ledger transactions")
     created_at: datetime | None = Field(description="null until the account is first saved")
     updated_at: datetime | None

@@ -20,9 +20,10 @@ from iafactory.db.scope import Transaction
 
 ACCOUNT_COLUMNS = ("billing_name", "billing_email", "address", "vat_number", "currency", "credit_balance",
                    "created_at", "updated_at")
-# What GET answers before the account has ever been saved: the column defaults of billing_accounts (007).
+# What GET answers before the account has ever been saved: the column defaults of billing_accounts (007),
+# and the currency of the tenant's region (012), which the account will take when it is created.
 DEFAULT_ACCOUNT: dict[str, Any] = {"billing_name": "", "billing_email": None, "address": "", "vat_number": None,
-                                   "currency": "CHF", "credit_balance": 0, "created_at": None, "updated_at": None}
+                                   "credit_balance": 0, "created_at": None, "updated_at": None}
 # The contact fields; credit_balance is deliberately not among them (nor granted to the application, 010).
 EDITABLE_ACCOUNT_COLUMNS = frozenset({"billing_name", "billing_email", "address", "vat_number", "currency"})
 
@@ -41,7 +42,11 @@ async def get_account(tx: Transaction, tenant_id: UUID) -> dict[str, Any]:
     """The tenant's account, or the defaults when none has been saved yet (nothing is written)."""
     query = sql.SQL("SELECT {} FROM billing_accounts WHERE tenant_id = %s").format(_columns(ACCOUNT_COLUMNS))
     row = await tx.fetchrow(query, (tenant_id,))
-    return row if row is not None else dict(DEFAULT_ACCOUNT)
+    return row if row is not None else {**DEFAULT_ACCOUNT, "currency": await _region_currency(tx, tenant_id)}
+
+
+async def _region_currency(tx: Transaction, tenant_id: UUID) -> str:
+    return await tx.fetchval("SELECT app.region_currency(region) FROM tenants WHERE id = %s", (tenant_id,))
 
 
 async def update_account(tx: Transaction, tenant_id: UUID, changes: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +76,7 @@ async def balance(tx: Transaction, tenant_id: UUID) -> dict[str, Any]:
     row = await tx.fetchrow(
         "SELECT credit_balance AS balance, currency FROM billing_accounts WHERE tenant_id = %s", (tenant_id,))
     if row is None:
-        return {"balance": DEFAULT_ACCOUNT["credit_balance"], "currency": DEFAULT_ACCOUNT["currency"]}
+        return {"balance": DEFAULT_ACCOUNT["credit_balance"], "currency": await _region_currency(tx, tenant_id)}
     return row
 
 

@@ -78,7 +78,8 @@ class DealCreate(Strict):
     lead_id: UUID = Field(description="A lead of the same tenant")
     title: Name
     amount: Amount = Decimal(0)
-    currency: Currency = "CHF"
+    currency: Currency | None = Field(default=None, description="Defaults to the currency of the tenant's region "
+                                                                "(DZ: DZD, CH: CHF, FR and BE: EUR, CA: CAD)")
     stage: DealStage = "prospecting"
     expected_close_date: date | None = None
     metadata: JsonObject = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from iafactory.config import Settings
+from iafactory.config import SECRET_HINT, ConfigError, Settings, app_db_password_problem
 from iafactory.db import migrate, roles, server
 from iafactory.db.scope import Database, admin_connect
 
@@ -17,11 +17,15 @@ async def migrate_and_prepare(
     on_start: Callable[[migrate.Migration], None] | None = None,
     on_done: Callable[[migrate.Migration, int], None] | None = None,
 ) -> list[migrate.Migration]:
+    # Checked before migrating: a missing or public password changes nothing.
+    if settings.database_url is not None and (problem := app_db_password_problem(settings)):
+        raise ConfigError(f"{problem} ({SECRET_HINT})")
+    password = server.app_login_password(settings)
     applied = await migrate.migrate(admin_url, target, on_start=on_start, on_done=on_done)
     async with await admin_connect(admin_url) as conn:
         has_group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
         if has_group:
-            await roles.ensure_app_login(conn, settings.app_db_user, settings.app_db_password.get_secret_value())
+            await roles.ensure_app_login(conn, settings.app_db_user, password)
     return applied
 
 

@@ -1,13 +1,17 @@
-"""`iafactory migrate`, `iafactory verify`, `iafactory db url`."""
+"""`iafactory migrate`, `iafactory verify`, `iafactory db url|start|stop|status`."""
 
 from __future__ import annotations
 
+import subprocess
+
+import psycopg
 import typer
 
-from iafactory.cli import CliError, admin_url, app, console, print_table, run
-from iafactory.config import get_settings
+from iafactory.cli import CliError, admin_url, app, console, err_console, print_error, print_table, run
+from iafactory.config import Settings, get_settings
 from iafactory.db import citus
 from iafactory.db import migrate as migrations
+from iafactory.db import server
 from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db import verify as verification
 from iafactory.db.scope import admin_connect
@@ -39,6 +43,9 @@ async def migrate_command(
             for s in statuses:
                 if s.state == "changed":
                     console.print(f"[yellow]{s.version}_{s.name}.sql changed since it was applied[/yellow]")
+                if s.superseded_by_reason:
+                    console.print(f"{s.version}_{s.name}.sql was applied as an earlier text, accepted as equivalent "
+                                  f"(superseded_checksums.txt: {s.superseded_by_reason})", highlight=False)
         if dry_run:
             todo = migrations.plan(statuses, version)
             if not todo:
@@ -76,6 +83,64 @@ async def verify_command() -> None:
 def url_command() -> None:
     """Print the admin connection URL (starting the embedded server if needed), e.g. for psql."""
     print(admin_url())
+
+
+def _embedded_only(settings: Settings, command: str) -> None:
+    if settings.database_url:
+        print_error(f"DATABASE_URL is set: `iafactory db {command}` only manages the embedded PostgreSQL "
+                    "(unset DATABASE_URL to manage it)")
+        raise typer.Exit(1)
+
+
+@db_app.command("start")
+def start_command() -> None:
+    """Start the embedded PostgreSQL (or find it running) and print its admin URL.
+
+    It keeps running after this command, as after `demo`, `serve` or the tests: `iafactory db stop` stops it.
+    """
+    settings = get_settings()
+    _embedded_only(settings, "start")
+    was_running = server.embedded_status(settings).running
+    try:
+        url = server.start_embedded(settings)
+    except (OSError, RuntimeError, subprocess.SubprocessError, psycopg.Error) as err:
+        print_error(f"could not start the embedded PostgreSQL in {settings.embedded_dir}: {err} "
+                    f"(its log: {settings.embedded_dir / 'log'})")
+        raise typer.Exit(1) from None
+    state = "already running" if was_running else "started"
+    err_console.print(f"embedded PostgreSQL {state} in {settings.embedded_dir}", highlight=False, soft_wrap=True)
+    print(url)
+
+
+@db_app.command("stop")
+def stop_command() -> None:
+    """Stop the embedded PostgreSQL cleanly (the next command that needs it starts it again)."""
+    settings = get_settings()
+    _embedded_only(settings, "stop")
+    try:
+        stopped = server.stop_embedded(settings)
+    except (OSError, RuntimeError) as err:
+        print_error(str(err))
+        raise typer.Exit(1) from None
+    where = server.embedded_status(settings).data_dir
+    print(f"stopped the embedded PostgreSQL in {where}" if stopped else f"the embedded PostgreSQL in {where} was not running")
+
+
+@db_app.command("status")
+def status_command() -> None:
+    """Whether the embedded PostgreSQL runs: data directory, URL, version. Exit status 3 when it
+    does not run (as `pg_ctl status`), unless DATABASE_URL is set."""
+    settings = get_settings()
+    if settings.database_url:
+        print(f"database: {server.redact(settings.database_url)} (DATABASE_URL is set: the embedded server is not used)")
+    st = server.embedded_status(settings)
+    print(f"embedded PostgreSQL: {f'running (pid {st.pid})' if st.running else 'not running'}")
+    print(f"data directory: {st.data_dir}")
+    if st.running:
+        print(f"URL: {st.url}")
+    print(f"version: {st.version or 'none yet (created by the first command that needs it)'}")
+    if not st.running and not settings.database_url:
+        raise typer.Exit(3)
 
 
 @citus_app.command("distribute")

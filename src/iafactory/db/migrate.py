@@ -6,6 +6,8 @@ its lock hangs `CREATE INDEX CONCURRENTLY`). This one is ~250 lines:
 
 * files `NNN_name.sql` applied in order, each recorded in `schema_migrations` with its SHA-256;
 * an applied file that changed is reported (`--check`) and blocks further runs: never re-run silently;
+  the one exception is an earlier text listed in `migrations/superseded_checksums.txt` (a fix that
+  changes nothing for a database that already ran the file), which is accepted as applied;
 * a session-level advisory lock, held on its *own* connection, serialises runners without keeping
   a transaction open (a transaction would make `CREATE INDEX CONCURRENTLY` wait forever); a
   runner waiting for it polls `pg_try_advisory_lock` rather than blocking in `pg_advisory_lock`,
@@ -33,6 +35,8 @@ import sqlparse
 from iafactory.db.scope import admin_connect
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Lines `NNN <sha256 of an earlier text of NNN> <why it is equivalent>`; read by both runners.
+SUPERSEDED_FILE = "superseded_checksums.txt"
 NO_TRANSACTION_MARKER = "-- iafactory:no-transaction"
 # Any constant shared by the Python runner and scripts/run_migrations.sh.
 ADVISORY_LOCK_KEY = 7_114_614_202_512
@@ -50,6 +54,18 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     tool         text NOT NULL DEFAULT 'iafactory'
 )
 """
+# The tracking table is not the application's (008 revokes the same when the table exists then;
+# plain `psql -f` of 008 runs without it, so the runner that creates it later does it here).
+TRACKING_TABLE_PRIVILEGES_SQL = """
+DO $$
+BEGIN
+    REVOKE ALL ON public.schema_migrations FROM PUBLIC;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'iaf_app') THEN
+        REVOKE ALL ON public.schema_migrations FROM iaf_app;
+    END IF;
+END
+$$
+"""
 
 
 class MigrationError(Exception):
@@ -63,6 +79,11 @@ class Migration:
     path: Path
     sql: str
     checksum: str
+    # (checksum, reason) of earlier texts of this file that a database may have applied instead.
+    superseded: tuple[tuple[str, str], ...] = ()
+
+    def accepts(self, recorded_checksum: str) -> bool:
+        return recorded_checksum == self.checksum or any(c == recorded_checksum for c, _ in self.superseded)
 
     @property
     def transactional(self) -> bool:
@@ -110,9 +131,26 @@ class MigrationStatus:
     applied_at: datetime | None = None
     execution_ms: int | None = None
     migration: Migration | None = None
+    superseded_by_reason: str | None = None  # applied as an earlier text, accepted because of this reason
+
+
+def _superseded(directory: Path) -> dict[str, list[tuple[str, str]]]:
+    path = directory / SUPERSEDED_FILE
+    if not path.exists():
+        return {}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split(maxsplit=2)
+        if len(parts) < 3 or not re.fullmatch(r"\d{3}", parts[0]) or not re.fullmatch(r"[0-9a-f]{64}", parts[1]):
+            raise MigrationError(f"{SUPERSEDED_FILE}, line {number}: expected `NNN <sha256> <reason>`")
+        out.setdefault(parts[0], []).append((parts[1], parts[2]))
+    return out
 
 
 def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    superseded = _superseded(directory)
     migrations: dict[str, Migration] = {}
     for path in sorted(directory.glob("*.sql")):
         match = _FILE_NAME.match(path.name)
@@ -122,13 +160,20 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         if version in migrations:
             raise MigrationError(f"{path.name}: version {version} is used twice ({migrations[version].filename})")
         data = path.read_bytes()
-        migrations[version] = Migration(version, name, path, data.decode("utf-8"), hashlib.sha256(data).hexdigest())
+        migrations[version] = Migration(version, name, path, data.decode("utf-8"), hashlib.sha256(data).hexdigest(),
+                                        tuple(superseded.pop(version, ())))
+    if superseded:
+        raise MigrationError(f"{SUPERSEDED_FILE} names migration(s) with no file: {', '.join(sorted(superseded))}")
     return [migrations[v] for v in sorted(migrations)]
 
 
-async def _applied(conn: psycopg.AsyncConnection) -> dict[str, dict]:
+async def _tracking_table_exists(conn: psycopg.AsyncConnection) -> bool:
     row = await (await conn.execute("SELECT to_regclass('public.schema_migrations') IS NOT NULL AS e")).fetchone()
-    if not row["e"]:
+    return bool(row["e"])
+
+
+async def _applied(conn: psycopg.AsyncConnection) -> dict[str, dict]:
+    if not await _tracking_table_exists(conn):
         return {}
     cur = await conn.execute(
         "SELECT version, name, checksum, applied_at, execution_ms FROM schema_migrations ORDER BY version"
@@ -145,8 +190,9 @@ async def status(conn: psycopg.AsyncConnection, migrations: list[Migration] | No
         if rec is None:
             rows.append(MigrationStatus(m.version, m.name, "pending", migration=m))
         else:
-            state = "applied" if rec["checksum"] == m.checksum else "changed"
-            rows.append(MigrationStatus(m.version, m.name, state, rec["applied_at"], rec["execution_ms"], m))
+            state = "applied" if m.accepts(rec["checksum"]) else "changed"
+            reason = next((r for c, r in m.superseded if c == rec["checksum"] != m.checksum), None)
+            rows.append(MigrationStatus(m.version, m.name, state, rec["applied_at"], rec["execution_ms"], m, reason))
     for version, rec in sorted(applied.items()):
         rows.append(MigrationStatus(version, rec["name"], "missing", rec["applied_at"], rec["execution_ms"]))
     return rows
@@ -268,7 +314,9 @@ async def migrate(
         await _take_lock(lock)
         async with await admin_connect(conninfo) as conn:
             await conn.execute("SET client_min_messages = warning")
-            await conn.execute(TRACKING_TABLE_SQL)
+            if not await _tracking_table_exists(conn):
+                await conn.execute(TRACKING_TABLE_SQL)
+                await conn.execute(TRACKING_TABLE_PRIVILEGES_SQL)
             todo = plan(await status(conn, migrations), target)
             for m in todo:
                 if on_start:

@@ -12,7 +12,8 @@ from psycopg import sql
 from iafactory.db.migrate import MigrationError
 
 
-async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: str) -> None:
+async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: str | None) -> None:
+    """`password` None: the role logs in some other way (certificate, peer) or keeps its password."""
     group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
     if group is None:
         raise MigrationError("role iaf_app does not exist yet: apply migration 008 first")
@@ -21,10 +22,11 @@ async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: s
                   EXISTS (SELECT 1 FROM pg_class c WHERE c.relowner = r.oid
                           AND c.relnamespace = 'public'::regnamespace) AS owns_tables
            FROM pg_roles r WHERE rolname = %s""", (user,))).fetchone()
-    ident, secret = sql.Identifier(user), sql.Literal(password)
+    ident = sql.Identifier(user)
+    secret = sql.SQL("") if password is None else sql.SQL(" PASSWORD {}").format(sql.Literal(password))
     if role is None:
         await conn.execute(sql.SQL(
-            "CREATE ROLE {} LOGIN PASSWORD {} NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT"
+            "CREATE ROLE {} LOGIN{} NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT"
         ).format(ident, secret))
     elif role["rolsuper"] or role["rolbypassrls"] or role["owns_tables"]:
         # Never demote or reuse a privileged role by accident: that would be a configuration error.
@@ -33,7 +35,7 @@ async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: s
             "set IAFACTORY_APP_DB_USER to a dedicated role name"
         )
     else:
-        await conn.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {} NOCREATEDB NOCREATEROLE INHERIT").format(ident, secret))
+        await conn.execute(sql.SQL("ALTER ROLE {} LOGIN{} NOCREATEDB NOCREATEROLE INHERIT").format(ident, secret))
     await conn.execute(sql.SQL("GRANT iaf_app TO {}").format(ident))
     dbname = conn.info.dbname
     await conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO iaf_app").format(sql.Identifier(dbname)))

@@ -40,7 +40,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from iafactory.tenancy.context import TenantContext
+from iafactory.tenancy.context import TenantContext, request_metadata
 
 Params = Sequence[Any] | None
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -206,10 +206,19 @@ class Transaction:
 
 
 def _tenant_prelude(conn: Conn, ctx: TenantContext | None, gate: tuple[str, Params] | None,
-                    user_id: int | None = None) -> list[str]:
+                    user_id: int | None = None, request: tuple[str | None, str | None] = (None, None)
+                    ) -> list[str]:
     statements: list[str] = []
-    if ctx is None and user_id is not None:
-        statements.append(f"SET LOCAL app.user_id = '{int(user_id)}'")
+    if ctx is None:
+        if user_id is not None:
+            statements.append(f"SET LOCAL app.user_id = '{int(user_id)}'")
+        # The request's IP and id (checked by request_metadata), for the audit rows that platform
+        # functions write without a tenant scope.
+        client_ip, request_id = request
+        if client_ip is not None:
+            statements.append(f"SET LOCAL app.client_ip = '{client_ip}'")
+        if request_id is not None:
+            statements.append(f"SET LOCAL app.request_id = '{request_id}'")
     if ctx is not None:
         # TenantContext guarantees a uuid.UUID: its str() is only hex digits and dashes.
         statements.append(f"SET LOCAL app.tenant_id = '{ctx.tenant_id}'")
@@ -231,14 +240,16 @@ class _Scope:
     """Async context manager for one scope: a pooled (or given) connection and its Transaction.
     A plain class rather than nested generators: this sits on every request's hot path."""
 
-    __slots__ = ("_pool", "_conn", "_ctx", "_gate", "_read_only", "_tx", "_user_id", "_before")
+    __slots__ = ("_pool", "_conn", "_ctx", "_gate", "_read_only", "_tx", "_user_id", "_before", "_request")
 
     def __init__(self, pool: AsyncConnectionPool | None, conn: Conn | None, ctx: TenantContext | None,
                  gate: tuple[str, Params] | None, read_only: bool, user_id: int | None = None,
-                 before: tuple[str, Params] | None = None) -> None:
+                 before: tuple[str, Params] | None = None,
+                 request: tuple[str | None, str | None] = (None, None)) -> None:
         self._pool, self._conn, self._ctx, self._gate, self._read_only = pool, conn, ctx, gate, read_only
         self._user_id = user_id
         self._before = before
+        self._request = request
         self._tx: Transaction | None = None
 
     async def __aenter__(self) -> Transaction:
@@ -246,7 +257,8 @@ class _Scope:
             self._conn = await self._pool.getconn()
         assert self._conn is not None
         try:
-            self._tx = Transaction(self._conn, _tenant_prelude(self._conn, self._ctx, self._gate, self._user_id),
+            self._tx = Transaction(self._conn, _tenant_prelude(self._conn, self._ctx, self._gate, self._user_id,
+                                                               self._request),
                                    read_only=self._read_only, must_send=self._gate is not None,
                                    before=_inline(self._conn, *self._before) if self._before else None)
         except BaseException:
@@ -296,6 +308,11 @@ class Database:
     async def close(self) -> None:
         await self._pool.close()
 
+    def pool_stats(self) -> dict[str, int]:
+        """The pool's figures (pool_size, pool_available, requests_waiting, pool_max, ...) for
+        /metrics. Read-only: get_stats(), not pop_stats(), so other readers' counters stay."""
+        return self._pool.get_stats()
+
     async def __aenter__(self) -> Database:
         await self.open()
         return self
@@ -336,11 +353,15 @@ class Database:
                 wake.set()  # fall back to polling until the database is back
                 await asyncio.sleep(1.0)
 
-    def anonymous(self, *, user_id: int | None = None, read_only: bool = False) -> AbstractAsyncContextManager[Transaction]:
+    def anonymous(self, *, user_id: int | None = None, read_only: bool = False, client_ip: str | None = None,
+                  request_id: str | None = None) -> AbstractAsyncContextManager[Transaction]:
         """A transaction with no tenant: only the pre-tenant definer functions see anything.
         `user_id` (a verified user) lets a user read their own row and the platform functions
-        check that they are a platform administrator."""
-        return _Scope(self._pool, None, None, None, read_only, user_id)
+        check that they are a platform administrator. `client_ip` and `request_id` go into the
+        audit rows written in it (tenant creation, status, plan and limit changes, credit grants),
+        as in a tenant scope."""
+        return _Scope(self._pool, None, None, None, read_only, user_id,
+                      request=request_metadata(client_ip, request_id))
 
 
 @asynccontextmanager

@@ -34,6 +34,12 @@ class Problem(Exception):
         self.extra = extra
 
 
+def invalid(field: str, message: str, type_: str = "value_error") -> Problem:
+    """A 422 naming `field` ("query.from", "body.name"), shaped like FastAPI's own validation errors."""
+    return Problem(422, "Validation failed", f"{field}: {message}", type_="validation",
+                   errors=[{"field": field, "message": message, "type": type_}])
+
+
 def not_found(what: str, ident: object) -> Problem:
     # Identical for "does not exist" and "belongs to another tenant": nothing to learn from it.
     return Problem(404, "Not Found", f"{what} {ident} not found", type_="not-found")
@@ -50,6 +56,10 @@ def problem_response(status: int, title: str, detail: str | None = None, *, type
         if rid:
             body["request_id"] = rid
     body.update(extra)
+    if status == 422 and "errors" not in body:
+        # Every 422 has the same shape: clients read `errors`. A raiser that names no field
+        # (a database refusal of a value we cannot trace to one) blames the request body.
+        body["errors"] = [{"field": "body", "message": detail or title, "type": "value_error"}]
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
@@ -85,23 +95,27 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(psycopg.Error)
     async def _database(request: Request, exc: psycopg.Error) -> JSONResponse:
         fields: list[str] = []
-        if isinstance(exc, psycopg.errors.ForeignKeyViolation) and exc.diag.constraint_name:
+        if isinstance(exc, (psycopg.errors.ForeignKeyViolation, psycopg.errors.CheckViolation)) \
+                and exc.diag.constraint_name:
             fields = await _constraint_columns(request, exc.diag.constraint_name)
-        return database_problem(request, exc, fk_fields=fields)
+        return database_problem(request, exc, fields=fields)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        from iafactory.http.security import json_answer_headers
+
         return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
-                                request=request)
+                                request=request, headers=json_answer_headers(request.url.path))
 
 
 _constraint_cache: dict[str, list[str]] = {}
 
 
 async def _constraint_columns(request: Request, constraint: str) -> list[str]:
-    """The columns of a foreign key, without tenant_id. With RLS on the referenced table PostgreSQL
-    leaves the key out of the error detail, so the catalog says which field was wrong."""
+    """The columns of a foreign key or check constraint, without tenant_id. With RLS on the
+    referenced table PostgreSQL leaves the key out of the error detail, and a check violation names
+    no column at all, so the catalog says which field was wrong."""
     if constraint not in _constraint_cache:
         try:
             async with request.app.state.db.anonymous(read_only=True) as tx:
@@ -109,14 +123,18 @@ async def _constraint_columns(request: Request, constraint: str) -> list[str]:
                     """SELECT a.attname FROM pg_constraint c
                        CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY k(n, i)
                        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
-                       WHERE c.conname = %s AND c.contype = 'f' ORDER BY k.i""", (constraint,))
+                       WHERE c.conname = %s AND c.contype IN ('f', 'c') ORDER BY k.i""", (constraint,))
         except psycopg.Error:
             return []
         _constraint_cache[constraint] = [r["attname"] for r in rows if r["attname"] != "tenant_id"]
     return _constraint_cache[constraint]
 
 
-def database_problem(request: Request, exc: psycopg.Error, fk_fields: list[str] | None = None) -> JSONResponse:
+def _field_errors(fields: list[str], message: str, type_: str) -> list[dict[str, str]]:
+    return [{"field": f"body.{f}", "message": message, "type": type_} for f in fields]
+
+
+def database_problem(request: Request, exc: psycopg.Error, fields: list[str] | None = None) -> JSONResponse:
     state = exc.sqlstate or ""
     diag = exc.diag
     if state in APP_SQLSTATES:
@@ -142,21 +160,23 @@ def database_problem(request: Request, exc: psycopg.Error, fk_fields: list[str] 
                                 "it is still referenced by other records"), type_="conflict", request=request)
     if isinstance(exc, psycopg.errors.ForeignKeyViolation):
         # The referenced record does not exist *in this tenant*: bad input, named by its field.
-        fields = fk_fields or _fk_fields(diag.message_detail)
-        errors = [{"field": f"body.{f}", "message": "no such record", "type": "reference"} for f in fields]
+        errors = _field_errors(fields or _fk_fields(diag.message_detail), "no such record", "reference")
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "references a record that does not exist"
         return problem_response(422, "Validation failed", detail, type_="validation", request=request, errors=errors)
     if isinstance(exc, (psycopg.errors.CheckViolation, psycopg.errors.NotNullViolation,
                         psycopg.errors.StringDataRightTruncation, psycopg.errors.NumericValueOutOfRange,
                         psycopg.errors.InvalidTextRepresentation, psycopg.errors.InvalidDatetimeFormat,
                         psycopg.errors.DatetimeFieldOverflow)):
-        return problem_response(422, "Validation failed",
-                                _constraint_sentence(diag.constraint_name or diag.column_name, "invalid value"),
-                                type_="validation", request=request)
+        detail = _constraint_sentence(diag.constraint_name or diag.column_name, "invalid value")
+        named = fields or ([diag.column_name] if diag.column_name else [])
+        return problem_response(422, "Validation failed", detail, type_="validation", request=request,
+                                **({"errors": _field_errors(named, detail, "constraint")} if named else {}))
     if isinstance(exc, psycopg.errors.DataError):
         # e.g. a NUL character in text, a number out of range: the value, not the server, is wrong.
         return problem_response(422, "Validation failed", f"invalid value: {diag.message_primary}",
-                                type_="validation", request=request)
+                                type_="validation", request=request,
+                                **({"errors": _field_errors([diag.column_name], "invalid value", "value_error")}
+                                   if diag.column_name else {}))
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         # An RLS refusal that slipped past the API's own checks: the row is not the caller's.
         return problem_response(403, "Forbidden", "not allowed for this tenant", request=request)

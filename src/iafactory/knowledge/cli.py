@@ -14,6 +14,7 @@ from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import embedder
+from iafactory.observability import logs
 
 knowledge_app = typer.Typer(help="Knowledge-base indexing.", no_args_is_help=True)
 app.add_typer(knowledge_app, name="knowledge")
@@ -38,6 +39,8 @@ async def worker_command(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         console.print(f"worker started (embedder: {model.model_id or 'none'}); Ctrl-C to stop")
+        # A long-running service like `serve`: its lines in the same format (JSON by default).
+        logs.configure(settings.log_format, settings.log_level)
         await worker.run_forever(db, model, stop)
 
 

@@ -8,12 +8,13 @@ document changed in the meantime, the write is skipped: the change queued a newe
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from iafactory.db.scope import Database
-from iafactory.knowledge.chunking import chunk_text
+from iafactory.knowledge.chunking import Chunk, chunk_text
 from iafactory.knowledge.embeddings import Embedder, vector_literal
 from iafactory.knowledge.text import detect_language, fold, ts_config
 from iafactory.tenancy.context import TenantContext
@@ -52,11 +53,15 @@ async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, docu
         if r["embedding"] is not None and r["embedding_model"] == embedder.model_id}
 
     chunks = chunk_text(doc["content"] or "") or chunk_text(doc["title"])
-    document_language = doc["language"] or detect_language(doc["content"] or doc["title"])
+    whole = detect_language(doc["content"] or doc["title"])
+    detected = [detect_language(chunk.text) for chunk in chunks]
+    # What the API shows as the document's language when the client set none.
+    detected_language = dominant_language(detected, chunks) or whole
+    document_language = doc["language"] or whole
     rows: list[dict[str, Any]] = []
     to_embed: list[int] = []
-    for chunk in chunks:
-        language = detect_language(chunk.text) or document_language
+    for chunk, chunk_language in zip(chunks, detected):
+        language = chunk_language or document_language
         passage = f"{chunk.heading_path}\n{chunk.text}" if chunk.heading_path else chunk.text
         # The hash covers exactly the text embedded, title included: a new title re-embeds.
         embedded_text = f"{doc['title']}\n{passage}"
@@ -83,7 +88,18 @@ async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, docu
                 tenant_id, document_id, chunk.number, chunk.text, chunk.start, chunk.end, chunk.heading_path,
                 row["language"], config, row["hash"], fold(doc["title"]), config, folded, folded,
                 row["embedding"], embedder.model_id if row["embedding"] else None))
+        # detected_language moves neither updated_at nor the indexing queue (their triggers ignore it).
         await tx.execute(
-            """UPDATE knowledge_base SET index_status = 'indexed', indexed_at = now(), index_error = NULL
-               WHERE tenant_id = %s AND id = %s""", (tenant_id, document_id))
+            """UPDATE knowledge_base SET index_status = 'indexed', indexed_at = now(), index_error = NULL,
+                                         detected_language = %s
+               WHERE tenant_id = %s AND id = %s""", (detected_language, tenant_id, document_id))
     return IndexResult(len(rows), len(to_embed))
+
+
+def dominant_language(languages: list[str | None], chunks: list[Chunk]) -> str | None:
+    """The language detected in most of the text (characters of the chunks where one was detected)."""
+    weight: Counter[str] = Counter()
+    for language, chunk in zip(languages, chunks):
+        if language is not None:
+            weight[language] += len(chunk.text)
+    return max(sorted(weight), key=weight.__getitem__) if weight else None

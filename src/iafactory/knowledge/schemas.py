@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from iafactory.resources import Resource
 from iafactory.resources.types import JsonObject, Language, LongText, Patch, Strict
@@ -35,7 +35,9 @@ class DocumentOut(BaseModel):
     title: str
     content: str
     source: str | None
-    language: str | None
+    language: str | None = Field(description="The language the client set; if none, the detected one (null until "
+                                             "indexed, or when the text has no recognisable language)")
+    detected_language: str | None = Field(description="Detected while indexing: the language of most of the text")
     metadata: dict
     index_status: Literal["pending", "indexing", "indexed", "failed"] = Field(
         description="Chunking and embedding run in the background after each change of the text.")
@@ -43,6 +45,12 @@ class DocumentOut(BaseModel):
     index_error: str | None
     created_at: datetime
     updated_at: datetime
+
+    @model_validator(mode="after")
+    def _detected_unless_set(self) -> DocumentOut:
+        if self.language is None:
+            self.language = self.detected_language
+        return self
 
 
 SearchMode = Literal["hybrid", "keyword", "semantic"]
@@ -66,8 +74,16 @@ class Passage(BaseModel):
     char_end: int
     heading_path: str
     language: str | None
-    score: float
-    retrievers: list[Literal["keyword", "semantic"]]
+    score: float = Field(description=(
+        "Raw reciprocal-rank-fusion score: the sum over the rankings that found the passage of "
+        "1 / (60 + its rank there). Results are ordered by it. Its scale is small (at most 2/61 ≈ 0.033 in "
+        "hybrid mode, 1/61 ≈ 0.016 otherwise) and depends on the mode: compare it only within one answer."))
+    relevance: float = Field(ge=0, le=1, description=(
+        "`score` divided by the best score possible for this search: 1/61 for each ranking fused (two in "
+        "hybrid mode when the query could be embedded, else one). 1.0 = ranked first by every ranking "
+        "used; about 0.5 in hybrid mode = first in one ranking and absent from the other. A rank-based "
+        "measure, not a probability of being correct."))
+    retrievers: list[Literal["keyword", "semantic"]] = Field(description="The rankings that found the passage")
 
 
 class SearchOut(BaseModel):

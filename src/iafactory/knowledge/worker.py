@@ -12,6 +12,7 @@ from uuid import UUID
 from iafactory.db.scope import Database
 from iafactory.knowledge.embeddings import Embedder
 from iafactory.knowledge.indexing import index_document
+from iafactory.observability import logs
 from iafactory.tenancy.context import TenantContext
 
 log = logging.getLogger("iafactory.worker")
@@ -48,19 +49,19 @@ async def run_one(db: Database, embedder: Embedder) -> bool:
         job = await tx.fetchrow("SELECT * FROM app.claim_knowledge_job()")
     if job is None:
         return False
-    started = time.perf_counter()
-    error = None
-    try:
-        result = await index_document(db, embedder, job["tenant_id"], job["document_id"],
-                                      force_reembed=job["kind"] == "reembed")
-        log.info("indexed document %s: %s chunks (%s embedded) in %.0f ms tenant=%s job=%s",
-                 job["document_id"], result.chunks, result.embedded, (time.perf_counter() - started) * 1000,
-                 job["tenant_id"], job["id"])
-    except Exception as err:  # noqa: BLE001 - any failure is retried, then recorded
-        error = f"{type(err).__name__}: {err}"
-        log.warning("indexing document %s failed (attempt %s): %s tenant=%s", job["document_id"], job["attempts"],
-                    error, job["tenant_id"])
-    await _finish(db, job["tenant_id"], job["id"], job["document_id"], error, job["attempts"])
+    # Lines logged while the job runs carry its tenant and id (JSON fields, like a request's).
+    with logs.bind(tenant_id=str(job["tenant_id"]), job_id=job["id"]):
+        started = time.perf_counter()
+        error = None
+        try:
+            result = await index_document(db, embedder, job["tenant_id"], job["document_id"],
+                                          force_reembed=job["kind"] == "reembed")
+            log.info("indexed document %s: %s chunks (%s embedded) in %.0f ms", job["document_id"], result.chunks,
+                     result.embedded, (time.perf_counter() - started) * 1000)
+        except Exception as err:  # noqa: BLE001 - any failure is retried, then recorded
+            error = f"{type(err).__name__}: {err}"
+            log.warning("indexing document %s failed (attempt %s): %s", job["document_id"], job["attempts"], error)
+        await _finish(db, job["tenant_id"], job["id"], job["document_id"], error, job["attempts"])
     return True
 
 

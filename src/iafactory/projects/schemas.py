@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from iafactory.resources import Resource
 from iafactory.resources.types import JsonObject, LongText, Name, Patch, Strict
@@ -33,7 +33,8 @@ class ProjectOut(BaseModel):
     description: str
     status: ProjectStatus
     settings: dict
-    owner_id: int | None
+    owner_id: int | None = Field(description="The user who created the project; null when an API key created it "
+                                             "(a key acts for the tenant, not for a person)")
     created_at: datetime
     updated_at: datetime
 

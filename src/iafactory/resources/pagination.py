@@ -10,7 +10,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field
 
-from iafactory.http.problems import Problem
+from iafactory.http.problems import invalid
 
 T = TypeVar("T")
 DEFAULT_LIMIT = 20
@@ -33,9 +33,7 @@ def decode(cursor: str, id_type: type) -> tuple[datetime, object]:
         created, ident = json.loads(base64.urlsafe_b64decode(padded.encode()))
         return datetime.fromisoformat(created), (UUID(ident) if id_type is UUID else id_type(ident))
     except (ValueError, TypeError, json.JSONDecodeError) as err:
-        raise Problem(422, "Validation failed", "query.cursor: not a cursor returned by this API",
-                      type_="validation", errors=[{"field": "query.cursor", "message": "not a cursor returned by "
-                                                   "this API", "type": "value_error"}]) from err
+        raise invalid("query.cursor", "not a cursor returned by this API") from err
 
 
 def page_of(rows: list[dict], limit: int, key: str = "id") -> tuple[list[dict], str | None]:

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import typer
-from pydantic import EmailStr, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from iafactory.cli import CliError, admin_url, app, console, parse_json_option, print_table, run
 from iafactory.db.scope import operator_transaction
+from iafactory.emails import Email
 from iafactory.tenancy import portability, service
 from iafactory.tenancy.schemas import Plan, Region, Role, Status, TenantCreate, TenantFilters
 
@@ -81,9 +82,9 @@ async def add_user_command(
     except ValidationError as err:
         raise CliError(f"--role: must be one of owner, admin, member, viewer (got {role!r})") from err
     try:
-        checked_email = TypeAdapter(EmailStr).validate_python(email)
+        checked_email = TypeAdapter(Email).validate_python(email)
     except ValidationError as err:
-        raise CliError(f"EMAIL: {err.errors()[0]['msg']} (got {email!r})") from err
+        raise CliError(f"EMAIL: {err.errors()[0]['msg'].removeprefix('Value error, ')} (got {email!r})") from err
     async with operator_transaction(admin_url()) as tx:
         result = await service.add_member(tx, slug, checked_email, checked_role, name=name)
     verb = "created and added" if result["user_created"] else "added"

@@ -36,7 +36,17 @@ class TenantContext:
             raise TypeError("TenantContext.tenant_id must be a uuid.UUID")
         if self.role is not None and self.role not in ROLE_RANK:
             raise ValueError(f"unknown role {self.role!r}")
-        if self.client_ip is not None:
-            object.__setattr__(self, "client_ip", str(ipaddress.ip_address(self.client_ip)))
-        if self.request_id is not None and not _REQUEST_ID.fullmatch(self.request_id):
-            raise ValueError("request_id must be 1-64 letters, digits, '-' or '_'")
+        ip, request_id = request_metadata(self.client_ip, self.request_id)
+        object.__setattr__(self, "client_ip", ip)
+        object.__setattr__(self, "request_id", request_id)
+
+
+def request_metadata(client_ip: str | None, request_id: str | None) -> tuple[str | None, str | None]:
+    """The client address and request id a scope records (SET LOCAL, read by the audit log),
+    checked here because SET LOCAL takes no bind parameters: an IP in canonical form, an id of
+    1-64 letters, digits, '-' or '_'. Raises ValueError otherwise."""
+    if client_ip is not None:
+        client_ip = str(ipaddress.ip_address(client_ip))
+    if request_id is not None and not _REQUEST_ID.fullmatch(request_id):
+        raise ValueError("request_id must be 1-64 letters, digits, '-' or '_'")
+    return client_ip, request_id

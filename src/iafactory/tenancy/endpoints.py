@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-import psycopg
 from fastapi import APIRouter, Query, Response
 from psycopg.types.json import Jsonb
 
 from iafactory.auth.dependencies import Admin, Owner, UserSession, Viewer
-from iafactory.http.problems import Problem, not_found
+from iafactory.http.problems import Problem, invalid, not_found
 from iafactory.resources.pagination import MAX_LIMIT, Page, decode, page_of
 from iafactory.tenancy import members, service
 from iafactory.tenancy.schemas import (
@@ -33,7 +32,7 @@ async def get_tenant(s: Viewer) -> Any:
 async def update_tenant(body: TenantUpdate, s: Owner) -> Any:
     changes = body.model_dump(exclude_unset=True)
     if "name" in changes and changes["name"] is None:
-        raise Problem(422, "Validation failed", "body.name: cannot be null", type_="validation")
+        raise invalid("body.name", "cannot be null")
     if changes.get("settings") is not None:
         changes["settings"] = Jsonb(changes["settings"])
     if not changes:
@@ -116,8 +115,6 @@ async def admin_update_tenant(tenant_id: UUID, body: AdminTenantUpdate, session:
         return tenant
     except service.TenantNotFound as err:
         raise not_found("tenant", tenant_id) from err
-    except psycopg.errors.CheckViolation as err:
-        raise Problem(422, "Validation failed", "invalid plan or status", type_="validation") from err
 
 
 @router.post("/admin/tenants/{tenant_id}/credits", response_model=CreditResult, tags=["platform"],

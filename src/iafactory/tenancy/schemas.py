@@ -8,7 +8,9 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from iafactory.emails import Email
 
 Region = Literal["DZ", "CH", "FR", "BE", "CA"]
 Plan = Literal["free", "pro", "enterprise"]
@@ -36,7 +38,7 @@ class TenantCreate(BaseModel):
     region: Region
     plan: Plan = "free"
     status: Status = "trial"
-    admin_email: EmailStr | None = None
+    admin_email: Email | None = None
     admin_phone: str | None = Field(default=None, max_length=50)
     settings: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -89,7 +91,7 @@ class TenantUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, min_length=1, max_length=255)
-    admin_email: EmailStr | None = None
+    admin_email: Email | None = None
     admin_phone: str | None = Field(default=None, max_length=50)
     settings: dict[str, Any] | None = None
 
@@ -144,7 +146,7 @@ class MemberOut(BaseModel):
 class MemberCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    email: EmailStr
+    email: Email
     role: Role = "member"
 
 

@@ -95,3 +95,11 @@ async def grant_monthly(tx: Transaction, month: Any = None) -> list[dict[str, An
     if month is None:
         return await tx.fetch("SELECT * FROM platform.grant_monthly()")
     return await tx.fetch("SELECT * FROM platform.grant_monthly(%s)", (month,))
+
+
+async def grant_monthly_to(tx: Transaction, tenant_id: UUID, month: Any = None) -> dict[str, Any]:
+    """The plan's monthly credits for one tenant, once per month (the key `grant_monthly` uses):
+    the row says whether this call granted them, and the balance and currency after it."""
+    if month is None:
+        return await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s)", (tenant_id,))
+    return await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s, %s)", (tenant_id, month))

@@ -115,7 +115,15 @@ GRANT SELECT ON tenants TO iaf_app;
 GRANT UPDATE (name, admin_email, admin_phone, settings) ON tenants TO iaf_app;
 GRANT SELECT (id, email, name, is_active, is_platform_admin, last_login_at, created_at, updated_at) ON users TO iaf_app;
 GRANT UPDATE (name, password_hash) ON users TO iaf_app;
-REVOKE ALL ON schema_migrations FROM iaf_app;
+-- The runners' tracking table is not the application's. It exists only when a runner applies this
+-- file (plain `psql -f` has none); a runner that creates it later revokes the same itself.
+DO $$
+BEGIN
+    IF to_regclass('public.schema_migrations') IS NOT NULL THEN
+        REVOKE ALL ON public.schema_migrations FROM iaf_app;
+    END IF;
+END
+$$;
 
 ALTER SCHEMA app OWNER TO iaf_owner;
 ALTER SCHEMA platform OWNER TO iaf_owner;

@@ -1,0 +1,1 @@
+"""Logs, metrics and (optional) traces of the running service."""
