@@ -447,29 +447,55 @@ BEGIN
 END
 $$;
 
--- The monthly plan grant: the tenants first (a read of the registry), then one tenant at a time.
-CREATE OR REPLACE FUNCTION platform.grant_monthly(p_month date DEFAULT current_date)
-    RETURNS TABLE (tenant_id uuid, slug text, credits bigint, granted boolean)
+-- The monthly plan grant of one tenant (012), its limits read without a LATERAL call over
+-- tenant rows (which a distributed planner refuses).
+CREATE OR REPLACE FUNCTION platform.grant_monthly_to(p_tenant uuid, p_month date DEFAULT current_date)
+    RETURNS TABLE (tenant_id uuid, slug text, credits bigint, granted boolean, balance bigint, currency text)
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
     AS $$
 #variable_conflict use_column
 DECLARE
     t record;
     v_credits bigint;
-    v_key text := 'monthly:' || to_char(p_month, 'YYYY-MM');
-    v_dup boolean;
+    v_granted boolean := false;
+    v_balance bigint;
+    v_currency text;
 BEGIN
     PERFORM app.assert_platform_operator();
-    FOR t IN
-        SELECT tn.id, tn.slug::text AS slug FROM public.tenants tn
-        WHERE tn.status IN ('active', 'trial')
-        ORDER BY tn.created_at, tn.id
+    SELECT tn.id, tn.slug::text AS slug, tn.status, tn.region INTO t FROM public.tenants tn WHERE tn.id = p_tenant;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no tenant %', p_tenant USING ERRCODE = 'IA404';
+    END IF;
+    SELECT l.monthly_credits INTO v_credits FROM app.tenant_limits(p_tenant) l;
+    IF t.status IN ('active', 'trial') AND v_credits > 0 THEN
+        SELECT NOT r.duplicate INTO v_granted FROM internal.apply_credit(
+            p_tenant, 'grant', v_credits, 'monthly plan grant ' || to_char(p_month, 'YYYY-MM'),
+            'monthly:' || to_char(p_month, 'YYYY-MM'), NULL) r;
+    END IF;
+    SELECT a.credit_balance, a.currency::text INTO v_balance, v_currency
+      FROM public.billing_accounts a WHERE a.tenant_id = p_tenant;
+    RETURN QUERY SELECT p_tenant, t.slug, v_credits, v_granted, coalesce(v_balance, 0::bigint),
+                        coalesce(v_currency, app.region_currency(t.region));
+END
+$$;
+
+-- Every tenant's: the tenants first (a read of the registry), then one tenant at a time.
+CREATE OR REPLACE FUNCTION platform.grant_monthly(p_month date DEFAULT current_date)
+    RETURNS TABLE (tenant_id uuid, slug text, credits bigint, granted boolean)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
+    AS $$
+#variable_conflict use_column
+DECLARE
+    v_id uuid;
+    v_credits bigint;
+BEGIN
+    PERFORM app.assert_platform_operator();
+    FOR v_id IN
+        SELECT tn.id FROM public.tenants tn WHERE tn.status IN ('active', 'trial') ORDER BY tn.created_at, tn.id
     LOOP
-        SELECT l.monthly_credits INTO v_credits FROM app.tenant_limits(t.id) l;
+        SELECT l.monthly_credits INTO v_credits FROM app.tenant_limits(v_id) l;
         CONTINUE WHEN coalesce(v_credits, 0) <= 0;
-        SELECT r.duplicate INTO v_dup FROM internal.apply_credit(
-            t.id, 'grant', v_credits, 'monthly plan grant ' || to_char(p_month, 'YYYY-MM'), v_key, NULL) r;
-        RETURN QUERY SELECT t.id, t.slug, v_credits, NOT v_dup;
+        RETURN QUERY SELECT g.tenant_id, g.slug, g.credits, g.granted FROM platform.grant_monthly_to(v_id, p_month) g;
     END LOOP;
 END
 $$;
