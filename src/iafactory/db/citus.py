@@ -32,7 +32,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from iafactory.config import Settings
-from iafactory.db import migrate
+from iafactory.db import migrate, server
 from iafactory.db.scope import admin_connect
 
 # Tables that stay on the coordinator, with the reason.
@@ -160,7 +160,11 @@ async def _prepare_roles_and_settings(conn: psycopg.AsyncConnection, settings: S
                                                                           sql.Literal(owner_secret)))
     # How the nodes authenticate to each other as these roles (nodeid 0: towards every node).
     # Citus does not copy pg_dist_authinfo to the workers, whose shard triggers connect onwards too.
-    for role, secret in ((OWNER_ROLE, owner_secret), (settings.app_db_user, settings.app_db_password.get_secret_value())):
+    credentials = [(OWNER_ROLE, owner_secret)]
+    app_secret = server.app_login_password(settings)
+    if app_secret:
+        credentials.append((settings.app_db_user, app_secret))
+    for role, secret in credentials:
         statements = sql.SQL("DELETE FROM pg_dist_authinfo WHERE nodeid = 0 AND rolename = {role}; "
                              "INSERT INTO pg_dist_authinfo (nodeid, rolename, authinfo) VALUES (0, {role}, {info})"
                              ).format(role=sql.Literal(role), info=sql.Literal(make_conninfo(password=secret)))
@@ -171,7 +175,7 @@ async def _prepare_roles_and_settings(conn: psycopg.AsyncConnection, settings: S
         if failed:
             raise CitusError(f"cannot record node credentials on worker {failed[0]['nodename']}:{failed[0]['nodeport']}: "
                              f"{failed[0]['result']}")
-    progress(f"{OWNER_ROLE} may log in between nodes; node credentials for {OWNER_ROLE} and {settings.app_db_user}")
+    progress(f"{OWNER_ROLE} may log in between nodes; node credentials for {', '.join(r for r, _ in credentials)}")
     for name, value in (("citus.propagate_set_commands", "local"), ("citus.enable_unsafe_triggers", "on")):
         await conn.execute(sql.SQL("ALTER DATABASE {} SET {} TO {}").format(
             sql.Identifier(dbname), sql.SQL(name), sql.Literal(value)))
