@@ -290,6 +290,39 @@ BEGIN
 END
 $$;
 
+-- Adds a registered user to the transaction's tenant, and answers what the members list shows.
+-- One function, so that the new row is written and read by the same role: on Citus a transaction
+-- may not read, as iaf_owner, shard rows it changed as the application (and vice versa).
+-- outcome: 'added', 'unknown' (no account with that email) or 'member' (already one).
+CREATE OR REPLACE FUNCTION app.add_tenant_member(p_email text, p_role text)
+    RETURNS TABLE (outcome text, user_id integer, email text, name text, role text, created_at timestamptz)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
+    AS $$
+DECLARE
+    v_tenant uuid := app.current_tenant_id();
+    u record;
+    v_created timestamptz;
+BEGIN
+    IF v_tenant IS NULL THEN
+        RAISE EXCEPTION 'no tenant' USING ERRCODE = 'IA403';
+    END IF;
+    SELECT x.id, x.email::text AS email, x.name::text AS name INTO u
+      FROM public.users x WHERE lower(x.email) = lower(p_email);
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'unknown'::text, NULL::integer, NULL::text, NULL::text, NULL::text, NULL::timestamptz;
+        RETURN;
+    END IF;
+    INSERT INTO public.tenant_users AS tu (tenant_id, user_id, role) VALUES (v_tenant, u.id, p_role)
+    ON CONFLICT ON CONSTRAINT tenant_users_pkey DO NOTHING
+    RETURNING tu.created_at INTO v_created;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'member'::text, u.id, u.email, u.name, NULL::text, NULL::timestamptz;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT 'added'::text, u.id, u.email, u.name, p_role, v_created;
+END
+$$;
+
 ------------------------------------------------------------------------------------------------
 -- The per-request gate: one plain join per kind of credential, each table restricted to the
 -- transaction's tenant by an explicit equality (no outer join on a constant condition).
