@@ -200,3 +200,34 @@ def test_the_api_works_and_a_request_reaches_one_shard(distributed: str) -> None
                            (world.a.id, out["project"])) == 1
         # The policy alone would reach every shard: the explicit filter is what routes.
         assert _task_count(conn, "SELECT * FROM projects", ()) > 1
+
+
+def test_every_route_and_the_operator_commands_work_distributed(distributed: str, tmp_path: Any) -> None:
+    """The route-by-route drive of test_distribution_statements, then export, erase and import."""
+    from api_support import provision_for_load
+    from test_distribution_statements import _drive
+    from iafactory.db import bootstrap
+    from iafactory.knowledge import worker
+    from iafactory.knowledge.embeddings import embedder
+    from iafactory.tenancy import portability
+
+    async def run() -> tuple[list[tuple[str, int]], int, dict[str, int]]:
+        async with app_client(distributed, embedding_provider="none") as (client, admin_url, settings):
+            world = await build_world(client, admin_url, settings)
+            await provision_for_load(admin_url, world)
+            db = bootstrap.database(settings, admin_url)
+            async with db:
+                calls, indexed = await _drive(client, world, lambda: worker.drain(db, embedder(settings)))
+            archive = tmp_path / "a.tar.gz"
+            manifest = await portability.export_tenant(admin_url, world.a.slug, archive)
+            await portability.erase_tenant(admin_url, world.a.slug, world.a.slug)
+            imported = await portability.import_tenant(admin_url, archive)
+            assert imported == {t: m["rows"] for t, m in manifest["tables"].items()}
+            return calls, indexed, imported
+
+    calls, indexed, imported = asyncio.run(run())
+    failed = [(label, status) for label, status in calls if status >= 500 or status == 429]
+    assert not failed, failed
+    assert sum(200 <= status < 300 for _, status in calls) >= 50, calls
+    assert indexed >= 1
+    assert imported["projects"] >= 1
