@@ -310,3 +310,24 @@ def test_slugs_stay_unique_through_the_registry(conn: psycopg.Connection) -> Non
                     f"UPDATE tenants SET slug = 'registre-un' WHERE id = '{plain}'"):
         with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
             conn.execute(attempt)
+
+
+def test_the_application_opens_a_billing_account_only_without_credits(db: str) -> None:
+    """020 grants INSERT on the whole row (a distributed INSERT sends every column); a trigger keeps
+    010's rule that the application cannot give itself credits."""
+    from conftest import settings_for
+    from iafactory.db import server
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        tenant = conn.execute("INSERT INTO tenants (name, slug, region) VALUES ('Compte', 'compte-vide', 'DZ') "
+                              "RETURNING id").fetchone()[0]
+    with psycopg.connect(server.app_conninfo(settings_for(db), db)) as conn:
+        conn.execute("SELECT set_config('app.tenant_id', %s, true)", (str(tenant),))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+            conn.execute("INSERT INTO billing_accounts (tenant_id, billing_name, credit_balance) VALUES (%s, 'x', 1000)",
+                         (tenant,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+            conn.execute("UPDATE billing_accounts SET credit_balance = 1000 WHERE tenant_id = %s", (tenant,))
+        row = conn.execute("INSERT INTO billing_accounts (tenant_id, billing_name, credit_balance, created_at) "
+                           "VALUES (%s, 'Cabinet', 0, now()) RETURNING credit_balance, currency", (tenant,)).fetchone()
+        assert row == (0, "DZD")

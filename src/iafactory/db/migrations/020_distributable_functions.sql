@@ -639,6 +639,25 @@ BEGIN
 END
 $$;
 
+-- The application may open a billing account (its contact fields), never with credits in it. 010
+-- granted INSERT on the contact columns only; but a distributed INSERT reaches the shard with
+-- every column's value, defaults included (credit_balance 0, created_at ...), which a
+-- column-level grant refuses. So the whole row may be inserted, and this trigger keeps the rule.
+CREATE OR REPLACE FUNCTION app.billing_account_opens_empty() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF NEW.credit_balance <> 0 AND app.is_application_session() THEN
+        RAISE EXCEPTION 'a billing account opens with a zero balance: credits move through the ledger'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE OR REPLACE TRIGGER billing_accounts_open_empty BEFORE INSERT ON billing_accounts
+    FOR EACH ROW EXECUTE FUNCTION app.billing_account_opens_empty();
+GRANT INSERT ON billing_accounts TO iaf_app;
+
 ------------------------------------------------------------------------------------------------
 -- /metrics (016): the queue's size across tenants, in plpgsql.
 ------------------------------------------------------------------------------------------------
