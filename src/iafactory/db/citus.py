@@ -14,8 +14,8 @@ Run against the coordinator after `iafactory migrate`. From the catalog (nothing
 * all of it in one transaction (sequential shard modifications, which foreign keys to reference
   tables require): a failure leaves the database as it was; a second run finds nothing to do.
 
-And what the running service needs: `citus.propagate_set_commands = 'local'` (SET LOCAL
-app.tenant_id reaches the shards), `citus.enable_unsafe_triggers` (the tables' triggers run on
+And what the running service needs: `citus.propagate_set_commands = 'local'` (the SET LOCAL
+of the tenant reaches the shards), `citus.enable_unsafe_triggers` (the tables' triggers run on
 the shards, and later migrations may create triggers), and an owner role that can log in between
 nodes: SECURITY DEFINER functions run as iaf_owner, and a definer function that reads several
 shards opens connections to the workers as that role. Its password comes from
