@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_support import PASSWORD, fast_settings
+from conftest import SECRET_ENV
 from iafactory.auth.passwords import hash_password
 from iafactory.db.scope import operator_transaction
 from iafactory.tenancy import service
@@ -73,7 +74,7 @@ def free_port() -> int:
 def served(migrated_db: str, tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith("OTEL_")}
-    env.update({"DATABASE_URL": migrated_db, "IAFACTORY_METRICS_TOKEN": TOKEN, "IAFACTORY_LOG_FORMAT": "json",
+    env.update({**SECRET_ENV, "DATABASE_URL": migrated_db, "IAFACTORY_METRICS_TOKEN": TOKEN, "IAFACTORY_LOG_FORMAT": "json",
                 "IAFACTORY_LOG_LEVEL": "INFO", "IAFACTORY_RUN_WORKER": "false", "TMPDIR": str(tmp_path)})
     exe = Path(sys.executable).with_name("iafactory")
     proc = subprocess.Popen([str(exe), "serve", "--workers", "2", "--port", str(port), "--no-migrate"],

@@ -10,11 +10,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 
 from iafactory.config import Settings, get_settings
 from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
-from iafactory.http import problems
+from iafactory.http import docs, problems
 from iafactory.http.middleware import RequestContextMiddleware
 from iafactory.observability import logs, metrics
 from iafactory.http.security import SecurityHeadersMiddleware
@@ -60,7 +61,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             from iafactory.knowledge import worker
             from iafactory.knowledge.embeddings import embedder
 
-            worker_task = asyncio.create_task(worker.run_forever(app.state.db, embedder(settings), stop))
+            worker_task = asyncio.create_task(worker.run_forever(app.state.db, embedder(settings), stop,
+                                                                 lease_seconds=settings.worker_lease_seconds))
         pool_gauges = asyncio.create_task(metrics.refresh_pool_forever(app.state.db))
         try:
             yield
@@ -82,12 +84,21 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
                 app.state.tracing.shutdown()
             metrics.worker_exiting()
 
-    app = FastAPI(
+    # FastAPIOffline serves the Swagger UI and ReDoc files shipped in the fastapi-offline package
+    # (under /static-offline-docs), so the interactive docs need no CDN; the pages themselves are
+    # iafactory.http.docs (with a policy that keeps them on this origin).
+    app = FastAPIOffline(
+        docs_url=None, redoc_url=None,
         title="IAFactory API",
         version="1.0.0",
         description="Multi-tenant backend for IAFactory's AI products. Every request acts for exactly one "
-                    "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.",
+                    "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.\n\n"
+                    "Sign in with `POST /api/v1/auth/login`, then send `Authorization: Bearer <token>` "
+                    "(or an API key as Bearer or `X-API-Key`). Text and JSON values cannot contain the NUL "
+                    "character (U+0000): PostgreSQL cannot store it, and such requests get 422.",
         lifespan=lifespan,
+        # No call to the public online validator either.
+        swagger_ui_parameters={"validatorUrl": None},
         # Every error is application/problem+json (RFC 9457); these can come from any route.
         responses={
             400: {"description": "Malformed request body (application/problem+json)"},
@@ -113,6 +124,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
 
         app.state.tracing = tracing.instrument(app, settings, span_exporter)
     problems.install(app)
+    docs.install(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
                        span_hook=app.state.tracing.annotate if app.state.tracing else None,
                        body_timeout=settings.body_timeout_seconds)
@@ -124,11 +136,11 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
 
     app.include_router(metrics_router)
 
-    @app.get("/healthz", tags=["health"], summary="The process is up")
+    @app.get("/healthz", tags=["health"], operation_id="check_health", summary="The process is up")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="The database answers")
+    @app.get("/readyz", tags=["health"], operation_id="check_readiness", summary="The database answers")
     async def readyz(request: Request) -> Any:
         try:
             async with request.app.state.db.anonymous(read_only=True) as tx:

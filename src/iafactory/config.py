@@ -16,6 +16,8 @@ import platformdirs
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from iafactory.jsonvalues import JsonLimits
+
 # The built-in defaults of earlier versions. They are public (they were in this repository), so
 # they are refused wherever they turn up.
 KNOWN_DEV_SECRETS = frozenset({
@@ -97,6 +99,9 @@ class Settings(BaseSettings):
     embedding_dimension: int = 1536
     # `iafactory serve` runs an indexing worker in-process (default: with the embedded database).
     run_worker: bool | None = None
+    # An indexing job is held for this long after its worker was last heard of (a heartbeat renews
+    # it every third of it): a job whose worker died is taken by another within this time.
+    worker_lease_seconds: int = Field(default=25, ge=1, le=3600)
     max_body_bytes: int = 1_048_576
 
     # --- observability --------------------------------------------------------------------
@@ -109,6 +114,16 @@ class Settings(BaseSettings):
     # Tracing (needs the `otel` extra). The standard OTEL_EXPORTER_OTLP_ENDPOINT works too.
     otlp_endpoint: str | None = Field(
         default=None, validation_alias=AliasChoices("IAFACTORY_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+    # Every free-form JSON field of a request (metadata, settings, inputs...): refused with 422
+    # beyond these (iafactory.jsonvalues).
+    json_max_depth: int = Field(default=32, ge=1, le=200)
+    json_max_bytes: int = Field(default=65_536, ge=2)
+    json_max_keys: int = Field(default=1_000, ge=1)
+    json_max_items: int = Field(default=10_000, ge=1)
+    json_max_string: int = Field(default=32_768, ge=1)
+    # How long an Idempotency-Key and its stored answer are kept (at least 24 hours).
+    idempotency_key_ttl_seconds: int = Field(default=86_400, ge=86_400)
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -141,6 +156,11 @@ class Settings(BaseSettings):
         return self.data_dir / "pg18"
 
     @property
+    def json_limits(self) -> JsonLimits:
+        return JsonLimits(depth=self.json_max_depth, nbytes=self.json_max_bytes, keys=self.json_max_keys,
+                          items=self.json_max_items, string=self.json_max_string)
+
+    @property
     def generated_secrets(self) -> frozenset[str]:
         return self._generated
 
@@ -150,6 +170,7 @@ class Settings(BaseSettings):
         if value is None:
             raise ConfigError(f"{env_name(field)} is not set ({SECRET_HINT})")
         return value.get_secret_value()
+
 
 
 def is_loopback(host: str) -> bool:

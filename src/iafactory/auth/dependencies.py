@@ -16,11 +16,13 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from iafactory.auth import api_keys, tokens
 from iafactory.config import Settings
@@ -65,16 +67,30 @@ def unauthorized(detail: str) -> Problem:
     return Problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _credential(request: Request) -> str:
-    header = request.headers.get("authorization")
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise unauthorized("use 'Authorization: Bearer <token or API key>'")
-        return value.strip()
-    key = request.headers.get("x-api-key")
-    if key:
-        return key.strip()
+# The two ways to present a credential, as FastAPI security classes: they read the headers and,
+# because the dependencies below take them as parameters, every operation's `security` in the
+# OpenAPI document says which it accepts (Swagger UI's Authorize button sends them). They never
+# refuse by themselves (auto_error=False): `_credential` words the 401.
+bearer_scheme = HTTPBearer(
+    auto_error=False, scheme_name="bearerAuth", bearerFormat="JWT",
+    description="A token from POST /api/v1/auth/login (or /auth/select-tenant). Where an operation also "
+                "lists apiKeyAuth, an API key (iaf_live_...) is accepted here too.")
+api_key_scheme = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="apiKeyAuth",
+    description="An API key (iaf_live_...) from POST /api/v1/api-keys; it acts for its tenant as a viewer "
+                "(read scope) or a member (write scope).")
+
+BearerCredential = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+ApiKeyCredential = Annotated[str | None, Depends(api_key_scheme)]
+
+
+def _credential(request: Request, bearer: HTTPAuthorizationCredentials | None, api_key: str | None) -> str:
+    if bearer is not None:
+        return bearer.credentials
+    if request.headers.get("authorization"):  # present, but not "Bearer <value>"
+        raise unauthorized("use 'Authorization: Bearer <token or API key>'")
+    if api_key:
+        return api_key.strip()
     raise unauthorized("missing credentials: send 'Authorization: Bearer <token>' or 'X-API-Key: <key>'")
 
 
@@ -106,9 +122,8 @@ async def _principal_from_key(request: Request, key: str) -> Principal:
                      key_scope=row["scope"])
 
 
-async def principal(request: Request) -> Principal:
-    """Who is calling. Verifies the credential; does not yet check it against the tenant."""
-    credential = _credential(request)
+async def _principal(request: Request, bearer: HTTPAuthorizationCredentials | None, api_key: str | None) -> Principal:
+    credential = _credential(request, bearer, api_key)
     if api_keys.looks_like_key(credential):
         who = await _principal_from_key(request, credential)
     else:
@@ -121,7 +136,25 @@ async def principal(request: Request) -> Principal:
     return who
 
 
+async def principal(request: Request, bearer: BearerCredential, api_key: ApiKeyCredential) -> Principal:
+    """Who is calling, by a JWT or an API key. Verifies the credential; does not yet check it
+    against the tenant."""
+    return await _principal(request, bearer, api_key)
+
+
+async def user_principal(request: Request, bearer: BearerCredential) -> Principal:
+    """Who is calling, for the routes that need a user's token: only bearerAuth is declared. An API
+    key (in either header) is still verified, then refused with 403 by `_user_session`."""
+    return await _principal(request, bearer, request.headers.get("x-api-key"))
+
+
 CurrentPrincipal = Annotated[Principal, Depends(principal)]
+UserPrincipal = Annotated[Principal, Depends(user_principal)]
+
+
+# API keys act as a viewer (read scope) or a member (write scope): routes that need more declare only
+# bearerAuth (a key presented anyway is still verified, then refused by app.authorize with 403).
+KEY_ROLES = frozenset({"viewer", "member"})
 
 
 def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):  # noqa: ANN201
@@ -131,33 +164,47 @@ def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None): 
     if min_role not in ROLE_RANK:
         raise ValueError(min_role)
 
-    async def dependency(request: Request) -> AsyncIterator[TenantSession]:
-        # Called directly rather than as a sub-dependency: one dependency to resolve per request.
-        who = await principal(request)
-        if who.tenant_id is None:
-            raise Problem(403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first",
-                          type_="tenant-required")
-        ctx = TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id,
-                            role=who.role if who.role in ROLE_RANK else None, key_scope=who.key_scope,
-                            client_ip=client_ip(request),
-                            request_id=getattr(request.state, "request_id", None))
-        request.state.tenant_id = str(who.tenant_id)
-        reading = request.method in READ_METHODS if read_only is None else read_only
-        db: Database = request.app.state.db
-        gate = ("SELECT app.authorize(%s, %s)", (min_role, not reading))
-        limiter = request.app.state.rate_limiter
-        if limiter is not None:
-            await limiter.hit(who.tenant_id, who.api_key_id)
-            before = None
-        else:
-            before = ratelimit.postgres_counter(who.tenant_id, who.api_key_id)
-        async with db.tenant(ctx, read_only=reading, gate=gate, before=before) as tx:
-            yield TenantSession(tx, ctx, who)
+    async def key_or_token(request: Request, bearer: BearerCredential,
+                           api_key: ApiKeyCredential) -> AsyncIterator[TenantSession]:
+        who = await _principal(request, bearer, api_key)
+        async with _tenant_scope(request, who, min_role, read_only) as session:
+            yield session
 
-    return Depends(dependency, scope="function")
+    async def token_only(request: Request, bearer: BearerCredential) -> AsyncIterator[TenantSession]:
+        who = await _principal(request, bearer, request.headers.get("x-api-key"))
+        async with _tenant_scope(request, who, min_role, read_only) as session:
+            yield session
+
+    return Depends(key_or_token if min_role in KEY_ROLES else token_only, scope="function")
 
 
-async def _user_session(request: Request, who: CurrentPrincipal) -> AsyncIterator[tuple[Transaction, Principal]]:
+@asynccontextmanager
+async def _tenant_scope(request: Request, who: Principal, min_role: str,
+                        read_only: bool | None) -> AsyncIterator[TenantSession]:
+    # A context manager (not a nested generator) so that an error in the handler reaches
+    # db.tenant() and rolls the transaction back.
+    if who.tenant_id is None:
+        raise Problem(403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first",
+                      type_="tenant-required")
+    ctx = TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id,
+                        role=who.role if who.role in ROLE_RANK else None, key_scope=who.key_scope,
+                        client_ip=client_ip(request),
+                        request_id=getattr(request.state, "request_id", None))
+    request.state.tenant_id = str(who.tenant_id)
+    reading = request.method in READ_METHODS if read_only is None else read_only
+    db: Database = request.app.state.db
+    gate = ("SELECT app.authorize(%s, %s)", (min_role, not reading))
+    limiter = request.app.state.rate_limiter
+    if limiter is not None:
+        await limiter.hit(who.tenant_id, who.api_key_id)
+        before = None
+    else:
+        before = ratelimit.postgres_counter(who.tenant_id, who.api_key_id)
+    async with db.tenant(ctx, read_only=reading, gate=gate, before=before) as tx:
+        yield TenantSession(tx, ctx, who)
+
+
+async def _user_session(request: Request, who: UserPrincipal) -> AsyncIterator[tuple[Transaction, Principal]]:
     if who.user_id is None:
         raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
     db: Database = request.app.state.db

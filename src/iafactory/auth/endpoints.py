@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 
 from iafactory.audit import service as audit
 from iafactory.auth import service
@@ -14,9 +14,11 @@ from iafactory.auth.schemas import (
     ApiKeyCreate, ApiKeyCreated, ApiKeyOut, LoginIn, MeOut, MyTenant, RegisterIn, SelectTenantIn, TokenOut, UserOut,
 )
 from iafactory.config import Settings
+from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import not_found
+from iafactory.http.rendering import api_router
 
-router = APIRouter(tags=["auth"])
+router = api_router()  # tags per route: an operation listed under two tags shows twice in /docs
 
 
 def _settings(request: Request) -> Settings:
@@ -24,14 +26,15 @@ def _settings(request: Request) -> Settings:
 
 
 
-@router.post("/auth/register", status_code=201, response_model=UserOut, summary="Create an account")
+@router.post("/auth/register", status_code=201, response_model=UserOut, tags=["auth"], operation_id="register",
+             summary="Create an account")
 async def register(body: RegisterIn, request: Request, tx: AnonymousSession) -> Any:
     user_id = await service.register(tx, _settings(request), body)
     return {"id": user_id, "email": body.email, "name": body.name, "is_platform_admin": False,
             "created_at": await tx.fetchval("SELECT now()")}
 
 
-@router.post("/auth/login", response_model=TokenOut,
+@router.post("/auth/login", response_model=TokenOut, tags=["auth"], operation_id="login",
              summary="Sign in: a token, and the list of your tenants (selected if there is only one)")
 async def login(body: LoginIn, request: Request, tx: AnonymousSession) -> Any:
     settings = _settings(request)
@@ -49,7 +52,8 @@ async def login(body: LoginIn, request: Request, tx: AnonymousSession) -> Any:
     return TokenOut(access_token=token, expires_in=ttl, tenant=selected, tenants=tenants)
 
 
-@router.post("/auth/select-tenant", response_model=TokenOut, summary="A new token acting for one of your tenants")
+@router.post("/auth/select-tenant", response_model=TokenOut, tags=["auth"], operation_id="select_tenant",
+             summary="A new token acting for one of your tenants")
 async def select_tenant(body: SelectTenantIn, request: Request, session: UserSession) -> Any:
     tx, who = session
     assert who.user_id is not None
@@ -61,7 +65,8 @@ async def select_tenant(body: SelectTenantIn, request: Request, session: UserSes
     return TokenOut(access_token=token, expires_in=ttl, tenant=chosen, tenants=tenants)
 
 
-@router.get("/me", response_model=MeOut, tags=["auth"], summary="Who am I: user, current tenant and role")
+@router.get("/me", response_model=MeOut, tags=["auth"], operation_id="get_me",
+            summary="Who am I: user, current tenant and role")
 async def me(who: CurrentPrincipal, request: Request) -> Any:
     return await service.whoami(request.app.state.db, who)
 
@@ -73,18 +78,24 @@ async def my_tenants(who: CurrentPrincipal, request: Request) -> Any:
 
 
 @router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, tags=["api-keys"],
-             summary="Create an API key (the secret is returned once)")
-async def create_api_key(body: ApiKeyCreate, request: Request, s: Admin) -> Any:
-    return await service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body)
+             operation_id="create_api_key", summary="Create an API key (the secret is returned once)",
+             responses={422: {"description": "Invalid body, or expires_at not in the future "
+                                             "(application/problem+json)"}})
+async def create_api_key(body: ApiKeyCreate, request: Request, s: Admin, idempotency: Idempotent) -> Any:
+    # The secret is not stored with the answer: a replay shows the key without it.
+    return await idempotency.create(
+        s, lambda last: service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body),
+        redact=("key",))
 
 
-@router.get("/api-keys", response_model=list[ApiKeyOut], tags=["api-keys"], summary="List API keys (no secrets)")
+@router.get("/api-keys", response_model=list[ApiKeyOut], tags=["api-keys"], operation_id="list_api_keys",
+            summary="List API keys (no secrets)")
 async def list_api_keys(s: Viewer) -> Any:
     return await service.list_keys(s.tx, s.ctx.tenant_id)
 
 
 @router.delete("/api-keys/{key_id}", status_code=204, response_class=Response, tags=["api-keys"],
-               summary="Revoke an API key")
+               operation_id="revoke_api_key", summary="Revoke an API key")
 async def revoke_api_key(key_id: UUID, request: Request, s: Admin) -> Response:
     if not await service.revoke_key(s.tx, s.ctx.tenant_id, key_id):
         raise not_found("API key", key_id)

@@ -9,7 +9,10 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from iafactory.emails import Email
+from iafactory.resources.types import timestamp
 from iafactory.tenancy.schemas import Role
+
+Expiry = timestamp("Optional expiry, in the future (RFC 3339 with a time zone).")
 
 
 class Strict(BaseModel):
@@ -72,7 +75,7 @@ class MeOut(BaseModel):
 class ApiKeyCreate(Strict):
     name: str = Field(min_length=1, max_length=100)
     scope: Literal["read", "write"] = "read"
-    expires_at: datetime | None = Field(default=None, description="Optional expiry (ISO 8601 with time zone).")
+    expires_at: Expiry | None = None
 
     @model_validator(mode="after")
     def _aware(self) -> ApiKeyCreate:
@@ -95,4 +98,6 @@ class ApiKeyOut(BaseModel):
 
 
 class ApiKeyCreated(ApiKeyOut):
-    key: str = Field(description="The secret key. Shown once: store it now.")
+    key: str | None = Field(description="The secret key. Shown once: store it now. null when this answer is "
+                                        "replayed for a retried Idempotency-Key: the secret is never stored, so "
+                                        "revoke that key and create another.")

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Query
-from pydantic import AwareDatetime
+from fastapi import Query
 
 from iafactory.auth.dependencies import Admin, Member, Viewer
 from iafactory.billing import service
@@ -18,13 +17,15 @@ from iafactory.billing.schemas import (
     BillingAccount, BillingAccountUpdate, CreditBalance, CreditTransaction, UsageBatch, UsageBatchResult, UsageEvent,
     UsageSummary,
 )
-from iafactory.http.problems import invalid
-from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, decode, page_of
+from iafactory.http.idempotency import Idempotent
+from iafactory.http.problems import Problem, invalid
+from iafactory.http.rendering import api_router
+from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Cursor, Page, decode, page_of
+from iafactory.resources.types import Timestamp
 
-router = APIRouter()
+router = api_router()
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")]
-Cursor = Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")]
 
 
 @router.get("/billing-account", response_model=BillingAccount, tags=["billing"], operation_id="get_billing_account",
@@ -59,10 +60,13 @@ async def get_credit_balance(s: Viewer) -> Any:
              summary="Record a batch of usage events (idempotent per idempotency_key)",
              description="Events whose idempotency_key is already stored for the tenant are not stored again: "
                          "they are listed under `duplicates`. A key repeated within one batch counts once.")
-async def record_usage_events(body: UsageBatch, s: Member) -> Any:
-    accepted, duplicates = await service.record_usage(s.tx, s.ctx.tenant_id, body.events,
-                                                      user_id=s.ctx.user_id, api_key_id=s.ctx.api_key_id)
-    return {"accepted": accepted, "duplicates": duplicates}
+async def record_usage_events(body: UsageBatch, s: Member, idempotency: Idempotent) -> Any:
+    async def record(last: bool) -> dict[str, Any]:
+        accepted, duplicates = await service.record_usage(s.tx, s.ctx.tenant_id, body.events,
+                                                          user_id=s.ctx.user_id, api_key_id=s.ctx.api_key_id)
+        return {"accepted": accepted, "duplicates": duplicates}
+
+    return await idempotency.create(s, record)
 
 
 @router.get("/usage-events", response_model=Page[UsageEvent], tags=["billing"], operation_id="list_usage_events",
@@ -79,16 +83,18 @@ async def list_usage_events(
     return {"items": items, "next_cursor": next_cursor}
 
 
-@router.get("/usage/summary", response_model=UsageSummary, tags=["billing"], operation_id="usage_summary",
+@router.get("/usage/summary", response_model=UsageSummary, tags=["billing"], operation_id="get_usage_summary",
+            responses={422: {"description": "`from` is not before `to`, or a bound lacks its time zone "
+                                            "(application/problem+json)"}},
             summary="Usage totals over a period, by event type or by day")
 async def usage_summary(
     s: Viewer,
-    # AwareDatetime: a date-time without a zone is refused by validation, naming the field, like
-    # every other 422.
-    since: Annotated[AwareDatetime, Query(alias="from", description="Start (inclusive), with a time zone, "
-                                                                     "e.g. 2026-11-01T00:00:00Z")],
-    until: Annotated[AwareDatetime, Query(alias="to", description="End (exclusive), with a time zone, "
-                                                                   "e.g. 2026-12-01T00:00:00Z")],
+    # Timestamp: a date-time without a zone is refused by validation, naming the field, like every
+    # other 422.
+    since: Annotated[Timestamp, Query(alias="from", description="Start (inclusive), with a time zone, "
+                                                                 "e.g. 2026-11-01T00:00:00Z; before `to`")],
+    until: Annotated[Timestamp, Query(alias="to", description="End (exclusive), with a time zone, "
+                                                               "e.g. 2026-12-01T00:00:00Z")],
     group_by: Annotated[Literal["type", "day"], Query()] = "type",
 ) -> Any:
     if since >= until:

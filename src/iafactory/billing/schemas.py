@@ -10,13 +10,14 @@ from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, EmailStr, Field
+from pydantic import BaseModel, EmailStr, Field
 
-from iafactory.resources.types import JsonObject, Patch, Strict
+from iafactory.resources.types import JsonObject, Patch, Strict, Timestamp, decimal_number
 
 Currency = Literal["DZD", "CHF", "EUR", "CAD"]
 CreditKind = Literal["grant", "debit", "refund", "adjustment"]
 MAX_EVENTS_PER_BATCH = 1000
+Quantity = decimal_number(20, 6)  # numeric(20, 6), not negative
 
 
 # --- Billing account -----------------------------------------------------------------------------
@@ -63,9 +64,8 @@ class CreditBalance(BaseModel):
 
 class UsageEventIn(Strict):
     event_type: Annotated[str, Field(min_length=1, max_length=100, description="e.g. llm.tokens, voice.minutes")]
-    # numeric(20, 6), not negative.
-    quantity: Annotated[Decimal, Field(ge=0, max_digits=20, decimal_places=6)] = Decimal(1)
-    occurred_at: AwareDatetime | None = Field(default=None, description="Defaults to the time it is received")
+    quantity: Quantity = Field(default=Decimal(1), json_schema_extra={"default": 1})
+    occurred_at: Timestamp | None = Field(default=None, description="Defaults to the time it is received")
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255,
                                           description="A retried delivery with the same key is counted once")]
     properties: JsonObject = {}

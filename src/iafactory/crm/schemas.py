@@ -12,7 +12,7 @@ from uuid import UUID
 from pydantic import BaseModel, EmailStr, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonObject, LongText, Name, Patch, Strict
+from iafactory.resources.types import JsonObject, LongText, Name, Patch, Strict, decimal_number
 
 LeadStatus = Literal["new", "contacted", "qualified", "converted", "lost"]
 DealStage = Literal["prospecting", "proposal", "negotiation", "won", "lost"]
@@ -24,7 +24,7 @@ Company = Annotated[str, Field(min_length=1, max_length=255)]
 LeadSource = Annotated[str, Field(min_length=1, max_length=50, description="e.g. manual, website, salon, referral")]
 Score = Annotated[int, Field(ge=0, le=100)]
 # numeric(14, 2), not negative.
-Amount = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=2)]
+Amount = decimal_number(14, 2)
 
 
 # --- Leads ---------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ LEADS = Resource(name="crm/leads", table="crm_leads", noun="lead", tag="crm",
 class DealCreate(Strict):
     lead_id: UUID = Field(description="A lead of the same tenant")
     title: Name
-    amount: Amount = Decimal(0)
+    amount: Amount = Field(default=Decimal(0), json_schema_extra={"default": 0})
     currency: Currency | None = Field(default=None, description="Defaults to the currency of the tenant's region "
                                                                 "(DZ: DZD, CH: CHF, FR and BE: EUR, CA: CAD)")
     stage: DealStage = "prospecting"
@@ -109,4 +109,5 @@ class DealOut(BaseModel):
 
 
 DEALS = Resource(name="crm/deals", table="crm_deals", noun="deal", tag="crm",
-                 create=DealCreate, update=DealUpdate, read=DealOut, json_columns=frozenset({"metadata"}))
+                 create=DealCreate, update=DealUpdate, read=DealOut, json_columns=frozenset({"metadata"}),
+                 write_responses=((422, "Invalid body, or lead_id names no lead of this tenant"),))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import psycopg
+
 from iafactory.config import SECRET_HINT, ConfigError, Settings, app_db_password_problem
 from iafactory.db import migrate, roles, server
-from iafactory.db.scope import Database, admin_connect
+from iafactory.db.scope import Database
 
 
 async def migrate_and_prepare(
@@ -21,12 +23,14 @@ async def migrate_and_prepare(
     if settings.database_url is not None and (problem := app_db_password_problem(settings)):
         raise ConfigError(f"{problem} ({SECRET_HINT})")
     password = server.app_login_password(settings)
-    applied = await migrate.migrate(admin_url, target, on_start=on_start, on_done=on_done)
-    async with await admin_connect(admin_url) as conn:
+
+    async def app_login(conn: psycopg.AsyncConnection) -> None:
         has_group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
         if has_group:
             await roles.ensure_app_login(conn, settings.app_db_user, password)
-    return applied
+
+    # Under the migration lock: replicas starting together create the role once.
+    return await migrate.migrate(admin_url, target, on_start=on_start, on_done=on_done, then=app_login)
 
 
 def database(settings: Settings, admin_url: str) -> Database:

@@ -24,7 +24,7 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -304,8 +304,12 @@ async def migrate(
     migrations: list[Migration] | None = None,
     on_start: Callable[[Migration], None] | None = None,
     on_done: Callable[[Migration, int], None] | None = None,
+    then: Callable[[psycopg.AsyncConnection], Awaitable[None]] | None = None,
 ) -> list[Migration]:
-    """Apply pending migrations (or just `target`) under the advisory lock. Returns what ran."""
+    """Apply pending migrations (or just `target`) under the advisory lock. Returns what ran.
+
+    `then` runs under the same lock once the migrations are done (the application's login role:
+    two runners starting together must not both try to create it)."""
     migrations = discover() if migrations is None else migrations
     lock = await admin_connect(conninfo)
     try:
@@ -324,6 +328,8 @@ async def migrate(
                 elapsed = await _run_one(conn, m)
                 if on_done:
                     on_done(m, elapsed)
+            if then is not None:
+                await then(conn)
             return todo
     finally:
         try:

@@ -6,6 +6,8 @@ privileges come from membership in the `iaf_app` group role that migration 008 c
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 from psycopg import sql
 
@@ -25,9 +27,14 @@ async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: s
     ident = sql.Identifier(user)
     secret = sql.SQL("") if password is None else sql.SQL(" PASSWORD {}").format(sql.Literal(password))
     if role is None:
-        await conn.execute(sql.SQL(
-            "CREATE ROLE {} LOGIN{} NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT"
-        ).format(ident, secret))
+        try:
+            await conn.execute(sql.SQL(
+                "CREATE ROLE {} LOGIN{} NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT"
+            ).format(ident, secret))
+        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            # Created meanwhile by a runner of another database of this cluster (the migration
+            # lock serialises runners of one database only): check it as an existing role.
+            return await ensure_app_login(conn, user, password)
     elif role["rolsuper"] or role["rolbypassrls"] or role["owns_tables"]:
         # Never demote or reuse a privileged role by accident: that would be a configuration error.
         raise MigrationError(
@@ -35,7 +42,22 @@ async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: s
             "set IAFACTORY_APP_DB_USER to a dedicated role name"
         )
     else:
-        await conn.execute(sql.SQL("ALTER ROLE {} LOGIN{} NOCREATEDB NOCREATEROLE INHERIT").format(ident, secret))
-    await conn.execute(sql.SQL("GRANT iaf_app TO {}").format(ident))
+        await _shared_catalog(conn, sql.SQL("ALTER ROLE {} LOGIN{} NOCREATEDB NOCREATEROLE INHERIT")
+                              .format(ident, secret))
+    await _shared_catalog(conn, sql.SQL("GRANT iaf_app TO {}").format(ident))
     dbname = conn.info.dbname
-    await conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO iaf_app").format(sql.Identifier(dbname)))
+    await _shared_catalog(conn, sql.SQL("GRANT CONNECT ON DATABASE {} TO iaf_app").format(sql.Identifier(dbname)))
+
+
+async def _shared_catalog(conn: psycopg.AsyncConnection, statement: sql.Composable, attempts: int = 5) -> None:
+    """Roles and database privileges live in catalogs shared by the whole cluster. Two runners
+    changing the same row at once (e.g. for two databases) make one fail with "tuple concurrently
+    updated"; the statements here are idempotent, so it runs again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await conn.execute(statement)
+            return
+        except psycopg.errors.InternalError_ as err:
+            if "concurrently" not in str(err) or attempt == attempts:
+                raise
+            await asyncio.sleep(0.05 * attempt)

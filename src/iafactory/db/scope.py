@@ -38,8 +38,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from iafactory import jsonvalues
 from iafactory.tenancy.context import TenantContext, request_metadata
 
 Params = Sequence[Any] | None
@@ -51,6 +53,10 @@ _PLACEHOLDER = re.compile(r"%%|%s")
 _prepared: weakref.WeakKeyDictionary[Conn, OrderedDict[str, str]] = weakref.WeakKeyDictionary()
 PREPARED_PER_CONNECTION = 256
 _names = itertools.count(1)
+
+# json and jsonb columns load with no depth limit: a value nested too deeply for `json.loads`
+# (stored before the request limits, or by an operator) is still read, never a failed query.
+set_json_loads(jsonvalues.loads)
 
 
 def _to_dollar_params(query: str) -> str:

@@ -15,11 +15,13 @@ from pathlib import Path
 from types import ModuleType
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from iafactory.config import Settings
 
 log = logging.getLogger(__name__)
+CREATE_DATABASE_LOCK_KEY = 7_114_614_202_513  # next to the migration runners' (iafactory.db.migrate)
 
 
 def start_embedded(settings: Settings) -> str:
@@ -36,9 +38,19 @@ def start_embedded(settings: Settings) -> str:
     maintenance = server.get_uri()
     dbname = settings.embedded_db_name
     with psycopg.connect(maintenance, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{dbname}"')
-            log.info("created database %s in the embedded server", dbname)
+        # Two processes starting together (replicas, `serve` and `worker`) must not both create
+        # it: serialised by an advisory lock of the maintenance database, and a database created
+        # meanwhile by anyone else counts as created.
+        conn.execute("SELECT pg_advisory_lock(%s)", (CREATE_DATABASE_LOCK_KEY,))
+        try:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is None:
+                try:
+                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+                    log.info("created database %s in the embedded server", dbname)
+                except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+                    pass
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (CREATE_DATABASE_LOCK_KEY,))
     return server.get_uri(database=dbname)
 
 

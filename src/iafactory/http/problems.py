@@ -11,8 +11,11 @@ from typing import Any
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi import routing
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Mount
+from starlette.staticfiles import StaticFiles
 
 log = logging.getLogger("iafactory.http")
 
@@ -89,8 +92,15 @@ def install(app: FastAPI) -> None:
         titles = {404: "Not Found", 405: "Method Not Allowed", 401: "Unauthorized", 403: "Forbidden",
                   413: "Content Too Large"}
         detail = exc.detail if isinstance(exc.detail, str) else None
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # The router names only the methods of the first route whose path matched; RFC 9110
+            # wants every method the resource supports.
+            methods = allowed_methods(request.app.routes, request.scope)
+            if methods:
+                headers = {**(headers or {}), "Allow": ", ".join(methods)}
         return problem_response(exc.status_code, titles.get(exc.status_code) or _phrase(exc.status_code), detail,
-                                headers=getattr(exc, "headers", None), request=request)
+                                headers=headers, request=request)
 
     @app.exception_handler(psycopg.Error)
     async def _database(request: Request, exc: psycopg.Error) -> JSONResponse:
@@ -107,6 +117,35 @@ def install(app: FastAPI) -> None:
 
         return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
                                 request=request, headers=json_answer_headers(request.url.path))
+
+
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def _route_table(routes: list[BaseRoute]) -> list[Any]:
+    """Every route of the app, with included routers expanded (FastAPI >= 0.13x includes them lazily)."""
+    expand = getattr(routing, "iter_route_contexts", None)
+    return list(expand(routes)) if expand is not None else list(routes)
+
+
+def allowed_methods(routes: list[BaseRoute], scope: dict[str, Any]) -> list[str]:
+    """The methods of every route of the request's path, in a conventional order. Where routes with
+    fewer path parameters match (/knowledge-base/search beside /knowledge-base/{item_id}), the
+    path is theirs, as the OpenAPI document says."""
+    path = scope.get("route_path") or scope["path"].removeprefix(scope.get("root_path", "") or "")
+    found: dict[int, set[str]] = {}
+    for route in _route_table(routes):
+        regex = getattr(route, "path_regex", None)
+        if regex is None or not regex.match(path):
+            continue
+        params = len(getattr(route, "param_convertors", None) or ())
+        if isinstance(route, Mount) or isinstance(getattr(route, "route", None), Mount):
+            if isinstance(getattr(route, "app", None), StaticFiles):
+                found.setdefault(params, set()).update({"GET", "HEAD"})
+            continue
+        found.setdefault(params, set()).update(getattr(route, "methods", None) or ())
+    methods = found[min(found)] if found else set()
+    return sorted(methods, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
 
 
 _constraint_cache: dict[str, list[str]] = {}

@@ -31,17 +31,18 @@ async def worker_command(
     async with db:
         model = embedder(settings)
         if once:
-            done = await worker.drain(db, model)
+            done = await worker.drain(db, model, lease_seconds=settings.worker_lease_seconds)
             console.print(f"ran {done} job(s)")
             return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # A stop interrupts the job in hand and gives it back to the queue (not counted as an attempt).
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         console.print(f"worker started (embedder: {model.model_id or 'none'}); Ctrl-C to stop")
         # A long-running service like `serve`: its lines in the same format (JSON by default).
         logs.configure(settings.log_format, settings.log_level)
-        await worker.run_forever(db, model, stop)
+        await worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
 
 
 @knowledge_app.command("reembed")

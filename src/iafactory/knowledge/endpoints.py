@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from iafactory.auth.dependencies import TenantSession, tenant_session
+from iafactory.http.rendering import api_router
 from iafactory.knowledge import search as search_service
 from iafactory.knowledge.embeddings import embedder
 from iafactory.knowledge.schemas import SearchIn, SearchOut
 
-router = APIRouter(tags=["knowledge base"])
+router = api_router(tags=["knowledge base"])
 
 # A search reads only: read API keys may search, and the transaction is read-only.
 Searcher = Annotated[TenantSession, tenant_session("viewer", read_only=True)]

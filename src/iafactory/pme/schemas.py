@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonObject, Name, Patch, Strict
+from iafactory.resources.types import JsonObject, Name, Patch, Strict, decimal_number
 
 AnalysisStatus = Literal["draft", "running", "completed", "failed"]
 
 Sector = Annotated[str, Field(min_length=1, max_length=100)]
 FiscalYear = Annotated[int, Field(ge=1900, le=2100)]
 # numeric(5, 2) between 0 and 100.
-Score = Annotated[Decimal, Field(ge=0, le=100, max_digits=5, decimal_places=2)]
+Score = decimal_number(5, 2, maximum=100)
 
 
 class AnalysisCreate(Strict):
@@ -55,4 +54,6 @@ class AnalysisOut(BaseModel):
 
 PME_ANALYSES = Resource(name="pme-analyses", table="pme_analyses", noun="PME analysis", plural="PME analyses", tag="pme",
                         create=AnalysisCreate, update=AnalysisUpdate, read=AnalysisOut,
-                        json_columns=frozenset({"inputs", "results"}))
+                        json_columns=frozenset({"inputs", "results"}),
+                        create_responses=((402, "Not enough credits: each analysis costs credits, debited with it "
+                                                "(GET /credits/balance)"),))

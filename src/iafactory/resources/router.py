@@ -9,9 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 
 from iafactory.auth.dependencies import Member, Viewer
+from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import not_found
+from iafactory.http.rendering import api_router
 from iafactory.resources import pagination, repository
-from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
+from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, cursor_param
 from iafactory.resources.spec import Resource
 
 # Documented next to the app-wide 401/403/422, so that clients (and schema-driven tests) know them.
@@ -19,28 +21,35 @@ NOT_FOUND = {404: {"description": "No such record in this tenant (application/pr
 CONFLICT = {409: {"description": "Conflicts with existing or dependent records (application/problem+json)"}}
 
 
+def _documented(*notes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {code: {"description": f"{text} (application/problem+json)"} for code, text in notes}
+
+
 def crud_router(spec: Resource) -> APIRouter:
-    router = APIRouter(prefix=f"/{spec.name}", tags=[spec.tag])
+    router = api_router(prefix=f"/{spec.name}", tags=[spec.tag])
+    create_responses = {**CONFLICT, **_documented(*spec.write_responses, *spec.create_responses)}
+    update_responses = {**NOT_FOUND, **CONFLICT, **_documented(*spec.write_responses)}
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
 
-    @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.slug}",
-                 responses=CONFLICT, summary=f"Create a {spec.noun}")
-    async def create(body: Create, s: Member) -> Any:  # type: ignore[valid-type]
-        return await repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=True)
+    @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.operation_noun}",
+                 responses=create_responses, summary=f"Create a {spec.noun}")
+    async def create(body: Create, s: Member, idempotency: Idempotent) -> Any:  # type: ignore[valid-type]
+        return await idempotency.create(
+            s, lambda last: repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=last))
 
-    @router.get("", response_model=Page[Read], operation_id=f"list_{spec.slug}",
+    @router.get("", response_model=Page[Read], operation_id=f"list_{spec.operation_nouns}",
                 summary=f"List {spec.nouns}, newest first")
     async def list_(
         s: Viewer,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")] = DEFAULT_LIMIT,
-        cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+        cursor: cursor_param(IdType) = None,  # type: ignore[valid-type]
     ) -> Any:
         after = pagination.decode(cursor, IdType) if cursor else None
         rows = await repository.page(s.tx, spec, s.ctx.tenant_id, limit, after)
         items, next_cursor = pagination.page_of(rows, limit)
         return {"items": items, "next_cursor": next_cursor}
 
-    @router.get("/{item_id}", response_model=Read, operation_id=f"get_{spec.slug}", responses=NOT_FOUND,
+    @router.get("/{item_id}", response_model=Read, operation_id=f"get_{spec.operation_noun}", responses=NOT_FOUND,
                 summary=f"Get a {spec.noun}")
     async def get(item_id: IdType, s: Viewer) -> Any:  # type: ignore[valid-type]
         row = await repository.get(s.tx, spec, s.ctx.tenant_id, item_id)
@@ -48,8 +57,8 @@ def crud_router(spec: Resource) -> APIRouter:
             raise not_found(spec.noun, item_id)
         return row
 
-    @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.slug}",
-                  responses={**NOT_FOUND, **CONFLICT}, summary=f"Update a {spec.noun}")
+    @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.operation_noun}",
+                  responses=update_responses, summary=f"Update a {spec.noun}")
     async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
         row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, body.model_dump(exclude_unset=True),
                                       last=True)
@@ -57,7 +66,7 @@ def crud_router(spec: Resource) -> APIRouter:
             raise not_found(spec.noun, item_id)
         return row
 
-    @router.delete("/{item_id}", status_code=204, response_class=Response, operation_id=f"delete_{spec.slug}",
+    @router.delete("/{item_id}", status_code=204, response_class=Response, operation_id=f"delete_{spec.operation_noun}",
                    responses={**NOT_FOUND, **CONFLICT}, summary=f"Delete a {spec.noun}")
     async def delete(item_id: IdType, s: Member) -> Response:  # type: ignore[valid-type]
         if not await repository.delete(s.tx, spec, s.ctx.tenant_id, item_id, last=True):

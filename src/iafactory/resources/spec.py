@@ -20,6 +20,10 @@ class Resource:
     id_type: type = UUID           # int for the tables that existed before tenancy
     json_columns: frozenset[str] = field(default_factory=frozenset)
     plural: str = ""               # defaults to noun + "s"
+    # Answers particular to this record type that no schema can state (a referenced record must
+    # exist, credits must suffice), documented on its create route, or on create and update.
+    create_responses: tuple[tuple[int, str], ...] = ()
+    write_responses: tuple[tuple[int, str], ...] = ()
 
     @property
     def columns(self) -> list[str]:
@@ -32,3 +36,17 @@ class Resource:
     @property
     def slug(self) -> str:
         return self.name.replace("/", "_").replace("-", "_")
+
+    @property
+    def operation_noun(self) -> str:
+        """The noun in operation ids, as a person would name the client methods: create_lead,
+        list_leads, get_pme_analysis."""
+        return _identifier(self.noun)
+
+    @property
+    def operation_nouns(self) -> str:
+        return _identifier(self.nouns)
+
+
+def _identifier(words: str) -> str:
+    return "_".join(words.lower().replace("-", " ").split())

@@ -11,6 +11,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from iafactory.emails import Email
+from iafactory.resources.types import JsonObject, Timestamp, json_int
 
 Region = Literal["DZ", "CH", "FR", "BE", "CA"]
 Plan = Literal["free", "pro", "enterprise"]
@@ -18,46 +19,30 @@ Status = Literal["active", "suspended", "trial", "cancelled"]
 Role = Literal["owner", "admin", "member", "viewer"]
 
 SLUG_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
-MAX_JSON_BYTES = 64 * 1024
-
-
-def _bounded_json_object(value: dict[str, Any] | None) -> dict[str, Any]:
-    import json
-
-    value = {} if value is None else value
-    if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_JSON_BYTES:
-        raise ValueError(f"must be at most {MAX_JSON_BYTES} bytes of JSON")
-    return value
+AtLeastOne = json_int(ge=1)
+AtLeastZero = json_int(ge=0)
 
 
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=255)
-    slug: str = Field(min_length=1, max_length=100)
+    # The pattern is stated in the schema; _url_safe checks it with a clearer message.
+    slug: str = Field(min_length=1, max_length=100, json_schema_extra={"pattern": SLUG_PATTERN})
     region: Region
     plan: Plan = "free"
     status: Status = "trial"
     admin_email: Email | None = None
     admin_phone: str | None = Field(default=None, max_length=50)
-    settings: dict[str, Any] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    trial_ends_at: datetime | None = None
-
-    _json_size = field_validator("settings", "metadata")(_bounded_json_object)
+    settings: JsonObject = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
+    trial_ends_at: Timestamp | None = None
 
     @field_validator("slug")
     @classmethod
     def _url_safe(cls, value: str) -> str:
         if not re.fullmatch(SLUG_PATTERN, value):
             raise ValueError("use lowercase letters, digits and single dashes, e.g. cabinet-dupont-geneve")
-        return value
-
-    @field_validator("trial_ends_at")
-    @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("needs a time zone, e.g. 2026-12-31T23:59:59Z")
         return value
 
 
@@ -93,9 +78,7 @@ class TenantUpdate(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=255)
     admin_email: Email | None = None
     admin_phone: str | None = Field(default=None, max_length=50)
-    settings: dict[str, Any] | None = None
-
-    _json_size = field_validator("settings")(lambda v: None if v is None else _bounded_json_object(v))
+    settings: JsonObject | None = None
 
 
 class LimitOverrides(BaseModel):
@@ -103,12 +86,12 @@ class LimitOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    key_requests_per_minute: int | None = Field(default=None, ge=1)
-    max_members: int | None = Field(default=None, ge=1)
-    max_api_keys: int | None = Field(default=None, ge=0)
-    max_kb_bytes: int | None = Field(default=None, ge=0)
-    monthly_credits: int | None = Field(default=None, ge=0)
+    requests_per_minute: AtLeastOne | None = None
+    key_requests_per_minute: AtLeastOne | None = None
+    max_members: AtLeastOne | None = None
+    max_api_keys: AtLeastZero | None = None
+    max_kb_bytes: AtLeastZero | None = None
+    monthly_credits: AtLeastZero | None = None
 
 
 class AdminTenantUpdate(BaseModel):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonArray, JsonObject, Language, LongText, Patch, Strict
+from iafactory.resources.types import JsonArray, JsonObject, Language, LongText, Patch, Strict, Timestamp, decimal_number
 
 TranscriptionStatus = Literal["pending", "processing", "completed", "failed"]
 Channel = Literal["phone", "web", "whatsapp"]
@@ -19,7 +18,7 @@ ConversationStatus = Literal["active", "ended", "failed"]
 Title = Annotated[str, Field(max_length=255)]
 AudioUrl = Annotated[str, Field(min_length=1, max_length=2000, description="Where the audio file is stored")]
 # numeric(10, 2) with a non-negative check: refused here rather than rounded or overflowed there.
-Duration = Annotated[Decimal, Field(ge=0, max_digits=10, decimal_places=2, description="Seconds")]
+Duration = decimal_number(10, 2, description="Seconds")
 AgentName = Annotated[str, Field(min_length=1, max_length=100)]
 Caller = Annotated[str, Field(min_length=1, max_length=100, description="Phone number or handle of the caller")]
 
@@ -61,7 +60,9 @@ class TranscriptionOut(BaseModel):
 
 TRANSCRIPTIONS = Resource(name="voice/transcriptions", table="voice_transcriptions", noun="transcription",
                           tag="voice", create=TranscriptionCreate, update=TranscriptionUpdate, read=TranscriptionOut,
-                          json_columns=frozenset({"metadata"}))
+                          json_columns=frozenset({"metadata"}),
+                          create_responses=((402, "Not enough credits: each transcription costs credits, debited "
+                                                  "with it (GET /credits/balance)"),))
 
 
 # --- Conversations -------------------------------------------------------------------------------
@@ -78,8 +79,8 @@ class ConversationCreate(Strict):
     language: Language | None = None
     messages: JsonArray = []
     summary: LongText | None = None
-    started_at: AwareDatetime = Field(default_factory=_now, description="Defaults to now")
-    ended_at: AwareDatetime | None = None
+    started_at: Timestamp = Field(default_factory=_now, description="Defaults to now")
+    ended_at: Timestamp | None = None
 
 
 class ConversationUpdate(Patch):
@@ -90,8 +91,8 @@ class ConversationUpdate(Patch):
     language: Language | None = None
     messages: JsonArray = None  # type: ignore[assignment]
     summary: LongText | None = None
-    started_at: AwareDatetime = None  # type: ignore[assignment]
-    ended_at: AwareDatetime | None = None
+    started_at: Timestamp = None  # type: ignore[assignment]
+    ended_at: Timestamp | None = None
 
 
 class ConversationOut(BaseModel):

@@ -14,15 +14,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, JsonValue
+from pydantic import BaseModel, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonArray, JsonObject, LongText, Name, Patch, Strict
+from iafactory.resources.types import JsonArray, JsonObject, LongText, Name, Patch, StoredJson, Strict
 
 RunStatus = Literal["draft", "queued", "running", "completed", "failed", "cancelled"]
 BmadPhase = Literal["analysis", "planning", "solutioning", "implementation"]
 OrchestratorStatus = Literal["idle", "running", "waiting", "completed", "failed"]
 ProjectId = Annotated[int, Field(ge=1, le=2**63 - 1, description="A project of the same tenant")]
+# A workflow's project must be a project of the same tenant (composite foreign key).
+PROJECT_REFERENCE = ((422, "Invalid body, or project_id names no project of this tenant"),)
 
 
 # --- Bolt ----------------------------------------------------------------------------------------
@@ -51,15 +53,15 @@ class BoltWorkflowOut(BaseModel):
     name: str
     prompt: str
     status: RunStatus
-    definition: JsonValue
-    result: JsonValue
+    definition: StoredJson
+    result: StoredJson
     created_at: datetime
     updated_at: datetime
 
 
 BOLT_WORKFLOWS = Resource(name="bolt-workflows", table="bolt_workflows", noun="Bolt workflow", tag="workflows",
                           create=BoltWorkflowCreate, update=BoltWorkflowUpdate, read=BoltWorkflowOut, id_type=int,
-                          json_columns=frozenset({"definition", "result"}))
+                          json_columns=frozenset({"definition", "result"}), write_responses=PROJECT_REFERENCE)
 
 
 # --- BMAD ----------------------------------------------------------------------------------------
@@ -88,15 +90,15 @@ class BmadWorkflowOut(BaseModel):
     name: str
     phase: BmadPhase
     status: RunStatus
-    agents: JsonValue
-    artifacts: JsonValue
+    agents: StoredJson
+    artifacts: StoredJson
     created_at: datetime
     updated_at: datetime
 
 
 BMAD_WORKFLOWS = Resource(name="bmad-workflows", table="bmad_workflows", noun="BMAD workflow", tag="workflows",
                           create=BmadWorkflowCreate, update=BmadWorkflowUpdate, read=BmadWorkflowOut, id_type=int,
-                          json_columns=frozenset({"agents", "artifacts"}))
+                          json_columns=frozenset({"agents", "artifacts"}), write_responses=PROJECT_REFERENCE)
 
 
 # --- Orchestrator --------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ class OrchestratorStateOut(BaseModel):
     session_key: str
     agent: str
     status: OrchestratorStatus
-    state: JsonValue
+    state: StoredJson
     last_step: int
     created_at: datetime
     updated_at: datetime
