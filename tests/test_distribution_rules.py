@@ -33,6 +33,8 @@ CROSS_TENANT_READS = {
     ("platform.tenant_list", "tenants"): "the platform's registry of tenants",
     ("platform.grant_monthly", "tenants"): "the monthly grant visits every tenant (then one at a time)",
     ("app.knowledge_job_stats", "knowledge_jobs"): "/metrics: the size of the whole queue, no tenant's figure",
+    ("app.claim_knowledge_job", "knowledge_jobs"): "which tenants have runnable jobs (then a claim within one)",
+    ("app.purge_idempotency_keys", "idempotency_keys"): "which tenants have expired keys (then a delete within one)",
 }
 
 

@@ -14,6 +14,7 @@ from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import embedder
+from iafactory.knowledge.schemas import JOBS_CHANNEL
 from iafactory.observability import logs
 
 knowledge_app = typer.Typer(help="Knowledge-base indexing.", no_args_is_help=True)
@@ -74,6 +75,8 @@ async def reembed_command(
                     + ", ".join(["(%s, %s, 'reembed')"] * len(chunk)),
                     [value for document in chunk for value in (tenant_id, document)])
         queued = len(stale)
+        if queued:
+            await tx.execute("SELECT pg_notify(%s, '')", (JOBS_CHANNEL,))  # running workers start at once
     console.print(f"queued {queued} document(s) for re-embedding with {model.model_id or 'no model'}")
     if not wait or not queued:
         return

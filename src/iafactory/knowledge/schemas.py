@@ -93,6 +93,11 @@ class SearchOut(BaseModel):
     passages: list[Passage]
 
 
+# The channel indexing workers LISTEN on. A write to a document NOTIFYs it from the request's own
+# session (on Citus the trigger that queues the job runs on a worker node, whose NOTIFY the
+# coordinator's listeners never hear).
+JOBS_CHANNEL = "iafactory_knowledge_jobs"
+
 KNOWLEDGE_BASE = Resource(name="knowledge-base", table="knowledge_base", noun="document", tag="knowledge base",
                           create=DocumentCreate, update=DocumentUpdate, read=DocumentOut, id_type=int,
-                          json_columns=frozenset({"metadata"}))
+                          json_columns=frozenset({"metadata"}), wakes=JOBS_CHANNEL)

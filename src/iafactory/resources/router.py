@@ -31,9 +31,15 @@ def crud_router(spec: Resource) -> APIRouter:
     update_responses = {**NOT_FOUND, **CONFLICT, **_documented(*spec.write_responses)}
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
 
+    async def _wake(s: Any) -> None:
+        # From the request's own session, delivered when it commits (never if it rolls back).
+        if spec.wakes is not None:
+            await s.tx.execute("SELECT pg_notify(%s, '')", (spec.wakes,))
+
     @router.post("", status_code=201, response_model=Read, operation_id=f"create_{spec.operation_noun}",
                  responses=create_responses, summary=f"Create a {spec.noun}")
     async def create(body: Create, s: Member, idempotency: Idempotent) -> Any:  # type: ignore[valid-type]
+        await _wake(s)
         return await idempotency.create(
             s, lambda last: repository.insert(s.tx, spec, s.ctx.tenant_id, body.model_dump(), last=last))
 
@@ -60,6 +66,7 @@ def crud_router(spec: Resource) -> APIRouter:
     @router.patch("/{item_id}", response_model=Read, operation_id=f"update_{spec.operation_noun}",
                   responses=update_responses, summary=f"Update a {spec.noun}")
     async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
+        await _wake(s)
         row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, body.model_dump(exclude_unset=True),
                                       last=True)
         if row is None:

@@ -87,3 +87,7 @@ $$;
 
 CALL app.policies_without_subqueries();
 DROP PROCEDURE IF EXISTS app.policies_without_subqueries();
+
+-- A worker claims jobs one tenant at a time (020): the runnable jobs of one tenant, oldest first.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_knowledge_jobs_tenant_queue
+    ON knowledge_jobs (tenant_id, run_after, id) WHERE status = 'queued';

@@ -676,6 +676,89 @@ END
 $$;
 
 ------------------------------------------------------------------------------------------------
+-- The indexing queue (011, leases of 013). FOR UPDATE SKIP LOCKED works on a distributed table
+-- only within one tenant (one shard): first the tenants that have a runnable job, the one with the
+-- longest-waiting job first (a read of every shard, without locks), then the claim within one
+-- tenant, moving on to the next when another worker holds all of this one's runnable jobs. The
+-- same order as before: the oldest runnable job first. The lease token is made before the
+-- UPDATE: a distributed UPDATE refuses a volatile function (gen_random_uuid) in its SET list.
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION app.claim_knowledge_job(p_lease_seconds integer, p_worker text)
+    RETURNS TABLE (tenant_id uuid, id bigint, document_id bigint, kind text, attempts integer, lease_token uuid)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
+    AS $$
+#variable_conflict use_column
+DECLARE
+    v_tenants uuid[];
+    v_tenant uuid;
+    v_id bigint;
+    v_token uuid := gen_random_uuid();
+BEGIN
+    IF p_lease_seconds IS NULL OR p_lease_seconds < 1 THEN
+        RAISE EXCEPTION 'a lease is at least one second' USING ERRCODE = 'IA409';
+    END IF;
+    SELECT array_agg(due.tenant_id ORDER BY due.oldest, due.tenant_id) INTO v_tenants
+      FROM (SELECT q.tenant_id, min(q.run_after) AS oldest FROM public.knowledge_jobs q
+            WHERE (q.status = 'queued' AND q.run_after <= now())
+               OR (q.status = 'running' AND coalesce(q.lease_until, q.locked_at + interval '5 minutes') < now())
+            GROUP BY q.tenant_id
+            ORDER BY 2, 1
+            LIMIT 100) due;
+    FOREACH v_tenant IN ARRAY coalesce(v_tenants, '{}') LOOP
+        -- Two statements, not UPDATE ... FROM (SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED): planned
+        -- with the tenant's rows outside, that subquery runs again for each row and claims them all.
+        SELECT q.id INTO v_id FROM public.knowledge_jobs q
+         WHERE q.tenant_id = v_tenant
+           AND ((q.status = 'queued' AND q.run_after <= now())
+                OR (q.status = 'running' AND coalesce(q.lease_until, q.locked_at + interval '5 minutes') < now()))
+         ORDER BY q.run_after, q.id
+         LIMIT 1
+         FOR UPDATE SKIP LOCKED;
+        IF FOUND THEN
+            RETURN QUERY
+                UPDATE public.knowledge_jobs j
+                SET status = 'running', locked_at = now(), attempts = j.attempts + 1,
+                    lease_until = now() + make_interval(secs => p_lease_seconds),
+                    lease_token = v_token, worker = left(p_worker, 200)
+                WHERE j.tenant_id = v_tenant AND j.id = v_id
+                RETURNING j.tenant_id, j.id, j.document_id, j.kind::text, j.attempts, j.lease_token;
+            RETURN;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Expired idempotency keys (013), tenant by tenant for the same reason, at most p_limit in all.
+CREATE OR REPLACE FUNCTION app.purge_idempotency_keys(p_limit integer DEFAULT 1000) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
+    AS $$
+DECLARE
+    v_left integer := least(greatest(coalesce(p_limit, 1000), 1), 10000);
+    v_tenants uuid[];
+    v_tenant uuid;
+    v_keys text[];
+    v_deleted integer;
+    v_total integer := 0;
+BEGIN
+    SELECT array_agg(expired.tenant_id ORDER BY expired.oldest, expired.tenant_id) INTO v_tenants
+      FROM (SELECT k.tenant_id, min(k.expires_at) AS oldest FROM public.idempotency_keys k
+            WHERE k.expires_at <= now() GROUP BY k.tenant_id) expired;
+    FOREACH v_tenant IN ARRAY coalesce(v_tenants, '{}') LOOP
+        SELECT array_agg(k.key) INTO v_keys FROM (
+            SELECT x.key FROM public.idempotency_keys x
+             WHERE x.tenant_id = v_tenant AND x.expires_at <= now()
+             ORDER BY x.expires_at LIMIT v_left FOR UPDATE SKIP LOCKED) k;
+        DELETE FROM public.idempotency_keys d WHERE d.tenant_id = v_tenant AND d.key = ANY (v_keys);
+        GET DIAGNOSTICS v_deleted = ROW_COUNT;
+        v_total := v_total + v_deleted;
+        v_left := v_left - v_deleted;
+        EXIT WHEN v_left <= 0;
+    END LOOP;
+    RETURN v_total;
+END
+$$;
+
+------------------------------------------------------------------------------------------------
 -- Users: a user reads their own row; colleagues come from app.tenant_members().
 ------------------------------------------------------------------------------------------------
 DROP POLICY IF EXISTS users_self_or_colleague ON users;
