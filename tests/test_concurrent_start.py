@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ import httpx
 import psycopg
 import pytest
 
-from conftest import _drop_database
+from conftest import SECRET_ENV, _drop_database, embedded_test_data_dir
 from iafactory.db import migrate, server
 
 EXE = str(Path(sys.executable).with_name("iafactory"))
@@ -33,6 +32,7 @@ RUNNERS = 3
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("IAFACTORY_")}
+    env.update(SECRET_ENV)
     # Nothing the runners do here needs the embedding model or an indexing worker.
     env.update(IAFACTORY_EMBEDDING_PROVIDER="none", IAFACTORY_RUN_WORKER="false", **extra)
     return env
@@ -82,7 +82,7 @@ def test_concurrent_migrate_runners_on_a_fresh_database_all_succeed(
 
 def embedded_data_dir() -> Path:
     """The data directory of the embedded server the suite runs on (see conftest.server_url)."""
-    return Path(os.environ.get("IAFACTORY_TEST_DATA_DIR", Path(tempfile.gettempdir()) / "iafactory-test"))
+    return embedded_test_data_dir()
 
 
 @pytest.fixture

@@ -44,12 +44,19 @@ def test_every_third_party_import_in_src_is_a_runtime_dependency() -> None:
     runtime = _requirement_names(PYPROJECT["project"]["dependencies"])
     test_only = _requirement_names(PYPROJECT["project"]["optional-dependencies"]["test"]) - runtime
     distributions = importlib.metadata.packages_distributions()
+    # Optional features (`pip install 'iafactory[otel]'`) are imported only by their own module, and
+    # only when the feature is switched on.
+    optional = {extra: _requirement_names(reqs) for extra, reqs in PYPROJECT["project"]["optional-dependencies"].items()
+                if extra != "test"}
+    optional_modules = {"otel": {"src/iafactory/observability/tracing.py"}}
     undeclared = {}
     for module, files in sorted(_imported_top_level_modules().items()):
         if module in sys.stdlib_module_names or module == "iafactory":
             continue
         dists = {_normalise(d) for d in distributions.get(module, [])}
         assert dists, f"{module} (imported by {sorted(files)}) is not installed at all"
+        if any(dists & optional[extra] and set(files) <= optional_modules.get(extra, set()) for extra in optional):
+            continue
         if not dists & runtime:
             undeclared[module] = (sorted(dists), sorted(files), "test extra only" if dists & test_only else "")
     assert undeclared == {}, f"imported by src/ but not in [project.dependencies]: {undeclared}"

@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from conftest import settings_for
+from conftest import SECRET_ENV, settings_for
 from iafactory.db import bootstrap
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import OpenAICompatibleEmbedder
@@ -110,6 +110,7 @@ def state(url: str, document_id: int) -> dict[str, Any]:
 
 def env_for(url: str, service: EmbeddingService, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAFACTORY_")}
+    env.update(SECRET_ENV)
     env.update(DATABASE_URL=url, IAFACTORY_EMBEDDING_PROVIDER="openai", IAFACTORY_EMBEDDING_URL=service.url,
                IAFACTORY_EMBEDDING_MODEL="held-back", IAFACTORY_WORKER_LEASE_SECONDS=str(LEASE), **extra)
     return env

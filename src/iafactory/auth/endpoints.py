@@ -71,7 +71,7 @@ async def me(who: CurrentPrincipal, request: Request) -> Any:
     return await service.whoami(request.app.state.db, who)
 
 
-@router.get("/me/tenants", response_model=list[MyTenant], tags=["auth"],
+@router.get("/me/tenants", response_model=list[MyTenant], tags=["auth"], operation_id="list_my_tenants",
             summary="My tenants, with my role in each; `current` marks the one this credential acts for")
 async def my_tenants(who: CurrentPrincipal, request: Request) -> Any:
     return (await service.whoami(request.app.state.db, who)).tenants

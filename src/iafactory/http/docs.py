@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse
 ASSETS = "/static-offline-docs"  # FastAPIOffline's default static_url
 CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
-       "frame-ancestors 'self'; base-uri 'self'; form-action 'self'")
+       "frame-ancestors 'none'; base-uri 'self'; form-action 'self'; object-src 'none'")
 
 
 def install(app: FastAPI) -> None:
