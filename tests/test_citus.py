@@ -230,4 +230,5 @@ def test_every_route_and_the_operator_commands_work_distributed(distributed: str
     assert not failed, failed
     assert sum(200 <= status < 300 for _, status in calls) >= 50, calls
     assert indexed >= 1
-    assert imported["projects"] >= 1
+    # The drive deleted its records at the end; the tenant still has members, keys, ledger, audit log.
+    assert imported["tenant_users"] >= 4 and imported["audit_events"] >= 10 and imported["credit_transactions"] >= 1
