@@ -232,3 +232,35 @@ def test_every_route_and_the_operator_commands_work_distributed(distributed: str
     assert indexed >= 1
     # The drive deleted its records at the end; the tenant still has members, keys, ledger, audit log.
     assert imported["tenant_users"] >= 4 and imported["audit_events"] >= 10 and imported["credit_transactions"] >= 1
+
+
+def test_the_gate_reaches_one_shard_and_a_new_document_wakes_the_workers(distributed: str) -> None:
+    """app.authorize() (every request) sends its queries to one shard group; a document created
+    through the API NOTIFYs the coordinator, where workers LISTEN."""
+    async def make() -> Any:
+        async with app_client(distributed) as (client, admin_url, settings):
+            world = await build_world(client, admin_url, settings)
+            with psycopg.connect(distributed, autocommit=True) as listener:
+                listener.execute("LISTEN iafactory_knowledge_jobs")
+                r = await client.post("/api/v1/knowledge-base", json={"title": "Réveil", "content": "Le worker."},
+                                      headers=world.a.auth("member"))
+                assert r.status_code == 201, r.text
+                heard = [n.channel for n in listener.notifies(timeout=5, stop_after=1)]
+            return world, heard
+
+    world, heard = asyncio.run(make())
+    assert heard == ["iafactory_knowledge_jobs"]
+    app_url = server.app_conninfo(settings_for(distributed), distributed)
+    remote: list[str] = []
+    with psycopg.connect(app_url) as conn:
+        conn.add_notice_handler(lambda d: remote.append(d.message_primary or ""))
+        conn.execute("SET LOCAL citus.log_remote_commands = on")
+        conn.execute("SET LOCAL client_min_messages = log")
+        conn.execute(sql.SQL("SET LOCAL app.tenant_id = {}").format(sql.Literal(str(world.a.id))))
+        conn.execute(sql.SQL("SET LOCAL app.user_id = {}").format(sql.Literal(str(world.a.user_ids["member"]))))
+        conn.execute("SELECT app.authorize('member', true)")
+    shards = {int(s) for line in remote for s in re.findall(r"_(\d{6,})\b", line)}
+    with psycopg.connect(distributed) as conn:
+        groups = {r[0] for r in conn.execute(
+            "SELECT DISTINCT shardminvalue FROM pg_dist_shard WHERE shardid = ANY (%s)", (list(shards),))}
+    assert remote and len(groups) == 1, remote
