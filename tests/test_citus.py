@@ -262,5 +262,6 @@ def test_the_gate_reaches_one_shard_and_a_new_document_wakes_the_workers(distrib
     shards = {int(s) for line in remote for s in re.findall(r"_(\d{6,})\b", line)}
     with psycopg.connect(distributed) as conn:
         groups = {r[0] for r in conn.execute(
-            "SELECT DISTINCT shardminvalue FROM pg_dist_shard WHERE shardid = ANY (%s)", (list(shards),))}
+            "SELECT DISTINCT shardminvalue FROM pg_dist_shard WHERE shardid = ANY (%s) AND shardminvalue IS NOT NULL",
+            (list(shards),))}  # reference tables' one shard has no range
     assert remote and len(groups) == 1, remote
