@@ -333,3 +333,15 @@ def test_the_application_opens_a_billing_account_only_without_credits(db: str) -
         row = conn.execute("INSERT INTO billing_accounts (tenant_id, billing_name, credit_balance, created_at) "
                            "VALUES (%s, 'Cabinet', 0, now()) RETURNING credit_balance, currency", (tenant,)).fetchone()
         assert row == (0, "DZD")
+
+
+def test_citus_distribute_without_citus_is_one_error_line_and_changes_nothing(db: str) -> None:
+    from conftest import run_cli
+
+    with psycopg.connect(db) as conn:
+        before = conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'iaf_owner'").fetchone()
+    result = run_cli("citus", "distribute", db_url=db, env={"IAFACTORY_OWNER_DB_PASSWORD": "x" * 32})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: citus is not installed") and result.stderr.count("\n") == 1, result.stderr
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'iaf_owner'").fetchone() == before
