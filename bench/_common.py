@@ -14,7 +14,6 @@ import psycopg
 from iafactory.config import Settings
 from iafactory.db import server
 
-
 # The service has no default secrets with DATABASE_URL: each benchmark run makes its own.
 BENCH_SECRETS = {name: secrets.token_urlsafe(40) for name in ("jwt_secret", "api_key_secret", "app_db_password")}
 BENCH_SECRET_ENV = {f"IAFACTORY_{name.upper()}": value for name, value in BENCH_SECRETS.items()}

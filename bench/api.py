@@ -63,14 +63,13 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url  # noqa: E402
-
-from iafactory.auth.passwords import hash_password  # noqa: E402
-from iafactory.config import Settings  # noqa: E402
-from iafactory.db import bootstrap  # noqa: E402
-from iafactory.db.scope import admin_connect, operator_transaction  # noqa: E402
-from iafactory.tenancy import service  # noqa: E402
-from iafactory.tenancy.schemas import TenantCreate  # noqa: E402
+from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url
+from iafactory.auth.passwords import hash_password
+from iafactory.config import Settings
+from iafactory.db import bootstrap
+from iafactory.db.scope import admin_connect, operator_transaction
+from iafactory.tenancy import service
+from iafactory.tenancy.schemas import TenantCreate
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -80,8 +79,10 @@ OPS = ("list", "create", "get")
 TARGETS = ("jwt", "key", "bare")
 LABELS = {"jwt": "real, JWT", "key": "real, API key", "bare": "bare"}
 LIST_PATH = "/api/v1/projects?limit=20"
-CREATE_BODY = json.dumps({"name": "Bench project", "description": "created by bench/api.py",
-                          "settings": {"source": "bench", "n": 1}}, separators=(",", ":"))
+CREATE_BODY = json.dumps(
+    {"name": "Bench project", "description": "created by bench/api.py", "settings": {"source": "bench", "n": 1}},
+    separators=(",", ":"),
+)
 TARGET_RATIO = 0.7
 NO_LIMITS = {"requests_per_minute": 1_000_000_000, "key_requests_per_minute": 1_000_000_000}
 
@@ -173,6 +174,7 @@ def request_for(op: str, target: str, tenants: list[Tenant], i: int) -> tuple[st
 
 # -- setup -----------------------------------------------------------------------------------------
 
+
 async def create_tenants(admin: str, count: int, per_tenant: int) -> list[Tenant]:
     tag = uuid.uuid4().hex[:6]
     # The hash carries its own argon2 parameters: cheap ones make the N logins quick; verifying a
@@ -183,8 +185,9 @@ async def create_tenants(admin: str, count: int, per_tenant: int) -> list[Tenant
     async with operator_transaction(admin) as tx:
         for k in range(count):
             slug = f"bench-{k}-{tag}"
-            created = await service.create_tenant(tx, TenantCreate(name=f"Bench tenant {k}", slug=slug, region="CH",
-                                                                   plan="pro", status="active"))
+            created = await service.create_tenant(
+                tx, TenantCreate(name=f"Bench tenant {k}", slug=slug, region="CH", plan="pro", status="active")
+            )
             email = f"owner-{k}-{tag}@example.ch"
             row = await service.add_member(tx, slug, email, "owner", name=f"Owner {k}", password_hash=pw_hash)
             # The rate limiter still counts every request (its cost is part of the product's), but
@@ -199,9 +202,11 @@ async def create_tenants(admin: str, count: int, per_tenant: int) -> list[Tenant
                       jsonb_build_object('seq', g, 'tags', jsonb_build_array('bench', 'seed')), t.owner,
                       now() - g * interval '1 minute', now() - g * interval '1 minute'
                FROM unnest(%s::uuid[], %s::int[]) WITH ORDINALITY AS t(id, owner, k), generate_series(1, %s) g""",
-            ([t.id for t in tenants], [t.user_id for t in tenants], per_tenant))
-        rows = await (await conn.execute(
-            "SELECT tenant_id, array_agg(id ORDER BY id) AS ids FROM projects GROUP BY tenant_id")).fetchall()
+            ([t.id for t in tenants], [t.user_id for t in tenants], per_tenant),
+        )
+        rows = await (
+            await conn.execute("SELECT tenant_id, array_agg(id ORDER BY id) AS ids FROM projects GROUP BY tenant_id")
+        ).fetchall()
         await conn.execute("VACUUM ANALYZE projects")
     ids = {r["tenant_id"]: r["ids"] for r in rows}
     for t in tenants:
@@ -212,8 +217,15 @@ async def create_tenants(admin: str, count: int, per_tenant: int) -> list[Tenant
 def start_server(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "wb") as log:
         # A session (process group) of its own: uvicorn's worker processes are stopped with it.
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=REPO, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            start_new_session=True,
+        )
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -238,8 +250,9 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-async def wait_ready(client: httpx.AsyncClient, url: str, proc: subprocess.Popen, log_path: Path,
-                     timeout: float = 90) -> None:
+async def wait_ready(
+    client: httpx.AsyncClient, url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -263,13 +276,19 @@ def expect(response: httpx.Response, status: int, what: str) -> httpx.Response:
 async def sign_in_and_check(real: str, bare: str, tenants: list[Tenant]) -> None:
     async with httpx.AsyncClient(base_url=real, timeout=30) as client:
         for t in tenants:
-            body = expect(await client.post("/api/v1/auth/login", json={"email": t.email, "password": PASSWORD}),
-                          200, "login").json()
+            body = expect(
+                await client.post("/api/v1/auth/login", json={"email": t.email, "password": PASSWORD}), 200, "login"
+            ).json()
             if body.get("tenant") is None:
                 raise SystemExit(f"login of {t.email} selected no tenant: {body}")
             t.token = body["access_token"]
-            created = expect(await client.post("/api/v1/api-keys", json={"name": "bench write key", "scope": "write"},
-                                               headers=t.headers("jwt")), 201, "create API key").json()
+            created = expect(
+                await client.post(
+                    "/api/v1/api-keys", json={"name": "bench write key", "scope": "write"}, headers=t.headers("jwt")
+                ),
+                201,
+                "create API key",
+            ).json()
             t.key = created["key"]
         # The three variants answer the same thing for the same tenant...
         a = tenants[0]
@@ -287,10 +306,16 @@ async def sign_in_and_check(real: str, bare: str, tenants: list[Tenant]) -> None
         # ... and the real one does not leak across tenants.
         if len(tenants) > 1:
             b = tenants[1]
-            expect(await client.get(f"/api/v1/projects/{a.project_ids[0]}", headers=b.headers("jwt")), 404,
-                   "another tenant's project (JWT)")
-            expect(await client.get(f"/api/v1/projects/{a.project_ids[0]}", headers=b.headers("key")), 404,
-                   "another tenant's project (API key)")
+            expect(
+                await client.get(f"/api/v1/projects/{a.project_ids[0]}", headers=b.headers("jwt")),
+                404,
+                "another tenant's project (JWT)",
+            )
+            expect(
+                await client.get(f"/api/v1/projects/{a.project_ids[0]}", headers=b.headers("key")),
+                404,
+                "another tenant's project (API key)",
+            )
 
 
 # -- CPU accounting ------------------------------------------------------------------------------
@@ -303,7 +328,7 @@ def _stat(pid: int) -> list[str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()  # fields from "state" on (field 3 of proc(5))
+    return text[text.rindex(")") + 2 :].split()  # fields from "state" on (field 3 of proc(5))
 
 
 def _cpu_seconds(fields: list[str]) -> float:
@@ -325,15 +350,15 @@ class CpuMeter:
         except OSError:
             own_cmd = b""
         # Only when the server runs here: a local address and our own backend visible in /proc.
-        self.pg_visible = (host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")) \
-            and b"postgres" in own_cmd
+        self.pg_visible = (host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")) and b"postgres" in own_cmd
 
     def close(self) -> None:
         self.monitor.close()
 
     def _backends(self) -> list[int]:
-        rows = self.monitor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                                    "AND pid <> pg_backend_pid()").fetchall()
+        rows = self.monitor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
         return [r[0] for r in rows]
 
     def snapshot(self) -> dict[str, object]:
@@ -363,6 +388,7 @@ class CpuMeter:
 
 
 # -- load: wrk -------------------------------------------------------------------------------------
+
 
 def lua_str(value: str) -> str:
     if not all(32 <= ord(ch) < 127 for ch in value):
@@ -461,8 +487,20 @@ class WrkClient:
         self.scripts[(op, target)] = path
 
     def run(self, base: str, op: str, target: str, tenants: list[Tenant], seconds: int) -> Slice:
-        cmd = ["wrk", "-t", "1", "-c", str(self.concurrency), "-d", f"{seconds}s", "--timeout", "10s",
-               "-s", str(self.scripts[(op, target)]), base]
+        cmd = [
+            "wrk",
+            "-t",
+            "1",
+            "-c",
+            str(self.concurrency),
+            "-d",
+            f"{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(self.scripts[(op, target)]),
+            base,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
         summary = hist = None
         first = ""
@@ -484,6 +522,7 @@ class WrkClient:
 
 
 # -- load: httpx -----------------------------------------------------------------------------------
+
 
 class HttpxClient:
     def __init__(self, concurrency: int, max_requests: int) -> None:
@@ -531,8 +570,14 @@ class HttpxClient:
 
 # -- profiling -------------------------------------------------------------------------------------
 
-OUR_CODE = ("iafactory/auth/", "iafactory/db/", "iafactory/resources/", "iafactory/http/", "iafactory/tenancy/",
-            "iafactory/plans/")
+OUR_CODE = (
+    "iafactory/auth/",
+    "iafactory/db/",
+    "iafactory/resources/",
+    "iafactory/http/",
+    "iafactory/tenancy/",
+    "iafactory/plans/",
+)
 PROFILE_RATE = 250  # samples per second
 _LINE = re.compile(r" \((.*):\d+\)$")
 _IDLE = re.compile(r"^(Condition\.wait|Event\.wait) \(threading\.py\)")
@@ -570,8 +615,11 @@ def summarize_profile(path: Path, requests: int, top: int = 12) -> str:
     def ms(n: int) -> float:
         return 1000 * n / PROFILE_RATE / max(1, requests)
 
-    lines = [f"    {total} busy samples at {PROFILE_RATE} Hz for {requests} requests: ~{ms(total):.3f} ms of busy "
-             "Python thread per request", "    ms/request, inclusive, our code:"]
+    lines = [
+        f"    {total} busy samples at {PROFILE_RATE} Hz for {requests} requests: ~{ms(total):.3f} ms of busy "
+        "Python thread per request",
+        "    ms/request, inclusive, our code:",
+    ]
     ours = [(f, n) for f, n in inclusive.items() if any(part in f for part in OUR_CODE)]
     for frame, n in sorted(ours, key=lambda x: -x[1])[:top]:
         lines.append(f"    {ms(n):7.3f}  {frame}")
@@ -581,8 +629,14 @@ def summarize_profile(path: Path, requests: int, top: int = 12) -> str:
     return "\n".join(lines)
 
 
-def profile(client: WrkClient | HttpxClient, bases: dict[str, str], pids: dict[str, int], tenants: list[Tenant],
-            seconds: int, outdir: Path) -> None:
+def profile(
+    client: WrkClient | HttpxClient,
+    bases: dict[str, str],
+    pids: dict[str, int],
+    tenants: list[Tenant],
+    seconds: int,
+    outdir: Path,
+) -> None:
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         raise SystemExit("--profile needs py-spy (pip install py-spy)")
@@ -591,10 +645,26 @@ def profile(client: WrkClient | HttpxClient, bases: dict[str, str], pids: dict[s
     for op in OPS:
         for target in TARGETS:
             out = outdir / f"{op}-{target}.txt"
-            spy = subprocess.Popen([py_spy, "record", "--pid", str(pids[target]), "--subprocesses",
-                                    "--rate", str(PROFILE_RATE), "--duration", str(seconds + 1), "--format", "raw",
-                                    "--output", str(out)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            spy = subprocess.Popen(
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(pids[target]),
+                    "--subprocesses",
+                    "--rate",
+                    str(PROFILE_RATE),
+                    "--duration",
+                    str(seconds + 1),
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             time.sleep(0.5)
             result = client.run(bases[target], op, target, tenants, seconds)
             _, err = spy.communicate(timeout=seconds + 60)
@@ -606,16 +676,25 @@ def profile(client: WrkClient | HttpxClient, bases: dict[str, str], pids: dict[s
 
 # -- main ------------------------------------------------------------------------------------------
 
+
 def header(args: argparse.Namespace, admin: str, client_name: str, real: str, bare: str, per: int) -> None:
     settings = Settings()
     with psycopg.connect(admin) as conn:
         pg = conn.execute("SHOW server_version").fetchone()[0]
     cores = os.cpu_count()
-    warning = "" if client_name.startswith("wrk") else (
-        "\n               WARNING: httpx spends more CPU per request than the servers do: on a small machine the"
-        "\n               client is the bottleneck and the ratios are pulled towards 1 (apt-get install wrk)")
-    limiter = ("Redis (IAFACTORY_REDIS_URL)" if getattr(settings, "redis_url", None)
-               else "PostgreSQL (app.rate_hit in each request's first message)")
+    warning = (
+        ""
+        if client_name.startswith("wrk")
+        else (
+            "\n               WARNING: httpx spends more CPU per request than the servers do: on a small machine the"
+            "\n               client is the bottleneck and the ratios are pulled towards 1 (apt-get install wrk)"
+        )
+    )
+    limiter = (
+        "Redis (IAFACTORY_REDIS_URL)"
+        if getattr(settings, "redis_url", None)
+        else "PostgreSQL (app.rate_hit in each request's first message)"
+    )
     print(f"""
 HTTP API vs bare baseline
   machine      {cores} cores ({platform.machine()}), Python {platform.python_version()}, PostgreSQL {pg}, load average {os.getloadavg()[0]:.2f} at start
@@ -631,11 +710,15 @@ HTTP API vs bare baseline
 
 
 def report(results: dict[tuple[str, str], Totals], args: argparse.Namespace) -> None:
-    print(f"\nResults ({args.rounds} rounds x {args.seconds // args.rounds} s per variant, "
-          f"{args.concurrency} in flight, {args.tenants} tenants):")
+    print(
+        f"\nResults ({args.rounds} rounds x {args.seconds // args.rounds} s per variant, "
+        f"{args.concurrency} in flight, {args.tenants} tenants):"
+    )
     print(f"  {'':<26}{'':>10}{'':>10}{'':>9}{'':>9}{'':>9}{'':>23}{'':>8}   CPU ms per request")
-    print(f"  {'operation':<10}{'endpoint':<16}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'vs bare':>9}{'rounds req/s min-max':>23}{'errors':>8}{'app':>8}{'PG':>7}{'load':>7}")
+    print(
+        f"  {'operation':<10}{'endpoint':<16}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'vs bare':>9}{'rounds req/s min-max':>23}{'errors':>8}{'app':>8}{'PG':>7}{'load':>7}"
+    )
     below = []
     for op in OPS:
         base = results[(op, "bare")].rate
@@ -643,16 +726,22 @@ def report(results: dict[tuple[str, str], Totals], args: argparse.Namespace) -> 
             r = results[(op, target)]
             rates = [s.rate for s in r.slices]
             ratio = r.rate / base if base else float("nan")
-            print(f"  {op:<10}{LABELS[target]:<16}{r.requests:>10}{r.rate:>10.0f}{r.percentile_ms(0.5):>9.2f}"
-                  f"{r.percentile_ms(0.99):>9.2f}{ratio:>8.2f}x{min(rates):>11.0f} - {max(rates):<9.0f}{r.errors:>8}"
-                  f"{r.cpu_ms('app'):>8.2f}{r.cpu_ms('pg'):>7.2f}{r.cpu_ms('client'):>7.2f}")
+            print(
+                f"  {op:<10}{LABELS[target]:<16}{r.requests:>10}{r.rate:>10.0f}{r.percentile_ms(0.5):>9.2f}"
+                f"{r.percentile_ms(0.99):>9.2f}{ratio:>8.2f}x{min(rates):>11.0f} - {max(rates):<9.0f}{r.errors:>8}"
+                f"{r.cpu_ms('app'):>8.2f}{r.cpu_ms('pg'):>7.2f}{r.cpu_ms('client'):>7.2f}"
+            )
             if target != "bare" and ratio < TARGET_RATIO:
                 below.append(f"{op} / {LABELS[target]} {ratio:.2f}x")
     print(f"  (load average at the end: {os.getloadavg()[0]:.2f})")
-    print("  (CPU: app = the server's processes, PG = the backends of the benchmark database, load = the load "
-          "generator;\n   from /proc, per completed request; nan where PostgreSQL is not on this machine)")
-    print(f"\nTarget: real >= {TARGET_RATIO:.1f}x bare for the same operation: "
-          + ("met by every variant" if not below else "NOT met by " + ", ".join(below)))
+    print(
+        "  (CPU: app = the server's processes, PG = the backends of the benchmark database, load = the load "
+        "generator;\n   from /proc, per completed request; nan where PostgreSQL is not on this machine)"
+    )
+    print(
+        f"\nTarget: real >= {TARGET_RATIO:.1f}x bare for the same operation: "
+        + ("met by every variant" if not below else "NOT met by " + ", ".join(below))
+    )
 
 
 def main() -> None:
@@ -692,16 +781,44 @@ def main() -> None:
 
         real_port = args.port or free_port()
         bare_port = args.port + 1 if args.port else free_port()
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("IAFACTORY_DATABASE_URL", "IAFACTORY_APP_DATABASE_URL", "BENCH_BARE_DATABASE_URL")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("IAFACTORY_DATABASE_URL", "IAFACTORY_APP_DATABASE_URL", "BENCH_BARE_DATABASE_URL")
+        }
         env.update(BENCH_SECRET_ENV, DATABASE_URL=admin, IAFACTORY_LOG_LEVEL="WARNING", BENCH_BARE_DATABASE_URL=admin)
         iafactory = str(Path(sys.executable).with_name("iafactory"))
         real_log, bare_log = workdir / "real.log", workdir / "bare.log"
-        real_proc = start_server([iafactory, "serve", "--no-migrate", "--host", HOST, "--port", str(real_port),
-                                  "--workers", str(args.workers)], env, real_log)
+        real_proc = start_server(
+            [
+                iafactory,
+                "serve",
+                "--no-migrate",
+                "--host",
+                HOST,
+                "--port",
+                str(real_port),
+                "--workers",
+                str(args.workers),
+            ],
+            env,
+            real_log,
+        )
         procs.append(real_proc)
-        bare_proc = start_server([sys.executable, str(BENCH_DIR / "api_bare.py"), "--host", HOST,
-                                  "--port", str(bare_port), "--workers", str(args.workers)], env, bare_log)
+        bare_proc = start_server(
+            [
+                sys.executable,
+                str(BENCH_DIR / "api_bare.py"),
+                "--host",
+                HOST,
+                "--port",
+                str(bare_port),
+                "--workers",
+                str(args.workers),
+            ],
+            env,
+            bare_log,
+        )
         procs.append(bare_proc)
         real, bare = f"http://{HOST}:{real_port}", f"http://{HOST}:{bare_port}"
 
@@ -712,8 +829,11 @@ def main() -> None:
             await sign_in_and_check(real, bare, tenants)
 
         asyncio.run(ready())
-        client: WrkClient | HttpxClient = (WrkClient(workdir, args.concurrency, args.max_requests) if use_wrk
-                                           else HttpxClient(args.concurrency, args.max_requests))
+        client: WrkClient | HttpxClient = (
+            WrkClient(workdir, args.concurrency, args.max_requests)
+            if use_wrk
+            else HttpxClient(args.concurrency, args.max_requests)
+        )
         client_name = "wrk -t1 (C, Lua scripts generated per variant)" if use_wrk else "httpx.AsyncClient (Python)"
         meter = CpuMeter(admin, {"real": real_proc.pid, "bare": bare_proc.pid})
         closers.append(meter.close)
@@ -727,12 +847,15 @@ def main() -> None:
             nonlocal errors
             if s.bad or s.socket_errors:
                 errors += s.bad + s.socket_errors
-                print(f"  !! {what}: {s.bad} non-2xx, {s.socket_errors} socket errors; first: {s.first_error}",
-                      flush=True)
+                print(
+                    f"  !! {what}: {s.bad} non-2xx, {s.socket_errors} socket errors; first: {s.first_error}", flush=True
+                )
             for proc in procs:
                 if proc.poll() is not None:
-                    raise SystemExit(f"server {' '.join(proc.args)} died ({proc.returncode}):\n"
-                                     f"{log_tail(real_log if proc is real_proc else bare_log)}")
+                    raise SystemExit(
+                        f"server {' '.join(proc.args)} died ({proc.returncode}):\n"
+                        f"{log_tail(real_log if proc is real_proc else bare_log)}"
+                    )
 
         if args.warmup > 0:
             print("Warm-up:")
@@ -744,7 +867,7 @@ def main() -> None:
         results = {(op, target): Totals() for op in OPS for target in TARGETS}
         print("Measured rounds:")
         for rnd in range(args.rounds):
-            order = TARGETS[rnd % 3:] + TARGETS[: rnd % 3]
+            order = TARGETS[rnd % 3 :] + TARGETS[: rnd % 3]
             line = []
             for op in OPS:
                 for target in order:
@@ -757,8 +880,14 @@ def main() -> None:
             print(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(line), flush=True)
         report(results, args)
         if args.profile is not None:
-            profile(client, bases, {"jwt": real_proc.pid, "key": real_proc.pid, "bare": bare_proc.pid}, tenants,
-                    max(slice_seconds, 5), args.profile)
+            profile(
+                client,
+                bases,
+                {"jwt": real_proc.pid, "key": real_proc.pid, "bare": bare_proc.pid},
+                tenants,
+                max(slice_seconds, 5),
+                args.profile,
+            )
     finally:
         for close in closers:
             close()

@@ -35,16 +35,18 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from iafactory.config import Settings
-from iafactory.serve import uvicorn_options
 from iafactory.projects.schemas import ProjectCreate, ProjectOut
 from iafactory.resources.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page, page_of
+from iafactory.serve import uvicorn_options
 
 # The statements iafactory.resources.repository builds for PROJECTS, written out.
 _COLUMNS = ", ".join(f'"{c}"' for c in ProjectOut.model_fields)
 LIST = f'SELECT {_COLUMNS} FROM "projects" WHERE tenant_id = %s ORDER BY created_at DESC, id DESC LIMIT %s'
 GET = f'SELECT {_COLUMNS} FROM "projects" WHERE tenant_id = %s AND id = %s'
-INSERT = (f'INSERT INTO "projects" ("tenant_id", "name", "description", "status", "settings") '
-          f'VALUES (%s, %s, %s, %s, %s) RETURNING {_COLUMNS}')
+INSERT = (
+    f'INSERT INTO "projects" ("tenant_id", "name", "description", "status", "settings") '
+    f"VALUES (%s, %s, %s, %s, %s) RETURNING {_COLUMNS}"
+)
 
 TenantId = Annotated[UUID, Header(alias="x-tenant-id")]
 
@@ -58,9 +60,14 @@ def database_url() -> str:
 
 def create_app() -> FastAPI:
     settings = Settings()
-    pool = AsyncConnectionPool(database_url(), min_size=settings.pool_min_size, max_size=settings.pool_max_size,
-                               kwargs={"autocommit": True, "row_factory": dict_row}, open=False,
-                               name="bench-bare")
+    pool = AsyncConnectionPool(
+        database_url(),
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        kwargs={"autocommit": True, "row_factory": dict_row},
+        open=False,
+        name="bench-bare",
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,13 +89,13 @@ def create_app() -> FastAPI:
     async def create(body: ProjectCreate, tenant_id: TenantId) -> Any:
         data = body.model_dump()
         async with pool.connection() as conn:
-            cur = await conn.execute(INSERT, (tenant_id, data["name"], data["description"], data["status"],
-                                              Jsonb(data["settings"])))
+            cur = await conn.execute(
+                INSERT, (tenant_id, data["name"], data["description"], data["status"], Jsonb(data["settings"]))
+            )
             return await cur.fetchone()
 
     @app.get("/api/v1/projects", response_model=Page[ProjectOut])
-    async def list_(tenant_id: TenantId,
-                    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT) -> Any:
+    async def list_(tenant_id: TenantId, limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT) -> Any:
         async with pool.connection() as conn:
             rows = await (await conn.execute(LIST, (tenant_id, limit + 1))).fetchall()
         items, next_cursor = page_of(rows, limit)
@@ -114,8 +121,15 @@ def main() -> None:
     database_url()  # fail before uvicorn starts
     # The options iafactory.serve.run_server passes (protocol with its limits, no server header...),
     # so only the application differs.
-    uvicorn.run("api_bare:create_app", factory=True, app_dir=str(Path(__file__).parent), host=args.host,
-                port=args.port, workers=args.workers, **uvicorn_options(Settings()))
+    uvicorn.run(
+        "api_bare:create_app",
+        factory=True,
+        app_dir=str(Path(__file__).parent),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        **uvicorn_options(Settings()),
+    )
 
 
 if __name__ == "__main__":

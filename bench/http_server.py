@@ -27,13 +27,13 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url  # noqa: E402
-
-from iafactory.db import bootstrap  # noqa: E402
+from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url
+from iafactory.db import bootstrap
 
 HOST = "127.0.0.1"
 SERVER = """
@@ -47,8 +47,11 @@ if variant != "iafactory":
 uvicorn.run("iafactory.app:create_app", factory=True, host="127.0.0.1", port=port, **options)
 """
 VARIANTS = ("httptools", "h11", "iafactory")
-LABELS = {"httptools": "uvicorn httptools (stock)", "h11": "uvicorn h11 (stock)",
-          "iafactory": "iafactory (httptools + limits)"}
+LABELS = {
+    "httptools": "uvicorn httptools (stock)",
+    "h11": "uvicorn h11 (stock)",
+    "iafactory": "iafactory (httptools + limits)",
+}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -62,8 +65,13 @@ def rss_mib(pid: int) -> float:
 
 def start(variant: str, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, variant, str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, variant, str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ready = threading.Event()
 
     def drain() -> None:
@@ -79,9 +87,12 @@ def start(variant: str, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
 
 
 def wrk(port: int, path: str, seconds: int, connections: int) -> int:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-                          f"http://{HOST}:{port}{path}"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", f"http://{HOST}:{port}{path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     if "Non-2xx" in out or "Socket errors" in out:
         raise SystemExit(f"wrk reported errors:\n{out}")
@@ -96,7 +107,7 @@ def hostile(port: int, payload: bytes, wait: float = 60.0) -> tuple[str, float]:
     view = memoryview(payload)
     try:
         for i in range(0, len(view), 1 << 16):
-            sock.sendall(view[i:i + (1 << 16)])
+            sock.sendall(view[i : i + (1 << 16)])
         data = sock.recv(4096)
     except (BrokenPipeError, ConnectionResetError):
         data = b""
@@ -133,10 +144,18 @@ def main() -> None:
     try:
         asyncio.run(bootstrap.migrate_and_prepare(admin, bench_settings(admin)))
         env = {k: v for k, v in os.environ.items() if not k.startswith("IAFACTORY_")}
-        env.update(BENCH_SECRET_ENV, DATABASE_URL=admin, IAFACTORY_LOG_LEVEL="INFO", IAFACTORY_RUN_WORKER="false",
-                   IAFACTORY_EMBEDDING_PROVIDER="none", IAFACTORY_HEADER_TIMEOUT_SECONDS="10")
-        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; wrk -t1 "
-              f"-c{args.connections}, {args.seconds} s per run\n")
+        env.update(
+            BENCH_SECRET_ENV,
+            DATABASE_URL=admin,
+            IAFACTORY_LOG_LEVEL="INFO",
+            IAFACTORY_RUN_WORKER="false",
+            IAFACTORY_EMBEDDING_PROVIDER="none",
+            IAFACTORY_HEADER_TIMEOUT_SECONDS="10",
+        )
+        print(
+            f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; wrk -t1 "
+            f"-c{args.connections}, {args.seconds} s per run\n"
+        )
         print(f"{'server':<32}{'endpoint':<15}{'req/s':>9}{'CPU us/req':>12}")
         hostile_rows = []
         for variant in VARIANTS:
@@ -149,12 +168,17 @@ def main() -> None:
                     cpu = cpu_seconds(proc.pid) - cpu0
                     print(f"{LABELS[variant]:<32}{path:<15}{n / args.seconds:>9.0f}{cpu / n * 1e6:>12.0f}", flush=True)
                 big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 50_000_000 + b"\r\n\r\n"
-                many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(
-                    b"X-H%d: v\r\n" % i for i in range(100_000)) + b"\r\n"
-                for label, run in (("one 50 MB header", lambda: hostile(port, big)),
-                                   ("ten 50 MB headers", lambda: hostile_parallel(port, big, 10)),
-                                   ("100,000 headers", lambda: hostile(port, many)),
-                                   ("half a header", lambda: hostile(port, b"GET / HTTP/1.1\r\nX-Slow: ", 30))):
+                many = (
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                    + b"".join(b"X-H%d: v\r\n" % i for i in range(100_000))
+                    + b"\r\n"
+                )
+                for label, run in (
+                    ("one 50 MB header", partial(hostile, port, big)),
+                    ("ten 50 MB headers", partial(hostile_parallel, port, big, 10)),
+                    ("100,000 headers", partial(hostile, port, many)),
+                    ("half a header", partial(hostile, port, b"GET / HTTP/1.1\r\nX-Slow: ", 30)),
+                ):
                     before = rss_mib(proc.pid)
                     line, seconds = run()
                     hostile_rows.append((LABELS[variant], label, line, seconds, before, rss_mib(proc.pid)))

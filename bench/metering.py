@@ -22,24 +22,31 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCH_SECRETS, create_database, drop_database, server_url  # noqa: E402
-
-from iafactory.app import create_app  # noqa: E402
-from iafactory.auth.passwords import hash_password  # noqa: E402
-from iafactory.config import Settings  # noqa: E402
-from iafactory.db import bootstrap  # noqa: E402
-from iafactory.db.scope import Database, operator_transaction  # noqa: E402
-from iafactory.tenancy import service  # noqa: E402
-from iafactory.tenancy.context import TenantContext  # noqa: E402
-from iafactory.tenancy.schemas import TenantCreate  # noqa: E402
+from _common import BENCH_SECRETS, create_database, drop_database, server_url
+from iafactory.app import create_app
+from iafactory.auth.passwords import hash_password
+from iafactory.config import Settings
+from iafactory.db import bootstrap
+from iafactory.db.scope import Database, operator_transaction
+from iafactory.tenancy import service
+from iafactory.tenancy.context import TenantContext
+from iafactory.tenancy.schemas import TenantCreate
 
 BATCH = 1000
 
 
 def batch(tag: str, n: int) -> dict:
-    return {"events": [{"event_type": ("llm.tokens", "voice.minutes", "rag.query")[i % 3], "quantity": 1 + i % 50,
-                        "idempotency_key": f"{tag}-{i}", "properties": {"model": "e5-small", "i": i}}
-                       for i in range(n)]}
+    return {
+        "events": [
+            {
+                "event_type": ("llm.tokens", "voice.minutes", "rag.query")[i % 3],
+                "quantity": 1 + i % 50,
+                "idempotency_key": f"{tag}-{i}",
+                "properties": {"model": "e5-small", "i": i},
+            }
+            for i in range(n)
+        ]
+    }
 
 
 async def setup(admin: str, settings: Settings, tenants: int) -> tuple[list[uuid.UUID], str]:
@@ -47,8 +54,9 @@ async def setup(admin: str, settings: Settings, tenants: int) -> tuple[list[uuid
     password = await hash_password(settings, "bench-password-123")
     async with operator_transaction(admin) as tx:
         for k in range(tenants):
-            t = await service.create_tenant(tx, TenantCreate(name=f"Meter {k}", slug=f"meter-{k}", region="CH",
-                                                             plan="enterprise", status="active"))
+            t = await service.create_tenant(
+                tx, TenantCreate(name=f"Meter {k}", slug=f"meter-{k}", region="CH", plan="enterprise", status="active")
+            )
             ids.append(t.id)
             await service.grant_credits(tx, t.id, 10**9, "bench", "bench")
             # No rate limit in the way of a throughput measurement.
@@ -59,10 +67,12 @@ async def setup(admin: str, settings: Settings, tenants: int) -> tuple[list[uuid
 
 async def ingestion(db: Database, settings: Settings, tenant: uuid.UUID, email: str, batches: int) -> None:
     app = create_app(settings, db)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench",
-                                 timeout=120) as client:
-        token = (await client.post("/api/v1/auth/login", json={"email": email, "password": "bench-password-123"})
-                 ).json()["access_token"]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=120
+    ) as client:
+        token = (
+            await client.post("/api/v1/auth/login", json={"email": email, "password": "bench-password-123"})
+        ).json()["access_token"]
         headers = {"Authorization": f"Bearer {token}"}
         payloads = [batch(f"http-{b}", BATCH) for b in range(batches)]
         started = time.perf_counter()
@@ -87,7 +97,8 @@ async def ingestion(db: Database, settings: Settings, tenant: uuid.UUID, email: 
                    FROM jsonb_to_recordset(%s::jsonb)
                         AS e(event_type text, quantity numeric, idempotency_key text, properties jsonb)
                    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING idempotency_key""",
-                (tenant, __import__("json").dumps(events)))
+                (tenant, __import__("json").dumps(events)),
+            )
     db_rate = batches * BATCH / (time.perf_counter() - started)
     print(f"\nUsage-event ingestion ({batches} batches of {BATCH}):")
     print(f"  HTTP API, new events        {http_rate:10.0f} events/s   ({http_rate / db_rate:.2f}x the direct path)")
@@ -116,8 +127,14 @@ async def debits(db: Database, tenants: list[uuid.UUID], total: int, concurrency
 async def main_async(args: argparse.Namespace) -> None:
     url = server_url(args.database_url)
     name, admin = create_database(url, "iaf_bench_meter")
-    settings = Settings(database_url=admin, **BENCH_SECRETS, pool_max_size=args.concurrency, argon2_time_cost=1,
-                        argon2_memory_cost_kib=1024, argon2_parallelism=1)
+    settings = Settings(
+        database_url=admin,
+        **BENCH_SECRETS,
+        pool_max_size=args.concurrency,
+        argon2_time_cost=1,
+        argon2_memory_cost_kib=1024,
+        argon2_parallelism=1,
+    )
     try:
         await bootstrap.migrate_and_prepare(admin, settings)
         tenants, email = await setup(admin, settings, 100)

@@ -24,8 +24,7 @@ import time
 import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import create_database, drop_database, percentile  # noqa: E402
-
+from _common import create_database, drop_database, percentile
 from iafactory.config import Settings
 from iafactory.db import migrate, server
 
@@ -64,8 +63,13 @@ def _insert_loop(url: str, ready, stop, count, out) -> None:  # runs in the inse
         n = 0
         while not stop.is_set():
             n += 1
-            params = (f"Note live {n}", f"Saisie pendant la migration, numéro {n}.",
-                      f"https://app.example.ch/notes/{n}", "fr", '{"live": true}')
+            params = (
+                f"Note live {n}",
+                f"Saisie pendant la migration, numéro {n}.",
+                f"https://app.example.ch/notes/{n}",
+                "fr",
+                '{"live": true}',
+            )
             started = time.perf_counter()
             try:
                 conn.execute(APP_INSERT, params)
@@ -88,8 +92,9 @@ class Inserter:
         self.ready, self.stop = ctx.Event(), ctx.Event()
         self.count = ctx.Value("q", 0, lock=False)
         self._results, sender = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_insert_loop, args=(url, self.ready, self.stop, self.count, sender),
-                                   name="inserter", daemon=True)
+        self.process = ctx.Process(
+            target=_insert_loop, args=(url, self.ready, self.stop, self.count, sender), name="inserter", daemon=True
+        )
         self.samples: list[tuple[float, float]] = []
         self.errors: list[str] = []
 
@@ -110,8 +115,10 @@ class Inserter:
 def stats_ms(values: list[float]) -> str:
     if not values:
         return "no inserts"
-    return (f"p50 {percentile(values, 0.50) * 1000:7.3f} ms   p99 {percentile(values, 0.99) * 1000:8.3f} ms   "
-            f"max {max(values) * 1000:9.3f} ms")
+    return (
+        f"p50 {percentile(values, 0.50) * 1000:7.3f} ms   p99 {percentile(values, 0.99) * 1000:8.3f} ms   "
+        f"max {max(values) * 1000:9.3f} ms"
+    )
 
 
 def fill(url: str, rows: int) -> None:
@@ -124,16 +131,24 @@ def fill(url: str, rows: int) -> None:
             elapsed = time.perf_counter() - started
             log(f"  knowledge_base: {last:>10,} / {rows:,} rows  ({elapsed:5.1f} s, {last / elapsed:,.0f} rows/s)")
         # A few rows in the other old tables, so that 007 has references to scope.
-        conn.execute("INSERT INTO users (email, name) SELECT 'user' || i || '@example.ch', 'User ' || i "
-                     "FROM generate_series(1, 50) i")
-        conn.execute("INSERT INTO projects (name, owner_id) SELECT 'Projet ' || i, 1 + i % 50 "
-                     "FROM generate_series(1, 200) i")
-        conn.execute("INSERT INTO bolt_workflows (project_id, name, status) SELECT 1 + i % 200, 'Bolt ' || i, "
-                     "'completed' FROM generate_series(1, 2000) i")
-        conn.execute("INSERT INTO bmad_workflows (project_id, name) SELECT 1 + i % 200, 'BMAD ' || i "
-                     "FROM generate_series(1, 1000) i")
-        conn.execute("INSERT INTO orchestrator_state (session_key, agent) SELECT 's' || i, 'rag' "
-                     "FROM generate_series(1, 2000) i")
+        conn.execute(
+            "INSERT INTO users (email, name) SELECT 'user' || i || '@example.ch', 'User ' || i "
+            "FROM generate_series(1, 50) i"
+        )
+        conn.execute(
+            "INSERT INTO projects (name, owner_id) SELECT 'Projet ' || i, 1 + i % 50 FROM generate_series(1, 200) i"
+        )
+        conn.execute(
+            "INSERT INTO bolt_workflows (project_id, name, status) SELECT 1 + i % 200, 'Bolt ' || i, "
+            "'completed' FROM generate_series(1, 2000) i"
+        )
+        conn.execute(
+            "INSERT INTO bmad_workflows (project_id, name) SELECT 1 + i % 200, 'BMAD ' || i "
+            "FROM generate_series(1, 1000) i"
+        )
+        conn.execute(
+            "INSERT INTO orchestrator_state (session_key, agent) SELECT 's' || i, 'rag' FROM generate_series(1, 2000) i"
+        )
         log("  VACUUM ANALYZE (as autovacuum would have done on a table of that age), CHECKPOINT ...")
         conn.execute("VACUUM ANALYZE")
         # Flush the fill now, so that its checkpoint does not land in the baseline (or the migration).
@@ -194,8 +209,10 @@ class Monitor:
                 if now >= next_report:
                     next_report = now + self.report_every
                     doing = self.timeline[-1][1][:80] if self.timeline else "-"
-                    log(f"    {now - self.started:6.1f} s  inserts so far: {self.inserter.count.value:>7,}"
-                        f"  runner: {doing}")
+                    log(
+                        f"    {now - self.started:6.1f} s  inserts so far: {self.inserter.count.value:>7,}"
+                        f"  runner: {doing}"
+                    )
 
     def statement_at(self, when: float) -> str:
         current = "-"
@@ -227,12 +244,16 @@ def verify_rows(url: str, rows: int, inserted: int) -> bool:
     with psycopg.connect(url, autocommit=True) as conn:
         total, nulls, on_default = conn.execute(
             """SELECT count(*), count(*) FILTER (WHERE tenant_id IS NULL),
-                      count(*) FILTER (WHERE tenant_id = %s) FROM knowledge_base""", (DEFAULT_TENANT,)).fetchone()
+                      count(*) FILTER (WHERE tenant_id = %s) FROM knowledge_base""",
+            (DEFAULT_TENANT,),
+        ).fetchone()
         live_nulls = conn.execute(
-            "SELECT count(*) FROM knowledge_base WHERE title LIKE 'Note live %' AND tenant_id IS NULL").fetchone()[0]
+            "SELECT count(*) FROM knowledge_base WHERE title LIKE 'Note live %' AND tenant_id IS NULL"
+        ).fetchone()[0]
         not_null = conn.execute(
             """SELECT attnotnull FROM pg_attribute
-               WHERE attrelid = 'knowledge_base'::regclass AND attname = 'tenant_id'""").fetchone()[0]
+               WHERE attrelid = 'knowledge_base'::regclass AND attname = 'tenant_id'"""
+        ).fetchone()[0]
         invalid = conn.execute("SELECT count(*) FROM pg_index WHERE NOT indisvalid").fetchone()[0]
     log(f"  knowledge_base rows: {total:,} (expected {rows:,} + {inserted:,} = {rows + inserted:,})")
     log(f"  tenant_id NULL: {nulls} (of which inserted live: {live_nulls}); on system-default: {on_default:,}")
@@ -243,8 +264,11 @@ def verify_rows(url: str, rows: int, inserted: int) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in knowledge_base (default 1,000,000)")
-    parser.add_argument("--database-url", default=None, help="admin URL of the server (default: DATABASE_URL, "
-                                                             "else the embedded PostgreSQL)")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="admin URL of the server (default: DATABASE_URL, else the embedded PostgreSQL)",
+    )
     parser.add_argument("--baseline-seconds", type=float, default=5.0, help="inserter baseline before migrating")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up on the migration after this long")
     args = parser.parse_args()
@@ -291,13 +315,15 @@ def main() -> int:
         log(f"  server                  PostgreSQL {version}")
         log(f"  rows in knowledge_base  {args.rows:,}")
         log(f"  migration total         {mig_end - mig_start:.2f} s (006 + 007, wall clock)")
-        for v, (ms, wall) in sorted(timings.items()):
+        for v, (ms, _wall) in sorted(timings.items()):
             log(f"    {all_migrations[v].filename:<40} {ms / 1000:7.2f} s")
         log(f"  inserts before          {len(before):,} in {baseline_end - baseline_start:.1f} s   {stats_ms(before)}")
         log(f"  inserts during          {len(during):,} in {mig_end - mig_start:.1f} s   {stats_ms(during)}")
         if before and during:
-            log(f"  max during / max before {max(during) / max(before):.1f}x   "
-                f"(p99 {percentile(during, 0.99) / percentile(before, 0.99):.1f}x)")
+            log(
+                f"  max during / max before {max(during) / max(before):.1f}x   "
+                f"(p99 {percentile(during, 0.99) / percentile(before, 0.99):.1f}x)"
+            )
         slowest = sorted(((lat, t) for t, lat in inserter.samples if mig_start <= t < mig_end), reverse=True)[:5]
         log("  slowest inserts during the migration (when, and the runner's statement then, sampled):")
         for lat, t in slowest:
@@ -306,14 +332,18 @@ def main() -> int:
         waits = [w for w in monitor.lock_waits if mig_start <= w[0] < mig_end]
         for _, event, who in waits:
             blockers[f"{event} <- {who}"[:150]] = blockers.get(f"{event} <- {who}"[:150], 0) + 1
-        log(f"  inserter seen waiting for a lock in {len(waits)} samples during the migration "
-            f"(one every {monitor.every * 1000:.0f} ms)" + (":" if blockers else ""))
+        log(
+            f"  inserter seen waiting for a lock in {len(waits)} samples during the migration "
+            f"(one every {monitor.every * 1000:.0f} ms)" + (":" if blockers else "")
+        )
         for who, n in sorted(blockers.items(), key=lambda kv: -kv[1])[:5]:
             log(f"    {n:5} x {who}")
         vacuums = sorted({q for t, q in monitor.autovacuum if mig_start <= t < mig_end})
         log(f"  autovacuum seen during the migration: {', '.join(vacuums) if vacuums else 'none'}")
-        log(f"  insert errors           {len(inserter.errors)}" +
-            (f" (first: {inserter.errors[0]})" if inserter.errors else ""))
+        log(
+            f"  insert errors           {len(inserter.errors)}"
+            + (f" (first: {inserter.errors[0]})" if inserter.errors else "")
+        )
         log("Checking every row ...")
         ok = verify_rows(url, args.rows, inserted) and not inserter.errors
         log(f"  {'OK' if ok else 'FAILED'}; whole run {time.perf_counter() - t0:.1f} s")

@@ -38,8 +38,7 @@ def metrics_cost(n: int, multiprocess: bool) -> float:
     with tempfile.TemporaryDirectory() as directory:
         if multiprocess:
             env["PROMETHEUS_MULTIPROC_DIR"] = directory
-        out = subprocess.run([sys.executable, "-c", CHILD, str(n)], capture_output=True, text=True, env=env,
-                             check=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, str(n)], capture_output=True, text=True, env=env, check=True)
     return float(out.stdout)
 
 
@@ -55,8 +54,15 @@ def log_cost(n: int) -> float:
         logger.setLevel(logging.INFO)
         state = {"request_id": "a" * 32, "tenant_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "user_id": 42}
         token = logs.bind_state(state)
-        fields = {**logs.context_fields(state), "method": "GET", "route": "/api/v1/projects/{item_id}",
-                  "status": 200, "duration_ms": 3.2, "client_ip": "127.0.0.1", "plan": "pro"}
+        fields = {
+            **logs.context_fields(state),
+            "method": "GET",
+            "route": "/api/v1/projects/{item_id}",
+            "status": 200,
+            "duration_ms": 3.2,
+            "client_ip": "127.0.0.1",
+            "plan": "pro",
+        }
         started = time.perf_counter()
         for _ in range(n):
             logger.info("%s %s %s %.1fms", "GET", "/api/v1/projects/{item_id}", 200, 3.2, extra={"fields": fields})

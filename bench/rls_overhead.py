@@ -34,11 +34,10 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import bench_settings, create_database, drop_database, median, pgbench, server_url  # noqa: E402
-
-from iafactory.config import Settings  # noqa: E402
-from iafactory.db import bootstrap  # noqa: E402
-from iafactory.tenancy.context import TenantContext  # noqa: E402
+from _common import bench_settings, create_database, drop_database, median, pgbench, server_url
+from iafactory.config import Settings
+from iafactory.db import bootstrap
+from iafactory.tenancy.context import TenantContext
 
 TENANT_BASE = 100000  # tenant k has id 00000000-0000-4000-8000-000000{TENANT_BASE + k}
 
@@ -61,16 +60,18 @@ def script(role: str, query: str, protocol: str) -> str:
         query = query.replace(TENANT_LITERAL, "('00000000-0000-4000-8000-000000' || :t)::uuid")
     else:
         setting = f"SET LOCAL app.tenant_id = {TENANT_LITERAL.removesuffix('::uuid')};"
-    return "\n".join([
-        f"\\set t random({TENANT_BASE}, {TENANT_BASE} + :ntenants - 1)",
-        "\\set id (:t - " + str(TENANT_BASE) + ") * :per + random(1, :per)",
-        "BEGIN READ ONLY;",
-        f"SET LOCAL ROLE {role};",
-        setting,
-        query + ";",
-        "COMMIT;",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"\\set t random({TENANT_BASE}, {TENANT_BASE} + :ntenants - 1)",
+            "\\set id (:t - " + str(TENANT_BASE) + ") * :per + random(1, :per)",
+            "BEGIN READ ONLY;",
+            f"SET LOCAL ROLE {role};",
+            setting,
+            query + ";",
+            "COMMIT;",
+            "",
+        ]
+    )
 
 
 def fill(admin: str, tenants: int, per: int) -> None:
@@ -80,18 +81,26 @@ def fill(admin: str, tenants: int, per: int) -> None:
             """INSERT INTO tenants (id, name, slug, region, plan, status)
                SELECT ('00000000-0000-4000-8000-000000' || (%s + k))::uuid, 'Bench ' || k, 'bench-' || k,
                       (ARRAY['DZ','CH','FR','BE','CA'])[1 + k %% 5], 'pro', 'active'
-               FROM generate_series(0, %s - 1) k""", (TENANT_BASE, tenants))
+               FROM generate_series(0, %s - 1) k""",
+            (TENANT_BASE, tenants),
+        )
         step = max(1, 200_000 // per)
         for table, sql_text in (
-            ("projects", """INSERT INTO projects (id, tenant_id, name, description, created_at)
+            (
+                "projects",
+                """INSERT INTO projects (id, tenant_id, name, description, created_at)
                 SELECT k * %(per)s::int + r, ('00000000-0000-4000-8000-000000' || (%(base)s::int + k))::uuid,
                        'Project ' || r, 'Bench project', now() - r * interval '1 minute'
-                FROM generate_series(%(lo)s::int, %(hi)s::int) k, generate_series(1, %(per)s::int) r"""),
-            ("knowledge_base", """INSERT INTO knowledge_base (id, tenant_id, title, content, language, created_at)
+                FROM generate_series(%(lo)s::int, %(hi)s::int) k, generate_series(1, %(per)s::int) r""",
+            ),
+            (
+                "knowledge_base",
+                """INSERT INTO knowledge_base (id, tenant_id, title, content, language, created_at)
                 SELECT k * %(per)s::int + r, ('00000000-0000-4000-8000-000000' || (%(base)s::int + k))::uuid,
                        'Document ' || r, repeat('Contenu du document de référence. ', 6), 'fr',
                        now() - r * interval '1 minute'
-                FROM generate_series(%(lo)s::int, %(hi)s::int) k, generate_series(1, %(per)s::int) r"""),
+                FROM generate_series(%(lo)s::int, %(hi)s::int) k, generate_series(1, %(per)s::int) r""",
+            ),
         ):
             started = time.perf_counter()
             for lo in range(0, tenants, step):
@@ -107,9 +116,29 @@ def fill(admin: str, tenants: int, per: int) -> None:
 
 def run_pgbench(url: str, path: Path, clients: int, seconds: int, tenants: int, per: int, protocol: str) -> float:
     out = subprocess.run(
-        [pgbench(), "-n", "-M", protocol, "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds),
-         "-D", f"ntenants={tenants}", "-D", f"per={per}", "-f", str(path), url],
-        capture_output=True, text=True, check=False)
+        [
+            pgbench(),
+            "-n",
+            "-M",
+            protocol,
+            "-c",
+            str(clients),
+            "-j",
+            str(min(clients, 2)),
+            "-T",
+            str(seconds),
+            "-D",
+            f"ntenants={tenants}",
+            "-D",
+            f"per={per}",
+            "-f",
+            str(path),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out.stdout)
     if out.returncode != 0 or not match or "failed transactions: 0 " not in out.stdout:
         raise SystemExit(f"pgbench failed for {path.name}:\n{out.stdout}\n{out.stderr}")
@@ -119,7 +148,9 @@ def run_pgbench(url: str, path: Path, clients: int, seconds: int, tenants: int, 
 def server_side(admin: str, app_user: str, args: argparse.Namespace, per: int) -> None:
     variants = {
         "latest20 rls": script(app_user, LATEST.format(where=""), args.protocol),
-        "latest20 rls+filter": script(app_user, LATEST.format(where=f" WHERE tenant_id = {TENANT_LITERAL}"), args.protocol),
+        "latest20 rls+filter": script(
+            app_user, LATEST.format(where=f" WHERE tenant_id = {TENANT_LITERAL}"), args.protocol
+        ),
         "latest20 no-rls": script("NONE", LATEST.format(where=f" WHERE tenant_id = {TENANT_LITERAL}"), args.protocol),
         "point rls": script(app_user, POINT.format(where=""), args.protocol),
         "point rls+filter": script(app_user, POINT.format(where=f"tenant_id = {TENANT_LITERAL} AND "), args.protocol),
@@ -133,13 +164,15 @@ def server_side(admin: str, app_user: str, args: argparse.Namespace, per: int) -
     results: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for rnd in range(args.rounds):
-        order = names[rnd % len(names):] + names[: rnd % len(names)]  # rotate: no variant always first
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]  # rotate: no variant always first
         for name in order:
             tps = run_pgbench(admin, paths[name], args.clients, args.seconds, args.tenants, per, args.protocol)
             results[name].append(tps)
             print(f"  round {rnd + 1}/{args.rounds}  {name:<22} {tps:10.0f} tps", flush=True)
-    print(f"\nServer side (pgbench -M {args.protocol}, {args.clients} clients, {args.seconds} s x {args.rounds} rounds, "
-          "interleaved):")
+    print(
+        f"\nServer side (pgbench -M {args.protocol}, {args.clients} clients, {args.seconds} s x {args.rounds} rounds, "
+        "interleaved):"
+    )
     print(f"  {'variant':<22}{'median tps':>12}{'vs no-rls':>12}")
     for query in ("latest20", "point"):
         base = median(results[f"{query} no-rls"])
@@ -166,11 +199,11 @@ def show_plans(admin: str, app_user: str, per: int) -> None:
 async def client_side(admin: str, settings: Settings, per: int, n: int = 3000, rounds: int = 5) -> None:
     db = bootstrap.database(settings, admin)
     # Same row factory as the scope, so only the tenant handling differs.
-    bare = AsyncConnectionPool(admin, min_size=1, max_size=1, open=False,
-                               kwargs={"autocommit": True, "row_factory": dict_row})
-    query = ("SELECT id, title, created_at FROM knowledge_base WHERE tenant_id = %s "
-             "ORDER BY created_at DESC LIMIT 20")
-    tenants = [tenant_uuid(k) for k in range(0, 50)]
+    bare = AsyncConnectionPool(
+        admin, min_size=1, max_size=1, open=False, kwargs={"autocommit": True, "row_factory": dict_row}
+    )
+    query = "SELECT id, title, created_at FROM knowledge_base WHERE tenant_id = %s ORDER BY created_at DESC LIMIT 20"
+    tenants = [tenant_uuid(k) for k in range(50)]
     await db.open()
     await bare.open()
     timings: dict[str, list[float]] = {"bare": [], "tenant read": [], "tenant read-write": []}
@@ -194,9 +227,11 @@ async def client_side(admin: str, settings: Settings, per: int, n: int = 3000, r
     base = median(timings["bare"])
     print(f"\nClient side (iafactory.db.scope, one client, {n} requests x {rounds} rounds, interleaved):")
     print(f"  {'shape':<44}{'req/s':>10}{'time vs bare':>14}")
-    labels = {"bare": "bare query (admin, autocommit)",
-              "tenant read": "tenant scope, read-only (one round trip)",
-              "tenant read-write": "tenant scope, read-write (+ COMMIT trip)"}
+    labels = {
+        "bare": "bare query (admin, autocommit)",
+        "tenant read": "tenant scope, read-only (one round trip)",
+        "tenant read-write": "tenant scope, read-write (+ COMMIT trip)",
+    }
     for key, label in labels.items():
         m = median(timings[key])
         print(f"  {label:<44}{n / m:10.0f}{m / base:14.2f}x")
@@ -209,8 +244,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--protocol", choices=("prepared", "simple"), default="prepared",
-                        help="pgbench query mode (the application uses prepared statements)")
+    parser.add_argument(
+        "--protocol",
+        choices=("prepared", "simple"),
+        default="prepared",
+        help="pgbench query mode (the application uses prepared statements)",
+    )
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = parser.parse_args()

@@ -13,6 +13,7 @@ if every step worked. Standard library only (it runs before any .venv exists).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -77,9 +78,12 @@ def poll(what: str, timeout: float, probe, interval: float = 0.5):
 
 def clean_env(home: Path, data_dir: Path, port: int) -> dict[str, str]:
     """The caller's environment without anything that would point the demo elsewhere."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
-           and not k.startswith(("IAFACTORY_", "XDG_", "PG"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
+        and not k.startswith(("IAFACTORY_", "XDG_", "PG"))
+    }
     env.update(HOME=str(home), IAFACTORY_DATA_DIR=str(data_dir), IAFACTORY_PORT=str(port))
     return env
 
@@ -110,8 +114,14 @@ class Demo:
         self.proc: subprocess.Popen | None = None
 
     def iafactory(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.clone / ".venv" / "bin" / "iafactory"), *args], cwd=self.clone,
-                              env=self.env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [str(self.clone / ".venv" / "bin" / "iafactory"), *args],
+            cwd=self.clone,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def printed(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
@@ -119,14 +129,24 @@ class Demo:
     def start(self) -> float:
         subprocess.run(["git", "clone", "--quiet", self.source, str(self.clone)], check=True, env=self.env)
         if Path(self.source).is_dir():  # the commit checked out there (a worktree's HEAD is not the clone's)
-            head = subprocess.run(["git", "-C", self.source, "rev-parse", "HEAD"], check=True, capture_output=True,
-                                  text=True).stdout.strip()
+            head = subprocess.run(
+                ["git", "-C", self.source, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+            ).stdout.strip()
             subprocess.run(["git", "-C", str(self.clone), "checkout", "--quiet", "--detach", head], check=True)
-        log(f"cloned {self.source} into {self.clone}; HOME={self.home} IAFACTORY_DATA_DIR={self.data_dir} port {self.port}")
+        log(
+            f"cloned {self.source} into {self.clone}; HOME={self.home} IAFACTORY_DATA_DIR={self.data_dir} port {self.port}"
+        )
         started = time.monotonic()
         with self.output.open("wb") as out:
-            self.proc = subprocess.Popen(["bash", "scripts/demo.sh"], cwd=self.clone, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                ["bash", "scripts/demo.sh"],
+                cwd=self.clone,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
         def ready() -> bool | None:
             if self.proc.poll() is not None:
@@ -173,10 +193,16 @@ def exercise(demo: Demo) -> None:
         raise SmokeFailure(f"{email} has no tenant selected after sign-in: {login}")
 
     word = f"smoke{uuid.uuid4().hex[:10]}"
-    status, doc = http("POST", f"{api_url}/knowledge-base", {
-        "title": "Procédure de sauvegarde",
-        "content": f"# Sauvegardes\n\nLe cabinet sauvegarde les dossiers des patients chaque nuit. "
-                   f"Code de vérification : {word}.\n"}, token)
+    status, doc = http(
+        "POST",
+        f"{api_url}/knowledge-base",
+        {
+            "title": "Procédure de sauvegarde",
+            "content": f"# Sauvegardes\n\nLe cabinet sauvegarde les dossiers des patients chaque nuit. "
+            f"Code de vérification : {word}.\n",
+        },
+        token,
+    )
     if status != 201 or doc.get("index_status") != "pending":
         raise SmokeFailure(f"creating a document answered {status}: {doc}")
     log(f"document {doc['id']} created; waiting for its indexing")
@@ -198,8 +224,11 @@ def exercise(demo: Demo) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default=str(Path(__file__).resolve().parent.parent),
-                        help="repository to clone (default: this checkout's committed HEAD)")
+    parser.add_argument(
+        "--source",
+        default=str(Path(__file__).resolve().parent.parent),
+        help="repository to clone (default: this checkout's committed HEAD)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
 
@@ -231,10 +260,8 @@ def main() -> int:
         if leftovers:
             failure = failure or f"processes still running after the stop: {leftovers}"
             for pid in leftovers:
-                try:
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
         if failure:
             tail = "\n".join(demo.printed().splitlines()[-40:])
             print(f"--- last lines demo.sh printed ---\n{tail}\n---", file=sys.stderr)

@@ -9,8 +9,8 @@ way a customer would end up with it.
 from __future__ import annotations
 
 import uuid
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +33,7 @@ ROLES = ("owner", "admin", "member", "viewer")
 
 def fast_settings(admin_url: str, **overrides: Any) -> Settings:
     """Real argon2id, with test-sized cost (the production defaults take ~50 ms per hash)."""
-    return settings_for(admin_url, argon2_time_cost=1, argon2_memory_cost_kib=1024, argon2_parallelism=1,
-                        **overrides)
+    return settings_for(admin_url, argon2_time_cost=1, argon2_memory_cost_kib=1024, argon2_parallelism=1, **overrides)
 
 
 @dataclass
@@ -73,8 +72,9 @@ async def login(client: httpx.AsyncClient, email: str, password: str = PASSWORD,
     assert r.status_code == 200, r.text
     token = r.json()["access_token"]
     if tenant is not None:
-        r = await client.post("/api/v1/auth/select-tenant", json={"tenant": tenant},
-                              headers={"Authorization": f"Bearer {token}"})
+        r = await client.post(
+            "/api/v1/auth/select-tenant", json={"tenant": tenant}, headers={"Authorization": f"Bearer {token}"}
+        )
         assert r.status_code == 200, r.text
         token = r.json()["access_token"]
     return token
@@ -87,14 +87,16 @@ async def build_world(client: httpx.AsyncClient, admin_url: str, settings: Setti
     async with operator_transaction(admin_url) as tx:
         for name in ("a", "b"):
             slug = f"tenant-{name}-{tag}"
-            t = await service.create_tenant(tx, TenantCreate(name=f"Tenant {name.upper()}", slug=slug, region="CH",
-                                                             plan="pro", status="active"))
+            t = await service.create_tenant(
+                tx, TenantCreate(name=f"Tenant {name.upper()}", slug=slug, region="CH", plan="pro", status="active")
+            )
             tenants[name] = TenantFixture(id=t.id, slug=slug)
             # Billable actions (PME analyses, transcriptions) need credits.
             await tx.fetch("SELECT * FROM platform.grant_credits(%s, 100000, 'test credits', 'seed')", (t.id,))
             for role in ROLES:
-                row = await service.add_member(tx, slug, f"{role}-{name}-{tag}@example.ch", role,
-                                               name=f"{role} {name}", password_hash=pw_hash)
+                row = await service.add_member(
+                    tx, slug, f"{role}-{name}-{tag}@example.ch", role, name=f"{role} {name}", password_hash=pw_hash
+                )
                 tenants[name].user_ids[role] = row["user_id"]
         both = f"both-{tag}@example.ch"
         await service.add_member(tx, tenants["a"].slug, both, "admin", name="Both", password_hash=pw_hash)
@@ -106,11 +108,20 @@ async def build_world(client: httpx.AsyncClient, admin_url: str, settings: Setti
         for role in ROLES:
             t.tokens[role] = await login(client, f"{role}-{name}-{tag}@example.ch")
         for scope in ("read", "write"):
-            r = await client.post("/api/v1/api-keys", json={"name": f"{scope} key", "scope": scope}, headers=t.auth("admin"))
+            r = await client.post(
+                "/api/v1/api-keys", json={"name": f"{scope} key", "scope": scope}, headers=t.auth("admin")
+            )
             assert r.status_code == 201, r.text
             t.keys[scope] = r.json()["key"]
-    return ApiWorld(client, admin_url, settings, tenants["a"], tenants["b"],
-                    both_user_token=await login(client, both), platform_token=await login(client, platform))
+    return ApiWorld(
+        client,
+        admin_url,
+        settings,
+        tenants["a"],
+        tenants["b"],
+        both_user_token=await login(client, both),
+        platform_token=await login(client, platform),
+    )
 
 
 @asynccontextmanager
@@ -121,8 +132,11 @@ async def app_client(admin_url: str, **overrides: Any) -> AsyncIterator[tuple[ht
     async with db:
         app = create_app(settings, db)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client, admin_url, settings
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+                yield client, admin_url, settings
+        finally:
+            app.state.load.close()  # the hashing and embedding threads (no lifespan runs here)
 
 
 @pytest.fixture
@@ -241,12 +255,18 @@ def api_operations(doc: dict[str, Any]) -> list[ApiOperation]:
                 continue
             params = [*item.get("parameters", []), *op.get("parameters", [])]
             body = (op.get("requestBody") or {}).get("content", {}).get("application/json", {}).get("schema")
-            ops.append(ApiOperation(
-                method=method.upper(), path=path,
-                path_params=tuple(p["name"] for p in params if p["in"] == "path"),
-                query_params=tuple(p["name"] for p in params if p["in"] == "query"),
-                body=resolve_schema(doc, body), responses=tuple(op.get("responses", {})),
-                required_query=required_query_values(params), reads_only=bool(op.get("x-reads-only"))))
+            ops.append(
+                ApiOperation(
+                    method=method.upper(),
+                    path=path,
+                    path_params=tuple(p["name"] for p in params if p["in"] == "path"),
+                    query_params=tuple(p["name"] for p in params if p["in"] == "query"),
+                    body=resolve_schema(doc, body),
+                    responses=tuple(op.get("responses", {})),
+                    required_query=required_query_values(params),
+                    reads_only=bool(op.get("x-reads-only")),
+                )
+            )
             if op.get("x-reads-only"):
                 READS_ONLY_ROUTES.add((method.upper(), path))
     return ops
@@ -280,6 +300,7 @@ def required_query_values(params: list[dict[str, Any]]) -> tuple[tuple[str, str]
 
 # --- Who may call what -----------------------------------------------------------------------------
 
+
 def resource_prefixes() -> list[str]:
     """The tenant-owned record types registered in iafactory.domains (their CRUD routes)."""
     from iafactory.domains import RESOURCES
@@ -292,14 +313,14 @@ def write_role_table() -> dict[str, str | None]:
     'platform' = a platform administrator's token; None = no role (the sign-in steps). A write
     route that matches no entry is a route nobody has decided about: the role tests fail on it."""
     return {
-        f"{API_PREFIX}/auth": None,          # register, login, select-tenant: before any tenant role
-        f"{API_PREFIX}/admin": "platform",   # tenant registry: platform administrators only
+        f"{API_PREFIX}/auth": None,  # register, login, select-tenant: before any tenant role
+        f"{API_PREFIX}/admin": "platform",  # tenant registry: platform administrators only
         f"{API_PREFIX}/members": "admin",
         f"{API_PREFIX}/api-keys": "admin",
-        f"{API_PREFIX}/tenant": "owner",     # the caller's own tenant (name, contact, settings)
+        f"{API_PREFIX}/tenant": "owner",  # the caller's own tenant (name, contact, settings)
         f"{API_PREFIX}/billing-account": "admin",  # the billing contact
-        f"{API_PREFIX}/usage-events": "member",    # metering, like any record a member writes
-        **{prefix: "member" for prefix in resource_prefixes()},
+        f"{API_PREFIX}/usage-events": "member",  # metering, like any record a member writes
+        **dict.fromkeys(resource_prefixes(), "member"),
         f"{API_PREFIX}/knowledge-base/search": "viewer",  # a POST that only reads
     }
 
@@ -307,7 +328,7 @@ def write_role_table() -> dict[str, str | None]:
 def read_role_table() -> dict[str, str | None]:
     """Minimum role to call a READ route, by path prefix."""
     return {
-        f"{API_PREFIX}/me": None,            # any valid credential, with or without a tenant
+        f"{API_PREFIX}/me": None,  # any valid credential, with or without a tenant
         f"{API_PREFIX}/admin": "platform",
         f"{API_PREFIX}/members": "viewer",
         f"{API_PREFIX}/api-keys": "viewer",
@@ -316,8 +337,8 @@ def read_role_table() -> dict[str, str | None]:
         f"{API_PREFIX}/credits": "viewer",
         f"{API_PREFIX}/usage-events": "viewer",
         f"{API_PREFIX}/usage/summary": "viewer",
-        f"{API_PREFIX}/audit-events": "admin",     # who did what: admins only
-        **{prefix: "viewer" for prefix in resource_prefixes()},
+        f"{API_PREFIX}/audit-events": "admin",  # who did what: admins only
+        **dict.fromkeys(resource_prefixes(), "viewer"),
     }
 
 
@@ -330,8 +351,10 @@ def required_role(method: str, path: str) -> str | None:
     table = write_role_table() if method.upper() in WRITE_METHODS else read_role_table()
     matches = [prefix for prefix in table if _under(path, prefix)]
     if not matches:
-        raise LookupError(f"{method} {path}: no entry in the role table of tests/api_support.py "
-                          f"(write_role_table / read_role_table) says which role may call it")
+        raise LookupError(
+            f"{method} {path}: no entry in the role table of tests/api_support.py "
+            f"(write_role_table / read_role_table) says which role may call it"
+        )
     return table[max(matches, key=len)]
 
 
@@ -339,11 +362,11 @@ def required_role(method: str, path: str) -> str | None:
 class Credential:
     label: str
     headers: dict[str, str]
-    role: str | None = None          # the tenant role it acts with (API keys: read → viewer, write → member)
+    role: str | None = None  # the tenant role it acts with (API keys: read → viewer, write → member)
     tenant_id: uuid.UUID | None = None
     api_key: bool = False
-    read_only: bool = False          # a read-scope API key
-    platform: bool = False           # a platform administrator's token
+    read_only: bool = False  # a read-scope API key
+    platform: bool = False  # a platform administrator's token
 
 
 def tenant_credentials(t: TenantFixture) -> list[Credential]:
@@ -351,9 +374,16 @@ def tenant_credentials(t: TenantFixture) -> list[Credential]:
     creds = [Credential(f"{role} JWT", t.auth(role), role, t.id) for role in ROLES]
     for scope in ("read", "write"):
         for header in ("bearer", "x-api-key"):
-            creds.append(Credential(f"{scope} key ({'Authorization: Bearer' if header == 'bearer' else 'X-API-Key'})",
-                                    t.key(scope, header), "viewer" if scope == "read" else "member", t.id,
-                                    api_key=True, read_only=scope == "read"))
+            creds.append(
+                Credential(
+                    f"{scope} key ({'Authorization: Bearer' if header == 'bearer' else 'X-API-Key'})",
+                    t.key(scope, header),
+                    "viewer" if scope == "read" else "member",
+                    t.id,
+                    api_key=True,
+                    read_only=scope == "read",
+                )
+            )
     return creds
 
 
@@ -372,6 +402,7 @@ def allowed(cred: Credential, method: str, path: str) -> bool:
 
 
 # --- Request bodies generated from the schema ---------------------------------------------------------
+
 
 class UnresolvedReference(LookupError):
     pass
@@ -395,8 +426,7 @@ class BodyBuilder:
     supplies the id for a `<noun>_id` field (or raises UnresolvedReference). `full=True` fills every
     property (for updates); otherwise only the required ones."""
 
-    def __init__(self, doc: dict[str, Any], marker: str,
-                 reference: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, doc: dict[str, Any], marker: str, reference: Callable[[str], Any] | None = None) -> None:
         self.doc, self.marker, self.reference = doc, marker, reference
         self.counter = 0
 
@@ -410,7 +440,11 @@ class BodyBuilder:
             return schema["const"]
         if "enum" in schema:
             return schema["enum"][0]
-        if "default" in schema and schema.get("type") is None and not any(k in schema for k in ("anyOf", "oneOf", "allOf")):
+        if (
+            "default" in schema
+            and schema.get("type") is None
+            and not any(k in schema for k in ("anyOf", "oneOf", "allOf"))
+        ):
             return schema["default"]
         for key in ("anyOf", "oneOf"):
             if key in schema:
@@ -428,8 +462,9 @@ class BodyBuilder:
         if kind == "object" or "properties" in schema:
             return self._object(schema, full, where)
         if kind == "array":
-            return [self.build(schema.get("items"), full=full, where=f"{where}[]")
-                    for _ in range(schema.get("minItems", 0))]
+            return [
+                self.build(schema.get("items"), full=full, where=f"{where}[]") for _ in range(schema.get("minItems", 0))
+            ]
         if kind == "string":
             return self._string(schema, where)
         if kind in ("integer", "number"):
@@ -441,7 +476,9 @@ class BodyBuilder:
             return True
         if kind == "null":
             return None
-        raise AssertionError(f"{where}: cannot build a value for schema {schema!r}; teach BodyBuilder (tests/api_support.py)")
+        raise AssertionError(
+            f"{where}: cannot build a value for schema {schema!r}; teach BodyBuilder (tests/api_support.py)"
+        )
 
     def _object(self, schema: dict[str, Any], full: bool, where: str) -> dict[str, Any]:
         required = set(schema.get("required", []))
@@ -481,8 +518,10 @@ class BodyBuilder:
             for candidate in (f"{self.marker}-{field_name}-{n}", *_PATTERN_CANDIDATES):
                 if pattern.search(candidate) and low <= len(candidate) <= high:
                     return candidate
-            raise AssertionError(f"{where}: no known value matches pattern {schema['pattern']!r}; "
-                                 f"add one to _PATTERN_CANDIDATES in tests/api_support.py")
+            raise AssertionError(
+                f"{where}: no known value matches pattern {schema['pattern']!r}; "
+                f"add one to _PATTERN_CANDIDATES in tests/api_support.py"
+            )
         value = f"{self.marker}-{where.rsplit('.', 1)[-1].replace('_', '-')}-{n}"
         if len(value) < low:
             value += "x" * (low - len(value))
@@ -512,13 +551,18 @@ async def apply_overrides(client: httpx.AsyncClient, collection: str, body: Any,
 
 # --- Creating records from the route table ----------------------------------------------------------
 
+
 def tenant_writable_collections(doc: dict[str, Any]) -> dict[str, ApiOperation]:
     """Collection routes a tenant writes to (POST create, or PATCH/PUT of a per-tenant singleton such
     as /tenant), keyed by collection path; the platform's and the sign-in routes excluded."""
     out: dict[str, ApiOperation] = {}
     for op in api_operations(doc):
-        if (op.path.startswith(API_PREFIX) and op.kind == "collection" and op.method in ("POST", "PATCH", "PUT")
-                and required_role(op.method, op.path) in ROLE_RANKS):
+        if (
+            op.path.startswith(API_PREFIX)
+            and op.kind == "collection"
+            and op.method in ("POST", "PATCH", "PUT")
+            and required_role(op.method, op.path) in ROLE_RANKS
+        ):
             out.setdefault(op.path, op)
     return out
 
@@ -566,8 +610,11 @@ def referenced_collection(doc: dict[str, Any], field_name: str) -> str | None:
     the collection's last path segment (plural forms accepted). None when no collection matches."""
     noun = field_name.removesuffix("_id").replace("-", "_")
     forms = {noun, f"{noun}s", f"{noun}es", f"{noun[:-1]}ies" if noun.endswith("y") else noun}
-    matches = [c for c, op in tenant_writable_collections(doc).items()
-               if op.method == "POST" and c.rsplit("/", 1)[-1].replace("-", "_") in forms]
+    matches = [
+        c
+        for c, op in tenant_writable_collections(doc).items()
+        if op.method == "POST" and c.rsplit("/", 1)[-1].replace("-", "_") in forms
+    ]
     if len(matches) > 1:
         raise UnresolvedReference(f"{field_name} is ambiguous: it could point into any of {matches}")
     return matches[0] if matches else None
@@ -596,7 +643,8 @@ class Seeder:
                     raise UnresolvedReference(
                         f"{op.label}: required field {name!r} looks like a reference to a "
                         f"{name.removesuffix('_id')!r}, but no collection under {API_PREFIX} creates one. Teach "
-                        f"referenced_collection() in tests/api_support.py where such records come from.")
+                        f"referenced_collection() in tests/api_support.py where such records come from."
+                    )
                 continue
             if target in seen:
                 raise UnresolvedReference(f"{op.label}: circular references {' -> '.join((*seen, target))}")
@@ -608,28 +656,43 @@ class Seeder:
         body = self.builder.build(op.body, full=full) if op.body is not None else None
         return await apply_overrides(self.client, op.collection, body, self.marker)
 
-    async def write(self, op: ApiOperation, path: str | None = None, *, headers: dict[str, str] | None = None,
-                    expect_success: bool = True) -> httpx.Response:
+    async def write(
+        self,
+        op: ApiOperation,
+        path: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        expect_success: bool = True,
+    ) -> httpx.Response:
         """Send `op` with a generated body: every property first; only the required ones if the
         app refuses that (422), since optional fields may have rules a schema cannot express."""
         headers = headers or self.headers
         r = await self.client.request(op.method, path or op.path, json=await self.body(op, full=True), headers=headers)
         if r.status_code == 422:
             first = r.text
-            r = await self.client.request(op.method, path or op.path, json=await self.body(op, full=False),
-                                          headers=headers)
+            r = await self.client.request(
+                op.method, path or op.path, json=await self.body(op, full=False), headers=headers
+            )
             if expect_success and r.status_code >= 300:
-                raise AssertionError(f"{op.label}: the body generated from the schema was refused, with every "
-                                     f"field: {first}\nwith the required fields only: {r.status_code} {r.text}")
+                raise AssertionError(
+                    f"{op.label}: the body generated from the schema was refused, with every "
+                    f"field: {first}\nwith the required fields only: {r.status_code} {r.text}"
+                )
         if expect_success and r.status_code >= 300:
             raise AssertionError(f"{op.label} as {self.marker}: {r.status_code} {r.text}")
         return r
 
-    async def create(self, collection: str, *, headers: dict[str, str] | None = None,
-                     seen: tuple[str, ...] = ()) -> Any:
+    async def create(
+        self, collection: str, *, headers: dict[str, str] | None = None, seen: tuple[str, ...] = ()
+    ) -> Any:
         op = tenant_writable_collections(self.doc).get(collection) or next(
-            (o for o in api_operations(self.doc) if o.kind == "collection" and o.method == "POST"
-             and o.path == collection), None)
+            (
+                o
+                for o in api_operations(self.doc)
+                if o.kind == "collection" and o.method == "POST" and o.path == collection
+            ),
+            None,
+        )
         if op is None or op.method != "POST":
             raise UnresolvedReference(f"nothing creates records in {collection}")
         await self._ensure_references(op, seen)
@@ -651,6 +714,7 @@ async def provision_for_load(admin_url: str, world: ApiWorld) -> None:
 
 
 # --- A world shared by one test module (read-mostly matrices) -----------------------------------------
+
 
 @pytest.fixture(scope="module")
 async def module_api_client(module_db: str) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:

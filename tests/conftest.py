@@ -24,6 +24,12 @@ import pytest
 from iafactory.config import Settings
 from iafactory.db import server
 
+# Shared fixtures live in plugins registered here, so every test module gets them by parameter name
+# without importing them: tests/api_support.py (api_client, api_world, module_db, module_api_client,
+# module_api_world) and tests/catalog_rows.py (catalog_world). Their plain helpers (login, Seeder,
+# row_for, ...) are imported as usual.
+pytest_plugins = ["api_support", "catalog_rows"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Real secrets for this test session: the service has no usable defaults any more (with
@@ -89,7 +95,9 @@ def empty_db(make_database: Callable[[], str]) -> str:
     return make_database()
 
 
-def run_cli(*args: str, db_url: str | None, env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, db_url: str | None, env: dict[str, str] | None = None, input: str | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed `iafactory` console script against `db_url` (None: DATABASE_URL unset, the
     embedded server), with this session's secrets."""
     full_env = {**os.environ, **SECRET_ENV, **(env or {})}

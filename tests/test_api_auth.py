@@ -27,11 +27,9 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from api_support import (  # noqa: F401 - fixtures
-    PASSWORD, ApiWorld, build_world, module_api_client, module_db,
-)
-from iafactory.auth import api_keys, tokens
+from api_support import PASSWORD, ApiWorld, build_world
 from iafactory.app import create_app
+from iafactory.auth import api_keys, tokens
 from iafactory.config import Settings
 from iafactory.db import bootstrap
 
@@ -65,9 +63,17 @@ def b64url(data: dict[str, Any]) -> str:
 
 def claims(w: ApiWorld, role: str = "owner", **overrides: Any) -> dict[str, Any]:
     now = int(time.time())
-    base = {"iss": w.settings.jwt_issuer, "aud": w.settings.jwt_audience, "sub": str(w.a.user_ids[role]),
-            "iat": now, "nbf": now, "exp": now + 600, "jti": uuid.uuid4().hex,
-            "tenant_id": str(w.a.id), "role": role}
+    base = {
+        "iss": w.settings.jwt_issuer,
+        "aud": w.settings.jwt_audience,
+        "sub": str(w.a.user_ids[role]),
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "jti": uuid.uuid4().hex,
+        "tenant_id": str(w.a.id),
+        "role": role,
+    }
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -79,8 +85,12 @@ OLD_DEV_SECRET = "dev-only-secret-change-me-in-production-0123456789"
 def signed(w: ApiWorld, payload: dict[str, Any], secret: str | None = None, kid: str | None = None) -> str:
     """Signed with `secret` (default: the service's key), naming the service's current key unless
     `kid` says otherwise."""
-    return jwt.encode(payload, secret or w.settings.jwt_secret.get_secret_value(), algorithm="HS256",
-                      headers={"kid": kid or tokens.keyring(w.settings).current.kid})
+    return jwt.encode(
+        payload,
+        secret or w.settings.jwt_secret.get_secret_value(),
+        algorithm="HS256",
+        headers={"kid": kid or tokens.keyring(w.settings).current.kid},
+    )
 
 
 def assert_problem(r: httpx.Response, status: int, *, detail: str | None = None) -> dict[str, Any]:
@@ -103,30 +113,41 @@ def assert_401(r: httpx.Response, *, detail: str | None = None) -> dict[str, Any
 
 BAD_TOKENS = {
     "alg none": lambda w: f"{b64url({'alg': 'none', 'typ': 'JWT'})}.{b64url(claims(w))}.",
-    "alg none, signature kept": lambda w: ".".join([b64url({"alg": "none", "typ": "JWT"}),
-                                                    *signed(w, claims(w)).split(".")[1:]]),
+    "alg none, signature kept": lambda w: ".".join(
+        [b64url({"alg": "none", "typ": "JWT"}), *signed(w, claims(w)).split(".")[1:]]
+    ),
     "wrong signature": lambda w: signed(w, claims(w), secret="another-secret-of-the-same-length-0123456789abc"),
-    "tampered payload": lambda w: ".".join([signed(w, claims(w, role="viewer")).split(".")[0],
-                                            b64url(claims(w, role="owner")),
-                                            signed(w, claims(w, role="viewer")).split(".")[2]]),
-    "expired": lambda w: signed(w, claims(w, iat=int(time.time()) - 7200, nbf=int(time.time()) - 7200,
-                                          exp=int(time.time()) - 3600)),
+    "tampered payload": lambda w: ".".join(
+        [
+            signed(w, claims(w, role="viewer")).split(".")[0],
+            b64url(claims(w, role="owner")),
+            signed(w, claims(w, role="viewer")).split(".")[2],
+        ]
+    ),
+    "expired": lambda w: signed(
+        w, claims(w, iat=int(time.time()) - 7200, nbf=int(time.time()) - 7200, exp=int(time.time()) - 3600)
+    ),
     "another audience": lambda w: signed(w, claims(w, aud="another-api")),
     "another issuer": lambda w: signed(w, claims(w, iss="someone-else")),
     "no expiry": lambda w: signed(w, claims(w, exp=None)),
-    "HS512 with the right secret": lambda w: jwt.encode(claims(w), w.settings.jwt_secret.get_secret_value(),
-                                                        algorithm="HS512",  # only HS256 is accepted
-                                                        headers={"kid": tokens.keyring(w.settings).current.kid}),
+    "HS512 with the right secret": lambda w: jwt.encode(
+        claims(w),
+        w.settings.jwt_secret.get_secret_value(),
+        algorithm="HS512",  # only HS256 is accepted
+        headers={"kid": tokens.keyring(w.settings).current.kid},
+    ),
     "31 years of validity": lambda w: signed(w, claims(w, exp=int(time.time()) + 31 * 365 * 86400)),
-    "longer than the maximum lifetime": lambda w: signed(w, claims(
-        w, exp=int(time.time()) + w.settings.jwt_max_token_lifetime_seconds + 60)),
+    "longer than the maximum lifetime": lambda w: signed(
+        w, claims(w, exp=int(time.time()) + w.settings.jwt_max_token_lifetime_seconds + 60)
+    ),
     "no issued-at": lambda w: signed(w, claims(w, iat=None)),
     "issued in the future": lambda w: signed(w, claims(w, iat=int(time.time()) + 3600, exp=int(time.time()) + 3900)),
     "no key id": lambda w: jwt.encode(claims(w), w.settings.jwt_secret.get_secret_value(), algorithm="HS256"),
     "unknown key id": lambda w: signed(w, claims(w), kid="0123456789abcdef"),
     "old public dev secret": lambda w: jwt.encode(claims(w), OLD_DEV_SECRET, algorithm="HS256"),
-    "old public dev secret, its key id": lambda w: signed(w, claims(w), secret=OLD_DEV_SECRET,
-                                                          kid=tokens.key_id(OLD_DEV_SECRET)),
+    "old public dev secret, its key id": lambda w: signed(
+        w, claims(w), secret=OLD_DEV_SECRET, kid=tokens.key_id(OLD_DEV_SECRET)
+    ),
     "old public dev secret, our key id": lambda w: signed(w, claims(w), secret=OLD_DEV_SECRET),
     "garbage": lambda w: "not.a.jwt",
     "random bytes": lambda w: base64.urlsafe_b64encode(uuid.uuid4().bytes * 3).decode(),
@@ -142,13 +163,17 @@ async def test_bad_token_is_401(world: ApiWorld, kind: str) -> None:
     assert_401(await world.client.post(f"{API}/projects", json={"name": "x"}, headers=bearer(token)))
 
 
-@pytest.mark.parametrize(("headers", "detail"), [
-    ({}, "missing credentials"),
-    ({"Authorization": "Basic b3duZXI6cGFzc3dvcmQ="}, "Bearer"),
-    ({"Authorization": "Bearer"}, "Bearer"),
-    ({"Authorization": "Bearer   "}, "Bearer"),
-    ({"Authorization": "Token abc"}, "Bearer"),
-], ids=["missing", "basic scheme", "bearer without token", "bearer blank", "other scheme"])
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({}, "missing credentials"),
+        ({"Authorization": "Basic b3duZXI6cGFzc3dvcmQ="}, "Bearer"),
+        ({"Authorization": "Bearer"}, "Bearer"),
+        ({"Authorization": "Bearer   "}, "Bearer"),
+        ({"Authorization": "Token abc"}, "Bearer"),
+    ],
+    ids=["missing", "basic scheme", "bearer without token", "bearer blank", "other scheme"],
+)
 async def test_missing_or_malformed_header_is_401(world: ApiWorld, headers: dict[str, str], detail: str) -> None:
     assert_401(await world.client.get(f"{API}/tenant", headers=headers), detail=detail)
 
@@ -165,16 +190,26 @@ async def test_platform_admin_cannot_be_forged_with_the_old_public_secret(world:
     admin_id = jwt.decode(world.platform_token, options={"verify_signature": False})["sub"]
     assert (await world.client.get(f"{API}/admin/tenants", headers=bearer(world.platform_token))).status_code == 200
     now = int(time.time())
-    forged = {"iss": world.settings.jwt_issuer, "aud": world.settings.jwt_audience, "sub": admin_id,
-              "iat": now, "nbf": now, "exp": now + 31 * 365 * 86400, "platform_admin": True}
-    for token in (jwt.encode(forged, OLD_DEV_SECRET, algorithm="HS256"),
-                  signed(world, forged, secret=OLD_DEV_SECRET),
-                  signed(world, {**forged, "exp": now + 600}, secret=OLD_DEV_SECRET)):
+    forged = {
+        "iss": world.settings.jwt_issuer,
+        "aud": world.settings.jwt_audience,
+        "sub": admin_id,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 31 * 365 * 86400,
+        "platform_admin": True,
+    }
+    for token in (
+        jwt.encode(forged, OLD_DEV_SECRET, algorithm="HS256"),
+        signed(world, forged, secret=OLD_DEV_SECRET),
+        signed(world, {**forged, "exp": now + 600}, secret=OLD_DEV_SECRET),
+    ):
         assert_401(await world.client.get(f"{API}/admin/tenants", headers=bearer(token)))
 
 
 async def test_key_rotation_keeps_tokens_of_the_previous_key_until_it_retires(
-        module_api_client: tuple[httpx.AsyncClient, str, Settings]) -> None:
+    module_api_client: tuple[httpx.AsyncClient, str, Settings],
+) -> None:
     """Rotate: the new key signs, tokens of the previous key keep working until the configured
     moment, then they are refused; tokens name their key in the `kid` header."""
     client, admin_url, old_settings = module_api_client
@@ -182,9 +217,13 @@ async def test_key_rotation_keeps_tokens_of_the_previous_key_until_it_retires(
     old_token = w.a.tokens["owner"]
     new_secret = "the-key-after-rotation-" + uuid.uuid4().hex
     soon = datetime.now(UTC) + timedelta(hours=1)
-    rotated = old_settings.model_copy(update={"jwt_secret": SecretStr(new_secret),
-                                              "jwt_previous_secret": old_settings.jwt_secret,
-                                              "jwt_previous_secret_expires_at": soon})
+    rotated = old_settings.model_copy(
+        update={
+            "jwt_secret": SecretStr(new_secret),
+            "jwt_previous_secret": old_settings.jwt_secret,
+            "jwt_previous_secret_expires_at": soon,
+        }
+    )
     retired = rotated.model_copy(update={"jwt_previous_secret_expires_at": datetime.now(UTC) - timedelta(seconds=1)})
     async with app_on(admin_url, rotated) as after_rotation, app_on(admin_url, retired) as after_expiry:
         assert (await after_rotation.get(f"{API}/tenant", headers=bearer(old_token))).status_code == 200
@@ -209,15 +248,20 @@ async def test_signed_claims_are_checked_against_the_database(world: ApiWorld) -
     assert_problem(await c.get(f"{API}/projects", headers=bearer(other_tenant)), 403, detail="not a member")
     inflated = signed(w, {**claims(w, "viewer"), "role": "owner"})
     assert (await c.get(f"{API}/projects", headers=bearer(inflated))).status_code == 200
-    assert_problem(await c.post(f"{API}/projects", json={"name": "x"}, headers=bearer(inflated)), 403,
-                   detail="requires the member role")
+    assert_problem(
+        await c.post(f"{API}/projects", json={"name": "x"}, headers=bearer(inflated)),
+        403,
+        detail="requires the member role",
+    )
 
 
 # --- API keys --------------------------------------------------------------------------------------
 
+
 async def create_key(w: ApiWorld, **body: Any) -> dict[str, Any]:
-    r = await w.client.post(f"{API}/api-keys", json={"name": "test key", "scope": "write", **body},
-                            headers=w.a.auth("admin"))
+    r = await w.client.post(
+        f"{API}/api-keys", json={"name": "test key", "scope": "write", **body}, headers=w.a.auth("admin")
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -250,8 +294,11 @@ async def test_revocation_reaches_a_key_cached_in_another_worker(world: ApiWorld
 async def test_expired_key_is_401_and_says_so(world: ApiWorld) -> None:
     c, w = world.client, world
     past = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-    r = await c.post(f"{API}/api-keys", json={"name": "born expired", "scope": "write", "expires_at": past},
-                     headers=w.a.auth("admin"))
+    r = await c.post(
+        f"{API}/api-keys",
+        json={"name": "born expired", "scope": "write", "expires_at": past},
+        headers=w.a.auth("admin"),
+    )
     if r.status_code == 201:  # the API accepts a past expiry: such a key is dead on arrival
         assert_401(await c.get(f"{API}/projects", headers={"X-API-Key": r.json()["key"]}), detail="expired")
     else:
@@ -302,11 +349,15 @@ async def test_api_key_cannot_reach_user_routes(world: ApiWorld) -> None:
     c, w = world.client, world
     for path in (f"{API}/admin/tenants",):
         assert_problem(await c.get(path, headers=w.a.key("write")), 403, detail="user token")
-    assert_problem(await c.post(f"{API}/auth/select-tenant", json={"tenant": w.a.slug}, headers=w.a.key("write")),
-                   403, detail="user token")
+    assert_problem(
+        await c.post(f"{API}/auth/select-tenant", json={"tenant": w.a.slug}, headers=w.a.key("write")),
+        403,
+        detail="user token",
+    )
 
 
 # --- membership and roles, checked per request ----------------------------------------------------------
+
 
 async def test_removed_member_is_refused_with_their_still_valid_token(world: ApiWorld) -> None:
     c, w = world.client, world
@@ -327,8 +378,11 @@ async def test_demoted_admin_loses_admin_routes_with_their_old_token(world: ApiW
     assert (await c.post(f"{API}/api-keys", json={"name": "k"}, headers=bearer(token))).status_code == 201
     r = await c.patch(f"{API}/members/{w.a.user_ids['admin']}", json={"role": "viewer"}, headers=w.a.auth("owner"))
     assert r.status_code == 200 and r.json()["role"] == "viewer", r.text
-    assert_problem(await c.post(f"{API}/api-keys", json={"name": "k"}, headers=bearer(token)), 403,
-                   detail="requires the admin role (you are viewer)")
+    assert_problem(
+        await c.post(f"{API}/api-keys", json={"name": "k"}, headers=bearer(token)),
+        403,
+        detail="requires the admin role (you are viewer)",
+    )
     assert_problem(await c.post(f"{API}/projects", json={"name": "x"}, headers=bearer(token)), 403)
     assert (await c.get(f"{API}/projects", headers=bearer(token))).status_code == 200  # still a viewer
     me = (await c.get(f"{API}/me", headers=bearer(token))).json()
@@ -340,8 +394,9 @@ async def test_the_last_owner_stays(world: ApiWorld) -> None:
     owner, owner_id = w.a.auth("owner"), w.a.user_ids["owner"]
     assert_problem(await c.delete(f"{API}/members/{owner_id}", headers=owner), 409, detail="last owner")
     for role in ("admin", "member", "viewer"):
-        assert_problem(await c.patch(f"{API}/members/{owner_id}", json={"role": role}, headers=owner), 409,
-                       detail="last owner")
+        assert_problem(
+            await c.patch(f"{API}/members/{owner_id}", json={"role": role}, headers=owner), 409, detail="last owner"
+        )
     members = {m["user_id"]: m["role"] for m in (await c.get(f"{API}/members", headers=owner)).json()}
     assert members[owner_id] == "owner"
     # With a second owner, the first may step down.
@@ -350,24 +405,29 @@ async def test_the_last_owner_stays(world: ApiWorld) -> None:
     r = await c.patch(f"{API}/members/{owner_id}", json={"role": "admin"}, headers=owner)
     assert r.status_code == 200 and r.json()["role"] == "admin", r.text
     new_owner = w.a.auth("admin")  # their token says admin; the database says owner
-    assert_problem(await c.delete(f"{API}/members/{w.a.user_ids['admin']}", headers=new_owner), 409,
-                   detail="last owner")
+    assert_problem(
+        await c.delete(f"{API}/members/{w.a.user_ids['admin']}", headers=new_owner), 409, detail="last owner"
+    )
 
 
 async def test_only_owners_grant_owner(world: ApiWorld) -> None:
     c, w = world.client, world
     admin, owner = w.a.auth("admin"), w.a.auth("owner")
     member_id = w.a.user_ids["member"]
-    assert_problem(await c.patch(f"{API}/members/{member_id}", json={"role": "owner"}, headers=admin), 403,
-                   detail="only an owner")
-    r = await c.post(f"{API}/auth/register", json={"email": f"new-{uuid.uuid4().hex[:8]}@example.ch",
-                                                    "password": PASSWORD})
+    assert_problem(
+        await c.patch(f"{API}/members/{member_id}", json={"role": "owner"}, headers=admin), 403, detail="only an owner"
+    )
+    r = await c.post(
+        f"{API}/auth/register", json={"email": f"new-{uuid.uuid4().hex[:8]}@example.ch", "password": PASSWORD}
+    )
     email = r.json()["email"]
-    assert_problem(await c.post(f"{API}/members", json={"email": email, "role": "owner"}, headers=admin), 403,
-                   detail="only an owner")
+    assert_problem(
+        await c.post(f"{API}/members", json={"email": email, "role": "owner"}, headers=admin),
+        403,
+        detail="only an owner",
+    )
     # Nor may an admin demote or remove an owner.
-    assert_problem(await c.patch(f"{API}/members/{w.a.user_ids['owner']}", json={"role": "viewer"}, headers=admin),
-                   403)
+    assert_problem(await c.patch(f"{API}/members/{w.a.user_ids['owner']}", json={"role": "viewer"}, headers=admin), 403)
     assert_problem(await c.delete(f"{API}/members/{w.a.user_ids['owner']}", headers=admin), 403)
     # Admins manage the roles below owner.
     r = await c.post(f"{API}/members", json={"email": email, "role": "admin"}, headers=admin)
@@ -381,6 +441,7 @@ async def test_only_owners_grant_owner(world: ApiWorld) -> None:
 
 # --- tenant status ---------------------------------------------------------------------------------
 
+
 async def test_suspended_tenant_is_refused_then_reactivated(world: ApiWorld) -> None:
     c, w = world.client, world
     platform = w.headers(w.platform_token)
@@ -393,8 +454,9 @@ async def test_suspended_tenant_is_refused_then_reactivated(world: ApiWorld) -> 
     for headers in credentials:
         assert_problem(await c.get(f"{API}/projects", headers=headers), 403, detail="suspended")
         assert_problem(await c.get(f"{API}/tenant", headers=headers), 403, detail="suspended")
-    assert_problem(await c.post(f"{API}/projects", json={"name": "x"}, headers=w.a.auth("owner")), 403,
-                   detail="suspended")
+    assert_problem(
+        await c.post(f"{API}/projects", json={"name": "x"}, headers=w.a.auth("owner")), 403, detail="suspended"
+    )
     # B is untouched.
     assert (await c.get(f"{API}/projects", headers=w.b.auth("viewer"))).status_code == 200
     # No new token for a suspended tenant; login works but does not select it.
@@ -413,7 +475,9 @@ async def test_suspended_tenant_is_refused_then_reactivated(world: ApiWorld) -> 
 
 async def test_cancelled_tenant_is_refused(world: ApiWorld) -> None:
     c, w = world.client, world
-    r = await c.patch(f"{API}/admin/tenants/{w.a.id}", json={"status": "cancelled"}, headers=w.headers(w.platform_token))
+    r = await c.patch(
+        f"{API}/admin/tenants/{w.a.id}", json={"status": "cancelled"}, headers=w.headers(w.platform_token)
+    )
     assert r.status_code == 200, r.text
     assert_problem(await c.get(f"{API}/projects", headers=w.a.auth("owner")), 403, detail="cancelled")
     assert_problem(await c.get(f"{API}/projects", headers=w.a.key("read")), 403, detail="cancelled")
@@ -428,6 +492,7 @@ async def test_only_platform_admins_change_tenant_status(world: ApiWorld) -> Non
 
 
 # --- a user in two tenants -----------------------------------------------------------------------------
+
 
 async def email_of(c: httpx.AsyncClient, token: str) -> str:
     return (await c.get(f"{API}/me", headers=bearer(token))).json()["user"]["email"]
@@ -476,8 +541,11 @@ async def test_user_in_two_tenants_switches_between_them(world: ApiWorld) -> Non
     assert (await c.post(f"{API}/api-keys", json={"name": "k"}, headers=back)).status_code == 201  # admin in A
 
     # A tenant they do not belong to: another existing tenant, and one that does not exist.
-    r = await c.post(f"{API}/admin/tenants", json={"name": "C", "slug": f"c-{uuid.uuid4().hex[:8]}", "region": "CH",
-                                                   "status": "active"}, headers=w.headers(w.platform_token))
+    r = await c.post(
+        f"{API}/admin/tenants",
+        json={"name": "C", "slug": f"c-{uuid.uuid4().hex[:8]}", "region": "CH", "status": "active"},
+        headers=w.headers(w.platform_token),
+    )
     assert r.status_code == 201, r.text
     for tenant in (r.json()["id"], r.json()["slug"], str(uuid.uuid4()), "no-such-tenant"):
         assert_problem(await c.post(f"{API}/auth/select-tenant", json={"tenant": tenant}, headers=back), 403)
@@ -520,6 +588,7 @@ async def test_me_lists_my_tenants_with_role_and_current_for_every_credential(wo
 
 # --- register and login ------------------------------------------------------------------------------
 
+
 async def test_register(world: ApiWorld) -> None:
     c = world.client
     email = f"Reg-{uuid.uuid4().hex[:8]}@Example.ch"
@@ -529,14 +598,17 @@ async def test_register(world: ApiWorld) -> None:
     for duplicate in (email, email.lower(), email.upper()):
         r = await c.post(f"{API}/auth/register", json={"email": duplicate, "password": PASSWORD})
         assert_problem(r, 409)
-    r = await c.post(f"{API}/auth/register", json={"email": f"weak-{uuid.uuid4().hex[:8]}@example.ch",
-                                                    "password": "short"})
+    r = await c.post(
+        f"{API}/auth/register", json={"email": f"weak-{uuid.uuid4().hex[:8]}@example.ch", "password": "short"}
+    )
     body = assert_problem(r, 422)
     assert [e["field"] for e in body["errors"]] == ["body.password"]
     r = await c.post(f"{API}/auth/register", json={"email": "not-an-email", "password": PASSWORD})
     assert [e["field"] for e in assert_problem(r, 422)["errors"]] == ["body.email"]
-    r = await c.post(f"{API}/auth/register", json={"email": f"x-{uuid.uuid4().hex[:8]}@example.ch",
-                                                    "password": PASSWORD, "is_platform_admin": True})
+    r = await c.post(
+        f"{API}/auth/register",
+        json={"email": f"x-{uuid.uuid4().hex[:8]}@example.ch", "password": PASSWORD, "is_platform_admin": True},
+    )
     assert [e["field"] for e in assert_problem(r, 422)["errors"]] == ["body.is_platform_admin"]
     # The new account can sign in, and belongs to no tenant.
     r = await c.post(f"{API}/auth/login", json={"email": email, "password": PASSWORD})
@@ -546,8 +618,11 @@ async def test_register(world: ApiWorld) -> None:
 async def test_login_failures_do_not_tell_which_emails_exist(world: ApiWorld) -> None:
     c = world.client
     me = (await c.get(f"{API}/me", headers=world.a.auth("owner"))).json()
-    wrong_password = await c.post(f"{API}/auth/login", json={"email": me["user"]["email"], "password": "wrong-" + PASSWORD})
-    unknown_email = await c.post(f"{API}/auth/login", json={"email": f"nobody-{uuid.uuid4().hex[:8]}@example.ch",
-                                                            "password": PASSWORD})
+    wrong_password = await c.post(
+        f"{API}/auth/login", json={"email": me["user"]["email"], "password": "wrong-" + PASSWORD}
+    )
+    unknown_email = await c.post(
+        f"{API}/auth/login", json={"email": f"nobody-{uuid.uuid4().hex[:8]}@example.ch", "password": PASSWORD}
+    )
     a, b = assert_401(wrong_password), assert_401(unknown_email)
     assert (a["title"], a["detail"], a["type"]) == (b["title"], b["detail"], b["type"])

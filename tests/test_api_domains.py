@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from api_support import PASSWORD, ApiWorld, api_client, api_world, count_rows, login  # noqa: F401 - fixtures
+from api_support import PASSWORD, ApiWorld, count_rows, login
 from iafactory.auth.passwords import hash_password
 from iafactory.db.scope import operator_transaction
 from iafactory.domains import RESOURCES
@@ -51,6 +51,7 @@ def assert_matches(sent: dict[str, Any], body: dict[str, Any]) -> None:
 
 # --- One case per resource -----------------------------------------------------------------------
 
+
 async def new_project(c: httpx.AsyncClient, headers: dict[str, str], name: str = "Portail clients") -> int:
     r = await c.post(f"{API}/projects", json={"name": name}, headers=headers)
     assert r.status_code == 201, r.text
@@ -67,63 +68,141 @@ async def new_lead(c: httpx.AsyncClient, headers: dict[str, str], name: str = "A
 class Case:
     create: dict[str, Any]
     patch: dict[str, Any]
-    bad_enum: tuple[str, Any]        # a field and a value its SQL CHECK refuses
-    too_long: tuple[str, int]        # a text field and its length limit
-    required: str                    # a non-nullable field: an explicit null is refused
+    bad_enum: tuple[str, Any]  # a field and a value its SQL CHECK refuses
+    too_long: tuple[str, int]  # a text field and its length limit
+    required: str  # a non-nullable field: an explicit null is refused
     parents: dict[str, str] = field(default_factory=dict)  # body field -> "project" | "lead"
 
 
 CASES: dict[str, Case] = {
     "knowledge-base": Case(
-        create={"title": "Procédure d'ouverture de compte", "content": "Étape 1 : vérifier la pièce d'identité. "
-                "Étape 2 : contrôler l'adresse.", "source": "https://intranet.example.ch/kyc/ouverture",
-                "language": "fr", "metadata": {"tags": ["kyc", "onboarding"], "version": 3}},
+        create={
+            "title": "Procédure d'ouverture de compte",
+            "content": "Étape 1 : vérifier la pièce d'identité. Étape 2 : contrôler l'adresse.",
+            "source": "https://intranet.example.ch/kyc/ouverture",
+            "language": "fr",
+            "metadata": {"tags": ["kyc", "onboarding"], "version": 3},
+        },
         patch={"language": "fr-CH", "source": None, "metadata": {"tags": ["kyc"], "version": 4}},
-        bad_enum=("language", "français"), too_long=("title", 500), required="title"),
+        bad_enum=("language", "français"),
+        too_long=("title", 500),
+        required="title",
+    ),
     "bolt-workflows": Case(
-        create={"name": "Générateur de devis", "prompt": "Crée une application de devis pour artisans genevois",
-                "status": "queued", "definition": {"stack": "react", "pages": ["devis", "clients"]}},
+        create={
+            "name": "Générateur de devis",
+            "prompt": "Crée une application de devis pour artisans genevois",
+            "status": "queued",
+            "definition": {"stack": "react", "pages": ["devis", "clients"]},
+        },
         patch={"status": "completed", "result": {"url": "https://devis.example.ch", "files": 42}},
-        bad_enum=("status", "done"), too_long=("name", 255), required="name", parents={"project_id": "project"}),
+        bad_enum=("status", "done"),
+        too_long=("name", 255),
+        required="name",
+        parents={"project_id": "project"},
+    ),
     "bmad-workflows": Case(
-        create={"name": "Refonte du portail RH", "phase": "planning", "status": "running",
-                "agents": ["analyst", "pm", "architect"], "artifacts": {"prd": "PRD v1 — Personalverwaltung"}},
+        create={
+            "name": "Refonte du portail RH",
+            "phase": "planning",
+            "status": "running",
+            "agents": ["analyst", "pm", "architect"],
+            "artifacts": {"prd": "PRD v1 — Personalverwaltung"},
+        },
         patch={"phase": "solutioning", "project_id": None, "agents": ["architect", "dev"]},
-        bad_enum=("phase", "design"), too_long=("name", 255), required="phase", parents={"project_id": "project"}),
+        bad_enum=("phase", "design"),
+        too_long=("name", 255),
+        required="phase",
+        parents={"project_id": "project"},
+    ),
     "orchestrator-state": Case(
-        create={"session_key": "sess-2026-04-17-ab12", "agent": "planificateur", "status": "running",
-                "state": {"étape": "collecte", "contexte": {"client": "Müller AG"}}, "last_step": 3},
+        create={
+            "session_key": "sess-2026-04-17-ab12",
+            "agent": "planificateur",
+            "status": "running",
+            "state": {"étape": "collecte", "contexte": {"client": "Müller AG"}},
+            "last_step": 3,
+        },
         patch={"status": "waiting", "last_step": 4},
-        bad_enum=("status", "paused"), too_long=("agent", 100), required="last_step"),
+        bad_enum=("status", "paused"),
+        too_long=("agent", 100),
+        required="last_step",
+    ),
     "voice/transcriptions": Case(
-        create={"title": "Appel client — Alger", "audio_url": "s3://voix/2026/04/appel-0142.wav", "language": "ar",
-                "duration_seconds": 312.5, "transcript": "مرحبا، أريد معرفة حالة طلبي رقم ١٤٢",
-                "status": "completed", "metadata": {"speakers": 2}},
+        create={
+            "title": "Appel client — Alger",
+            "audio_url": "s3://voix/2026/04/appel-0142.wav",
+            "language": "ar",
+            "duration_seconds": 312.5,
+            "transcript": "مرحبا، أريد معرفة حالة طلبي رقم ١٤٢",
+            "status": "completed",
+            "metadata": {"speakers": 2},
+        },
         patch={"title": "Appel client — Alger (suivi)", "duration_seconds": 313.25, "audio_url": None},
-        bad_enum=("status", "done"), too_long=("title", 255), required="status"),
+        bad_enum=("status", "done"),
+        too_long=("title", 255),
+        required="status",
+    ),
     "voice/conversations": Case(
-        create={"agent_name": "Empfang Zürich", "channel": "phone", "caller": "+41 44 555 01 23", "language": "de",
-                "messages": [{"role": "user", "text": "Grüezi, ich möchte einen Termin vereinbaren."},
-                             {"role": "agent", "text": "Gerne. Passt Ihnen Dienstag um 10 Uhr?"}],
-                "started_at": "2026-04-17T09:30:00+02:00"},
+        create={
+            "agent_name": "Empfang Zürich",
+            "channel": "phone",
+            "caller": "+41 44 555 01 23",
+            "language": "de",
+            "messages": [
+                {"role": "user", "text": "Grüezi, ich möchte einen Termin vereinbaren."},
+                {"role": "agent", "text": "Gerne. Passt Ihnen Dienstag um 10 Uhr?"},
+            ],
+            "started_at": "2026-04-17T09:30:00+02:00",
+        },
         patch={"status": "ended", "ended_at": "2026-04-17T09:34:10+02:00", "summary": "Termin am Dienstag, 10 Uhr."},
-        bad_enum=("channel", "sms"), too_long=("caller", 100), required="agent_name"),
+        bad_enum=("channel", "sms"),
+        too_long=("caller", 100),
+        required="agent_name",
+    ),
     "crm/leads": Case(
-        create={"full_name": "Amina Benali", "email": "amina.benali@example.dz", "phone": "+213 555 12 34 56",
-                "company": "Benali Import-Export SARL", "source": "salon", "score": 72,
-                "notes": "Rencontrée au salon de l'import, Alger. Intéressée par l'offre PME."},
+        create={
+            "full_name": "Amina Benali",
+            "email": "amina.benali@example.dz",
+            "phone": "+213 555 12 34 56",
+            "company": "Benali Import-Export SARL",
+            "source": "salon",
+            "score": 72,
+            "notes": "Rencontrée au salon de l'import, Alger. Intéressée par l'offre PME.",
+        },
         patch={"status": "qualified", "score": 85, "phone": None},
-        bad_enum=("status", "hot"), too_long=("full_name", 255), required="status"),
+        bad_enum=("status", "hot"),
+        too_long=("full_name", 255),
+        required="status",
+    ),
     "crm/deals": Case(
-        create={"title": "Licence annuelle IAFactory", "amount": 12500.5, "currency": "DZD", "stage": "proposal",
-                "expected_close_date": "2026-06-30", "metadata": {"owner": "Karim"}},
+        create={
+            "title": "Licence annuelle IAFactory",
+            "amount": 12500.5,
+            "currency": "DZD",
+            "stage": "proposal",
+            "expected_close_date": "2026-06-30",
+            "metadata": {"owner": "Karim"},
+        },
         patch={"stage": "won", "amount": 13000, "expected_close_date": None},
-        bad_enum=("currency", "USD"), too_long=("title", 255), required="amount", parents={"lead_id": "lead"}),
+        bad_enum=("currency", "USD"),
+        too_long=("title", 255),
+        required="amount",
+        parents={"lead_id": "lead"},
+    ),
     "pme-analyses": Case(
-        create={"company_name": "Müller Holzbau GmbH", "sector": "Bau", "fiscal_year": 2025,
-                "inputs": {"umsatz": 1850000, "ebitda": 210000, "devise": "CHF"}, "score": 67.5},
+        create={
+            "company_name": "Müller Holzbau GmbH",
+            "sector": "Bau",
+            "fiscal_year": 2025,
+            "inputs": {"umsatz": 1850000, "ebitda": 210000, "devise": "CHF"},
+            "score": 67.5,
+        },
         patch={"status": "completed", "results": {"note": "B+", "risques": ["liquidité"]}, "score": 71.25},
-        bad_enum=("status", "done"), too_long=("company_name", 255), required="company_name"),
+        bad_enum=("status", "done"),
+        too_long=("company_name", 255),
+        required="company_name",
+    ),
 }
 
 
@@ -198,12 +277,14 @@ async def test_bad_values_are_422_naming_the_field_and_write_nothing(api_world: 
         field_, value = case.bad_enum
         assert fields(await c.post(url, json={**body, field_: value}, headers=owner)) == [f"body.{field_}"], name
         field_, limit = case.too_long
-        assert fields(await c.post(url, json={**body, field_: "é" * (limit + 1)}, headers=owner)) == [f"body.{field_}"], name
+        assert fields(await c.post(url, json={**body, field_: "é" * (limit + 1)}, headers=owner)) == [
+            f"body.{field_}"
+        ], name
         # The limit itself is accepted: the bound is the column's, not an arbitrary one.
         r = await c.post(url, json={**body, field_: "é" * limit}, headers=owner)
         assert r.status_code == 201, (name, r.text)
     counts = {name: count_rows(api_world.admin_url, SPECS[name].table) for name in CASES}
-    assert counts == {name: 1 for name in CASES} | {"crm/leads": 2}, counts
+    assert counts == dict.fromkeys(CASES, 1) | {"crm/leads": 2}, counts
 
     # Ranges and formats of the SQL, refused before they reach it.
     more = [
@@ -284,19 +365,22 @@ async def test_a_workflow_cannot_reference_another_tenants_project(api_world: Ap
 
 # --- Billing -------------------------------------------------------------------------------------
 
+
 async def test_a_project_belongs_to_the_user_who_created_it(api_world: ApiWorld) -> None:
     c, a = api_world.client, api_world.a
     for role in ("member", "owner"):
         r = await c.post(f"{API}/projects", json={"name": f"by the {role}"}, headers=a.auth(role))
         assert r.status_code == 201 and r.json()["owner_id"] == a.user_ids[role], r.text
-        assert (await c.get(f"{API}/projects/{r.json()['id']}", headers=a.auth("viewer"))).json()["owner_id"] \
-            == a.user_ids[role]
+        assert (await c.get(f"{API}/projects/{r.json()['id']}", headers=a.auth("viewer"))).json()[
+            "owner_id"
+        ] == a.user_ids[role]
     # An API key acts for the tenant, not for a person: no owner.
     r = await c.post(f"{API}/projects", json={"name": "by the integration"}, headers=a.key("write"))
     assert r.status_code == 201 and r.json()["owner_id"] is None, r.text
     # The owner is not the client's to choose (another tenant's user id, for instance).
-    r = await c.post(f"{API}/projects", json={"name": "x", "owner_id": api_world.b.user_ids["owner"]},
-                     headers=a.auth("member"))
+    r = await c.post(
+        f"{API}/projects", json={"name": "x", "owner_id": api_world.b.user_ids["owner"]}, headers=a.auth("member")
+    )
     assert fields(r) == ["body.owner_id"]
 
 
@@ -305,10 +389,13 @@ async def tenant_without_account(world: ApiWorld) -> tuple[uuid.UUID, dict[str, 
     tag = uuid.uuid4().hex[:6]
     email = f"admin-c-{tag}@example.dz"
     async with operator_transaction(world.admin_url) as tx:
-        t = await tenancy.create_tenant(tx, TenantCreate(name="Cabinet Haddad", slug=f"cabinet-haddad-{tag}",
-                                                          region="DZ", plan="pro", status="active"))
-        await tenancy.add_member(tx, t.slug, email, "admin", name="Samir Haddad",
-                                 password_hash=await hash_password(world.settings, PASSWORD))
+        t = await tenancy.create_tenant(
+            tx,
+            TenantCreate(name="Cabinet Haddad", slug=f"cabinet-haddad-{tag}", region="DZ", plan="pro", status="active"),
+        )
+        await tenancy.add_member(
+            tx, t.slug, email, "admin", name="Samir Haddad", password_hash=await hash_password(world.settings, PASSWORD)
+        )
     return t.id, world.headers(await login(world.client, email))
 
 
@@ -319,14 +406,26 @@ async def test_billing_account_defaults_then_upsert(api_world: ApiWorld) -> None
     r = await c.get(f"{API}/billing-account", headers=admin)
     assert r.status_code == 200
     # An Algerian tenant: the currency of its region (DZD) before anything is saved.
-    assert r.json() == {"billing_name": "", "billing_email": None, "address": "", "vat_number": None,
-                        "currency": "DZD", "credit_balance": 0, "created_at": None, "updated_at": None}
+    assert r.json() == {
+        "billing_name": "",
+        "billing_email": None,
+        "address": "",
+        "vat_number": None,
+        "currency": "DZD",
+        "credit_balance": 0,
+        "created_at": None,
+        "updated_at": None,
+    }
     assert (await c.get(f"{API}/credits/balance", headers=admin)).json() == {"balance": 0, "currency": "DZD"}
     assert count_rows(api_world.admin_url, "billing_accounts", tenant_id) == 0
 
-    contact = {"billing_name": "Cabinet Haddad & Associés", "billing_email": "facturation@haddad.example.dz",
-               "address": "12 rue Didouche Mourad\n16000 Alger", "vat_number": "NIF 000216001234567",
-               "currency": "DZD"}
+    contact = {
+        "billing_name": "Cabinet Haddad & Associés",
+        "billing_email": "facturation@haddad.example.dz",
+        "address": "12 rue Didouche Mourad\n16000 Alger",
+        "vat_number": "NIF 000216001234567",
+        "currency": "DZD",
+    }
     r = await c.patch(f"{API}/billing-account", json=contact, headers=admin)
     assert r.status_code == 200, r.text
     account = r.json()
@@ -341,19 +440,26 @@ async def test_billing_account_defaults_then_upsert(api_world: ApiWorld) -> None
 
     # The balance belongs to the ledger; unknown and invalid fields are refused; nothing changes.
     assert fields(await c.patch(f"{API}/billing-account", json={"credit_balance": 10**6}, headers=admin)) == [
-        "body.credit_balance"]
+        "body.credit_balance"
+    ]
     assert fields(await c.patch(f"{API}/billing-account", json={"currency": "USD"}, headers=admin)) == ["body.currency"]
     assert fields(await c.patch(f"{API}/billing-account", json={"currency": None}, headers=admin)) == ["body.currency"]
     assert fields(await c.patch(f"{API}/billing-account", json={"billing_email": "nope"}, headers=admin)) == [
-        "body.billing_email"]
+        "body.billing_email"
+    ]
     assert fields(await c.patch(f"{API}/billing-account", json={"vat_number": "9" * 51}, headers=admin)) == [
-        "body.vat_number"]
+        "body.vat_number"
+    ]
     r = await c.get(f"{API}/billing-account", headers=admin)
     assert r.json()["credit_balance"] == 0 and r.json()["currency"] == "DZD"
 
     # Admins only; and another tenant's account is its own.
-    assert (await c.patch(f"{API}/billing-account", json={"billing_name": "x"}, headers=a.auth("member"))).status_code == 403
-    assert (await c.patch(f"{API}/billing-account", json={"billing_name": "x"}, headers=a.key("write"))).status_code == 403
+    assert (
+        await c.patch(f"{API}/billing-account", json={"billing_name": "x"}, headers=a.auth("member"))
+    ).status_code == 403
+    assert (
+        await c.patch(f"{API}/billing-account", json={"billing_name": "x"}, headers=a.key("write"))
+    ).status_code == 403
     r = await c.get(f"{API}/billing-account", headers=a.auth("viewer"))
     assert r.status_code == 200 and r.json()["billing_name"] != "Haddad SARL"
 
@@ -363,33 +469,56 @@ async def test_credit_ledger_newest_first_in_pages(api_world: ApiWorld) -> None:
     # The ledger is written by the platform, not by this API: seed it as the owner would.
     with psycopg.connect(api_world.admin_url) as conn:
         conn.execute("INSERT INTO billing_accounts (tenant_id) VALUES (%s) ON CONFLICT (tenant_id) DO NOTHING", (a.id,))
-        balance = conn.execute("SELECT credit_balance FROM billing_accounts WHERE tenant_id = %s", (a.id,)).fetchone()[0]
+        balance = conn.execute("SELECT credit_balance FROM billing_accounts WHERE tenant_id = %s", (a.id,)).fetchone()[
+            0
+        ]
         start = datetime.now(UTC) + timedelta(minutes=1)
         for i, (kind, amount) in enumerate([("grant", 500), ("debit", -10), ("refund", 10)]):
             balance += amount
             conn.execute(
                 "INSERT INTO credit_transactions (tenant_id, kind, amount, reason, idempotency_key, balance_after, "
                 "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (a.id, kind, amount, f"écriture {i}", f"test:{i}", balance, start + timedelta(seconds=i)))
+                (a.id, kind, amount, f"écriture {i}", f"test:{i}", balance, start + timedelta(seconds=i)),
+            )
         conn.execute("UPDATE billing_accounts SET credit_balance = %s WHERE tenant_id = %s", (balance, a.id))
 
     r = await c.get(f"{API}/credits", params={"limit": 2}, headers=a.auth("viewer"))
     assert r.status_code == 200, r.text
     page = r.json()
     assert [t["idempotency_key"] for t in page["items"]] == ["test:2", "test:1"]
-    assert set(page["items"][0]) == {"id", "kind", "amount", "reason", "idempotency_key", "balance_after",
-                                     "created_by", "created_at"}
+    assert set(page["items"][0]) == {
+        "id",
+        "kind",
+        "amount",
+        "reason",
+        "idempotency_key",
+        "balance_after",
+        "created_by",
+        "created_at",
+    }
     r = await c.get(f"{API}/credits", params={"limit": 2, "cursor": page["next_cursor"]}, headers=a.key("read"))
-    assert [t["idempotency_key"] for t in r.json()["items"]][0] == "test:0"
+    assert next(t["idempotency_key"] for t in r.json()["items"]) == "test:0"
     assert (await c.get(f"{API}/credits/balance", headers=a.auth("viewer"))).json()["balance"] == balance
-    assert "test:0" not in {t["idempotency_key"] for t in (await c.get(f"{API}/credits", headers=b.auth("viewer"))).json()["items"]}
+    assert "test:0" not in {
+        t["idempotency_key"] for t in (await c.get(f"{API}/credits", headers=b.auth("viewer"))).json()["items"]
+    }
     r = await c.get(f"{API}/credits", params={"cursor": "garbage"}, headers=a.auth("viewer"))
     assert r.status_code == 422 and r.json()["detail"].startswith("query.cursor")
 
 
 def events(*keys: str, event_type: str = "llm.tokens", **extra: Any) -> dict[str, Any]:
-    return {"events": [{"event_type": event_type, "quantity": 1250, "idempotency_key": k,
-                        "properties": {"model": "mistral-large", "langue": "fr"}, **extra} for k in keys]}
+    return {
+        "events": [
+            {
+                "event_type": event_type,
+                "quantity": 1250,
+                "idempotency_key": k,
+                "properties": {"model": "mistral-large", "langue": "fr"},
+                **extra,
+            }
+            for k in keys
+        ]
+    }
 
 
 async def test_usage_events_are_idempotent_per_key(api_world: ApiWorld) -> None:
@@ -420,7 +549,8 @@ async def test_usage_events_are_idempotent_per_key(api_world: ApiWorld) -> None:
     bad["events"][1]["quantity"] = -1
     assert fields(await c.post(url, json=bad, headers=member)) == ["body.events.1.quantity"]
     assert fields(await c.post(url, json=events("n3", occurred_at="2026-04-17T08:00:00"), headers=member)) == [
-        "body.events.0.occurred_at"]
+        "body.events.0.occurred_at"
+    ]
     assert fields(await c.post(url, json=events("x" * 256), headers=member)) == ["body.events.0.idempotency_key"]
     assert fields(await c.post(url, json=events(""), headers=member)) == ["body.events.0.idempotency_key"]
     assert count_rows(api_world.admin_url, "usage_events", a.id) == 5

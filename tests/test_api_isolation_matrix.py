@@ -29,10 +29,22 @@ from typing import Any
 import httpx
 import pytest
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ApiOperation, ApiWorld, Credential, Seeder, allowed, api_operations, id_field,
-    module_api_client, module_api_world, module_db, offline_openapi, provision_for_load, reference_fields,
-    referenced_collection, required_role, tenant_credentials, tenant_writable_collections,
+from api_support import (
+    API_PREFIX,
+    ApiOperation,
+    ApiWorld,
+    Credential,
+    Seeder,
+    allowed,
+    api_operations,
+    id_field,
+    offline_openapi,
+    provision_for_load,
+    reference_fields,
+    referenced_collection,
+    required_role,
+    tenant_credentials,
+    tenant_writable_collections,
 )
 
 pytestmark = pytest.mark.anyio
@@ -46,7 +58,7 @@ NON_TENANT_ROUTES = {
     "GET /readyz": "liveness of the database: no credential, no data",
     "POST /api/v1/auth/register": "creates an account, which belongs to no tenant until an admin adds it",
     "POST /api/v1/auth/login": "checks a password before any tenant is chosen; it lists only the caller's own "
-                               "memberships (test_api_auth)",
+    "memberships (test_api_auth)",
     # FastAPI's documentation routes are outside the OpenAPI document; listed so that nobody wonders.
     "GET /docs": "Swagger UI (static)",
     "GET /docs/oauth2-redirect": "Swagger UI (static)",
@@ -54,8 +66,10 @@ NON_TENANT_ROUTES = {
     "GET /openapi.json": "the document itself (static)",
 }
 # Exercised by a dedicated test below rather than by a generated one.
-DEDICATED = {"POST /api/v1/auth/select-tenant": "test_select_tenant_into_b_is_refused",
-             "POST /api/v1/knowledge-base/search": "tests/test_knowledge.py (search isolation, every filter)"}
+DEDICATED = {
+    "POST /api/v1/auth/select-tenant": "test_select_tenant_into_b_is_refused",
+    "POST /api/v1/knowledge-base/search": "tests/test_knowledge.py (search isolation, every filter)",
+}
 
 
 def _tenant_op(op: ApiOperation) -> bool:
@@ -64,8 +78,11 @@ def _tenant_op(op: ApiOperation) -> bool:
 
 BY_ID = [op for op in OPERATIONS if _tenant_op(op) and op.kind == "by_id"]
 READS = [op for op in OPERATIONS if _tenant_op(op) and op.kind == "collection" and op.method == "GET"]
-WRITES = [op for op in OPERATIONS if _tenant_op(op) and op.kind == "collection" and op.method in ("POST", "PATCH", "PUT")
-          and not op.reads_only]
+WRITES = [
+    op
+    for op in OPERATIONS
+    if _tenant_op(op) and op.kind == "collection" and op.method in ("POST", "PATCH", "PUT") and not op.reads_only
+]
 
 
 def _role(op: ApiOperation) -> str | None:
@@ -75,9 +92,15 @@ def _role(op: ApiOperation) -> str | None:
         return "unknown"  # reported by test_every_operation_is_covered
 
 
-REFERENCING = [op for op in OPERATIONS if _tenant_op(op) and op.method in ("POST", "PATCH", "PUT")
-               and op.kind in ("collection", "by_id") and reference_fields(DOC, op.body)
-               and _role(op) not in (None, "platform", "unknown")]
+REFERENCING = [
+    op
+    for op in OPERATIONS
+    if _tenant_op(op)
+    and op.method in ("POST", "PATCH", "PUT")
+    and op.kind in ("collection", "by_id")
+    and reference_fields(DOC, op.body)
+    and _role(op) not in (None, "platform", "unknown")
+]
 
 UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 EMAIL_TEXT = re.compile(r"^[^@\s]+@[^@\s]+$")
@@ -93,6 +116,7 @@ def row_id(row: dict[str, Any], name: str) -> Any:
 
 # --- the world ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class Matrix:
     world: ApiWorld
@@ -100,7 +124,7 @@ class Matrix:
     seeders: dict[str, Seeder]
     creds: list[Credential]
     b_baseline: dict[str, Any] = field(default_factory=dict)  # B, as B sees itself once seeded
-    b_secrets: set[str] = field(default_factory=set)   # strings only B may see
+    b_secrets: set[str] = field(default_factory=set)  # strings only B may see
     both_user_knows: set[str] = field(default_factory=set)  # ... that the user in both tenants may see too
 
     @property
@@ -117,8 +141,12 @@ class Matrix:
                 continue
             snap[op.path] = await read_all(c, op, b.auth("owner"), page_size=100)
         for op in OPERATIONS:
-            if (op.kind == "by_id" and not op.is_action and op.method == "GET"
-                    and required_role("GET", op.path) != "platform"):
+            if (
+                op.kind == "by_id"
+                and not op.is_action
+                and op.method == "GET"
+                and required_role("GET", op.path) != "platform"
+            ):
                 for ident in self.b_ids(op):
                     r = await c.get(op.at(ident), headers=b.auth("owner"))
                     snap[f"{op.path} {ident}"] = (r.status_code, stable(r.json()))
@@ -141,8 +169,10 @@ class Matrix:
             found.append(str(self.world.b.id))
         found = list(dict.fromkeys(found))
         if not found:
-            raise AssertionError(f"{op.label}: cannot find any of B's ids to try: B created none through "
-                                 f"{op.collection} and cannot list it. Teach Matrix.b_ids where they come from.")
+            raise AssertionError(
+                f"{op.label}: cannot find any of B's ids to try: B created none through "
+                f"{op.collection} and cannot list it. Teach Matrix.b_ids where they come from."
+            )
         return found
 
     _a_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -209,8 +239,9 @@ async def matrix(module_api_world: ApiWorld) -> Matrix:
                     await seeders[name].create(path)
             else:
                 await seeders[name].write(op)  # a singleton (the tenant, its billing account ...)
-    r = await w.client.post(f"{API_PREFIX}/auth/select-tenant", json={"tenant": str(w.a.id)},
-                            headers=w.headers(w.both_user_token))
+    r = await w.client.post(
+        f"{API_PREFIX}/auth/select-tenant", json={"tenant": str(w.a.id)}, headers=w.headers(w.both_user_token)
+    )
     assert r.status_code == 200, r.text
     both = Credential("user of A and B, A selected (admin)", w.headers(r.json()["access_token"]), "admin", w.a.id)
     m = Matrix(w, markers, seeders, [*tenant_credentials(w.a), both])
@@ -253,16 +284,22 @@ def is_problem(r: httpx.Response) -> bool:
 
 # --- the meta-test -------------------------------------------------------------------------------------
 
+
 def test_every_operation_is_covered() -> None:
     """Every operation of the OpenAPI document is driven by a generated test below, or listed as
     non-tenant with its reason. A route of a shape the generator does not know fails here."""
     covered = {op.label for op in BY_ID + READS + WRITES} | set(DEDICATED)
-    unclassified = [f"{op.label} (path parameters {list(op.path_params)})" for op in OPERATIONS
-                    if op.label not in covered and op.label not in NON_TENANT_ROUTES]
+    unclassified = [
+        f"{op.label} (path parameters {list(op.path_params)})"
+        for op in OPERATIONS
+        if op.label not in covered and op.label not in NON_TENANT_ROUTES
+    ]
     assert not unclassified, (
-        "operations the isolation matrix does not exercise: " + "; ".join(unclassified) +
-        ". Give them a shape it knows (a single `{..._id}` path parameter, or GET/POST/PATCH/PUT on a "
-        "collection), or list them in NON_TENANT_ROUTES with the reason.")
+        "operations the isolation matrix does not exercise: "
+        + "; ".join(unclassified)
+        + ". Give them a shape it knows (a single `{..._id}` path parameter, or GET/POST/PATCH/PUT on a "
+        "collection), or list them in NON_TENANT_ROUTES with the reason."
+    )
     unknown_role = []
     for op in BY_ID + READS + WRITES:
         try:
@@ -271,12 +308,17 @@ def test_every_operation_is_covered() -> None:
             unknown_role.append(str(err))
     assert not unknown_role, unknown_role
     # The generator is not vacuous: it found the routes every tenant API has.
-    assert {f"GET {API_PREFIX}/members", f"DELETE {API_PREFIX}/members/{{user_id}}",
-            f"DELETE {API_PREFIX}/api-keys/{{key_id}}", f"GET {API_PREFIX}/admin/tenants/{{tenant_id}}"} <= covered
+    assert {
+        f"GET {API_PREFIX}/members",
+        f"DELETE {API_PREFIX}/members/{{user_id}}",
+        f"DELETE {API_PREFIX}/api-keys/{{key_id}}",
+        f"GET {API_PREFIX}/admin/tenants/{{tenant_id}}",
+    } <= covered
     assert any(op.method == "POST" for op in WRITES) and len(BY_ID) >= 5
 
 
 # --- generated tests -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("op", BY_ID, ids=ids(BY_ID))
 async def test_by_id_route_refuses_b_ids(matrix: Matrix, op: ApiOperation) -> None:
@@ -288,8 +330,7 @@ async def test_by_id_route_refuses_b_ids(matrix: Matrix, op: ApiOperation) -> No
         expected = 404 if allowed(cred, op.method, op.path) else 403
         for ident in targets:
             body = await body_seeder.body(op) if op.body is not None else None
-            r = await c.request(op.method, op.at(ident),
-                                json=body, headers=cred.headers)
+            r = await c.request(op.method, op.at(ident), json=body, headers=cred.headers)
             where = f"{cred.label} → {op.method} {ident}"
             if r.status_code != expected:
                 failures.append(f"{where}: {r.status_code} (expected {expected}) {r.text[:300]}")
@@ -328,8 +369,11 @@ async def test_collection_read_shows_only_own_rows(matrix: Matrix, op: ApiOperat
         if expected == 200:
             seen = [row_id(row, name) for _, body in pages for row in rows_of(body)]
             # (The user of both tenants may see B's own id: GET /me/tenants lists their memberships.)
-            listed = {i for i in b_ids & set(seen)
-                      if not (cred.label.startswith("user of A and B") and str(i) in m.both_user_knows)}
+            listed = {
+                i
+                for i in b_ids & set(seen)
+                if not (cred.label.startswith("user of A and B") and str(i) in m.both_user_knows)
+            }
             if listed:
                 failures.append(f"{cred.label}: B's ids {sorted(map(str, listed))} listed")
             if not own <= set(seen):
@@ -344,7 +388,7 @@ async def test_collection_write_lands_in_own_tenant(matrix: Matrix, op: ApiOpera
     for cred in m.creds:
         r = await m.seeders["a"].write(op, headers=cred.headers, expect_success=False)
         ok = allowed(cred, op.method, op.path)
-        if ok and not 200 <= r.status_code < 300 or not ok and r.status_code != 403:
+        if (ok and not 200 <= r.status_code < 300) or (not ok and r.status_code != 403):
             failures.append(f"{cred.label}: {r.status_code} (expected {'2xx' if ok else 403}) {r.text[:300]}")
         if found := leaks(m, cred, r.text):
             failures.append(f"{cred.label}: B's data in the body: {found}")

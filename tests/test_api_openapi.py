@@ -23,7 +23,10 @@ from fastapi.utils import generate_unique_id
 from starlette.routing import Mount
 
 from api_support import (
-    READS_ONLY_ROUTES, Credential, allowed, api_operations,
+    READS_ONLY_ROUTES,
+    Credential,
+    allowed,
+    api_operations,
 )
 from iafactory.app import create_app
 from iafactory.config import Settings
@@ -55,8 +58,14 @@ def is_mount(route: Any) -> bool:
 
 def api_routes(app: FastAPI) -> list[Any]:
     """The routes that are operations of the OpenAPI document."""
-    return [r for r in route_table(app) if not is_mount(r) and getattr(r, "include_in_schema", False)
-            and getattr(r, "methods", None) and hasattr(r, "operation_id")]
+    return [
+        r
+        for r in route_table(app)
+        if not is_mount(r)
+        and getattr(r, "include_in_schema", False)
+        and getattr(r, "methods", None)
+        and hasattr(r, "operation_id")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +76,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 # --- operationId ------------------------------------------------------------------------------------
+
 
 def test_the_route_table_is_not_empty() -> None:
     """The checks below iterate the route table: they would pass vacuously on an empty one."""
@@ -93,12 +103,28 @@ def test_operation_ids_are_unique_and_are_the_documents() -> None:
 
 def test_the_ids_a_person_would_write() -> None:
     ids = {op["operationId"] for item in DOC["paths"].values() for op in item.values()}
-    assert {"login", "register", "select_tenant", "get_me", "create_api_key", "list_api_keys", "revoke_api_key",
-            "list_projects", "create_project", "get_project", "update_project", "delete_project",
-            "create_lead", "list_pme_analyses", "admin_list_tenants", "check_health"} <= ids
+    assert {
+        "login",
+        "register",
+        "select_tenant",
+        "get_me",
+        "create_api_key",
+        "list_api_keys",
+        "revoke_api_key",
+        "list_projects",
+        "create_project",
+        "get_project",
+        "update_project",
+        "delete_project",
+        "create_lead",
+        "list_pme_analyses",
+        "admin_list_tenants",
+        "check_health",
+    } <= ids
 
 
 # --- security schemes --------------------------------------------------------------------------------
+
 
 def test_the_document_declares_the_two_credentials() -> None:
     schemes = DOC["components"]["securitySchemes"]
@@ -107,16 +133,21 @@ def test_the_document_declares_the_two_credentials() -> None:
     assert schemes["apiKeyAuth"] == {**schemes["apiKeyAuth"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
 
 
-KEYS = [Credential("read key", {}, "viewer", uuid.uuid4(), api_key=True, read_only=True),
-        Credential("write key", {}, "member", uuid.uuid4(), api_key=True)]
+KEYS = [
+    Credential("read key", {}, "viewer", uuid.uuid4(), api_key=True, read_only=True),
+    Credential("write key", {}, "member", uuid.uuid4(), api_key=True),
+]
 OPERATIONS = api_operations(DOC)  # also fills READS_ONLY_ROUTES from the document
 BOTH = [{"bearerAuth": []}, {"apiKeyAuth": []}]
 BEARER = [{"bearerAuth": []}]
 # The operations that act for no tenant, by what they take.
 NO_TENANT = {
-    "POST /api/v1/auth/register": None, "POST /api/v1/auth/login": None, "GET /healthz": None, "GET /readyz": None,
+    "POST /api/v1/auth/register": None,
+    "POST /api/v1/auth/login": None,
+    "GET /healthz": None,
+    "GET /readyz": None,
     "POST /api/v1/auth/select-tenant": BEARER,  # a user's token: an API key has no tenants to choose from
-    "GET /api/v1/me": BOTH,                     # whoever the credential names
+    "GET /api/v1/me": BOTH,  # whoever the credential names
 }
 
 
@@ -141,6 +172,7 @@ async def test_each_operation_declares_the_credentials_it_accepts(client: httpx.
 
 
 # --- 405 and Allow ----------------------------------------------------------------------------------
+
 
 def methods_by_template(app: FastAPI) -> dict[str, tuple[Any, set[str]]]:
     table: dict[str, tuple[Any, set[str]]] = {}
@@ -171,8 +203,9 @@ async def test_a_405_lists_every_method_of_the_path(client: httpx.AsyncClient, p
     supported = methods_of(url)
     # Other routes may take a method at this URL (GET /knowledge-base/search is a GET of the
     # document with id "search", refused by the id's validation): only methods no route takes.
-    unsupported = [m for m in HTTP_METHODS if m not in set().union(*(ms for rx, ms in TEMPLATES.values()
-                                                                      if rx.match(url)))]
+    unsupported = [
+        m for m in HTTP_METHODS if m not in set().union(*(ms for rx, ms in TEMPLATES.values() if rx.match(url)))
+    ]
     assert unsupported
     for method in unsupported:
         r = await client.request(method, url)
@@ -198,6 +231,7 @@ async def test_the_docs_assets_answer_405_with_allow_too(client: httpx.AsyncClie
 
 
 # --- the docs pages need no CDN ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
 async def test_the_docs_pages_load_every_asset_from_the_app(client: httpx.AsyncClient, page: str) -> None:

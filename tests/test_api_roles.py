@@ -21,9 +21,19 @@ from typing import Any
 
 import pytest
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ApiOperation, ApiWorld, Credential, Seeder, allowed, api_operations, id_field, module_api_client,
-    module_api_world, module_db, offline_openapi, provision_for_load, required_role, resource_prefixes,
+from api_support import (
+    API_PREFIX,
+    ApiOperation,
+    ApiWorld,
+    Credential,
+    Seeder,
+    allowed,
+    api_operations,
+    id_field,
+    offline_openapi,
+    provision_for_load,
+    required_role,
+    resource_prefixes,
     write_role_table,
 )
 
@@ -50,8 +60,14 @@ def credential(w: ApiWorld, actor: str) -> Credential:
     a = w.a
     if actor in ("read key", "write key"):
         scope = actor.split()[0]
-        return Credential(actor, a.key(scope), "viewer" if scope == "read" else "member", a.id, api_key=True,
-                          read_only=scope == "read")
+        return Credential(
+            actor,
+            a.key(scope),
+            "viewer" if scope == "read" else "member",
+            a.id,
+            api_key=True,
+            read_only=scope == "read",
+        )
     if actor == "platform admin":
         return Credential(actor, w.headers(w.platform_token), platform=True)
     return Credential(actor, a.auth(actor), actor, a.id)
@@ -81,8 +97,14 @@ class Roles:
     async def observe(self, op: ApiOperation, ident: Any) -> Any:
         """How the target looks to its owner: its GET by id, else its row in the collection's listing."""
         c, headers = self.world.client, self.creator(op.collection)
-        getter = next((o for o in api_operations(DOC) if o.method == "GET" and o.kind == "by_id"
-                       and not o.is_action and o.collection == op.collection), None)
+        getter = next(
+            (
+                o
+                for o in api_operations(DOC)
+                if o.method == "GET" and o.kind == "by_id" and not o.is_action and o.collection == op.collection
+            ),
+            None,
+        )
         if getter is not None:
             r = await c.get(getter.at(ident), headers=headers)
             return r.status_code, r.json()
@@ -108,8 +130,10 @@ async def roles(module_api_world: ApiWorld) -> Roles:
 
 def test_every_write_route_has_a_role() -> None:
     missing = [op.label for op in WRITES if _role(op) == "unknown"]
-    assert not missing, (f"write routes with no entry in the role table (tests/api_support.py, "
-                         f"write_role_table): {missing}. Add the minimum role each needs.")
+    assert not missing, (
+        f"write routes with no entry in the role table (tests/api_support.py, "
+        f"write_role_table): {missing}. Add the minimum role each needs."
+    )
     assert len(CASES) >= len(ACTORS) * 10  # the generator found the routes
 
 
@@ -117,7 +141,9 @@ def test_role_table_says_what_the_product_promises() -> None:
     for prefix in resource_prefixes():
         for method in ("POST", "PATCH", "DELETE"):
             assert required_role(method, f"{prefix}/{{item_id}}") == "member"
-    assert required_role("POST", f"{API_PREFIX}/members") == required_role("DELETE", f"{API_PREFIX}/api-keys/x") == "admin"
+    assert (
+        required_role("POST", f"{API_PREFIX}/members") == required_role("DELETE", f"{API_PREFIX}/api-keys/x") == "admin"
+    )
     assert required_role("PATCH", f"{API_PREFIX}/tenant") == "owner"
     assert required_role("PATCH", f"{API_PREFIX}/admin/tenants/x") == "platform"
     assert required_role("POST", f"{API_PREFIX}/auth/login") is None
@@ -128,7 +154,7 @@ def test_role_table_says_what_the_product_promises() -> None:
 
 @pytest.mark.parametrize(("op", "actor"), CASES)
 async def test_write_route_role(roles: Roles, op: ApiOperation, actor: str) -> None:
-    w, c = roles.world, roles.world.client
+    w = roles.world
     cred = credential(w, actor)
     may = allowed(cred, op.method, op.path)
     path = op.path
@@ -142,11 +168,15 @@ async def test_write_route_role(roles: Roles, op: ApiOperation, actor: str) -> N
         pytest.fail(f"{op.label}: a route shape the role matrix cannot drive")
     r = await roles.seeder.write(op, path, headers=cred.headers, expect_success=False)
     if may:
-        assert 200 <= r.status_code < 300, (f"{op.label} as {actor}: the table ({required_role(op.method, op.path)}) "
-                                            f"allows it, the app answered {r.status_code} {r.text}")
+        assert 200 <= r.status_code < 300, (
+            f"{op.label} as {actor}: the table ({required_role(op.method, op.path)}) "
+            f"allows it, the app answered {r.status_code} {r.text}"
+        )
     else:
-        assert r.status_code == 403, (f"{op.label} as {actor}: needs {required_role(op.method, op.path)}, "
-                                      f"expected 403, got {r.status_code} {r.text}")
+        assert r.status_code == 403, (
+            f"{op.label} as {actor}: needs {required_role(op.method, op.path)}, "
+            f"expected 403, got {r.status_code} {r.text}"
+        )
         assert r.headers["content-type"].startswith("application/problem+json")
         if before is not None:
             assert await roles.observe(op, ident) == before, f"{op.label} as {actor} was refused but changed the record"

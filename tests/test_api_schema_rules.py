@@ -58,8 +58,14 @@ def test_an_amount_the_schema_refuses_is_refused(value: object) -> None:
 
 def test_decimal_fields_declare_range_and_step() -> None:
     amount = DealCreate.model_json_schema()["properties"]["amount"]
-    assert amount == {**amount, "type": "number", "minimum": 0, "exclusiveMaximum": 10**12, "multipleOf": 0.01,
-                      "default": 0}
+    assert amount == {
+        **amount,
+        "type": "number",
+        "minimum": 0,
+        "exclusiveMaximum": 10**12,
+        "multipleOf": 0.01,
+        "default": 0,
+    }
     score = AnalysisCreate.model_json_schema()["properties"]["score"]["anyOf"][0]
     assert score == {"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.01}
     assert UsageEventIn.model_json_schema()["properties"]["quantity"]["multipleOf"] == 1e-06
@@ -71,8 +77,18 @@ def test_a_date_time_with_its_offset_is_accepted(value: str) -> None:
     assert ConversationCreate.model_validate({"agent_name": "a", "started_at": value}).started_at.tzinfo
 
 
-@pytest.mark.parametrize("value", ["2026-11-01T00:00:00", "1700000000", 0, "2026-11-01 00:00:00Z", "2026-11-01",
-                                   "1355-08-07T04:05:46.7-20:11", "0000-01-01T00:00:00Z"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-11-01T00:00:00",
+        "1700000000",
+        0,
+        "2026-11-01 00:00:00Z",
+        "2026-11-01",
+        "1355-08-07T04:05:46.7-20:11",
+        "0000-01-01T00:00:00Z",
+    ],
+)
 def test_a_date_time_without_offset_or_as_a_number_is_refused(value: object) -> None:
     assert not (isinstance(value, str) and re.fullmatch(RFC3339, value))
     with pytest.raises(ValidationError):

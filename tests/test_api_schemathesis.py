@@ -31,19 +31,27 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi as schemathesis_asgi
 from schemathesis.specs.openapi.checks import (
-    content_type_conformance, negative_data_rejection, response_headers_conformance, response_schema_conformance,
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
 )
 
-from api_support import (  # noqa: F401 - fixtures
-    ApiOperation, ApiWorld, api_operations, fast_settings, module_api_client, module_api_world, module_db,
-    offline_openapi, provision_for_load, reference_fields,
+from api_support import (
+    ApiOperation,
+    ApiWorld,
+    api_operations,
+    fast_settings,
+    offline_openapi,
+    provision_for_load,
+    reference_fields,
 )
 from iafactory.app import create_app
 
 pytestmark = pytest.mark.anyio
 
 DOC = offline_openapi()
-OPERATIONS = [op for op in api_operations(DOC)]
+OPERATIONS = list(api_operations(DOC))
 BUDGET = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 4}  # examples per operation and credential
 
 # Responses the app really sends that its OpenAPI document does not list. Each is a bug in the
@@ -56,8 +64,9 @@ KNOWN_UNDOCUMENTED: list[tuple[int, str, str]] = [
 
 
 def known_gap(label: str, status: int) -> str | None:
-    return next((why for code, pattern, why in KNOWN_UNDOCUMENTED if code == status and re.search(pattern, label)),
-                None)
+    return next(
+        (why for code, pattern, why in KNOWN_UNDOCUMENTED if code == status and re.search(pattern, label)), None
+    )
 
 
 def documented_status(ctx: Any, response: Any, case: Any) -> None:
@@ -80,8 +89,14 @@ def validation_problem_shape(ctx: Any, response: Any, case: Any) -> None:
     return None
 
 
-CONFORMANCE = [not_a_server_error, documented_status, content_type_conformance, response_headers_conformance,
-               response_schema_conformance, validation_problem_shape]
+CONFORMANCE = [
+    not_a_server_error,
+    documented_status,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    validation_problem_shape,
+]
 # A refusal is a refusal: 413 (body too large) counts, next to schemathesis' own list.
 REFUSALS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 CONFIG = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {"expected-statuses": REFUSALS}}})
@@ -117,9 +132,15 @@ def fuzz(operation: Any, headers: dict[str, str], mode: GenerationMode) -> str |
     thread boundary into the event loop.)"""
     checks = CONFORMANCE + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
 
-    @hypothesis.settings(max_examples=BUDGET[mode], deadline=None, derandomize=True, database=None,
-                         suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink],
-                         report_multiple_bugs=False)
+    @hypothesis.settings(
+        max_examples=BUDGET[mode],
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        report_multiple_bugs=False,
+    )
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
     def run(case: Any) -> None:
         case.call_and_validate(headers=headers, checks=checks)
@@ -156,8 +177,9 @@ def test_an_undocumented_status_fails_unless_it_is_a_known_gap() -> None:
     from types import SimpleNamespace
 
     def case(method: str, path: str, documented: tuple[str, ...]) -> Any:
-        return SimpleNamespace(method=method, operation=SimpleNamespace(
-            path=path, responses=SimpleNamespace(status_codes=documented)))
+        return SimpleNamespace(
+            method=method, operation=SimpleNamespace(path=path, responses=SimpleNamespace(status_codes=documented))
+        )
 
     members = case("delete", "/api/v1/members/{user_id}", ("204", "401", "403", "404", "422"))
     assert documented_status(None, SimpleNamespace(status_code=404), members) is None
@@ -179,9 +201,14 @@ RANDOM_EXAMPLES = 30
 # documented on its operation). Everywhere else, a valid request must not get a 422.
 INEXPRESSIBLE = {
     # A reference (lead_id, project_id ...) must name an existing record of the tenant.
-    **{op["operationId"]: "a referenced record must exist" for item in DOC["paths"].values() for op in item.values()
-       if reference_fields(DOC, (op.get("requestBody") or {}).get("content", {}).get("application/json", {})
-                           .get("schema"))},
+    **{
+        op["operationId"]: "a referenced record must exist"
+        for item in DOC["paths"].values()
+        for op in item.values()
+        if reference_fields(
+            DOC, (op.get("requestBody") or {}).get("content", {}).get("application/json", {}).get("schema")
+        )
+    },
     "get_usage_summary": "`from` must be before `to`",
     "create_api_key": "expires_at must be in the future",
     "add_member": "the email must be deliverable (email-validator refuses reserved domains such as .test)",
@@ -190,26 +217,36 @@ ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429"]  # schemathesis' de
 
 
 def random_config(w: ApiWorld) -> Any:
-    return schemathesis.Config.from_dict({
-        "seed": SEED,
-        "cache": {"enabled": False},
-        # PostgreSQL cannot store U+0000 in text or jsonb: the API refuses it with 422 (said in the
-        # document's description), so the fuzzer does not generate it.
-        "generation": {"max-examples": RANDOM_EXAMPLES, "database": "none", "allow-x00": False},
-        "checks": {"negative_data_rejection": {"expected-statuses": REFUSALS},
-                   "positive_data_acceptance": {"expected-statuses": ACCEPTED}},
-        # Stateful steps take their values from earlier responses, not from the schema: a link
-        # inferred from a nullable field (a workflow's project_id) sends GET /projects/None, which
-        # is no schema-valid request. Whether valid data is accepted is judged in the other phases.
-        "phases": {"stateful": {"checks": {"positive_data_acceptance": {"enabled": False}}}},
-        "auth": {"openapi": {"bearerAuth": {"bearer": w.a.tokens["owner"]}, "apiKeyAuth": {"api_key": w.a.keys["write"]}}},
-        "operations": [
-            {"include-path-regex": "^/api/v1/admin/", "headers": {"Authorization": f"Bearer {w.platform_token}"}},
-            *({"include-operation-id": op_id,
-               "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "422"]}}}
-              for op_id in INEXPRESSIBLE),
-        ],
-    })
+    return schemathesis.Config.from_dict(
+        {
+            "seed": SEED,
+            "cache": {"enabled": False},
+            # PostgreSQL cannot store U+0000 in text or jsonb: the API refuses it with 422 (said in the
+            # document's description), so the fuzzer does not generate it.
+            "generation": {"max-examples": RANDOM_EXAMPLES, "database": "none", "allow-x00": False},
+            "checks": {
+                "negative_data_rejection": {"expected-statuses": REFUSALS},
+                "positive_data_acceptance": {"expected-statuses": ACCEPTED},
+            },
+            # Stateful steps take their values from earlier responses, not from the schema: a link
+            # inferred from a nullable field (a workflow's project_id) sends GET /projects/None, which
+            # is no schema-valid request. Whether valid data is accepted is judged in the other phases.
+            "phases": {"stateful": {"checks": {"positive_data_acceptance": {"enabled": False}}}},
+            "auth": {
+                "openapi": {"bearerAuth": {"bearer": w.a.tokens["owner"]}, "apiKeyAuth": {"api_key": w.a.keys["write"]}}
+            },
+            "operations": [
+                {"include-path-regex": "^/api/v1/admin/", "headers": {"Authorization": f"Bearer {w.platform_token}"}},
+                *(
+                    {
+                        "include-operation-id": op_id,
+                        "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "422"]}},
+                    }
+                    for op_id in INEXPRESSIBLE
+                ),
+            ],
+        }
+    )
 
 
 PHASE_SECONDS: dict[str, float] = {}  # how long each phase took, shown with -s (CI time budget)
@@ -228,10 +265,15 @@ def run_engine(schema: Any) -> list[str]:
                         f = check.failure_info.failure
                         interaction = event.recorder.interactions.get(case_id)
                         response = interaction.response if interaction is not None else None
-                        answer = (f"{response.status_code} {response.content[:300]!r}" if response is not None
-                                  else "no response")
-                        found.append(f"[{event.phase.value}] {f.operation}: {check.name}: {f.title}\n{f.message}\n"
-                                     f"{check.failure_info.code_sample}\n-> {answer}")
+                        answer = (
+                            f"{response.status_code} {response.content[:300]!r}"
+                            if response is not None
+                            else "no response"
+                        )
+                        found.append(
+                            f"[{event.phase.value}] {f.operation}: {check.name}: {f.title}\n{f.message}\n"
+                            f"{check.failure_info.code_sample}\n-> {answer}"
+                        )
         elif isinstance(event, events.PhaseStarted):
             started[event.phase.name.value] = event.timestamp
         elif isinstance(event, events.PhaseFinished) and event.phase.name.value in started:

@@ -4,17 +4,20 @@ problem+json answers for the common mistakes."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
-from api_support import ApiWorld, api_client, api_world  # noqa: F401 - fixtures
+from api_support import ApiWorld
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_login_create_list_get(api_world: ApiWorld) -> None:
     c, a = api_world.client, api_world.a
-    r = await c.post("/api/v1/projects", json={"name": "Rentrée 2026", "settings": {"lang": "fr"}}, headers=a.auth("member"))
+    r = await c.post(
+        "/api/v1/projects", json={"name": "Rentrée 2026", "settings": {"lang": "fr"}}, headers=a.auth("member")
+    )
     assert r.status_code == 201, r.text
     project = r.json()
     r = await c.get("/api/v1/projects", headers=a.auth("viewer"))
@@ -25,8 +28,9 @@ async def test_login_create_list_get(api_world: ApiWorld) -> None:
 
 
 async def test_a_tenant_id_in_the_body_is_refused(api_world: ApiWorld) -> None:
-    r = await api_world.client.post("/api/v1/projects", json={"name": "x", "tenant_id": str(api_world.b.id)},
-                                    headers=api_world.a.auth("owner"))
+    r = await api_world.client.post(
+        "/api/v1/projects", json={"name": "x", "tenant_id": str(api_world.b.id)}, headers=api_world.a.auth("owner")
+    )
     assert r.status_code == 422
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["errors"][0]["field"] == "body.tenant_id"
@@ -39,8 +43,10 @@ async def test_another_tenants_id_answers_like_a_missing_one(api_world: ApiWorld
     other = await c.get(f"/api/v1/projects/{theirs}", headers=api_world.a.auth("owner"))
     missing = await c.get(f"/api/v1/projects/{theirs + 10_000}", headers=api_world.a.auth("owner"))
     assert other.status_code == missing.status_code == 404
-    strip = lambda body, ident: {k: re.sub(rf"\b{ident}\b", "ID", str(v)) for k, v in body.items()  # noqa: E731
-                                 if k != "request_id"}
+
+    def strip(body: dict[str, Any], ident: int) -> dict[str, str]:
+        return {k: re.sub(rf"\b{ident}\b", "ID", str(v)) for k, v in body.items() if k != "request_id"}
+
     assert strip(other.json(), theirs) == strip(missing.json(), theirs + 10_000)
 
 
@@ -54,7 +60,7 @@ async def test_values_postgresql_cannot_store_are_a_422_not_a_500(api_world: Api
     assert r.status_code in (404, 422) and r.status_code != 500
 
 
-def problem_fields(r) -> list[str]:  # noqa: ANN001 - an httpx.Response
+def problem_fields(r) -> list[str]:  # an httpx.Response
     """The fields a 422 names; every 422 has the same shape (problem+json with `errors`)."""
     assert r.status_code == 422, r.text
     assert r.headers["content-type"] == "application/problem+json"

@@ -63,7 +63,7 @@ def test_the_lint_itself_catches_an_offence(tmp_path: Path) -> None:
         "raw connection": "conn = await psycopg.AsyncConnection.connect(url)",
         "connection pool": "async with self._pool.connection() as conn:",
         "commit": "await conn.commit()",
-        "session-level SET": "await conn.execute(\"SET app.user_id = 1\")",
+        "session-level SET": 'await conn.execute("SET app.user_id = 1")',
     }
     for what, snippet in bad.items():
         assert re.search(FORBIDDEN[what][0], snippet), what

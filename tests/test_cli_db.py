@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
 from conftest import REPO, embedded_test_data_dir, run_cli
 
 # A checkout this deep puts PGDATA/.s.PGSQL.5432 past the 107 bytes a unix socket path may have.
@@ -86,22 +87,29 @@ def test_start_status_stop_on_a_data_directory_too_deep_for_a_socket(deep_data_d
 
 @pytest.mark.parametrize("command", ["start", "stop"])
 def test_start_and_stop_refuse_when_database_url_is_set(tmp_path: Path, command: str) -> None:
-    result = run_cli("db", command, db_url="postgresql://postgres@127.0.0.1:1/postgres",
-                     env={"IAFACTORY_DATA_DIR": str(tmp_path)})
+    result = run_cli(
+        "db", command, db_url="postgresql://postgres@127.0.0.1:1/postgres", env={"IAFACTORY_DATA_DIR": str(tmp_path)}
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         f"error: DATABASE_URL is set: `iafactory db {command}` only manages the embedded PostgreSQL "
-        "(unset DATABASE_URL to manage it)"]
+        "(unset DATABASE_URL to manage it)"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_status_with_database_url_names_it_without_its_password(tmp_path: Path) -> None:
-    result = run_cli("db", "status", db_url="postgresql://operator:s3cret@db.example:5432/iaf",
-                     env={"IAFACTORY_DATA_DIR": str(tmp_path)})
+    result = run_cli(
+        "db",
+        "status",
+        db_url="postgresql://operator:s3cret@db.example:5432/iaf",
+        env={"IAFACTORY_DATA_DIR": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == (
-        "database: postgresql://operator:***@db.example:5432/iaf (DATABASE_URL is set: the embedded server is not used)")
+        "database: postgresql://operator:***@db.example:5432/iaf (DATABASE_URL is set: the embedded server is not used)"
+    )
     assert "s3cret" not in result.stdout + result.stderr
     assert status_lines_after_first(result)["embedded PostgreSQL"] == "not running"
 

@@ -34,8 +34,13 @@ def flags_of(path: tuple[str, ...]) -> list[str]:
     command = ROOT
     for name in path:
         command = command.commands[name]
-    return [opt for p in command.params if p.param_type_name == "option" and getattr(p, "is_flag", False)
-            for opt in (*p.opts, *p.secondary_opts) if opt.startswith("--")]
+    return [
+        opt
+        for p in command.params
+        if p.param_type_name == "option" and getattr(p, "is_flag", False)
+        for opt in (*p.opts, *p.secondary_opts)
+        if opt.startswith("--")
+    ]
 
 
 def test_every_command_is_listed() -> None:
@@ -45,8 +50,9 @@ def test_every_command_is_listed() -> None:
 @pytest.mark.parametrize("path", PATHS, ids=[" ".join(p) or "iafactory" for p in PATHS])
 def test_help_answers_and_shows_flags_as_plain_flags(path: tuple[str, ...]) -> None:
     exe = Path(sys.executable).with_name("iafactory")
-    result = subprocess.run([str(exe), *path, "--help"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "COLUMNS": "120"})
+    result = subprocess.run(
+        [str(exe), *path, "--help"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "120"}
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"Usage: iafactory {' '.join(path)}".rstrip()), result.stdout
     assert "<bool>" not in result.stdout, result.stdout

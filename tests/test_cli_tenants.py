@@ -9,30 +9,46 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from conftest import migrate_sync, run_cli
 
+from conftest import migrate_sync, run_cli
 from iafactory.db import server
 
 # The four tenants of the Phase 1 design document (seed 000, "Créer Vos Premiers Tenants").
 SEED_TENANTS = [
     {
-        "name": "École Ibn Khaldoun Alger", "slug": "ecole-ibn-khaldoun-alger", "region": "DZ", "plan": "pro",
-        "status": "active", "admin_email": "admin@ecole-ibn-khaldoun.dz",
+        "name": "École Ibn Khaldoun Alger",
+        "slug": "ecole-ibn-khaldoun-alger",
+        "region": "DZ",
+        "plan": "pro",
+        "status": "active",
+        "admin_email": "admin@ecole-ibn-khaldoun.dz",
         "metadata": {"type": "school", "students_count": 500, "city": "Alger"},
     },
     {
-        "name": "Cabinet Dr. Dupont Genève", "slug": "cabinet-dupont-geneve", "region": "CH", "plan": "enterprise",
-        "status": "active", "admin_email": "admin@cabinet-dupont.ch",
+        "name": "Cabinet Dr. Dupont Genève",
+        "slug": "cabinet-dupont-geneve",
+        "region": "CH",
+        "plan": "enterprise",
+        "status": "active",
+        "admin_email": "admin@cabinet-dupont.ch",
         "metadata": {"type": "medical", "speciality": "general", "city": "Genève"},
     },
     {
-        "name": "Étude Maître Martin Lausanne", "slug": "etude-martin-lausanne", "region": "CH", "plan": "pro",
-        "status": "active", "admin_email": "contact@etude-martin.ch",
+        "name": "Étude Maître Martin Lausanne",
+        "slug": "etude-martin-lausanne",
+        "region": "CH",
+        "plan": "pro",
+        "status": "active",
+        "admin_email": "contact@etude-martin.ch",
         "metadata": {"type": "legal", "speciality": "business_law", "city": "Lausanne"},
     },
     {
-        "name": "Fiduciaire Bernard Zurich", "slug": "fiduciaire-bernard-zurich", "region": "CH", "plan": "enterprise",
-        "status": "active", "admin_email": "info@fiduciaire-bernard.ch",
+        "name": "Fiduciaire Bernard Zurich",
+        "slug": "fiduciaire-bernard-zurich",
+        "region": "CH",
+        "plan": "enterprise",
+        "status": "active",
+        "admin_email": "info@fiduciaire-bernard.ch",
         "metadata": {"type": "accounting", "clients_count": 120, "city": "Zurich"},
     },
 ]
@@ -46,9 +62,24 @@ SEED_METADATA_TEXT = {
 
 
 def create_args(t: dict) -> list[str]:
-    return ["tenants", "create", "--name", t["name"], "--slug", t["slug"], "--region", t["region"],
-            "--plan", t["plan"], "--status", t["status"], "--admin-email", t["admin_email"],
-            "--metadata", SEED_METADATA_TEXT[t["slug"]]]
+    return [
+        "tenants",
+        "create",
+        "--name",
+        t["name"],
+        "--slug",
+        t["slug"],
+        "--region",
+        t["region"],
+        "--plan",
+        t["plan"],
+        "--status",
+        t["status"],
+        "--admin-email",
+        t["admin_email"],
+        "--metadata",
+        SEED_METADATA_TEXT[t["slug"]],
+    ]
 
 
 def fingerprint(url: str) -> dict[str, tuple[int, str]]:
@@ -82,8 +113,18 @@ def seeded_db(server_url: str) -> Iterator[str]:
         for t in SEED_TENANTS:
             result = run_cli(*create_args(t), db_url=url)
             assert result.returncode == 0, result.stderr
-        assert run_cli("tenants", "add-user", "cabinet-dupont-geneve", "jean.dupont@cabinet-dupont.ch",
-                       "--role", "owner", db_url=url).returncode == 0
+        assert (
+            run_cli(
+                "tenants",
+                "add-user",
+                "cabinet-dupont-geneve",
+                "jean.dupont@cabinet-dupont.ch",
+                "--role",
+                "owner",
+                db_url=url,
+            ).returncode
+            == 0
+        )
         yield url
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
@@ -100,7 +141,8 @@ def test_create_the_four_seed_tenants_with_the_cli(migrated_db: str) -> None:
     with psycopg.connect(migrated_db) as conn:
         rows = conn.execute(
             """SELECT name, slug, region, plan, status, admin_email, metadata, admin_phone, settings, trial_ends_at
-               FROM tenants WHERE slug <> 'system-default' ORDER BY created_at""").fetchall()
+               FROM tenants WHERE slug <> 'system-default' ORDER BY created_at"""
+        ).fetchall()
     assert rows == [
         (t["name"], t["slug"], t["region"], t["plan"], t["status"], t["admin_email"], t["metadata"], None, {}, None)
         for t in SEED_TENANTS
@@ -115,11 +157,23 @@ def test_creating_a_tenant_with_the_cli_is_audited(migrated_db: str) -> None:
         rows = conn.execute(
             """SELECT e.action, e.actor, e.actor_user_id, e.target_id, e.details, e.ip, e.request_id
                FROM audit_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.slug = %s""",
-            (SEED_TENANTS[0]["slug"],)).fetchall()
-        tenant_id = conn.execute("SELECT id::text FROM tenants WHERE slug = %s", (SEED_TENANTS[0]["slug"],)).fetchone()[0]
+            (SEED_TENANTS[0]["slug"],),
+        ).fetchall()
+        tenant_id = conn.execute("SELECT id::text FROM tenants WHERE slug = %s", (SEED_TENANTS[0]["slug"],)).fetchone()[
+            0
+        ]
     # Who: the operator's database login (no user, no request behind a CLI command).
-    assert rows == [("tenant.created", operator, None, tenant_id,
-                     {k: SEED_TENANTS[0][k] for k in ("name", "slug", "region", "plan", "status")}, None, None)]
+    assert rows == [
+        (
+            "tenant.created",
+            operator,
+            None,
+            tenant_id,
+            {k: SEED_TENANTS[0][k] for k in ("name", "slug", "region", "plan", "status")},
+            None,
+            None,
+        )
+    ]
 
 
 def test_list_region_ch_shows_only_ch_tenants(seeded_db: str) -> None:
@@ -128,7 +182,8 @@ def test_list_region_ch_shows_only_ch_tenants(seeded_db: str) -> None:
     listed = [json.loads(line) for line in result.stdout.splitlines()]
     assert {t["region"] for t in listed} == {"CH"}
     assert sorted(t["slug"] for t in listed) == sorted(
-        ["system-default"] + [t["slug"] for t in SEED_TENANTS if t["region"] == "CH"])
+        ["system-default"] + [t["slug"] for t in SEED_TENANTS if t["region"] == "CH"]
+    )
     by_slug = {t["slug"]: t for t in listed}
     assert by_slug["cabinet-dupont-geneve"]["name"] == "Cabinet Dr. Dupont Genève"
     assert by_slug["cabinet-dupont-geneve"]["metadata"] == SEED_TENANTS[1]["metadata"]
@@ -140,40 +195,79 @@ def test_list_region_ch_shows_only_ch_tenants(seeded_db: str) -> None:
 
 def test_add_user_as_admin(migrated_db: str) -> None:
     assert run_cli(*create_args(SEED_TENANTS[0]), db_url=migrated_db).returncode == 0
-    result = run_cli("tenants", "add-user", "ecole-ibn-khaldoun-alger", "directeur@ecole-ibn-khaldoun.dz",
-                     "--role", "admin", db_url=migrated_db)
+    result = run_cli(
+        "tenants",
+        "add-user",
+        "ecole-ibn-khaldoun-alger",
+        "directeur@ecole-ibn-khaldoun.dz",
+        "--role",
+        "admin",
+        db_url=migrated_db,
+    )
     assert result.returncode == 0, result.stderr
     assert "directeur@ecole-ibn-khaldoun.dz" in result.stdout
     with psycopg.connect(migrated_db) as conn:
         rows = conn.execute(
             """SELECT t.slug, u.email, tu.role FROM tenant_users tu
-               JOIN tenants t ON t.id = tu.tenant_id JOIN users u ON u.id = tu.user_id""").fetchall()
+               JOIN tenants t ON t.id = tu.tenant_id JOIN users u ON u.id = tu.user_id"""
+        ).fetchall()
     assert rows == [("ecole-ibn-khaldoun-alger", "directeur@ecole-ibn-khaldoun.dz", "admin")]
 
 
 BAD_INPUT = [
-    pytest.param(["tenants", "create", "--name", "Antenne", "--slug", "antenne", "--region", "US"],
-                 "--region", id="unknown-region"),
-    pytest.param(["tenants", "create", "--name", "Autre Dupont", "--slug", "cabinet-dupont-geneve", "--region", "CH"],
-                 "slug", id="duplicate-slug"),
-    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--admin-email", "admin.x.ch"],
-                 "--admin-email", id="malformed-admin-email"),
-    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--metadata", "{type: school}"],
-                 "--metadata", id="malformed-json-metadata"),
-    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--metadata", '["school"]'],
-                 "--metadata", id="json-metadata-not-an-object"),
-    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--plan", "premium"],
-                 "--plan", id="bad-plan"),
-    pytest.param(["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--status", "deleted"],
-                 "--status", id="bad-status"),
-    pytest.param(["tenants", "create", "--name", "X", "--slug", "Cabinet_Dupont", "--region", "CH"],
-                 "--slug", id="bad-slug"),
-    pytest.param(["tenants", "add-user", "cabinet-dupont-geneve", "new.member@cabinet-dupont.ch", "--role", "boss"],
-                 "--role", id="bad-role"),
-    pytest.param(["tenants", "add-user", "cabinet-dupont-geneve", "not-an-email", "--role", "admin"],
-                 "EMAIL", id="malformed-member-email"),
-    pytest.param(["tenants", "add-user", "no-such-tenant", "new.member@cabinet-dupont.ch", "--role", "admin"],
-                 "slug", id="unknown-tenant-slug"),
+    pytest.param(
+        ["tenants", "create", "--name", "Antenne", "--slug", "antenne", "--region", "US"],
+        "--region",
+        id="unknown-region",
+    ),
+    pytest.param(
+        ["tenants", "create", "--name", "Autre Dupont", "--slug", "cabinet-dupont-geneve", "--region", "CH"],
+        "slug",
+        id="duplicate-slug",
+    ),
+    pytest.param(
+        ["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--admin-email", "admin.x.ch"],
+        "--admin-email",
+        id="malformed-admin-email",
+    ),
+    pytest.param(
+        ["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--metadata", "{type: school}"],
+        "--metadata",
+        id="malformed-json-metadata",
+    ),
+    pytest.param(
+        ["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--metadata", '["school"]'],
+        "--metadata",
+        id="json-metadata-not-an-object",
+    ),
+    pytest.param(
+        ["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--plan", "premium"],
+        "--plan",
+        id="bad-plan",
+    ),
+    pytest.param(
+        ["tenants", "create", "--name", "X", "--slug", "x", "--region", "CH", "--status", "deleted"],
+        "--status",
+        id="bad-status",
+    ),
+    pytest.param(
+        ["tenants", "create", "--name", "X", "--slug", "Cabinet_Dupont", "--region", "CH"], "--slug", id="bad-slug"
+    ),
+    pytest.param(
+        ["tenants", "add-user", "cabinet-dupont-geneve", "new.member@cabinet-dupont.ch", "--role", "boss"],
+        "--role",
+        id="bad-role",
+    ),
+    pytest.param(
+        ["tenants", "add-user", "cabinet-dupont-geneve", "not-an-email", "--role", "admin"],
+        "EMAIL",
+        id="malformed-member-email",
+    ),
+    pytest.param(
+        ["tenants", "add-user", "no-such-tenant", "new.member@cabinet-dupont.ch", "--role", "admin"],
+        "slug",
+        id="unknown-tenant-slug",
+    ),
 ]
 
 

@@ -9,6 +9,7 @@ fresh login role name, so that both creations are really raced.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -39,8 +40,10 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 def run_together(args: list[str], env: dict[str, str], count: int = RUNNERS) -> list[tuple[int, str]]:
-    procs = [subprocess.Popen([EXE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(count)]
+    procs = [
+        subprocess.Popen([EXE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -72,7 +75,8 @@ def assert_migrated_once(url: str, login: str) -> None:
 
 
 def test_concurrent_migrate_runners_on_a_fresh_database_all_succeed(
-        make_database: Callable[[], str], roles: Callable[[], str]) -> None:
+    make_database: Callable[[], str], roles: Callable[[], str]
+) -> None:
     for _ in range(TRIALS):
         url, login = make_database(), roles()
         results = run_together(["migrate"], base_env(DATABASE_URL=url, IAFACTORY_APP_DB_USER=login))
@@ -102,11 +106,13 @@ def embedded_names(server_url: str) -> Iterator[Callable[[], str]]:
 
 
 def test_concurrent_migrate_runners_create_the_embedded_database_once(
-        server_url: str, embedded_names: Callable[[], str], roles: Callable[[], str]) -> None:
+    server_url: str, embedded_names: Callable[[], str], roles: Callable[[], str]
+) -> None:
     for _ in range(TRIALS):
         name, login = embedded_names(), roles()
-        env = base_env(IAFACTORY_DATA_DIR=str(embedded_data_dir()), IAFACTORY_EMBEDDED_DB_NAME=name,
-                       IAFACTORY_APP_DB_USER=login)
+        env = base_env(
+            IAFACTORY_DATA_DIR=str(embedded_data_dir()), IAFACTORY_EMBEDDED_DB_NAME=name, IAFACTORY_APP_DB_USER=login
+        )
         results = run_together(["migrate"], env)
         assert [code for code, _ in results] == [0] * RUNNERS, results
         assert_migrated_once(server.with_database(server_url, name), login)
@@ -119,29 +125,33 @@ def free_port() -> int:
 
 
 def test_two_serve_processes_booting_together_both_come_up(
-        server_url: str, make_database: Callable[[], str], roles: Callable[[], str]) -> None:
+    server_url: str, make_database: Callable[[], str], roles: Callable[[], str]
+) -> None:
     login = roles()
     if os.environ.get("DATABASE_URL"):
         env = base_env(DATABASE_URL=make_database(), IAFACTORY_APP_DB_USER=login)
     else:
         name = f"iaf_test_{uuid.uuid4().hex[:12]}"
-        env = base_env(IAFACTORY_DATA_DIR=str(embedded_data_dir()), IAFACTORY_EMBEDDED_DB_NAME=name,
-                       IAFACTORY_APP_DB_USER=login)
+        env = base_env(
+            IAFACTORY_DATA_DIR=str(embedded_data_dir()), IAFACTORY_EMBEDDED_DB_NAME=name, IAFACTORY_APP_DB_USER=login
+        )
     ports = [free_port(), free_port()]
-    procs = [subprocess.Popen([EXE, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for port in ports]
+    procs = [
+        subprocess.Popen(
+            [EXE, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for port in ports
+    ]
     try:
-        ready = {port: False for port in ports}
+        ready = dict.fromkeys(ports, False)
         deadline = time.monotonic() + 120  # a bound on the wait, not a synchronisation
         while not all(ready.values()) and time.monotonic() < deadline:
-            for port, proc in zip(ports, procs):
+            for port, proc in zip(ports, procs, strict=True):
                 if proc.poll() is not None:
                     pytest.fail(f"serve on {port} exited {proc.returncode}: {proc.stdout.read()}")
                 if not ready[port]:
-                    try:
+                    with contextlib.suppress(httpx.TransportError):
                         ready[port] = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-                    except httpx.TransportError:
-                        pass
             time.sleep(0.2)
         assert all(ready.values()), ready
     finally:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from conftest import run_cli
 
 from api_support import app_client, login
+from conftest import run_cli
 from iafactory.tenancy.demo import DEMO_PASSWORD
 
 pytestmark = pytest.mark.anyio
@@ -35,35 +35,48 @@ async def test_demo_grants_each_demo_tenant_its_monthly_credits_once(empty_db: s
     first = run_cli("demo", "--no-serve", db_url=empty_db)
     assert first.returncode == 0, first.stderr
     assert "4 demo tenants granted now" in first.stdout, first.stdout
-    assert grant_lines(first.stdout) == {slug: [str(credits), currency, str(credits), "now"]
-                                         for slug, (credits, currency) in EXPECTED.items()}, first.stdout
+    assert grant_lines(first.stdout) == {
+        slug: [str(credits), currency, str(credits), "now"] for slug, (credits, currency) in EXPECTED.items()
+    }, first.stdout
 
     again = run_cli("demo", "--no-serve", db_url=empty_db)  # idempotent: this month's grant is done
     assert again.returncode == 0, again.stderr
     assert "0 demo tenants granted now, 4 already this month" in again.stdout, again.stdout
-    assert grant_lines(again.stdout) == {slug: [str(credits), currency, str(credits), "already this month"]
-                                         for slug, (credits, currency) in EXPECTED.items()}, again.stdout
+    assert grant_lines(again.stdout) == {
+        slug: [str(credits), currency, str(credits), "already this month"]
+        for slug, (credits, currency) in EXPECTED.items()
+    }, again.stdout
 
     # The same grant as `billing grant-monthly` (one key per tenant and month): the cron adds nothing.
     cron = run_cli("billing", "grant-monthly", db_url=empty_db)
     assert cron.returncode == 0, cron.stderr
-    assert {slug: cells[-1] for slug, cells in
-            ((line.strip("│ ").split("│")[0].strip(), [c.strip() for c in line.strip("│ ").split("│")])
-             for line in cron.stdout.splitlines()) if slug in EXPECTED} == dict.fromkeys(EXPECTED, "no (already)")
+    assert {
+        slug: cells[-1]
+        for slug, cells in (
+            (line.strip("│ ").split("│")[0].strip(), [c.strip() for c in line.strip("│ ").split("│")])
+            for line in cron.stdout.splitlines()
+        )
+        if slug in EXPECTED
+    } == dict.fromkeys(EXPECTED, "no (already)")
 
     with psycopg.connect(empty_db) as conn:
-        accounts = {slug: rest for slug, *rest in conn.execute(
-            """SELECT t.slug, a.credit_balance, a.currency,
+        accounts = {
+            slug: rest
+            for slug, *rest in conn.execute(
+                """SELECT t.slug, a.credit_balance, a.currency,
                       (SELECT count(*) FROM credit_transactions c WHERE c.tenant_id = t.id)
                FROM billing_accounts a JOIN tenants t ON t.id = a.tenant_id WHERE t.slug = ANY (%s)""",
-            (list(EXPECTED),)).fetchall()}
+                (list(EXPECTED),),
+            ).fetchall()
+        }
     assert accounts == {slug: [credits, currency, 1] for slug, (credits, currency) in EXPECTED.items()}
 
     # The demo owner of the school can run a PME analysis (it used to answer 402).
     async with app_client(empty_db) as (client, _, _):
         token = await login(client, "admin@ecole-ibn-khaldoun.dz", DEMO_PASSWORD)
-        r = await client.post("/api/v1/pme-analyses", json={"company_name": "Atlas SARL"},
-                              headers={"Authorization": f"Bearer {token}"})
+        r = await client.post(
+            "/api/v1/pme-analyses", json={"company_name": "Atlas SARL"}, headers={"Authorization": f"Bearer {token}"}
+        )
         assert r.status_code == 201, r.text
         r = await client.get("/api/v1/credits/balance", headers={"Authorization": f"Bearer {token}"})
         assert r.json() == {"balance": 5000 - 10, "currency": "DZD"}

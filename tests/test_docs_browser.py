@@ -26,7 +26,7 @@ import httpx
 import pytest
 import uvicorn
 
-from api_support import PASSWORD, fast_settings, module_db  # noqa: F401 - fixtures
+from api_support import PASSWORD, fast_settings
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
 from iafactory.db.scope import operator_transaction
@@ -34,8 +34,16 @@ from iafactory.tenancy import service
 from iafactory.tenancy.schemas import TenantCreate
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 TIMEOUT_MS = 30_000
 
@@ -43,8 +51,10 @@ TIMEOUT_MS = 30_000
 def require_chromium() -> None:
     if os.access(CHROMIUM, os.X_OK):
         return
-    reason = (f"{CHROMIUM} is missing: scripts/test.sh installs Debian's chromium package when it runs as root "
-              f"with apt-get; otherwise run 'apt-get install chromium'")
+    reason = (
+        f"{CHROMIUM} is missing: scripts/test.sh installs Debian's chromium package when it runs as root "
+        f"with apt-get; otherwise run 'apt-get install chromium'"
+    )
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -63,7 +73,7 @@ class _Server(uvicorn.Server):
 
 
 @pytest.fixture(scope="module")
-def live_server(module_db: str) -> Iterator[str]:  # noqa: F811 - fixture
+def live_server(module_db: str) -> Iterator[str]:
     """The real service on a free port of 127.0.0.1; its lifespan opens its own pool."""
     app = create_app(fast_settings(module_db))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -83,7 +93,7 @@ def live_server(module_db: str) -> Iterator[str]:  # noqa: F811 - fixture
 
 
 @pytest.fixture(scope="module")
-def owner_token(module_db: str, live_server: str) -> str:  # noqa: F811 - fixture
+def owner_token(module_db: str, live_server: str) -> str:
     """A tenant with one owner (made on the operator path), and the token its owner gets by
     signing in to the live service."""
     tag = uuid.uuid4().hex[:6]
@@ -92,8 +102,9 @@ def owner_token(module_db: str, live_server: str) -> str:  # noqa: F811 - fixtur
     async def provision() -> None:
         pw_hash = await hash_password(fast_settings(module_db), PASSWORD)
         async with operator_transaction(module_db) as tx:
-            t = await service.create_tenant(tx, TenantCreate(name="Docs tenant", slug=f"docs-{tag}", region="CH",
-                                                             plan="pro", status="active"))
+            t = await service.create_tenant(
+                tx, TenantCreate(name="Docs tenant", slug=f"docs-{tag}", region="CH", plan="pro", status="active")
+            )
             await service.add_member(tx, t.slug, email, "owner", name="Docs Owner", password_hash=pw_hash)
 
     asyncio.run(provision())
@@ -131,7 +142,8 @@ def page(live_server: str) -> Iterator[tuple[Any, list[str]]]:
 
 
 def test_swagger_ui_lists_the_operations_and_runs_get_me_with_a_token(
-        live_server: str, owner_token: str, page: tuple[Any, list[str]], tmp_path: Path) -> None:
+    live_server: str, owner_token: str, page: tuple[Any, list[str]], tmp_path: Path
+) -> None:
     pg, blocked = page
     doc = httpx.get(f"{live_server}/openapi.json").json()
     operation_ids = sorted(op["operationId"] for item in doc["paths"].values() for op in item.values())
@@ -173,4 +185,3 @@ def test_redoc_renders_the_document_offline(live_server: str, page: tuple[Any, l
     assert pg.locator("[data-section-id]").count() > 10
     pg.screenshot(path=str(tmp_path / "redoc.png"))
     assert blocked == [], f"the ReDoc page tried to load from outside: {blocked}"
-

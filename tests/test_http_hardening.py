@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api_support import fast_settings, module_api_client, module_db  # noqa: F401 - fixtures
+from api_support import fast_settings
 from conftest import SECRET_ENV
 from iafactory.app import create_app
 from iafactory.db import bootstrap
@@ -59,17 +59,30 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def live_server(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:  # noqa: F811
+def live_server(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAFACTORY_")}
-    env.update(SECRET_ENV, DATABASE_URL=module_db, IAFACTORY_HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT),
-               IAFACTORY_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT), IAFACTORY_MAX_HEADER_BYTES=str(MAX_HEADER_BYTES),
-               IAFACTORY_MAX_HEADERS=str(MAX_HEADERS), IAFACTORY_MAX_BODY_BYTES=str(MAX_BODY),
-               IAFACTORY_RUN_WORKER="false", IAFACTORY_EMBEDDING_PROVIDER="none", IAFACTORY_LOG_LEVEL="INFO")
+    env.update(
+        SECRET_ENV,
+        DATABASE_URL=module_db,
+        IAFACTORY_HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT),
+        IAFACTORY_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
+        IAFACTORY_MAX_HEADER_BYTES=str(MAX_HEADER_BYTES),
+        IAFACTORY_MAX_HEADERS=str(MAX_HEADERS),
+        IAFACTORY_MAX_BODY_BYTES=str(MAX_BODY),
+        IAFACTORY_RUN_WORKER="false",
+        IAFACTORY_EMBEDDING_PROVIDER="none",
+        IAFACTORY_LOG_LEVEL="INFO",
+    )
     exe = Path(sys.executable).with_name("iafactory")
-    proc = subprocess.Popen([str(exe), "serve", "--no-migrate", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, cwd=tmp_path_factory.mktemp("serve"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--no-migrate", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=tmp_path_factory.mktemp("serve"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     started, log = threading.Event(), []
 
     def drain() -> None:  # keep reading, so the server never blocks on a full pipe
@@ -124,7 +137,7 @@ def send_all_you_can(sock: socket.socket, data: bytes, chunk: int = 1 << 16) -> 
     view = memoryview(data)
     try:
         for start in range(0, len(view), chunk):
-            sock.sendall(view[start:start + chunk])
+            sock.sendall(view[start : start + chunk])
     except (BrokenPipeError, ConnectionResetError):
         pass
 
@@ -134,6 +147,7 @@ def healthy(server: LiveServer) -> bool:
 
 
 # --- headers -----------------------------------------------------------------------------------------
+
 
 def test_a_50_mb_header_is_refused_without_the_memory_following(live_server: LiveServer) -> None:
     before = live_server.rss_mib()
@@ -214,12 +228,16 @@ def test_a_client_that_trickles_its_headers_is_disconnected_all_the_same(live_se
 
 # --- bodies ------------------------------------------------------------------------------------------
 
+
 def test_a_chunked_body_over_the_limit_gets_413_problem_json(live_server: LiveServer) -> None:
     chunk = b"a" * 8192
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(2 * MAX_BODY // len(chunk))) + b"0\r\n\r\n"
     with live_server.connect() as sock:
-        send_all_you_can(sock, b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                               b"Transfer-Encoding: chunked\r\n\r\n" + body)
+        send_all_you_can(
+            sock,
+            b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + body,
+        )
         response = read_response(sock)
     assert status_of(response) == 413, response[:300]
     assert problem(response)["status"] == 413
@@ -227,8 +245,10 @@ def test_a_chunked_body_over_the_limit_gets_413_problem_json(live_server: LiveSe
 
 def test_a_declared_length_over_the_limit_gets_413_before_the_body(live_server: LiveServer) -> None:
     with live_server.connect() as sock:
-        sock.sendall(b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+        sock.sendall(
+            b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+        )
         response = read_response(sock)
     assert status_of(response) == 413 and problem(response)["status"] == 413
 
@@ -237,22 +257,27 @@ def test_a_body_under_the_limit_still_arrives_chunked(live_server: LiveServer) -
     """Control: the same chunked request, small, reaches the handler (401: wrong password)."""
     payload = json.dumps({"email": "nobody@example.ch", "password": "not-the-password"}).encode()
     with live_server.connect() as sock:
-        sock.sendall(b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
+        sock.sendall(
+            b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+        )
         response = read_response(sock)
     assert status_of(response) == 401, response[:500]
 
 
 def test_a_body_that_does_not_arrive_gets_408(live_server: LiveServer) -> None:
     with live_server.connect() as sock:
-        sock.sendall(b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"email\":")
+        sock.sendall(
+            b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"email":'
+        )
         response = read_response(sock)
     assert status_of(response) == 408, response[:300]
     assert problem(response)["status"] == 408
 
 
 # --- answers -----------------------------------------------------------------------------------------
+
 
 def test_the_server_does_not_name_itself(live_server: LiveServer) -> None:
     r = httpx.get(f"http://{live_server.host}:{live_server.port}/healthz", timeout=WAIT)
@@ -271,7 +296,8 @@ def test_hsts_only_when_the_request_came_over_https(live_server: LiveServer) -> 
 
 @pytest.mark.anyio
 async def test_security_headers_on_every_kind_of_answer(
-        module_api_client: tuple[httpx.AsyncClient, str, object]) -> None:
+    module_api_client: tuple[httpx.AsyncClient, str, object],
+) -> None:
     client = module_api_client[0]
     email = f"headers-{os.urandom(4).hex()}@example.ch"
     credentials = {"email": email, "password": "correct-horse-battery"}
@@ -312,7 +338,7 @@ async def test_hsts_on_https(module_api_client: tuple[httpx.AsyncClient, str, ob
 
 
 @pytest.mark.anyio
-async def test_an_unexpected_error_gets_the_headers_too(module_db: str) -> None:  # noqa: F811
+async def test_an_unexpected_error_gets_the_headers_too(module_db: str) -> None:
     """Starlette answers unhandled exceptions from outside every middleware: the 500 problem
     carries the same headers all the same."""
     settings = fast_settings(module_db)

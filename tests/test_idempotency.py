@@ -22,9 +22,16 @@ from typing import Any
 import psycopg
 import pytest
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ROLE_RANKS, ApiOperation, ApiWorld, Seeder, api_client, api_operations, api_world, offline_openapi,
-    provision_for_load, required_role,
+from api_support import (
+    API_PREFIX,
+    ROLE_RANKS,
+    ApiOperation,
+    ApiWorld,
+    Seeder,
+    api_operations,
+    offline_openapi,
+    provision_for_load,
+    required_role,
 )
 from iafactory.knowledge import worker
 
@@ -57,9 +64,13 @@ def analyses(world: ApiWorld, tenant_id: uuid.UUID) -> int:
 def table_counts(world: ApiWorld) -> dict[str, int]:
     """Rows of every table (the rate-limit counters aside): a replay writes nothing."""
     with psycopg.connect(world.admin_url, autocommit=True) as conn:
-        tables = [r[0] for r in conn.execute(
-            "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' "
-            "AND relname <> 'rate_counters' ORDER BY 1").fetchall()]
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' "
+                "AND relname <> 'rate_counters' ORDER BY 1"
+            ).fetchall()
+        ]
         return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
 
 
@@ -77,8 +88,14 @@ async def test_a_retried_pme_analysis_is_charged_once_and_answered_the_same(api_
     assert again.headers[REPLAYED] == "true"
     assert balance(w, w.a.id) == before - 10
     assert analyses(w, w.a.id) == rows + 1
-    assert admin_value(w, "SELECT count(*) FROM credit_transactions WHERE tenant_id = %s AND reason = %s",
-                       (w.a.id, f"pme_analysis {first.json()['id']}")) == 1
+    assert (
+        admin_value(
+            w,
+            "SELECT count(*) FROM credit_transactions WHERE tenant_id = %s AND reason = %s",
+            (w.a.id, f"pme_analysis {first.json()['id']}"),
+        )
+        == 1
+    )
 
     # The same key for another request is a client error, and changes nothing.
     changed = await w.client.post(PME, json={**body, "fiscal_year": 2024}, headers={**member, **idem})
@@ -102,8 +119,10 @@ async def test_a_failed_create_keeps_no_key_and_its_retry_runs(api_world: ApiWor
     """Key and record share one transaction: the create fails (402), so does the key."""
     w, member = api_world, api_world.a.auth("member")
     with psycopg.connect(w.admin_url, autocommit=True) as conn:
-        conn.execute("SELECT platform.grant_credits(%s, %s, 'zero out', 'zero-idem', 'adjustment')",
-                     (w.a.id, -balance(w, w.a.id)))
+        conn.execute(
+            "SELECT platform.grant_credits(%s, %s, 'zero out', 'zero-idem', 'adjustment')",
+            (w.a.id, -balance(w, w.a.id)),
+        )
     idem, body = key(), {"company_name": "Sans Crédit SA"}
     r = await w.client.post(PME, json=body, headers={**member, **idem})
     assert r.status_code == 402, r.text
@@ -113,8 +132,9 @@ async def test_a_failed_create_keeps_no_key_and_its_retry_runs(api_world: ApiWor
     r = await w.client.post(PME, json=body, headers={**member, **idem})
     assert r.status_code == 201 and REPLAYED not in r.headers, r.text
     assert balance(w, w.a.id) == 90
-    stored = admin_value(w, "SELECT response_body FROM idempotency_keys WHERE tenant_id = %s AND key = %s",
-                         (w.a.id, idem[HEADER]))
+    stored = admin_value(
+        w, "SELECT response_body FROM idempotency_keys WHERE tenant_id = %s AND key = %s", (w.a.id, idem[HEADER])
+    )
     assert bytes(stored) == r.content
 
 
@@ -134,15 +154,24 @@ async def test_an_expired_key_is_free_again_and_purged(api_world: ApiWorld) -> N
     idem = key()
     first = await w.client.post(PME, json={"company_name": "Un"}, headers={**member, **idem})
     assert first.status_code == 201
-    hours = admin_value(w, "SELECT extract(epoch FROM expires_at - created_at) / 3600 FROM idempotency_keys "
-                           "WHERE key = %s", (idem[HEADER],))
+    hours = admin_value(
+        w,
+        "SELECT extract(epoch FROM expires_at - created_at) / 3600 FROM idempotency_keys WHERE key = %s",
+        (idem[HEADER],),
+    )
     assert hours >= 24
-    admin_value(w, "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = %s "
-                   "RETURNING 1", (idem[HEADER],))
+    admin_value(
+        w,
+        "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = %s RETURNING 1",
+        (idem[HEADER],),
+    )
     second = await w.client.post(PME, json={"company_name": "Deux"}, headers={**member, **idem})
     assert second.status_code == 201 and second.json()["id"] != first.json()["id"]
-    admin_value(w, "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = %s "
-                   "RETURNING 1", (idem[HEADER],))
+    admin_value(
+        w,
+        "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = %s RETURNING 1",
+        (idem[HEADER],),
+    )
     # The indexing worker deletes them when idle.
     assert await worker.purge_idempotency_keys(w.client._transport.app.state.db) >= 1  # type: ignore[attr-defined]
     assert admin_value(w, "SELECT count(*) FROM idempotency_keys WHERE key = %s", (idem[HEADER],)) == 0
@@ -157,6 +186,7 @@ async def test_malformed_keys_are_refused(api_world: ApiWorld) -> None:
 
 # --- Every create route ---------------------------------------------------------------------------
 
+
 def takes_the_header(op: dict[str, Any]) -> bool:
     return any(p["in"] == "header" and p["name"] == HEADER for p in op.get("parameters", []))
 
@@ -164,8 +194,13 @@ def takes_the_header(op: dict[str, Any]) -> bool:
 def is_create(op: ApiOperation) -> bool:
     """A POST to a collection of the caller's tenant (not a sign-in step, not the platform's, not a
     POST that only reads)."""
-    return (op.method == "POST" and op.path.startswith(API_PREFIX) and op.kind == "collection"
-            and not op.reads_only and required_role(op.method, op.path) in ROLE_RANKS)
+    return (
+        op.method == "POST"
+        and op.path.startswith(API_PREFIX)
+        and op.kind == "collection"
+        and not op.reads_only
+        and required_role(op.method, op.path) in ROLE_RANKS
+    )
 
 
 CREATES = [op for op in api_operations(DOC) if is_create(op)]
@@ -228,14 +263,16 @@ async def test_the_answer_is_stored_in_the_transaction_of_the_create(api_world: 
     """No answer without its record and no record without its key: both come from one commit."""
     w = api_world
     idem = key()
-    r = await w.client.post(f"{API_PREFIX}/voice/transcriptions", json={"title": "Consultation"},
-                            headers={**w.a.auth("member"), **idem})
+    r = await w.client.post(
+        f"{API_PREFIX}/voice/transcriptions", json={"title": "Consultation"}, headers={**w.a.auth("member"), **idem}
+    )
     assert r.status_code == 201
     with psycopg.connect(w.admin_url, autocommit=True) as conn:
         key_xmin, record_xmin = conn.execute(
             """SELECT (SELECT xmin::text FROM idempotency_keys WHERE tenant_id = %s AND key = %s),
                       (SELECT xmin::text FROM voice_transcriptions WHERE tenant_id = %s AND id = %s)""",
-            (w.a.id, idem[HEADER], w.a.id, r.json()["id"])).fetchone()
+            (w.a.id, idem[HEADER], w.a.id, r.json()["id"]),
+        ).fetchone()
     assert key_xmin == record_xmin
 
 

@@ -22,9 +22,16 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, ApiOperation, ApiWorld, Seeder, api_operations, module_api_client, module_api_world, module_db,
-    offline_openapi, provision_for_load, required_role, resolve_schema,
+from api_support import (
+    API_PREFIX,
+    ApiOperation,
+    ApiWorld,
+    Seeder,
+    api_operations,
+    offline_openapi,
+    provision_for_load,
+    required_role,
+    resolve_schema,
 )
 from iafactory import jsonvalues
 from iafactory.domains import RESOURCES
@@ -48,22 +55,35 @@ def free_form_paths(schema: dict[str, Any] | None, prefix: tuple[Any, ...] = ())
         return [prefix]
     if kind == "array":
         items = resolve_schema(DOC, schema.get("items")) or {}
-        return [prefix] if not items or "type" not in items and "anyOf" not in items else free_form_paths(items, (*prefix, 0))
+        return (
+            [prefix]
+            if not items or ("type" not in items and "anyOf" not in items)
+            else free_form_paths(items, (*prefix, 0))
+        )
     for name, prop in schema.get("properties", {}).items():
         found += free_form_paths(prop, (*prefix, name))
     return found
 
 
-JSON_FIELDS = [(op, path) for op in api_operations(DOC) if op.body is not None and op.path.startswith(API_PREFIX)
-               for path in free_form_paths(op.body)]
+JSON_FIELDS = [
+    (op, path)
+    for op in api_operations(DOC)
+    if op.body is not None and op.path.startswith(API_PREFIX)
+    for path in free_form_paths(op.body)
+]
 
 
 def test_the_route_table_has_json_fields() -> None:
     """The generated cases below are not vacuous: the document shows the JSON fields we know of."""
     labels = {f"{op.label} {'.'.join(map(str, path))}" for op, path in JSON_FIELDS}
-    for expected in ("POST /api/v1/pme-analyses inputs", "PATCH /api/v1/tenant settings",
-                     "POST /api/v1/usage-events events.0.properties", "POST /api/v1/admin/tenants metadata",
-                     "POST /api/v1/voice/conversations messages", "POST /api/v1/knowledge-base/search metadata"):
+    for expected in (
+        "POST /api/v1/pme-analyses inputs",
+        "PATCH /api/v1/tenant settings",
+        "POST /api/v1/usage-events events.0.properties",
+        "POST /api/v1/admin/tenants metadata",
+        "POST /api/v1/voice/conversations messages",
+        "POST /api/v1/knowledge-base/search metadata",
+    ):
         assert expected in labels, sorted(labels)
 
 
@@ -95,13 +115,20 @@ def field_kind(op: ApiOperation, path: tuple[Any, ...]) -> str:
 async def table_counts(admin_url: str) -> dict[str, int]:
     """Rows of every table of the schema: nothing may be written by a refused request."""
     async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as conn:
-        tables = [r[0] for r in await (await conn.execute(
-            "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' "
-            "AND relname NOT IN ('rate_counters') ORDER BY 1")).fetchall()]
+        tables = [
+            r[0]
+            for r in await (
+                await conn.execute(
+                    "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' "
+                    "AND relname NOT IN ('rate_counters') ORDER BY 1"
+                )
+            ).fetchall()
+        ]
         counts = {}
         for table in tables:
-            counts[table] = (await (await conn.execute(
-                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))).fetchone())[0]
+            counts[table] = (
+                await (await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))).fetchone()
+            )[0]
         return counts
 
 
@@ -116,16 +143,19 @@ def headers_for(w: ApiWorld, op: ApiOperation) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("depth", [33, 300, 900])
-@pytest.mark.parametrize(("op", "path"), JSON_FIELDS,
-                         ids=[f"{op.label} {'.'.join(map(str, p))}" for op, p in JSON_FIELDS])
+@pytest.mark.parametrize(
+    ("op", "path"), JSON_FIELDS, ids=[f"{op.label} {'.'.join(map(str, p))}" for op, p in JSON_FIELDS]
+)
 async def test_every_json_field_refuses_a_value_deeper_than_the_limit(
-        world: ApiWorld, op: ApiOperation, path: tuple[Any, ...], depth: int) -> None:
+    world: ApiWorld, op: ApiOperation, path: tuple[Any, ...], depth: int
+) -> None:
     headers = headers_for(world, op)
     seeder = Seeder(world.client, DOC, "deep", headers)
     url = op.path
     if op.kind == "by_id":
-        url = op.at(await seeder.create(op.collection) if op.collection != f"{API_PREFIX}/admin/tenants"
-                    else world.a.id)
+        url = op.at(
+            await seeder.create(op.collection) if op.collection != f"{API_PREFIX}/admin/tenants" else world.a.id
+        )
     body = put(await seeder.body(op, full=True), path, nested(depth, field_kind(op, path)))
     before = await table_counts(world.admin_url)
     r = await world.client.request(op.method, url, json=body, headers=headers)
@@ -151,8 +181,11 @@ LIMIT_CASES = {
 async def test_other_json_limits_name_the_field_and_write_nothing(world: ApiWorld, case: str) -> None:
     value, message = LIMIT_CASES[case]
     before = await table_counts(world.admin_url)
-    r = await world.client.post(f"{API_PREFIX}/pme-analyses", json={"company_name": "Sarl Atlas", "inputs": value},
-                                headers=world.a.auth("member"))
+    r = await world.client.post(
+        f"{API_PREFIX}/pme-analyses",
+        json={"company_name": "Sarl Atlas", "inputs": value},
+        headers=world.a.auth("member"),
+    )
     assert r.status_code == 422, r.text
     [error] = r.json()["errors"]
     assert error["field"] == "body.inputs" and error["message"].startswith(message), error
@@ -162,11 +195,17 @@ async def test_other_json_limits_name_the_field_and_write_nothing(world: ApiWorl
 async def test_non_finite_numbers_are_refused(world: ApiWorld) -> None:
     # Python's JSON parser accepts NaN and Infinity; JSON (and PostgreSQL's jsonb) does not.
     before = await table_counts(world.admin_url)
-    r = await world.client.post(f"{API_PREFIX}/pme-analyses", content='{"company_name": "X", "inputs": {"r": NaN}}',
-                                headers={**world.a.auth("member"), "content-type": "application/json"})
+    r = await world.client.post(
+        f"{API_PREFIX}/pme-analyses",
+        content='{"company_name": "X", "inputs": {"r": NaN}}',
+        headers={**world.a.auth("member"), "content-type": "application/json"},
+    )
     assert r.status_code == 422, r.text
-    assert r.json()["errors"][0] == {"field": "body.inputs", "message": "numbers must be finite, not nan (at r)",
-                                     "type": "value_error"}
+    assert r.json()["errors"][0] == {
+        "field": "body.inputs",
+        "message": "numbers must be finite, not nan (at r)",
+        "type": "value_error",
+    }
     assert await table_counts(world.admin_url) == before
 
 
@@ -195,8 +234,12 @@ async def store(admin_url: str, table: str, column: str, key: tuple[str, Any], v
     """Write `value` into one row as the database owner (no API, no RLS): what an old version of
     the API or an operator's SQL could have left behind."""
     async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as conn:
-        await conn.execute(sql.SQL("UPDATE {} SET {} = %s::jsonb WHERE {} = %s").format(
-            sql.Identifier(table), sql.Identifier(column), sql.Identifier(key[0])), (compact(value), key[1]))
+        await conn.execute(
+            sql.SQL("UPDATE {} SET {} = %s::jsonb WHERE {} = %s").format(
+                sql.Identifier(table), sql.Identifier(column), sql.Identifier(key[0])
+            ),
+            (compact(value), key[1]),
+        )
 
 
 def assert_served(r: httpx.Response, column: str, value: Any) -> None:
@@ -209,27 +252,40 @@ JSON_RESOURCES = [(spec, column) for spec in RESOURCES for column in sorted(spec
 
 @pytest.mark.parametrize("depth", STORED_DEPTHS)
 @pytest.mark.parametrize(("spec", "column"), JSON_RESOURCES, ids=[f"{s.name}.{c}" for s, c in JSON_RESOURCES])
-async def test_a_stored_deep_value_is_served_by_get_and_list(world: ApiWorld, spec: Any, column: str,
-                                                             depth: int) -> None:
+async def test_a_stored_deep_value_is_served_by_get_and_list(
+    world: ApiWorld, spec: Any, column: str, depth: int
+) -> None:
     seeder = Seeder(world.client, DOC, "stored", world.a.auth("owner"))
     ident = await seeder.create(f"{API_PREFIX}/{spec.name}")
     is_array = "list" in str(spec.update.model_fields[column].annotation)
     value = nested(depth, "array" if is_array else "object")
     await store(world.admin_url, spec.table, column, ("id", ident), value)
-    assert_served(await world.client.get(f"{API_PREFIX}/{spec.name}/{ident}", headers=world.a.auth("viewer")),
-                  column, value)
-    assert_served(await world.client.get(f"{API_PREFIX}/{spec.name}", params={"limit": 100},
-                                         headers=world.a.auth("viewer")), column, value)
+    assert_served(
+        await world.client.get(f"{API_PREFIX}/{spec.name}/{ident}", headers=world.a.auth("viewer")), column, value
+    )
+    assert_served(
+        await world.client.get(f"{API_PREFIX}/{spec.name}", params={"limit": 100}, headers=world.a.auth("viewer")),
+        column,
+        value,
+    )
     # And the record can be repaired through the API.
-    r = await world.client.patch(f"{API_PREFIX}/{spec.name}/{ident}", json={column: [] if is_array else {}},
-                                 headers=world.a.auth("owner"))
+    r = await world.client.patch(
+        f"{API_PREFIX}/{spec.name}/{ident}", json={column: [] if is_array else {}}, headers=world.a.auth("owner")
+    )
     assert r.status_code == 200, r.text
 
 
 async def test_a_stored_deep_usage_event_does_not_poison_the_append_only_log(world: ApiWorld) -> None:
-    r = await world.client.post(f"{API_PREFIX}/usage-events", json={"events": [
-        {"event_type": "tokens", "quantity": 1, "idempotency_key": "deep-1"},
-        {"event_type": "tokens", "quantity": 2, "idempotency_key": "deep-2"}]}, headers=world.a.auth("member"))
+    r = await world.client.post(
+        f"{API_PREFIX}/usage-events",
+        json={
+            "events": [
+                {"event_type": "tokens", "quantity": 1, "idempotency_key": "deep-1"},
+                {"event_type": "tokens", "quantity": 2, "idempotency_key": "deep-2"},
+            ]
+        },
+        headers=world.a.auth("member"),
+    )
     assert r.status_code == 200, r.text
     for depth in STORED_DEPTHS:
         value = nested(depth)
@@ -243,18 +299,28 @@ async def test_stored_deep_tenant_settings_and_audit_details_are_served(world: A
     value = nested(STORED_DEPTHS[1])
     await store(world.admin_url, "tenants", "metadata", ("id", world.a.id), value)
     await store(world.admin_url, "tenants", "settings", ("id", world.a.id), {"deep": value})
-    assert_served(await world.client.get(f"{API_PREFIX}/tenant", headers=world.a.auth("viewer")),
-                  "settings", {"deep": value})
+    assert_served(
+        await world.client.get(f"{API_PREFIX}/tenant", headers=world.a.auth("viewer")), "settings", {"deep": value}
+    )
     platform = world.headers(world.platform_token)
-    assert_served(await world.client.get(f"{API_PREFIX}/admin/tenants/{world.a.id}", headers=platform),
-                  "metadata", value)
-    assert_served(await world.client.get(f"{API_PREFIX}/admin/tenants", params={"limit": 100}, headers=platform),
-                  "metadata", value)
+    assert_served(
+        await world.client.get(f"{API_PREFIX}/admin/tenants/{world.a.id}", headers=platform), "metadata", value
+    )
+    assert_served(
+        await world.client.get(f"{API_PREFIX}/admin/tenants", params={"limit": 100}, headers=platform),
+        "metadata",
+        value,
+    )
     async with await psycopg.AsyncConnection.connect(world.admin_url, autocommit=True) as conn:
-        await conn.execute("INSERT INTO audit_events (tenant_id, action, details) VALUES (%s, 'test.deep', %s::jsonb)",
-                           (world.a.id, compact(value)))
-    assert_served(await world.client.get(f"{API_PREFIX}/audit-events", params={"limit": 100},
-                                         headers=world.a.auth("admin")), "details", value)
+        await conn.execute(
+            "INSERT INTO audit_events (tenant_id, action, details) VALUES (%s, 'test.deep', %s::jsonb)",
+            (world.a.id, compact(value)),
+        )
+    assert_served(
+        await world.client.get(f"{API_PREFIX}/audit-events", params={"limit": 100}, headers=world.a.auth("admin")),
+        "details",
+        value,
+    )
     await store(world.admin_url, "tenants", "metadata", ("id", world.a.id), {})
     await store(world.admin_url, "tenants", "settings", ("id", world.a.id), {})
 
@@ -265,5 +331,6 @@ def test_every_api_route_renders_through_the_robust_renderer() -> None:
     from iafactory.http.rendering import RenderedRoute
 
     routes = [route for router in api_routers() for route in router.routes]
-    assert routes and all(isinstance(route, RenderedRoute) for route in routes), \
-        [getattr(r, "path", r) for r in routes if not isinstance(r, RenderedRoute)]
+    assert routes and all(isinstance(route, RenderedRoute) for route in routes), [
+        getattr(r, "path", r) for r in routes if not isinstance(r, RenderedRoute)
+    ]

@@ -30,7 +30,7 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from api_support import ApiWorld, module_api_client, module_api_world, module_db  # noqa: F401 - fixtures
+from api_support import ApiWorld
 from iafactory.db.scope import Database
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import Embedder, embedder, vector_literal
@@ -105,8 +105,9 @@ async def admin_value(world: ApiWorld, query: str, params: Any = ()) -> Any:
     return next(iter(rows[0].values())) if rows else None
 
 
-async def search(world: ApiWorld, headers: dict[str, str], query: str, mode: str = "hybrid", k: int = K,
-                 **filters: Any) -> list[dict[str, Any]]:
+async def search(
+    world: ApiWorld, headers: dict[str, str], query: str, mode: str = "hybrid", k: int = K, **filters: Any
+) -> list[dict[str, Any]]:
     r = await world.client.post(SEARCH, json={"query": query, "mode": mode, "k": k, **filters}, headers=headers)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -184,9 +185,10 @@ async def queue_is_empty(world: ApiWorld) -> bool:
 async def kb(module_api_world: ApiWorld) -> Knowledge:
     w = module_api_world
     db, model = app_db(w), embedder(w.settings)
-    stats: dict[str, Any] = {"server": await admin_value(w, "SHOW server_version"),
-                             "pgvector": bool(await admin_value(w, "SELECT count(*) FROM pg_extension "
-                                                                   "WHERE extname = 'vector'"))}
+    stats: dict[str, Any] = {
+        "server": await admin_value(w, "SHOW server_version"),
+        "pgvector": bool(await admin_value(w, "SELECT count(*) FROM pg_extension WHERE extname = 'vector'")),
+    }
     started = time.perf_counter()
     ids = {}
     for d in DOCUMENTS:
@@ -197,9 +199,12 @@ async def kb(module_api_world: ApiWorld) -> Knowledge:
     for qid in B_QUERIES:
         q = by_id[qid]
         twin = next(d for d in DOCUMENTS if d["id"] == q["relevant"][0])
-        body = {"title": f"{q['query']} {B_MARKER}",
-                "content": f"{q['query']}. {q['query']} {B_MARKER}.\n\n{twin['content']} {B_MARKER}",
-                "language": q["language"], "metadata": {**twin["metadata"], "owner": "tenant-b"}}
+        body = {
+            "title": f"{q['query']} {B_MARKER}",
+            "content": f"{q['query']}. {q['query']} {B_MARKER}.\n\n{twin['content']} {B_MARKER}",
+            "language": q["language"],
+            "metadata": {**twin["metadata"], "owner": "tenant-b"},
+        }
         created = await create(w, w.b.auth("member"), **body)
         b_docs[created["id"]] = body
     stats["create_s"] = time.perf_counter() - started
@@ -209,10 +214,12 @@ async def kb(module_api_world: ApiWorld) -> Knowledge:
     assert stats["jobs"] == len(ids) + len(b_docs)
     stats["chunks_a"] = await admin_value(w, "SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s", (w.a.id,))
     stats["chunks_b"] = await admin_value(w, "SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s", (w.b.id,))
-    print(f"\nknowledge corpus on PostgreSQL {stats['server']} (pgvector: {stats['pgvector']}): "
-          f"{len(ids)} documents in A, {len(b_docs)} in B, {stats['jobs']} jobs, "
-          f"{stats['chunks_a']}+{stats['chunks_b']} chunks, created in {stats['create_s']:.1f} s, "
-          f"indexed in {stats['index_s']:.1f} s")
+    print(
+        f"\nknowledge corpus on PostgreSQL {stats['server']} (pgvector: {stats['pgvector']}): "
+        f"{len(ids)} documents in A, {len(b_docs)} in B, {stats['jobs']} jobs, "
+        f"{stats['chunks_a']}+{stats['chunks_b']} chunks, created in {stats['create_s']:.1f} s, "
+        f"indexed in {stats['index_s']:.1f} s"
+    )
     return Knowledge(w, db, model, ids, list(b_docs), b_docs, stats)
 
 
@@ -240,10 +247,16 @@ async def test_recall_at_5_per_mode(kb: Knowledge) -> None:
 
     cross = [q for q in QUERIES if is_cross(q)]
     same = [q for q in QUERIES if not is_cross(q)]
-    subsets = {"all": QUERIES, "same-language": same, "cross-language": cross,
-               **{tag: [q for q in QUERIES if tag in q["tags"]] for tag in ("keyword", "paraphrase", "folding")}}
-    print(f"\nrecall@{K} on PostgreSQL {kb.stats['server']} ({len(QUERIES)} queries x {len(MODES)} modes "
-          f"in {elapsed:.1f} s)")
+    subsets = {
+        "all": QUERIES,
+        "same-language": same,
+        "cross-language": cross,
+        **{tag: [q for q in QUERIES if tag in q["tags"]] for tag in ("keyword", "paraphrase", "folding")},
+    }
+    print(
+        f"\nrecall@{K} on PostgreSQL {kb.stats['server']} ({len(QUERIES)} queries x {len(MODES)} modes "
+        f"in {elapsed:.1f} s)"
+    )
     print(f"  {'subset':15} {'n':>3} " + " ".join(f"{m:>9}" for m in MODES))
     for name, subset in subsets.items():
         print(f"  {name:15} {len(subset):3} " + " ".join(f"{mean(m, subset):9.3f}" for m in MODES))
@@ -258,9 +271,13 @@ async def test_recall_at_5_per_mode(kb: Knowledge) -> None:
 
 
 async def test_chunks_carry_their_language_and_text_search_configuration(kb: Knowledge) -> None:
-    rows = await admin_rows(kb.world, """SELECT document_id, language, ts_config::text AS config,
+    rows = await admin_rows(
+        kb.world,
+        """SELECT document_id, language, ts_config::text AS config,
                                                 embedding_model, embedding IS NOT NULL AS embedded
-                                         FROM knowledge_chunks WHERE tenant_id = %s""", (kb.world.a.id,))
+                                         FROM knowledge_chunks WHERE tenant_id = %s""",
+        (kb.world.a.id,),
+    )
     names = kb.corpus_id
     assert {names[r["document_id"]] for r in rows} == set(kb.ids)
     for r in rows:
@@ -275,7 +292,7 @@ async def test_passages_cite_their_document(kb: Knowledge) -> None:
     passages = await search(w, w.a.auth("viewer"), "Délai de dépôt du décompte de TVA", k=10)
     assert passages
     for p in passages:
-        assert contents[p["document_id"]][p["char_start"]:p["char_end"]] == p["text"]
+        assert contents[p["document_id"]][p["char_start"] : p["char_end"]] == p["text"]
         assert p["retrievers"] and set(p["retrievers"]) <= {"keyword", "semantic"}
     top = passages[0]
     assert top["document_id"] == kb.ids["fr-acc-vat-deadline"] and top["heading_path"] == "Délai de dépôt"
@@ -289,8 +306,9 @@ async def test_relevance_normalises_the_fused_score_without_reordering(kb: Knowl
     seen_both = seen_one = 0
     for q in QUERIES[:12]:
         for mode in MODES:
-            r = await w.client.post(SEARCH, json={"query": q["query"], "mode": mode, "k": 10},
-                                    headers=w.a.auth("viewer"))
+            r = await w.client.post(
+                SEARCH, json={"query": q["query"], "mode": mode, "k": 10}, headers=w.a.auth("viewer")
+            )
             passages = r.json()["passages"]
             assert passages, (mode, q["query"])
             rankings = 2 if mode == "hybrid" else 1
@@ -326,12 +344,13 @@ async def test_a_never_sees_b_in_any_mode_filter_or_credential(kb: Knowledge) ->
     w = kb.world
     by_id = {q["id"]: q for q in QUERIES}
     checked = 0
-    for qid, (b_id, b_body) in zip(B_QUERIES, kb.b_docs.items()):
+    for qid, (b_id, b_body) in zip(B_QUERIES, kb.b_docs.items(), strict=True):
         q = by_id[qid]
         a_id = kb.ids[q["relevant"][0]]
         credentials = [w.a.auth("viewer"), w.a.auth("owner"), w.a.key("read"), w.a.key("write", "bearer")]
         variants: list[dict[str, Any]] = [
-            {}, {"k": 50},
+            {},
+            {"k": 50},
             {"document_ids": kb.b_ids, "k": 50},
             {"document_ids": [b_id], "k": 50},
             {"document_ids": [*kb.b_ids, a_id], "k": 50},
@@ -365,20 +384,39 @@ async def test_b_sees_only_b(kb: Knowledge) -> None:
             assert {p["document_id"] for p in passages} <= b_ids, (q["id"], mode)
             if mode == "semantic":
                 assert passages  # every passage of B has a vector
-    passages = await search(w, w.b.key("read"), "résiliation du bail", "hybrid", k=50,
-                            document_ids=list(kb.ids.values()))
+    passages = await search(
+        w, w.b.key("read"), "résiliation du bail", "hybrid", k=50, document_ids=list(kb.ids.values())
+    )
     assert passages == []
     passages = await search(w, w.b.key("read"), "résiliation du bail", "keyword", k=50)
     assert passages and {p["document_id"] for p in passages} <= b_ids
 
 
-async def _call_search_function(kb: Knowledge, scope: Any, query: str, mode: str, document_ids: Any = None,
-                                language: str | None = None, metadata: Any = None) -> list[dict[str, Any]]:
+async def _call_search_function(
+    kb: Knowledge,
+    scope: Any,
+    query: str,
+    mode: str,
+    document_ids: Any = None,
+    language: str | None = None,
+    metadata: Any = None,
+) -> list[dict[str, Any]]:
     vector = vector_literal(await kb.embedder.embed_query(query)) if mode != "keyword" else None
     async with scope as tx:
-        return await tx.fetch(SEARCH_SQL, (fold(query), ts_config(detect_language(query)), vector,
-                                           kb.embedder.model_id, 50, mode, document_ids, language,
-                                           Jsonb(metadata) if metadata else None))
+        return await tx.fetch(
+            SEARCH_SQL,
+            (
+                fold(query),
+                ts_config(detect_language(query)),
+                vector,
+                kb.embedder.model_id,
+                50,
+                mode,
+                document_ids,
+                language,
+                Jsonb(metadata) if metadata else None,
+            ),
+        )
 
 
 async def test_search_function_without_a_tenant_returns_nothing(kb: Knowledge) -> None:
@@ -388,8 +426,9 @@ async def test_search_function_without_a_tenant_returns_nothing(kb: Knowledge) -
             for document_ids in (None, kb.b_ids, list(kb.ids.values())):
                 rows = await _call_search_function(kb, kb.db.anonymous(), query, mode, document_ids)
                 assert rows == [], (qid, mode)
-                rows = await _call_search_function(kb, kb.db.anonymous(read_only=True), query, mode, document_ids,
-                                                   metadata={"owner": "tenant-b"})
+                rows = await _call_search_function(
+                    kb, kb.db.anonymous(read_only=True), query, mode, document_ids, metadata={"owner": "tenant-b"}
+                )
                 assert rows == []
 
 
@@ -400,8 +439,9 @@ async def test_search_function_as_a_with_b_ids_returns_nothing(kb: Knowledge) ->
         for mode in MODES:
             rows = await _call_search_function(kb, kb.db.tenant(as_a), query, mode, kb.b_ids)
             assert rows == [], (qid, mode)
-            rows = await _call_search_function(kb, kb.db.tenant(as_a, read_only=True), query, mode,
-                                               metadata={"owner": "tenant-b"})
+            rows = await _call_search_function(
+                kb, kb.db.tenant(as_a, read_only=True), query, mode, metadata={"owner": "tenant-b"}
+            )
             assert rows == []
             rows = await _call_search_function(kb, kb.db.tenant(as_a, read_only=True), query, mode)
             assert rows and all(r["document_id"] in kb.corpus_id and B_MARKER not in r["content"] for r in rows)
@@ -422,19 +462,31 @@ async def test_indexing_as_the_wrong_tenant_writes_nothing(kb: Knowledge) -> Non
             assert result == IndexResult(0, 0, skipped=True)
     assert await admin_rows(w, snapshot, (kb.b_ids,)) == before
     assert await admin_rows(w, documents, (kb.b_ids,)) == docs_before
-    assert await admin_value(w, "SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s AND document_id = ANY (%s)",
-                             (w.a.id, kb.b_ids)) == 0
+    assert (
+        await admin_value(
+            w,
+            "SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s AND document_id = ANY (%s)",
+            (w.a.id, kb.b_ids),
+        )
+        == 0
+    )
     # Nor can a job pair one tenant with another tenant's document: the foreign key refuses it.
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
-        await admin_rows(w, "INSERT INTO knowledge_jobs (tenant_id, document_id) VALUES (%s, %s)",
-                         (w.a.id, kb.b_ids[0]))
+        await admin_rows(
+            w, "INSERT INTO knowledge_jobs (tenant_id, document_id) VALUES (%s, %s)", (w.a.id, kb.b_ids[0])
+        )
 
 
 async def test_a_claimed_job_runs_in_its_own_tenant(kb: Knowledge) -> None:
     w = kb.world
     assert await queue_is_empty(w)
-    doc = await create(w, w.b.auth("member"), title="Mietvertrag Garage", language="de",
-                       content="Der Mietvertrag für den Garagenplatz endet am 30. Juni. Schlüssel beim Hauswart.")
+    doc = await create(
+        w,
+        w.b.auth("member"),
+        title="Mietvertrag Garage",
+        language="de",
+        content="Der Mietvertrag für den Garagenplatz endet am 30. Juni. Schlüssel beim Hauswart.",
+    )
     try:
         jobs = await admin_rows(w, "SELECT tenant_id, status FROM knowledge_jobs WHERE document_id = %s", (doc["id"],))
         assert jobs == [{"tenant_id": w.b.id, "status": "queued"}]
@@ -462,8 +514,12 @@ Allergien melden die Eltern schriftlich der Schulleitung."""
 
 
 async def chunk_rows(world: ApiWorld, document_id: int) -> list[dict[str, Any]]:
-    return await admin_rows(world, """SELECT chunk_no, content, content_hash, embedding::text AS embedding, tenant_id
-                                      FROM knowledge_chunks WHERE document_id = %s ORDER BY chunk_no""", (document_id,))
+    return await admin_rows(
+        world,
+        """SELECT chunk_no, content, content_hash, embedding::text AS embedding, tenant_id
+                                      FROM knowledge_chunks WHERE document_id = %s ORDER BY chunk_no""",
+        (document_id,),
+    )
 
 
 async def test_status_lifecycle_and_reuse_of_unchanged_embeddings(kb: Knowledge) -> None:
@@ -488,9 +544,13 @@ async def test_status_lifecycle_and_reuse_of_unchanged_embeddings(kb: Knowledge)
         assert await worker.drain(kb.db, spy) == 1
         second = await chunk_rows(w, doc["id"])
         assert len(second) == 3 and len(spy.texts) == 1 and "acht Franken" in spy.texts[0]
-        for old, new in zip(first, second):
+        for old, new in zip(first, second, strict=True):
             assert (old["embedding"] == new["embedding"]) == (old["content_hash"] == new["content_hash"])
-        assert [old["content_hash"] == new["content_hash"] for old, new in zip(first, second)] == [True, False, True]
+        assert [old["content_hash"] == new["content_hash"] for old, new in zip(first, second, strict=True)] == [
+            True,
+            False,
+            True,
+        ]
         r = await w.client.get(f"{KB}/{doc['id']}", headers=w.a.auth("viewer"))
         assert r.json()["index_status"] == "indexed"
 
@@ -505,9 +565,10 @@ async def test_status_lifecycle_and_reuse_of_unchanged_embeddings(kb: Knowledge)
         assert await worker.drain(kb.db, spy) == 1
         assert len(spy.texts) == 3 and all(t.startswith("Mittagstisch der Primarschule\n") for t in spy.texts)
         third = await chunk_rows(w, doc["id"])
-        assert all(a["embedding"] != b["embedding"] for a, b in zip(second, third))
-        statuses = await admin_rows(w, "SELECT status, attempts FROM knowledge_jobs WHERE document_id = %s",
-                                    (doc["id"],))
+        assert all(a["embedding"] != b["embedding"] for a, b in zip(second, third, strict=True))
+        statuses = await admin_rows(
+            w, "SELECT status, attempts FROM knowledge_jobs WHERE document_id = %s", (doc["id"],)
+        )
         assert statuses == [{"status": "done", "attempts": 1}] * 3
     finally:
         await delete(w, member, doc["id"])
@@ -522,8 +583,9 @@ async def test_a_change_while_queued_supersedes_the_pending_job(kb: Knowledge) -
     doc = await create(w, member, title="Brouillon", content="Première version du règlement de la bibliothèque.")
     try:
         await w.client.patch(f"{KB}/{doc['id']}", json={"content": "Deuxième version du règlement."}, headers=member)
-        jobs = await admin_rows(w, "SELECT status, last_error FROM knowledge_jobs WHERE document_id = %s ORDER BY id",
-                                (doc["id"],))
+        jobs = await admin_rows(
+            w, "SELECT status, last_error FROM knowledge_jobs WHERE document_id = %s ORDER BY id", (doc["id"],)
+        )
         assert jobs == [{"status": "done", "last_error": "superseded"}, {"status": "queued", "last_error": None}]
         assert await worker.drain(kb.db, kb.embedder) == 1
         assert [c["content"] for c in await chunk_rows(w, doc["id"])] == ["Deuxième version du règlement."]
@@ -537,8 +599,12 @@ async def test_a_change_while_queued_supersedes_the_pending_job(kb: Knowledge) -
 async def test_failures_are_retried_with_backoff_then_recorded(kb: Knowledge) -> None:
     w, member = kb.world, kb.world.a.auth("member")
     assert await queue_is_empty(w)
-    doc = await create(w, member, title="Honoraires", content="Les honoraires sont facturés au temps passé, "
-                                                              "par tranche de six minutes.")
+    doc = await create(
+        w,
+        member,
+        title="Honoraires",
+        content="Les honoraires sont facturés au temps passé, par tranche de six minutes.",
+    )
     job_sql = """SELECT status, attempts, last_error, run_after > now() AS later,
                         run_after - updated_at AS backoff FROM knowledge_jobs WHERE document_id = %s"""
     try:
@@ -549,11 +615,14 @@ async def test_failures_are_retried_with_backoff_then_recorded(kb: Knowledge) ->
             r = await w.client.get(f"{KB}/{doc['id']}", headers=w.a.auth("viewer"))
             if attempt < worker.MAX_ATTEMPTS:
                 assert job["status"] == "queued" and job["later"], job
-                assert job["backoff"].total_seconds() == 2 ** attempt
+                assert job["backoff"].total_seconds() == 2**attempt
                 assert r.json()["index_status"] == "pending"
                 # No sleeping: the backoff is over.
-                await admin_rows(w, "UPDATE knowledge_jobs SET run_after = now() - interval '1 second' "
-                                    "WHERE document_id = %s", (doc["id"],))
+                await admin_rows(
+                    w,
+                    "UPDATE knowledge_jobs SET run_after = now() - interval '1 second' WHERE document_id = %s",
+                    (doc["id"],),
+                )
             else:
                 assert job["status"] == "failed", job
                 assert r.json()["index_status"] == "failed"
@@ -600,9 +669,15 @@ async def test_claims_skip_jobs_locked_by_another_worker(kb: Knowledge) -> None:
 async def test_two_workers_index_each_document_exactly_once(kb: Knowledge) -> None:
     w, member = kb.world, kb.world.a.auth("member")
     assert await queue_is_empty(w)
-    docs = [await create(w, member, title=f"Circulaire {i}",
-                         content=f"Circulaire {i} : la réunion des parents de la classe {i} a lieu le {i + 1} mars.")
-            for i in range(10)]
+    docs = [
+        await create(
+            w,
+            member,
+            title=f"Circulaire {i}",
+            content=f"Circulaire {i} : la réunion des parents de la classe {i} a lieu le {i + 1} mars.",
+        )
+        for i in range(10)
+    ]
     ids = [d["id"] for d in docs]
     spy = CountingEmbedder(kb.embedder)
     try:
@@ -613,12 +688,20 @@ async def test_two_workers_index_each_document_exactly_once(kb: Knowledge) -> No
         print(f"\ntwo workers: {done} jobs in {elapsed:.1f} s")
         assert sum(done) == 10 and min(done) > 0, done
         assert len(spy.texts) == 10 and len(set(spy.texts)) == 10
-        jobs = await admin_rows(w, """SELECT document_id, status, attempts FROM knowledge_jobs
-                                      WHERE document_id = ANY (%s)""", (ids,))
+        jobs = await admin_rows(
+            w,
+            """SELECT document_id, status, attempts FROM knowledge_jobs
+                                      WHERE document_id = ANY (%s)""",
+            (ids,),
+        )
         assert sorted(j["document_id"] for j in jobs) == sorted(ids)
         assert {(j["status"], j["attempts"]) for j in jobs} == {("done", 1)}
-        counts = await admin_rows(w, """SELECT document_id, count(*) AS n FROM knowledge_chunks
-                                        WHERE document_id = ANY (%s) GROUP BY document_id""", (ids,))
+        counts = await admin_rows(
+            w,
+            """SELECT document_id, count(*) AS n FROM knowledge_chunks
+                                        WHERE document_id = ANY (%s) GROUP BY document_id""",
+            (ids,),
+        )
         assert sorted(c["document_id"] for c in counts) == sorted(ids) and {c["n"] for c in counts} == {1}
     finally:
         await delete(w, member, *ids)
@@ -661,11 +744,16 @@ async def test_text_without_a_detectable_language_uses_the_simple_configuration(
     regional = await create(w, member, title="Frist", content="Kündigung", language="de-CH")
     try:
         assert await worker.drain(kb.db, kb.embedder) == 2
-        configs = await admin_rows(w, """SELECT document_id, language, ts_config::text AS config FROM knowledge_chunks
+        configs = await admin_rows(
+            w,
+            """SELECT document_id, language, ts_config::text AS config FROM knowledge_chunks
                                           WHERE document_id = ANY (%s) ORDER BY document_id""",
-                                   ([undetectable["id"], regional["id"]],))
-        assert configs == [{"document_id": undetectable["id"], "language": None, "config": "simple"},
-                           {"document_id": regional["id"], "language": "de-CH", "config": "german"}]
+            ([undetectable["id"], regional["id"]],),
+        )
+        assert configs == [
+            {"document_id": undetectable["id"], "language": None, "config": "simple"},
+            {"document_id": regional["id"], "language": "de-CH", "config": "german"},
+        ]
         passages = await search(w, w.a.auth("viewer"), "4471-B", "keyword")
         assert passages and passages[0]["document_id"] == undetectable["id"]
         passages = await search(w, w.a.auth("viewer"), "Kündigungen", "keyword", language="de-CH")
@@ -693,9 +781,13 @@ async def test_a_document_shows_its_detected_language_unless_the_client_set_one(
     w, member = kb.world, kb.world.a.auth("member")
     assert await queue_is_empty(w)
     unset = await create(w, member, title="Horaires", content=MOSTLY_ENGLISH)
-    chosen = await create(w, member, title="Frist", content="Die Kündigungsfrist beträgt drei Monate zum "
-                                                             "Monatsende, schriftlich an die Verwaltung.",
-                          language="de-CH")
+    chosen = await create(
+        w,
+        member,
+        title="Frist",
+        content="Die Kündigungsfrist beträgt drei Monate zum Monatsende, schriftlich an die Verwaltung.",
+        language="de-CH",
+    )
     undetectable = await create(w, member, title="Réf. 4471-B", content="4471-B / 12.03.2025 / CHF 1250.-")
     try:
         assert unset["language"] is None and unset["detected_language"] is None  # not indexed yet
@@ -710,8 +802,9 @@ async def test_a_document_shows_its_detected_language_unless_the_client_set_one(
         assert await queue_is_empty(w)
         # The language of most of the text, not of its first passage; the client's own choice
         # wins; no recognisable language stays null.
-        chunk_languages = await admin_rows(w, "SELECT language FROM knowledge_chunks WHERE document_id = %s "
-                                              "ORDER BY chunk_no", (unset["id"],))
+        chunk_languages = await admin_rows(
+            w, "SELECT language FROM knowledge_chunks WHERE document_id = %s ORDER BY chunk_no", (unset["id"],)
+        )
         assert [c["language"] for c in chunk_languages] == ["fr", "en", "en"]
         assert got == {unset["id"]: ("en", "en"), chosen["id"]: ("de-CH", "de"), undetectable["id"]: (None, None)}
         listed = (await w.client.get(f"{KB}?limit=3", headers=w.a.auth("viewer"))).json()["items"]

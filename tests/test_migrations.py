@@ -7,6 +7,7 @@ tests, which share one migrated database and roll every statement back.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import migrate_sync, run_cli
 
+from conftest import migrate_sync, run_cli
 from iafactory.db import migrate, server, verify
 from iafactory.db.scope import admin_connect
 
@@ -120,12 +121,18 @@ def schema_snapshot(url: str) -> dict[str, list[tuple]]:
 def data_snapshot(url: str) -> dict[str, str]:
     """Every row of every user table, as text (the admin role is a superuser: RLS does not hide rows)."""
     with psycopg.connect(url, autocommit=True) as conn:
-        tables = [r[0] for r in conn.execute(
-            f"""SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+        tables = [
+            r[0]
+            for r in conn.execute(
+                f"""SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
                 JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE {_USER_SCHEMAS} AND c.relkind IN ('r', 'p') ORDER BY 1""")]
+                WHERE {_USER_SCHEMAS} AND c.relkind IN ('r', 'p') ORDER BY 1"""
+            )
+        ]
         return {
-            t: conn.execute(f"SELECT coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '') FROM {t} x").fetchone()[0]
+            t: conn.execute(f"SELECT coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '') FROM {t} x").fetchone()[
+                0
+            ]
             for t in tables
         }
 
@@ -179,50 +186,62 @@ def test_fresh_database_migrates_and_verifies_and_second_run_applies_nothing(emp
 def _seed_single_tenant_install(url: str) -> None:
     """Rows as the single-tenant application (001..005) would have written them."""
     with psycopg.connect(url) as conn:
-        users = [r[0] for r in conn.execute(
-            """INSERT INTO users (email, name, password_hash, is_platform_admin) VALUES
+        users = [
+            r[0]
+            for r in conn.execute(
+                """INSERT INTO users (email, name, password_hash, is_platform_admin) VALUES
                    ('amina.benali@ecole-ibn-khaldoun.dz', 'Amina Benali', '$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA', true),
                    ('jean.dupont@cabinet-dupont.ch', 'Dr. Jean Dupont', NULL, false),
                    ('lea.martin@etude-martin.ch', 'Léa Martin', NULL, false)
-               RETURNING id""").fetchall()]
-        projects = [r[0] for r in conn.execute(
-            """INSERT INTO projects (name, description, status, settings, owner_id) VALUES
+               RETURNING id"""
+            ).fetchall()
+        ]
+        projects = [
+            r[0]
+            for r in conn.execute(
+                """INSERT INTO projects (name, description, status, settings, owner_id) VALUES
                    ('Assistant juridique', 'RAG sur le droit des obligations', 'active',
                     '{"model": "mistral-large", "temperature": 0.2}', %s),
                    ('Chatbot scolaire', 'Questions des parents d''élèves', 'archived', '{}', %s),
                    ('Orphelin', '', 'active', '{}', NULL)
-               RETURNING id""", (users[2], users[0])).fetchall()]
+               RETURNING id""",
+                (users[2], users[0]),
+            ).fetchall()
+        ]
         conn.execute(
             """INSERT INTO knowledge_base (title, content, source, language, metadata)
                SELECT 'Document ' || i, repeat('Contenu du document ' || i || '. ', 20),
                       'https://docs.example.ch/kb/' || i, (ARRAY['fr', 'de', 'ar'])[1 + i % 3],
                       jsonb_build_object('chunk', i, 'tags', jsonb_build_array('rag', 'v1'))
-               FROM generate_series(1, 60) AS i""")
+               FROM generate_series(1, 60) AS i"""
+        )
         conn.execute(
             """INSERT INTO bolt_workflows (project_id, name, prompt, status, definition, result) VALUES
                    (%s, 'Générer contrat', 'Rédige un contrat de bail', 'completed', '{"steps": 3}', '{"ok": true}'),
                    (%s, 'Relecture', 'Relis la clause 4', 'running', '{"steps": 1}', NULL),
                    (%s, 'Quiz', 'Crée un quiz de maths', 'draft', '{}', NULL),
                    (NULL, 'Brouillon sans projet', '', 'draft', '{}', NULL)""",
-            (projects[0], projects[0], projects[1]))
+            (projects[0], projects[0], projects[1]),
+        )
         conn.execute(
             """INSERT INTO bmad_workflows (project_id, name, phase, status, agents, artifacts) VALUES
                    (%s, 'Analyse PME', 'analysis', 'queued', '["analyst", "pm"]', '{}'),
                    (%s, 'Architecture', 'solutioning', 'completed', '["architect"]', '{"doc": "arch.md"}')""",
-            (projects[0], projects[1]))
+            (projects[0], projects[1]),
+        )
         conn.execute(
             """INSERT INTO orchestrator_state (session_key, agent, status, state, last_step)
                SELECT 'session-' || i, (ARRAY['router', 'rag', 'voice'])[1 + i % 3],
                       (ARRAY['idle', 'running', 'waiting', 'completed', 'failed'])[1 + i % 5],
                       jsonb_build_object('step', i), i
-               FROM generate_series(1, 7) AS i""")
+               FROM generate_series(1, 7) AS i"""
+        )
 
 
 def _legacy_rows_without_tenant(url: str) -> dict[str, list]:
     out = {}
     for table in LEGACY_TABLES:
-        out[table] = [r[0] for r in query(
-            url, f"SELECT to_jsonb(t) - 'tenant_id' FROM {table} t ORDER BY id")]
+        out[table] = [r[0] for r in query(url, f"SELECT to_jsonb(t) - 'tenant_id' FROM {table} t ORDER BY id")]
     return out
 
 
@@ -232,7 +251,12 @@ def test_upgrade_from_single_tenant_install_assigns_every_row_to_system_default(
     _seed_single_tenant_install(empty_db)
     before = _legacy_rows_without_tenant(empty_db)
     assert {t: len(rows) for t, rows in before.items()} == {
-        "projects": 3, "knowledge_base": 60, "bolt_workflows": 4, "bmad_workflows": 2, "orchestrator_state": 7}
+        "projects": 3,
+        "knowledge_base": 60,
+        "bolt_workflows": 4,
+        "bmad_workflows": 2,
+        "orchestrator_state": 7,
+    }
 
     applied = [m.version for m in migrate_sync(empty_db)]
     assert applied == [v for v in all_versions() if v > "005"]
@@ -240,21 +264,30 @@ def test_upgrade_from_single_tenant_install_assigns_every_row_to_system_default(
     # Every old row belongs to system-default, and no other column changed.
     for table in LEGACY_TABLES:
         total, on_default = query(
-            empty_db, f"SELECT count(*), count(*) FILTER (WHERE tenant_id = %s) FROM {table}", (DEFAULT_TENANT,))[0]
+            empty_db, f"SELECT count(*), count(*) FILTER (WHERE tenant_id = %s) FROM {table}", (DEFAULT_TENANT,)
+        )[0]
         assert (table, on_default) == (table, total)
     after = _legacy_rows_without_tenant(empty_db)
     # Columns added by later migrations (e.g. indexing state) aside, every value is unchanged.
-    assert {t: [{k: row[k] for k in old} for row, old in zip(after[t], before[t])] for t in before} == before
+    assert {
+        t: [{k: row[k] for k in old} for row, old in zip(after[t], before[t], strict=True)] for t in before
+    } == before
     assert {t: len(rows) for t, rows in after.items()} == {t: len(rows) for t, rows in before.items()}
 
     # No NULL tenant_id in any table that has the column (found in the catalog, not listed).
-    tenant_tables = [r[0] for r in query(empty_db, """
+    tenant_tables = [
+        r[0]
+        for r in query(
+            empty_db,
+            """
         SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'
         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
-        WHERE c.relkind IN ('r', 'p') ORDER BY 1""")]
+        WHERE c.relkind IN ('r', 'p') ORDER BY 1""",
+        )
+    ]
     assert set(LEGACY_TABLES) <= set(tenant_tables)
     nulls = {t: query(empty_db, f"SELECT count(*) FROM {t} WHERE tenant_id IS NULL")[0][0] for t in tenant_tables}
-    assert nulls == {t: 0 for t in tenant_tables}
+    assert nulls == dict.fromkeys(tenant_tables, 0)
 
     assert failed_checks(empty_db) == []
 
@@ -264,11 +297,14 @@ def test_012_gives_untouched_accounts_their_regions_currency_and_keeps_those_wit
     tenants = {}
     with psycopg.connect(empty_db, autocommit=True) as conn:
         for slug, region in (("dz-new", "DZ"), ("fr-used", "FR"), ("ca-set", "CA"), ("ch-new", "CH")):
-            tenants[slug] = conn.execute("INSERT INTO tenants (name, slug, region, status) VALUES (%s, %s, %s, "
-                                         "'active') RETURNING id", (slug, slug, region)).fetchone()[0]
+            tenants[slug] = conn.execute(
+                "INSERT INTO tenants (name, slug, region, status) VALUES (%s, %s, %s, 'active') RETURNING id",
+                (slug, slug, region),
+            ).fetchone()[0]
         # Before 012 every account took 'CHF', whatever the region.
-        conn.execute("INSERT INTO billing_accounts (tenant_id) VALUES (%s), (%s)",
-                     (tenants["dz-new"], tenants["ch-new"]))
+        conn.execute(
+            "INSERT INTO billing_accounts (tenant_id) VALUES (%s), (%s)", (tenants["dz-new"], tenants["ch-new"])
+        )
         conn.execute("INSERT INTO billing_accounts (tenant_id, currency) VALUES (%s, 'CAD')", (tenants["ca-set"],))
         conn.execute("SELECT platform.grant_credits(%s, 50, 'start', 'start')", (tenants["fr-used"],))
     currencies = "SELECT t.slug, a.currency FROM billing_accounts a JOIN tenants t ON t.id = a.tenant_id ORDER BY 1"
@@ -279,7 +315,9 @@ def test_012_gives_untouched_accounts_their_regions_currency_and_keeps_those_wit
 
 
 def _project_references(url: str) -> dict[str, list[tuple]]:
-    rows = query(url, """
+    rows = query(
+        url,
+        """
         SELECT k.conrelid::regclass::text, k.convalidated,
                array(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY u(n, o)
                      JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.o),
@@ -287,7 +325,8 @@ def _project_references(url: str) -> dict[str, list[tuple]]:
                      JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.o)
         FROM pg_constraint k
         WHERE k.contype = 'f' AND k.confrelid = 'public.projects'::regclass
-        ORDER BY 1""")
+        ORDER BY 1""",
+    )
     out: dict[str, list[tuple]] = {}
     for table, validated, cols, refcols in rows:
         out.setdefault(table, []).append((validated, cols, refcols))
@@ -309,12 +348,14 @@ def test_upgrade_makes_workflow_to_project_reference_include_tenant_id(empty_db:
     # And it bites: a workflow of another tenant cannot point at a system-default project.
     with psycopg.connect(empty_db) as conn:
         other = conn.execute(
-            "INSERT INTO tenants (name, slug, region) VALUES ('Autre', 'autre', 'FR') RETURNING id").fetchone()[0]
+            "INSERT INTO tenants (name, slug, region) VALUES ('Autre', 'autre', 'FR') RETURNING id"
+        ).fetchone()[0]
         project = conn.execute("SELECT id FROM projects WHERE tenant_id = %s LIMIT 1", (DEFAULT_TENANT,)).fetchone()[0]
         for table in ("bolt_workflows", "bmad_workflows"):
             with pytest.raises(psycopg.errors.ForeignKeyViolation), conn.transaction():
-                conn.execute(f"INSERT INTO {table} (tenant_id, project_id, name) VALUES (%s, %s, 'x')",
-                             (other, project))
+                conn.execute(
+                    f"INSERT INTO {table} (tenant_id, project_id, name) VALUES (%s, %s, 'x')", (other, project)
+                )
 
 
 def test_every_migration_file_applied_twice_changes_nothing(empty_db: str) -> None:
@@ -323,8 +364,10 @@ def test_every_migration_file_applied_twice_changes_nothing(empty_db: str) -> No
         conn.execute("INSERT INTO users (email, name) VALUES ('sara@example.dz', 'Sara')")
         conn.execute("INSERT INTO tenants (name, slug, region, plan) VALUES ('Étude', 'etude', 'CH', 'pro')")
         conn.execute("INSERT INTO projects (tenant_id, name) VALUES (%s, 'Projet')", (DEFAULT_TENANT,))
-        conn.execute("INSERT INTO knowledge_base (tenant_id, title) SELECT %s, 'Doc ' || i FROM generate_series(1, 5) i",
-                     (DEFAULT_TENANT,))
+        conn.execute(
+            "INSERT INTO knowledge_base (tenant_id, title) SELECT %s, 'Doc ' || i FROM generate_series(1, 5) i",
+            (DEFAULT_TENANT,),
+        )
     schema_before, data_before = schema_snapshot(empty_db), data_snapshot(empty_db)
     # The snapshot sees what the migrations made (so a difference would show).
     assert any(r[0] == "tenant_slugs_pkey" for r in schema_before["indexes"])
@@ -386,7 +429,7 @@ def test_edited_applied_migration_is_reported_and_blocks_every_run(empty_db: str
     assert "changed" in str(err.value)
     assert not table_exists(empty_db, "later_table")
     assert recorded_versions(empty_db) == recorded
-    with pytest.raises(migrate.MigrationError, match="003_create_knowledge_base.sql"):
+    with pytest.raises(migrate.MigrationError, match=re.escape("003_create_knowledge_base.sql")):
         migrate_dir(empty_db, directory, new)
     assert not table_exists(empty_db, "later_table")
 
@@ -424,7 +467,7 @@ def test_failing_transactional_migration_rolls_back_whole_and_names_file_line_st
     bad.write_text(BAD_TRANSACTIONAL.format(v=v, column="label || ' bis'"))
     assert migrate_dir(empty_db, directory) == [v]
     assert query(empty_db, "SELECT count(*) FROM bad_probe")[0][0] == 4
-    assert recorded_versions(empty_db) == recorded + [v]
+    assert recorded_versions(empty_db) == [*recorded, v]
 
 
 BAD_CONCURRENT = """\
@@ -460,7 +503,9 @@ def test_failing_concurrent_index_leaves_no_invalid_index_behind(empty_db: str, 
     # again finishes the job.
     bad.write_text(BAD_CONCURRENT.format(v=v, fix="DELETE FROM dup_probe WHERE id = 2;"))
     assert migrate_dir(empty_db, directory) == [v]
-    assert query(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'dup_probe_code_key'::regclass") == [(True,)]
+    assert query(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'dup_probe_code_key'::regclass") == [
+        (True,)
+    ]
 
 
 def test_007_before_006_is_refused_and_changes_nothing(empty_db: str) -> None:
@@ -516,9 +561,18 @@ def test_tenant_check_constraints_reject_bad_values(shared_migrated_db: str, val
         conn.rollback()
         # The same row with the offending field fixed is accepted (the test is not vacuous).
         good = ("Ok", "ok-tenant", "CH", "free", "trial")
-        fixed = tuple(g if i == {"tenants_region_valid": 2, "tenants_plan_valid": 3,
-                                 "tenants_status_valid": 4, "tenants_slug_format": 1}[constraint] else v
-                      for i, (v, g) in enumerate(zip(values, good)))
+        fixed = tuple(
+            g
+            if i
+            == {
+                "tenants_region_valid": 2,
+                "tenants_plan_valid": 3,
+                "tenants_status_valid": 4,
+                "tenants_slug_format": 1,
+            }[constraint]
+            else v
+            for i, (v, g) in enumerate(zip(values, good, strict=True))
+        )
         conn.execute(TENANT_INSERT, fixed)
         conn.rollback()
 
@@ -594,20 +648,34 @@ def test_seed_document_tenant_and_membership_inserts_work(migrated_db: str) -> N
     with psycopg.connect(migrated_db) as conn:
         returned = [conn.execute(sql).fetchone() for sql in SEED_TENANT_INSERTS]
         assert [slug for _, slug in returned] == [
-            "ecole-ibn-khaldoun-alger", "cabinet-dupont-geneve", "etude-martin-lausanne", "fiduciaire-bernard-zurich"]
+            "ecole-ibn-khaldoun-alger",
+            "cabinet-dupont-geneve",
+            "etude-martin-lausanne",
+            "fiduciaire-bernard-zurich",
+        ]
         assert all(isinstance(tenant_id, uuid.UUID) for tenant_id, _ in returned)
         rows = conn.execute(
-            "SELECT name, region, plan, status, metadata FROM tenants WHERE slug = 'cabinet-dupont-geneve'").fetchall()
-        assert rows == [("Cabinet Dr. Dupont Genève", "CH", "enterprise", "active",
-                         {"type": "medical", "speciality": "general", "city": "Genève"})]
+            "SELECT name, region, plan, status, metadata FROM tenants WHERE slug = 'cabinet-dupont-geneve'"
+        ).fetchall()
+        assert rows == [
+            (
+                "Cabinet Dr. Dupont Genève",
+                "CH",
+                "enterprise",
+                "active",
+                {"type": "medical", "speciality": "general", "city": "Genève"},
+            )
+        ]
         assert conn.execute("SELECT count(*) FROM tenants WHERE region = 'CH'").fetchone()[0] == 4  # + system-default
 
         # The document links user 1; make sure that user exists, then run its statement as written.
-        conn.execute("INSERT INTO users (id, email, name) VALUES (1, 'directeur@ecole-ibn-khaldoun.dz', 'Karim Haddad')")
+        conn.execute(
+            "INSERT INTO users (id, email, name) VALUES (1, 'directeur@ecole-ibn-khaldoun.dz', 'Karim Haddad')"
+        )
         conn.execute(SEED_TENANT_USER_INSERT)
         assert conn.execute(
-            "SELECT t.slug, tu.user_id, tu.role FROM tenant_users tu JOIN tenants t ON t.id = tu.tenant_id").fetchall() \
-            == [("ecole-ibn-khaldoun-alger", 1, "admin")]
+            "SELECT t.slug, tu.user_id, tu.role FROM tenant_users tu JOIN tenants t ON t.id = tu.tenant_id"
+        ).fetchall() == [("ecole-ibn-khaldoun-alger", 1, "admin")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,5 +698,11 @@ def test_cli_dry_run_and_check_list_pending_and_change_nothing(empty_db: str, fl
     # Nothing was created: not even the tracking table.
     assert schema_snapshot(empty_db) == before
     assert not table_exists(empty_db, "public.schema_migrations")
-    assert query(empty_db, """SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                              WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')""")[0][0] == 0
+    assert (
+        query(
+            empty_db,
+            """SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                              WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')""",
+        )[0][0]
+        == 0
+    )

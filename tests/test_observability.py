@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_support import ApiWorld, api_client, api_world, build_world, fast_settings  # noqa: F401 - fixtures
+from api_support import ApiWorld, build_world, fast_settings
 from iafactory.app import create_app
 from iafactory.auth.dependencies import Viewer
 from iafactory.config import Settings
@@ -78,7 +78,8 @@ async def scrape(client: httpx.AsyncClient) -> str:
 
 # --- access log -------------------------------------------------------------------------------------
 async def test_one_json_access_line_per_request_with_tenant_caller_and_route_template(
-        api_world: ApiWorld, log_lines: LogLines) -> None:
+    api_world: ApiWorld, log_lines: LogLines
+) -> None:
     c, a = api_world.client, api_world.a
     r = await c.post("/api/v1/projects", json={"name": "Suivi"}, headers=a.auth("member"))
     project = r.json()["id"]
@@ -101,14 +102,19 @@ async def test_one_json_access_line_per_request_with_tenant_caller_and_route_tem
     assert by_key["api_key_id"]  # the key's id, never the key
 
 
-async def test_refusals_and_unknown_paths_are_logged_with_bounded_routes(api_world: ApiWorld, log_lines: LogLines) -> None:
+async def test_refusals_and_unknown_paths_are_logged_with_bounded_routes(
+    api_world: ApiWorld, log_lines: LogLines
+) -> None:
     c = api_world.client
     r = await c.get("/api/v1/projects", headers={"X-Request-Id": "no-credential"})
     assert r.status_code == 401
     r = await c.get("/no/such/path/12345", headers={"X-Request-Id": "unknown-path"})
     assert r.status_code == 404
-    r = await c.post("/api/v1/projects", content=b"x" * (api_world.settings.max_body_bytes + 1),
-                     headers={**api_world.a.auth(), "content-type": "application/json", "X-Request-Id": "too-big"})
+    r = await c.post(
+        "/api/v1/projects",
+        content=b"x" * (api_world.settings.max_body_bytes + 1),
+        headers={**api_world.a.auth(), "content-type": "application/json", "X-Request-Id": "too-big"},
+    )
     assert r.status_code == 413
     [refused] = access(log_lines, "no-credential")
     assert (refused["route"], refused["status"], refused["plan"]) == ("/api/v1/projects", 401, "none")
@@ -123,6 +129,7 @@ async def test_an_unexpected_error_is_logged_with_its_request_and_tenant(migrate
     settings = fast_settings(migrated_db)
     async with bootstrap.database(settings, migrated_db) as db:
         app = create_app(settings, db)
+
         @app.get("/api/v1/explode")
         async def explode(s: Viewer) -> None:  # a handler with a bug
             raise RuntimeError("bug in a handler")
@@ -149,8 +156,9 @@ async def test_the_indexing_worker_logs_each_job_with_its_tenant(migrated_db: st
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             world = await build_world(client, migrated_db, settings)
             for tenant in (world.a, world.b):
-                r = await client.post("/api/v1/knowledge-base", json={"title": "t", "content": "un texte"},
-                                      headers=tenant.auth("member"))
+                r = await client.post(
+                    "/api/v1/knowledge-base", json={"title": "t", "content": "un texte"}, headers=tenant.auth("member")
+                )
                 assert r.status_code == 201, r.text
         assert await worker.drain(db, embedder(settings)) == 2
     done = [e for e in log_lines if e["logger"] == "iafactory.worker" and e["message"].startswith("indexed")]
@@ -191,8 +199,14 @@ async def test_metrics_count_requests_by_route_template_and_plan_never_by_tenant
         assert str(tenant.id) not in body and tenant.slug not in body
     label_names = {k for series in samples(body, "iafactory_http_requests_total") for k, _ in series}
     assert label_names == {"route", "method", "status", "plan"}
-    for name in ("iafactory_db_pool_size", "iafactory_db_pool_available", "iafactory_db_pool_requests_waiting",
-                 "iafactory_db_pool_max_size", "iafactory_admission_queue_length", "iafactory_requests_shed_total"):
+    for name in (
+        "iafactory_db_pool_size",
+        "iafactory_db_pool_available",
+        "iafactory_db_pool_requests_waiting",
+        "iafactory_db_pool_max_size",
+        "iafactory_admission_queue_length",
+        "iafactory_requests_shed_total",
+    ):
         assert name in samples_names(body), name
     assert value(body, "iafactory_db_pool_max_size") == api_world.settings.pool_max_size
 
@@ -217,8 +231,11 @@ async def test_job_queue_depth_and_age_across_tenants(api_world: ApiWorld) -> No
     assert value(body, "iafactory_knowledge_jobs_oldest_pending_age_seconds") == 0
     for tenant, n in ((api_world.a, 2), (api_world.b, 1)):
         for i in range(n):
-            r = await c.post("/api/v1/knowledge-base", json={"title": f"doc {i}", "content": "du texte"},
-                             headers=tenant.auth("member"))
+            r = await c.post(
+                "/api/v1/knowledge-base",
+                json={"title": f"doc {i}", "content": "du texte"},
+                headers=tenant.auth("member"),
+            )
             assert r.status_code == 201, r.text
     body = await scrape(c)
     # Nobody indexes here (the test owns the pool: no in-process worker): both tenants' jobs wait.
@@ -233,10 +250,12 @@ async def test_the_job_figures_come_from_a_narrow_definer_function(migrated_db: 
     with psycopg.connect(migrated_db) as conn:
         secdef, config, public = conn.execute(
             """SELECT p.prosecdef, p.proconfig, has_function_privilege('public', p.oid, 'EXECUTE')
-               FROM pg_proc p WHERE p.oid = 'app.knowledge_job_stats'::regproc""").fetchone()
-        assert secdef and "search_path=\"\"" in config and not public
-        assert conn.execute("SELECT has_function_privilege('iaf_app', 'app.knowledge_job_stats()', 'EXECUTE')"
-                            ).fetchone()[0]
+               FROM pg_proc p WHERE p.oid = 'app.knowledge_job_stats'::regproc"""
+        ).fetchone()
+        assert secdef and 'search_path=""' in config and not public
+        assert conn.execute(
+            "SELECT has_function_privilege('iaf_app', 'app.knowledge_job_stats()', 'EXECUTE')"
+        ).fetchone()[0]
 
 
 async def test_admission_placeholders_reach_the_scrape(api_world: ApiWorld) -> None:
@@ -340,8 +359,11 @@ async def test_traces_carry_the_tenant_and_no_sql_literals(migrated_db: str) -> 
             async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
                 world = await build_world(client, migrated_db, settings)
                 exporter.clear()
-                r = await client.post("/api/v1/projects", json={"name": "Projet très confidentiel"},
-                                      headers={**world.a.auth("member"), "X-Request-Id": "traced-1"})
+                r = await client.post(
+                    "/api/v1/projects",
+                    json={"name": "Projet très confidentiel"},
+                    headers={**world.a.auth("member"), "X-Request-Id": "traced-1"},
+                )
                 assert r.status_code == 201
     finally:
         app.state.tracing.shutdown()
@@ -352,8 +374,11 @@ async def test_traces_carry_the_tenant_and_no_sql_literals(migrated_db: str) -> 
     statements = [s.attributes.get("db.statement") or s.attributes.get("db.query.text") for s in spans]
     statements = [st for st in statements if st]
     assert statements, "no database span: psycopg is not instrumented"
-    assert all(s.context.trace_id == server.context.trace_id for s in spans
-               if (s.attributes.get("db.statement") or s.attributes.get("db.query.text")))
+    assert all(
+        s.context.trace_id == server.context.trace_id
+        for s in spans
+        if (s.attributes.get("db.statement") or s.attributes.get("db.query.text"))
+    )
     joined = "\n".join(statements)
     assert "INSERT INTO" in joined and "'?'" in joined
     assert "confidentiel" not in joined and str(world.a.id) not in joined
@@ -378,10 +403,12 @@ def test_nothing_of_tracing_is_loaded_without_an_endpoint() -> None:
     and the instrumentations are ours to load, and stay out.)"""
     import subprocess
 
-    code = ("import sys; from iafactory.app import create_app; from iafactory.config import Settings; "
-            "create_app(Settings(database_url='postgresql://u@127.0.0.1:1/x')); "
-            "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter', "
-            "'opentelemetry.instrumentation', 'iafactory.observability.tracing'))))")
+    code = (
+        "import sys; from iafactory.app import create_app; from iafactory.config import Settings; "
+        "create_app(Settings(database_url='postgresql://u@127.0.0.1:1/x')); "
+        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter', "
+        "'opentelemetry.instrumentation', 'iafactory.observability.tracing'))))"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("OTEL_", "IAFACTORY_OTLP"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -46,8 +46,11 @@ def test_every_third_party_import_in_src_is_a_runtime_dependency() -> None:
     distributions = importlib.metadata.packages_distributions()
     # Optional features (`pip install 'iafactory[otel]'`) are imported only by their own module, and
     # only when the feature is switched on.
-    optional = {extra: _requirement_names(reqs) for extra, reqs in PYPROJECT["project"]["optional-dependencies"].items()
-                if extra != "test"}
+    optional = {
+        extra: _requirement_names(reqs)
+        for extra, reqs in PYPROJECT["project"]["optional-dependencies"].items()
+        if extra != "test"
+    }
     optional_modules = {"otel": {"src/iafactory/observability/tracing.py"}}
     undeclared = {}
     for module, files in sorted(_imported_top_level_modules().items()):

@@ -10,29 +10,37 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from conftest import prepare_sync, run_cli
-from test_migrations import SNAPSHOT_QUERIES, failed_checks, query, schema_snapshot
 
+from conftest import prepare_sync, run_cli
 from iafactory.db import migrate
+from test_migrations import SNAPSHOT_QUERIES, failed_checks, query, schema_snapshot
 
 pytestmark = pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
 
 
 def psql_file(url: str, path: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    return subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", path, url],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", path, url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def summary(url: str) -> dict[str, list[tuple]]:
     """The catalog summary (tables, columns, constraints, indexes, triggers, functions, policies,
     owners and privileges) without the runners' own tracking table."""
-    return {part: [row for row in rows if not any("schema_migrations" in str(v) for v in row)]
-            for part, rows in schema_snapshot(url).items()}
+    return {
+        part: [row for row in rows if not any("schema_migrations" in str(v) for v in row)]
+        for part, rows in schema_snapshot(url).items()
+    }
 
 
 def test_every_migration_runs_with_plain_psql_in_order_and_gives_the_runners_schema(
-        make_database: Callable[[], str]) -> None:
+    make_database: Callable[[], str],
+) -> None:
     plain, by_runner = make_database(), make_database()
     for m in migrate.discover():
         result = psql_file(plain, str(m.path))
@@ -49,7 +57,8 @@ def test_every_migration_runs_with_plain_psql_in_order_and_gives_the_runners_sch
 
     # `verify` finds everything but a record of the migrations (psql keeps none).
     assert failed_checks(plain) == [
-        "migrations applied: " + ", ".join(f"{m.version} (pending)" for m in migrate.discover())]
+        "migrations applied: " + ", ".join(f"{m.version} (pending)" for m in migrate.discover())
+    ]
 
     # A runner adopts the database: every file runs again (they are idempotent) and is recorded,
     # the application's login role (configuration, not SQL) is created; the schema is unchanged.

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import REPO, migrate_sync, run_cli
 
+from conftest import REPO, migrate_sync, run_cli
 from iafactory.db import migrate
 
 SCRIPT = REPO / "scripts" / "run_migrations.sh"
@@ -29,8 +29,9 @@ def script_env(url: str, migrations_dir: Path | None = None) -> dict[str, str]:
 
 
 def run_script(url: str, *args: str, migrations_dir: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          env=script_env(url, migrations_dir), timeout=300)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=script_env(url, migrations_dir), timeout=300
+    )
 
 
 def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
@@ -106,7 +107,8 @@ def test_script_refuses_007_before_006(empty_db: str) -> None:
     result = run_script(empty_db, "007")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
-        "error: 007 cannot run before 006: apply 006 first (or run without an argument to apply everything in order)"]
+        "error: 007 cannot run before 006: apply 006 first (or run without an argument to apply everything in order)"
+    ]
     assert recorded(empty_db) == before
     assert query(empty_db, "SELECT to_regclass('public.tenants')") == [(None,)]
 
@@ -126,10 +128,12 @@ def test_script_check_lists_applied_and_pending_and_applies_nothing(empty_db: st
     result = run_script(empty_db, "--check")
     assert result.returncode == 0, result.stderr
     assert _check_lines(result.stdout) == {
-        m.version: (m.name, "applied" if m.version <= "003" else "pending") for m in files()}
+        m.version: (m.name, "applied" if m.version <= "003" else "pending") for m in files()
+    }
     assert recorded(empty_db) == before
-    assert query(empty_db, "SELECT to_regclass('public.knowledge_base'), to_regclass('public.bolt_workflows')") \
-        == [("knowledge_base", None)]
+    assert query(empty_db, "SELECT to_regclass('public.knowledge_base'), to_regclass('public.bolt_workflows')") == [
+        ("knowledge_base", None)
+    ]
 
 
 def test_script_detects_an_edited_applied_migration(empty_db: str, tmp_path: Path) -> None:
@@ -174,8 +178,9 @@ def _script_applied(stdout: str) -> list[str]:
 def test_script_and_python_runner_at_once_script_holding_the_lock(empty_db: str) -> None:
     """The script takes the lock first; the Python runner waits while the script builds
     indexes CONCURRENTLY (a waiter blocked in pg_advisory_lock would hang that build)."""
-    proc = subprocess.Popen(["bash", str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=script_env(empty_db))
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(empty_db)
+    )
     try:
         # The script prints its first line once it holds the lock and has applied 001.
         first = proc.stdout.readline()
@@ -198,12 +203,20 @@ def test_script_and_python_runner_at_once_python_holding_the_lock(empty_db: str)
 
     def start_script(m: migrate.Migration) -> None:
         if not procs:
-            procs.append(subprocess.Popen(["bash", str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, env=script_env(empty_db)))
+            procs.append(
+                subprocess.Popen(
+                    ["bash", str(SCRIPT)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=script_env(empty_db),
+                )
+            )
 
     try:
-        by_python = [m.version for m in asyncio.run(
-            asyncio.wait_for(migrate.migrate(empty_db, on_start=start_script), 120))]
+        by_python = [
+            m.version for m in asyncio.run(asyncio.wait_for(migrate.migrate(empty_db, on_start=start_script), 120))
+        ]
         assert len(procs) == 1
         out, err = procs[0].communicate(timeout=120)
     finally:
@@ -228,16 +241,23 @@ def test_script_without_database_url_or_embedded_server_refuses(tmp_path: Path) 
     (tmp_path / "scripts").mkdir()
     shutil.copy(SCRIPT, tmp_path / "scripts" / "run_migrations.sh")
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("PG")}
-    env.update(PGHOST=str(tmp_path / "no-server-here"), PGUSER="postgres",
-               IAFACTORY_MIGRATIONS_DIR=str(migrate.MIGRATIONS_DIR))
+    env.update(
+        PGHOST=str(tmp_path / "no-server-here"), PGUSER="postgres", IAFACTORY_MIGRATIONS_DIR=str(migrate.MIGRATIONS_DIR)
+    )
     for args in ([], ["--check"], ["001"]):
-        result = subprocess.run(["bash", str(tmp_path / "scripts" / "run_migrations.sh"), *args],
-                                capture_output=True, text=True, env=env, timeout=60)
+        result = subprocess.run(
+            ["bash", str(tmp_path / "scripts" / "run_migrations.sh"), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert result.returncode == 1
         assert result.stdout == ""
         assert result.stderr.splitlines() == [
             "error: no database: set DATABASE_URL (e.g. postgresql://postgres@127.0.0.1:5432/postgres), "
-            "or run scripts/demo.sh once to use the embedded server"]
+            "or run scripts/demo.sh once to use the embedded server"
+        ]
 
 
 def test_script_without_database_url_uses_the_embedded_server_as_the_cli_does(tmp_path: Path) -> None:
@@ -247,8 +267,13 @@ def test_script_without_database_url_uses_the_embedded_server_as_the_cli_does(tm
     try:
         result = subprocess.run(["bash", str(SCRIPT), "--check"], capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr
-        url = subprocess.run([str(REPO / ".venv" / "bin" / "iafactory"), "db", "url"], capture_output=True,
-                             text=True, env=env, check=True).stdout.strip()
+        url = subprocess.run(
+            [str(REPO / ".venv" / "bin" / "iafactory"), "db", "url"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        ).stdout.strip()
         assert f"DATABASE_URL is not set: using {url} (from .venv/bin/iafactory db url)" in result.stderr
         assert _check_lines(result.stdout) == {m.version: (m.name, "pending") for m in files()}
         assert recorded(url) == []
@@ -263,8 +288,11 @@ def test_script_check_on_a_fresh_database_writes_nothing(empty_db: str) -> None:
     assert result.returncode == 0, result.stderr
     assert _check_lines(result.stdout) == {m.version: (m.name, "pending") for m in files()}
     assert query(empty_db, "SELECT to_regclass('public.schema_migrations')") == [(None,)]
-    assert query(empty_db, """SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                              WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')""") == [(0,)]
+    assert query(
+        empty_db,
+        """SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                              WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')""",
+    ) == [(0,)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,19 +301,25 @@ def test_script_check_on_a_fresh_database_writes_nothing(empty_db: str) -> None:
 
 
 def _grants_on_tracking_table(url: str) -> list[tuple]:
-    return query(url, """SELECT a.grantee::regrole::text, a.privilege_type
+    return query(
+        url,
+        """SELECT a.grantee::regrole::text, a.privilege_type
                          FROM pg_class c, aclexplode(c.relacl) a
-                         WHERE c.oid = 'public.schema_migrations'::regclass AND a.grantee <> c.relowner""")
+                         WHERE c.oid = 'public.schema_migrations'::regclass AND a.grantee <> c.relowner""",
+    )
 
 
 @pytest.mark.parametrize("runner", ["python", "psql"])
 def test_runner_creating_the_tracking_table_keeps_it_from_the_application(empty_db: str, runner: str) -> None:
     """008 cannot revoke on a table that plain psql never made; a DBA's default privileges must not
     hand it to the application (or to everyone) when a runner creates it later."""
-    execute(empty_db, """DO $$ BEGIN
+    execute(
+        empty_db,
+        """DO $$ BEGIN
                          IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'iaf_app') THEN
                            CREATE ROLE iaf_app NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
-                         END IF; END $$""")
+                         END IF; END $$""",
+    )
     execute(empty_db, "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT ON TABLES TO PUBLIC, iaf_app")
     if runner == "python":
         assert [m.version for m in migrate_sync(empty_db, "001")] == ["001"]
@@ -296,8 +330,10 @@ def test_runner_creating_the_tracking_table_keeps_it_from_the_application(empty_
     assert _grants_on_tracking_table(empty_db) == []
     # The default privileges were in force: the migration's own table got them.
     assert ("iaf_app", "SELECT") in query(
-        empty_db, """SELECT a.grantee::regrole::text, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a
-                     WHERE c.oid = 'public.users'::regclass""")
+        empty_db,
+        """SELECT a.grantee::regrole::text, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a
+                     WHERE c.oid = 'public.users'::regclass""",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,13 +378,14 @@ def test_the_listed_old_checksum_is_the_old_008() -> None:
 
 @pytest.mark.parametrize("first", ["python", "psql"])
 def test_database_migrated_with_the_old_008_stays_valid_for_both_runners(
-        empty_db: str, tmp_path: Path, first: str) -> None:
+    empty_db: str, tmp_path: Path, first: str
+) -> None:
     before_fix = migrations_with_old_008(tmp_path)
     if first == "python":
         migrate_sync(empty_db, migrations=migrate.discover(before_fix))
     else:
         assert run_script(empty_db, migrations_dir=before_fix).returncode == 0
-    old_sum = dict((v, c) for v, c, _ in recorded(empty_db))["008"]
+    old_sum = {v: c for v, c, _ in recorded(empty_db)}["008"]
     assert old_sum != next(m.checksum for m in files() if m.version == "008")
 
     # Today's files: nothing "changed", nothing to do, for either runner.
@@ -366,7 +403,7 @@ def test_database_migrated_with_the_old_008_stays_valid_for_both_runners(
     assert script.stdout.strip() == "Database is up to date."
     assert verify_ok(empty_db)
     # The record keeps what really ran.
-    assert dict((v, c) for v, c, _ in recorded(empty_db))["008"] == old_sum
+    assert {v: c for v, c, _ in recorded(empty_db)}["008"] == old_sum
 
 
 def test_a_checksum_not_listed_is_still_changed(empty_db: str, tmp_path: Path) -> None:

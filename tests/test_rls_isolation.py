@@ -6,97 +6,20 @@ covered by every test below without anyone remembering to add it.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from catalog_rows import TableInfo, insert_order, load_tables, row_for
-from conftest import _create_database, _drop_database, prepare_sync, settings_for
-from iafactory.db import server
-
-TENANT_A = uuid.UUID("aaaaaaaa-0000-4000-8000-00000000000a")
-TENANT_B = uuid.UUID("bbbbbbbb-0000-4000-8000-00000000000b")
-
-
-def app_url(admin_url: str) -> str:
-    return server.app_conninfo(settings_for(admin_url), admin_url)
-
-
-def set_tenant(conn: psycopg.Connection, tenant: uuid.UUID | None) -> None:
-    if tenant is not None:
-        conn.execute(sql.SQL("SET LOCAL app.tenant_id = {}").format(sql.Literal(str(tenant))))
-
-
-def pk_where(table: TableInfo, row: dict[str, Any]) -> tuple[sql.Composable, list[Any]]:
-    cols = table.primary_key
-    cond = sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in cols)
-    return cond, [row[c] for c in cols]
-
-
-def insert_row(conn: psycopg.Connection, table: str, values: dict[str, Any]) -> dict[str, Any]:
-    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-    if not values:
-        return cur.execute(sql.SQL("INSERT INTO {} DEFAULT VALUES RETURNING *").format(sql.Identifier(table))).fetchone()
-    query = sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
-        sql.Identifier(table),
-        sql.SQL(", ").join(map(sql.Identifier, values)),
-        sql.SQL(", ").join(sql.Placeholder() * len(values)),
-    )
-    return cur.execute(query, list(values.values())).fetchone()
+from catalog_rows import TENANT_A, TENANT_B, insert_order, insert_row, pk_where, row_for, set_tenant
+from conftest import settings_for
 
 
 @pytest.fixture(scope="module")
-def world(server_url: str) -> Iterator[dict[str, Any]]:
-    """A migrated database with tenants A and B and, in every tenant table, a row of each,
-    inserted through the application role inside each tenant's own transaction."""
-    name, admin = _create_database(server_url)
-    try:
-        prepare_sync(admin)
-        with psycopg.connect(admin, autocommit=True) as conn:
-            for tid, slug in ((TENANT_A, "tenant-a"), (TENANT_B, "tenant-b")):
-                conn.execute("INSERT INTO tenants (id, name, slug, region, plan, status) "
-                             "VALUES (%s, %s, %s, 'CH', 'pro', 'active')", (tid, slug, slug))
-                # Billable tables (e.g. pme_analyses) debit credits on insert.
-                conn.execute("SELECT platform.grant_credits(%s, 1000, 'test credits', 'seed')", (tid,))
-            tables = load_tables(conn)
-            user_id = conn.execute("INSERT INTO users (email, name) VALUES ('sample@example.ch', 'Sample') "
-                                   "RETURNING id").fetchone()[0]
-        global_rows = {"users": {"id": user_id}}
-        rows: dict[str, dict[uuid.UUID, dict[str, Any]]] = {}
-        with psycopg.connect(app_url(admin)) as conn:
-            for tenant in (TENANT_A, TENANT_B):
-                parents: dict[str, dict[str, Any]] = {}
-                for table in insert_order(tables):
-                    # One committed transaction per row, so that rows the owner seeds can reference them.
-                    values = row_for(tables[table], tenant, parents, global_rows)
-                    try:
-                        with conn.transaction():
-                            set_tenant(conn, tenant)
-                            row = insert_row(conn, table, values)
-                    except psycopg.errors.InsufficientPrivilege:
-                        # Not writable by the application at all (e.g. the credit ledger, which
-                        # only definer functions write): seed it as the owner instead.
-                        with psycopg.connect(admin, autocommit=True) as owner:
-                            row = insert_row(owner, table, values)
-                    except psycopg.errors.UniqueViolation:
-                        # One row per tenant that already exists (e.g. the billing account the
-                        # credit grant opened): use it.
-                        cond, params = pk_where(tables[table], values)
-                        with psycopg.connect(admin) as owner:
-                            row = owner.cursor(row_factory=psycopg.rows.dict_row).execute(
-                                sql.SQL("SELECT * FROM {} WHERE {}").format(sql.Identifier(table), cond), params
-                            ).fetchone()
-                    except psycopg.Error as err:
-                        raise AssertionError(f"cannot insert a sample row into {table}: {err}") from err
-                    parents[table] = row
-                    rows.setdefault(table, {})[tenant] = row
-        yield {"admin": admin, "app": app_url(admin), "tables": tables, "rows": rows, "globals": global_rows}
-    finally:
-        _drop_database(server_url, name)
+def world(catalog_world: dict[str, Any]) -> dict[str, Any]:
+    """This module's tenants A and B with a row in every tenant table (catalog_rows.catalog_world)."""
+    return catalog_world
 
 
 def test_catalog_finds_the_tenant_tables(world: dict[str, Any]) -> None:
@@ -108,21 +31,24 @@ def test_catalog_finds_the_tenant_tables(world: dict[str, Any]) -> None:
 def test_every_tenant_table_has_forced_rls_and_the_tenant_policy(world: dict[str, Any]) -> None:
     problems = []
     with psycopg.connect(world["admin"]) as conn:
-        for table in list(world["tables"]) + ["tenants"]:
+        for table in [*list(world["tables"]), "tenants"]:
             enabled, forced = conn.execute(
                 "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = %s::regclass", (table,)
             ).fetchone()
             policies = conn.execute(
                 """SELECT polname, polroles::regrole[]::text[], pg_get_expr(polqual, polrelid),
                           pg_get_expr(polwithcheck, polrelid)
-                   FROM pg_policy WHERE polrelid = %s::regclass""", (table,)).fetchall()
+                   FROM pg_policy WHERE polrelid = %s::regclass""",
+                (table,),
+            ).fetchall()
             if not (enabled and forced):
                 problems.append(f"{table}: RLS enabled={enabled} forced={forced}")
             column = "id" if table == "tenants" else "tenant_id"
             tenant_policies = [p for p in policies if "current_tenant_id()" in (p[2] or "")]
             # No subquery (019): a distributed table's shards cannot evaluate one.
-            if not tenant_policies or any(p[2] != f"({column} = app.current_tenant_id())"
-                                          or p[2] != p[3] for p in tenant_policies):
+            if not tenant_policies or any(
+                p[2] != f"({column} = app.current_tenant_id())" or p[2] != p[3] for p in tenant_policies
+            ):
                 problems.append(f"{table}: no tenant policy with matching USING/WITH CHECK: {policies}")
             # Any other policy may only be for the definer role, never for the application.
             for pol in policies:
@@ -136,26 +62,39 @@ def test_application_role_is_powerless_outside_rls(world: dict[str, Any]) -> Non
     with psycopg.connect(world["admin"]) as conn:
         role = conn.execute(
             "SELECT rolsuper, rolbypassrls, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = %s",
-            (settings.app_db_user,)).fetchone()
+            (settings.app_db_user,),
+        ).fetchone()
         assert role == (False, False, False, False)
         owned = conn.execute(
             """SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner
-               WHERE r.rolname IN (%s, 'iaf_app')""", (settings.app_db_user,)).fetchone()[0]
+               WHERE r.rolname IN (%s, 'iaf_app')""",
+            (settings.app_db_user,),
+        ).fetchone()[0]
         owned += conn.execute(
             """SELECT count(*) FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
-               WHERE r.rolname IN (%s, 'iaf_app')""", (settings.app_db_user,)).fetchone()[0]
+               WHERE r.rolname IN (%s, 'iaf_app')""",
+            (settings.app_db_user,),
+        ).fetchone()[0]
         assert owned == 0
-        memberships = [r[0] for r in conn.execute(
-            """SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
-               JOIN pg_roles u ON u.oid = m.member WHERE u.rolname = %s""", (settings.app_db_user,))]
+        memberships = [
+            r[0]
+            for r in conn.execute(
+                """SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+               JOIN pg_roles u ON u.oid = m.member WHERE u.rolname = %s""",
+                (settings.app_db_user,),
+            )
+        ]
         assert memberships == ["iaf_app"]
-        group = conn.execute("SELECT rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = 'iaf_app'").fetchone()
+        group = conn.execute(
+            "SELECT rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = 'iaf_app'"
+        ).fetchone()
         assert group == (False, False, False)
         # Every table in public (tenant tables, tenants, users) is owned by iaf_owner.
         owners = conn.execute(
             """SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c
                WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
-                 AND c.relname <> 'schema_migrations'""").fetchall()
+                 AND c.relname <> 'schema_migrations'"""
+        ).fetchall()
         assert {o for _, o in owners} == {"iaf_owner"}, owners
     with psycopg.connect(world["app"]) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT * FROM schema_migrations")
@@ -167,10 +106,13 @@ def test_other_tenants_rows_are_invisible(world: dict[str, Any]) -> None:
         for table in world["tables"]:
             with conn.transaction():
                 set_tenant(conn, TENANT_A)
-                seen = conn.execute(sql.SQL("SELECT DISTINCT tenant_id FROM {}").format(sql.Identifier(table))).fetchall()
+                seen = conn.execute(
+                    sql.SQL("SELECT DISTINCT tenant_id FROM {}").format(sql.Identifier(table))
+                ).fetchall()
                 # Even asking for B explicitly returns nothing.
-                asked = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(
-                    sql.Identifier(table)), (TENANT_B,)).fetchone()[0]
+                asked = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.Identifier(table)), (TENANT_B,)
+                ).fetchone()[0]
             if seen != [(TENANT_A,)] or asked != 0:
                 leaks.append(f"{table}: saw {seen}, asked for B got {asked}")
         with conn.transaction():
@@ -208,8 +150,12 @@ def test_updates_and_deletes_cannot_touch_other_tenants_rows(world: dict[str, An
         set_tenant(conn, TENANT_B)
         for name, table in world["tables"].items():
             cond, params = pk_where(table, world["rows"][name][TENANT_B])
-            assert conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-                sql.Identifier(name), cond), params).fetchone()[0] == 1, name
+            assert (
+                conn.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE {}").format(sql.Identifier(name), cond), params
+                ).fetchone()[0]
+                == 1
+            ), name
         assert conn.execute("SELECT name FROM tenants").fetchone()[0] == "tenant-b"
 
 
@@ -237,8 +183,10 @@ def test_moving_a_row_to_another_tenant_is_refused(world: dict[str, Any]) -> Non
             try:
                 with conn.transaction():
                     set_tenant(conn, TENANT_A)
-                    n = conn.execute(sql.SQL("UPDATE {} SET tenant_id = %s WHERE {}").format(
-                        sql.Identifier(name), cond), [TENANT_B, *params]).rowcount
+                    n = conn.execute(
+                        sql.SQL("UPDATE {} SET tenant_id = %s WHERE {}").format(sql.Identifier(name), cond),
+                        [TENANT_B, *params],
+                    ).rowcount
                 moved.append(f"{name}: {n} row(s)")
             except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ForeignKeyViolation):
                 pass
@@ -289,7 +237,7 @@ def test_composite_foreign_keys_refuse_cross_tenant_references_even_for_the_owne
     checked = 0
     with psycopg.connect(world["admin"]) as conn:
         for name, table in world["tables"].items():
-            for local, ref, remote in table.references:
+            for local, ref, _remote in table.references:
                 if "tenant_id" not in local or len(local) < 2:
                     continue
                 parents = {r: world["rows"][r][TENANT_A] for _, r, _ in table.references}
@@ -307,7 +255,8 @@ def test_definer_functions_are_narrow_and_pinned(world: dict[str, Any]) -> None:
         rows = conn.execute(
             """SELECT p.oid::regprocedure::text, p.prosecdef, p.proconfig, pg_get_userbyid(p.proowner),
                       has_function_privilege('public', p.oid, 'EXECUTE')
-               FROM pg_proc p WHERE p.pronamespace IN ('app'::regnamespace, 'platform'::regnamespace)""").fetchall()
+               FROM pg_proc p WHERE p.pronamespace IN ('app'::regnamespace, 'platform'::regnamespace)"""
+        ).fetchall()
     definers = [r for r in rows if r[1]]
     assert definers, "expected SECURITY DEFINER functions"
     for sig, _, config, owner, public_exec in definers:

@@ -56,6 +56,7 @@ def migrated(url: str) -> bool:
 
 # --- the embedded default ----------------------------------------------------------------------
 
+
 def test_embedded_default_generates_private_secrets_and_keeps_them(tmp_path: Path) -> None:
     first = with_embedded_secrets(Settings(database_url=None, data_dir=tmp_path))
     values = {name: first.secret(name) for name in secret_store.GENERATED}
@@ -117,6 +118,7 @@ def test_a_store_readable_by_others_is_refused(tmp_path: Path) -> None:
 
 # --- serve refuses public or missing secrets -----------------------------------------------------
 
+
 def test_serve_with_database_url_and_no_secrets_refuses_to_start(empty_db: str, tmp_path: Path) -> None:
     line = one_error_line(iafactory("serve", env=clean_env(DATABASE_URL=empty_db), cwd=tmp_path))
     for name in ("IAFACTORY_JWT_SECRET", "IAFACTORY_API_KEY_SECRET", "IAFACTORY_APP_DB_PASSWORD"):
@@ -124,10 +126,13 @@ def test_serve_with_database_url_and_no_secrets_refuses_to_start(empty_db: str, 
     assert not migrated(empty_db)  # refused before touching the database
 
 
-@pytest.mark.parametrize(("value", "said"), [
-    (OLD_JWT_DEFAULT, "a public development value"),
-    ("short-secret", "too short: at least 32 bytes"),
-])
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (OLD_JWT_DEFAULT, "a public development value"),
+        ("short-secret", "too short: at least 32 bytes"),
+    ],
+)
 def test_serve_refuses_a_public_or_short_jwt_secret(empty_db: str, tmp_path: Path, value: str, said: str) -> None:
     env = clean_env(**{**SECRET_ENV, "IAFACTORY_JWT_SECRET": value}, DATABASE_URL=empty_db)
     line = one_error_line(iafactory("serve", "--no-migrate", env=env, cwd=tmp_path))
@@ -155,8 +160,10 @@ def test_serve_on_a_public_interface_needs_configured_secrets(tmp_path: Path) ->
 def test_serving_checks_accept_real_secrets(tmp_path: Path) -> None:
     """Control for the refusals above: the same checks pass with configured secrets, and with
     generated ones on loopback."""
-    configured = Settings(database_url="postgresql://x@db.example/app",
-                          **{k.removeprefix("IAFACTORY_").lower(): v for k, v in SECRET_ENV.items()})
+    configured = Settings(
+        database_url="postgresql://x@db.example/app",
+        **{k.removeprefix("IAFACTORY_").lower(): v for k, v in SECRET_ENV.items()},
+    )
     assert serving_problems(configured, "0.0.0.0") == []
     embedded = with_embedded_secrets(Settings(database_url=None, data_dir=tmp_path))
     assert serving_problems(embedded, "127.0.0.1") == []
@@ -165,9 +172,11 @@ def test_serving_checks_accept_real_secrets(tmp_path: Path) -> None:
 
 
 def test_a_previous_jwt_key_needs_an_expiry() -> None:
-    settings = Settings(database_url="postgresql://x@db.example/app",
-                        **{k.removeprefix("IAFACTORY_").lower(): v for k, v in SECRET_ENV.items()},
-                        jwt_previous_secret="the-key-we-signed-with-until-today-0123456789")
+    settings = Settings(
+        database_url="postgresql://x@db.example/app",
+        **{k.removeprefix("IAFACTORY_").lower(): v for k, v in SECRET_ENV.items()},
+        jwt_previous_secret="the-key-we-signed-with-until-today-0123456789",
+    )
     assert any("IAFACTORY_JWT_PREVIOUS_SECRET_EXPIRES_AT is not set" in p for p in serving_problems(settings, "::1"))
 
 

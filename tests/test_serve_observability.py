@@ -61,7 +61,9 @@ class Server:
 
     def access(self, request_ids: set[str]) -> list[dict[str, Any]]:
         with self.changed:
-            return [e for e in self.lines if e.get("logger") == "iafactory.access" and e.get("request_id") in request_ids]
+            return [
+                e for e in self.lines if e.get("logger") == "iafactory.access" and e.get("request_id") in request_ids
+            ]
 
 
 def free_port() -> int:
@@ -74,17 +76,33 @@ def free_port() -> int:
 def served(migrated_db: str, tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith("OTEL_")}
-    env.update({**SECRET_ENV, "DATABASE_URL": migrated_db, "IAFACTORY_METRICS_TOKEN": TOKEN, "IAFACTORY_LOG_FORMAT": "json",
-                "IAFACTORY_LOG_LEVEL": "INFO", "IAFACTORY_RUN_WORKER": "false", "TMPDIR": str(tmp_path)})
+    env.update(
+        {
+            **SECRET_ENV,
+            "DATABASE_URL": migrated_db,
+            "IAFACTORY_METRICS_TOKEN": TOKEN,
+            "IAFACTORY_LOG_FORMAT": "json",
+            "IAFACTORY_LOG_LEVEL": "INFO",
+            "IAFACTORY_RUN_WORKER": "false",
+            "TMPDIR": str(tmp_path),
+        }
+    )
     exe = Path(sys.executable).with_name("iafactory")
-    proc = subprocess.Popen([str(exe), "serve", "--workers", "2", "--port", str(port), "--no-migrate"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--workers", "2", "--port", str(port), "--no-migrate"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     server = Server(proc, f"http://127.0.0.1:{port}")
     reader = threading.Thread(target=server.read, args=(proc.stderr,), daemon=True)
     reader.start()
     try:
-        server.wait_for("two workers started", lambda lines: len(
-            {e["pid"] for e in lines if e.get("message") == "Application startup complete."}) == 2)
+        server.wait_for(
+            "two workers started",
+            lambda lines: len({e["pid"] for e in lines if e.get("message") == "Application startup complete."}) == 2,
+        )
         yield server
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -109,16 +127,19 @@ async def seed_tenant(admin_url: str) -> tuple[uuid.UUID, str]:
     tag = uuid.uuid4().hex[:6]
     settings = fast_settings(admin_url)
     async with operator_transaction(admin_url) as tx:
-        tenant = await service.create_tenant(tx, TenantCreate(name="Observée", slug=f"observed-{tag}", region="CH",
-                                                              plan="pro", status="active"))
+        tenant = await service.create_tenant(
+            tx, TenantCreate(name="Observée", slug=f"observed-{tag}", region="CH", plan="pro", status="active")
+        )
         email = f"owner-{tag}@example.ch"
-        await service.add_member(tx, tenant.slug, email, "owner", name="Owner",
-                                 password_hash=await hash_password(settings, PASSWORD))
+        await service.add_member(
+            tx, tenant.slug, email, "owner", name="Owner", password_hash=await hash_password(settings, PASSWORD)
+        )
     return tenant.id, email
 
 
 async def test_serve_with_two_workers_logs_every_request_and_sums_metrics(
-        served: Server, migrated_db: str, tmp_path: Path) -> None:
+    served: Server, migrated_db: str, tmp_path: Path
+) -> None:
     tenant_id, email = await seed_tenant(migrated_db)
     multiproc = [p for p in tmp_path.iterdir() if p.name.startswith("iafactory-metrics-")]
     assert len(multiproc) == 1  # made by `serve` for its workers
@@ -143,14 +164,18 @@ async def test_serve_with_two_workers_logs_every_request_and_sums_metrics(
             batch = {f"get-{len(sent) + i}" for i in range(20)}
             await asyncio.gather(*(get(rid, owner) for rid in batch))
             sent |= batch
-            served.wait_for("an access line per request", lambda _: len(served.access(sent)) == len(sent))
+            served.wait_for("an access line per request", lambda _, sent=sent: len(served.access(sent)) == len(sent))
 
         lines = served.access(sent)
         assert len(lines) == len(sent) and {e["request_id"] for e in lines} == sent  # one line each
         for line in lines:
             assert line["tenant_id"] == str(tenant_id) and isinstance(line["user_id"], int)
             assert (line["route"], line["method"], line["status"], line["plan"]) == (
-                "/api/v1/projects/{item_id}", "GET", 200, "pro")
+                "/api/v1/projects/{item_id}",
+                "GET",
+                200,
+                "pro",
+            )
             assert line["duration_ms"] >= 0 and line["client_ip"] == "127.0.0.1" and line["level"] == "info"
 
         r = await client.post("/api/v1/api-keys", json={"name": "reader", "scope": "read"}, headers=owner)
@@ -164,8 +189,9 @@ async def test_serve_with_two_workers_logs_every_request_and_sums_metrics(
             r = await client.post("/api/v1/auth/login", json={"email": email, "password": "not-the-password"})
             assert r.status_code == 401
         for i in range(2):
-            r = await client.post("/api/v1/knowledge-base", json={"title": f"doc {i}", "content": "texte"},
-                                  headers=owner)
+            r = await client.post(
+                "/api/v1/knowledge-base", json={"title": f"doc {i}", "content": "texte"}, headers=owner
+            )
             assert r.status_code == 201, r.text
 
         assert (await client.get("/metrics")).status_code == 401

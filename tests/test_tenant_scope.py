@@ -25,8 +25,10 @@ def create_tenants(admin_url: str, n: int) -> list[uuid.UUID]:
     ids = [uuid.uuid4() for _ in range(n)]
     with psycopg.connect(admin_url, autocommit=True) as conn:
         for tid in ids:
-            conn.execute("INSERT INTO tenants (id, name, slug, region) VALUES (%s, %s, %s, 'FR')",
-                         (tid, f"t {tid}", f"t-{tid.hex[:16]}"))
+            conn.execute(
+                "INSERT INTO tenants (id, name, slug, region) VALUES (%s, %s, %s, 'FR')",
+                (tid, f"t {tid}", f"t-{tid.hex[:16]}"),
+            )
     return ids
 
 
@@ -157,7 +159,9 @@ async def test_random_operations_by_random_tenants_match_a_model(small_pool: Dat
         ctx = TenantContext(tenant_id=t)
         async with small_pool.tenant(ctx) as tx:
             if op[0] == "insert":
-                new_id = await tx.fetchval("INSERT INTO projects (tenant_id, name) VALUES (%s, %s) RETURNING id", (t, op[2]))
+                new_id = await tx.fetchval(
+                    "INSERT INTO projects (tenant_id, name) VALUES (%s, %s) RETURNING id", (t, op[2])
+                )
                 model[t][new_id] = op[2]
             elif op[0] in ("rename", "delete") and model[t]:
                 target = sorted(model[t])[op[2] % len(model[t])]

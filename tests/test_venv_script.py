@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO
 
 PYPROJECT = """\
@@ -43,14 +44,27 @@ def ensure_venv(project: Path, extra: str = "") -> subprocess.CompletedProcess:
     # Offline: nothing from an index (the upgrade of pip finds nothing newer and is a no-op).
     env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull)
     env["PYTHON"] = shutil.which("python3") or "python3"
-    return subprocess.run(["bash", "-c", f"set -euo pipefail; . scripts/_venv.sh; ensure_venv {extra}"],
-                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", "-c", f"set -euo pipefail; . scripts/_venv.sh; ensure_venv {extra}"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def installed_version(project: Path) -> str:
-    out = subprocess.run([str(project / ".venv" / "bin" / "python"), "-c",
-                          "import importlib.metadata as m; print(m.version('tiny-venv-check'))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            str(project / ".venv" / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('tiny-venv-check'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 

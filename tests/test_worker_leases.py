@@ -11,6 +11,7 @@ job for as long as the test wants, and the test knows when it got there. Nothing
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ from iafactory.knowledge.embeddings import OpenAICompatibleEmbedder
 
 EXE = str(Path(sys.executable).with_name("iafactory"))
 WAIT = 120  # seconds: a bound on every wait below, never a synchronisation
-LEASE = 6   # a short lease, renewed every 2 s
+LEASE = 6  # a short lease, renewed every 2 s
 
 
 class EmbeddingService:
@@ -48,12 +49,13 @@ class EmbeddingService:
         service = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:  # http.server's naming
                 texts = json.loads(self.rfile.read(int(self.headers["content-length"])))["input"]
                 service.arrived.set()
                 service.release.wait(WAIT)
-                body = json.dumps({"data": [{"index": i, "embedding": [1.0, 0.0, 0.0, 0.0]}
-                                            for i in range(len(texts))]}).encode()
+                body = json.dumps(
+                    {"data": [{"index": i, "embedding": [1.0, 0.0, 0.0, 0.0]} for i in range(len(texts))]}
+                ).encode()
                 try:
                     self.send_response(200)
                     self.send_header("content-type", "application/json")
@@ -92,27 +94,43 @@ def admin(url: str, query: str, params: Any = ()) -> list[dict[str, Any]]:
 def new_document(url: str) -> tuple[uuid.UUID, int]:
     """A tenant and one document in it; the document's insert queues its indexing job."""
     slug = f"lease-{uuid.uuid4().hex[:8]}"
-    [tenant] = admin(url, "INSERT INTO tenants (name, slug, region, plan, status) VALUES (%s, %s, 'CH', 'pro', "
-                          "'active') RETURNING id", (slug, slug))
-    [doc] = admin(url, "INSERT INTO knowledge_base (tenant_id, title, content) VALUES (%s, %s, %s) RETURNING id",
-                  (tenant["id"], "Règlement de la bibliothèque", "Les livres sont prêtés pour trois semaines."))
+    [tenant] = admin(
+        url,
+        "INSERT INTO tenants (name, slug, region, plan, status) VALUES (%s, %s, 'CH', 'pro', 'active') RETURNING id",
+        (slug, slug),
+    )
+    [doc] = admin(
+        url,
+        "INSERT INTO knowledge_base (tenant_id, title, content) VALUES (%s, %s, %s) RETURNING id",
+        (tenant["id"], "Règlement de la bibliothèque", "Les livres sont prêtés pour trois semaines."),
+    )
     return tenant["id"], doc["id"]
 
 
 def state(url: str, document_id: int) -> dict[str, Any]:
-    [row] = admin(url, """SELECT j.status, j.attempts, j.lease_until, j.lease_token, j.locked_at, j.worker,
+    [row] = admin(
+        url,
+        """SELECT j.status, j.attempts, j.lease_until, j.lease_token, j.locked_at, j.worker,
                                  j.lease_until > now() AS leased, now() - j.locked_at AS held_for,
                                  d.index_status
                           FROM knowledge_jobs j JOIN knowledge_base d ON d.tenant_id = j.tenant_id AND d.id = j.document_id
-                          WHERE j.document_id = %s""", (document_id,))
+                          WHERE j.document_id = %s""",
+        (document_id,),
+    )
     return row
 
 
 def env_for(url: str, service: EmbeddingService, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAFACTORY_")}
     env.update(SECRET_ENV)
-    env.update(DATABASE_URL=url, IAFACTORY_EMBEDDING_PROVIDER="openai", IAFACTORY_EMBEDDING_URL=service.url,
-               IAFACTORY_EMBEDDING_MODEL="held-back", IAFACTORY_WORKER_LEASE_SECONDS=str(LEASE), **extra)
+    env.update(
+        DATABASE_URL=url,
+        IAFACTORY_EMBEDDING_PROVIDER="openai",
+        IAFACTORY_EMBEDDING_URL=service.url,
+        IAFACTORY_EMBEDDING_MODEL="held-back",
+        IAFACTORY_WORKER_LEASE_SECONDS=str(LEASE),
+        **extra,
+    )
     return env
 
 
@@ -147,8 +165,9 @@ async def index_with(url: str, service: EmbeddingService) -> int:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", ["worker", "serve"])
-async def test_sigterm_during_indexing_gives_the_job_back(migrated_db: str, service: EmbeddingService,
-                                                          kind: str) -> None:
+async def test_sigterm_during_indexing_gives_the_job_back(
+    migrated_db: str, service: EmbeddingService, kind: str
+) -> None:
     _, doc = new_document(migrated_db)
     proc = start(kind, migrated_db, service)
     try:
@@ -177,7 +196,8 @@ async def test_sigterm_during_indexing_gives_the_job_back(migrated_db: str, serv
 
 @pytest.mark.anyio
 async def test_a_running_job_keeps_its_lease_and_a_killed_workers_job_is_taken_after_it(
-        migrated_db: str, service: EmbeddingService) -> None:
+    migrated_db: str, service: EmbeddingService
+) -> None:
     _, doc = new_document(migrated_db)
     proc = start("worker", migrated_db, service)
     try:
@@ -186,7 +206,7 @@ async def test_a_running_job_keeps_its_lease_and_a_killed_workers_job_is_taken_a
         # The heartbeat keeps the job beyond its first lease while the worker lives...
         deadline = time.monotonic() + WAIT
         while state(migrated_db, doc)["held_for"].total_seconds() <= LEASE + 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         renewed = state(migrated_db, doc)
         assert renewed["held_for"].total_seconds() > LEASE + 1
         assert renewed["status"] == "running" and renewed["leased"], renewed
@@ -207,7 +227,7 @@ async def test_a_running_job_keeps_its_lease_and_a_killed_workers_job_is_taken_a
     while not ran and time.monotonic() < deadline:
         ran = await index_with(migrated_db, service)
         if not ran:
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
     assert ran == 1
     done = state(migrated_db, doc)
     assert (done["status"], done["attempts"], done["index_status"]) == ("done", 2, "indexed")

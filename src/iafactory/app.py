@@ -1,4 +1,5 @@
-"""The FastAPI application: every resource under /api/v1, problem+json errors, one pool."""
+"""The FastAPI application: every resource under /api/v1, problem+json errors, one pool, and the
+admission control of one worker process (`app.state.load`)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 
+from iafactory.admission import AdmissionMiddleware, CpuWork, LoadControl
 from iafactory.config import Settings, get_settings
 from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
 from iafactory.http import docs, problems
 from iafactory.http.middleware import RequestContextMiddleware
-from iafactory.observability import logs, metrics
 from iafactory.http.security import SecurityHeadersMiddleware
+from iafactory.observability import logs, metrics
 from iafactory.plans.ratelimit import RedisRateLimiter
 
 log = logging.getLogger("iafactory")
@@ -35,8 +37,9 @@ def api_routers() -> list:
     return [auth_router, tenancy_router, audit_router, *resource_routers()]
 
 
-def create_app(settings: Settings | None = None, database: Database | None = None, *,
-               span_exporter: Any = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, database: Database | None = None, *, span_exporter: Any = None
+) -> FastAPI:
     """`database` lets a caller (tests, benchmarks) own the pool; otherwise the lifespan opens one.
     `span_exporter` turns tracing on with that exporter (tests); otherwise tracing is on when an
     OTLP endpoint is configured."""
@@ -52,6 +55,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             db = bootstrap.database(settings, server.admin_conninfo(settings))
             await db.open()
             app.state.db = db
+        app.state.load.database = app.state.db
         if settings.redis_url:
             app.state.rate_limiter = RedisRateLimiter(settings.redis_url, app.state.db)
         worker_task, stop = None, asyncio.Event()
@@ -61,8 +65,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             from iafactory.knowledge import worker
             from iafactory.knowledge.embeddings import embedder
 
-            worker_task = asyncio.create_task(worker.run_forever(app.state.db, embedder(settings), stop,
-                                                                 lease_seconds=settings.worker_lease_seconds))
+            worker_task = asyncio.create_task(
+                worker.run_forever(app.state.db, embedder(settings), stop, lease_seconds=settings.worker_lease_seconds)
+            )
         pool_gauges = asyncio.create_task(metrics.refresh_pool_forever(app.state.db))
         try:
             yield
@@ -83,19 +88,21 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             if app.state.tracing is not None:
                 app.state.tracing.shutdown()
             metrics.worker_exiting()
+            app.state.load.close()
 
     # FastAPIOffline serves the Swagger UI and ReDoc files shipped in the fastapi-offline package
     # (under /static-offline-docs), so the interactive docs need no CDN; the pages themselves are
     # iafactory.http.docs (with a policy that keeps them on this origin).
     app = FastAPIOffline(
-        docs_url=None, redoc_url=None,
+        docs_url=None,
+        redoc_url=None,
         title="IAFactory API",
         version="1.0.0",
         description="Multi-tenant backend for IAFactory's AI products. Every request acts for exactly one "
-                    "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.\n\n"
-                    "Sign in with `POST /api/v1/auth/login`, then send `Authorization: Bearer <token>` "
-                    "(or an API key as Bearer or `X-API-Key`). Text and JSON values cannot contain the NUL "
-                    "character (U+0000): PostgreSQL cannot store it, and such requests get 422.",
+        "tenant, chosen by its credential; PostgreSQL Row-Level Security enforces it.\n\n"
+        "Sign in with `POST /api/v1/auth/login`, then send `Authorization: Bearer <token>` "
+        "(or an API key as Bearer or `X-API-Key`). Text and JSON values cannot contain the NUL "
+        "character (U+0000): PostgreSQL cannot store it, and such requests get 422.",
         lifespan=lifespan,
         # No call to the public online validator either.
         swagger_ui_parameters={"validatorUrl": None},
@@ -104,7 +111,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
             400: {"description": "Malformed request body (application/problem+json)"},
             401: {"description": "Missing or invalid credentials (application/problem+json)"},
             402: {"description": "Out of credits (application/problem+json)"},
-            403: {"description": "Not allowed: role, key scope, tenant status or plan limit (application/problem+json)"},
+            403: {
+                "description": "Not allowed: role, key scope, tenant status or plan limit (application/problem+json)"
+            },
             404: {"description": "No such record in this tenant (application/problem+json)"},
             409: {"description": "Conflict with the current state (application/problem+json)"},
             408: {"description": "Request body not received in time (application/problem+json)"},
@@ -116,8 +125,10 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.settings = settings
     app.state.key_cache = {}
     app.state.rate_limiter = None
+    app.state.load = load_control(settings)
     if database is not None:
         app.state.db = database
+        app.state.load.database = database
     app.state.tracing = None
     if span_exporter is not None or settings.otlp_endpoint:
         from iafactory.observability import tracing
@@ -125,9 +136,20 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         app.state.tracing = tracing.instrument(app, settings, span_exporter)
     problems.install(app)
     docs.install(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
-                       span_hook=app.state.tracing.annotate if app.state.tracing else None,
-                       body_timeout=settings.body_timeout_seconds)
+    app.add_middleware(
+        AdmissionMiddleware,
+        max_in_flight=settings.max_requests_in_flight,
+        load=app.state.load,
+        anonymous_paths=frozenset({"/api/v1/auth/login", "/api/v1/auth/register"}),
+        anonymous_max_in_flight=settings.anonymous_max_in_flight,
+        credential_max_in_flight=settings.credential_max_in_flight,
+    )
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        span_hook=app.state.tracing.annotate if app.state.tracing else None,
+        body_timeout=settings.body_timeout_seconds,
+    )
     # Added last, so outermost: the 413/408 answers of the middleware above get the headers too.
     app.add_middleware(SecurityHeadersMiddleware, hsts_max_age=settings.hsts_max_age_seconds)
     for router in api_routers():
@@ -140,13 +162,54 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], operation_id="check_readiness", summary="The database answers")
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        operation_id="check_readiness",
+        summary="Every database this process needs answers",
+        responses={503: {"description": "Which one does not answer (application/problem+json)"}},
+    )
     async def readyz(request: Request) -> Any:
-        try:
-            async with request.app.state.db.anonymous(read_only=True) as tx:
-                await tx.fetchval("SELECT 1")
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
-            return problems.problem_response(503, "Service Unavailable", "the database is not reachable")
-        return {"status": "ready"}
+        checks = await readiness(request.app)
+        failed = {name: reason for name, reason in checks.items() if reason != "ok"}
+        if failed:
+            name, reason = next(iter(failed.items()))
+            return problems.unavailable_response(name, reason, checks=checks)
+        return {"status": "ready", "checks": checks}
 
+    return app
+
+
+def load_control(settings: Settings) -> LoadControl:
+    """The CPU-heavy work's own bounded thread pools (the database's gate belongs to its pool)."""
+    timeout = settings.queue_timeout_seconds
+    hashing = CpuWork(
+        "hashing",
+        settings.password_hash_concurrency,
+        max_waiting=settings.password_hash_max_waiting,
+        timeout=timeout,
+        nice=settings.cpu_work_nice,
+    )
+    embedding = CpuWork(
+        "embedding",
+        settings.embedding_concurrency,
+        max_waiting=settings.embedding_max_waiting,
+        timeout=timeout,
+        key_slots=max(1, settings.embedding_concurrency // 2),
+        key_waiting=max(1, settings.embedding_max_waiting // 4),
+        nice=settings.cpu_work_nice,
+    )
+    return LoadControl(hashing, embedding)
+
+
+async def readiness(app: FastAPI) -> dict[str, str]:
+    """ "ok" or why not, for each thing this process cannot serve without: the application's
+    database (its pool), and Redis when rate limits are counted there. Within the readyz timeout."""
+    settings: Settings = app.state.settings
+    checks: dict[str, str] = {}
+    reason = await app.state.db.check(settings.readyz_timeout_seconds)
+    checks["database"] = reason or "ok"
+    if app.state.rate_limiter is not None:
+        checks["redis"] = await app.state.rate_limiter.check(settings.readyz_timeout_seconds) or "ok"
+    return checks
     return app

@@ -42,6 +42,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 def print_error(message: str) -> None:
     err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
+
 T = TypeVar("T")
 
 
@@ -121,9 +122,9 @@ def load_commands() -> typer.Typer:
     """`app` with every domain's commands registered on it (each registers itself on import)."""
     from iafactory import demo as _demo  # noqa: F401
     from iafactory import serve as _serve  # noqa: F401
+    from iafactory.db import cli as _db_cli  # noqa: F401
     from iafactory.knowledge import cli as _knowledge_cli  # noqa: F401
     from iafactory.plans import cli as _plans_cli  # noqa: F401
-    from iafactory.db import cli as _db_cli  # noqa: F401
     from iafactory.tenancy import cli as _tenancy_cli  # noqa: F401
 
     return app

@@ -7,7 +7,7 @@ understands. Everything else is `IAFACTORY_*`.
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -20,11 +20,13 @@ from iafactory.jsonvalues import JsonLimits
 
 # The built-in defaults of earlier versions. They are public (they were in this repository), so
 # they are refused wherever they turn up.
-KNOWN_DEV_SECRETS = frozenset({
-    "dev-only-secret-change-me-in-production-0123456789",
-    "dev-only-api-key-secret-change-me-0123456789",
-    "iafactory-app-dev-password",
-})
+KNOWN_DEV_SECRETS = frozenset(
+    {
+        "dev-only-secret-change-me-in-production-0123456789",
+        "dev-only-api-key-secret-change-me-0123456789",
+        "iafactory-app-dev-password",
+    }
+)
 # Signing and HMAC keys can be attacked offline: 32 bytes at least. The database password is only
 # guessable online, against a server that logs failures: 16 characters at least.
 MIN_KEY_BYTES = 32
@@ -67,6 +69,42 @@ class Settings(BaseSettings):
     owner_db_password: SecretStr | None = None
     pool_min_size: int = 2
     pool_max_size: int = 10
+
+    # --- load and outages (per worker process; iafactory/admission.py, db/scope.py) -------------
+    # The longest a request waits in any queue (a connection, a password hash, a query embedding)
+    # before it is answered 503 "busy, retry after N s".
+    queue_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Requests queued for a connection; beyond, 503 busy at once.
+    pool_max_waiting: int = Field(default=256, ge=0)
+    # One tenant's share: connections held at once (default half the pool) and requests queued
+    # (default a quarter of pool_max_waiting), so that one tenant's flood leaves room to the others.
+    tenant_max_connections: int | None = Field(default=None, ge=1)
+    tenant_max_waiting: int | None = Field(default=None, ge=1)
+    # The unauthenticated lane (sign-in, registration; API-key lookups have their own of the same
+    # size): connections at once (default a quarter of the pool).
+    anonymous_max_connections: int | None = Field(default=None, ge=1)
+    # Connecting gives up after this (libpq's minimum is 2 s); a failed reconnection after
+    # db_reconnect_timeout_seconds, after which the database is probed every db_probe_interval_seconds
+    # and service resumes as soon as it answers.
+    db_connect_timeout_seconds: int = Field(default=2, ge=2)
+    db_reconnect_timeout_seconds: float = Field(default=2.0, gt=0)
+    db_probe_interval_seconds: float = Field(default=0.5, gt=0)
+    # /readyz answers 503 if the database has not answered within this.
+    readyz_timeout_seconds: float = Field(default=1.0, gt=0)
+    # Password hashes (argon2id, argon2_memory_cost_kib each) computed at once, and queued.
+    password_hash_concurrency: int = Field(default=2, ge=1)
+    password_hash_max_waiting: int = Field(default=64, ge=0)
+    # Query embeddings computed at once (one tenant: half of them), and queued.
+    embedding_concurrency: int = Field(default=2, ge=1)
+    embedding_max_waiting: int = Field(default=64, ge=0)
+    # Hashing and embedding threads run this much nicer than serving (Linux; 0: same priority).
+    cpu_work_nice: int = Field(default=10, ge=0, le=19)
+    # Requests in progress in one worker process; beyond, 503 busy at once (health probes exempt).
+    max_requests_in_flight: int = Field(default=1024, ge=1)
+    # ... of them, at most this many sign-ins and registrations, and this many with one credential
+    # (token or API key): refused before anything is parsed, so a flood costs next to nothing.
+    anonymous_max_in_flight: int = Field(default=32, ge=1)
+    credential_max_in_flight: int = Field(default=32, ge=1)
 
     # --- HTTP / auth ----------------------------------------------------------------------
     # No public defaults: on the embedded database these are generated on first start and kept in
@@ -113,7 +151,8 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = Field(default=None, min_length=16)
     # Tracing (needs the `otel` extra). The standard OTEL_EXPORTER_OTLP_ENDPOINT works too.
     otlp_endpoint: str | None = Field(
-        default=None, validation_alias=AliasChoices("IAFACTORY_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"))
+        default=None, validation_alias=AliasChoices("IAFACTORY_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
 
     # Every free-form JSON field of a request (metadata, settings, inputs...): refused with 422
     # beyond these (iafactory.jsonvalues).
@@ -157,8 +196,13 @@ class Settings(BaseSettings):
 
     @property
     def json_limits(self) -> JsonLimits:
-        return JsonLimits(depth=self.json_max_depth, nbytes=self.json_max_bytes, keys=self.json_max_keys,
-                          items=self.json_max_items, string=self.json_max_string)
+        return JsonLimits(
+            depth=self.json_max_depth,
+            nbytes=self.json_max_bytes,
+            keys=self.json_max_keys,
+            items=self.json_max_items,
+            string=self.json_max_string,
+        )
 
     @property
     def generated_secrets(self) -> frozenset[str]:
@@ -170,7 +214,6 @@ class Settings(BaseSettings):
         if value is None:
             raise ConfigError(f"{env_name(field)} is not set ({SECRET_HINT})")
         return value.get_secret_value()
-
 
 
 def is_loopback(host: str) -> bool:
@@ -217,11 +260,15 @@ def serving_problems(settings: Settings, host: str) -> list[str]:
         if problem:
             problems.append(problem)
         elif settings.jwt_previous_secret_expires_at is None:
-            problems.append(f"{env_name('jwt_previous_secret_expires_at')} is not set: how long the previous key "
-                            "stays valid, e.g. 2027-01-31T12:00:00Z (at least the token lifetime after rotating)")
+            problems.append(
+                f"{env_name('jwt_previous_secret_expires_at')} is not set: how long the previous key "
+                "stays valid, e.g. 2027-01-31T12:00:00Z (at least the token lifetime after rotating)"
+            )
     if settings.access_token_ttl_seconds > settings.jwt_max_token_lifetime_seconds:
-        problems.append(f"{env_name('access_token_ttl_seconds')} exceeds "
-                        f"{env_name('jwt_max_token_lifetime_seconds')}: the tokens issued would be refused")
+        problems.append(
+            f"{env_name('access_token_ttl_seconds')} exceeds "
+            f"{env_name('jwt_max_token_lifetime_seconds')}: the tokens issued would be refused"
+        )
     if external:
         problem = app_db_password_problem(settings)
         if problem:
@@ -262,7 +309,7 @@ def previous_key_expiry(settings: Settings) -> float | None:
     at = settings.jwt_previous_secret_expires_at
     if at is None:
         return None
-    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
 @lru_cache

@@ -10,8 +10,8 @@ from iafactory.config import get_settings
 from iafactory.db import migrate as migrations
 from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db.scope import operator_transaction
-from iafactory.tenancy import service
 from iafactory.serve import run_server, settings_to_serve
+from iafactory.tenancy import service
 from iafactory.tenancy.demo import DEMO_PASSWORD, DEMO_TENANTS, DEMO_USERS, load_demo_tenants, load_demo_users
 from iafactory.tenancy.schemas import TenantFilters
 
@@ -42,14 +42,18 @@ async def prepare_demo() -> None:
         f"Monthly plan credits: {sum(g['granted'] for g in grants)} demo tenants granted now, "
         f"{sum(not g['granted'] for g in grants)} already this month",
         ["slug", "credits", "currency", "balance", "granted"],
-        [[g["slug"], g["credits"], g["currency"], g["balance"], "now" if g["granted"] else "already this month"]
-         for g in grants],
+        [
+            [g["slug"], g["credits"], g["currency"], g["balance"], "now" if g["granted"] else "already this month"]
+            for g in grants
+        ],
     )
     print_table(
         f"Demo users (password for all: {DEMO_PASSWORD})",
         ["email", "tenants (role)", "platform admin"],
-        [[email, ", ".join(f"{slug} ({role})" for slug, role in memberships) or "-", "yes" if admin else ""]
-         for email, _, memberships, admin in DEMO_USERS],
+        [
+            [email, ", ".join(f"{slug} ({role})" for slug, role in memberships) or "-", "yes" if admin else ""]
+            for email, _, memberships, admin in DEMO_USERS
+        ],
     )
 
 
@@ -68,13 +72,26 @@ def demo_command(
         return
     port = port or settings.port
     # One line each, never wrapped: scripts (scripts/smoke_demo.py) read the address and the credential.
-    console.print(f"\nAPI: http://{host}:{port}/api/v1   docs: http://{host}:{port}/docs   "
-                  f"OpenAPI: http://{host}:{port}/openapi.json", soft_wrap=True, highlight=False)
-    console.print(f"Try: curl -s -X POST http://{host}:{port}/api/v1/auth/login -H 'content-type: application/json' "
-                  f"-d '{{\"email\": \"admin@cabinet-dupont.ch\", \"password\": \"{DEMO_PASSWORD}\"}}'",
-                  soft_wrap=True, highlight=False, markup=False)
+    console.print(
+        f"\nAPI: http://{host}:{port}/api/v1   docs: http://{host}:{port}/docs   "
+        f"OpenAPI: http://{host}:{port}/openapi.json",
+        soft_wrap=True,
+        highlight=False,
+    )
+    console.print(
+        f"Try: curl -s -X POST http://{host}:{port}/api/v1/auth/login -H 'content-type: application/json' "
+        f'-d \'{{"email": "admin@cabinet-dupont.ch", "password": "{DEMO_PASSWORD}"}}\'',
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
+    )
     if not settings.database_url:
-        console.print(f"The embedded PostgreSQL ({settings.embedded_dir}) keeps running when the API stops: "
-                      "`.venv/bin/iafactory db stop` stops it.", soft_wrap=True, highlight=False, markup=False)
+        console.print(
+            f"The embedded PostgreSQL ({settings.embedded_dir}) keeps running when the API stops: "
+            "`.venv/bin/iafactory db stop` stops it.",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
     # The demo is read by a person: text logs unless IAFACTORY_LOG_FORMAT says otherwise.
     run_server(host, port, 1, log_format=None if "log_format" in settings.model_fields_set else "text")

@@ -8,9 +8,9 @@ from fastapi import APIRouter
 
 from iafactory.billing.endpoints import router as billing_router
 from iafactory.crm.schemas import DEALS, LEADS
+from iafactory.knowledge.endpoints import router as knowledge_router
 from iafactory.knowledge.schemas import KNOWLEDGE_BASE
 from iafactory.pme.schemas import PME_ANALYSES
-from iafactory.knowledge.endpoints import router as knowledge_router
 from iafactory.projects.schemas import PROJECTS
 from iafactory.resources import Resource
 from iafactory.resources.router import crud_router

@@ -49,7 +49,7 @@ def _script(ch: str) -> str | None:
     if not ch.isalpha():
         return None
     name = unicodedata.name(ch, "")
-    if name.startswith("CJK ") or name.startswith("IDEOGRAPHIC"):
+    if name.startswith(("CJK ", "IDEOGRAPHIC")):
         return "HAN"
     first = name.split(" ", 1)[0]
     return None if first in ("", "MODIFIER") else first
@@ -69,8 +69,10 @@ def look_alike_problem(part: str, what: str, ascii_tld: bool) -> str | None:
         lookalikes = LATIN_LOOKALIKES.get(script)
         letters = [ch for ch in part if ch.isalpha()]
         if lookalikes is not None and all(ch in lookalikes for ch in letters):
-            return (f"the {what} is written in {script.title()} letters that look like Latin ones, which makes "
-                    "it look like another address")
+            return (
+                f"the {what} is written in {script.title()} letters that look like Latin ones, which makes "
+                "it look like another address"
+            )
     return None
 
 
@@ -96,7 +98,13 @@ Email = Annotated[
     str,
     Field(min_length=3, max_length=320),
     AfterValidator(normalize_email),
-    WithJsonSchema({"type": "string", "format": "email", "maxLength": 254,
-                    "description": "Compared and stored in NFKC, case-folded form; look-alike spellings "
-                                   "that mix scripts are refused."}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "email",
+            "maxLength": 254,
+            "description": "Compared and stored in NFKC, case-folded form; look-alike spellings "
+            "that mix scripts are refused.",
+        }
+    ),
 ]

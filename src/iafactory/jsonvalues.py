@@ -14,7 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from json.decoder import scanstring
+from json.decoder import scanstring  # type: ignore[attr-defined]  # exported at run time, not in typeshed
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -23,11 +23,11 @@ _END = object()
 
 @dataclass(frozen=True)
 class JsonLimits:
-    depth: int = 32          # nested objects and arrays; {"a": 1} is depth 1
-    nbytes: int = 65_536     # UTF-8 bytes of the compact JSON text
-    keys: int = 1_000        # keys in one object
-    items: int = 10_000      # items in one array
-    string: int = 32_768     # characters in one string (keys included)
+    depth: int = 32  # nested objects and arrays; {"a": 1} is depth 1
+    nbytes: int = 65_536  # UTF-8 bytes of the compact JSON text
+    keys: int = 1_000  # keys in one object
+    items: int = 10_000  # items in one array
+    string: int = 32_768  # characters in one string (keys included)
 
 
 def _where(trail: Any) -> str:
@@ -81,7 +81,7 @@ def check(value: Any, limits: JsonLimits) -> None:
             kind = type(child)
             if kind is dict or kind is list:
                 stack.append((child, depth + 1, (trail, key)))
-            elif kind is str and len(child) <= limits.string or kind is int or kind is bool or child is None:
+            elif (kind is str and len(child) <= limits.string) or kind is int or kind is bool or child is None:
                 continue  # the common cases, without a call
             elif error := _scalar_error(child, limits):
                 raise ValueError(f"{error} (at {_where((trail, key))})")
@@ -91,6 +91,7 @@ def check(value: Any, limits: JsonLimits) -> None:
 
 
 # --- Encoding -------------------------------------------------------------------------------------
+
 
 def _scalar(value: Any) -> str:
     if value is None:
@@ -128,7 +129,7 @@ def dumps(value: Any) -> str:
     start(value)
     while stack:
         iterator, is_object, first = stack[-1]
-        item = next(iterator, _END)
+        item: Any = next(iterator, _END)
         if item is _END:
             parts.append("}" if is_object else "]")
             stack.pop()
@@ -148,6 +149,15 @@ def dumps(value: Any) -> str:
 # --- Decoding -------------------------------------------------------------------------------------
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    """The position after the whitespace at i (the pattern also matches nothing, so it always matches)."""
+    match = _WHITESPACE.match(text, i)
+    assert match is not None
+    return match.end()
+
+
 _NUMBER = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?")
 _LITERALS = {"true": True, "false": False, "null": None}
 
@@ -163,24 +173,23 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
 
 
 def _loads_iteratively(text: str) -> Any:
-    ws = _WHITESPACE.match
-    i = ws(text, 0).end()
+    i = _skip_ws(text, 0)
     stack: list[list[Any]] = []  # [container, pending key]
     while True:
         # Read one value at i; a container is opened (pushed) and filled by the loop below.
-        ch = text[i:i + 1]
+        ch = text[i : i + 1]
         value: Any = _END
         if ch == "{":
-            i = ws(text, i + 1).end()
-            if text[i:i + 1] == "}":
+            i = _skip_ws(text, i + 1)
+            if text[i : i + 1] == "}":
                 value, i = {}, i + 1
             else:
                 key, i = _key(text, i)
                 stack.append([{}, key])
                 continue
         elif ch == "[":
-            i = ws(text, i + 1).end()
-            if text[i:i + 1] == "]":
+            i = _skip_ws(text, i + 1)
+            if text[i : i + 1] == "]":
                 value, i = [], i + 1
             else:
                 stack.append([[], None])
@@ -201,7 +210,7 @@ def _loads_iteratively(text: str) -> Any:
         # A complete value: put it in its container; close the containers it completes.
         while True:
             if not stack:
-                if text[ws(text, i).end():].strip():
+                if text[_skip_ws(text, i) :].strip():
                     raise ValueError(f"extra data after JSON at character {i}")
                 return value
             container, key = stack[-1]
@@ -209,10 +218,10 @@ def _loads_iteratively(text: str) -> Any:
                 container[key] = value
             else:
                 container.append(value)
-            i = ws(text, i).end()
-            ch = text[i:i + 1]
+            i = _skip_ws(text, i)
+            ch = text[i : i + 1]
             if ch == ",":
-                i = ws(text, i + 1).end()
+                i = _skip_ws(text, i + 1)
                 if isinstance(container, dict):
                     stack[-1][1], i = _key(text, i)
                 break
@@ -224,10 +233,10 @@ def _loads_iteratively(text: str) -> Any:
 
 def _key(text: str, i: int) -> tuple[str, int]:
     """An object's key and the position after its colon (and the whitespace after it)."""
-    if text[i:i + 1] != '"':
+    if text[i : i + 1] != '"':
         raise ValueError(f"invalid JSON at character {i}: expected a key")
     key, i = scanstring(text, i + 1)
-    i = _WHITESPACE.match(text, i).end()
-    if text[i:i + 1] != ":":
+    i = _skip_ws(text, i)
+    if text[i : i + 1] != ":":
         raise ValueError(f"invalid JSON at character {i}: expected ':'")
-    return key, _WHITESPACE.match(text, i + 1).end()
+    return key, _skip_ws(text, i + 1)

@@ -64,6 +64,8 @@ def _read(path: Path) -> dict[str, str]:
         raise ConfigError(f"cannot read the stored secrets in {path}: {err}") from err
     missing = [name for name in GENERATED if not isinstance(values.get(name), str) or not values[name]]
     if missing:
-        raise ConfigError(f"{path} lacks {', '.join(missing)}: restore it from a backup, or delete it to "
-                          "generate new secrets (existing sessions and API keys stop working)")
+        raise ConfigError(
+            f"{path} lacks {', '.join(missing)}: restore it from a backup, or delete it to "
+            "generate new secrets (existing sessions and API keys stop working)"
+        )
     return {name: values[name] for name in GENERATED}

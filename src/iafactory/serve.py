@@ -47,8 +47,15 @@ def run_server(host: str, port: int, workers: int, log_format: str | None = None
         own_dir = tempfile.mkdtemp(prefix="iafactory-metrics-")
         os.environ[MULTIPROC_ENV] = own_dir
     try:
-        uvicorn.run("iafactory.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_config=log_config, **uvicorn_options(settings))
+        uvicorn.run(
+            "iafactory.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=log_config,
+            **uvicorn_options(settings),
+        )
     finally:
         if own_dir is not None:
             os.environ.pop(MULTIPROC_ENV, None)

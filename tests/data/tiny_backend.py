@@ -13,7 +13,8 @@ def _wheel(directory: str, files: dict[str, str]) -> str:
         version = tomllib.load(f)["project"]["version"]
     dist = f"tiny_venv_check-{version}"
     files[f"{dist}.dist-info/METADATA"] = (
-        f"Metadata-Version: 2.1\nName: tiny-venv-check\nVersion: {version}\nProvides-Extra: test\n")
+        f"Metadata-Version: 2.1\nName: tiny-venv-check\nVersion: {version}\nProvides-Extra: test\n"
+    )
     files[f"{dist}.dist-info/WHEEL"] = "Wheel-Version: 1.0\nGenerator: tiny\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     record = []
     for path, text in files.items():

@@ -17,8 +17,12 @@ from iafactory.resources.types import Timestamp
 router = api_router(tags=["audit"])
 
 
-@router.get("/audit-events", response_model=Page[AuditEventOut], operation_id="list_audit_events",
-            summary="The tenant's audit log (admin)")
+@router.get(
+    "/audit-events",
+    response_model=Page[AuditEventOut],
+    operation_id="list_audit_events",
+    summary="The tenant's audit log (admin)",
+)
 async def list_audit_events(
     s: Admin,
     action: Annotated[str | None, Query(max_length=100, description="e.g. member.added")] = None,
@@ -29,7 +33,15 @@ async def list_audit_events(
     cursor: Cursor = None,
 ) -> Any:
     after = decode(cursor, UUID) if cursor else None
-    rows = await service.page(s.tx, s.ctx.tenant_id, limit=limit, after=after, action=action,
-                              actor_user_id=actor_user_id, since=since, until=until)
+    rows = await service.page(
+        s.tx,
+        s.ctx.tenant_id,
+        limit=limit,
+        after=after,
+        action=action,
+        actor_user_id=actor_user_id,
+        since=since,
+        until=until,
+    )
     items, next_cursor = page_of(rows, limit)
     return {"items": items, "next_cursor": next_cursor}

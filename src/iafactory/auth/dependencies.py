@@ -24,6 +24,7 @@ from uuid import UUID
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from iafactory.admission import CREDENTIALS
 from iafactory.auth import api_keys, tokens
 from iafactory.config import Settings
 from iafactory.db.scope import Database, Transaction
@@ -72,13 +73,19 @@ def unauthorized(detail: str) -> Problem:
 # OpenAPI document says which it accepts (Swagger UI's Authorize button sends them). They never
 # refuse by themselves (auto_error=False): `_credential` words the 401.
 bearer_scheme = HTTPBearer(
-    auto_error=False, scheme_name="bearerAuth", bearerFormat="JWT",
+    auto_error=False,
+    scheme_name="bearerAuth",
+    bearerFormat="JWT",
     description="A token from POST /api/v1/auth/login (or /auth/select-tenant). Where an operation also "
-                "lists apiKeyAuth, an API key (iaf_live_...) is accepted here too.")
+    "lists apiKeyAuth, an API key (iaf_live_...) is accepted here too.",
+)
 api_key_scheme = APIKeyHeader(
-    name="X-API-Key", auto_error=False, scheme_name="apiKeyAuth",
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="apiKeyAuth",
     description="An API key (iaf_live_...) from POST /api/v1/api-keys; it acts for its tenant as a viewer "
-                "(read scope) or a member (write scope).")
+    "(read scope) or a member (write scope).",
+)
 
 BearerCredential = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 ApiKeyCredential = Annotated[str | None, Depends(api_key_scheme)]
@@ -101,11 +108,13 @@ async def _principal_from_key(request: Request, key: str) -> Principal:
         raise unauthorized("malformed API key")
     cache: dict[str, tuple[float, dict[str, Any]]] = request.app.state.key_cache
     hit = cache.get(prefix)
+    row: dict[str, Any] | None
     if hit is not None and hit[0] > time.monotonic():
         row = hit[1]
     else:
         db: Database = request.app.state.db
-        async with db.anonymous() as tx:
+        # A lane of its own in the pool: a sign-in flood does not starve API-key lookups.
+        async with db.anonymous(lane=CREDENTIALS) as tx:
             row = await tx.fetchrow("SELECT * FROM app.authenticate_api_key(%s)", (prefix,))
         if row is None:
             raise unauthorized("unknown API key")
@@ -118,8 +127,7 @@ async def _principal_from_key(request: Request, key: str) -> Principal:
         raise unauthorized("API key has been revoked")
     if row["expires_at"] is not None and row["expires_at"].timestamp() <= time.time():
         raise unauthorized("API key has expired")
-    return Principal(user_id=None, tenant_id=row["tenant_id"], role=None, api_key_id=row["id"],
-                     key_scope=row["scope"])
+    return Principal(user_id=None, tenant_id=row["tenant_id"], role=None, api_key_id=row["id"], key_scope=row["scope"])
 
 
 async def _principal(request: Request, bearer: HTTPAuthorizationCredentials | None, api_key: str | None) -> Principal:
@@ -157,15 +165,53 @@ UserPrincipal = Annotated[Principal, Depends(user_principal)]
 KEY_ROLES = frozenset({"viewer", "member"})
 
 
-def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):  # noqa: ANN201
+def tenant_context(request: Request, who: Principal) -> TenantContext:
+    """The tenant the credential acts for (403 when a user token has none selected)."""
+    if who.tenant_id is None:
+        raise Problem(
+            403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first", type_="tenant-required"
+        )
+    request.state.tenant_id = str(who.tenant_id)
+    return TenantContext(
+        tenant_id=who.tenant_id,
+        user_id=who.user_id,
+        api_key_id=who.api_key_id,
+        role=who.role if who.role in ROLE_RANK else None,
+        key_scope=who.key_scope,
+        client_ip=client_ip(request),
+        request_id=getattr(request.state, "request_id", None),
+    )
+
+
+@asynccontextmanager
+async def open_tenant_session(
+    request: Request, who: Principal, ctx: TenantContext, min_role: str, read_only: bool, *, count: bool = True
+) -> AsyncIterator[TenantSession]:
+    """The tenant transaction itself, gated on `min_role` and (unless `count` is False: a second
+    transaction of the same request) counted by the rate limiter. For a handler that must do slow
+    work between transactions (a search embeds its query)."""
+    db: Database = request.app.state.db
+    gate = ("SELECT app.authorize(%s, %s)", (min_role, not read_only))
+    limiter = request.app.state.rate_limiter
+    before = None
+    if count and limiter is not None:
+        await limiter.hit(ctx.tenant_id, who.api_key_id)
+    elif count:
+        before = ratelimit.postgres_counter(ctx.tenant_id, who.api_key_id)
+    async with db.tenant(ctx, read_only=read_only, gate=gate, before=before) as tx:
+        yield TenantSession(tx, ctx, who)
+
+
+def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):
     """Dependency: a transaction as the credential's tenant, gated on `min_role`. The request owns
     it: it commits after the handler returns and before the response is sent. `read_only`
-    defaults to the HTTP method (GET/HEAD read); True for a POST that only reads (search)."""
+    defaults to the HTTP method (GET/HEAD read); True for a POST that only reads."""
     if min_role not in ROLE_RANK:
         raise ValueError(min_role)
 
-    async def key_or_token(request: Request, bearer: BearerCredential,
-                           api_key: ApiKeyCredential) -> AsyncIterator[TenantSession]:
+    async def key_or_token(
+        request: Request, bearer: BearerCredential, api_key: ApiKeyCredential
+    ) -> AsyncIterator[TenantSession]:
         who = await _principal(request, bearer, api_key)
         async with _tenant_scope(request, who, min_role, read_only) as session:
             yield session
@@ -179,48 +225,29 @@ def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None): 
 
 
 @asynccontextmanager
-async def _tenant_scope(request: Request, who: Principal, min_role: str,
-                        read_only: bool | None) -> AsyncIterator[TenantSession]:
+async def _tenant_scope(
+    request: Request, who: Principal, min_role: str, read_only: bool | None
+) -> AsyncIterator[TenantSession]:
     # A context manager (not a nested generator) so that an error in the handler reaches
     # db.tenant() and rolls the transaction back.
-    if who.tenant_id is None:
-        raise Problem(403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first",
-                      type_="tenant-required")
-    ctx = TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id,
-                        role=who.role if who.role in ROLE_RANK else None, key_scope=who.key_scope,
-                        client_ip=client_ip(request),
-                        request_id=getattr(request.state, "request_id", None))
-    request.state.tenant_id = str(who.tenant_id)
+    ctx = tenant_context(request, who)
     reading = request.method in READ_METHODS if read_only is None else read_only
-    db: Database = request.app.state.db
-    gate = ("SELECT app.authorize(%s, %s)", (min_role, not reading))
-    limiter = request.app.state.rate_limiter
-    if limiter is not None:
-        await limiter.hit(who.tenant_id, who.api_key_id)
-        before = None
-    else:
-        before = ratelimit.postgres_counter(who.tenant_id, who.api_key_id)
-    async with db.tenant(ctx, read_only=reading, gate=gate, before=before) as tx:
-        yield TenantSession(tx, ctx, who)
+    async with open_tenant_session(request, who, ctx, min_role, reading) as session:
+        yield session
 
 
 async def _user_session(request: Request, who: UserPrincipal) -> AsyncIterator[tuple[Transaction, Principal]]:
     if who.user_id is None:
         raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
     db: Database = request.app.state.db
-    async with db.anonymous(user_id=who.user_id, read_only=request.method in READ_METHODS,
-                            client_ip=client_ip(request), request_id=getattr(request.state, "request_id", None)) as tx:
+    async with db.anonymous(
+        user_id=who.user_id,
+        read_only=request.method in READ_METHODS,
+        client_ip=client_ip(request),
+        request_id=getattr(request.state, "request_id", None),
+    ) as tx:
         yield tx, who
 
-
-async def _anonymous_session(request: Request) -> AsyncIterator[Transaction]:
-    db: Database = request.app.state.db
-    async with db.anonymous(client_ip=client_ip(request), request_id=getattr(request.state, "request_id", None)) as tx:
-        yield tx
-
-
-# No credential yet (register, login): only the pre-tenant definer functions answer.
-AnonymousSession = Annotated[Transaction, Depends(_anonymous_session, scope="function")]
 
 # A transaction with no tenant for a signed-in user (tenant selection, platform administration).
 UserSession = Annotated[tuple[Transaction, Principal], Depends(_user_session, scope="function")]

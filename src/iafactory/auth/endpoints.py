@@ -9,9 +9,18 @@ from fastapi import Request, Response
 
 from iafactory.audit import service as audit
 from iafactory.auth import service
-from iafactory.auth.dependencies import Admin, AnonymousSession, CurrentPrincipal, UserSession, Viewer, client_ip
+from iafactory.auth.dependencies import Admin, CurrentPrincipal, UserSession, Viewer, client_ip
 from iafactory.auth.schemas import (
-    ApiKeyCreate, ApiKeyCreated, ApiKeyOut, LoginIn, MeOut, MyTenant, RegisterIn, SelectTenantIn, TokenOut, UserOut,
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyOut,
+    LoginIn,
+    MeOut,
+    MyTenant,
+    RegisterIn,
+    SelectTenantIn,
+    TokenOut,
+    UserOut,
 )
 from iafactory.config import Settings
 from iafactory.http.idempotency import Idempotent
@@ -25,77 +34,121 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+@router.post(
+    "/auth/register",
+    status_code=201,
+    response_model=UserOut,
+    tags=["auth"],
+    operation_id="register",
+    summary="Create an account",
+)
+async def register(body: RegisterIn, request: Request) -> Any:
+    # No transaction from a dependency: the password is hashed before one begins.
+    return await service.register(request.app.state.db, _settings(request), request.app.state.load.hashing, body)
 
-@router.post("/auth/register", status_code=201, response_model=UserOut, tags=["auth"], operation_id="register",
-             summary="Create an account")
-async def register(body: RegisterIn, request: Request, tx: AnonymousSession) -> Any:
-    user_id = await service.register(tx, _settings(request), body)
-    return {"id": user_id, "email": body.email, "name": body.name, "is_platform_admin": False,
-            "created_at": await tx.fetchval("SELECT now()")}
 
-
-@router.post("/auth/login", response_model=TokenOut, tags=["auth"], operation_id="login",
-             summary="Sign in: a token, and the list of your tenants (selected if there is only one)")
-async def login(body: LoginIn, request: Request, tx: AnonymousSession) -> Any:
+@router.post(
+    "/auth/login",
+    response_model=TokenOut,
+    tags=["auth"],
+    operation_id="login",
+    summary="Sign in: a token, and the list of your tenants (selected if there is only one)",
+)
+async def login(body: LoginIn, request: Request) -> Any:
     settings = _settings(request)
-    user = await service.authenticate(tx, settings, body)
-    tenants = await service.memberships(tx, user["user_id"])
-    open_tenants = [t for t in tenants if t.status in service.SELECTABLE]
-    selected = open_tenants[0] if len(tenants) == 1 and open_tenants else None
+    user, tenants, selected = await service.sign_in(
+        request.app.state.db,
+        settings,
+        request.app.state.load.hashing,
+        body,
+        ip=client_ip(request),
+        request_id=request.state.request_id,
+    )
     token, ttl = service.token_for(settings, user["user_id"], selected, user["is_platform_admin"])
     request.state.user_id = user["user_id"]
-    # Every tenant this sign-in can reach records it.
-    for tenant in tenants[:50]:
-        await audit.record(tx, tenant.id, "auth.login", user_id=user["user_id"],
-                           details={"selected": selected is not None and selected.id == tenant.id},
-                           ip=client_ip(request), request_id=request.state.request_id)
     return TokenOut(access_token=token, expires_in=ttl, tenant=selected, tenants=tenants)
 
 
-@router.post("/auth/select-tenant", response_model=TokenOut, tags=["auth"], operation_id="select_tenant",
-             summary="A new token acting for one of your tenants")
+@router.post(
+    "/auth/select-tenant",
+    response_model=TokenOut,
+    tags=["auth"],
+    operation_id="select_tenant",
+    summary="A new token acting for one of your tenants",
+)
 async def select_tenant(body: SelectTenantIn, request: Request, session: UserSession) -> Any:
     tx, who = session
     assert who.user_id is not None
     tenants = await service.memberships(tx, who.user_id)
     chosen = service.choose(tenants, body.tenant)
     token, ttl = service.token_for(_settings(request), who.user_id, chosen, who.platform_admin)
-    await audit.record(tx, chosen.id, "auth.tenant_selected", user_id=who.user_id, details={"role": chosen.role},
-                       ip=client_ip(request), request_id=request.state.request_id)
+    await audit.record(
+        tx,
+        chosen.id,
+        "auth.tenant_selected",
+        user_id=who.user_id,
+        details={"role": chosen.role},
+        ip=client_ip(request),
+        request_id=request.state.request_id,
+    )
     return TokenOut(access_token=token, expires_in=ttl, tenant=chosen, tenants=tenants)
 
 
-@router.get("/me", response_model=MeOut, tags=["auth"], operation_id="get_me",
-            summary="Who am I: user, current tenant and role")
+@router.get(
+    "/me", response_model=MeOut, tags=["auth"], operation_id="get_me", summary="Who am I: user, current tenant and role"
+)
 async def me(who: CurrentPrincipal, request: Request) -> Any:
     return await service.whoami(request.app.state.db, who)
 
 
-@router.get("/me/tenants", response_model=list[MyTenant], tags=["auth"], operation_id="list_my_tenants",
-            summary="My tenants, with my role in each; `current` marks the one this credential acts for")
+@router.get(
+    "/me/tenants",
+    response_model=list[MyTenant],
+    tags=["auth"],
+    operation_id="list_my_tenants",
+    summary="My tenants, with my role in each; `current` marks the one this credential acts for",
+)
 async def my_tenants(who: CurrentPrincipal, request: Request) -> Any:
     return (await service.whoami(request.app.state.db, who)).tenants
 
 
-@router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, tags=["api-keys"],
-             operation_id="create_api_key", summary="Create an API key (the secret is returned once)",
-             responses={422: {"description": "Invalid body, or expires_at not in the future "
-                                             "(application/problem+json)"}})
+@router.post(
+    "/api-keys",
+    status_code=201,
+    response_model=ApiKeyCreated,
+    tags=["api-keys"],
+    operation_id="create_api_key",
+    summary="Create an API key (the secret is returned once)",
+    responses={422: {"description": "Invalid body, or expires_at not in the future (application/problem+json)"}},
+)
 async def create_api_key(body: ApiKeyCreate, request: Request, s: Admin, idempotency: Idempotent) -> Any:
     # The secret is not stored with the answer: a replay shows the key without it.
     return await idempotency.create(
-        s, lambda last: service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body),
-        redact=("key",))
+        s,
+        lambda last: service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body),
+        redact=("key",),
+    )
 
 
-@router.get("/api-keys", response_model=list[ApiKeyOut], tags=["api-keys"], operation_id="list_api_keys",
-            summary="List API keys (no secrets)")
+@router.get(
+    "/api-keys",
+    response_model=list[ApiKeyOut],
+    tags=["api-keys"],
+    operation_id="list_api_keys",
+    summary="List API keys (no secrets)",
+)
 async def list_api_keys(s: Viewer) -> Any:
     return await service.list_keys(s.tx, s.ctx.tenant_id)
 
 
-@router.delete("/api-keys/{key_id}", status_code=204, response_class=Response, tags=["api-keys"],
-               operation_id="revoke_api_key", summary="Revoke an API key")
+@router.delete(
+    "/api-keys/{key_id}",
+    status_code=204,
+    response_class=Response,
+    tags=["api-keys"],
+    operation_id="revoke_api_key",
+    summary="Revoke an API key",
+)
 async def revoke_api_key(key_id: UUID, request: Request, s: Admin) -> Response:
     if not await service.revoke_key(s.tx, s.ctx.tenant_id, key_id):
         raise not_found("API key", key_id)

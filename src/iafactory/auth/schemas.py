@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from iafactory.emails import Email
-from iafactory.resources.types import timestamp
+from iafactory.resources.types import timestamp_rules
 from iafactory.tenancy.schemas import Role
 
-Expiry = timestamp("Optional expiry, in the future (RFC 3339 with a time zone).")
+Expiry = Annotated[datetime, timestamp_rules("Optional expiry, in the future (RFC 3339 with a time zone).")]
 
 
 class Strict(BaseModel):
@@ -43,8 +43,10 @@ class Membership(BaseModel):
 
 
 class MyTenant(Membership):
-    current: bool = Field(description="True for the tenant this credential acts for (the selected tenant of "
-                                      "a token, the tenant of an API key).")
+    current: bool = Field(
+        description="True for the tenant this credential acts for (the selected tenant of "
+        "a token, the tenant of an API key)."
+    )
 
 
 class TokenOut(BaseModel):
@@ -68,8 +70,10 @@ class MeOut(BaseModel):
     tenant: Membership | None
     role: Role | None
     api_key_id: UUID | None = None
-    tenants: list[MyTenant] = Field(default=[], description="Every tenant of the caller, with their role there; "
-                                    "an API key has exactly one, its own.")
+    tenants: list[MyTenant] = Field(
+        default=[],
+        description="Every tenant of the caller, with their role there; an API key has exactly one, its own.",
+    )
 
 
 class ApiKeyCreate(Strict):
@@ -81,7 +85,7 @@ class ApiKeyCreate(Strict):
     def _aware(self) -> ApiKeyCreate:
         if self.expires_at is not None and self.expires_at.tzinfo is None:
             raise ValueError("expires_at needs a time zone, e.g. 2027-01-01T00:00:00Z")
-        if self.expires_at is not None and self.expires_at <= datetime.now(timezone.utc):
+        if self.expires_at is not None and self.expires_at <= datetime.now(UTC):
             raise ValueError("expires_at must be in the future")
         return self
 
@@ -98,6 +102,8 @@ class ApiKeyOut(BaseModel):
 
 
 class ApiKeyCreated(ApiKeyOut):
-    key: str | None = Field(description="The secret key. Shown once: store it now. null when this answer is "
-                                        "replayed for a retried Idempotency-Key: the secret is never stored, so "
-                                        "revoke that key and create another.")
+    key: str | None = Field(
+        description="The secret key. Shown once: store it now. null when this answer is "
+        "replayed for a retried Idempotency-Key: the secret is never stored, so "
+        "revoke that key and create another."
+    )

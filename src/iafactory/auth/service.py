@@ -1,4 +1,8 @@
-"""Sign-up, sign-in, tenant selection and API keys. Services never commit."""
+"""Sign-up, sign-in, tenant selection and API keys. Services never commit.
+
+Password hashing never happens while a transaction (and so a pooled connection) is open: a
+sign-in reads the stored hash in one short transaction, verifies it with none open, and records
+the sign-in in a second one."""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ from uuid import UUID
 
 import psycopg
 
+from iafactory.admission import ANONYMOUS, CpuWork
+from iafactory.audit import service as audit
 from iafactory.auth import api_keys, passwords, tokens
 from iafactory.auth.dependencies import Principal
-from iafactory.auth.schemas import ApiKeyCreate, LoginIn, MeOut, Membership, MyTenant, RegisterIn
+from iafactory.auth.schemas import ApiKeyCreate, LoginIn, Membership, MeOut, MyTenant, RegisterIn
 from iafactory.config import Settings
 from iafactory.db.scope import Database, Transaction
 from iafactory.http.problems import Problem
@@ -20,36 +26,66 @@ SELECTABLE = ("active", "trial")
 KEY_COLUMNS = "id, name, prefix, scope, created_at, expires_at, last_used_at, revoked_at"
 
 
-async def register(tx: Transaction, settings: Settings, data: RegisterIn) -> int:
-    hashed = await passwords.hash_password(settings, data.password)
-    try:
-        return await tx.fetchval("SELECT app.register_user(%s, %s, %s)", (data.email, data.name, hashed))
-    except psycopg.errors.UniqueViolation as err:
-        raise Problem(409, "Conflict", "an account with this email already exists", type_="conflict") from err
+async def register(db: Database, settings: Settings, cpu: CpuWork, data: RegisterIn) -> dict[str, Any]:
+    cpu.gate.check_room(ANONYMOUS)  # a full hashing queue: refuse before doing anything
+    hashed = await passwords.hash_password(settings, data.password, cpu)
+    async with db.anonymous() as tx:
+        try:
+            user_id = await tx.fetchval("SELECT app.register_user(%s, %s, %s)", (data.email, data.name, hashed))
+        except psycopg.errors.UniqueViolation as err:
+            raise Problem(409, "Conflict", "an account with this email already exists", type_="conflict") from err
+        created_at = await tx.fetchval("SELECT now()")
+    return {"id": user_id, "email": data.email, "name": data.name, "is_platform_admin": False, "created_at": created_at}
 
 
-async def authenticate(tx: Transaction, settings: Settings, data: LoginIn) -> dict[str, Any]:
-    row = await tx.fetchrow("SELECT * FROM app.find_login(%s)", (data.email,))
-    ok = await passwords.verify_password(settings, row["password_hash"] if row else None, data.password)
+async def sign_in(
+    db: Database, settings: Settings, cpu: CpuWork, data: LoginIn, *, ip: str | None, request_id: str | None
+) -> tuple[dict[str, Any], list[Membership], Membership | None]:
+    """The user, their tenants, and the tenant selected for them (when they have exactly one)."""
+    cpu.gate.check_room(ANONYMOUS)  # a full hashing queue: refuse before reading anything
+    async with db.anonymous(read_only=True) as tx:
+        row = await tx.fetchrow("SELECT * FROM app.find_login(%s)", (data.email,))
+    ok = await passwords.verify_password(settings, row["password_hash"] if row else None, data.password, cpu)
     if not ok or row is None:
         metrics.count_login_failure("bad_credentials")
         raise Problem(401, "Unauthorized", "wrong email or password", headers={"WWW-Authenticate": "Bearer"})
     if not row["is_active"]:
         metrics.count_login_failure("disabled")
         raise Problem(403, "Forbidden", "this account is disabled")
-    await tx.execute("SELECT app.record_login(%s)", (row["user_id"],))
-    return row
+    async with db.anonymous() as tx:
+        await tx.execute("SELECT app.record_login(%s)", (row["user_id"],))
+        tenants = await memberships(tx, row["user_id"])
+        open_tenants = [t for t in tenants if t.status in SELECTABLE]
+        selected = open_tenants[0] if len(tenants) == 1 and open_tenants else None
+        # Every tenant this sign-in can reach records it.
+        for tenant in tenants[:50]:
+            await audit.record(
+                tx,
+                tenant.id,
+                "auth.login",
+                user_id=row["user_id"],
+                details={"selected": selected is not None and selected.id == tenant.id},
+                ip=ip,
+                request_id=request_id,
+            )
+    return row, tenants, selected
 
 
 async def memberships(tx: Transaction, user_id: int) -> list[Membership]:
     rows = await tx.fetch("SELECT * FROM app.user_memberships(%s)", (user_id,))
-    return [Membership(id=r["tenant_id"], slug=r["slug"], name=r["name"], role=r["role"], status=r["status"])
-            for r in rows]
+    return [
+        Membership(id=r["tenant_id"], slug=r["slug"], name=r["name"], role=r["role"], status=r["status"]) for r in rows
+    ]
 
 
 def token_for(settings: Settings, user_id: int, tenant: Membership | None, platform_admin: bool) -> tuple[str, int]:
-    return tokens.issue(settings, user_id, tenant_id=tenant.id if tenant else None,
-                        role=tenant.role if tenant else None, platform_admin=platform_admin)
+    return tokens.issue(
+        settings,
+        user_id,
+        tenant_id=tenant.id if tenant else None,
+        role=tenant.role if tenant else None,
+        platform_admin=platform_admin,
+    )
 
 
 def choose(tenants: list[Membership], wanted: str) -> Membership:
@@ -66,27 +102,32 @@ def choose(tenants: list[Membership], wanted: str) -> Membership:
     raise Problem(403, "Forbidden", "you are not a member of this tenant", type_="not-a-member")
 
 
-async def create_key(tx: Transaction, settings: Settings, tenant_id: UUID, user_id: int | None,
-                     data: ApiKeyCreate) -> dict[str, Any]:
+async def create_key(
+    tx: Transaction, settings: Settings, tenant_id: UUID, user_id: int | None, data: ApiKeyCreate
+) -> dict[str, Any]:
     key, prefix = api_keys.generate(settings)
     row = await tx.fetchrow(
         f"""INSERT INTO api_keys (tenant_id, name, prefix, key_hash, scope, created_by, expires_at)
             VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {KEY_COLUMNS}""",
-        (tenant_id, data.name, prefix, api_keys.digest(settings, key), data.scope, user_id, data.expires_at))
+        (tenant_id, data.name, prefix, api_keys.digest(settings, key), data.scope, user_id, data.expires_at),
+    )
     assert row is not None
     return {**row, "key": key}
 
 
 async def list_keys(tx: Transaction, tenant_id: UUID) -> list[dict[str, Any]]:
     return await tx.fetch(
-        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s ORDER BY created_at DESC, id DESC", (tenant_id,))
+        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s ORDER BY created_at DESC, id DESC", (tenant_id,)
+    )
 
 
 async def revoke_key(tx: Transaction, tenant_id: UUID, key_id: UUID) -> bool:
     """Revokes the key (a key revoked already keeps its first revocation time); False if no such key.
     Two plain statements rather than `coalesce(revoked_at, now())`, which a distributed UPDATE refuses."""
-    if await tx.execute("UPDATE api_keys SET revoked_at = now() WHERE tenant_id = %s AND id = %s AND revoked_at IS NULL",
-                        (tenant_id, key_id)):
+    if await tx.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE tenant_id = %s AND id = %s AND revoked_at IS NULL",
+        (tenant_id, key_id),
+    ):
         return True
     return await tx.fetchval("SELECT count(*) FROM api_keys WHERE tenant_id = %s AND id = %s", (tenant_id, key_id)) > 0
 
@@ -105,19 +146,22 @@ async def whoami(db: Database, who: Principal) -> MeOut:
         tenant = await tx.fetchrow("SELECT id, slug, name, status FROM tenants WHERE id = %s", (who.tenant_id,))
         if who.user_id is not None:
             user = await tx.fetchrow(user_sql, (who.user_id,))
-            role = await tx.fetchval("SELECT role FROM tenant_users WHERE tenant_id = %s AND user_id = %s",
-                                     (who.tenant_id, who.user_id))
+            role = await tx.fetchval(
+                "SELECT role FROM tenant_users WHERE tenant_id = %s AND user_id = %s", (who.tenant_id, who.user_id)
+            )
             tenants = await memberships(tx, who.user_id)
         else:
             user, role = None, "member" if who.key_scope == "write" else "viewer"
             tenants = []
     assert tenant is not None  # the gate refused otherwise
-    membership = Membership(id=tenant["id"], slug=tenant["slug"], name=tenant["name"], role=role,
-                            status=tenant["status"])
+    membership = Membership(
+        id=tenant["id"], slug=tenant["slug"], name=tenant["name"], role=role, status=tenant["status"]
+    )
     if who.user_id is None:
         tenants = [membership]  # an API key belongs to exactly one tenant
-    return MeOut(user=user, tenant=membership, role=role, api_key_id=who.api_key_id,
-                 tenants=_marked(tenants, who.tenant_id))
+    return MeOut(
+        user=user, tenant=membership, role=role, api_key_id=who.api_key_id, tenants=_marked(tenants, who.tenant_id)
+    )
 
 
 def _marked(tenants: list[Membership], current: UUID | None) -> list[MyTenant]:

@@ -74,8 +74,14 @@ def keyring(settings: Settings) -> Keyring:
     return _keyring(settings.secret("jwt_secret"), previous, previous_key_expiry(settings))
 
 
-def issue(settings: Settings, user_id: int, *, tenant_id: uuid.UUID | None = None, role: str | None = None,
-          platform_admin: bool = False) -> tuple[str, int]:
+def issue(
+    settings: Settings,
+    user_id: int,
+    *,
+    tenant_id: uuid.UUID | None = None,
+    role: str | None = None,
+    platform_admin: bool = False,
+) -> tuple[str, int]:
     now = int(time.time())
     ttl = settings.access_token_ttl_seconds
     claims: dict[str, object] = {
@@ -160,5 +166,6 @@ def _verify(settings: Settings, ring: Keyring, token: str) -> tuple[TokenClaims,
         raise InvalidToken("invalid token: malformed claims") from err
     if lifetime > settings.jwt_max_token_lifetime_seconds:
         raise InvalidToken(f"token lifetime exceeds the maximum of {settings.jwt_max_token_lifetime_seconds} s")
-    return TokenClaims(user_id, tenant_id, claims.get("role"), bool(claims.get("platform_admin")),
-                       float(claims["exp"])), signer
+    return TokenClaims(
+        user_id, tenant_id, claims.get("role"), bool(claims.get("platform_admin")), float(claims["exp"])
+    ), signer

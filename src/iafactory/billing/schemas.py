@@ -12,15 +12,16 @@ from uuid import UUID
 
 from pydantic import BaseModel, EmailStr, Field
 
-from iafactory.resources.types import JsonObject, Patch, Strict, Timestamp, decimal_number
+from iafactory.resources.types import JsonObject, Patch, Strict, Timestamp, decimal_rules
 
 Currency = Literal["DZD", "CHF", "EUR", "CAD"]
 CreditKind = Literal["grant", "debit", "refund", "adjustment"]
 MAX_EVENTS_PER_BATCH = 1000
-Quantity = decimal_number(20, 6)  # numeric(20, 6), not negative
+Quantity = Annotated[Decimal, decimal_rules(20, 6)]  # numeric(20, 6), not negative
 
 
 # --- Billing account -----------------------------------------------------------------------------
+
 
 class BillingAccountUpdate(Patch):
     billing_name: Annotated[str, Field(max_length=255)] = None  # type: ignore[assignment]
@@ -35,14 +36,16 @@ class BillingAccount(BaseModel):
     billing_email: str | None
     address: str
     vat_number: str | None
-    currency: Currency = Field(description="The currency of the tenant's region unless set (DZ: DZD, CH: CHF, "
-                                           "FR and BE: EUR, CA: CAD)")
+    currency: Currency = Field(
+        description="The currency of the tenant's region unless set (DZ: DZD, CH: CHF, FR and BE: EUR, CA: CAD)"
+    )
     credit_balance: int = Field(description="Credits, in whole units; changed only by ledger transactions")
     created_at: datetime | None = Field(description="null until the account is first saved")
     updated_at: datetime | None
 
 
 # --- Credits -------------------------------------------------------------------------------------
+
 
 class CreditTransaction(BaseModel):
     id: UUID
@@ -62,12 +65,14 @@ class CreditBalance(BaseModel):
 
 # --- Usage events --------------------------------------------------------------------------------
 
+
 class UsageEventIn(Strict):
     event_type: Annotated[str, Field(min_length=1, max_length=100, description="e.g. llm.tokens, voice.minutes")]
     quantity: Quantity = Field(default=Decimal(1), json_schema_extra={"default": 1})
     occurred_at: Timestamp | None = Field(default=None, description="Defaults to the time it is received")
-    idempotency_key: Annotated[str, Field(min_length=1, max_length=255,
-                                          description="A retried delivery with the same key is counted once")]
+    idempotency_key: Annotated[
+        str, Field(min_length=1, max_length=255, description="A retried delivery with the same key is counted once")
+    ]
     properties: JsonObject = {}
 
 

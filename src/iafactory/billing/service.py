@@ -18,18 +18,42 @@ from psycopg import sql
 from iafactory.billing.schemas import UsageEventIn
 from iafactory.db.scope import Transaction
 
-ACCOUNT_COLUMNS = ("billing_name", "billing_email", "address", "vat_number", "currency", "credit_balance",
-                   "created_at", "updated_at")
+ACCOUNT_COLUMNS = (
+    "billing_name",
+    "billing_email",
+    "address",
+    "vat_number",
+    "currency",
+    "credit_balance",
+    "created_at",
+    "updated_at",
+)
 # What GET answers before the account has ever been saved: the column defaults of billing_accounts (007),
 # and the currency of the tenant's region (012), which the account will take when it is created.
-DEFAULT_ACCOUNT: dict[str, Any] = {"billing_name": "", "billing_email": None, "address": "", "vat_number": None,
-                                   "credit_balance": 0, "created_at": None, "updated_at": None}
+DEFAULT_ACCOUNT: dict[str, Any] = {
+    "billing_name": "",
+    "billing_email": None,
+    "address": "",
+    "vat_number": None,
+    "credit_balance": 0,
+    "created_at": None,
+    "updated_at": None,
+}
 # The contact fields; credit_balance is deliberately not among them (nor granted to the application, 010).
 EDITABLE_ACCOUNT_COLUMNS = frozenset({"billing_name", "billing_email", "address", "vat_number", "currency"})
 
 CREDIT_COLUMNS = ("id", "kind", "amount", "reason", "idempotency_key", "balance_after", "created_by", "created_at")
-USAGE_COLUMNS = ("id", "event_type", "quantity", "occurred_at", "idempotency_key", "properties", "user_id",
-                 "api_key_id", "created_at")
+USAGE_COLUMNS = (
+    "id",
+    "event_type",
+    "quantity",
+    "occurred_at",
+    "idempotency_key",
+    "properties",
+    "user_id",
+    "api_key_id",
+    "created_at",
+)
 
 
 def _columns(names: Sequence[str]) -> sql.Composable:
@@ -37,6 +61,7 @@ def _columns(names: Sequence[str]) -> sql.Composable:
 
 
 # --- Billing account -----------------------------------------------------------------------------
+
 
 async def get_account(tx: Transaction, tenant_id: UUID) -> dict[str, Any]:
     """The tenant's account, or the defaults when none has been saved yet (nothing is written)."""
@@ -74,7 +99,8 @@ async def update_account(tx: Transaction, tenant_id: UUID, changes: dict[str, An
 
 async def balance(tx: Transaction, tenant_id: UUID) -> dict[str, Any]:
     row = await tx.fetchrow(
-        "SELECT credit_balance AS balance, currency FROM billing_accounts WHERE tenant_id = %s", (tenant_id,))
+        "SELECT credit_balance AS balance, currency FROM billing_accounts WHERE tenant_id = %s", (tenant_id,)
+    )
     if row is None:
         return {"balance": DEFAULT_ACCOUNT["credit_balance"], "currency": await _region_currency(tx, tenant_id)}
     return row
@@ -83,8 +109,10 @@ async def balance(tx: Transaction, tenant_id: UUID) -> dict[str, Any]:
 # --- Credit ledger -------------------------------------------------------------------------------
 # Read-only here: only the definer functions of 010 (grants, debits of billable actions) write it.
 
-async def credit_page(tx: Transaction, tenant_id: UUID, limit: int,
-                      after: tuple[datetime, Any] | None) -> list[dict[str, Any]]:
+
+async def credit_page(
+    tx: Transaction, tenant_id: UUID, limit: int, after: tuple[datetime, Any] | None
+) -> list[dict[str, Any]]:
     """Newest first; `limit + 1` rows so the caller can tell whether a next page exists."""
     keyset = sql.SQL("AND (created_at, id) < (%s, %s)") if after else sql.SQL("")
     query = sql.SQL(
@@ -99,20 +127,31 @@ async def credit_page(tx: Transaction, tenant_id: UUID, limit: int,
 # row security is what a distributed PostgreSQL refuses). A key already stored for the tenant is
 # skipped by ON CONFLICT; RETURNING tells which keys this statement stored. The text depends only
 # on the batch size, so it is built once per size.
-_USAGE_COLUMNS = ("tenant_id", "event_type", "quantity", "occurred_at", "idempotency_key", "properties",
-                  "user_id", "api_key_id")
+_USAGE_COLUMNS = (
+    "tenant_id",
+    "event_type",
+    "quantity",
+    "occurred_at",
+    "idempotency_key",
+    "properties",
+    "user_id",
+    "api_key_id",
+)
 _USAGE_ROW = "(%s::uuid, %s, %s::numeric, coalesce(%s::timestamptz, now()), %s, %s::jsonb, %s::integer, %s::uuid)"
 
 
 @lru_cache(maxsize=64)
 def _insert_usage_sql(rows: int) -> str:
-    return (f"INSERT INTO usage_events ({', '.join(_USAGE_COLUMNS)}) VALUES "
-            + ", ".join([_USAGE_ROW] * rows)
-            + " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING idempotency_key")
+    return (
+        f"INSERT INTO usage_events ({', '.join(_USAGE_COLUMNS)}) VALUES "
+        + ", ".join([_USAGE_ROW] * rows)
+        + " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING idempotency_key"
+    )
 
 
-async def record_usage(tx: Transaction, tenant_id: UUID, events: Sequence[UsageEventIn], *,
-                       user_id: int | None, api_key_id: UUID | None) -> tuple[list[str], list[str]]:
+async def record_usage(
+    tx: Transaction, tenant_id: UUID, events: Sequence[UsageEventIn], *, user_id: int | None, api_key_id: UUID | None
+) -> tuple[list[str], list[str]]:
     """Stores the events whose key is new for the tenant. Returns (accepted, duplicates), each in
     batch order; a key repeated inside the batch counts once (its first occurrence is stored)."""
     unique: dict[str, UsageEventIn] = {}
@@ -121,15 +160,24 @@ async def record_usage(tx: Transaction, tenant_id: UUID, events: Sequence[UsageE
     batch = list(unique.values())
     params: list[Any] = []
     for e in batch:
-        params += [tenant_id, e.event_type, e.quantity, e.occurred_at, e.idempotency_key,
-                   json.dumps(e.properties, ensure_ascii=False), user_id, api_key_id]
+        params += [
+            tenant_id,
+            e.event_type,
+            e.quantity,
+            e.occurred_at,
+            e.idempotency_key,
+            json.dumps(e.properties, ensure_ascii=False),
+            user_id,
+            api_key_id,
+        ]
     rows = await tx.fetch(_insert_usage_sql(len(batch)), params)
     stored = {r["idempotency_key"] for r in rows}
     return [k for k in unique if k in stored], [k for k in unique if k not in stored]
 
 
-async def usage_page(tx: Transaction, tenant_id: UUID, limit: int, after: tuple[datetime, Any] | None,
-                     event_type: str | None = None) -> list[dict[str, Any]]:
+async def usage_page(
+    tx: Transaction, tenant_id: UUID, limit: int, after: tuple[datetime, Any] | None, event_type: str | None = None
+) -> list[dict[str, Any]]:
     """Newest first (by the time the event was received), optionally one event type."""
     conditions = [sql.SQL("tenant_id = %s")]
     params: list[Any] = [tenant_id]
@@ -140,16 +188,20 @@ async def usage_page(tx: Transaction, tenant_id: UUID, limit: int, after: tuple[
         conditions.append(sql.SQL("(created_at, id) < (%s, %s)"))
         params.extend(after)
     query = sql.SQL("SELECT {} FROM usage_events WHERE {} ORDER BY created_at DESC, id DESC LIMIT %s").format(
-        _columns(USAGE_COLUMNS), sql.SQL(" AND ").join(conditions))
+        _columns(USAGE_COLUMNS), sql.SQL(" AND ").join(conditions)
+    )
     return await tx.fetch(query, [*params, limit + 1])
 
 
-async def usage_summary(tx: Transaction, tenant_id: UUID, since: datetime, until: datetime,
-                        group_by: str) -> list[dict[str, Any]]:
+async def usage_summary(
+    tx: Transaction, tenant_id: UUID, since: datetime, until: datetime, group_by: str
+) -> list[dict[str, Any]]:
     """Totals aggregated by the database, by event type or by UTC day, over [since, until)."""
     key = "event_type" if group_by == "type" else "date_trunc('day', occurred_at AT TIME ZONE 'UTC')::date::text"
     return await tx.fetch(
         f"""SELECT {key} AS key, count(*) AS events, sum(quantity) AS quantity
             FROM usage_events
             WHERE tenant_id = %s AND occurred_at >= %s AND occurred_at < %s
-            GROUP BY 1 ORDER BY 1""", (tenant_id, since, until))
+            GROUP BY 1 ORDER BY 1""",
+        (tenant_id, since, until),
+    )

@@ -12,7 +12,7 @@ from uuid import UUID
 from pydantic import BaseModel, EmailStr, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonObject, LongText, Name, Patch, Strict, decimal_number
+from iafactory.resources.types import JsonObject, LongText, Name, Patch, Strict, decimal_rules
 
 LeadStatus = Literal["new", "contacted", "qualified", "converted", "lost"]
 DealStage = Literal["prospecting", "proposal", "negotiation", "won", "lost"]
@@ -24,10 +24,11 @@ Company = Annotated[str, Field(min_length=1, max_length=255)]
 LeadSource = Annotated[str, Field(min_length=1, max_length=50, description="e.g. manual, website, salon, referral")]
 Score = Annotated[int, Field(ge=0, le=100)]
 # numeric(14, 2), not negative.
-Amount = decimal_number(14, 2)
+Amount = Annotated[Decimal, decimal_rules(14, 2)]
 
 
 # --- Leads ---------------------------------------------------------------------------------------
+
 
 class LeadCreate(Strict):
     full_name: Name
@@ -68,18 +69,29 @@ class LeadOut(BaseModel):
     updated_at: datetime
 
 
-LEADS = Resource(name="crm/leads", table="crm_leads", noun="lead", tag="crm",
-                 create=LeadCreate, update=LeadUpdate, read=LeadOut, json_columns=frozenset({"metadata"}))
+LEADS = Resource(
+    name="crm/leads",
+    table="crm_leads",
+    noun="lead",
+    tag="crm",
+    create=LeadCreate,
+    update=LeadUpdate,
+    read=LeadOut,
+    json_columns=frozenset({"metadata"}),
+)
 
 
 # --- Deals ---------------------------------------------------------------------------------------
+
 
 class DealCreate(Strict):
     lead_id: UUID = Field(description="A lead of the same tenant")
     title: Name
     amount: Amount = Field(default=Decimal(0), json_schema_extra={"default": 0})
-    currency: Currency | None = Field(default=None, description="Defaults to the currency of the tenant's region "
-                                                                "(DZ: DZD, CH: CHF, FR and BE: EUR, CA: CAD)")
+    currency: Currency | None = Field(
+        default=None,
+        description="Defaults to the currency of the tenant's region (DZ: DZD, CH: CHF, FR and BE: EUR, CA: CAD)",
+    )
     stage: DealStage = "prospecting"
     expected_close_date: date | None = None
     metadata: JsonObject = {}
@@ -108,6 +120,14 @@ class DealOut(BaseModel):
     updated_at: datetime
 
 
-DEALS = Resource(name="crm/deals", table="crm_deals", noun="deal", tag="crm",
-                 create=DealCreate, update=DealUpdate, read=DealOut, json_columns=frozenset({"metadata"}),
-                 write_responses=((422, "Invalid body, or lead_id names no lead of this tenant"),))
+DEALS = Resource(
+    name="crm/deals",
+    table="crm_deals",
+    noun="deal",
+    tag="crm",
+    create=DealCreate,
+    update=DealUpdate,
+    read=DealOut,
+    json_columns=frozenset({"metadata"}),
+    write_responses=((422, "Invalid body, or lead_id names no lead of this tenant"),),
+)

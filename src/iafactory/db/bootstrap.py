@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import psycopg
-
 from iafactory.config import SECRET_HINT, ConfigError, Settings, app_db_password_problem
 from iafactory.db import migrate, roles, server
-from iafactory.db.scope import Database
+from iafactory.db.scope import Conn, Database, PoolLimits
 
 
 async def migrate_and_prepare(
@@ -24,7 +22,7 @@ async def migrate_and_prepare(
         raise ConfigError(f"{problem} ({SECRET_HINT})")
     password = server.app_login_password(settings)
 
-    async def app_login(conn: psycopg.AsyncConnection) -> None:
+    async def app_login(conn: Conn) -> None:
         has_group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
         if has_group:
             await roles.ensure_app_login(conn, settings.app_db_user, password)
@@ -40,4 +38,14 @@ def database(settings: Settings, admin_url: str) -> Database:
         admin_url,
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
+        limits=PoolLimits(
+            queue_timeout=settings.queue_timeout_seconds,
+            max_waiting=settings.pool_max_waiting,
+            tenant_slots=settings.tenant_max_connections,
+            tenant_waiting=settings.tenant_max_waiting,
+            anonymous_slots=settings.anonymous_max_connections,
+            connect_timeout=settings.db_connect_timeout_seconds,
+            reconnect_timeout=settings.db_reconnect_timeout_seconds,
+            probe_interval=settings.db_probe_interval_seconds,
+        ),
     )

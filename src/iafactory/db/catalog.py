@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psycopg
+from iafactory.db.scope import Conn
 
 
 @dataclass(frozen=True)
@@ -15,12 +15,13 @@ class TenantTable:
     references_tenants: bool
 
 
-async def table_exists(conn: psycopg.AsyncConnection, name: str) -> bool:
+async def table_exists(conn: Conn, name: str) -> bool:
     row = await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS e", (f"public.{name}",))).fetchone()
+    assert row is not None  # a SELECT without FROM returns one row
     return bool(row["e"])
 
 
-async def tenant_tables(conn: psycopg.AsyncConnection) -> dict[str, TenantTable]:
+async def tenant_tables(conn: Conn) -> dict[str, TenantTable]:
     """Every ordinary table in `public` with a `tenant_id` column, by name."""
     cur = await conn.execute(
         """
@@ -46,20 +47,23 @@ async def tenant_tables(conn: psycopg.AsyncConnection) -> dict[str, TenantTable]
     return out
 
 
-async def _references_tenant_table(conn: psycopg.AsyncConnection, table: str) -> bool:
-    row = await (await conn.execute(
-        """SELECT EXISTS (
+async def _references_tenant_table(conn: Conn, table: str) -> bool:
+    row = await (
+        await conn.execute(
+            """SELECT EXISTS (
                SELECT 1 FROM pg_constraint k
                JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY (k.conkey)
                JOIN pg_attribute fa ON fa.attrelid = k.confrelid AND fa.attnum = ANY (k.confkey)
                WHERE k.conrelid = %s::regclass AND k.contype = 'f'
                  AND a.attname = 'tenant_id' AND fa.attname = 'tenant_id') AS e""",
-        (f"public.{table}",),
-    )).fetchone()
+            (f"public.{table}",),
+        )
+    ).fetchone()
+    assert row is not None
     return bool(row["e"])
 
 
-async def valid_indexes(conn: psycopg.AsyncConnection) -> set[str]:
+async def valid_indexes(conn: Conn) -> set[str]:
     cur = await conn.execute(
         """SELECT c.relname AS name FROM pg_index i
            JOIN pg_class c ON c.oid = i.indexrelid

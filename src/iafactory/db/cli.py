@@ -12,8 +12,8 @@ from iafactory.config import Settings, get_settings
 from iafactory.db import citus
 from iafactory.db import migrate as migrations
 from iafactory.db import server
-from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db import verify as verification
+from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db.scope import admin_connect
 
 db_app = typer.Typer(help="Database utilities.", no_args_is_help=True)
@@ -25,7 +25,9 @@ app.add_typer(citus_app, name="citus")
 @app.command("migrate")
 @run
 async def migrate_command(
-    version: str | None = typer.Argument(None, help="Apply only this migration (e.g. 006); earlier ones must be applied."),
+    version: str | None = typer.Argument(
+        None, help="Apply only this migration (e.g. 006); earlier ones must be applied."
+    ),
     check: bool = typer.Option(False, "--check", help="Show each migration: applied (when), pending, or changed."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would run; change nothing."),
 ) -> None:
@@ -37,15 +39,26 @@ async def migrate_command(
             print_table(
                 "Migrations",
                 ["version", "name", "state", "applied at", "ms"],
-                [[s.version, s.name, s.state, s.applied_at and s.applied_at.isoformat(timespec="seconds"),
-                  s.execution_ms] for s in statuses],
+                [
+                    [
+                        s.version,
+                        s.name,
+                        s.state,
+                        s.applied_at and s.applied_at.isoformat(timespec="seconds"),
+                        s.execution_ms,
+                    ]
+                    for s in statuses
+                ],
             )
             for s in statuses:
                 if s.state == "changed":
                     console.print(f"[yellow]{s.version}_{s.name}.sql changed since it was applied[/yellow]")
                 if s.superseded_by_reason:
-                    console.print(f"{s.version}_{s.name}.sql was applied as an earlier text, accepted as equivalent "
-                                  f"(superseded_checksums.txt: {s.superseded_by_reason})", highlight=False)
+                    console.print(
+                        f"{s.version}_{s.name}.sql was applied as an earlier text, accepted as equivalent "
+                        f"(superseded_checksums.txt: {s.superseded_by_reason})",
+                        highlight=False,
+                    )
         if dry_run:
             todo = migrations.plan(statuses, version)
             if not todo:
@@ -87,8 +100,10 @@ def url_command() -> None:
 
 def _embedded_only(settings: Settings, command: str) -> None:
     if settings.database_url:
-        print_error(f"DATABASE_URL is set: `iafactory db {command}` only manages the embedded PostgreSQL "
-                    "(unset DATABASE_URL to manage it)")
+        print_error(
+            f"DATABASE_URL is set: `iafactory db {command}` only manages the embedded PostgreSQL "
+            "(unset DATABASE_URL to manage it)"
+        )
         raise typer.Exit(1)
 
 
@@ -104,8 +119,10 @@ def start_command() -> None:
     try:
         url = server.start_embedded(settings)
     except (OSError, RuntimeError, subprocess.SubprocessError, psycopg.Error) as err:
-        print_error(f"could not start the embedded PostgreSQL in {settings.embedded_dir}: {err} "
-                    f"(its log: {settings.embedded_dir / 'log'})")
+        print_error(
+            f"could not start the embedded PostgreSQL in {settings.embedded_dir}: {err} "
+            f"(its log: {settings.embedded_dir / 'log'})"
+        )
         raise typer.Exit(1) from None
     state = "already running" if was_running else "started"
     err_console.print(f"embedded PostgreSQL {state} in {settings.embedded_dir}", highlight=False, soft_wrap=True)
@@ -123,7 +140,11 @@ def stop_command() -> None:
         print_error(str(err))
         raise typer.Exit(1) from None
     where = server.embedded_status(settings).data_dir
-    print(f"stopped the embedded PostgreSQL in {where}" if stopped else f"the embedded PostgreSQL in {where} was not running")
+    print(
+        f"stopped the embedded PostgreSQL in {where}"
+        if stopped
+        else f"the embedded PostgreSQL in {where} was not running"
+    )
 
 
 @db_app.command("status")
@@ -132,7 +153,9 @@ def status_command() -> None:
     does not run (as `pg_ctl status`), unless DATABASE_URL is set."""
     settings = get_settings()
     if settings.database_url:
-        print(f"database: {server.redact(settings.database_url)} (DATABASE_URL is set: the embedded server is not used)")
+        print(
+            f"database: {server.redact(settings.database_url)} (DATABASE_URL is set: the embedded server is not used)"
+        )
     st = server.embedded_status(settings)
     print(f"embedded PostgreSQL: {f'running (pid {st.pid})' if st.running else 'not running'}")
     print(f"data directory: {st.data_dir}")

@@ -32,7 +32,7 @@ from pathlib import Path
 import psycopg
 import sqlparse
 
-from iafactory.db.scope import admin_connect
+from iafactory.db.scope import Conn, admin_connect
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Lines `NNN <sha256 of an earlier text of NNN> <why it is equivalent>`; read by both runners.
@@ -160,19 +160,26 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         if version in migrations:
             raise MigrationError(f"{path.name}: version {version} is used twice ({migrations[version].filename})")
         data = path.read_bytes()
-        migrations[version] = Migration(version, name, path, data.decode("utf-8"), hashlib.sha256(data).hexdigest(),
-                                        tuple(superseded.pop(version, ())))
+        migrations[version] = Migration(
+            version,
+            name,
+            path,
+            data.decode("utf-8"),
+            hashlib.sha256(data).hexdigest(),
+            tuple(superseded.pop(version, ())),
+        )
     if superseded:
         raise MigrationError(f"{SUPERSEDED_FILE} names migration(s) with no file: {', '.join(sorted(superseded))}")
     return [migrations[v] for v in sorted(migrations)]
 
 
-async def _tracking_table_exists(conn: psycopg.AsyncConnection) -> bool:
+async def _tracking_table_exists(conn: Conn) -> bool:
     row = await (await conn.execute("SELECT to_regclass('public.schema_migrations') IS NOT NULL AS e")).fetchone()
+    assert row is not None  # a SELECT without FROM returns one row
     return bool(row["e"])
 
 
-async def _applied(conn: psycopg.AsyncConnection) -> dict[str, dict]:
+async def _applied(conn: Conn) -> dict[str, dict]:
     if not await _tracking_table_exists(conn):
         return {}
     cur = await conn.execute(
@@ -181,7 +188,7 @@ async def _applied(conn: psycopg.AsyncConnection) -> dict[str, dict]:
     return {r["version"]: r for r in await cur.fetchall()}
 
 
-async def status(conn: psycopg.AsyncConnection, migrations: list[Migration] | None = None) -> list[MigrationStatus]:
+async def status(conn: Conn, migrations: list[Migration] | None = None) -> list[MigrationStatus]:
     migrations = discover() if migrations is None else migrations
     applied = await _applied(conn)
     rows: list[MigrationStatus] = []
@@ -238,7 +245,7 @@ def _describe_failure(m: Migration, line: int, stmt: str, err: psycopg.Error) ->
     return MigrationError(f"{m.filename}, line {line}: {message}{detail}\n  statement: {first}")
 
 
-async def _drop_invalid_indexes(conn: psycopg.AsyncConnection) -> list[str]:
+async def _drop_invalid_indexes(conn: Conn) -> list[str]:
     cur = await conn.execute(
         """SELECT format('%I.%I', n.nspname, c.relname) AS name FROM pg_index i
            JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -250,7 +257,7 @@ async def _drop_invalid_indexes(conn: psycopg.AsyncConnection) -> list[str]:
     return names
 
 
-async def _run_one(conn: psycopg.AsyncConnection, m: Migration) -> int:
+async def _run_one(conn: Conn, m: Migration) -> int:
     started = time.perf_counter()
     record = "INSERT INTO schema_migrations (version, name, checksum, execution_ms) VALUES (%s, %s, %s, %s)"
     if m.transactional:
@@ -280,7 +287,7 @@ async def _run_one(conn: psycopg.AsyncConnection, m: Migration) -> int:
     return elapsed
 
 
-async def _take_lock(lock: psycopg.AsyncConnection) -> None:
+async def _take_lock(lock: Conn) -> None:
     """Take the runners' advisory lock, waiting as long as another runner holds it.
 
     Not `SELECT pg_advisory_lock(...)`: while that statement waits it holds a snapshot, and
@@ -291,7 +298,9 @@ async def _take_lock(lock: psycopg.AsyncConnection) -> None:
     delay = 0.01
     while True:
         cur = await lock.execute("SELECT pg_try_advisory_lock(%s) AS got", (ADVISORY_LOCK_KEY,))
-        if (await cur.fetchone())["got"]:
+        row = await cur.fetchone()
+        assert row is not None
+        if row["got"]:
             return
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.2)
@@ -304,7 +313,7 @@ async def migrate(
     migrations: list[Migration] | None = None,
     on_start: Callable[[Migration], None] | None = None,
     on_done: Callable[[Migration, int], None] | None = None,
-    then: Callable[[psycopg.AsyncConnection], Awaitable[None]] | None = None,
+    then: Callable[[Conn], Awaitable[None]] | None = None,
 ) -> list[Migration]:
     """Apply pending migrations (or just `target`) under the advisory lock. Returns what ran.
 

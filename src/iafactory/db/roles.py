@@ -12,25 +12,32 @@ import psycopg
 from psycopg import sql
 
 from iafactory.db.migrate import MigrationError
+from iafactory.db.scope import Conn
 
 
-async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: str | None) -> None:
+async def ensure_app_login(conn: Conn, user: str, password: str | None) -> None:
     """`password` None: the role logs in some other way (certificate, peer) or keeps its password."""
     group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
     if group is None:
         raise MigrationError("role iaf_app does not exist yet: apply migration 008 first")
-    role = await (await conn.execute(
-        """SELECT rolsuper, rolbypassrls,
+    role = await (
+        await conn.execute(
+            """SELECT rolsuper, rolbypassrls,
                   EXISTS (SELECT 1 FROM pg_class c WHERE c.relowner = r.oid
                           AND c.relnamespace = 'public'::regnamespace) AS owns_tables
-           FROM pg_roles r WHERE rolname = %s""", (user,))).fetchone()
+           FROM pg_roles r WHERE rolname = %s""",
+            (user,),
+        )
+    ).fetchone()
     ident = sql.Identifier(user)
     secret = sql.SQL("") if password is None else sql.SQL(" PASSWORD {}").format(sql.Literal(password))
     if role is None:
         try:
-            await conn.execute(sql.SQL(
-                "CREATE ROLE {} LOGIN{} NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT"
-            ).format(ident, secret))
+            await conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN{} NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT").format(
+                    ident, secret
+                )
+            )
         except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
             # Created meanwhile by a runner of another database of this cluster (the migration
             # lock serialises runners of one database only): check it as an existing role.
@@ -42,14 +49,15 @@ async def ensure_app_login(conn: psycopg.AsyncConnection, user: str, password: s
             "set IAFACTORY_APP_DB_USER to a dedicated role name"
         )
     else:
-        await _shared_catalog(conn, sql.SQL("ALTER ROLE {} LOGIN{} NOCREATEDB NOCREATEROLE INHERIT")
-                              .format(ident, secret))
+        await _shared_catalog(
+            conn, sql.SQL("ALTER ROLE {} LOGIN{} NOCREATEDB NOCREATEROLE INHERIT").format(ident, secret)
+        )
     await _shared_catalog(conn, sql.SQL("GRANT iaf_app TO {}").format(ident))
     dbname = conn.info.dbname
     await _shared_catalog(conn, sql.SQL("GRANT CONNECT ON DATABASE {} TO iaf_app").format(sql.Identifier(dbname)))
 
 
-async def _shared_catalog(conn: psycopg.AsyncConnection, statement: sql.Composable, attempts: int = 5) -> None:
+async def _shared_catalog(conn: Conn, statement: sql.Composed, attempts: int = 5) -> None:
     """Roles and database privileges live in catalogs shared by the whole cluster. Two runners
     changing the same row at once (e.g. for two databases) make one fail with "tuple concurrently
     updated"; the statements here are idempotent, so it runs again."""

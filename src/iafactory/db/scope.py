@@ -21,28 +21,40 @@ which runs as `EXECUTE` of a statement prepared once per connection (`PREPARE` r
 first time). A read-only scope sends `BEGIN READ ONLY; SET LOCAL ...; EXECUTE ...; COMMIT` as one
 message per statement: one round trip, no separate commit. Parameters are rendered as literals by
 psycopg's own adapters (`sql.Literal`), never by string formatting.
+
+Load: a scope takes a slot of the pool's `Gate` (iafactory/admission.py) before it takes a
+connection: a cap per tenant, a bounded queue, a short wait, and a request whose client went away
+never gets one. `_Health` notices a database that went away and brings the pool back as soon as it
+returns (psycopg_pool alone backs off up to 32 s between reconnection attempts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import re
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from iafactory import jsonvalues
+from iafactory.admission import ANONYMOUS, CREDENTIALS, Gate, Unavailable
 from iafactory.tenancy.context import TenantContext, request_metadata
+
+log = logging.getLogger("iafactory.db")
 
 Params = Sequence[Any] | None
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -92,8 +104,9 @@ def _inline(conn: Conn, query: str, params: Params) -> str:
 class Transaction:
     """One transaction (or, read-only, a series of one-message transactions) as one tenant."""
 
-    def __init__(self, conn: Conn, prelude: list[str], *, read_only: bool, must_send: bool = False,
-                 before: str | None = None) -> None:
+    def __init__(
+        self, conn: Conn, prelude: list[str], *, read_only: bool, must_send: bool = False, before: str | None = None
+    ) -> None:
         self._conn = conn
         self._prelude = prelude
         # Runs once, in its own transaction, at the head of the first message (e.g. the rate-limit
@@ -107,15 +120,17 @@ class Transaction:
         self._closed = False  # committed by a statement sent with last=True
 
     # -- public API ----------------------------------------------------------------------------
-    async def fetch(self, query: str | sql.Composable, params: Params = None, *, last: bool = False
-                    ) -> list[dict[str, Any]]:
+    async def fetch(
+        self, query: str | sql.Composable, params: Params = None, *, last: bool = False
+    ) -> list[dict[str, Any]]:
         """`last=True`: this is the transaction's last statement, so COMMIT travels in the same
         message (a single-statement write costs one round trip, like a read)."""
         cur = await self._run(query, params, last=last)
         return await cur.fetchall()
 
-    async def fetchrow(self, query: str | sql.Composable, params: Params = None, *, last: bool = False
-                       ) -> dict[str, Any] | None:
+    async def fetchrow(
+        self, query: str | sql.Composable, params: Params = None, *, last: bool = False
+    ) -> dict[str, Any] | None:
         cur = await self._run(query, params, last=last)
         return await cur.fetchone()
 
@@ -143,8 +158,9 @@ class Transaction:
         return self._conn
 
     # -- internals -----------------------------------------------------------------------------
-    async def _run(self, query: str | sql.Composable, params: Params, *, last: bool = False
-                   ) -> psycopg.AsyncCursor[dict[str, Any]]:
+    async def _run(
+        self, query: str | sql.Composable, params: Params, *, last: bool = False
+    ) -> psycopg.AsyncCursor[dict[str, Any]]:
         if self._closed:
             raise psycopg.ProgrammingError("this transaction was committed by a statement marked last=True")
         text = _render(self._conn, query)
@@ -194,15 +210,19 @@ class Transaction:
     async def _exists(self, name: str) -> bool:
         if self._conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             await self._conn.execute("ROLLBACK")
-        row = await (await self._conn.execute(
-            "SELECT 1 AS x FROM pg_prepared_statements WHERE name = %s", (name,), prepare=False)).fetchone()
+        row = await (
+            await self._conn.execute(
+                "SELECT 1 AS x FROM pg_prepared_statements WHERE name = %s", (name,), prepare=False
+            )
+        ).fetchone()
         return row is not None
 
     async def _finish(self, ok: bool) -> None:
         if ok and self._must_send and not self._sent:
             # Nothing ran: still run the gate (e.g. the membership check) before answering.
-            await self._conn.execute(";\n".join([*self._before, "BEGIN READ ONLY", *self._prelude, "COMMIT"]),
-                                     prepare=False)
+            await self._conn.execute(
+                ";\n".join([*self._before, "BEGIN READ ONLY", *self._prelude, "COMMIT"]), prepare=False
+            )
             self._sent = True
             return
         status = self._conn.info.transaction_status
@@ -211,9 +231,13 @@ class Transaction:
         await self._conn.execute("COMMIT" if ok and status == psycopg.pq.TransactionStatus.INTRANS else "ROLLBACK")
 
 
-def _tenant_prelude(conn: Conn, ctx: TenantContext | None, gate: tuple[str, Params] | None,
-                    user_id: int | None = None, request: tuple[str | None, str | None] = (None, None)
-                    ) -> list[str]:
+def _tenant_prelude(
+    conn: Conn,
+    ctx: TenantContext | None,
+    gate: tuple[str, Params] | None,
+    user_id: int | None = None,
+    request: tuple[str | None, str | None] = (None, None),
+) -> list[str]:
     statements: list[str] = []
     if ctx is None:
         if user_id is not None:
@@ -246,27 +270,53 @@ class _Scope:
     """Async context manager for one scope: a pooled (or given) connection and its Transaction.
     A plain class rather than nested generators: this sits on every request's hot path."""
 
-    __slots__ = ("_pool", "_conn", "_ctx", "_gate", "_read_only", "_tx", "_user_id", "_before", "_request")
+    __slots__ = (
+        "_before",
+        "_conn",
+        "_ctx",
+        "_db",
+        "_gate",
+        "_lane",
+        "_read_only",
+        "_request",
+        "_since",
+        "_tx",
+        "_user_id",
+    )
 
-    def __init__(self, pool: AsyncConnectionPool | None, conn: Conn | None, ctx: TenantContext | None,
-                 gate: tuple[str, Params] | None, read_only: bool, user_id: int | None = None,
-                 before: tuple[str, Params] | None = None,
-                 request: tuple[str | None, str | None] = (None, None)) -> None:
-        self._pool, self._conn, self._ctx, self._gate, self._read_only = pool, conn, ctx, gate, read_only
+    def __init__(
+        self,
+        db: Database | None,
+        conn: Conn | None,
+        ctx: TenantContext | None,
+        gate: tuple[str, Params] | None,
+        read_only: bool,
+        user_id: int | None = None,
+        before: tuple[str, Params] | None = None,
+        lane: Hashable = ANONYMOUS,
+        request: tuple[str | None, str | None] = (None, None),
+    ) -> None:
+        self._db, self._conn, self._ctx, self._gate, self._read_only = db, conn, ctx, gate, read_only
         self._user_id = user_id
         self._before = before
+        self._lane = lane
+        self._since = 0.0
         self._request = request
         self._tx: Transaction | None = None
 
     async def __aenter__(self) -> Transaction:
-        if self._pool is not None:
-            self._conn = await self._pool.getconn()
+        if self._db is not None:
+            self._conn = await self._db._checkout(self._lane)
+            self._since = monotonic()
         assert self._conn is not None
         try:
-            self._tx = Transaction(self._conn, _tenant_prelude(self._conn, self._ctx, self._gate, self._user_id,
-                                                               self._request),
-                                   read_only=self._read_only, must_send=self._gate is not None,
-                                   before=_inline(self._conn, *self._before) if self._before else None)
+            self._tx = Transaction(
+                self._conn,
+                _tenant_prelude(self._conn, self._ctx, self._gate, self._user_id, self._request),
+                read_only=self._read_only,
+                must_send=self._gate is not None,
+                before=_inline(self._conn, *self._before) if self._before else None,
+            )
         except BaseException:
             await self._release()
             raise
@@ -278,40 +328,179 @@ class _Scope:
             if exc_type is None:
                 await self._tx._finish(ok=True)
             else:
-                try:
+                with contextlib.suppress(psycopg.Error):  # the original exception is the one that matters
                     await self._tx._finish(ok=False)
-                except psycopg.Error:
-                    pass  # the original exception is the one that matters
         finally:
             await self._release()
 
     async def _release(self) -> None:
-        if self._pool is not None and self._conn is not None:
-            await self._pool.putconn(self._conn)
-            self._conn = None
+        if self._db is not None and self._conn is not None:
+            conn, self._conn = self._conn, None
+            await self._db._checkin(conn, self._lane, monotonic() - self._since)
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """How the pool behaves under load and when the database goes away (see config.py)."""
+
+    queue_timeout: float = 2.0  # longest wait for a connection, then 503 busy
+    max_waiting: int = 256  # requests queued for a connection; more are refused at once
+    tenant_slots: int | None = None  # connections one tenant may hold at once (default: half the pool)
+    tenant_waiting: int | None = None  # requests one tenant may have queued (default: a quarter of max_waiting)
+    anonymous_slots: int | None = None  # sign-in, registration, key lookups (default: a quarter of the pool)
+    connect_timeout: int = 2  # seconds; libpq's minimum
+    reconnect_timeout: float = 2.0  # a reconnection attempt gives up after this (psycopg_pool's default: 300 s)
+    probe_interval: float = 0.5  # while the database is down, how often it is probed
+    probe_timeout: float = 1.0
+
+
+class _Health:
+    """Whether the database answers.
+
+    Nothing probes while all is well. A broken connection, a failed reconnection or a pool timeout
+    starts a probe (a fresh connection of the application role, `SELECT 1`), repeated every
+    `probe_interval` while it fails. A probe that finds no server (or one shutting down) marks
+    the database down; one that is only slow does not (it may be the machine's load). While the database is down, scopes are refused at once
+    ("database unavailable") instead of each waiting for a connection; when a probe succeeds,
+    the pool's idle connections are checked (the broken ones replaced, the pool grown again) and
+    service resumes, without waiting for psycopg_pool's backoff (1, 2, 4 ... 32 s)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.down_since: float | None = None
+        self.reason = ""
+        self.outages = 0
+        self._watcher: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[str | None] | None = None
+        self._probed_at = -1e9
+        self._probed: str | None = None
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def suspect(self) -> None:
+        """Something failed: find out whether the database is still there (in the background)."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def probe(self) -> str | None:
+        """Probe now (one probe at a time; a result younger than `probe_interval` is reused).
+        None when the database answers, else why not."""
+        if monotonic() - self._probed_at < self._db.limits.probe_interval:
+            return self._probed
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._db._probe())
+        reason = await asyncio.shield(self._probe)
+        self._probed, self._probed_at = reason, monotonic()
+        if reason is not None:
+            if reason in DOWN:
+                # Not there, or shutting down: down. A probe that is slow (the machine's load?),
+                # finds no connection slot or is refused its login may fail where the pool's
+                # open connections still work: readyz says so, requests are not turned away.
+                self._mark_down(reason)
+            self.suspect()
+        return reason
+
+    def _mark_down(self, reason: str) -> None:
+        self.reason = reason
+        if self.down_since is None:
+            self.down_since = monotonic()
+            self.outages += 1
+            log.error("database unavailable: %s", reason)
+
+    async def _watch(self) -> None:
+        while True:
+            self._probed_at = -1e9
+            reason = await self.probe()
+            if reason is None:
+                if self.down_since is not None:
+                    log.warning("database back after %.1f s", monotonic() - self.down_since)
+                    self.down_since = None
+                    await self._db._refresh()
+                return
+            await asyncio.sleep(self._db.limits.probe_interval)
+
+    def close(self) -> None:
+        for task in (self._watcher, self._probe):
+            if task is not None and not task.done():
+                task.cancel()
+
+
+SLOW = "no answer in time"
+DOWN = frozenset({"unreachable", "starting up or shutting down"})
+
+
+def _reason(err: BaseException) -> str:
+    """A short sentence on why the database did not answer, safe to show to anyone (no host,
+    socket path or user name)."""
+    if isinstance(err, (TimeoutError, psycopg.errors.ConnectionTimeout)):
+        return SLOW
+    text = str(err).lower()
+    if "starting up" in text or "shutting down" in text or "recovery" in text:
+        return "starting up or shutting down"
+    if "authentication" in text or ("role" in text and "does not exist" in text):
+        return "refuses the application's login"
+    if "too many" in text or "remaining connection slots" in text:
+        return "no connection slot left"
+    return "unreachable"
 
 
 class Database:
-    """Owns the application pool and hands out the tenant and anonymous scopes."""
+    """Owns the application pool, its admission gate and health, and hands out the tenant and
+    anonymous scopes."""
 
-    def __init__(self, app_conninfo: str, admin_conninfo: str, *, min_size: int = 2, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        app_conninfo: str,
+        admin_conninfo: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        limits: PoolLimits | None = None,
+    ) -> None:
         self.app_conninfo = app_conninfo
         self.admin_conninfo = admin_conninfo
-        self._pool = AsyncConnectionPool(
+        self.limits = limits = limits or PoolLimits()
+        anonymous = limits.anonymous_slots or max(1, max_size // 4)
+        self.gate = Gate(
+            "database",
+            max_size,
+            max_waiting=limits.max_waiting,
+            timeout=limits.queue_timeout,
+            key_slots=limits.tenant_slots or max(1, max_size // 2),
+            key_waiting=limits.tenant_waiting or max(1, limits.max_waiting // 4),
+            lanes={ANONYMOUS: anonymous, CREDENTIALS: anonymous},
+        )
+        self.health = _Health(self)
+        self.checked_out = 0  # connections out of the pool right now
+        self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             app_conninfo,
+            connection_class=psycopg.AsyncConnection[dict[str, Any]],
             min_size=min_size,
             max_size=max_size,
             # Statements are prepared by this module (PREPARE/EXECUTE); psycopg's own cache would
             # answer a ROLLBACK with DEALLOCATE ALL and drop ours.
-            kwargs={"autocommit": True, "row_factory": dict_row, "prepare_threshold": None},
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "prepare_threshold": None,
+                "connect_timeout": limits.connect_timeout,
+            },
             open=False,
             name="iafactory-app",
+            timeout=limits.queue_timeout,
+            # Give up a reconnection attempt soon: its backoff doubles up to 32 s, and the pool
+            # counts a connection being retried as one it has. _Health takes over from there.
+            reconnect_timeout=limits.reconnect_timeout,
+            reconnect_failed=self._reconnect_failed,
         )
 
     async def open(self) -> None:
         await self._pool.open(wait=True)
 
     async def close(self) -> None:
+        self.health.close()
         await self._pool.close()
 
     def pool_stats(self) -> dict[str, int]:
@@ -327,7 +516,11 @@ class Database:
         await self.close()
 
     def tenant(
-        self, ctx: TenantContext, *, read_only: bool = False, gate: tuple[str, Params] | None = None,
+        self,
+        ctx: TenantContext,
+        *,
+        read_only: bool = False,
+        gate: tuple[str, Params] | None = None,
         before: tuple[str, Params] | None = None,
     ) -> AbstractAsyncContextManager[Transaction]:
         """A transaction as `ctx.tenant_id`.
@@ -340,7 +533,7 @@ class Database:
         """
         if not isinstance(ctx, TenantContext):
             raise TypeError("Database.tenant needs a TenantContext")
-        return _Scope(self._pool, None, ctx, gate, read_only, before=before)
+        return _Scope(self, None, ctx, gate, read_only, before=before, lane=ctx.tenant_id)
 
     async def listen(self, channel: str, wake: Any, stop: Any) -> None:
         """Set `wake` (an asyncio.Event) on each NOTIFY on `channel` until `stop` is set. A dedicated
@@ -349,7 +542,9 @@ class Database:
             raise ValueError(channel)
         while not stop.is_set():
             try:
-                async with await psycopg.AsyncConnection.connect(self.app_conninfo, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(
+                    self.app_conninfo, autocommit=True, connect_timeout=self.limits.connect_timeout
+                ) as conn:
                     await conn.execute(f"LISTEN {channel}")
                     async for _ in conn.notifies():
                         wake.set()
@@ -359,20 +554,114 @@ class Database:
                 wake.set()  # fall back to polling until the database is back
                 await asyncio.sleep(1.0)
 
-    def anonymous(self, *, user_id: int | None = None, read_only: bool = False, client_ip: str | None = None,
-                  request_id: str | None = None) -> AbstractAsyncContextManager[Transaction]:
+    def anonymous(
+        self,
+        *,
+        user_id: int | None = None,
+        read_only: bool = False,
+        lane: Hashable | None = None,
+        client_ip: str | None = None,
+        request_id: str | None = None,
+    ) -> AbstractAsyncContextManager[Transaction]:
         """A transaction with no tenant: only the pre-tenant definer functions see anything.
         `user_id` (a verified user) lets a user read their own row and the platform functions
-        check that they are a platform administrator. `client_ip` and `request_id` go into the
-        audit rows written in it (tenant creation, status, plan and limit changes, credit grants),
-        as in a tenant scope."""
-        return _Scope(self._pool, None, None, None, read_only, user_id,
-                      request=request_metadata(client_ip, request_id))
+        check that they are a platform administrator. `lane`: whose share of the pool it uses
+        (default: that user's, else the unauthenticated lane). `client_ip` and `request_id` go into
+        the audit rows written in it (tenant creation, status, plan and limit changes, credit
+        grants), as in a tenant scope."""
+        if lane is None:
+            lane = ("user", int(user_id)) if user_id is not None else ANONYMOUS
+        return _Scope(
+            self, None, None, None, read_only, user_id, lane=lane, request=request_metadata(client_ip, request_id)
+        )
+
+    # -- connections, load and health ---------------------------------------------------------
+    async def _checkout(self, lane: Hashable) -> Conn:
+        if self.health.down:
+            raise Unavailable("database", self.health.reason)
+        await self.gate.acquire(lane)
+        try:
+            conn = await self._pool.getconn()
+        except PoolTimeout as err:
+            self.gate.release(lane)
+            # A slot is ours, so no other request holds this connection: the pool could not
+            # open one. That is the database's doing, not load.
+            self.health.suspect()
+            raise Unavailable("database", "no connection could be opened in time") from err
+        except BaseException:
+            self.gate.release(lane)
+            raise
+        self.checked_out += 1
+        return conn
+
+    async def _checkin(self, conn: Conn, lane: Hashable, held: float) -> None:
+        self.checked_out -= 1
+        try:
+            if conn.broken:
+                self.health.suspect()
+            await self._pool.putconn(conn)
+        finally:
+            self.gate.release(lane, held)
+
+    def _reconnect_failed(self, pool: AsyncConnectionPool) -> None:
+        self.health.suspect()
+
+    async def _probe(self) -> str | None:
+        try:
+            async with asyncio.timeout(self.limits.probe_timeout):
+                conn = await psycopg.AsyncConnection.connect(
+                    self.app_conninfo, autocommit=True, connect_timeout=self.limits.connect_timeout
+                )
+                try:
+                    await conn.execute("SELECT 1")
+                finally:
+                    await conn.close()
+        except (TimeoutError, psycopg.Error) as err:
+            log.info("database probe failed: %s", err)
+            return _reason(err)
+        return None
+
+    async def _refresh(self) -> None:
+        """After an outage: drop the idle connections that broke, open new ones now."""
+        try:
+            await self._pool.check()
+        except Exception:
+            log.exception("pool check after an outage failed")
+
+    async def check(self, timeout: float) -> str | None:
+        """For /readyz: None when the database answers within `timeout` seconds, else why not.
+        Answers at once while the database is known to be down."""
+        if self.health.down:
+            return self.health.reason
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.health.probe()
+        except TimeoutError:
+            return SLOW
+
+    def load_stats(self) -> dict[str, Any]:
+        """For metrics: the admission gate, the pool, and whether the database answers."""
+        pool = self._pool.get_stats()
+        return {
+            "gate": self.gate.stats(),
+            "checked_out": self.checked_out,
+            "pool": {
+                "size": pool.get("pool_size", 0),
+                "available": pool.get("pool_available", 0),
+                "max": pool.get("pool_max", 0),
+                "connections_errors": pool.get("connections_errors", 0),
+                "connections_lost": pool.get("connections_lost", 0),
+            },
+            "up": not self.health.down,
+            "reason": self.health.reason if self.health.down else None,
+            "outages": self.health.outages,
+        }
 
 
 @asynccontextmanager
-async def operator_transaction(conninfo: str, ctx: TenantContext | None = None, *, snapshot: bool = False,
-                               bulk: bool = False) -> AsyncIterator[Transaction]:
+async def operator_transaction(
+    conninfo: str, ctx: TenantContext | None = None, *, snapshot: bool = False, bulk: bool = False
+) -> AsyncIterator[Transaction]:
     """A transaction on an operator's own connection (CLI commands). Without `ctx`, tenant tables
     show nothing and platform work goes through the platform.* definer functions. With `ctx`, it
     acts for that tenant (export, erasure, import). `snapshot`: one consistent REPEATABLE READ

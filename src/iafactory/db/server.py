@@ -83,7 +83,9 @@ def embedded_status(settings: Settings) -> EmbeddedStatus:
         return EmbeddedStatus(pgdata, False, version=major)
     try:
         with psycopg.connect(info.get_uri(), connect_timeout=5) as conn:
-            version = conn.execute("SHOW server_version").fetchone()[0]
+            row = conn.execute("SHOW server_version").fetchone()
+            assert row is not None  # SHOW returns one row
+            version = row[0]
     except psycopg.OperationalError:
         version = major  # starting up or shutting down: the process is there, the answer not yet
     return EmbeddedStatus(pgdata, True, info.pid, info.get_uri(database=settings.embedded_db_name), version)
@@ -105,12 +107,17 @@ def stop_embedded(settings: Settings) -> bool:
 
     with pgserver.PostgresServer._lock:
         try:
-            pgexec("pg_ctl", ("-D", str(status.data_dir), "-m", "fast", "-w", "-t", "60", "stop"),
-                   bin_path=handle.bin_path, user=handle.system_user)
+            pgexec(
+                "pg_ctl",
+                ("-D", str(status.data_dir), "-m", "fast", "-w", "-t", "60", "stop"),
+                bin_path=handle.bin_path,
+                user=handle.system_user,
+            )
         except subprocess.CalledProcessError as err:
             raise RuntimeError(
                 f"pg_ctl could not stop the embedded PostgreSQL in {status.data_dir} "
-                f"(exit {err.returncode}); see {status.data_dir / 'log'}") from err
+                f"(exit {err.returncode}); see {status.data_dir / 'log'}"
+            ) from err
     return True
 
 
@@ -126,7 +133,7 @@ def admin_conninfo(settings: Settings) -> str:
 def with_database(conninfo: str, dbname: str) -> str:
     params = conninfo_to_dict(conninfo)
     params["dbname"] = dbname
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def app_conninfo(settings: Settings, admin: str) -> str:
@@ -137,7 +144,7 @@ def app_conninfo(settings: Settings, admin: str) -> str:
     params["user"] = settings.app_db_user
     params["password"] = settings.secret("app_db_password")
     params.setdefault("application_name", "iafactory")
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def app_login_password(settings: Settings) -> str | None:
@@ -148,5 +155,6 @@ def app_login_password(settings: Settings) -> str | None:
         return settings.app_db_password.get_secret_value()
     if settings.app_database_url:
         params = conninfo_to_dict(settings.app_database_url)
-        return params.get("password") if params.get("user") == settings.app_db_user else None
+        password = params.get("password")
+        return str(password) if password is not None and params.get("user") == settings.app_db_user else None
     return settings.secret("app_db_password")

@@ -39,7 +39,8 @@ DESCRIPTION = (
     "A key of your choice (1-255 visible ASCII characters, e.g. a UUID) that makes this create safe to retry: "
     "a retry with the same key and body gets the first answer back (status and body, with `Idempotent-Replayed: "
     "true`) instead of creating, and charging, twice. The same key with another body, or from another user or "
-    "API key, answers 409. Keys are kept per tenant for at least 24 hours.")
+    "API key, answers 409. Keys are kept per tenant for at least 24 hours."
+)
 
 _CLAIM = "SELECT * FROM app.claim_idempotency_key(%s, %s, %s, %s, %s)"
 _STORE = "UPDATE idempotency_keys SET status_code = %s, response_body = %s WHERE tenant_id = %s AND key = %s"
@@ -67,8 +68,9 @@ class Idempotency:
     key: str | None
     request: Request
 
-    async def create(self, s: TenantSession, action: Callable[[bool], Awaitable[Any]], *,
-                     redact: Iterable[str] = ()) -> Any:
+    async def create(
+        self, s: TenantSession, action: Callable[[bool], Awaitable[Any]], *, redact: Iterable[str] = ()
+    ) -> Any:
         """Run `action(last)` once per key. `last`: the action may commit with its statement (no
         key: nothing follows it). With a key, the answer is rendered, stored and committed here,
         and returned as a Response; the fields in `redact` are stored as null."""
@@ -82,24 +84,35 @@ class Idempotency:
         fingerprint = await request_hash(self.request)
         settings = self.request.app.state.settings
         try:
-            claim = await s.tx.fetchrow(_CLAIM, (tenant_id, self.key, principal, fingerprint,
-                                                 settings.idempotency_key_ttl_seconds))
+            claim = await s.tx.fetchrow(
+                _CLAIM, (tenant_id, self.key, principal, fingerprint, settings.idempotency_key_ttl_seconds)
+            )
         except psycopg.errors.LockNotAvailable as err:
-            raise _conflict("a request with this Idempotency-Key is still in progress; retry shortly",
-                            headers={"Retry-After": "1"}) from err
+            raise _conflict(
+                "a request with this Idempotency-Key is still in progress; retry shortly", headers={"Retry-After": "1"}
+            ) from err
         assert claim is not None
         if not claim["claimed"]:
             if claim["principal"] != principal:
-                raise _conflict("this Idempotency-Key was used by another user or API key of the tenant; "
-                                "use a key of your own")
+                raise _conflict(
+                    "this Idempotency-Key was used by another user or API key of the tenant; use a key of your own"
+                )
             if claim["request_hash"] != fingerprint:
-                raise _conflict("this Idempotency-Key was used for a different request (method, path or body); "
-                                "use a new key for a new request")
+                raise _conflict(
+                    "this Idempotency-Key was used for a different request (method, path or body); "
+                    "use a new key for a new request"
+                )
             if claim["status_code"] is None:
-                raise _conflict("a request with this Idempotency-Key is still in progress; retry shortly",
-                                headers={"Retry-After": "1"})
-            return Response(bytes(claim["response_body"]), status_code=claim["status_code"], media_type=JSON,
-                            headers={REPLAYED: "true"})
+                raise _conflict(
+                    "a request with this Idempotency-Key is still in progress; retry shortly",
+                    headers={"Retry-After": "1"},
+                )
+            return Response(
+                bytes(claim["response_body"]),
+                status_code=claim["status_code"],
+                media_type=JSON,
+                headers={REPLAYED: "true"},
+            )
         result = await action(False)
         body = render(adapter, result)
         redact = tuple(redact)
@@ -110,8 +123,10 @@ class Idempotency:
 
 async def _idempotency(
     request: Request,
-    key: Annotated[str | None, Header(alias=HEADER, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
-                                      description=DESCRIPTION)] = None,
+    key: Annotated[
+        str | None,
+        Header(alias=HEADER, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$", description=DESCRIPTION),
+    ] = None,
 ) -> Idempotency:
     return Idempotency(key, request)
 

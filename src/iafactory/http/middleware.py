@@ -34,9 +34,13 @@ class RequestContextMiddleware:
     body anyway, so this costs no memory the handler would not have used.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int,
-                 span_hook: Callable[[Mapping[str, Any], str], None] | None = None,
-                 body_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        span_hook: Callable[[Mapping[str, Any], str], None] | None = None,
+        body_timeout: float = 30.0,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
@@ -77,8 +81,13 @@ class RequestContextMiddleware:
         try:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                await self._refuse(send_wrapper, request_id, 413, "Content Too Large",
-                                   f"request body exceeds {self.max_body_bytes} bytes")
+                await self._refuse(
+                    send_wrapper,
+                    request_id,
+                    413,
+                    "Content Too Large",
+                    f"request body exceeds {self.max_body_bytes} bytes",
+                )
             elif (declared is None or declared == b"0") and b"transfer-encoding" not in headers:
                 await self.app(scope, receive, send_wrapper)  # no body to wait for (every GET)
             else:
@@ -110,8 +119,7 @@ class RequestContextMiddleware:
                 if not escaped:
                     logs.unbind(token)
 
-    async def _record(self, scope: Scope, state: dict[str, Any], status: int, seconds: float, *,
-                      lookup: bool) -> None:
+    async def _record(self, scope: Scope, state: dict[str, Any], status: int, seconds: float, *, lookup: bool) -> None:
         """After the response has gone: the plan label (cached; a miss costs one lookup here, not
         on the client's clock; none after an escaped error), the metrics and the access-log line."""
         who = logs.context_fields(state)
@@ -122,10 +130,24 @@ class RequestContextMiddleware:
         metrics.observe_request(route, method, status, plan, seconds)
         client = scope.get("client")
         duration_ms = round(seconds * 1000, 1)
-        access_log.info("%s %s %s %.1fms", method, route, status, duration_ms, extra={"fields": {
-            **who, "method": method, "route": route, "status": status, "duration_ms": duration_ms,
-            "client_ip": client[0] if client else None, "plan": plan,
-        }})
+        access_log.info(
+            "%s %s %s %.1fms",
+            method,
+            route,
+            status,
+            duration_ms,
+            extra={
+                "fields": {
+                    **who,
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": duration_ms,
+                    "client_ip": client[0] if client else None,
+                    "plan": plan,
+                }
+            },
+        )
 
     async def _read_body(self, receive: Receive) -> Message | tuple[int, str, str]:
         """The whole body as one http.request message (or the disconnect), else (status, title, detail)."""
@@ -146,8 +168,9 @@ class RequestContextMiddleware:
         return 408, "Request Timeout", f"request body not received within {self.body_timeout:g} s"
 
     async def _refuse(self, send: Send, request_id: str, status: int, title: str, detail: str) -> None:
-        body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail,
-                           "request_id": request_id}).encode()
+        body = json.dumps(
+            {"type": "about:blank", "title": title, "status": status, "detail": detail, "request_id": request_id}
+        ).encode()
         headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]
         if status == 408:
             headers.append((b"connection", b"close"))  # a client this slow gets no second request

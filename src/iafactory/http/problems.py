@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import MutableMapping
 from http import HTTPStatus
 from typing import Any
 
 import psycopg
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, routing
 from fastapi.exceptions import RequestValidationError
-from fastapi import routing
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
+
+from iafactory.admission import Busy, ClientGone, Unavailable
 
 log = logging.getLogger("iafactory.http")
 
@@ -29,8 +31,16 @@ APP_SQLSTATES = {"IA401": 401, "IA402": 402, "IA403": 403, "IA404": 404, "IA409"
 class Problem(Exception):
     """Raise to answer with a problem document."""
 
-    def __init__(self, status: int, title: str, detail: str | None = None, *, type_: str | None = None,
-                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        *,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail or title)
         self.status, self.title, self.detail, self.type_ = status, title, detail, type_
         self.headers = headers or {}
@@ -39,8 +49,13 @@ class Problem(Exception):
 
 def invalid(field: str, message: str, type_: str = "value_error") -> Problem:
     """A 422 naming `field` ("query.from", "body.name"), shaped like FastAPI's own validation errors."""
-    return Problem(422, "Validation failed", f"{field}: {message}", type_="validation",
-                   errors=[{"field": field, "message": message, "type": type_}])
+    return Problem(
+        422,
+        "Validation failed",
+        f"{field}: {message}",
+        type_="validation",
+        errors=[{"field": field, "message": message, "type": type_}],
+    )
 
 
 def not_found(what: str, ident: object) -> Problem:
@@ -48,8 +63,16 @@ def not_found(what: str, ident: object) -> Problem:
     return Problem(404, "Not Found", f"{what} {ident} not found", type_="not-found")
 
 
-def problem_response(status: int, title: str, detail: str | None = None, *, type_: str | None = None,
-                     headers: dict[str, str] | None = None, request: Request | None = None, **extra: Any) -> JSONResponse:
+def problem_response(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    *,
+    type_: str | None = None,
+    headers: dict[str, str] | None = None,
+    request: Request | None = None,
+    **extra: Any,
+) -> JSONResponse:
     body: dict[str, Any] = {"type": TYPE_BASE + type_ if type_ else "about:blank", "title": title, "status": status}
     if detail:
         body["detail"] = detail
@@ -66,6 +89,33 @@ def problem_response(status: int, title: str, detail: str | None = None, *, type
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+def busy_response(retry_after: int, request: Request | None = None) -> JSONResponse:
+    """503 for load: the service is up, it is only full right now."""
+    return problem_response(
+        503,
+        "Service Unavailable",
+        f"busy, retry after {retry_after} s",
+        type_="busy",
+        headers={"Retry-After": str(retry_after)},
+        request=request,
+    )
+
+
+def unavailable_response(
+    what: str, reason: str, retry_after: int = 1, request: Request | None = None, **extra: Any
+) -> JSONResponse:
+    """503 because something this service needs (the database) does not answer."""
+    return problem_response(
+        503,
+        "Service Unavailable",
+        f"{what} unavailable: {reason}",
+        type_=f"{what}-unavailable",
+        headers={"Retry-After": str(retry_after)},
+        request=request,
+        **extra,
+    )
+
+
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header"):
@@ -77,20 +127,28 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc.status, exc.title, exc.detail, type_=exc.type_, headers=exc.headers,
-                                request=request, **exc.extra)
+        return problem_response(
+            exc.status, exc.title, exc.detail, type_=exc.type_, headers=exc.headers, request=request, **exc.extra
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _field(e["loc"]), "message": e["msg"].removeprefix("Value error, "), "type": e["type"]}
-                  for e in exc.errors()]
+        errors = [
+            {"field": _field(e["loc"]), "message": e["msg"].removeprefix("Value error, "), "type": e["type"]}
+            for e in exc.errors()
+        ]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return problem_response(422, "Validation failed", detail, type_="validation", request=request, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not Found", 405: "Method Not Allowed", 401: "Unauthorized", 403: "Forbidden",
-                  413: "Content Too Large"}
+        titles = {
+            404: "Not Found",
+            405: "Method Not Allowed",
+            401: "Unauthorized",
+            403: "Forbidden",
+            413: "Content Too Large",
+        }
         detail = exc.detail if isinstance(exc.detail, str) else None
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
@@ -99,14 +157,36 @@ def install(app: FastAPI) -> None:
             methods = allowed_methods(request.app.routes, request.scope)
             if methods:
                 headers = {**(headers or {}), "Allow": ", ".join(methods)}
-        return problem_response(exc.status_code, titles.get(exc.status_code) or _phrase(exc.status_code), detail,
-                                headers=headers, request=request)
+        return problem_response(
+            exc.status_code,
+            titles.get(exc.status_code) or _phrase(exc.status_code),
+            detail,
+            headers=headers,
+            request=request,
+        )
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy) -> JSONResponse:
+        return busy_response(exc.retry_after, request)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        return unavailable_response(exc.what, exc.reason, exc.retry_after, request)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> JSONResponse:
+        # Nobody is listening; 499 ("client closed request") is what the access log shows.
+        return problem_response(
+            499, "Client Closed Request", "the client disconnected while the request waited", request=request
+        )
 
     @app.exception_handler(psycopg.Error)
     async def _database(request: Request, exc: psycopg.Error) -> JSONResponse:
         fields: list[str] = []
-        if isinstance(exc, (psycopg.errors.ForeignKeyViolation, psycopg.errors.CheckViolation)) \
-                and exc.diag.constraint_name:
+        if (
+            isinstance(exc, (psycopg.errors.ForeignKeyViolation, psycopg.errors.CheckViolation))
+            and exc.diag.constraint_name
+        ):
             fields = await _constraint_columns(request, exc.diag.constraint_name)
         return database_problem(request, exc, fields=fields)
 
@@ -115,8 +195,13 @@ def install(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         from iafactory.http.security import json_answer_headers
 
-        return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
-                                request=request, headers=json_answer_headers(request.url.path))
+        return problem_response(
+            500,
+            "Internal Server Error",
+            "an unexpected error occurred; it has been logged",
+            request=request,
+            headers=json_answer_headers(request.url.path),
+        )
 
 
 _METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
@@ -128,7 +213,7 @@ def _route_table(routes: list[BaseRoute]) -> list[Any]:
     return list(expand(routes)) if expand is not None else list(routes)
 
 
-def allowed_methods(routes: list[BaseRoute], scope: dict[str, Any]) -> list[str]:
+def allowed_methods(routes: list[BaseRoute], scope: MutableMapping[str, Any]) -> list[str]:
     """The methods of every route of the request's path, in a conventional order. Where routes with
     fewer path parameters match (/knowledge-base/search beside /knowledge-base/{item_id}), the
     path is theirs, as the OpenAPI document says."""
@@ -162,7 +247,9 @@ async def _constraint_columns(request: Request, constraint: str) -> list[str]:
                     """SELECT a.attname FROM pg_constraint c
                        CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY k(n, i)
                        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
-                       WHERE c.conname = %s AND c.contype IN ('f', 'c') ORDER BY k.i""", (constraint,))
+                       WHERE c.conname = %s AND c.contype IN ('f', 'c') ORDER BY k.i""",
+                    (constraint,),
+                )
         except psycopg.Error:
             return []
         _constraint_cache[constraint] = [r["attname"] for r in rows if r["attname"] != "tenant_id"]
@@ -178,54 +265,104 @@ def database_problem(request: Request, exc: psycopg.Error, fields: list[str] | N
     diag = exc.diag
     if state in APP_SQLSTATES:
         status = APP_SQLSTATES[state]
-        titles = {401: "Unauthorized", 402: "Payment Required", 403: "Forbidden", 404: "Not Found",
-                  409: "Conflict", 429: "Too Many Requests"}
+        titles = {
+            401: "Unauthorized",
+            402: "Payment Required",
+            403: "Forbidden",
+            404: "Not Found",
+            409: "Conflict",
+            429: "Too Many Requests",
+        }
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         detail = diag.message_detail or ""
         if status == 429 and detail.startswith("retry_after="):
             headers = {"Retry-After": detail.removeprefix("retry_after=")}
-        extra = {"limit": detail.removeprefix("limit=")} if detail.startswith("limit=") else {}
-        return problem_response(status, titles[status], diag.message_primary, headers=headers, request=request,
-                                **extra)
+        extra: dict[str, Any] = {"limit": detail.removeprefix("limit=")} if detail.startswith("limit=") else {}
+        return problem_response(status, titles[status], diag.message_primary, headers=headers, request=request, **extra)
     if isinstance(exc, psycopg.errors.UniqueViolation):
-        return problem_response(409, "Conflict", _constraint_sentence(diag.constraint_name, "already exists"),
-                                type_="conflict", request=request)
+        return problem_response(
+            409,
+            "Conflict",
+            _constraint_sentence(diag.constraint_name, "already exists"),
+            type_="conflict",
+            request=request,
+        )
     still_referenced = isinstance(exc, psycopg.errors.RestrictViolation) or (
         isinstance(exc, psycopg.errors.ForeignKeyViolation)
-        and (diag.message_primary or "").startswith("update or delete"))
+        and (diag.message_primary or "").startswith("update or delete")
+    )
     if still_referenced:
         # PostgreSQL 18 reports ON DELETE RESTRICT as 23001, earlier versions as 23503.
-        return problem_response(409, "Conflict", _constraint_sentence(diag.constraint_name,
-                                "it is still referenced by other records"), type_="conflict", request=request)
+        return problem_response(
+            409,
+            "Conflict",
+            _constraint_sentence(diag.constraint_name, "it is still referenced by other records"),
+            type_="conflict",
+            request=request,
+        )
     if isinstance(exc, psycopg.errors.ForeignKeyViolation):
         # The referenced record does not exist *in this tenant*: bad input, named by its field.
         errors = _field_errors(fields or _fk_fields(diag.message_detail), "no such record", "reference")
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "references a record that does not exist"
         return problem_response(422, "Validation failed", detail, type_="validation", request=request, errors=errors)
-    if isinstance(exc, (psycopg.errors.CheckViolation, psycopg.errors.NotNullViolation,
-                        psycopg.errors.StringDataRightTruncation, psycopg.errors.NumericValueOutOfRange,
-                        psycopg.errors.InvalidTextRepresentation, psycopg.errors.InvalidDatetimeFormat,
-                        psycopg.errors.DatetimeFieldOverflow)):
+    if isinstance(
+        exc,
+        (
+            psycopg.errors.CheckViolation,
+            psycopg.errors.NotNullViolation,
+            psycopg.errors.StringDataRightTruncation,
+            psycopg.errors.NumericValueOutOfRange,
+            psycopg.errors.InvalidTextRepresentation,
+            psycopg.errors.InvalidDatetimeFormat,
+            psycopg.errors.DatetimeFieldOverflow,
+        ),
+    ):
         detail = _constraint_sentence(diag.constraint_name or diag.column_name, "invalid value")
         named = fields or ([diag.column_name] if diag.column_name else [])
-        return problem_response(422, "Validation failed", detail, type_="validation", request=request,
-                                **({"errors": _field_errors(named, detail, "constraint")} if named else {}))
+        extra = {"errors": _field_errors(named, detail, "constraint")} if named else {}
+        return problem_response(422, "Validation failed", detail, type_="validation", request=request, **extra)
     if isinstance(exc, psycopg.errors.DataError):
         # e.g. a NUL character in text, a number out of range: the value, not the server, is wrong.
-        return problem_response(422, "Validation failed", f"invalid value: {diag.message_primary}",
-                                type_="validation", request=request,
-                                **({"errors": _field_errors([diag.column_name], "invalid value", "value_error")}
-                                   if diag.column_name else {}))
+        extra = (
+            {"errors": _field_errors([diag.column_name], "invalid value", "value_error")} if diag.column_name else {}
+        )
+        return problem_response(
+            422,
+            "Validation failed",
+            f"invalid value: {diag.message_primary}",
+            type_="validation",
+            request=request,
+            **extra,
+        )
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         # An RLS refusal that slipped past the API's own checks: the row is not the caller's.
         return problem_response(403, "Forbidden", "not allowed for this tenant", request=request)
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         log.error("write attempted in a read-only request: %s %s", request.method, request.url.path)
     elif isinstance(exc, psycopg.OperationalError):
-        return problem_response(503, "Service Unavailable", "the database is not reachable", request=request)
+        return _operational(request, exc)
     log.error("database error on %s %s: %s %s", request.method, request.url.path, state, diag.message_primary)
-    return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
-                            request=request)
+    return problem_response(
+        500, "Internal Server Error", "an unexpected error occurred; it has been logged", request=request
+    )
+
+
+def _operational(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+    """A 503 that says what happened: the database went away, or it was only busy."""
+    state = exc.sqlstate or ""
+    lost = exc.pgconn is None or exc.pgconn.status != psycopg.pq.ConnStatus.OK
+    if lost or state.startswith(("57P", "08")):
+        # Connection lost, server shutting down or restarting: the database is not there.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return unavailable_response("database", "connection lost", request=request)
+    if state.startswith(("40", "53")) or state in ("57014", "55P03"):
+        # Serialization failure, deadlock, out of resources, statement or lock timeout: retry.
+        log.warning("database busy on %s %s: %s %s", request.method, request.url.path, state, exc.diag.message_primary)
+        return busy_response(1, request)
+    log.error("database error on %s %s: %s %s", request.method, request.url.path, state, exc.diag.message_primary)
+    return problem_response(
+        500, "Internal Server Error", "an unexpected error occurred; it has been logged", request=request
+    )
 
 
 def _fk_fields(detail: str | None) -> list[str]:

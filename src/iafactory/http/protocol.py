@@ -48,8 +48,15 @@ class _Refused(Exception):
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
-                 _loop: asyncio.AbstractEventLoop | None = None, *, limits: HttpLimits) -> None:
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: HttpLimits,
+    ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = limits
         self._in_head = True  # waiting for, or reading, a request line and headers
@@ -82,7 +89,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         end = window.find(HEAD_END)
         if end == -1:
             self._head_bytes += len(data)
-            self._head_tail = window[-(len(HEAD_END) - 1):]
+            self._head_tail = window[-(len(HEAD_END) - 1) :]
             return self._head_bytes <= self.limits.max_header_bytes
         return self._head_bytes + end + len(HEAD_END) - len(self._head_tail) <= self.limits.max_header_bytes
 
@@ -150,9 +157,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
-        head += [b"content-type: application/problem+json\r\n",
-                 b"content-length: ", str(len(body)).encode(), b"\r\n",
-                 b"x-content-type-options: nosniff\r\ncache-control: no-store\r\nconnection: close\r\n\r\n", body]
+        head += [
+            b"content-type: application/problem+json\r\n",
+            b"content-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            b"x-content-type-options: nosniff\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
+            body,
+        ]
         self.logger.warning("refused a request from %s: %s", self.client, detail)
         self.transport.write(b"".join(head))
         self._draining = True

@@ -31,8 +31,10 @@ def _plain(value: Any) -> Any:
     (a few levels); everything else goes through pydantic, or stays as it is when pydantic refuses
     it for its depth (JSON loaded from the database: dicts, lists, strings, numbers)."""
     if isinstance(value, BaseModel):
-        return {field.serialization_alias or name: _plain(getattr(value, name))
-                for name, field in type(value).model_fields.items()}
+        return {
+            field.serialization_alias or name: _plain(getattr(value, name))
+            for name, field in type(value).model_fields.items()
+        }
     if isinstance(value, (list, tuple)) and any(isinstance(v, BaseModel) for v in value):
         return [_plain(v) for v in value]
     try:
@@ -74,8 +76,12 @@ class RenderedRoute(APIRoute):
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         model = kwargs.get("response_model")
-        if (model is not None and not isinstance(model, DefaultPlaceholder)
-                and inspect.iscoroutinefunction(endpoint) and not hasattr(endpoint, "response_adapter")):
+        if (
+            model is not None
+            and not isinstance(model, DefaultPlaceholder)
+            and inspect.iscoroutinefunction(endpoint)
+            and not hasattr(endpoint, "response_adapter")
+        ):
             endpoint = _rendering(endpoint, model, kwargs.get("status_code") or 200)
         super().__init__(path, endpoint, **kwargs)
 

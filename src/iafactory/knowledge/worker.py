@@ -48,26 +48,37 @@ async def _finish(db: Database, job: dict[str, Any], error: str | None) -> None:
     document_id, attempts = job["document_id"], job["attempts"]
     async with db.tenant(TenantContext(tenant_id=tenant_id)) as tx:
         if error is None:
-            await tx.execute(f"UPDATE knowledge_jobs SET status = 'done', last_error = NULL, lease_until = NULL "
-                             f"WHERE {_HELD}", (tenant_id, job_id, token))
+            await tx.execute(
+                f"UPDATE knowledge_jobs SET status = 'done', last_error = NULL, lease_until = NULL WHERE {_HELD}",
+                (tenant_id, job_id, token),
+            )
             return
         if attempts >= MAX_ATTEMPTS:
-            held = await tx.execute(f"UPDATE knowledge_jobs SET status = 'failed', last_error = %s, lease_until = NULL "
-                                    f"WHERE {_HELD}", (error[:2000], tenant_id, job_id, token))
+            held = await tx.execute(
+                f"UPDATE knowledge_jobs SET status = 'failed', last_error = %s, lease_until = NULL WHERE {_HELD}",
+                (error[:2000], tenant_id, job_id, token),
+            )
             if held:
-                await tx.execute("UPDATE knowledge_base SET index_status = 'failed', index_error = %s "
-                                 "WHERE tenant_id = %s AND id = %s", (error[:2000], tenant_id, document_id))
+                await tx.execute(
+                    "UPDATE knowledge_base SET index_status = 'failed', index_error = %s "
+                    "WHERE tenant_id = %s AND id = %s",
+                    (error[:2000], tenant_id, document_id),
+                )
             return
         # Exponential backoff: 2, 4, 8, 16 s.
         held = await tx.execute(
             f"""UPDATE knowledge_jobs SET status = 'queued', last_error = %s, lease_until = NULL,
                        run_after = now() + make_interval(secs => power(2, attempts))
-                WHERE {_HELD}""", (error[:2000], tenant_id, job_id, token))
+                WHERE {_HELD}""",
+            (error[:2000], tenant_id, job_id, token),
+        )
         if held:
             # Nothing is indexing it until the retry: the document waits, as a new one does.
-            await tx.execute("UPDATE knowledge_base SET index_status = 'pending' "
-                             "WHERE tenant_id = %s AND id = %s AND index_status = 'indexing'",
-                             (tenant_id, document_id))
+            await tx.execute(
+                "UPDATE knowledge_base SET index_status = 'pending' "
+                "WHERE tenant_id = %s AND id = %s AND index_status = 'indexing'",
+                (tenant_id, document_id),
+            )
 
 
 async def _release(db: Database, job: dict[str, Any]) -> None:
@@ -78,11 +89,15 @@ async def _release(db: Database, job: dict[str, Any]) -> None:
         held = await tx.execute(
             f"""UPDATE knowledge_jobs SET status = 'queued', attempts = greatest(attempts - 1, 0), run_after = now(),
                        lease_until = NULL, lease_token = NULL, worker = NULL
-                WHERE {_HELD}""", (tenant_id, job_id, token))
+                WHERE {_HELD}""",
+            (tenant_id, job_id, token),
+        )
         if held:
-            await tx.execute("UPDATE knowledge_base SET index_status = 'pending' "
-                             "WHERE tenant_id = %s AND id = %s AND index_status = 'indexing'",
-                             (tenant_id, job["document_id"]))
+            await tx.execute(
+                "UPDATE knowledge_base SET index_status = 'pending' "
+                "WHERE tenant_id = %s AND id = %s AND index_status = 'indexing'",
+                (tenant_id, job["document_id"]),
+            )
             await tx.execute("SELECT pg_notify(%s, '')", (JOBS_CHANNEL,))
     log.info("released job %s (document %s) tenant=%s", job_id, job["document_id"], tenant_id)
 
@@ -96,18 +111,22 @@ async def _heartbeat(db: Database, job: dict[str, Any], lease_seconds: int) -> N
             async with db.tenant(TenantContext(tenant_id=tenant_id)) as tx:
                 held = await tx.execute(
                     f"UPDATE knowledge_jobs SET lease_until = now() + make_interval(secs => %s) WHERE {_HELD}",
-                    (lease_seconds, tenant_id, job_id, token), last=True)
-        except Exception:  # noqa: BLE001 - the database may be restarting: try again next beat
+                    (lease_seconds, tenant_id, job_id, token),
+                    last=True,
+                )
+        except Exception:  # the database may be restarting: try again next beat
             log.warning("could not renew the lease of job %s", job_id, exc_info=True)
             continue
         if not held:
-            log.warning("lost the lease of job %s (document %s): another worker may take it",
-                        job_id, job["document_id"])
+            log.warning(
+                "lost the lease of job %s (document %s): another worker may take it", job_id, job["document_id"]
+            )
             return
 
 
-async def run_one(db: Database, embedder: Embedder, *, lease_seconds: int = LEASE_SECONDS,
-                  worker_id: str = WORKER_ID) -> bool:
+async def run_one(
+    db: Database, embedder: Embedder, *, lease_seconds: int = LEASE_SECONDS, worker_id: str = WORKER_ID
+) -> bool:
     """Claim and do one job. False when the queue has nothing runnable. Cancelled (the worker is
     stopping), it gives the job back before letting the cancellation through."""
     async with db.anonymous() as tx:
@@ -118,17 +137,26 @@ async def run_one(db: Database, embedder: Embedder, *, lease_seconds: int = LEAS
     with logs.bind(tenant_id=str(job["tenant_id"]), job_id=job["id"]):
         if job["attempts"] > MAX_ATTEMPTS:
             # Claimed again and again after the lease ran out: the job kills its workers.
-            await _finish(db, {**job, "attempts": MAX_ATTEMPTS},
-                          f"the worker indexing this document stopped without finishing {MAX_ATTEMPTS} times")
+            await _finish(
+                db,
+                {**job, "attempts": MAX_ATTEMPTS},
+                f"the worker indexing this document stopped without finishing {MAX_ATTEMPTS} times",
+            )
             return True
         started = time.perf_counter()
         error = None
         heartbeat = asyncio.create_task(_heartbeat(db, job, lease_seconds))
         try:
-            result = await index_document(db, embedder, job["tenant_id"], job["document_id"],
-                                          force_reembed=job["kind"] == "reembed")
-            log.info("indexed document %s: %s chunks (%s embedded) in %.0f ms", job["document_id"], result.chunks,
-                     result.embedded, (time.perf_counter() - started) * 1000)
+            result = await index_document(
+                db, embedder, job["tenant_id"], job["document_id"], force_reembed=job["kind"] == "reembed"
+            )
+            log.info(
+                "indexed document %s: %s chunks (%s embedded) in %.0f ms",
+                job["document_id"],
+                result.chunks,
+                result.embedded,
+                (time.perf_counter() - started) * 1000,
+            )
         except asyncio.CancelledError:
             heartbeat.cancel()
             await asyncio.shield(_release(db, job))
@@ -161,8 +189,9 @@ async def purge_idempotency_keys(db: Database) -> int:
             return deleted
 
 
-async def run_forever(db: Database, embedder: Embedder, stop: asyncio.Event | None = None, *,
-                      lease_seconds: int = LEASE_SECONDS) -> None:
+async def run_forever(
+    db: Database, embedder: Embedder, stop: asyncio.Event | None = None, *, lease_seconds: int = LEASE_SECONDS
+) -> None:
     """Work while there is work; otherwise wait for a NOTIFY from a new job, or a short poll.
     Setting `stop`, or cancelling this task, interrupts the job in hand and gives it back."""
     stop = stop or asyncio.Event()
@@ -180,14 +209,14 @@ async def run_forever(db: Database, embedder: Embedder, stop: asyncio.Event | No
             try:
                 if job.result():
                     continue
-            except Exception:  # noqa: BLE001 - the database may be restarting: keep the worker alive
+            except Exception:  # the database may be restarting: keep the worker alive
                 log.exception("worker loop error")
             if time.monotonic() >= next_purge:
                 next_purge = time.monotonic() + PURGE_EVERY_SECONDS
                 try:
                     if deleted := await purge_idempotency_keys(db):
                         log.info("deleted %s expired idempotency keys", deleted)
-                except Exception:  # noqa: BLE001 - housekeeping: try again next time
+                except Exception:  # housekeeping: try again next time
                     log.warning("could not delete expired idempotency keys", exc_info=True)
             wake.clear()
             woken = asyncio.create_task(wake.wait())

@@ -34,13 +34,20 @@ def check_access(request: Request) -> None:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         expected = settings.metrics_token.get_secret_value().encode()
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
-            raise Problem(401, "Unauthorized", "send 'Authorization: Bearer <IAFACTORY_METRICS_TOKEN>'",
-                          headers={"WWW-Authenticate": "Bearer"})
+            raise Problem(
+                401,
+                "Unauthorized",
+                "send 'Authorization: Bearer <IAFACTORY_METRICS_TOKEN>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return
     proxied = "x-forwarded-for" in request.headers or "forwarded" in request.headers
     if proxied or not _loopback(request):
-        raise Problem(403, "Forbidden", "/metrics answers loopback clients only; set IAFACTORY_METRICS_TOKEN "
-                      "to scrape it from elsewhere")
+        raise Problem(
+            403,
+            "Forbidden",
+            "/metrics answers loopback clients only; set IAFACTORY_METRICS_TOKEN to scrape it from elsewhere",
+        )
 
 
 @router.get("/metrics")

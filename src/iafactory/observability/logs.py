@@ -21,8 +21,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-_context: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("iafactory_log_context",
-                                                                                    default=None)
+_context: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "iafactory_log_context", default=None
+)
 CONTEXT_KEYS = ("request_id", "tenant_id", "user_id", "api_key_id", "job_id")
 
 
@@ -114,8 +115,9 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
-        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "default",
-                                 "stream": "ext://sys.stderr"}},
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+        },
         "root": {"handlers": ["default"], "level": level},
         "loggers": {
             # uvicorn's loggers would otherwise keep handlers of their own (plain text).

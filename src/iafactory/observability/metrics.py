@@ -22,7 +22,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 log = logging.getLogger("iafactory.metrics")
@@ -32,23 +40,38 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 HTTP_LABELS = ("route", "method", "status", "plan")
-REQUESTS = Counter("iafactory_http_requests", "HTTP requests answered, by route template, method, status class "
-                   "and tenant plan.", HTTP_LABELS)
-DURATION = Histogram("iafactory_http_request_duration_seconds", "Time to answer an HTTP request, by route "
-                     "template, method, status class and tenant plan.", HTTP_LABELS,
-                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+REQUESTS = Counter(
+    "iafactory_http_requests",
+    "HTTP requests answered, by route template, method, status class and tenant plan.",
+    HTTP_LABELS,
+)
+DURATION = Histogram(
+    "iafactory_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template, method, status class and tenant plan.",
+    HTTP_LABELS,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 LOGIN_FAILURES = Counter("iafactory_login_failures", "Refused sign-ins (POST /auth/login), by reason.", ("reason",))
-POOL_SIZE = Gauge("iafactory_db_pool_size", "Open connections of the application pools (all workers).",
-                  multiprocess_mode="livesum")
-POOL_AVAILABLE = Gauge("iafactory_db_pool_available", "Idle connections of the application pools (all workers).",
-                       multiprocess_mode="livesum")
-POOL_WAITING = Gauge("iafactory_db_pool_requests_waiting", "Requests waiting for a pooled connection (all workers).",
-                     multiprocess_mode="livesum")
-POOL_MAX = Gauge("iafactory_db_pool_max_size", "Maximum size of the application pools (all workers).",
-                 multiprocess_mode="livesum")
+POOL_SIZE = Gauge(
+    "iafactory_db_pool_size", "Open connections of the application pools (all workers).", multiprocess_mode="livesum"
+)
+POOL_AVAILABLE = Gauge(
+    "iafactory_db_pool_available",
+    "Idle connections of the application pools (all workers).",
+    multiprocess_mode="livesum",
+)
+POOL_WAITING = Gauge(
+    "iafactory_db_pool_requests_waiting",
+    "Requests waiting for a pooled connection (all workers).",
+    multiprocess_mode="livesum",
+)
+POOL_MAX = Gauge(
+    "iafactory_db_pool_max_size", "Maximum size of the application pools (all workers).", multiprocess_mode="livesum"
+)
 # Filled by the admission control (load shedding); zero until it reports.
-ADMISSION_QUEUE = Gauge("iafactory_admission_queue_length", "Requests waiting for admission (all workers).",
-                        multiprocess_mode="livesum")
+ADMISSION_QUEUE = Gauge(
+    "iafactory_admission_queue_length", "Requests waiting for admission (all workers).", multiprocess_mode="livesum"
+)
 SHED = Counter("iafactory_requests_shed", "Requests refused by admission control (load shedding).")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -92,7 +115,7 @@ async def refresh_pool_forever(db: Any, every_seconds: float = 5.0) -> None:
     while True:
         try:
             update_pool(db.pool_stats())
-        except Exception:  # noqa: BLE001 - a gauge must never take the worker down
+        except Exception:  # a gauge must never take the worker down
             log.debug("pool stats unavailable", exc_info=True)
         await asyncio.sleep(every_seconds)
 
@@ -109,7 +132,7 @@ def route_template(scope: Mapping[str, Any]) -> str:
     path = scope.get("path", "")
     root = scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):]
+        path = path[len(root) :]
     if ":path}" in template or template == path:
         return template
     segments, own = path.strip("/").split("/"), template.strip("/").split("/")
@@ -176,13 +199,21 @@ class _Snapshot:
     def collect(self) -> Iterable[Metric]:
         if self.jobs is None:
             return
-        yield GaugeMetricFamily("iafactory_knowledge_jobs_pending", "Indexing jobs waiting (all tenants), "
-                                "including retries waiting for their backoff.", value=self.jobs["pending"])
-        yield GaugeMetricFamily("iafactory_knowledge_jobs_runnable", "Pending indexing jobs a worker may take now.",
-                                value=self.jobs["runnable"])
-        yield GaugeMetricFamily("iafactory_knowledge_jobs_oldest_pending_age_seconds",
-                                "Age of the oldest pending indexing job (0 when none).",
-                                value=self.jobs["oldest_pending_age_seconds"])
+        yield GaugeMetricFamily(
+            "iafactory_knowledge_jobs_pending",
+            "Indexing jobs waiting (all tenants), including retries waiting for their backoff.",
+            value=self.jobs["pending"],
+        )
+        yield GaugeMetricFamily(
+            "iafactory_knowledge_jobs_runnable",
+            "Pending indexing jobs a worker may take now.",
+            value=self.jobs["runnable"],
+        )
+        yield GaugeMetricFamily(
+            "iafactory_knowledge_jobs_oldest_pending_age_seconds",
+            "Age of the oldest pending indexing job (0 when none).",
+            value=self.jobs["oldest_pending_age_seconds"],
+        )
 
 
 async def job_queue_stats(db: Any) -> dict[str, Any] | None:

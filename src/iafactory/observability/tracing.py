@@ -41,8 +41,10 @@ class Tracing:
 
 
 def _import_error(err: ImportError) -> RuntimeError:
-    return RuntimeError(f"tracing is enabled (IAFACTORY_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT is set) but "
-                        f"OpenTelemetry is not installed ({err.name} is missing): {INSTALL_HINT}")
+    return RuntimeError(
+        f"tracing is enabled (IAFACTORY_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT is set) but "
+        f"OpenTelemetry is not installed ({err.name} is missing): {INSTALL_HINT}"
+    )
 
 
 def otlp_exporter(endpoint: str) -> Any:
@@ -87,13 +89,23 @@ def instrument(app: FastAPI, settings: Settings, exporter: Any = None) -> Tracin
         def on_end(self, span: ReadableSpan) -> None:
             attrs = span.attributes or {}
             if any(isinstance(attrs.get(k), str) for k in _STATEMENT_KEYS):
-                redacted = {k: redact_sql(v) if k in _STATEMENT_KEYS and isinstance(v, str) else v
-                            for k, v in attrs.items()}
+                redacted = {
+                    k: redact_sql(v) if k in _STATEMENT_KEYS and isinstance(v, str) else v for k, v in attrs.items()
+                }
                 span = ReadableSpan(
-                    name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-                    attributes=redacted, events=span.events, links=span.links, kind=span.kind, status=span.status,
-                    start_time=span.start_time, end_time=span.end_time,
-                    instrumentation_scope=span.instrumentation_scope)
+                    name=span.name,
+                    context=span.context,
+                    parent=span.parent,
+                    resource=span.resource,
+                    attributes=redacted,
+                    events=span.events,
+                    links=span.links,
+                    kind=span.kind,
+                    status=span.status,
+                    start_time=span.start_time,
+                    end_time=span.end_time,
+                    instrumentation_scope=span.instrumentation_scope,
+                )
             self.inner.on_end(span)
 
         def shutdown(self) -> None:
@@ -107,8 +119,9 @@ def instrument(app: FastAPI, settings: Settings, exporter: Any = None) -> Tracin
         exporter = otlp_exporter(settings.otlp_endpoint or "")
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES still apply (Resource.create reads them).
     provider = TracerProvider(resource=Resource.create({"service.name": "iafactory"}))
-    provider.add_span_processor(RedactingProcessor(SimpleSpanProcessor(exporter) if in_memory
-                                                   else BatchSpanProcessor(exporter)))
+    provider.add_span_processor(
+        RedactingProcessor(SimpleSpanProcessor(exporter) if in_memory else BatchSpanProcessor(exporter))
+    )
     FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls="/healthz,/readyz,/metrics")
     psycopg_instrumentor = PsycopgInstrumentor()
     psycopg_instrumentor.instrument(tracer_provider=provider)

@@ -34,9 +34,11 @@ async def grant_monthly_command(
     async with operator_transaction(admin_url()) as tx:
         rows = await service.grant_monthly(tx, _month(month))
     granted = [r for r in rows if r["granted"]]
-    print_table(f"Monthly grant {_month(month):%Y-%m}: {len(granted)} granted, {len(rows) - len(granted)} already done",
-                ["tenant", "credits", "granted now"],
-                [[r["slug"], r["credits"], "yes" if r["granted"] else "no (already)"] for r in rows])
+    print_table(
+        f"Monthly grant {_month(month):%Y-%m}: {len(granted)} granted, {len(rows) - len(granted)} already done",
+        ["tenant", "credits", "granted now"],
+        [[r["slug"], r["credits"], "yes" if r["granted"] else "no (already)"] for r in rows],
+    )
 
 
 @billing_app.command("grant")

@@ -12,6 +12,7 @@ import time
 from typing import Any
 from uuid import UUID
 
+from iafactory.admission import CREDENTIALS
 from iafactory.db.scope import Database, Params
 from iafactory.http.problems import Problem
 
@@ -24,8 +25,7 @@ def postgres_counter(tenant_id: UUID, api_key_id: UUID | None) -> tuple[str, Par
 
 
 def too_many(message: str, retry_after: int) -> Problem:
-    return Problem(429, "Too Many Requests", message, headers={"Retry-After": str(retry_after)},
-                   type_="rate-limited")
+    return Problem(429, "Too Many Requests", message, headers={"Retry-After": str(retry_after)}, type_="rate-limited")
 
 
 class RedisRateLimiter:
@@ -39,11 +39,24 @@ class RedisRateLimiter:
     async def close(self) -> None:
         await self._redis.aclose()
 
+    async def check(self, timeout: float) -> str | None:
+        """For /readyz: None when Redis answers a PING within `timeout` seconds, else why not."""
+        import asyncio
+
+        try:
+            async with asyncio.timeout(timeout):
+                await self._redis.ping()
+        except TimeoutError:
+            return "no answer in time"
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return "unreachable"
+        return None
+
     async def _tenant_limits(self, tenant_id: UUID) -> dict[str, Any] | None:
         hit = self._limits.get(tenant_id)
         if hit and hit[0] > time.monotonic():
             return hit[1]
-        async with self._db.anonymous(read_only=True) as tx:
+        async with self._db.anonymous(read_only=True, lane=CREDENTIALS) as tx:
             row = await tx.fetchrow("SELECT * FROM app.tenant_limits(%s)", (tenant_id,))
         if row is not None:
             self._limits[tenant_id] = (time.monotonic() + LIMITS_CACHE_SECONDS, row)
@@ -64,8 +77,14 @@ class RedisRateLimiter:
             pipe.expire(f"iaf:rl:key:{api_key_id}:{window}", 120)
         results = await pipe.execute()
         if results[0] > limits["requests_per_minute"]:
-            raise too_many(f"rate limit exceeded: {limits['requests_per_minute']} requests per minute for this "
-                           f"tenant (plan {limits['plan']})", retry_after)
+            raise too_many(
+                f"rate limit exceeded: {limits['requests_per_minute']} requests per minute for this "
+                f"tenant (plan {limits['plan']})",
+                retry_after,
+            )
         if api_key_id is not None and results[2] > limits["key_requests_per_minute"]:
-            raise too_many(f"rate limit exceeded: {limits['key_requests_per_minute']} requests per minute for "
-                           f"this API key (plan {limits['plan']})", retry_after)
+            raise too_many(
+                f"rate limit exceeded: {limits['key_requests_per_minute']} requests per minute for "
+                f"this API key (plan {limits['plan']})",
+                retry_after,
+            )

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonObject, Name, Patch, Strict, decimal_number
+from iafactory.resources.types import JsonObject, Name, Patch, Strict, decimal_rules
 
 AnalysisStatus = Literal["draft", "running", "completed", "failed"]
 
 Sector = Annotated[str, Field(min_length=1, max_length=100)]
 FiscalYear = Annotated[int, Field(ge=1900, le=2100)]
 # numeric(5, 2) between 0 and 100.
-Score = decimal_number(5, 2, maximum=100)
+Score = Annotated[Decimal, decimal_rules(5, 2, maximum=100)]
 
 
 class AnalysisCreate(Strict):
@@ -52,8 +53,17 @@ class AnalysisOut(BaseModel):
     updated_at: datetime
 
 
-PME_ANALYSES = Resource(name="pme-analyses", table="pme_analyses", noun="PME analysis", plural="PME analyses", tag="pme",
-                        create=AnalysisCreate, update=AnalysisUpdate, read=AnalysisOut,
-                        json_columns=frozenset({"inputs", "results"}),
-                        create_responses=((402, "Not enough credits: each analysis costs credits, debited with it "
-                                                "(GET /credits/balance)"),))
+PME_ANALYSES = Resource(
+    name="pme-analyses",
+    table="pme_analyses",
+    noun="PME analysis",
+    plural="PME analyses",
+    tag="pme",
+    create=AnalysisCreate,
+    update=AnalysisUpdate,
+    read=AnalysisOut,
+    json_columns=frozenset({"inputs", "results"}),
+    create_responses=(
+        (402, "Not enough credits: each analysis costs credits, debited with it (GET /credits/balance)"),
+    ),
+)

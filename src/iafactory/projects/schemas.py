@@ -33,12 +33,22 @@ class ProjectOut(BaseModel):
     description: str
     status: ProjectStatus
     settings: dict
-    owner_id: int | None = Field(description="The user who created the project; null when an API key created it "
-                                             "(a key acts for the tenant, not for a person)")
+    owner_id: int | None = Field(
+        description="The user who created the project; null when an API key created it "
+        "(a key acts for the tenant, not for a person)"
+    )
     created_at: datetime
     updated_at: datetime
 
 
-PROJECTS = Resource(name="projects", table="projects", noun="project", tag="projects",
-                    create=ProjectCreate, update=ProjectUpdate, read=ProjectOut, id_type=int,
-                    json_columns=frozenset({"settings"}))
+PROJECTS = Resource(
+    name="projects",
+    table="projects",
+    noun="project",
+    tag="projects",
+    create=ProjectCreate,
+    update=ProjectUpdate,
+    read=ProjectOut,
+    id_type=int,
+    json_columns=frozenset({"settings"}),
+)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from iafactory.http.problems import invalid
 
 T = TypeVar("T")
+IdT = TypeVar("IdT", UUID, int)  # the id types a cursor can carry (CURSOR_PATTERNS)
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 
@@ -30,8 +31,10 @@ CURSOR_PATTERNS = {int: r"^[0-9]{1,16}\.[0-9]{1,18}$", UUID: r"^[0-9]{1,16}\.[0-
 
 def cursor_param(id_type: type = UUID) -> Any:
     """The `cursor` query parameter of a list whose records have ids of `id_type`."""
-    return Annotated[str | None, Query(pattern=CURSOR_PATTERNS[id_type], max_length=60,
-                                       description="next_cursor of the previous page")]
+    return Annotated[
+        str | None,
+        Query(pattern=CURSOR_PATTERNS[id_type], max_length=60, description="next_cursor of the previous page"),
+    ]
 
 
 Cursor = cursor_param(UUID)
@@ -42,11 +45,11 @@ def encode(created_at: datetime, ident: object) -> str:
     return f"{micros}.{ident.hex if isinstance(ident, UUID) else int(ident)}"  # type: ignore[call-overload]
 
 
-def decode(cursor: str, id_type: type) -> tuple[datetime, object]:
+def decode(cursor: str, id_type: type[IdT]) -> tuple[datetime, IdT]:
     if not re.fullmatch(CURSOR_PATTERNS[id_type], cursor):
         raise invalid("query.cursor", "not a cursor returned by this API")
     micros, _, ident = cursor.partition(".")
-    return EPOCH + timedelta(microseconds=int(micros)), (UUID(hex=ident) if id_type is UUID else int(ident))
+    return EPOCH + timedelta(microseconds=int(micros)), id_type(ident)  # UUID(hex) or int(digits)
 
 
 def page_of(rows: list[dict], limit: int, key: str = "id") -> tuple[list[dict], str | None]:

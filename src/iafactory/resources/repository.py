@@ -28,41 +28,61 @@ def _select_list(spec: Resource) -> sql.Composable:
 # request cost more than running it.
 @lru_cache(maxsize=1024)
 def _insert_sql(spec: Resource, columns: tuple[str, ...]) -> str:
-    return sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING {}").format(
-        sql.Identifier(spec.table), sql.SQL(", ").join(map(sql.Identifier, columns)),
-        sql.SQL(", ").join(sql.Placeholder() * len(columns)), _select_list(spec)).as_string(None)
+    return (
+        sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING {}")
+        .format(
+            sql.Identifier(spec.table),
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+            _select_list(spec),
+        )
+        .as_string(None)
+    )
 
 
 @lru_cache(maxsize=256)
 def _get_sql(spec: Resource) -> str:
-    return sql.SQL("SELECT {} FROM {} WHERE tenant_id = %s AND id = %s").format(
-        _select_list(spec), sql.Identifier(spec.table)).as_string(None)
+    return (
+        sql.SQL("SELECT {} FROM {} WHERE tenant_id = %s AND id = %s")
+        .format(_select_list(spec), sql.Identifier(spec.table))
+        .as_string(None)
+    )
 
 
 @lru_cache(maxsize=512)
 def _page_sql(spec: Resource, keyset: bool) -> str:
-    return sql.SQL(
-        "SELECT {} FROM {} WHERE tenant_id = %s {} ORDER BY created_at DESC, id DESC LIMIT %s"
-    ).format(_select_list(spec), sql.Identifier(spec.table),
-             sql.SQL("AND (created_at, id) < (%s, %s)") if keyset else sql.SQL("")).as_string(None)
+    return (
+        sql.SQL("SELECT {} FROM {} WHERE tenant_id = %s {} ORDER BY created_at DESC, id DESC LIMIT %s")
+        .format(
+            _select_list(spec),
+            sql.Identifier(spec.table),
+            sql.SQL("AND (created_at, id) < (%s, %s)") if keyset else sql.SQL(""),
+        )
+        .as_string(None)
+    )
 
 
 @lru_cache(maxsize=1024)
 def _update_sql(spec: Resource, columns: tuple[str, ...]) -> str:
-    return sql.SQL("UPDATE {} SET {} WHERE tenant_id = %s AND id = %s RETURNING {}").format(
-        sql.Identifier(spec.table),
-        sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in columns),
-        _select_list(spec)).as_string(None)
+    return (
+        sql.SQL("UPDATE {} SET {} WHERE tenant_id = %s AND id = %s RETURNING {}")
+        .format(
+            sql.Identifier(spec.table),
+            sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in columns),
+            _select_list(spec),
+        )
+        .as_string(None)
+    )
 
 
 @lru_cache(maxsize=256)
 def _delete_sql(spec: Resource) -> str:
-    return sql.SQL("DELETE FROM {} WHERE tenant_id = %s AND id = %s").format(
-        sql.Identifier(spec.table)).as_string(None)
+    return sql.SQL("DELETE FROM {} WHERE tenant_id = %s AND id = %s").format(sql.Identifier(spec.table)).as_string(None)
 
 
-async def insert(tx: Transaction, spec: Resource, tenant_id: UUID, data: dict[str, Any],
-                 *, last: bool = False) -> dict[str, Any]:
+async def insert(
+    tx: Transaction, spec: Resource, tenant_id: UUID, data: dict[str, Any], *, last: bool = False
+) -> dict[str, Any]:
     values = {"tenant_id": tenant_id, **_values(spec, data)}
     row = await tx.fetchrow(_insert_sql(spec, tuple(values)), list(values.values()), last=last)
     assert row is not None
@@ -73,15 +93,17 @@ async def get(tx: Transaction, spec: Resource, tenant_id: UUID, ident: Any) -> d
     return await tx.fetchrow(_get_sql(spec), (tenant_id, ident))
 
 
-async def page(tx: Transaction, spec: Resource, tenant_id: UUID, limit: int,
-               after: tuple[datetime, Any] | None) -> list[dict[str, Any]]:
+async def page(
+    tx: Transaction, spec: Resource, tenant_id: UUID, limit: int, after: tuple[datetime, Any] | None
+) -> list[dict[str, Any]]:
     """Newest first; `limit + 1` rows so the caller can tell whether a next page exists."""
     params: list[Any] = [tenant_id, *(after or ()), limit + 1]
     return await tx.fetch(_page_sql(spec, after is not None), params)
 
 
-async def update(tx: Transaction, spec: Resource, tenant_id: UUID, ident: Any,
-                 data: dict[str, Any], *, last: bool = False) -> dict[str, Any] | None:
+async def update(
+    tx: Transaction, spec: Resource, tenant_id: UUID, ident: Any, data: dict[str, Any], *, last: bool = False
+) -> dict[str, Any] | None:
     if not data:
         return await get(tx, spec, tenant_id, ident)
     values = _values(spec, data)

@@ -10,16 +10,16 @@ from pydantic import BaseModel
 
 @dataclass(frozen=True)
 class Resource:
-    name: str                      # URL segment(s) and operation-id stem, e.g. "crm/leads"
-    table: str                     # PostgreSQL table
-    noun: str                      # "lead", for messages and summaries
-    tag: str                       # OpenAPI tag
+    name: str  # URL segment(s) and operation-id stem, e.g. "crm/leads"
+    table: str  # PostgreSQL table
+    noun: str  # "lead", for messages and summaries
+    tag: str  # OpenAPI tag
     create: type[BaseModel]
     update: type[BaseModel]
     read: type[BaseModel]
-    id_type: type = UUID           # int for the tables that existed before tenancy
+    id_type: type = UUID  # int for the tables that existed before tenancy
     json_columns: frozenset[str] = field(default_factory=frozenset)
-    plural: str = ""               # defaults to noun + "s"
+    plural: str = ""  # defaults to noun + "s"
     # Answers particular to this record type that no schema can state (a referenced record must
     # exist, credits must suffice), documented on its create route, or on create and update.
     create_responses: tuple[tuple[int, str], ...] = ()

@@ -6,10 +6,13 @@ JsonArray: one place holds the rule."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
+import annotated_types
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from iafactory import jsonvalues
@@ -41,8 +44,10 @@ Language = Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$", max_length=
 # RFC 3339 with an offset (the JSON Schema "date-time" format), within what Python and PostgreSQL
 # store: years 0001-9999, offsets up to 15:59 either way. Pydantic alone would also take numbers
 # and digit strings (as Unix times) and a missing offset.
-RFC3339 = (r"^([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
-           r"[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?([Zz]|[+-](0[0-9]|1[0-5]):[0-5][0-9])$")
+RFC3339 = (
+    r"^([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?([Zz]|[+-](0[0-9]|1[0-5]):[0-5][0-9])$"
+)
 
 
 def _rfc3339(value: Any) -> Any:
@@ -55,16 +60,37 @@ def _rfc3339(value: Any) -> Any:
     return value
 
 
-def timestamp(description: str | None = None) -> Any:
+@dataclass(frozen=True)
+class Rules(annotated_types.GroupedMetadata):
+    """Several pydantic annotations as one, so that a parametrised type is written
+    `Annotated[Decimal, decimal_rules(14, 2)]`: a type mypy can check (a function returning
+    `Annotated[...]` is not one)."""
+
+    items: tuple[Any, ...]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items)
+
+
+def timestamp_rules(description: str | None = None) -> Rules:
     """A date-time that must carry its offset, e.g. 2026-11-01T00:00:00Z or 2026-11-01T01:00:00+01:00."""
-    schema: dict[str, Any] = {"type": "string", "format": "date-time", "pattern": RFC3339,
-                              "examples": ["2026-11-01T00:00:00Z"]}
+    schema: dict[str, Any] = {
+        "type": "string",
+        "format": "date-time",
+        "pattern": RFC3339,
+        "examples": ["2026-11-01T00:00:00Z"],
+    }
     if description:
         schema["description"] = description
-    return Annotated[datetime, BeforeValidator(_rfc3339), WithJsonSchema(schema)]
+    return Rules((BeforeValidator(_rfc3339), WithJsonSchema(schema)))
 
 
-Timestamp = timestamp()
+def timestamp(description: str | None = None) -> Any:
+    """`Annotated[datetime, timestamp_rules(description)]`, built at run time (mypy cannot use it as a type)."""
+    return Annotated[datetime, timestamp_rules(description)]
+
+
+Timestamp = Annotated[datetime, timestamp_rules()]
 
 
 def _number(value: Any) -> Any:
@@ -73,13 +99,22 @@ def _number(value: Any) -> Any:
     return value
 
 
-def json_int(*, ge: int | None = None, le: int | None = None) -> Any:
+def int_rules(*, ge: int | None = None, le: int | None = None) -> Rules:
     """An integer as JSON Schema means it (1 and 1.0), not true/false or "1", which pydantic would take."""
-    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_number)]
+    return Rules((Field(ge=ge, le=le), BeforeValidator(_number)))
 
 
-def decimal_number(max_digits: int, places: int, *, maximum: int | None = None,
-                   description: str | None = None) -> Any:
+def json_int(*, ge: int | None = None, le: int | None = None) -> Any:
+    """`Annotated[int, int_rules(...)]`, built at run time (mypy cannot use it as a type)."""
+    return Annotated[int, int_rules(ge=ge, le=le)]
+
+
+def decimal_number(max_digits: int, places: int, *, maximum: int | None = None, description: str | None = None) -> Any:
+    """`Annotated[Decimal, decimal_rules(...)]`, built at run time (mypy cannot use it as a type)."""
+    return Annotated[Decimal, decimal_rules(max_digits, places, maximum=maximum, description=description)]
+
+
+def decimal_rules(max_digits: int, places: int, *, maximum: int | None = None, description: str | None = None) -> Rules:
     """A non-negative numeric(max_digits, places) as a JSON number. The schema states the range and
     the step (multipleOf), so a generated value fits the column; strings are refused."""
     step = Decimal(1).scaleb(-places)
@@ -92,7 +127,7 @@ def decimal_number(max_digits: int, places: int, *, maximum: int | None = None,
         schema["exclusiveMaximum"] = 10 ** (max_digits - places)
     if description:
         schema["description"] = description
-    return Annotated[Decimal, BeforeValidator(_number), bound, WithJsonSchema(schema)]
+    return Rules((BeforeValidator(_number), bound, WithJsonSchema(schema)))
 
 
 class Strict(BaseModel):

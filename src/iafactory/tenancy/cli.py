@@ -33,13 +33,20 @@ async def create_command(
     trial_ends_at: str | None = typer.Option(None, help="ISO 8601 date-time with zone, e.g. 2027-01-31T23:59:59Z."),
 ) -> None:
     """Create a tenant. Invalid input is refused before anything is written."""
-    data = TenantCreate.model_validate({
-        "name": name, "slug": slug, "region": region, "plan": plan, "status": status,
-        "admin_email": admin_email, "admin_phone": admin_phone,
-        "metadata": parse_json_option("metadata", metadata),
-        "settings": parse_json_option("settings", settings),
-        "trial_ends_at": trial_ends_at,
-    })
+    data = TenantCreate.model_validate(
+        {
+            "name": name,
+            "slug": slug,
+            "region": region,
+            "plan": plan,
+            "status": status,
+            "admin_email": admin_email,
+            "admin_phone": admin_phone,
+            "metadata": parse_json_option("metadata", metadata),
+            "settings": parse_json_option("settings", settings),
+            "trial_ends_at": trial_ends_at,
+        }
+    )
     async with operator_transaction(admin_url()) as tx:
         tenant = await service.create_tenant(tx, data)
     console.print(f"created tenant {tenant.slug} ({tenant.id}) in {tenant.region}, plan {tenant.plan}, {tenant.status}")
@@ -95,12 +102,13 @@ async def add_user_command(
 __all__ = ["Plan", "Region", "Status"]
 
 
-def _progress_bar():  # noqa: ANN202 - a rich Progress and the callback that feeds it
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+def _progress_bar():  # a rich Progress and the callback that feeds it
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-    bar = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), console=console,
-                   transient=False)
-    tasks: dict[str, int] = {}
+    bar = Progress(
+        TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), console=console, transient=False
+    )
+    tasks: dict[str, TaskID] = {}
 
     def update(table: str, done: int, total: int) -> None:
         if table not in tasks:
@@ -132,8 +140,10 @@ async def erase_command(
 ) -> None:
     """Erase every row of a tenant from every tenant table, in one transaction, and prove it."""
     deleted = await portability.erase_tenant(admin_url(), slug, confirm)
-    console.print(f"erased {sum(deleted.values())} rows of {slug} from {len(deleted)} tables; "
-                  "verified: no tenant table holds a row of it")
+    console.print(
+        f"erased {sum(deleted.values())} rows of {slug} from {len(deleted)} tables; "
+        "verified: no tenant table holds a row of it"
+    )
 
 
 @tenants_app.command("import")

@@ -30,15 +30,18 @@ def _only_owners_make_owners(actor_role: str | None, *roles: str | None) -> None
 
 async def _lock_owners(tx: Transaction, tenant_id: UUID) -> set[int]:
     # Serialises concurrent changes to the owner set, so "the last owner" is always well defined.
-    rows = await tx.fetch("SELECT user_id FROM tenant_users WHERE tenant_id = %s AND role = 'owner' FOR UPDATE",
-                          (tenant_id,))
+    rows = await tx.fetch(
+        "SELECT user_id FROM tenant_users WHERE tenant_id = %s AND role = 'owner' FOR UPDATE", (tenant_id,)
+    )
     return {r["user_id"] for r in rows}
 
 
 async def actor_role(tx: Transaction, tenant_id: UUID, user_id: int | None) -> str | None:
     if user_id is None:
         return None
-    return await tx.fetchval("SELECT role FROM tenant_users WHERE tenant_id = %s AND user_id = %s", (tenant_id, user_id))
+    return await tx.fetchval(
+        "SELECT role FROM tenant_users WHERE tenant_id = %s AND user_id = %s", (tenant_id, user_id)
+    )
 
 
 async def add_member(tx: Transaction, tenant_id: UUID, actor: int | None, email: str, role: Role) -> dict[str, Any]:
@@ -48,8 +51,7 @@ async def add_member(tx: Transaction, tenant_id: UUID, actor: int | None, email:
     row = await tx.fetchrow("SELECT * FROM app.add_tenant_member(%s, %s)", (email, role))
     assert row is not None
     if row["outcome"] == "unknown":
-        raise Problem(404, "Not Found", f"no account with email {email}: ask them to register first",
-                      type_="not-found")
+        raise Problem(404, "Not Found", f"no account with email {email}: ask them to register first", type_="not-found")
     if row["outcome"] == "member":
         raise Problem(409, "Conflict", f"{email} is already a member", type_="conflict")
     return {k: row[k] for k in ("user_id", "email", "name", "role", "created_at")}
@@ -60,9 +62,12 @@ async def change_role(tx: Transaction, tenant_id: UUID, actor: int | None, user_
     _only_owners_make_owners(await actor_role(tx, tenant_id, actor), role, current["role"])
     owners = await _lock_owners(tx, tenant_id)
     if owners == {user_id} and role != "owner":
-        raise Problem(409, "Conflict", "the last owner cannot be demoted: make someone else owner first",
-                      type_="last-owner")
-    await tx.execute("UPDATE tenant_users SET role = %s WHERE tenant_id = %s AND user_id = %s", (role, tenant_id, user_id))
+        raise Problem(
+            409, "Conflict", "the last owner cannot be demoted: make someone else owner first", type_="last-owner"
+        )
+    await tx.execute(
+        "UPDATE tenant_users SET role = %s WHERE tenant_id = %s AND user_id = %s", (role, tenant_id, user_id)
+    )
     # Not read again through app.tenant_members(): a Citus transaction may not read, as another
     # role, shard rows it has just changed. Only the role changed.
     return {**current, "role": role}

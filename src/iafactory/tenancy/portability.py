@@ -69,7 +69,8 @@ async def tenant_tables(tx: Transaction) -> list[TableInfo]:
            WHERE c.relkind IN ('r', 'p')
              AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'tenant_id'
                          AND NOT a.attisdropped)
-           ORDER BY c.relname""")
+           ORDER BY c.relname"""
+    )
     by_name = {r["name"]: r for r in rows}
     ordered: list[str] = []
 
@@ -78,13 +79,15 @@ async def tenant_tables(tx: Transaction) -> list[TableInfo]:
             return
         for ref in by_name[name]["refs"]:
             if ref in by_name:
-                visit(ref, path + (name,))
+                visit(ref, (*path, name))
         ordered.append(name)
 
     for name in by_name:
         visit(name)
-    return [TableInfo(n, list(by_name[n]["pk"] or []), by_name[n]["identity_column"], list(by_name[n]["columns"]))
-            for n in ordered]
+    return [
+        TableInfo(n, list(by_name[n]["pk"] or []), by_name[n]["identity_column"], list(by_name[n]["columns"]))
+        for n in ordered
+    ]
 
 
 def _sha256(data: bytes) -> str:
@@ -104,20 +107,28 @@ async def export_tenant(admin_url: str, slug: str, output: Path, progress: Progr
     ctx = TenantContext(tenant_id=tenant.id)
     files: dict[str, bytes] = {}
     manifest: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tenant": tenant.model_dump(mode="json"), "tables": {},
+        "format": FORMAT,
+        "version": VERSION,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tenant": tenant.model_dump(mode="json"),
+        "tables": {},
     }
     async with operator_transaction(admin_url, ctx, snapshot=True) as tx:
         tables = await tenant_tables(tx)
         for table in tables:
             order = sql.SQL(", ").join(map(sql.Identifier, table.primary_key or ["tenant_id"]))
-            total = await tx.fetchval(sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(
-                sql.Identifier(table.name)), (tenant.id,))
+            total = await tx.fetchval(
+                sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.Identifier(table.name)), (tenant.id,)
+            )
             lines = []
             async with tx.connection.cursor(name=f"export_{table.name}") as cur:
                 cur.itersize = 2000
-                await cur.execute(sql.SQL("SELECT row_to_json(t)::text AS line FROM {} t WHERE tenant_id = %s "
-                                          "ORDER BY {}").format(sql.Identifier(table.name), order), (tenant.id,))
+                await cur.execute(
+                    sql.SQL("SELECT row_to_json(t)::text AS line FROM {} t WHERE tenant_id = %s ORDER BY {}").format(
+                        sql.Identifier(table.name), order
+                    ),
+                    (tenant.id,),
+                )
                 async for row in cur:
                     lines.append(row["line"])
                     if progress and len(lines) % 1000 == 0:
@@ -129,22 +140,28 @@ async def export_tenant(admin_url: str, slug: str, output: Path, progress: Progr
                 progress(table.name, len(lines), total)
         users = await tx.fetch(
             """SELECT u.id, u.email, u.name FROM tenant_users tu JOIN users u ON u.id = tu.user_id
-               WHERE tu.tenant_id = %s ORDER BY u.id""", (tenant.id,))
+               WHERE tu.tenant_id = %s ORDER BY u.id""",
+            (tenant.id,),
+        )
     manifest["table_order"] = [t.name for t in tables]
     # Members' identities, for the person reading the export; import matches users by id.
     manifest["users"] = users
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".partial")
     with tarfile.open(tmp, "w:gz") as archive:
-        for name, data in [("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode()),
-                           *files.items()]:
+        for name, data in [
+            ("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode()),
+            *files.items(),
+        ]:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
             archive.addfile(info, io.BytesIO(data))
     tmp.replace(output)  # never a half-written archive under the final name
     async with operator_transaction(admin_url) as tx:
-        await tx.execute("SELECT app.record_event(%s, 'tenant.exported', NULL, %s, NULL, NULL)",
-                         (tenant.id, Jsonb({"tables": len(tables), "rows": sum(t["rows"] for t in manifest["tables"].values())})))
+        await tx.execute(
+            "SELECT app.record_event(%s, 'tenant.exported', NULL, %s, NULL, NULL)",
+            (tenant.id, Jsonb({"tables": len(tables), "rows": sum(t["rows"] for t in manifest["tables"].values())})),
+        )
     return manifest
 
 
@@ -152,7 +169,8 @@ async def count_rows(tx: Transaction, tenant_id: UUID, tables: list[TableInfo]) 
     counts = {}
     for table in tables:
         counts[table.name] = await tx.fetchval(
-            sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.Identifier(table.name)), (tenant_id,))
+            sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.Identifier(table.name)), (tenant_id,)
+        )
     return counts
 
 
@@ -167,14 +185,25 @@ async def erase_tenant(admin_url: str, slug: str, confirm: str) -> dict[str, int
         deleted = {}
         for table in reversed(tables):  # children first
             deleted[table.name] = await tx.execute(
-                sql.SQL("DELETE FROM {} WHERE tenant_id = %s").format(sql.Identifier(table.name)), (tenant.id,))
+                sql.SQL("DELETE FROM {} WHERE tenant_id = %s").format(sql.Identifier(table.name)), (tenant.id,)
+            )
         await tx.execute("DELETE FROM rate_counters WHERE subject = %s", (f"tenant:{tenant.id}",))
         left = {k: v for k, v in (await count_rows(tx, tenant.id, tables)).items() if v}
         if left:
             raise PortabilityError(f"rows remain after erasure, nothing was erased: {left}")
-        await tx.execute("INSERT INTO tenant_erasures (erased_tenant, slug, row_counts) VALUES (%s, %s, %s)",
-                         (tenant.id, tenant.slug, Jsonb(deleted)))
+        await tx.execute(
+            "INSERT INTO tenant_erasures (erased_tenant, slug, row_counts) VALUES (%s, %s, %s)",
+            (tenant.id, tenant.slug, Jsonb(deleted)),
+        )
     return deleted
+
+
+def _member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular file's content (extractfile gives None only for other kinds of member)."""
+    f = archive.extractfile(member)
+    if f is None:
+        raise PortabilityError(f"{member.name}: not a regular file")
+    return f.read()
 
 
 def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -183,9 +212,8 @@ def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
             members = {m.name: m for m in archive.getmembers() if m.isfile()}
             if "manifest.json" not in members:
                 raise PortabilityError(f"{path}: no manifest.json, not an IAFactory export")
-            manifest = json.loads(archive.extractfile(members["manifest.json"]).read())  # type: ignore[union-attr]
-            files = {name: archive.extractfile(m).read() for name, m in members.items()  # type: ignore[union-attr]
-                     if name.startswith("tables/")}
+            manifest = json.loads(_member_bytes(archive, members["manifest.json"]))
+            files = {name: _member_bytes(archive, m) for name, m in members.items() if name.startswith("tables/")}
     except (tarfile.TarError, OSError, json.JSONDecodeError) as err:
         raise PortabilityError(f"{path}: cannot read the archive ({err})") from err
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
@@ -197,8 +225,9 @@ def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return manifest, files
 
 
-async def import_tenant(admin_url: str, path: Path, into: str | None = None,
-                        progress: Progress | None = None) -> dict[str, int]:
+async def import_tenant(
+    admin_url: str, path: Path, into: str | None = None, progress: Progress | None = None
+) -> dict[str, int]:
     manifest, files = read_archive(path)
     source_id = UUID(manifest["tenant"]["id"])
     tenant = await _tenant(admin_url, into or manifest["tenant"]["slug"])
@@ -210,8 +239,9 @@ async def import_tenant(admin_url: str, path: Path, into: str | None = None,
             raise PortabilityError(f"the export has tables this database does not: {', '.join(unknown)}")
         present = {k: v for k, v in (await count_rows(tx, tenant.id, tables)).items() if v}
         if present:
-            raise PortabilityError(f"tenant {tenant.slug} is not empty ({present}); erase it first or import --into "
-                                   "another, empty tenant")
+            raise PortabilityError(
+                f"tenant {tenant.slug} is not empty ({present}); erase it first or import --into another, empty tenant"
+            )
         imported: dict[str, int] = {}
         for table in tables:
             if table.name not in manifest["tables"]:
@@ -222,24 +252,35 @@ async def import_tenant(admin_url: str, path: Path, into: str | None = None,
                     raise PortabilityError(f"{table.name}: a row belongs to another tenant than the export's")
                 row["tenant_id"] = str(tenant.id)
             for start in range(0, len(rows), IMPORT_CHUNK):
-                chunk = rows[start:start + IMPORT_CHUNK]
+                chunk = rows[start : start + IMPORT_CHUNK]
                 # VALUES, one row per record, each read back by PostgreSQL's own JSON-to-row
                 # conversion (every type round-trips); not INSERT ... SELECT, which a distributed
                 # PostgreSQL refuses into a table with row security.
                 record = sql.SQL("((jsonb_populate_record(NULL::{}, %s)).*)").format(sql.Identifier(table.name))
-                await tx.execute(sql.SQL("INSERT INTO {} ({}) VALUES {}").format(
-                    sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, table.columns)),
-                    sql.SQL(", ").join([record] * len(chunk))), [Jsonb(r) for r in chunk])
+                await tx.execute(
+                    sql.SQL("INSERT INTO {} ({}) VALUES {}").format(
+                        sql.Identifier(table.name),
+                        sql.SQL(", ").join(map(sql.Identifier, table.columns)),
+                        sql.SQL(", ").join([record] * len(chunk)),
+                    ),
+                    [Jsonb(r) for r in chunk],
+                )
                 if progress:
                     progress(table.name, start + len(chunk), len(rows))
             if progress and not rows:
                 progress(table.name, 0, 0)
             if table.identity_column and rows:
                 # Imported ids were explicit: move the sequence past them.
-                await tx.fetchval(sql.SQL(
-                    "SELECT setval(pg_get_serial_sequence({}, {}), greatest((SELECT max({}) FROM {}), 1))").format(
-                    sql.Literal(f"public.{table.name}"), sql.Literal(table.identity_column),
-                    sql.Identifier(table.identity_column), sql.Identifier(table.name)))
+                await tx.fetchval(
+                    sql.SQL(
+                        "SELECT setval(pg_get_serial_sequence({}, {}), greatest((SELECT max({}) FROM {}), 1))"
+                    ).format(
+                        sql.Literal(f"public.{table.name}"),
+                        sql.Literal(table.identity_column),
+                        sql.Identifier(table.identity_column),
+                        sql.Identifier(table.name),
+                    )
+                )
             imported[table.name] = len(rows)
         counts = await count_rows(tx, tenant.id, tables)
         mismatched = {t: (counts.get(t), n) for t, n in imported.items() if counts.get(t) != n}

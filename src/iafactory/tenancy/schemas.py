@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from iafactory.emails import Email
-from iafactory.resources.types import JsonObject, Timestamp, json_int
+from iafactory.resources.types import JsonObject, Timestamp, int_rules
 
 Region = Literal["DZ", "CH", "FR", "BE", "CA"]
 Plan = Literal["free", "pro", "enterprise"]
@@ -19,8 +19,8 @@ Status = Literal["active", "suspended", "trial", "cancelled"]
 Role = Literal["owner", "admin", "member", "viewer"]
 
 SLUG_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
-AtLeastOne = json_int(ge=1)
-AtLeastZero = json_int(ge=0)
+AtLeastOne = Annotated[int, int_rules(ge=1)]
+AtLeastZero = Annotated[int, int_rules(ge=0)]
 
 
 class TenantCreate(BaseModel):
@@ -107,8 +107,7 @@ class CreditGrant(BaseModel):
 
     amount: int = Field(ge=1, le=10**12)
     reason: str = Field(min_length=1, max_length=500)
-    idempotency_key: str = Field(min_length=1, max_length=255,
-                                 description="Retrying with the same key grants once.")
+    idempotency_key: str = Field(min_length=1, max_length=255, description="Retrying with the same key grants once.")
     kind: Literal["grant", "refund"] = "grant"
 
 

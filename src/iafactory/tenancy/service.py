@@ -30,8 +30,16 @@ async def create_tenant(tx: Transaction, data: TenantCreate) -> Tenant:
         row = await tx.fetchrow(
             "SELECT * FROM platform.tenant_create(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
-                data.name, data.slug, data.region, data.plan, data.status, data.admin_email,
-                data.admin_phone, Jsonb(data.settings), Jsonb(data.metadata), data.trial_ends_at,
+                data.name,
+                data.slug,
+                data.region,
+                data.plan,
+                data.status,
+                data.admin_email,
+                data.admin_phone,
+                Jsonb(data.settings),
+                Jsonb(data.metadata),
+                data.trial_ends_at,
             ),
         )
     except psycopg.errors.UniqueViolation as err:
@@ -56,7 +64,9 @@ async def get_tenant(tx: Transaction, *, tenant_id: UUID | None = None, slug: st
     return Tenant.model_validate(row)
 
 
-async def update_tenant(tx: Transaction, tenant_id: UUID, *, plan: Plan | None = None, status: Status | None = None) -> Tenant:
+async def update_tenant(
+    tx: Transaction, tenant_id: UUID, *, plan: Plan | None = None, status: Status | None = None
+) -> Tenant:
     row = await tx.fetchrow("SELECT * FROM platform.tenant_update(%s, %s, %s)", (tenant_id, plan, status))
     if row is None:
         raise TenantNotFound(f"no tenant {tenant_id}")
@@ -71,6 +81,7 @@ async def add_member(
     row = await tx.fetchrow(
         "SELECT * FROM platform.add_member(%s, %s, %s, %s, %s)", (tenant.id, email, role, name, password_hash)
     )
+    assert row is not None  # the function returns one row or raises
     return {"tenant_id": tenant.id, **row}
 
 
@@ -85,10 +96,14 @@ async def set_limits(tx: Transaction, tenant_id: UUID, limits: dict[str, Any]) -
     return Tenant.model_validate(row)
 
 
-async def grant_credits(tx: Transaction, tenant_id: UUID, amount: int, reason: str, key: str,
-                        kind: str = "grant") -> dict[str, Any]:
-    return await tx.fetchrow("SELECT * FROM platform.grant_credits(%s, %s, %s, %s, %s)",
-                             (tenant_id, amount, reason, key, kind))
+async def grant_credits(
+    tx: Transaction, tenant_id: UUID, amount: int, reason: str, key: str, kind: str = "grant"
+) -> dict[str, Any]:
+    row = await tx.fetchrow(
+        "SELECT * FROM platform.grant_credits(%s, %s, %s, %s, %s)", (tenant_id, amount, reason, key, kind)
+    )
+    assert row is not None  # the function returns one row or raises
+    return row
 
 
 async def grant_monthly(tx: Transaction, month: Any = None) -> list[dict[str, Any]]:
@@ -101,5 +116,8 @@ async def grant_monthly_to(tx: Transaction, tenant_id: UUID, month: Any = None) 
     """The plan's monthly credits for one tenant, once per month (the key `grant_monthly` uses):
     the row says whether this call granted them, and the balance and currency after it."""
     if month is None:
-        return await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s)", (tenant_id,))
-    return await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s, %s)", (tenant_id, month))
+        row = await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s)", (tenant_id,))
+    else:
+        row = await tx.fetchrow("SELECT * FROM platform.grant_monthly_to(%s, %s)", (tenant_id, month))
+    assert row is not None  # the function returns one row or raises
+    return row

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, Field
 
 from iafactory.resources import Resource
-from iafactory.resources.types import JsonArray, JsonObject, Language, LongText, Patch, Strict, Timestamp, decimal_number
+from iafactory.resources.types import (
+    JsonArray,
+    JsonObject,
+    Language,
+    LongText,
+    Patch,
+    Strict,
+    Timestamp,
+    decimal_rules,
+)
 
 TranscriptionStatus = Literal["pending", "processing", "completed", "failed"]
 Channel = Literal["phone", "web", "whatsapp"]
@@ -18,12 +28,13 @@ ConversationStatus = Literal["active", "ended", "failed"]
 Title = Annotated[str, Field(max_length=255)]
 AudioUrl = Annotated[str, Field(min_length=1, max_length=2000, description="Where the audio file is stored")]
 # numeric(10, 2) with a non-negative check: refused here rather than rounded or overflowed there.
-Duration = decimal_number(10, 2, description="Seconds")
+Duration = Annotated[Decimal, decimal_rules(10, 2, description="Seconds")]
 AgentName = Annotated[str, Field(min_length=1, max_length=100)]
 Caller = Annotated[str, Field(min_length=1, max_length=100, description="Phone number or handle of the caller")]
 
 
 # --- Transcriptions ------------------------------------------------------------------------------
+
 
 class TranscriptionCreate(Strict):
     title: Title = ""
@@ -58,14 +69,23 @@ class TranscriptionOut(BaseModel):
     updated_at: datetime
 
 
-TRANSCRIPTIONS = Resource(name="voice/transcriptions", table="voice_transcriptions", noun="transcription",
-                          tag="voice", create=TranscriptionCreate, update=TranscriptionUpdate, read=TranscriptionOut,
-                          json_columns=frozenset({"metadata"}),
-                          create_responses=((402, "Not enough credits: each transcription costs credits, debited "
-                                                  "with it (GET /credits/balance)"),))
+TRANSCRIPTIONS = Resource(
+    name="voice/transcriptions",
+    table="voice_transcriptions",
+    noun="transcription",
+    tag="voice",
+    create=TranscriptionCreate,
+    update=TranscriptionUpdate,
+    read=TranscriptionOut,
+    json_columns=frozenset({"metadata"}),
+    create_responses=(
+        (402, "Not enough credits: each transcription costs credits, debited with it (GET /credits/balance)"),
+    ),
+)
 
 
 # --- Conversations -------------------------------------------------------------------------------
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -110,6 +130,13 @@ class ConversationOut(BaseModel):
     updated_at: datetime
 
 
-CONVERSATIONS = Resource(name="voice/conversations", table="voice_conversations", noun="conversation", tag="voice",
-                         create=ConversationCreate, update=ConversationUpdate, read=ConversationOut,
-                         json_columns=frozenset({"messages"}))
+CONVERSATIONS = Resource(
+    name="voice/conversations",
+    table="voice_conversations",
+    noun="conversation",
+    tag="voice",
+    create=ConversationCreate,
+    update=ConversationUpdate,
+    read=ConversationOut,
+    json_columns=frozenset({"messages"}),
+)

@@ -29,6 +29,7 @@ PROJECT_REFERENCE = ((422, "Invalid body, or project_id names no project of this
 
 # --- Bolt ----------------------------------------------------------------------------------------
 
+
 class BoltWorkflowCreate(Strict):
     project_id: ProjectId | None = None
     name: Name
@@ -59,12 +60,22 @@ class BoltWorkflowOut(BaseModel):
     updated_at: datetime
 
 
-BOLT_WORKFLOWS = Resource(name="bolt-workflows", table="bolt_workflows", noun="Bolt workflow", tag="workflows",
-                          create=BoltWorkflowCreate, update=BoltWorkflowUpdate, read=BoltWorkflowOut, id_type=int,
-                          json_columns=frozenset({"definition", "result"}), write_responses=PROJECT_REFERENCE)
+BOLT_WORKFLOWS = Resource(
+    name="bolt-workflows",
+    table="bolt_workflows",
+    noun="Bolt workflow",
+    tag="workflows",
+    create=BoltWorkflowCreate,
+    update=BoltWorkflowUpdate,
+    read=BoltWorkflowOut,
+    id_type=int,
+    json_columns=frozenset({"definition", "result"}),
+    write_responses=PROJECT_REFERENCE,
+)
 
 
 # --- BMAD ----------------------------------------------------------------------------------------
+
 
 class BmadWorkflowCreate(Strict):
     project_id: ProjectId | None = None
@@ -96,9 +107,18 @@ class BmadWorkflowOut(BaseModel):
     updated_at: datetime
 
 
-BMAD_WORKFLOWS = Resource(name="bmad-workflows", table="bmad_workflows", noun="BMAD workflow", tag="workflows",
-                          create=BmadWorkflowCreate, update=BmadWorkflowUpdate, read=BmadWorkflowOut, id_type=int,
-                          json_columns=frozenset({"agents", "artifacts"}), write_responses=PROJECT_REFERENCE)
+BMAD_WORKFLOWS = Resource(
+    name="bmad-workflows",
+    table="bmad_workflows",
+    noun="BMAD workflow",
+    tag="workflows",
+    create=BmadWorkflowCreate,
+    update=BmadWorkflowUpdate,
+    read=BmadWorkflowOut,
+    id_type=int,
+    json_columns=frozenset({"agents", "artifacts"}),
+    write_responses=PROJECT_REFERENCE,
+)
 
 
 # --- Orchestrator --------------------------------------------------------------------------------
@@ -135,6 +155,15 @@ class OrchestratorStateOut(BaseModel):
     updated_at: datetime
 
 
-ORCHESTRATOR_STATE = Resource(name="orchestrator-state", table="orchestrator_state", noun="run state", plural="run states",
-                              tag="workflows", create=OrchestratorStateCreate, update=OrchestratorStateUpdate,
-                              read=OrchestratorStateOut, id_type=int, json_columns=frozenset({"state"}))
+ORCHESTRATOR_STATE = Resource(
+    name="orchestrator-state",
+    table="orchestrator_state",
+    noun="run state",
+    plural="run states",
+    tag="workflows",
+    create=OrchestratorStateCreate,
+    update=OrchestratorStateUpdate,
+    read=OrchestratorStateOut,
+    id_type=int,
+    json_columns=frozenset({"state"}),
+)
