@@ -30,14 +30,13 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_SECRET_ENV, bench_settings, free_port, median, percentile  # noqa: E402
-
-from iafactory.auth.passwords import hash_password  # noqa: E402
-from iafactory.db import server  # noqa: E402
-from iafactory.db.bootstrap import migrate_and_prepare  # noqa: E402
-from iafactory.db.scope import operator_transaction  # noqa: E402
-from iafactory.tenancy import service  # noqa: E402
-from iafactory.tenancy.schemas import TenantCreate  # noqa: E402
+from _common import BENCH_SECRET_ENV, bench_settings, free_port, median, percentile
+from iafactory.auth.passwords import hash_password
+from iafactory.db import server
+from iafactory.db.bootstrap import migrate_and_prepare
+from iafactory.db.scope import operator_transaction
+from iafactory.tenancy import service
+from iafactory.tenancy.schemas import TenantCreate
 
 PASSWORD = "bench-distributed-password"
 
@@ -49,21 +48,34 @@ async def prepare(admin: str) -> tuple[str, str]:
     tag = uuid.uuid4().hex[:8]
     slug, email = f"bench-{tag}", f"owner-{tag}@example.ch"
     async with operator_transaction(admin) as tx:
-        tenant = await service.create_tenant(tx, TenantCreate(name=f"Bench {tag}", slug=slug, region="CH",
-                                                              plan="enterprise", status="active"))
-        await service.set_limits(tx, tenant.id, {"requests_per_minute": 1_000_000,
-                                                 "key_requests_per_minute": 1_000_000})
-        await service.add_member(tx, slug, email, "owner", name="Owner",
-                                 password_hash=await hash_password(settings, PASSWORD))
+        tenant = await service.create_tenant(
+            tx, TenantCreate(name=f"Bench {tag}", slug=slug, region="CH", plan="enterprise", status="active")
+        )
+        await service.set_limits(
+            tx, tenant.id, {"requests_per_minute": 1_000_000, "key_requests_per_minute": 1_000_000}
+        )
+        await service.add_member(
+            tx, slug, email, "owner", name="Owner", password_hash=await hash_password(settings, PASSWORD)
+        )
     return slug, email
 
 
 def start(admin: str, port: int) -> subprocess.Popen:
-    env = {**os.environ, **BENCH_SECRET_ENV, "DATABASE_URL": admin, "IAFACTORY_LOG_LEVEL": "WARNING",
-           "IAFACTORY_RUN_WORKER": "false"}
+    env = {
+        **os.environ,
+        **BENCH_SECRET_ENV,
+        "DATABASE_URL": admin,
+        "IAFACTORY_LOG_LEVEL": "WARNING",
+        "IAFACTORY_RUN_WORKER": "false",
+    }
     exe = Path(sys.executable).with_name("iafactory")
-    return subprocess.Popen([str(exe), "serve", "--no-migrate", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [str(exe), "serve", "--no-migrate", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen) -> None:
@@ -88,9 +100,13 @@ def shards_reached(admin: str, tenant_id: str, project_id: int) -> dict[str, int
     out = {}
     with psycopg.connect(app) as conn:
         for name, query, params in (
-                ("list", "SELECT * FROM projects WHERE tenant_id = %s ORDER BY created_at DESC, id DESC LIMIT 21",
-                 (tenant_id,)),
-                ("get", "SELECT * FROM projects WHERE tenant_id = %s AND id = %s", (tenant_id, project_id))):
+            (
+                "list",
+                "SELECT * FROM projects WHERE tenant_id = %s ORDER BY created_at DESC, id DESC LIMIT 21",
+                (tenant_id,),
+            ),
+            ("get", "SELECT * FROM projects WHERE tenant_id = %s AND id = %s", (tenant_id, project_id)),
+        ):
             plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {query}", params))
             out[name] = int(re.search(r"Task Count: (\d+)", plan).group(1))
     return out
@@ -108,7 +124,7 @@ async def main() -> None:
     procs = []
     try:
         for admin in args.database_url:
-            slug, email = await prepare(admin)
+            _, email = await prepare(admin)
             port = free_port()
             procs.append(start(admin, port))
             client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
@@ -123,15 +139,29 @@ async def main() -> None:
                 ids.append(r.json()["id"])
             tenant_id = (await client.get("/api/v1/tenant", headers=headers)).json()["id"]
             label = server.redact(admin)
-            targets.append({"label": label, "client": client, "headers": headers, "ids": ids, "admin": admin,
-                            "tenant": tenant_id, "list": [], "get": []})
+            targets.append(
+                {
+                    "label": label,
+                    "client": client,
+                    "headers": headers,
+                    "ids": ids,
+                    "admin": admin,
+                    "tenant": tenant_id,
+                    "list": [],
+                    "get": [],
+                }
+            )
 
         per_round = max(1, args.requests // args.rounds)
         for _ in range(args.rounds):
             for t in targets:
                 for op in ("list", "get"):
                     for _ in range(per_round):
-                        path = "/api/v1/projects?limit=20" if op == "list" else f"/api/v1/projects/{random.choice(t['ids'])}"
+                        path = (
+                            "/api/v1/projects?limit=20"
+                            if op == "list"
+                            else f"/api/v1/projects/{random.choice(t['ids'])}"
+                        )
                         started = time.perf_counter()
                         r = await t["client"].get(path, headers=t["headers"])
                         elapsed = (time.perf_counter() - started) * 1000
@@ -142,8 +172,10 @@ async def main() -> None:
         for t in targets:
             shards = shards_reached(t["admin"], t["tenant"], t["ids"][0])
             for op in ("list", "get"):
-                print(f"{t['label'][:50]:50} {op:5} {len(t[op]):5} {median(t[op]):10.2f} {percentile(t[op], 0.95):8.2f}"
-                      f"  {shards[op] if shards else '-'}")
+                print(
+                    f"{t['label'][:50]:50} {op:5} {len(t[op]):5} {median(t[op]):10.2f} {percentile(t[op], 0.95):8.2f}"
+                    f"  {shards[op] if shards else '-'}"
+                )
     finally:
         for t in targets:
             await t["client"].aclose()

@@ -23,16 +23,65 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-KEYWORDS = frozenset("""
-    where set on using join left right inner outer full cross natural lateral values select as from
-    group order limit offset returning for union except intersect having window and or not into
-    default only with do conflict nothing when then else end case is null skip locked nowait of
-""".split())
+KEYWORDS = frozenset(
+    [
+        "where",
+        "set",
+        "on",
+        "using",
+        "join",
+        "left",
+        "right",
+        "inner",
+        "outer",
+        "full",
+        "cross",
+        "natural",
+        "lateral",
+        "values",
+        "select",
+        "as",
+        "from",
+        "group",
+        "order",
+        "limit",
+        "offset",
+        "returning",
+        "for",
+        "union",
+        "except",
+        "intersect",
+        "having",
+        "window",
+        "and",
+        "or",
+        "not",
+        "into",
+        "default",
+        "only",
+        "with",
+        "do",
+        "conflict",
+        "nothing",
+        "when",
+        "then",
+        "else",
+        "end",
+        "case",
+        "is",
+        "null",
+        "skip",
+        "locked",
+        "nowait",
+        "of",
+    ]
+)
 
 _TABLE_REF = re.compile(
     r"\b(?P<kw>from|join|update|into)\s+(?:only\s+)?(?:\"?public\"?\.)?\"?(?P<name>[a-z_][a-z0-9_]*)\"?"
     rf"(?:\s+(?:as\s+)?(?P<alias>(?!(?:{'|'.join(sorted(KEYWORDS))})\b)[a-z_][a-z0-9_]*))?",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -108,7 +157,7 @@ def _balanced(text: str, open_at: int) -> str:
         elif text[i] == ")":
             depth -= 1
             if depth == 0:
-                return text[open_at:i + 1]
+                return text[open_at : i + 1]
     return text[open_at:]
 
 
@@ -132,10 +181,14 @@ def _routed(statement: str, refs: list[tuple[str, str, str]]) -> set[str]:
             sides.append(rf"(?<![.\w]){column}\b")
         operands = []
         for side in sides:
-            operands += [(m.group("operand"), m.group("call")) for m in re.finditer(
-                rf"{side}\s*=\s*(?P<operand>{_VALUE})(?P<call>\s*\()?", statement, re.IGNORECASE)]
-            operands += [(m.group("operand"), None) for m in re.finditer(
-                rf"(?<![\w.$%:'])(?P<operand>{_VALUE})\s*=\s*{side}", statement, re.IGNORECASE)]
+            operands += [
+                (m.group("operand"), m.group("call"))
+                for m in re.finditer(rf"{side}\s*=\s*(?P<operand>{_VALUE})(?P<call>\s*\()?", statement, re.IGNORECASE)
+            ]
+            operands += [
+                (m.group("operand"), None)
+                for m in re.finditer(rf"(?<![\w.$%:'])(?P<operand>{_VALUE})\s*=\s*{side}", statement, re.IGNORECASE)
+            ]
         for operand, call in operands:
             operand = operand.lower()
             if call or operand in ("any", "all", "select") or operand.endswith(")"):
@@ -168,11 +221,11 @@ def table_references(statement: str, tables: set[str]) -> list[tuple[str, str, s
         alias = (m.group("alias") or "").lower()
         if not alias or alias in KEYWORDS:
             alias = name
-        before = statement[:m.start()].rstrip().lower()
+        before = statement[: m.start()].rstrip().lower()
         if kw == "into":
             kind = "insert" if before.endswith("insert") else "read"  # SELECT ... INTO variable
         elif kw == "update":
-            if before.endswith("for") or before.endswith("do"):
+            if before.endswith(("for", "do")):
                 continue  # FOR UPDATE, ON CONFLICT DO UPDATE
             kind = "update"
         elif kw == "from" and before.endswith("delete"):
@@ -183,8 +236,9 @@ def table_references(statement: str, tables: set[str]) -> list[tuple[str, str, s
     return refs
 
 
-def check_statement(statement: str, tenant_tables: set[str], non_immutable: set[str],
-                    cross_tenant_reads: set[str] = frozenset()) -> list[Finding]:
+def check_statement(
+    statement: str, tenant_tables: set[str], non_immutable: set[str], cross_tenant_reads: set[str] = frozenset()
+) -> list[Finding]:
     """Findings for one statement (literals blanked). `tenant_tables` includes "tenants" (keyed
     on id); `cross_tenant_reads` are tables this statement may read without naming a tenant."""
     findings: list[Finding] = []
@@ -193,18 +247,20 @@ def check_statement(statement: str, tenant_tables: set[str], non_immutable: set[
     for kind, table, alias in refs:
         key = "id" if table == "tenants" else "tenant_id"
         if kind == "insert":
-            m = re.search(rf"\binsert\s+into\s+(?:\"?public\"?\.)?\"?{table}\"?(?:\s+as\s+\w+)?\s*(\()?",
-                          statement, re.IGNORECASE)
+            m = re.search(
+                rf"\binsert\s+into\s+(?:\"?public\"?\.)?\"?{table}\"?(?:\s+as\s+\w+)?\s*(\()?", statement, re.IGNORECASE
+            )
             if m is None or m.group(1) is None:
                 findings.append(Finding(f"INSERT INTO {table} without a column list naming {key}", statement))
                 continue
             columns = _balanced(statement, m.end(1) - 1)
-            rest = statement[m.end(1) - 1 + len(columns):].lstrip().lower()
+            rest = statement[m.end(1) - 1 + len(columns) :].lstrip().lower()
             if not re.search(rf"(?<![\w.]){key}(?![\w])", columns, re.IGNORECASE):
                 findings.append(Finding(f"INSERT INTO {table} does not name {key}", statement))
-            if not (rest.startswith("values") or rest.startswith("default values")):
-                findings.append(Finding(f"INSERT INTO {table} ... SELECT (a table with row security takes VALUES)",
-                                        statement))
+            if not rest.startswith(("values", "default values")):
+                findings.append(
+                    Finding(f"INSERT INTO {table} ... SELECT (a table with row security takes VALUES)", statement)
+                )
             continue
         if kind == "read" and table in cross_tenant_reads:
             continue
@@ -213,8 +269,11 @@ def check_statement(statement: str, tenant_tables: set[str], non_immutable: set[
         if kind == "update":
             findings.extend(_volatile_in_case_or_coalesce(statement, table, non_immutable))
     if refs and (m := re.search(r"\blateral\s+((?:app|platform|internal)\.\w+)\s*\(", statement, re.IGNORECASE)):
-        findings.append(Finding(f"{m.group(1)}() in a LATERAL join over tenant rows (call it once per row in a "
-                                "loop instead)", statement))
+        findings.append(
+            Finding(
+                f"{m.group(1)}() in a LATERAL join over tenant rows (call it once per row in a loop instead)", statement
+            )
+        )
     if re.search(r"\bon\s+conflict\b.*\bdo\s+update\b", statement, re.IGNORECASE | re.DOTALL) and refs:
         findings.extend(_volatile_in_case_or_coalesce(statement, refs[0][1], non_immutable, on_conflict=True))
     return findings
@@ -224,8 +283,9 @@ _SET_CLAUSE = re.compile(r"\bset\b(?P<body>.*?)(?=\bwhere\b|\bfrom\b|\breturning
 _CONSTANT_CALLS = ("current_timestamp", "current_date", "current_time", "localtimestamp", "localtime")
 
 
-def _volatile_in_case_or_coalesce(statement: str, table: str, non_immutable: set[str],
-                                  on_conflict: bool = False) -> list[Finding]:
+def _volatile_in_case_or_coalesce(
+    statement: str, table: str, non_immutable: set[str], on_conflict: bool = False
+) -> list[Finding]:
     text = statement
     if on_conflict:
         text = re.split(r"\bdo\s+update\b", statement, maxsplit=1, flags=re.IGNORECASE)[-1]
@@ -246,13 +306,14 @@ def _volatile_in_case_or_coalesce(statement: str, table: str, non_immutable: set
     return found
 
 
-def check_sql(text: str, tenant_tables: set[str], non_immutable: set[str],
-              cross_tenant_reads: set[str] = frozenset()) -> list[Finding]:
+def check_sql(
+    text: str, tenant_tables: set[str], non_immutable: set[str], cross_tenant_reads: set[str] = frozenset()
+) -> list[Finding]:
     """Every statement of `text` (a function body or a message the application sent)."""
     findings = []
     for statement in split_statements(blank_literals(text)):
         prepared = re.match(r"prepare\s+\w+\s*(?:\([^)]*\))?\s+as\s+", statement, re.IGNORECASE)
         if prepared:
-            statement = statement[prepared.end():]
+            statement = statement[prepared.end() :]
         findings.extend(check_statement(statement, tenant_tables, non_immutable, cross_tenant_reads))
     return findings

@@ -30,8 +30,9 @@ OWNER_PASSWORD = "citus-test-owner-password"
 
 def _nodes(url: str) -> tuple[tuple[str, int], list[tuple[str, int]]]:
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT nodename, nodeport, groupid FROM pg_dist_node WHERE noderole = 'primary' "
-                            "ORDER BY groupid").fetchall()
+        rows = conn.execute(
+            "SELECT nodename, nodeport, groupid FROM pg_dist_node WHERE noderole = 'primary' ORDER BY groupid"
+        ).fetchall()
     coordinator = next(((h, p) for h, p, g in rows if g == 0), None)
     if coordinator is None:
         info = psycopg.conninfo.conninfo_to_dict(url)
@@ -80,19 +81,32 @@ def distributed(cluster_db: str) -> str:
 
 def test_distribute_makes_every_tenant_table_colocated_with_tenants(distributed: str) -> None:
     with psycopg.connect(distributed) as conn:
-        kinds = dict(((t, (k, c)) for t, k, c in conn.execute(
-            "SELECT table_name::text, citus_table_type, distribution_column FROM citus_tables")))
-        tenant_tables = {r[0] for r in conn.execute(
-            """SELECT c.relname FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id'
-               WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'""")}
-        colocations = {r[0] for r in conn.execute(
-            "SELECT DISTINCT colocation_id FROM citus_tables WHERE citus_table_type = 'distributed'")}
+        kinds = {
+            t: (k, c)
+            for t, k, c in conn.execute(
+                "SELECT table_name::text, citus_table_type, distribution_column FROM citus_tables"
+            )
+        }
+        tenant_tables = {
+            r[0]
+            for r in conn.execute(
+                """SELECT c.relname FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id'
+               WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'"""
+            )
+        }
+        colocations = {
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT colocation_id FROM citus_tables WHERE citus_table_type = 'distributed'"
+            )
+        }
         owner = conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'iaf_owner'").fetchone()[0]
     assert kinds["tenants"] == ("distributed", "id")
     assert all(kinds[t] == ("distributed", "tenant_id") for t in tenant_tables), kinds
     assert len(colocations) == 1
-    assert {"users", "plan_limits", "billable_actions", "tenant_slugs"} <= {t for t, (k, _) in kinds.items()
-                                                                          if k == "reference"}
+    assert {"users", "plan_limits", "billable_actions", "tenant_slugs"} <= {
+        t for t, (k, _) in kinds.items() if k == "reference"
+    }
     assert "schema_migrations" not in kinds and "rate_counters" not in kinds
     assert owner
 
@@ -135,8 +149,9 @@ CREATE OR REPLACE TRIGGER notes_touch_updated_at BEFORE UPDATE ON notes
     later = migrate.discover() + migrate.discover(tmp_path)
     assert [m.version for m in asyncio.run(migrate.migrate(distributed, migrations=later))] == ["900"]
     with psycopg.connect(distributed) as conn:
-        assert conn.execute("SELECT citus_table_type, distribution_column FROM citus_tables "
-                            "WHERE table_name = 'notes'::regclass").fetchone() == ("distributed", "tenant_id")
+        assert conn.execute(
+            "SELECT citus_table_type, distribution_column FROM citus_tables WHERE table_name = 'notes'::regclass"
+        ).fetchone() == ("distributed", "tenant_id")
 
 
 def _task_count(conn: psycopg.Connection, query: str, params: tuple) -> int:
@@ -155,9 +170,17 @@ def test_the_api_works_and_a_request_reaches_one_shard(distributed: str) -> None
             r = await client.post("/api/v1/projects", json={"name": "Cabinet"}, headers=a)
             assert r.status_code == 201, r.text
             out["project"] = r.json()["id"]
-            for path in ("/api/v1/projects", f"/api/v1/projects/{out['project']}", "/api/v1/members", "/api/v1/tenant",
-                         "/api/v1/api-keys", "/api/v1/billing-account", "/api/v1/credits", "/api/v1/audit-events",
-                         "/api/v1/me"):
+            for path in (
+                "/api/v1/projects",
+                f"/api/v1/projects/{out['project']}",
+                "/api/v1/members",
+                "/api/v1/tenant",
+                "/api/v1/api-keys",
+                "/api/v1/billing-account",
+                "/api/v1/credits",
+                "/api/v1/audit-events",
+                "/api/v1/me",
+            ):
                 r = await client.get(path, headers=a)
                 assert r.status_code == 200, (path, r.text)
             members = (await client.get("/api/v1/members", headers=a)).json()
@@ -165,12 +188,20 @@ def test_the_api_works_and_a_request_reaches_one_shard(distributed: str) -> None
             viewer = world.a.user_ids["viewer"]
             r = await client.patch(f"/api/v1/members/{viewer}", json={"role": "member"}, headers=a)
             assert r.status_code == 200 and r.json()["role"] == "member", r.text
-            r = await client.post("/api/v1/knowledge-base", json={"title": "Statuts", "content": "Le bail commercial."},
-                                  headers=a)
+            r = await client.post(
+                "/api/v1/knowledge-base", json={"title": "Statuts", "content": "Le bail commercial."}, headers=a
+            )
             assert r.status_code == 201, r.text
-            r = await client.post("/api/v1/usage-events", json={"events": [
-                {"event_type": "tokens", "quantity": 3, "idempotency_key": "k1"},
-                {"event_type": "tokens", "quantity": 4, "idempotency_key": "k2"}]}, headers=world.a.key("write"))
+            r = await client.post(
+                "/api/v1/usage-events",
+                json={
+                    "events": [
+                        {"event_type": "tokens", "quantity": 3, "idempotency_key": "k1"},
+                        {"event_type": "tokens", "quantity": 4, "idempotency_key": "k2"},
+                    ]
+                },
+                headers=world.a.key("write"),
+            )
             assert r.status_code in (200, 201), r.text
             r = await client.post("/api/v1/pme-analyses", json={"company_name": "Atlas SA"}, headers=a)
             assert r.status_code == 201, r.text
@@ -185,6 +216,7 @@ def test_the_api_works_and_a_request_reaches_one_shard(distributed: str) -> None
             assert r.status_code == 404
             async with operator_transaction(admin_url) as tx:
                 from iafactory.tenancy import service
+
                 granted = await service.grant_monthly(tx)
             assert {world.a.id, world.b.id} <= {g["tenant_id"] for g in granted}
             return out
@@ -194,10 +226,16 @@ def test_the_api_works_and_a_request_reaches_one_shard(distributed: str) -> None
     app_url = server.app_conninfo(settings_for(distributed), distributed)
     with psycopg.connect(app_url) as conn:
         conn.execute("SELECT set_config('app.tenant_id', %s, true)", (str(world.a.id),))
-        assert _task_count(conn, "SELECT * FROM projects WHERE tenant_id = %s ORDER BY created_at DESC LIMIT 50",
-                           (world.a.id,)) == 1
-        assert _task_count(conn, "SELECT * FROM projects WHERE tenant_id = %s AND id = %s",
-                           (world.a.id, out["project"])) == 1
+        assert (
+            _task_count(
+                conn, "SELECT * FROM projects WHERE tenant_id = %s ORDER BY created_at DESC LIMIT 50", (world.a.id,)
+            )
+            == 1
+        )
+        assert (
+            _task_count(conn, "SELECT * FROM projects WHERE tenant_id = %s AND id = %s", (world.a.id, out["project"]))
+            == 1
+        )
         # The policy alone would reach every shard: the explicit filter is what routes.
         assert _task_count(conn, "SELECT * FROM projects", ()) > 1
 
@@ -205,11 +243,11 @@ def test_the_api_works_and_a_request_reaches_one_shard(distributed: str) -> None
 def test_every_route_and_the_operator_commands_work_distributed(distributed: str, tmp_path: Any) -> None:
     """The route-by-route drive of test_distribution_statements, then export, erase and import."""
     from api_support import provision_for_load
-    from test_distribution_statements import _drive
     from iafactory.db import bootstrap
     from iafactory.knowledge import worker
     from iafactory.knowledge.embeddings import embedder
     from iafactory.tenancy import portability
+    from test_distribution_statements import _drive
 
     async def run() -> tuple[list[tuple[str, int]], int, dict[str, int]]:
         async with app_client(distributed, embedding_provider="none") as (client, admin_url, settings):
@@ -237,13 +275,17 @@ def test_every_route_and_the_operator_commands_work_distributed(distributed: str
 def test_the_gate_reaches_one_shard_and_a_new_document_wakes_the_workers(distributed: str) -> None:
     """app.authorize() (every request) sends its queries to one shard group; a document created
     through the API NOTIFYs the coordinator, where workers LISTEN."""
+
     async def make() -> Any:
         async with app_client(distributed) as (client, admin_url, settings):
             world = await build_world(client, admin_url, settings)
             with psycopg.connect(distributed, autocommit=True) as listener:
                 listener.execute("LISTEN iafactory_knowledge_jobs")
-                r = await client.post("/api/v1/knowledge-base", json={"title": "Réveil", "content": "Le worker."},
-                                      headers=world.a.auth("member"))
+                r = await client.post(
+                    "/api/v1/knowledge-base",
+                    json={"title": "Réveil", "content": "Le worker."},
+                    headers=world.a.auth("member"),
+                )
                 assert r.status_code == 201, r.text
                 heard = [n.channel for n in listener.notifies(timeout=5, stop_after=1)]
             return world, heard
@@ -261,7 +303,11 @@ def test_the_gate_reaches_one_shard_and_a_new_document_wakes_the_workers(distrib
         conn.execute("SELECT app.authorize('member', true)")
     shards = {int(s) for line in remote for s in re.findall(r"_(\d{6,})\b", line)}
     with psycopg.connect(distributed) as conn:
-        groups = {r[0] for r in conn.execute(
-            "SELECT DISTINCT shardminvalue FROM pg_dist_shard WHERE shardid = ANY (%s) AND shardminvalue IS NOT NULL",
-            (list(shards),))}  # reference tables' one shard has no range
+        groups = {
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT shardminvalue FROM pg_dist_shard WHERE shardid = ANY (%s) AND shardminvalue IS NOT NULL",
+                (list(shards),),
+            )
+        }  # reference tables' one shard has no range
     assert remote and len(groups) == 1, remote

@@ -57,17 +57,25 @@ def conn(db: str) -> Iterator[psycopg.Connection]:
 
 
 def tenant_tables(conn: psycopg.Connection) -> set[str]:
-    return {r[0] for r in conn.execute(
-        """SELECT c.relname FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+    return {
+        r[0]
+        for r in conn.execute(
+            """SELECT c.relname FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
            WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
-             AND a.attname = 'tenant_id' AND NOT a.attisdropped""")}
+             AND a.attname = 'tenant_id' AND NOT a.attisdropped"""
+        )
+    }
 
 
 def non_immutable_functions(conn: psycopg.Connection) -> set[str]:
     """Names of functions with no IMMUTABLE variant (now, random, current_setting ...)."""
-    return {r[0] for r in conn.execute(
-        """SELECT p.proname FROM pg_proc p GROUP BY p.proname
-           HAVING bool_and(p.provolatile <> 'i')""")}
+    return {
+        r[0]
+        for r in conn.execute(
+            """SELECT p.proname FROM pg_proc p GROUP BY p.proname
+           HAVING bool_and(p.provolatile <> 'i')"""
+        )
+    }
 
 
 def functions(conn: psycopg.Connection, language: str | None = None) -> list[tuple[str, str, str]]:
@@ -76,10 +84,13 @@ def functions(conn: psycopg.Connection, language: str | None = None) -> list[tup
         """SELECT n.nspname || '.' || p.proname, l.lanname, p.prosrc
            FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
            WHERE n.nspname = ANY (%s) AND (%s::text IS NULL OR l.lanname = %s)
-           ORDER BY 1""", (list(SCHEMAS), language, language)).fetchall()
+           ORDER BY 1""",
+        (list(SCHEMAS), language, language),
+    ).fetchall()
 
 
 # --- the rules ---------------------------------------------------------------------------------------
+
 
 def keys_without_tenant(conn: psycopg.Connection) -> list[str]:
     """Every primary key and unique index of a tenant table starts with tenant_id; tenants' only
@@ -89,10 +100,11 @@ def keys_without_tenant(conn: psycopg.Connection) -> list[str]:
                   (SELECT array_agg(a.attname::text ORDER BY k.i) FROM unnest(x.indkey) WITH ORDINALITY k(n, i)
                    LEFT JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.n)
            FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid
-           WHERE x.indisunique AND c.relnamespace = 'public'::regnamespace""").fetchall()
+           WHERE x.indisunique AND c.relnamespace = 'public'::regnamespace"""
+    ).fetchall()
     tables = tenant_tables(conn)
     bad = []
-    for table, index, primary, columns in rows:
+    for table, index, _, columns in rows:
         if table in tables and (not columns or columns[0] != "tenant_id"):
             bad.append(f"{table}: {index} on {columns} does not start with tenant_id")
         if table == "tenants" and columns != ["id"]:
@@ -112,16 +124,19 @@ def foreign_keys_across_shards(conn: psycopg.Connection) -> list[str]:
                    JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n),
                   (SELECT array_agg(a.attname::text ORDER BY k.i) FROM unnest(c.confkey) WITH ORDINALITY k(n, i)
                    JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n)
-           FROM pg_constraint c WHERE c.contype = 'f' AND c.connamespace = 'public'::regnamespace""").fetchall()
+           FROM pg_constraint c WHERE c.contype = 'f' AND c.connamespace = 'public'::regnamespace"""
+    ).fetchall()
     tables = tenant_tables(conn)
     bad = []
     for name, table, ref, local, remote in rows:
         if table not in tables or (ref not in tables and ref != "tenants"):
             continue
         want = "id" if ref == "tenants" else "tenant_id"
-        if ("tenant_id", want) not in list(zip(local, remote)):
-            bad.append(f"{table}.{name}: ({', '.join(local)}) -> {ref} ({', '.join(remote)}) does not pair "
-                       f"tenant_id with {ref}.{want}")
+        if ("tenant_id", want) not in list(zip(local, remote, strict=True)):
+            bad.append(
+                f"{table}.{name}: ({', '.join(local)}) -> {ref} ({', '.join(remote)}) does not pair "
+                f"tenant_id with {ref}.{want}"
+            )
     return bad
 
 
@@ -130,7 +145,8 @@ def policies_with_subqueries(conn: psycopg.Connection) -> list[str]:
     rows = conn.execute(
         """SELECT c.relname, p.polname, coalesce(p.polqual::text, '') || coalesce(p.polwithcheck::text, '')
            FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
-           WHERE c.relnamespace = 'public'::regnamespace""").fetchall()
+           WHERE c.relnamespace = 'public'::regnamespace"""
+    ).fetchall()
     return [f"{table}: policy {name} holds a subquery" for table, name, tree in rows if "{SUBLINK" in tree]
 
 
@@ -140,7 +156,8 @@ def tenant_policies_not_on_current_tenant(conn: psycopg.Connection) -> list[str]
     rows = conn.execute(
         """SELECT c.relname, pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
            FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
-           WHERE c.relnamespace = 'public'::regnamespace AND p.polname = 'tenant_isolation'""").fetchall()
+           WHERE c.relnamespace = 'public'::regnamespace AND p.polname = 'tenant_isolation'"""
+    ).fetchall()
     found = {r[0] for r in rows}
     bad = [f"{t}: tenant_isolation is USING {u} WITH CHECK {w}" for t, u, w in rows if (u, w) != (want, want)]
     bad += [f"{t}: no tenant_isolation policy" for t in sorted(tenant_tables(conn) - found)]
@@ -149,13 +166,22 @@ def tenant_policies_not_on_current_tenant(conn: psycopg.Connection) -> list[str]
 
 def sql_functions_reading_tables(conn: psycopg.Connection) -> list[str]:
     """LANGUAGE sql functions read no table of public: Citus cannot plan their parameters."""
-    tables = {r[0] for r in conn.execute(
-        "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p')")}
+    tables = {
+        r[0]
+        for r in conn.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p')"
+        )
+    }
     bad = []
     for name, _, body in functions(conn, "sql"):
-        used = {t for t in re.findall(r"\bpublic\.\"?([a-z_][a-z0-9_]*)", body)} & tables
-        used |= {m.group(1) for m in re.finditer(r"\b(?:from|join|update|into)\s+\"?([a-z_][a-z0-9_]*)\"?(?!\s*\()",
-                                                 body, re.IGNORECASE) if m.group(1) in tables}
+        used = set(re.findall(r"\bpublic\.\"?([a-z_][a-z0-9_]*)", body)) & tables
+        used |= {
+            m.group(1)
+            for m in re.finditer(
+                r"\b(?:from|join|update|into)\s+\"?([a-z_][a-z0-9_]*)\"?(?!\s*\()", body, re.IGNORECASE
+            )
+            if m.group(1) in tables
+        }
         if used:
             bad.append(f"{name} is LANGUAGE sql and reads {', '.join(sorted(used))}: write it in plpgsql")
     return bad
@@ -182,7 +208,8 @@ def functions_on_row_types(conn: psycopg.Connection) -> list[str]:
            FROM pg_proc p
            JOIN pg_type t ON t.oid = ANY (array_append(coalesce(p.proallargtypes, p.proargtypes::oid[]), p.prorettype))
            JOIN pg_class c ON c.oid = t.typrelid AND c.relkind IN ('r', 'p')
-           WHERE c.relnamespace = 'public'::regnamespace""").fetchall()
+           WHERE c.relnamespace = 'public'::regnamespace"""
+    ).fetchall()
     return [f"{sig} uses the row type of table {typ}" for sig, typ in rows]
 
 
@@ -197,11 +224,14 @@ def triggers_reading_their_table_name(conn: psycopg.Connection) -> list[str]:
         """SELECT c.relname, t.tgname, n.nspname || '.' || p.proname, p.prosrc, t.tgargs
            FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
            JOIN pg_namespace n ON n.oid = p.pronamespace
-           WHERE NOT t.tgisinternal AND c.relnamespace = 'public'::regnamespace""").fetchall()
+           WHERE NOT t.tgisinternal AND c.relnamespace = 'public'::regnamespace"""
+    ).fetchall()
     for table, trigger, function, body, args in rows:
         first = bytes(args).split(b"\x00")[0].decode() if args else None
         if re.search(r"\bTG_ARGV\b", body) and first != table:
-            bad.append(f"{table}.{trigger}: {function} reads TG_ARGV but its first argument is {first!r}, not {table!r}")
+            bad.append(
+                f"{table}.{trigger}: {function} reads TG_ARGV but its first argument is {first!r}, not {table!r}"
+            )
     return bad
 
 
@@ -210,7 +240,8 @@ def identity_columns_not_bigint(conn: psycopg.Connection) -> list[str]:
     rows = conn.execute(
         """SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
            JOIN pg_class c ON c.oid = a.attrelid
-           WHERE c.relnamespace = 'public'::regnamespace AND a.attidentity <> '' AND NOT a.attisdropped""").fetchall()
+           WHERE c.relnamespace = 'public'::regnamespace AND a.attidentity <> '' AND NOT a.attisdropped"""
+    ).fetchall()
     tables = tenant_tables(conn)
     return [f"{t}.{col} is an identity of type {typ}" for t, col, typ in rows if t in tables and typ != "bigint"]
 
@@ -231,21 +262,21 @@ RULES: dict[str, Callable[[psycopg.Connection], list[str]]] = {
 PLANTED = {
     "keys": "ALTER TABLE crm_leads ADD CONSTRAINT crm_leads_email_key UNIQUE (email)",
     "foreign keys": "ALTER TABLE crm_deals ADD COLUMN other uuid, "
-                    "ADD CONSTRAINT crm_deals_other_fkey FOREIGN KEY (other) REFERENCES tenants (id)",
+    "ADD CONSTRAINT crm_deals_other_fkey FOREIGN KEY (other) REFERENCES tenants (id)",
     "policies": "CREATE POLICY leaky ON projects FOR SELECT TO iaf_owner "
-                "USING (tenant_id = (SELECT app.current_tenant_id()))",
+    "USING (tenant_id = (SELECT app.current_tenant_id()))",
     "tenant policies": "ALTER POLICY tenant_isolation ON projects USING (true)",
     "sql functions": "CREATE FUNCTION app.project_count(p uuid) RETURNS bigint LANGUAGE sql "
-                     "AS 'SELECT count(*) FROM public.projects WHERE tenant_id = p'",
+    "AS 'SELECT count(*) FROM public.projects WHERE tenant_id = p'",
     "function statements": "CREATE FUNCTION app.touch_all() RETURNS void LANGUAGE plpgsql "
-                           "AS $$ BEGIN UPDATE public.projects SET updated_at = now(); END $$",
+    "AS $$ BEGIN UPDATE public.projects SET updated_at = now(); END $$",
     "row types": "CREATE FUNCTION platform.all_projects() RETURNS SETOF public.projects LANGUAGE plpgsql "
-                 "AS $$ BEGIN RETURN; END $$",
+    "AS $$ BEGIN RETURN; END $$",
     "trigger names": "CREATE FUNCTION app.named() RETURNS trigger LANGUAGE plpgsql "
-                     "AS $$ BEGIN RAISE NOTICE '%', TG_ARGV[0]; RETURN NEW; END $$; "
-                     "CREATE TRIGGER named BEFORE INSERT ON projects FOR EACH ROW EXECUTE FUNCTION app.named('crm_leads')",
+    "AS $$ BEGIN RAISE NOTICE '%', TG_ARGV[0]; RETURN NEW; END $$; "
+    "CREATE TRIGGER named BEFORE INSERT ON projects FOR EACH ROW EXECUTE FUNCTION app.named('crm_leads')",
     "identity": "CREATE TABLE public.counters (tenant_id uuid NOT NULL, id integer GENERATED ALWAYS AS IDENTITY, "
-                "PRIMARY KEY (tenant_id, id))",
+    "PRIMARY KEY (tenant_id, id))",
 }
 
 
@@ -270,8 +301,10 @@ def test_the_checks_would_have_caught_what_migrations_008_to_011_did(conn: psyco
     """The function bodies as 008-011 wrote them break the statement rules (020 rewrote them)."""
     tables = tenant_tables(conn) | {"tenants"}
     non_immutable = non_immutable_functions(conn)
-    old = "\n".join((MIGRATIONS / f).read_text() for f in (
-        "008_row_level_security.sql", "009_request_gate.sql", "010_plans_credits_audit.sql"))
+    old = "\n".join(
+        (MIGRATIONS / f).read_text()
+        for f in ("008_row_level_security.sql", "009_request_gate.sql", "010_plans_credits_audit.sql")
+    )
 
     def body(function: str) -> str:
         m = re.search(rf"FUNCTION {re.escape(function)}\(.*?AS \$\$(.*?)\$\$", old, re.DOTALL)
@@ -282,11 +315,17 @@ def test_the_checks_would_have_caught_what_migrations_008_to_011_did(conn: psyco
     assert any("INSERT INTO audit_events ... SELECT" in str(f) for f in record_event), record_event
     authorize = check_sql(body("app.authorize"), tables, non_immutable)
     assert any("tenants (t) without t.id" in str(f) for f in authorize), authorize
-    assert check_sql("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = $1 AND id = $2",
-                     tables, non_immutable)
+    assert check_sql(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = $1 AND id = $2",
+        tables,
+        non_immutable,
+    )
     # ... and what replaced them passes.
-    assert not check_sql("UPDATE api_keys SET revoked_at = now() WHERE tenant_id = $1 AND id = $2 "
-                         "AND revoked_at IS NULL", tables, non_immutable)
+    assert not check_sql(
+        "UPDATE api_keys SET revoked_at = now() WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
+        tables,
+        non_immutable,
+    )
 
 
 def test_the_owner_role_cannot_log_in_on_plain_postgresql(conn: psycopg.Connection) -> None:
@@ -299,17 +338,23 @@ def test_slugs_stay_unique_through_the_registry(conn: psycopg.Connection) -> Non
     does), its slug is registered, and a second tenant cannot take it."""
     assert conn.execute(
         """SELECT count(*) FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = ANY (x.indkey)
-           WHERE x.indrelid = 'tenants'::regclass AND x.indisunique AND a.attname = 'slug'""").fetchone() == (0,)
-    made = conn.execute("SELECT id FROM platform.tenant_create('Un', 'registre-un', 'CH', 'free', 'trial', "
-                        "NULL, NULL, NULL, NULL, NULL)").fetchone()[0]
-    plain = conn.execute("INSERT INTO tenants (name, slug, region) VALUES ('Deux', 'registre-deux', 'FR') "
-                         "RETURNING id").fetchone()[0]
-    assert conn.execute("SELECT slug, tenant FROM tenant_slugs WHERE slug LIKE 'registre-%%' ORDER BY slug").fetchall() \
-        == [("registre-deux", plain), ("registre-un", made)]
-    for attempt in ("SELECT platform.tenant_create('Trois', 'registre-deux', 'CH', 'free', 'trial', "
-                    "NULL, NULL, NULL, NULL, NULL)",
-                    "INSERT INTO tenants (name, slug, region) VALUES ('Trois', 'registre-un', 'CH')",
-                    f"UPDATE tenants SET slug = 'registre-un' WHERE id = '{plain}'"):
+           WHERE x.indrelid = 'tenants'::regclass AND x.indisunique AND a.attname = 'slug'"""
+    ).fetchone() == (0,)
+    made = conn.execute(
+        "SELECT id FROM platform.tenant_create('Un', 'registre-un', 'CH', 'free', 'trial', "
+        "NULL, NULL, NULL, NULL, NULL)"
+    ).fetchone()[0]
+    plain = conn.execute(
+        "INSERT INTO tenants (name, slug, region) VALUES ('Deux', 'registre-deux', 'FR') RETURNING id"
+    ).fetchone()[0]
+    assert conn.execute(
+        "SELECT slug, tenant FROM tenant_slugs WHERE slug LIKE 'registre-%%' ORDER BY slug"
+    ).fetchall() == [("registre-deux", plain), ("registre-un", made)]
+    for attempt in (
+        "SELECT platform.tenant_create('Trois', 'registre-deux', 'CH', 'free', 'trial', NULL, NULL, NULL, NULL, NULL)",
+        "INSERT INTO tenants (name, slug, region) VALUES ('Trois', 'registre-un', 'CH')",
+        f"UPDATE tenants SET slug = 'registre-un' WHERE id = '{plain}'",
+    ):
         with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
             conn.execute(attempt)
 
@@ -321,17 +366,23 @@ def test_the_application_opens_a_billing_account_only_without_credits(db: str) -
     from iafactory.db import server
 
     with psycopg.connect(db, autocommit=True) as conn:
-        tenant = conn.execute("INSERT INTO tenants (name, slug, region) VALUES ('Compte', 'compte-vide', 'DZ') "
-                              "RETURNING id").fetchone()[0]
+        tenant = conn.execute(
+            "INSERT INTO tenants (name, slug, region) VALUES ('Compte', 'compte-vide', 'DZ') RETURNING id"
+        ).fetchone()[0]
     with psycopg.connect(server.app_conninfo(settings_for(db), db)) as conn:
         conn.execute("SELECT set_config('app.tenant_id', %s, true)", (str(tenant),))
         with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
-            conn.execute("INSERT INTO billing_accounts (tenant_id, billing_name, credit_balance) VALUES (%s, 'x', 1000)",
-                         (tenant,))
+            conn.execute(
+                "INSERT INTO billing_accounts (tenant_id, billing_name, credit_balance) VALUES (%s, 'x', 1000)",
+                (tenant,),
+            )
         with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
             conn.execute("UPDATE billing_accounts SET credit_balance = 1000 WHERE tenant_id = %s", (tenant,))
-        row = conn.execute("INSERT INTO billing_accounts (tenant_id, billing_name, credit_balance, created_at) "
-                           "VALUES (%s, 'Cabinet', 0, now()) RETURNING credit_balance, currency", (tenant,)).fetchone()
+        row = conn.execute(
+            "INSERT INTO billing_accounts (tenant_id, billing_name, credit_balance, created_at) "
+            "VALUES (%s, 'Cabinet', 0, now()) RETURNING credit_balance, currency",
+            (tenant,),
+        ).fetchone()
         assert row == (0, "DZD")
 
 

@@ -18,18 +18,25 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from api_support import (  # noqa: F401 - fixtures
-    API_PREFIX, Seeder, app_client, build_world, module_db, offline_openapi, provision_for_load, api_operations,
-    required_role, tenant_writable_collections,
+from api_support import (
+    API_PREFIX,
+    Seeder,
+    api_operations,
+    app_client,
+    build_world,
+    offline_openapi,
+    provision_for_load,
+    required_role,
+    tenant_writable_collections,
 )
-from sql_rules import blank_literals, check_sql, split_statements, table_references
-from wire_capture import WireCapture
 from conftest import settings_for
 from iafactory.db import bootstrap, server
 from iafactory.db.scope import operator_transaction
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import embedder
 from iafactory.tenancy import portability, service
+from sql_rules import blank_literals, check_sql, split_statements, table_references
+from wire_capture import WireCapture
 
 pytestmark = pytest.mark.anyio
 
@@ -69,6 +76,7 @@ async def captured(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> 
                     await service.grant_monthly(tx)
                 # A statement that forgets its tenant, sent the same way: the reading must see it.
                 from iafactory.tenancy.context import TenantContext
+
                 async with db.tenant(TenantContext(tenant_id=world.a.id), read_only=True) as tx:
                     await tx.fetch("SELECT id FROM projects WHERE name <> 'canary-without-tenant'")
         yield {"statements": list(relay.statements), "calls": calls, "indexed": indexed}
@@ -126,11 +134,17 @@ async def _drive(client: Any, world: Any, run_worker: Any) -> tuple[list[tuple[s
 def _catalog(admin: str) -> tuple[set[str], set[str]]:
     """Tenant tables (and tenants), and the names of functions with no IMMUTABLE variant."""
     with psycopg.connect(admin) as conn:
-        tables = {r[0] for r in conn.execute(
-            """SELECT c.relname FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
-               WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p') AND a.attname = 'tenant_id'""")}
-        non_immutable = {r[0] for r in conn.execute(
-            "SELECT proname FROM pg_proc GROUP BY proname HAVING bool_and(provolatile <> 'i')")}
+        tables = {
+            r[0]
+            for r in conn.execute(
+                """SELECT c.relname FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+               WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p') AND a.attname = 'tenant_id'"""
+            )
+        }
+        non_immutable = {
+            r[0]
+            for r in conn.execute("SELECT proname FROM pg_proc GROUP BY proname HAVING bool_and(provolatile <> 'i')")
+        }
     return tables | {"tenants"}, non_immutable
 
 

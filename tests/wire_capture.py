@@ -91,7 +91,7 @@ class WireCapture:
             elif kind == b"P":
                 name_end = body.index(b"\x00")
                 query_end = body.index(b"\x00", name_end + 1)
-                self.statements.append(body[name_end + 1:query_end].decode())
+                self.statements.append(body[name_end + 1 : query_end].decode())
             writer.write(head + body)
             await writer.drain()
             if kind == b"X":

@@ -11,6 +11,7 @@ from iafactory.db.scope import Transaction
 from iafactory.http.problems import Problem, not_found
 from iafactory.tenancy.schemas import Role
 
+
 async def list_members(tx: Transaction, tenant_id: UUID) -> list[dict[str, Any]]:
     # The function takes the tenant from the transaction (like RLS), never from an argument.
     return await tx.fetch("SELECT * FROM app.tenant_members()")
