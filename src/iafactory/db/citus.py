@@ -203,8 +203,8 @@ async def _prepare_roles_and_settings(conn: Conn, settings: Settings, progress: 
         await conn.execute(
             sql.SQL("ALTER DATABASE {} SET {} TO {}").format(sql.Identifier(dbname), sql.SQL(name), sql.Literal(value))
         )
-    # Operator commands (this login) modify several shards in one transaction next to foreign keys
-    # to reference tables: Citus wants one connection per node for that.
+    # This login runs the later migrations: one that alters distributed tables and then creates a
+    # function in the same transaction is refused unless Citus uses one connection per node.
     await conn.execute(
         sql.SQL("ALTER ROLE CURRENT_USER IN DATABASE {} SET citus.multi_shard_modify_mode TO 'sequential'").format(
             sql.Identifier(dbname)
