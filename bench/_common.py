@@ -70,3 +70,48 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _proc_cpu(pid: int) -> float | None:
+    """utime + stime of a process, in seconds, from /proc (None if it is gone or elsewhere)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BackendCpu:
+    """CPU seconds spent by the PostgreSQL backends of one database (and, optionally, other local
+    processes such as a pooler), read from /proc: only when the server runs on this machine.
+    Robust where wall time is not, on a machine shared with other work."""
+
+    def __init__(self, admin: str, extra_pids: tuple[int, ...] = ()) -> None:
+        self.monitor = psycopg.connect(admin, autocommit=True)
+        self.extra = extra_pids
+        own = _proc_cpu(self.monitor.info.backend_pid)
+        self.visible = (
+            own is not None and b"postgres" in Path(f"/proc/{self.monitor.info.backend_pid}/cmdline").read_bytes()
+        )
+
+    def snapshot(self) -> dict[int, float]:
+        if not self.visible:
+            return {}
+        pids = [
+            r[0]
+            for r in self.monitor.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ]
+        out = {pid: cpu for pid in (*pids, *self.extra) if (cpu := _proc_cpu(pid)) is not None}
+        return out
+
+    def since(self, before: dict[int, float]) -> float:
+        """CPU seconds since `before` (nan when the server is not on this machine)."""
+        if not self.visible:
+            return float("nan")
+        return sum(cpu - before.get(pid, 0.0) for pid, cpu in self.snapshot().items())
+
+    def close(self) -> None:
+        self.monitor.close()

@@ -3,11 +3,12 @@
     python bench/api.py [--tenants 20] [--seconds 10] [--concurrency 16] [--workers 1]
                         [--database-url URL] [--port P] [--projects 300] [--rounds 5] [--warmup 2]
                         [--client auto|wrk|httpx] [--max-requests N] [--profile DIR] [--keep]
+                        [--pgbouncer [--pgbouncer-pool-size 5]]
 
 1. Creates a throw-away database on the server (--database-url, else DATABASE_URL, else the
    embedded PostgreSQL), migrates it (bootstrap.migrate_and_prepare), creates N tenants each with
    an owner, and seeds --projects projects per tenant so that lists page through real data. Each
-   tenant's rate limits are raised (platform.set_tenant_limits): the counter still runs on every
+   tenant's rate limits are raised (platform.tenant_set_limits): the counter still runs on every
    request, as in production, but never answers 429.
 2. Starts two servers on 127.0.0.1, each in a process (group) of its own:
      real  `iafactory serve --no-migrate --workers W`, DATABASE_URL = that database,
@@ -27,6 +28,12 @@
 4. Prints req/s, p50 and p99 per variant and req/s against the bare app for the same operation
    (target for the product: >= 0.7x). Any non-2xx answer or socket error fails the run (exit 1).
    Both servers are stopped and the database dropped in all cases (unless --keep).
+
+--pgbouncer: both servers reach PostgreSQL through one PgBouncer in transaction mode
+(scripts/pgbouncer.py; --pgbouncer-pool-size server connections per database and user, fewer than
+the apps' pools): the real one as IAFACTORY_APP_DATABASE_URL (no prepared statements: "auto"), the
+bare one without psycopg's automatic prepared statements (PgBouncer 1.18 tracks none). Its CPU is
+reported as a column of its own.
 
 Load client: wrk, with Lua scripts generated here (`apt-get install wrk`), when it is on PATH;
 else httpx.AsyncClient with a pool of C connections, which spends far more CPU per request than
@@ -60,13 +67,14 @@ from pathlib import Path
 
 import httpx
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import BENCH_SECRET_ENV, bench_settings, create_database, drop_database, free_port, server_url
 from iafactory.auth.passwords import hash_password
 from iafactory.config import Settings
-from iafactory.db import bootstrap
+from iafactory.db import bootstrap, server
 from iafactory.db.scope import admin_connect, operator_transaction
 from iafactory.tenancy import service
 from iafactory.tenancy.schemas import TenantCreate
@@ -83,7 +91,7 @@ CREATE_BODY = json.dumps(
     {"name": "Bench project", "description": "created by bench/api.py", "settings": {"source": "bench", "n": 1}},
     separators=(",", ":"),
 )
-TARGET_RATIO = 0.7
+TARGET_RATIO = 0.8
 NO_LIMITS = {"requests_per_minute": 1_000_000_000, "key_requests_per_minute": 1_000_000_000}
 
 
@@ -192,7 +200,7 @@ async def create_tenants(admin: str, count: int, per_tenant: int) -> list[Tenant
             row = await service.add_member(tx, slug, email, "owner", name=f"Owner {k}", password_hash=pw_hash)
             # The rate limiter still counts every request (its cost is part of the product's), but
             # with these limits it never refuses one: a 429 would be a cheap answer, not a result.
-            await tx.fetchrow("SELECT * FROM platform.set_tenant_limits(%s, %s)", (created.id, Jsonb(NO_LIMITS)))
+            await tx.fetchrow("SELECT * FROM platform.tenant_set_limits(%s, %s)", (created.id, Jsonb(NO_LIMITS)))
             tenants.append(Tenant(created.id, slug, email, row["user_id"]))
     async with await admin_connect(admin) as conn:
         await conn.execute(
@@ -340,8 +348,9 @@ class CpuMeter:
     connected to the benchmark's database (when the server runs on this machine); and the load
     generator (this process and its finished children, i.e. wrk)."""
 
-    def __init__(self, admin: str, groups: dict[str, int]) -> None:
+    def __init__(self, admin: str, groups: dict[str, int], shared: dict[str, int] | None = None) -> None:
         self.groups = groups
+        self.shared = shared or {}  # process groups both servers use (PgBouncer), reported apart
         self.monitor = psycopg.connect(admin, autocommit=True)
         host = self.monitor.info.host
         own = self.monitor.info.backend_pid
@@ -362,8 +371,8 @@ class CpuMeter:
         return [r[0] for r in rows]
 
     def snapshot(self) -> dict[str, object]:
-        groups: dict[str, float] = dict.fromkeys(self.groups, 0.0)
-        wanted = {pgid: name for name, pgid in self.groups.items()}
+        groups: dict[str, float] = dict.fromkeys({**self.groups, **self.shared}, 0.0)
+        wanted = {pgid: name for name, pgid in {**self.groups, **self.shared}.items()}
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 fields = _stat(int(entry.name))
@@ -382,6 +391,8 @@ class CpuMeter:
     def delta(self, before: dict, group: str) -> dict[str, float]:
         after = self.snapshot()
         out = {"app": after["groups"][group] - before["groups"][group], "client": after["client"] - before["client"]}
+        for name in self.shared:
+            out[name] = after["groups"][name] - before["groups"][name]
         if self.pg_visible:
             out["pg"] = sum(cpu - before["pg"].get(pid, 0.0) for pid, cpu in after["pg"].items())
         return out
@@ -690,6 +701,13 @@ def header(args: argparse.Namespace, admin: str, client_name: str, real: str, ba
             "\n               client is the bottleneck and the ratios are pulled towards 1 (apt-get install wrk)"
         )
     )
+    pooler = (
+        f"both through PgBouncer (transaction mode, {args.pgbouncer_pool_size} server connections per database "
+        "and user; no prepared statements on either side)"
+        if args.pgbouncer
+        else "direct (real: protocol-level prepared statements, IAFACTORY_DB_PREPARED_STATEMENTS=auto; "
+        "bare: psycopg's automatic ones)"
+    )
     limiter = (
         "Redis (IAFACTORY_REDIS_URL)"
         if getattr(settings, "redis_url", None)
@@ -706,6 +724,7 @@ HTTP API vs bare baseline
   load         {client_name}, {args.concurrency} requests in flight, {args.tenants} tenants round-robin, {per} seeded projects each
                (rate limits overridden per tenant so that the counter runs on every request but never refuses){warning}
   timing       warm-up {args.warmup} s per variant, then {args.rounds} rounds x {args.seconds // args.rounds} s per variant, interleaved
+  database     {pooler}
 """)
 
 
@@ -718,6 +737,7 @@ def report(results: dict[tuple[str, str], Totals], args: argparse.Namespace) -> 
     print(
         f"  {'operation':<10}{'endpoint':<16}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'vs bare':>9}{'rounds req/s min-max':>23}{'errors':>8}{'app':>8}{'PG':>7}{'load':>7}"
+        + (f"{'pooler':>8}" if args.pgbouncer else "")
     )
     below = []
     for op in OPS:
@@ -730,6 +750,7 @@ def report(results: dict[tuple[str, str], Totals], args: argparse.Namespace) -> 
                 f"  {op:<10}{LABELS[target]:<16}{r.requests:>10}{r.rate:>10.0f}{r.percentile_ms(0.5):>9.2f}"
                 f"{r.percentile_ms(0.99):>9.2f}{ratio:>8.2f}x{min(rates):>11.0f} - {max(rates):<9.0f}{r.errors:>8}"
                 f"{r.cpu_ms('app'):>8.2f}{r.cpu_ms('pg'):>7.2f}{r.cpu_ms('client'):>7.2f}"
+                + (f"{r.cpu_ms('pooler'):>8.2f}" if args.pgbouncer else "")
             )
             if target != "bare" and ratio < TARGET_RATIO:
                 below.append(f"{op} / {LABELS[target]} {ratio:.2f}x")
@@ -759,6 +780,17 @@ def main() -> None:
     parser.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy both servers into this folder")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help="both servers through PgBouncer in transaction mode (scripts/pgbouncer.py)",
+    )
+    parser.add_argument(
+        "--pgbouncer-pool-size",
+        type=int,
+        default=5,
+        help="PgBouncer's server connections per database and user (apps' pools: 10)",
+    )
     args = parser.parse_args()
     if args.tenants < 1 or args.projects < 1 or args.concurrency < 1 or args.rounds < 1:
         parser.error("--tenants, --projects, --concurrency and --rounds must be >= 1")
@@ -787,6 +819,24 @@ def main() -> None:
             if k not in ("IAFACTORY_DATABASE_URL", "IAFACTORY_APP_DATABASE_URL", "BENCH_BARE_DATABASE_URL")
         }
         env.update(BENCH_SECRET_ENV, DATABASE_URL=admin, IAFACTORY_LOG_LEVEL="WARNING", BENCH_BARE_DATABASE_URL=admin)
+        shared: dict[str, int] = {}
+        if args.pgbouncer:
+            sys.path.insert(0, str(REPO / "scripts"))
+            import pgbouncer
+
+            settings = bench_settings(admin)
+            bouncer = pgbouncer.start(
+                url,
+                users=[conninfo_to_dict(admin).get("user") or "postgres", settings.app_db_user],
+                pool_size=args.pgbouncer_pool_size,
+            )
+            closers.append(bouncer.stop)
+            shared["pooler"] = bouncer.process.pid
+            env.update(
+                IAFACTORY_APP_DATABASE_URL=bouncer.url(server.app_direct_conninfo(settings, admin)),
+                BENCH_BARE_DATABASE_URL=bouncer.url(admin),
+                BENCH_BARE_PREPARE="0",
+            )
         iafactory = str(Path(sys.executable).with_name("iafactory"))
         real_log, bare_log = workdir / "real.log", workdir / "bare.log"
         real_proc = start_server(
@@ -835,7 +885,7 @@ def main() -> None:
             else HttpxClient(args.concurrency, args.max_requests)
         )
         client_name = "wrk -t1 (C, Lua scripts generated per variant)" if use_wrk else "httpx.AsyncClient (Python)"
-        meter = CpuMeter(admin, {"real": real_proc.pid, "bare": bare_proc.pid})
+        meter = CpuMeter(admin, {"real": real_proc.pid, "bare": bare_proc.pid}, shared)
         closers.append(meter.close)
         header(args, admin, client_name, real, bare, args.projects)
         bases = {"jwt": real, "key": real, "bare": bare}

@@ -1,7 +1,8 @@
 """The bare baseline for bench/api.py: the projects endpoints with nothing of ours around them.
 
     python bench/api_bare.py --host 127.0.0.1 --port P [--workers W]
-    (database: BENCH_BARE_DATABASE_URL, else DATABASE_URL; pool sizes: IAFACTORY_POOL_MIN_SIZE / _MAX_SIZE)
+    (database: BENCH_BARE_DATABASE_URL, else DATABASE_URL; pool sizes: IAFACTORY_POOL_MIN_SIZE / _MAX_SIZE;
+     BENCH_BARE_PREPARE=0: no prepared statements, e.g. behind PgBouncer 1.18 in transaction mode)
 
 Same framework (FastAPI on uvicorn, started with the same options as `iafactory serve`), same
 driver (a psycopg async pool, autocommit, dict rows, psycopg's own automatic prepared statements),
@@ -60,11 +61,14 @@ def database_url() -> str:
 
 def create_app() -> FastAPI:
     settings = Settings()
+    # psycopg prepares a statement on its 5th run (its default), unless told not to (a transaction
+    # pooler that tracks no prepared statements would hand the next run another server session).
+    prepare = {} if os.environ.get("BENCH_BARE_PREPARE", "1") != "0" else {"prepare_threshold": None}
     pool = AsyncConnectionPool(
         database_url(),
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs={"autocommit": True, "row_factory": dict_row, **prepare},
         open=False,
         name="bench-bare",
     )

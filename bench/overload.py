@@ -122,7 +122,7 @@ async def create_world(admin: str) -> World:
                 TenantCreate(name=f"Overload {label}", slug=f"{label}-{tag}", region="CH", plan="pro", status="active"),
             )
             await service.add_member(tx, tenant.slug, email, "owner", name=label, password_hash=pw)
-            await tx.fetchrow("SELECT * FROM platform.set_tenant_limits(%s, %s)", (tenant.id, Jsonb(NO_LIMITS)))
+            await tx.fetchrow("SELECT * FROM platform.tenant_set_limits(%s, %s)", (tenant.id, Jsonb(NO_LIMITS)))
             if label == "flood":
                 world.flood_tenant = tenant.id
             else:

@@ -1,7 +1,7 @@
 """What does Row-Level Security cost? And what does setting the tenant cost per request?
 
     python bench/rls_overhead.py [--rows 1000000] [--tenants 1000] [--clients 4] [--seconds 5]
-                                 [--rounds 3] [--database-url URL] [--keep]
+                                 [--rounds 3] [--database-url URL] [--keep] [--pgbouncer] [--client-only]
 
 1. Server side, with pgbench (C client, so the server is what is measured): a tenant's "latest 20"
    knowledge-base page and a point lookup of a project by id, each in three variants with the
@@ -13,8 +13,11 @@
      no-rls         the admin role (RLS bypassed); the query says WHERE tenant_id = ... (baseline)
    Variants run interleaved, round after round; medians and ratios against no-rls are printed,
    and the plans under RLS are shown.
-2. Client side, through iafactory.db.scope: a request-shaped read (tenant set + one query) against
-   the same query sent bare on an admin connection, interleaved in one process.
+2. Client side, through iafactory.db.scope: a request-shaped read (tenant set + one query), a
+   single-statement write shape, and what an HTTP request really sends (rate counter, gate, query),
+   against the same query sent bare on an admin connection, interleaved in one process.
+   With --pgbouncer, the scope's pool and the bare one both go through PgBouncer in transaction
+   mode (scripts/pgbouncer.py): no prepared statements on either side.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ import uuid
 from pathlib import Path
 
 import psycopg
+import psycopg.conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import bench_settings, create_database, drop_database, median, pgbench, server_url
+from _common import BackendCpu, bench_settings, create_database, drop_database, median, pgbench, server_url
 from iafactory.config import Settings
-from iafactory.db import bootstrap
+from iafactory.db import bootstrap, server
+from iafactory.plans import ratelimit
 from iafactory.tenancy.context import TenantContext
 
 TENANT_BASE = 100000  # tenant k has id 00000000-0000-4000-8000-000000{TENANT_BASE + k}
@@ -196,45 +201,121 @@ def show_plans(admin: str, app_user: str, per: int) -> None:
                 print("  " + line)
 
 
-async def client_side(admin: str, settings: Settings, per: int, n: int = 3000, rounds: int = 5) -> None:
-    db = bootstrap.database(settings, admin)
-    # Same row factory as the scope, so only the tenant handling differs.
+async def client_side(
+    admin: str,
+    settings: Settings,
+    per: int,
+    n: int = 2000,
+    rounds: int = 10,
+    pooler: str | None = None,
+    pooler_pid: int | None = None,
+) -> None:
+    """`pooler`: a URL whose host and port replace the server's (PgBouncer), for both sides.
+
+    Reports wall time (one client, so latency) and CPU per request: this process's plus the
+    database backends' (plus the pooler's), which a busy machine disturbs far less."""
+    tenants = [tenant_uuid(k) for k in range(50)]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        # A member of each tenant, for the gate; limits that the counter never reaches.
+        user = conn.execute(
+            "INSERT INTO users (email, name) VALUES ('bench-rls@example.ch', 'Bench') "
+            "ON CONFLICT DO NOTHING RETURNING id"
+        ).fetchone()
+        user_id = (
+            user[0] if user else conn.execute("SELECT id FROM users WHERE email = 'bench-rls@example.ch'").fetchone()[0]
+        )
+        conn.execute(
+            "INSERT INTO tenant_users (tenant_id, user_id, role) SELECT t, %s, 'owner' FROM unnest(%s::uuid[]) t "
+            "ON CONFLICT DO NOTHING",
+            (user_id, tenants),
+        )
+        conn.execute(
+            """SELECT platform.tenant_set_limits(t, '{"requests_per_minute": 1000000000}')
+                        FROM unnest(%s::uuid[]) t""",
+            (tenants,),
+        )
+
+    def through(url: str) -> str:
+        if pooler is None:
+            return url
+        params = psycopg.conninfo.conninfo_to_dict(url)
+        params.update({k: v for k, v in psycopg.conninfo.conninfo_to_dict(pooler).items() if k in ("host", "port")})
+        return psycopg.conninfo.make_conninfo(**params)
+
+    if pooler is not None:
+        settings = settings.model_copy(
+            update={"app_database_url": through(server.app_direct_conninfo(settings, admin))}
+        )
+    # One connection on each side, as one client needs.
+    db = bootstrap.database(settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}), admin)
+    # Same row factory as the scope, so only the tenant handling differs; psycopg's own automatic
+    # prepared statements, except behind the pooler.
     bare = AsyncConnectionPool(
-        admin, min_size=1, max_size=1, open=False, kwargs={"autocommit": True, "row_factory": dict_row}
+        through(admin),
+        min_size=1,
+        max_size=1,
+        open=False,
+        kwargs={"autocommit": True, "row_factory": dict_row, **({"prepare_threshold": None} if pooler else {})},
     )
     query = "SELECT id, title, created_at FROM knowledge_base WHERE tenant_id = %s ORDER BY created_at DESC LIMIT 20"
-    tenants = [tenant_uuid(k) for k in range(50)]
+    gate = ("SELECT app.authorize(%s, %s)", ("viewer", False))
+    labels = {
+        "bare": "bare query (admin, autocommit)",
+        "read": "tenant scope, read-only (one round trip)",
+        "last": "tenant scope, read-write, last=True (one trip)",
+        "write": "tenant scope, read-write (+ COMMIT trip)",
+        "request": "HTTP request's: counter + gate + read (one trip)",
+    }
+    timings: dict[str, list[float]] = {key: [] for key in labels}
+    cpu: dict[str, list[float]] = {key: [] for key in labels}
+    meter = BackendCpu(admin, (pooler_pid,) if pooler_pid else ())
     await db.open()
     await bare.open()
-    timings: dict[str, list[float]] = {"bare": [], "tenant read": [], "tenant read-write": []}
     try:
-        for _ in range(rounds):
-            started = time.perf_counter()
-            for i in range(n):
-                async with bare.connection() as conn:
-                    await (await conn.execute(query, (tenants[i % 50],))).fetchall()
-            timings["bare"].append(time.perf_counter() - started)
-            for label, read_only in (("tenant read", True), ("tenant read-write", False)):
-                started = time.perf_counter()
+        keys = list(labels)
+        for rnd in range(rounds):
+            for key in keys[rnd % len(keys) :] + keys[: rnd % len(keys)]:  # rotate: no shape always first
+                started, own, server_before = time.perf_counter(), time.process_time(), meter.snapshot()
                 for i in range(n):
                     t = tenants[i % 50]
-                    async with db.tenant(TenantContext(tenant_id=t), read_only=read_only) as tx:
-                        await tx.fetch(query, (t,))
-                timings[label].append(time.perf_counter() - started)
+                    if key == "bare":
+                        async with bare.connection() as conn:
+                            await (await conn.execute(query, (t,))).fetchall()
+                    elif key == "request":
+                        async with db.tenant(
+                            TenantContext(tenant_id=t, user_id=user_id),
+                            read_only=True,
+                            gate=gate,
+                            before=ratelimit.postgres_counter(t, None),
+                        ) as tx:
+                            await tx.fetch(query, (t,))
+                    else:
+                        async with db.tenant(TenantContext(tenant_id=t), read_only=key == "read") as tx:
+                            await tx.fetch(query, (t,), last=key == "last")
+                timings[key].append(time.perf_counter() - started)
+                cpu[key].append(time.process_time() - own + meter.since(server_before))
     finally:
         await db.close()
         await bare.close()
+        meter.close()
     base = median(timings["bare"])
-    print(f"\nClient side (iafactory.db.scope, one client, {n} requests x {rounds} rounds, interleaved):")
-    print(f"  {'shape':<44}{'req/s':>10}{'time vs bare':>14}")
-    labels = {
-        "bare": "bare query (admin, autocommit)",
-        "tenant read": "tenant scope, read-only (one round trip)",
-        "tenant read-write": "tenant scope, read-write (+ COMMIT trip)",
-    }
+    where = (
+        "through PgBouncer, no prepared statements"
+        if pooler
+        else f"direct, prepared statements {'on' if db.prepared_statements else 'off'}"
+    )
+    print(f"\nClient side (iafactory.db.scope, one client, {n} requests x {rounds} rounds, interleaved; {where}):")
+    cpu_base = median(cpu["bare"])
+    print(f"  {'shape':<52}{'req/s':>8}{'time vs bare':>14}{'rounds min-max':>17}{'CPU us/req':>12}{'CPU vs bare':>13}")
     for key, label in labels.items():
         m = median(timings[key])
-        print(f"  {label:<44}{n / m:10.0f}{m / base:14.2f}x")
+        per_round = [t / b for t, b in zip(timings[key], timings["bare"], strict=True)]
+        c = median(cpu[key])
+        print(
+            f"  {label:<52}{n / m:8.0f}{m / base:13.2f}x{min(per_round):>9.2f} - {max(per_round):<5.2f}"
+            f"{1e6 * c / n:>12.0f}{c / cpu_base:>12.2f}x"
+        )
+    print("  (CPU: this process + the database's backends" + (" + PgBouncer" if pooler else "") + ", per request)")
 
 
 def main() -> None:
@@ -252,6 +333,8 @@ def main() -> None:
     )
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--pgbouncer", action="store_true", help="also the client side through PgBouncer")
+    parser.add_argument("--client-only", action="store_true", help="skip the server side (pgbench) and the plans")
     args = parser.parse_args()
     if args.tenants > 900000 or args.rows < args.tenants:
         parser.error("need tenants <= 900000 and rows >= tenants")
@@ -263,9 +346,19 @@ def main() -> None:
     try:
         asyncio.run(bootstrap.migrate_and_prepare(admin, settings))
         fill(admin, args.tenants, per)
-        server_side(admin, settings.app_db_user, args, per)
-        show_plans(admin, settings.app_db_user, per)
+        if not args.client_only:
+            server_side(admin, settings.app_db_user, args, per)
+            show_plans(admin, settings.app_db_user, per)
         asyncio.run(client_side(admin, settings, per))
+        if args.pgbouncer:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+            import pgbouncer
+
+            admin_user = psycopg.conninfo.conninfo_to_dict(admin).get("user") or "postgres"
+            with pgbouncer.start(url, users=[admin_user, settings.app_db_user], pool_size=2) as bouncer:
+                asyncio.run(
+                    client_side(admin, settings, per, pooler=bouncer.url(admin), pooler_pid=bouncer.process.pid)
+                )
     finally:
         if not args.keep:
             drop_database(url, name)

@@ -13,4 +13,11 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
     >/dev/null 2>&1 || echo "warning: apt-get could not install chromium" >&2
 fi
+# PgBouncer (Debian's) for tests/test_pooling.py, which starts its own in transaction mode.
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ] && [ "$(id -u)" = 0 ] \
+  && command -v apt-get >/dev/null 2>&1; then
+  echo "Installing pgbouncer for the pooling tests ..." >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer; } \
+    >/dev/null 2>&1 || echo "warning: apt-get could not install pgbouncer" >&2
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -125,9 +125,9 @@ async def build_world(client: httpx.AsyncClient, admin_url: str, settings: Setti
 
 
 @asynccontextmanager
-async def app_client(admin_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
+async def app_client(admin_url: str, **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
     """The real app, in process, on the database behind `admin_url` (the app role's own pool)."""
-    settings = fast_settings(admin_url)
+    settings = fast_settings(admin_url, **overrides)
     db = bootstrap.database(settings, admin_url)
     async with db:
         app = create_app(settings, db)

@@ -182,7 +182,9 @@ TENANT_B = uuid.UUID("bbbbbbbb-0000-4000-8000-00000000000b")
 
 
 def app_url(admin_url: str) -> str:
-    return server.app_conninfo(settings_for(admin_url), admin_url)
+    # Direct even when the session runs the app's pool through PgBouncer: these are plain psycopg
+    # connections (psycopg's own automatic prepared statements), checking the policies themselves.
+    return server.app_direct_conninfo(settings_for(admin_url), admin_url)
 
 
 def set_tenant(conn: psycopg.Connection, tenant: uuid.UUID | None) -> None:

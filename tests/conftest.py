@@ -6,6 +6,10 @@ IAFACTORY_TEST_DATA_DIR, or `.test-pg` in this checkout, so that two checkouts o
 share a server. It keeps running after the tests (the next run reuses it at once);
 `IAFACTORY_DATA_DIR=.test-pg .venv/bin/iafactory db stop` stops it.
 Every test that changes the schema gets a database of its own, created and dropped here.
+
+With IAFACTORY_TEST_PGBOUNCER=1, the application role's pool (every `settings_for(...)`) goes
+through a PgBouncer in transaction mode with 2 server connections per database, started for the
+session (scripts/pgbouncer.py); migrations, operator commands and LISTEN stay direct.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from iafactory.db import server
 pytest_plugins = ["api_support", "catalog_rows"]
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import pgbouncer  # noqa: E402  (scripts/pgbouncer.py)
+
+PGBOUNCER_POOL_SIZE = 2  # server connections per database and user: fewer than the service's pool (10)
 
 # Real secrets for this test session: the service has no usable defaults any more (with
 # DATABASE_URL they must be configured), and fixed values in a repository would be public ones.
@@ -127,7 +136,39 @@ def prepare_sync(url: str) -> list:
 
 
 def settings_for(url: str, **overrides) -> Settings:
+    if pooled() and "app_database_url" not in overrides:
+        direct = server.app_direct_conninfo(Settings(database_url=url, **TEST_SECRETS), url)
+        overrides["app_database_url"] = pooler(url).url(direct)
     return Settings(database_url=url, **{**TEST_SECRETS, **overrides})
+
+
+def pooled() -> bool:
+    """Whether this session runs the application's pool through PgBouncer."""
+    return os.environ.get("IAFACTORY_TEST_PGBOUNCER", "") not in ("", "0")
+
+
+_bouncers: dict[tuple[str, str, int], pgbouncer.Bouncer] = {}
+
+
+def pooler(url: str, pool_size: int = PGBOUNCER_POOL_SIZE) -> pgbouncer.Bouncer:
+    """A PgBouncer (transaction mode) in front of the server of `url`, started once per session."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(url)
+    key = (params.get("host") or "", params.get("port") or "", pool_size)
+    if key not in _bouncers:
+        _bouncers[key] = pgbouncer.start(
+            url, users=[params.get("user") or "postgres", Settings().app_db_user], pool_size=pool_size
+        )
+    return _bouncers[key]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_poolers() -> Iterator[None]:
+    yield
+    for bouncer in _bouncers.values():
+        bouncer.stop()
+    _bouncers.clear()
 
 
 @pytest.fixture

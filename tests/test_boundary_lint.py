@@ -29,9 +29,24 @@ def python_sources() -> list[Path]:
 
 def test_the_scope_module_exists_and_is_the_one_that_sets_the_tenant() -> None:
     text = SCOPE.read_text()
-    assert "SET LOCAL app.tenant_id" in text
+    assert "SET LOCAL" in text and '_setting("app.tenant_id"' in text
     assert "set_config(" not in text, "SET LOCAL reaches Citus shards; set_config does not"
     assert not re.search(r"[\"']SET app\.", text), "never a session-level SET on a pooled connection"
+
+
+def test_the_scope_module_keeps_no_server_session_state_and_sends_one_statement_per_message() -> None:
+    """Behind a transaction pooler a statement prepared with SQL is gone (or another client's) in
+    the next transaction; with Citus, a SET LOCAL sharing a simple-query message with other
+    statements makes the workers run those too. tests/test_pooling.py checks the wire itself."""
+    text = SCOPE.read_text()
+    assert not re.search(
+        r"[\"'](PREPARE|EXECUTE|LISTEN|UNLISTEN|DISCARD|RESET)\s", text.replace("LISTEN {channel}", "")
+    ), "no SQL-level PREPARE/EXECUTE, no session commands on the pool"
+    assert not re.search(r"[\"'];\s*(\\n)?[\"']\s*\.join", text), "no statements joined into one message"
+    assert "send_query(" not in text, "no simple-query messages: each statement is Parse/Bind/Execute of its own"
+    assert "LISTEN {channel}" in text and re.search(r"connect\(\s*self\.direct_conninfo", text), (
+        "LISTEN on a direct connection"
+    )
 
 
 def test_nothing_outside_the_scope_module_touches_tenant_setting_connections_or_commits() -> None:

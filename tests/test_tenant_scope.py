@@ -179,3 +179,19 @@ async def test_random_operations_by_random_tenants_match_a_model(small_pool: Dat
                     assert await tx.execute("DELETE FROM projects WHERE id = %s", (target,)) == 0
         for tenant in tenants:
             assert await view(tenant) == model[tenant]
+
+
+async def test_a_statement_refused_before_sending_leaves_the_transaction_unopened(
+    small_pool: Database, migrated_db: str
+) -> None:
+    """A parameter the driver cannot adapt fails before anything is sent; a caller that goes on
+    still gets its tenant set and its transaction opened (never a statement outside them)."""
+    [tenant] = create_tenants(migrated_db, 1)
+    async with small_pool.tenant(TenantContext(tenant_id=tenant)) as tx:
+        with pytest.raises(psycopg.ProgrammingError):
+            await tx.execute("INSERT INTO projects (tenant_id, name) VALUES (%s, %s)", (tenant, object()))
+        await tx.execute("INSERT INTO projects (tenant_id, name) VALUES (%s, 'kept')", (tenant,))
+        assert await tx.fetchval("SELECT current_setting('app.tenant_id')") == str(tenant)
+        assert tx.connection.pgconn.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    async with small_pool.tenant(TenantContext(tenant_id=tenant), read_only=True) as tx:
+        assert [r["name"] for r in await tx.fetch("SELECT name FROM projects")] == ["kept"]

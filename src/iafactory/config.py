@@ -62,8 +62,19 @@ class Settings(BaseSettings):
     # No default: generated and kept in the data directory for the embedded database; required
     # (or inside IAFACTORY_APP_DATABASE_URL) with DATABASE_URL.
     app_db_password: SecretStr | None = None
-    # Full URL for the app role, if it cannot be derived from DATABASE_URL (other host, TLS...).
+    # Full URL for the app role, if it cannot be derived from DATABASE_URL (other host, TLS, or a
+    # transaction pooler such as PgBouncer in front of the server).
     app_database_url: str | None = None
+    # Only on Citus (`iafactory citus distribute`): the owner role iaf_owner logs in between nodes
+    # with this password. Plain PostgreSQL keeps iaf_owner NOLOGIN and never reads it.
+    owner_db_password: SecretStr | None = None
+    # The app role's *direct* URL (no pooler): LISTEN needs a server session of its own. Default:
+    # derived from DATABASE_URL, which is direct (migrations hold session-level advisory locks).
+    app_direct_database_url: str | None = None
+    # Protocol-level prepared statements on the app pool: "auto" = on when the app URL is the
+    # direct one, off behind a pooler; "on" for a pooler that tracks them (PgBouncer >= 1.21 with
+    # max_prepared_statements > 0).
+    db_prepared_statements: Literal["auto", "on", "off"] = "auto"
     pool_min_size: int = 2
     pool_max_size: int = 10
 

@@ -13,7 +13,6 @@ next request.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,7 +29,7 @@ from iafactory.config import Settings
 from iafactory.db.scope import Database, Transaction
 from iafactory.http.problems import Problem
 from iafactory.plans import ratelimit
-from iafactory.tenancy.context import ROLE_RANK, TenantContext
+from iafactory.tenancy.context import ROLE_RANK, TenantContext, canonical_ip
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 KEY_CACHE_SECONDS = 30.0
@@ -59,7 +58,7 @@ def client_ip(request: Request) -> str | None:
     """The peer's address when it is one (test clients and unix sockets may give a name or nothing)."""
     host = request.client.host if request.client else None
     try:
-        return str(ipaddress.ip_address(host)) if host else None
+        return canonical_ip(host) if host else None
     except ValueError:
         return None
 

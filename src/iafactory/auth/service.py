@@ -122,13 +122,14 @@ async def list_keys(tx: Transaction, tenant_id: UUID) -> list[dict[str, Any]]:
 
 
 async def revoke_key(tx: Transaction, tenant_id: UUID, key_id: UUID) -> bool:
-    return (
-        await tx.execute(
-            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = %s AND id = %s",
-            (tenant_id, key_id),
-        )
-        > 0
-    )
+    """Revokes the key (a key revoked already keeps its first revocation time); False if no such key.
+    Two plain statements rather than `coalesce(revoked_at, now())`, which a distributed UPDATE refuses."""
+    if await tx.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE tenant_id = %s AND id = %s AND revoked_at IS NULL",
+        (tenant_id, key_id),
+    ):
+        return True
+    return await tx.fetchval("SELECT count(*) FROM api_keys WHERE tenant_id = %s AND id = %s", (tenant_id, key_id)) > 0
 
 
 async def whoami(db: Database, who: Principal) -> MeOut:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -122,19 +123,30 @@ async def credit_page(
 
 # --- Usage events --------------------------------------------------------------------------------
 
-# One statement for the whole batch, whatever its size (so one prepared statement): the events
-# travel as parallel arrays and are unnested server-side. A key already stored for the tenant is
-# skipped by ON CONFLICT; RETURNING tells which keys this statement stored.
-_INSERT_USAGE = sql.SQL("""
-    INSERT INTO usage_events (tenant_id, event_type, quantity, occurred_at, idempotency_key, properties,
-                              user_id, api_key_id)
-    SELECT %s::uuid, e.event_type, e.quantity, coalesce(e.occurred_at, now()), e.idempotency_key,
-           e.properties::jsonb, %s::integer, %s::uuid
-    FROM unnest(%s::text[], %s::numeric[], %s::timestamptz[], %s::text[], %s::text[])
-         AS e (event_type, quantity, occurred_at, idempotency_key, properties)
-    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
-    RETURNING idempotency_key
-""")
+# One statement for the whole batch: a multi-row VALUES list (an INSERT ... SELECT into a table with
+# row security is what a distributed PostgreSQL refuses). A key already stored for the tenant is
+# skipped by ON CONFLICT; RETURNING tells which keys this statement stored. The text depends only
+# on the batch size, so it is built once per size.
+_USAGE_COLUMNS = (
+    "tenant_id",
+    "event_type",
+    "quantity",
+    "occurred_at",
+    "idempotency_key",
+    "properties",
+    "user_id",
+    "api_key_id",
+)
+_USAGE_ROW = "(%s::uuid, %s, %s::numeric, coalesce(%s::timestamptz, now()), %s, %s::jsonb, %s::integer, %s::uuid)"
+
+
+@lru_cache(maxsize=64)
+def _insert_usage_sql(rows: int) -> str:
+    return (
+        f"INSERT INTO usage_events ({', '.join(_USAGE_COLUMNS)}) VALUES "
+        + ", ".join([_USAGE_ROW] * rows)
+        + " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING idempotency_key"
+    )
 
 
 async def record_usage(
@@ -146,19 +158,19 @@ async def record_usage(
     for event in events:
         unique.setdefault(event.idempotency_key, event)
     batch = list(unique.values())
-    rows = await tx.fetch(
-        _INSERT_USAGE,
-        [
+    params: list[Any] = []
+    for e in batch:
+        params += [
             tenant_id,
+            e.event_type,
+            e.quantity,
+            e.occurred_at,
+            e.idempotency_key,
+            json.dumps(e.properties, ensure_ascii=False),
             user_id,
             api_key_id,
-            [e.event_type for e in batch],
-            [e.quantity for e in batch],
-            [e.occurred_at for e in batch],
-            [e.idempotency_key for e in batch],
-            [json.dumps(e.properties, ensure_ascii=False) for e in batch],
-        ],
-    )
+        ]
+    rows = await tx.fetch(_insert_usage_sql(len(batch)), params)
     stored = {r["idempotency_key"] for r in rows}
     return [k for k in unique if k in stored], [k for k in unique if k not in stored]
 

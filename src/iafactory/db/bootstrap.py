@@ -48,4 +48,6 @@ def database(settings: Settings, admin_url: str) -> Database:
             reconnect_timeout=settings.db_reconnect_timeout_seconds,
             probe_interval=settings.db_probe_interval_seconds,
         ),
+        direct_conninfo=server.app_direct_conninfo(settings, admin_url),
+        prepared_statements=server.prepared_statements(settings, admin_url),
     )

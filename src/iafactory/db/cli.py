@@ -7,16 +7,18 @@ import subprocess
 import psycopg
 import typer
 
-from iafactory.cli import admin_url, app, console, err_console, print_error, print_table, run
+from iafactory.cli import CliError, admin_url, app, console, err_console, print_error, print_table, run
 from iafactory.config import Settings, get_settings
+from iafactory.db import citus, server
 from iafactory.db import migrate as migrations
-from iafactory.db import server
 from iafactory.db import verify as verification
 from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db.scope import admin_connect
 
 db_app = typer.Typer(help="Database utilities.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+citus_app = typer.Typer(help="Scaling out with Citus.", no_args_is_help=True)
+app.add_typer(citus_app, name="citus")
 
 
 @app.command("migrate")
@@ -161,3 +163,20 @@ def status_command() -> None:
     print(f"version: {st.version or 'none yet (created by the first command that needs it)'}")
     if not st.running and not settings.database_url:
         raise typer.Exit(3)
+
+
+@citus_app.command("distribute")
+@run
+async def distribute_command(
+    shard_count: int = typer.Option(
+        32, "--shard-count", min=1, max=1024, help="Shards of tenants (and of every table colocated with it)."
+    ),
+) -> None:
+    """On a Citus coordinator, after `migrate`: distribute tenants by id and every tenant table by
+    tenant_id (colocated), make the other tables reference tables. Idempotent."""
+    try:
+        await citus.distribute(
+            admin_url(), get_settings(), lambda line: console.print(line, highlight=False), shard_count=shard_count
+        )
+    except citus.CitusError as err:
+        raise CliError(str(err)) from err

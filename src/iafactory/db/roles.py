@@ -53,6 +53,7 @@ async def ensure_app_login(conn: Conn, user: str, password: str | None) -> None:
             conn, sql.SQL("ALTER ROLE {} LOGIN{} NOCREATEDB NOCREATEROLE INHERIT").format(ident, secret)
         )
     await _shared_catalog(conn, sql.SQL("GRANT iaf_app TO {}").format(ident))
+    await _propagate_set_local(conn, ident)
     dbname = conn.info.dbname
     await _shared_catalog(conn, sql.SQL("GRANT CONNECT ON DATABASE {} TO iaf_app").format(sql.Identifier(dbname)))
 
@@ -69,3 +70,21 @@ async def _shared_catalog(conn: Conn, statement: sql.Composed, attempts: int = 5
             if "concurrently" not in str(err) or attempt == attempts:
                 raise
             await asyncio.sleep(0.05 * attempt)
+
+
+async def _propagate_set_local(conn: Conn, role: sql.Identifier) -> None:
+    """Citus forwards the tenant setting (a `SET LOCAL`) to the shards only with
+    `citus.propagate_set_commands = 'local'` (default 'none'): a role default of the app role.
+
+    On PostgreSQL without Citus the name is a placeholder setting, which a superuser may still set:
+    harmless there, and already in place if Citus is added later. A non-superuser admin may not
+    set a placeholder; that only matters where Citus is installed, and there it is an error."""
+    try:
+        await _shared_catalog(conn, sql.SQL("ALTER ROLE {} SET citus.propagate_set_commands = 'local'").format(role))
+    except psycopg.errors.InsufficientPrivilege as err:
+        citus = await (await conn.execute("SELECT 1 AS x FROM pg_extension WHERE extname = 'citus'")).fetchone()
+        if citus is not None:
+            raise MigrationError(
+                f"cannot set citus.propagate_set_commands = 'local' for the application role: {err}; without it "
+                "the tenant setting never reaches the shards"
+            ) from err

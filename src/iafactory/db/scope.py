@@ -8,19 +8,30 @@ Every connection the application opens comes from here, and this is the only mod
   Security then hides every other tenant's rows and refuses writes into them. `SET LOCAL` (not
   `set_config`, not a session `SET`) because it dies with the transaction, so a pooled connection
   can never carry one tenant's setting into another's request, and because Citus propagates it to
-  the shards (`citus.propagate_set_commands = 'local'`).
+  the shards (`citus.propagate_set_commands = 'local'`; `set_config` never travels).
 * `Database.anonymous()`: the same role with no tenant set. Tenant tables show zero rows and
   refuse writes; only the narrow SECURITY DEFINER functions of the pre-tenant steps (login,
   API-key lookup, list my tenants) answer.
 * `operator_transaction()` / `admin_connect()`: the administrative URL, for the migration runner
   and operator commands. Never used to serve a request.
 
-Cost: setting the tenant must not add round trips. The prelude (`BEGIN`, `SET LOCAL ...`, an
-optional gate statement) travels in the same simple-query message as the first real statement,
-which runs as `EXECUTE` of a statement prepared once per connection (`PREPARE` rides along the
-first time). A read-only scope sends `BEGIN READ ONLY; SET LOCAL ...; EXECUTE ...; COMMIT` as one
-message per statement: one round trip, no separate commit. Parameters are rendered as literals by
-psycopg's own adapters (`sql.Literal`), never by string formatting.
+No server-session state. Nothing a scope does outlives its transaction on the server connection,
+so the application pool can sit behind a transaction pooler (PgBouncer, `pool_mode =
+transaction`), which hands each transaction whichever server connection is free: no SQL-level
+`PREPARE`, no session `SET`, and `LISTEN` only on a direct connection of its own
+(`Database.listen`). Protocol-level prepared statements are server-session state too: they are
+used only when `prepared_statements` is on (a direct connection, or a pooler that tracks them,
+e.g. PgBouncer >= 1.21 with `max_prepared_statements`).
+
+Wire format and cost. A scope's statements go out in libpq pipeline mode: each one an
+extended-protocol message of its own (Parse/Bind/Execute of the unnamed statement, with real bind
+parameters), then a single Sync. `BEGIN; SET LOCAL ...; gate; statement; COMMIT` is one round
+trip. `SET LOCAL app.tenant_id` is therefore never in the same message as another statement:
+Citus forwards the text of the message that carried a `SET LOCAL` to the workers, so in a
+multi-statement simple query it would re-run the gate and the rest there. (SET takes no bind
+parameter: the value is a validated UUID's canonical text.) The commands are queued in libpq and
+their results read back without psycopg's per-statement cursor machinery: that machinery cost
+more, per queued statement, than the statement itself.
 
 Load: a scope takes a slot of the pool's `Gate` (iafactory/admission.py) before it takes a
 connection: a cap per tenant, a bounded queue, a short wait, and a request whose client went away
@@ -38,14 +49,17 @@ import re
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Generator, Hashable, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from time import monotonic
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, generators, pq, sql
+from psycopg.adapt import PyFormat, Transformer
+from psycopg.pq.abc import PGconn, PGresult
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -59,11 +73,26 @@ log = logging.getLogger("iafactory.db")
 Params = Sequence[Any] | None
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
-_PLACEHOLDER = re.compile(r"%%|%s")
+# One statement as it goes on the wire: its text (with $n placeholders) and its parameters.
+Step = tuple[bytes, Params]
 
-# Per connection: SQL text -> name of the server-side prepared statement, least recently used first.
-_prepared: weakref.WeakKeyDictionary[Conn, OrderedDict[str, str]] = weakref.WeakKeyDictionary()
-PREPARED_PER_CONNECTION = 256
+_PLACEHOLDER = re.compile(r"%%|%s")
+_FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
+_COMMAND_OK = pq.ExecStatus.COMMAND_OK
+_IDLE = pq.TransactionStatus.IDLE
+_INTRANS = pq.TransactionStatus.INTRANS
+
+BEGIN: Step = (b"BEGIN", None)
+BEGIN_READ_ONLY: Step = (b"BEGIN READ ONLY", None)
+COMMIT: Step = (b"COMMIT", None)
+ROLLBACK: Step = (b"ROLLBACK", None)
+
+# Protocol-level prepared statements, per connection: (text, parameter types) -> name, least
+# recently used first. Only filled when the Database was made with prepared_statements=True.
+_prepared: weakref.WeakKeyDictionary[Conn, OrderedDict[tuple[bytes, tuple[int, ...]], bytes]] = (
+    weakref.WeakKeyDictionary()
+)
+PREPARED_PER_CONNECTION = 512
 _names = itertools.count(1)
 
 # json and jsonb columns load with no depth limit: a value nested too deeply for `json.loads`
@@ -71,52 +100,164 @@ _names = itertools.count(1)
 set_json_loads(jsonvalues.loads)
 
 
-def _to_dollar_params(query: str) -> str:
-    counter = iter(range(1, 10_000))
-    return _PLACEHOLDER.sub(lambda m: "%" if m.group(0) == "%%" else f"${next(counter)}", query)
+@lru_cache(maxsize=4096)
+def _wire(query: str, with_params: bool) -> tuple[bytes, int]:
+    """`query` as the server reads it, and its number of placeholders. With parameters, psycopg's
+    `%s` become `$1, $2, ...` and `%%` becomes `%`; without, the text goes as it is (as in psycopg)."""
+    if not with_params:
+        return query.encode(), 0
+    counter = itertools.count(1)
+    text = _PLACEHOLDER.sub(lambda m: "%" if m.group(0) == "%%" else f"${next(counter)}", query)
+    return text.encode(), next(counter) - 1
 
 
-def _render(conn: Conn, query: str | sql.Composable) -> str:
-    return query if isinstance(query, str) else query.as_string(conn)
+def _step(conn: Conn, query: str | sql.Composable, params: Params) -> Step:
+    text = query if isinstance(query, str) else query.as_string(conn)
+    wire, placeholders = _wire(text, bool(params))
+    if placeholders != len(params or ()):
+        raise psycopg.ProgrammingError(
+            f"the query has {placeholders} placeholders but {len(params or ())} parameters were passed"
+        )
+    return wire, (params or None)
 
 
-def _literal(conn: Conn, value: Any) -> str:
-    """An SQL literal for `value`. UUIDs, ints and None cannot carry quotes, so they take a fast
-    path; everything else goes through psycopg's adapters (escaping, casts, JSON, arrays)."""
-    if value is None:
-        return "NULL"
-    kind = type(value)
-    if kind is uuid.UUID:
-        return f"'{value}'::uuid"
-    if kind is int:
-        return str(value)
-    if kind is bool:
-        return "true" if value else "false"
-    return sql.Literal(value).as_string(conn)
+# Set by iafactory.observability.tracing while tracing is on: a context manager around each round
+# trip, given its statements. psycopg's own instrumentation wraps cursors, which scopes do not use.
+round_trip_tracer: Callable[[Sequence[Step]], AbstractContextManager[Any]] | None = None
 
 
-def _inline(conn: Conn, query: str, params: Params) -> str:
-    """`query` with each %s replaced by the literal of its parameter."""
-    values = iter(params or ())
-    return _PLACEHOLDER.sub(lambda m: "%" if m.group(0) == "%%" else _literal(conn, next(values)), query)
+async def _exchange(conn: Conn, steps: Sequence[Step], *, prepared: bool = False) -> list[PGresult]:
+    if round_trip_tracer is None:
+        return await _round_trip(conn, steps, prepared=prepared)
+    with round_trip_tracer(steps):
+        return await _round_trip(conn, steps, prepared=prepared)
+
+
+async def _round_trip(conn: Conn, steps: Sequence[Step], *, prepared: bool = False) -> list[PGresult]:
+    """Send `steps` in pipeline mode followed by one Sync, and return the last result of each.
+
+    One round trip whatever the number of steps. The server skips everything after a failed
+    statement up to the Sync; the first error is raised here. An explicit transaction that failed
+    stays open (status INERROR) for the caller to roll back."""
+    pg = conn.pgconn
+    tx = Transformer.from_context(conn)
+    cache = _prepared.setdefault(conn, OrderedDict()) if prepared else None
+    # Everything that can fail in Python (adapting parameters) happens before anything is sent.
+    send_params, send_prepared = pg.send_query_params, pg.send_query_prepared
+    sends: list[tuple[Any, tuple[Any, ...]]] = []  # (libpq call, its arguments), in order
+    new: list[tuple[int, tuple[bytes, tuple[int, ...]], bytes]] = []  # prepares sent: position, key, name
+    used: set[tuple[bytes, tuple[int, ...]]] = set()
+    for query, params in steps:
+        if not params:
+            sends.append((send_params, (query, None)))
+            continue
+        values = tx.dump_sequence(params, [PyFormat.AUTO] * len(params))
+        if cache is None:
+            sends.append((send_params, (query, values, tx.types, tx.formats)))
+            continue
+        key = (query, tx.types or ())
+        used.add(key)
+        name = cache.get(key)
+        if name is not None:
+            cache.move_to_end(key)
+        else:
+            name = next((n for _, k, n in new if k == key), None)  # twice in one round trip
+            if name is None:
+                name = f"iaf_{next(_names)}".encode()
+                new.append((len(sends), key, name))
+                sends.append((pg.send_prepare, (name, query, tx.types)))
+        sends.append((send_prepared, (name, values, tx.formats)))
+    if cache is not None and new and len(cache) + len(new) > PREPARED_PER_CONNECTION:
+        # Close the least recently used first, ahead of everything else: nothing before a Close can
+        # fail and skip it (which would leave a statement on the server that nobody knows of).
+        excess = len(cache) + len(new) - PREPARED_PER_CONNECTION
+        oldest = [k for k in cache if k not in used][:excess]
+        closes = [(pg.send_close_prepared, (cache.pop(k),)) for k in oldest]
+        new = [(position + len(closes), key, name) for position, key, name in new]
+        sends[:0] = closes
+    collected = False
+    pg.enter_pipeline_mode()
+    try:
+        for call, args in sends:
+            call(*args)
+        pg.pipeline_sync()
+        results = await conn.wait(_communicate(pg, len(sends)))
+        collected = True
+    finally:
+        if collected:
+            pg.exit_pipeline_mode()
+        else:
+            # Interrupted half-way (cancelled, connection lost): results are still in flight and
+            # the session's state is unknown. Nobody may reuse it: the pool discards it.
+            pg.finish()
+    for result in results:
+        if result.status == _FATAL_ERROR:
+            _remember(cache, new, results)
+            raise errors.error_from_result(result, encoding=conn.info.encoding)
+    if len(results) == len(steps):
+        return results
+    _remember(cache, new, results)
+    return [r for (call, _), r in zip(sends, results, strict=True) if call is send_params or call is send_prepared]
+
+
+def _remember(
+    cache: OrderedDict[tuple[bytes, tuple[int, ...]], bytes] | None,
+    new: list[tuple[int, tuple[bytes, tuple[int, ...]], bytes]],
+    results: list[PGresult],
+) -> None:
+    """Record the statements whose Parse succeeded (one that did not run left nothing behind)."""
+    for position, key, name in new:
+        if results[position].status == _COMMAND_OK:
+            assert cache is not None
+            cache[key] = name
+
+
+def _communicate(pg: PGconn, count: int) -> Generator[Any, Any, list[PGresult]]:
+    """Flush what libpq queued, then read the results of `count` commands and of the Sync: one
+    generator for the whole round trip, so the event loop is involved once, not once per command."""
+    yield from generators.send(pg)
+    results = []
+    for _ in range(count):
+        results.append((yield from generators.fetch_many(pg))[-1])
+    yield from generators.fetch_many(pg)  # the Sync's own result
+    return results
+
+
+def _rows(conn: Conn, result: PGresult) -> list[dict[str, Any]]:
+    if not result.nfields:
+        return []
+    tx = Transformer.from_context(conn)
+    tx.set_pgresult(result)
+    names = [result.fname(i).decode() for i in range(result.nfields)]  # type: ignore[union-attr]
+    return tx.load_rows(0, result.ntuples, lambda values: dict(zip(names, values, strict=True)))
 
 
 class Transaction:
-    """One transaction (or, read-only, a series of one-message transactions) as one tenant."""
+    """One transaction (or, read-only, a series of one-round-trip transactions) as one tenant."""
 
     def __init__(
-        self, conn: Conn, prelude: list[str], *, read_only: bool, must_send: bool = False, before: str | None = None
+        self,
+        conn: Conn,
+        settings: list[Step],
+        *,
+        read_only: bool,
+        gate: Step | None = None,
+        before: Step | None = None,
+        begin: Step = BEGIN,
+        prepared: bool = False,
     ) -> None:
         self._conn = conn
-        self._prelude = prelude
-        # Runs once, in its own transaction, at the head of the first message (e.g. the rate-limit
-        # counter, whose row lock must not last as long as the request).
-        # Its commit need not wait for the WAL flush: losing a counter increment in a crash is harmless.
-        self._before = ["BEGIN", "SET LOCAL synchronous_commit = off", before, "COMMIT"] if before else []
+        self._settings = settings  # SET LOCAL statements, each a message of its own
+        self._gate = gate
+        # Runs once, in a short transaction of its own, at the head of the first round trip (e.g.
+        # the rate-limit counter, whose row lock must not last as long as the request; it makes
+        # its own commit asynchronous).
+        self._before: list[Step] = [BEGIN, before, COMMIT] if before else []
+        self._begin = BEGIN_READ_ONLY if read_only else begin
         self._read_only = read_only
-        self._begun = False  # explicit mode: BEGIN and the prelude have been sent
-        self._sent = False  # anything sent at all (read-only mode sends the prelude each time)
-        self._must_send = must_send  # the prelude holds a gate: it runs even if nothing else does
+        self._prepared = prepared
+        self._begun = False  # explicit mode: BEGIN and the settings have been sent
+        self._sent = False  # anything sent at all (read-only mode sends the settings each time)
         self._closed = False  # committed by a statement sent with last=True
 
     # -- public API ----------------------------------------------------------------------------
@@ -124,15 +265,14 @@ class Transaction:
         self, query: str | sql.Composable, params: Params = None, *, last: bool = False
     ) -> list[dict[str, Any]]:
         """`last=True`: this is the transaction's last statement, so COMMIT travels in the same
-        message (a single-statement write costs one round trip, like a read)."""
-        cur = await self._run(query, params, last=last)
-        return await cur.fetchall()
+        round trip (a single-statement write costs one round trip, like a read)."""
+        return _rows(self._conn, await self._run(query, params, last=last))
 
     async def fetchrow(
         self, query: str | sql.Composable, params: Params = None, *, last: bool = False
     ) -> dict[str, Any] | None:
-        cur = await self._run(query, params, last=last)
-        return await cur.fetchone()
+        rows = _rows(self._conn, await self._run(query, params, last=last))
+        return rows[0] if rows else None
 
     async def fetchval(self, query: str | sql.Composable, params: Params = None) -> Any:
         row = await self.fetchrow(query, params)
@@ -140,129 +280,113 @@ class Transaction:
 
     async def execute(self, query: str | sql.Composable, params: Params = None, *, last: bool = False) -> int:
         """Run a statement; returns its row count."""
-        cur = await self._run(query, params, last=last)
-        return cur.rowcount
+        result = await self._run(query, params, last=last)
+        return result.command_tuples if result.command_tuples is not None else -1
 
     async def begin(self) -> None:
-        """Send the prelude now (explicit mode), e.g. before using `connection` for COPY."""
+        """Send BEGIN and the settings now (explicit mode), e.g. before using `connection` for a
+        server-side cursor."""
         if self._read_only:
             raise psycopg.ProgrammingError("this tenant scope is read-only")
         if not self._begun:
-            await self._conn.execute(";\n".join([*self._before, "BEGIN", *self._prelude]), prepare=False)
-            self._before = []
+            await _exchange(self._conn, self._opening(), prepared=self._prepared)
             self._begun = self._sent = True
 
     @property
     def connection(self) -> Conn:
-        """For COPY and other driver features, after `begin()`; the tenant stays in force."""
+        """For server-side cursors and other driver features, after a statement or `begin()`;
+        the tenant stays in force until the transaction ends."""
         return self._conn
 
     # -- internals -----------------------------------------------------------------------------
-    async def _run(
-        self, query: str | sql.Composable, params: Params, *, last: bool = False
-    ) -> psycopg.AsyncCursor[dict[str, Any]]:
+    def _opening(self) -> list[Step]:
+        """What the first round trip starts with: the `before` transaction, BEGIN, the settings,
+        the gate (once: it authorises the request, not each statement)."""
+        steps = [*self._before, self._begin, *self._settings]
+        self._before = []
+        if self._gate is not None:
+            steps.append(self._gate)
+            self._gate = None
+        return steps
+
+    async def _run(self, query: str | sql.Composable, params: Params, *, last: bool = False) -> PGresult:
         if self._closed:
             raise psycopg.ProgrammingError("this transaction was committed by a statement marked last=True")
-        text = _render(self._conn, query)
-        registry = _prepared.setdefault(self._conn, OrderedDict())
-        name = registry.get(text)
-        statements: list[str] = []
-        if self._before:
-            statements.extend(self._before)
-            self._before = []
-        if not self._begun:
-            statements.append("BEGIN READ ONLY" if self._read_only else "BEGIN")
-            statements.extend(self._prelude)
-        # PREPARE goes after BEGIN and the prelude: it reads the catalog, which would count as the
-        # transaction's first query (SET TRANSACTION must come before any).
-        new_name = None
-        if name is None:
-            if len(registry) >= PREPARED_PER_CONNECTION:
-                statements.append(f"DEALLOCATE {registry.popitem(last=False)[1]}")
-            new_name = name = f"iaf_{next(_names)}"
-            statements.append(f"PREPARE {name} AS {_to_dollar_params(text)}")
+        step = _step(self._conn, query, params)
+        state = (self._before, self._gate, self._begun, self._sent, self._closed)
+        if self._begun:
+            steps = [step]
+        elif self._read_only:
+            steps = [*self._opening(), step, COMMIT]  # a transaction of its own, in one round trip
         else:
-            registry.move_to_end(text)
-        target = len(statements)
-        args = ", ".join(_literal(self._conn, p) for p in (params or ()))
-        statements.append(f"EXECUTE {name}({args})" if args else f"EXECUTE {name}")
-        if self._read_only:
-            statements.append("COMMIT")
-        elif last:
-            statements.append("COMMIT")
-            self._closed = True
-        else:
+            steps = [*self._opening(), step]
             self._begun = True
-        try:
-            cur = await self._conn.execute(";\n".join(statements), prepare=False)
-        except psycopg.Error:
-            # PREPARE is not transactional: it may have succeeded before a later statement failed.
-            if new_name is not None and await self._exists(new_name):
-                registry[text] = new_name
-            raise
+        if last and not self._read_only:
+            steps.append(COMMIT)
+            self._closed = True
+        target = len(steps) - 1 - (steps[-1] is COMMIT)
         self._sent = True
-        if new_name is not None:
-            registry[text] = new_name
-        for _ in range(target):
-            cur.nextset()
-        return cur
-
-    async def _exists(self, name: str) -> bool:
-        if self._conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-            await self._conn.execute("ROLLBACK")
-        row = await (
-            await self._conn.execute(
-                "SELECT 1 AS x FROM pg_prepared_statements WHERE name = %s", (name,), prepare=False
-            )
-        ).fetchone()
-        return row is not None
+        try:
+            return (await _exchange(self._conn, steps, prepared=self._prepared))[target]
+        except BaseException:
+            if not state[2] and self._conn.pgconn.transaction_status == _IDLE:
+                # Refused before anything was sent (a parameter psycopg cannot adapt): the next
+                # statement must still open the transaction and set the tenant.
+                self._before, self._gate, self._begun, self._sent, self._closed = state
+            raise
 
     async def _finish(self, ok: bool) -> None:
-        if ok and self._must_send and not self._sent:
+        if ok and self._gate is not None and not self._sent:
             # Nothing ran: still run the gate (e.g. the membership check) before answering.
-            await self._conn.execute(
-                ";\n".join([*self._before, "BEGIN READ ONLY", *self._prelude, "COMMIT"]), prepare=False
-            )
+            self._begin = BEGIN_READ_ONLY
+            await _exchange(self._conn, [*self._opening(), COMMIT], prepared=self._prepared)
             self._sent = True
             return
-        status = self._conn.info.transaction_status
-        if status == psycopg.pq.TransactionStatus.IDLE:
+        status = self._conn.pgconn.transaction_status
+        if status == _IDLE:
             return
-        await self._conn.execute("COMMIT" if ok and status == psycopg.pq.TransactionStatus.INTRANS else "ROLLBACK")
+        await _exchange(self._conn, [COMMIT if ok and status == _INTRANS else ROLLBACK])
+
+
+def _setting(name: str, value: str) -> Step:
+    return f"SET LOCAL {name} = '{value}'".encode(), None
 
 
 def _tenant_prelude(
-    conn: Conn,
     ctx: TenantContext | None,
-    gate: tuple[str, Params] | None,
     user_id: int | None = None,
     request: tuple[str | None, str | None] = (None, None),
-) -> list[str]:
-    statements: list[str] = []
+    *,
+    read_only: bool = False,
+) -> list[Step]:
+    """The SET LOCAL statements of a scope. Values are validated types (UUID, int, an IP address,
+    a request id of letters, digits, '-' and '_'): SET takes no bind parameters. A read-only
+    transaction writes no audit row, so it goes without the settings only the audit log reads."""
+    statements: list[Step] = []
     if ctx is None:
         if user_id is not None:
-            statements.append(f"SET LOCAL app.user_id = '{int(user_id)}'")
+            statements.append(_setting("app.user_id", str(int(user_id))))
         # The request's IP and id (checked by request_metadata), for the audit rows that platform
         # functions write without a tenant scope.
         client_ip, request_id = request
-        if client_ip is not None:
-            statements.append(f"SET LOCAL app.client_ip = '{client_ip}'")
-        if request_id is not None:
-            statements.append(f"SET LOCAL app.request_id = '{request_id}'")
-    if ctx is not None:
-        # TenantContext guarantees a uuid.UUID: its str() is only hex digits and dashes.
-        statements.append(f"SET LOCAL app.tenant_id = '{ctx.tenant_id}'")
-        if ctx.user_id is not None:
-            statements.append(f"SET LOCAL app.user_id = '{int(ctx.user_id)}'")
-        if ctx.api_key_id is not None:
-            statements.append(f"SET LOCAL app.api_key_id = '{uuid.UUID(str(ctx.api_key_id))}'")
-        # Read by the audit log's defaults. Both are validated by TenantContext.
-        if ctx.client_ip is not None:
-            statements.append(f"SET LOCAL app.client_ip = '{ctx.client_ip}'")
-        if ctx.request_id is not None:
-            statements.append(f"SET LOCAL app.request_id = '{ctx.request_id}'")
-    if gate is not None:
-        statements.append(_inline(conn, *gate))
+        if client_ip is not None and not read_only:
+            statements.append(_setting("app.client_ip", client_ip))
+        if request_id is not None and not read_only:
+            statements.append(_setting("app.request_id", request_id))
+        return statements
+    # TenantContext guarantees a uuid.UUID: its str() is only hex digits and dashes.
+    statements.append(_setting("app.tenant_id", str(ctx.tenant_id)))
+    if ctx.user_id is not None:
+        statements.append(_setting("app.user_id", str(int(ctx.user_id))))
+    if ctx.api_key_id is not None:
+        statements.append(_setting("app.api_key_id", str(uuid.UUID(str(ctx.api_key_id)))))
+    # Read by the audit log's defaults. Both are validated by TenantContext.
+    if read_only:
+        return statements
+    if ctx.client_ip is not None:
+        statements.append(_setting("app.client_ip", ctx.client_ip))
+    if ctx.request_id is not None:
+        statements.append(_setting("app.request_id", ctx.request_id))
     return statements
 
 
@@ -272,11 +396,14 @@ class _Scope:
 
     __slots__ = (
         "_before",
+        "_begin",
         "_conn",
         "_ctx",
         "_db",
+        "_extra",
         "_gate",
         "_lane",
+        "_prepared",
         "_read_only",
         "_request",
         "_since",
@@ -295,6 +422,9 @@ class _Scope:
         before: tuple[str, Params] | None = None,
         lane: Hashable = ANONYMOUS,
         request: tuple[str | None, str | None] = (None, None),
+        *,
+        begin: Step = BEGIN,
+        extra: Sequence[Step] = (),
     ) -> None:
         self._db, self._conn, self._ctx, self._gate, self._read_only = db, conn, ctx, gate, read_only
         self._user_id = user_id
@@ -302,20 +432,29 @@ class _Scope:
         self._lane = lane
         self._since = 0.0
         self._request = request
+        self._begin = begin
+        self._extra = extra
+        self._prepared = db.prepared_statements if db is not None else False
         self._tx: Transaction | None = None
 
     async def __aenter__(self) -> Transaction:
         if self._db is not None:
             self._conn = await self._db._checkout(self._lane)
             self._since = monotonic()
-        assert self._conn is not None
+        conn = self._conn
+        assert conn is not None
         try:
             self._tx = Transaction(
-                self._conn,
-                _tenant_prelude(self._conn, self._ctx, self._gate, self._user_id, self._request),
+                conn,
+                [
+                    *_tenant_prelude(self._ctx, self._user_id, self._request, read_only=self._read_only),
+                    *self._extra,
+                ],
                 read_only=self._read_only,
-                must_send=self._gate is not None,
-                before=_inline(self._conn, *self._before) if self._before else None,
+                gate=_step(conn, *self._gate) if self._gate else None,
+                before=_step(conn, *self._before) if self._before else None,
+                begin=self._begin,
+                prepared=self._prepared,
             )
         except BaseException:
             await self._release()
@@ -448,7 +587,12 @@ def _reason(err: BaseException) -> str:
 
 class Database:
     """Owns the application pool, its admission gate and health, and hands out the tenant and
-    anonymous scopes."""
+    anonymous scopes.
+
+    `app_conninfo` may point at a transaction pooler; `direct_conninfo` (default: the same) is the
+    application role's direct URL, for what needs a server session of its own (LISTEN).
+    `prepared_statements`: protocol-level prepared statements, per server connection; only where
+    the server connection stays the same (no pooler, or one that tracks them)."""
 
     def __init__(
         self,
@@ -458,9 +602,13 @@ class Database:
         min_size: int = 2,
         max_size: int = 10,
         limits: PoolLimits | None = None,
+        direct_conninfo: str | None = None,
+        prepared_statements: bool = False,
     ) -> None:
         self.app_conninfo = app_conninfo
         self.admin_conninfo = admin_conninfo
+        self.direct_conninfo = direct_conninfo or app_conninfo
+        self.prepared_statements = prepared_statements
         self.limits = limits = limits or PoolLimits()
         anonymous = limits.anonymous_slots or max(1, max_size // 4)
         self.gate = Gate(
@@ -479,8 +627,8 @@ class Database:
             connection_class=psycopg.AsyncConnection[dict[str, Any]],
             min_size=min_size,
             max_size=max_size,
-            # Statements are prepared by this module (PREPARE/EXECUTE); psycopg's own cache would
-            # answer a ROLLBACK with DEALLOCATE ALL and drop ours.
+            # psycopg's own automatic prepared statements would be server-session state behind
+            # our back: statements are prepared here, when `prepared_statements` allows it.
             kwargs={
                 "autocommit": True,
                 "row_factory": dict_row,
@@ -528,7 +676,7 @@ class Database:
         `gate` is a statement (`%s` placeholders) that runs right after the tenant is set and
         before anything else, e.g. a membership check that raises; if it fails nothing else runs.
         `read_only` makes every statement its own read-only transaction, in one round trip.
-        `before` runs once in a short transaction of its own ahead of it, in the same message
+        `before` runs once in a short transaction of its own ahead of it, in the same round trip
         (the rate-limit counter).
         """
         if not isinstance(ctx, TenantContext):
@@ -537,13 +685,14 @@ class Database:
 
     async def listen(self, channel: str, wake: Any, stop: Any) -> None:
         """Set `wake` (an asyncio.Event) on each NOTIFY on `channel` until `stop` is set. A dedicated
-        connection of the application role: LISTEN holds no transaction and sees no tenant data."""
+        connection of the application role, on the direct URL: LISTEN is session state, which a
+        transaction pooler would tie to whichever server connection it happened to use."""
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", channel):
             raise ValueError(channel)
         while not stop.is_set():
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.app_conninfo, autocommit=True, connect_timeout=self.limits.connect_timeout
+                    self.direct_conninfo, autocommit=True, connect_timeout=self.limits.connect_timeout
                 ) as conn:
                     await conn.execute(f"LISTEN {channel}")
                     async for _ in conn.notifies():
@@ -668,12 +817,16 @@ async def operator_transaction(
     view. `bulk`: plan-limit, billing and audit triggers stand aside (restoring or erasing a
     tenant); the database honours that flag for operator logins only."""
     async with await admin_connect(conninfo) as conn:
-        scope = _Scope(None, conn, ctx, None, False)
+        scope = _Scope(
+            None,
+            conn,
+            ctx,
+            None,
+            False,
+            begin=(b"BEGIN ISOLATION LEVEL REPEATABLE READ", None) if snapshot else BEGIN,
+            extra=[_setting("app.bulk_operation", "on")] if bulk else (),
+        )
         async with scope as tx:
-            if snapshot:
-                tx._prelude.insert(0, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            if bulk:
-                tx._prelude.append("SET LOCAL app.bulk_operation = 'on'")
             yield tx
 
 

@@ -137,9 +137,25 @@ def with_database(conninfo: str, dbname: str) -> str:
 
 
 def app_conninfo(settings: Settings, admin: str) -> str:
-    """The application role's URL: same server and database as the admin URL, other credentials."""
-    if settings.app_database_url:
-        return settings.app_database_url
+    """The application role's URL (possibly a transaction pooler): IAFACTORY_APP_DATABASE_URL, else
+    the same server and database as the admin URL with the app role's credentials."""
+    return settings.app_database_url or _derived_app_conninfo(settings, admin)
+
+
+def app_direct_conninfo(settings: Settings, admin: str) -> str:
+    """The application role's direct URL, never a pooler: for LISTEN, which is session state."""
+    return settings.app_direct_database_url or _derived_app_conninfo(settings, admin)
+
+
+def prepared_statements(settings: Settings, admin: str) -> bool:
+    """Whether the app pool may keep protocol-level prepared statements: "auto" says yes only when
+    its URL is the direct one (a pooler may run the next transaction on another server session)."""
+    if settings.db_prepared_statements == "auto":
+        return app_conninfo(settings, admin) == app_direct_conninfo(settings, admin)
+    return settings.db_prepared_statements == "on"
+
+
+def _derived_app_conninfo(settings: Settings, admin: str) -> str:
     params = conninfo_to_dict(admin)
     params["user"] = settings.app_db_user
     params["password"] = settings.secret("app_db_password")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 import typer
 
@@ -13,6 +14,7 @@ from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import embedder
+from iafactory.knowledge.schemas import JOBS_CHANNEL
 from iafactory.observability import logs
 
 knowledge_app = typer.Typer(help="Knowledge-base indexing.", no_args_is_help=True)
@@ -56,17 +58,29 @@ async def reembed_command(
     settings = get_settings()
     model = embedder(settings)
     async with operator_transaction(admin_url()) as tx:
-        queued = await tx.fetchval(
-            """WITH stale AS (
-                   SELECT DISTINCT d.tenant_id, d.id FROM knowledge_base d
-                   LEFT JOIN knowledge_chunks c ON c.tenant_id = d.tenant_id AND c.document_id = d.id
-                   WHERE %s OR c.embedding_model IS DISTINCT FROM %s)
-               , queued AS (
-                   INSERT INTO knowledge_jobs (tenant_id, document_id, kind)
-                   SELECT tenant_id, id, 'reembed' FROM stale RETURNING 1)
-               SELECT count(*) FROM queued""",
+        # Which documents, across tenants (an operator's read); then one tenant's jobs per
+        # statement, as plain VALUES (not INSERT ... SELECT into a table with row security).
+        stale = await tx.fetch(
+            """SELECT DISTINCT d.tenant_id, d.id FROM knowledge_base d
+               LEFT JOIN knowledge_chunks c ON c.tenant_id = d.tenant_id AND c.document_id = d.id
+               WHERE %s OR c.embedding_model IS DISTINCT FROM %s
+               ORDER BY d.tenant_id, d.id""",
             (all_chunks, model.model_id),
         )
+        by_tenant: dict[Any, list[int]] = {}
+        for row in stale:
+            by_tenant.setdefault(row["tenant_id"], []).append(row["id"])
+        for tenant_id, documents in by_tenant.items():
+            for start in range(0, len(documents), 500):
+                chunk = documents[start : start + 500]
+                await tx.execute(
+                    "INSERT INTO knowledge_jobs (tenant_id, document_id, kind) VALUES "
+                    + ", ".join(["(%s, %s, 'reembed')"] * len(chunk)),
+                    [value for document in chunk for value in (tenant_id, document)],
+                )
+        queued = len(stale)
+        if queued:
+            await tx.execute("SELECT pg_notify(%s, '')", (JOBS_CHANNEL,))  # running workers start at once
     console.print(f"queued {queued} document(s) for re-embedding with {model.model_id or 'no model'}")
     if not wait or not queued:
         return

@@ -14,6 +14,9 @@ Title = Annotated[str, Field(min_length=1, max_length=500)]
 Source = Annotated[
     str, Field(min_length=1, max_length=1000, description="Where the document comes from: a URL or a reference")
 ]
+# A document id as PostgreSQL stores it (bigint): larger values are refused by validation rather than
+# reaching app.search_knowledge() as numeric[], which matches no signature.
+DocumentId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class DocumentCreate(Strict):
@@ -65,7 +68,7 @@ class SearchIn(Strict):
     query: str = Field(min_length=1, max_length=2000)
     k: int = Field(default=10, ge=1, le=50, description="How many passages")
     mode: SearchMode = "hybrid"
-    document_ids: list[int] | None = Field(default=None, max_length=1000, description="Only these documents")
+    document_ids: list[DocumentId] | None = Field(default=None, max_length=1000, description="Only these documents")
     language: Language | None = Field(default=None, description="Only passages in this language")
     metadata: JsonObject | None = Field(default=None, description="Only documents whose metadata contains this object")
 
@@ -106,6 +109,11 @@ class SearchOut(BaseModel):
     passages: list[Passage]
 
 
+# The channel indexing workers LISTEN on. A write to a document NOTIFYs it from the request's own
+# session (on Citus the trigger that queues the job runs on a worker node, whose NOTIFY the
+# coordinator's listeners never hear).
+JOBS_CHANNEL = "iafactory_knowledge_jobs"
+
 KNOWLEDGE_BASE = Resource(
     name="knowledge-base",
     table="knowledge_base",
@@ -116,4 +124,5 @@ KNOWLEDGE_BASE = Resource(
     read=DocumentOut,
     id_type=int,
     json_columns=frozenset({"metadata"}),
+    wakes=JOBS_CHANNEL,
 )

@@ -24,6 +24,7 @@ from uuid import UUID
 from iafactory.db.scope import Database
 from iafactory.knowledge.embeddings import Embedder
 from iafactory.knowledge.indexing import index_document
+from iafactory.knowledge.schemas import JOBS_CHANNEL
 from iafactory.observability import logs
 from iafactory.tenancy.context import TenantContext
 
@@ -97,7 +98,7 @@ async def _release(db: Database, job: dict[str, Any]) -> None:
                 "WHERE tenant_id = %s AND id = %s AND index_status = 'indexing'",
                 (tenant_id, job["document_id"]),
             )
-            await tx.execute("SELECT pg_notify('iafactory_knowledge_jobs', '')")
+            await tx.execute("SELECT pg_notify(%s, '')", (JOBS_CHANNEL,))
     log.info("released job %s (document %s) tenant=%s", job_id, job["document_id"], tenant_id)
 
 
@@ -195,7 +196,7 @@ async def run_forever(
     Setting `stop`, or cancelling this task, interrupts the job in hand and gives it back."""
     stop = stop or asyncio.Event()
     wake = asyncio.Event()
-    listener = asyncio.create_task(db.listen("iafactory_knowledge_jobs", wake, stop))
+    listener = asyncio.create_task(db.listen(JOBS_CHANNEL, wake, stop))
     stopping = asyncio.create_task(stop.wait())
     job: asyncio.Task[bool] | None = None
     next_purge = time.monotonic()

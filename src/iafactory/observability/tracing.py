@@ -5,22 +5,24 @@ Imported only when tracing is enabled (IAFACTORY_OTLP_ENDPOINT or OTEL_EXPORTER_
 the packages come with `pip install 'iafactory[otel]'`. Each worker process sets up its own
 provider and exporter (create_app runs in the worker).
 
-Statements: `iafactory.db.scope` sends parameters inlined as SQL literals (one round trip per
-statement), so a recorded statement would carry e-mail addresses, password hashes and document
-text. Every string literal of `db.statement` / `db.query.text` is replaced by '?' before a span
-leaves the process.
+Statements: a tenant scope's round trip (`iafactory.db.scope`, libpq pipeline mode, which
+psycopg's instrumentation does not see) gets a span of its own whose `db.statement` lists the
+statements sent, with `$n` placeholders: parameters are never recorded. The `SET LOCAL` values
+(tenant, user, client IP) and any literal written into a statement still are text, so every string
+literal of `db.statement` / `db.query.text` is replaced by '?' before a span leaves the process.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 
 from iafactory.config import Settings
+from iafactory.db import scope
 
 INSTALL_HINT = "pip install 'iafactory[otel]'"
 _STRING_LITERAL = re.compile(r"'(?:[^'\\]|''|\\.)*'")
@@ -125,6 +127,17 @@ def instrument(app: FastAPI, settings: Settings, exporter: Any = None) -> Tracin
     FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls="/healthz,/readyz,/metrics")
     psycopg_instrumentor = PsycopgInstrumentor()
     psycopg_instrumentor.instrument(tracer_provider=provider)
+    db_tracer = provider.get_tracer("iafactory.db")
+
+    def round_trip(steps: Sequence[tuple[bytes, Any]]) -> Any:
+        statement = ";\n".join(query.decode() for query, _ in steps)
+        return db_tracer.start_as_current_span(
+            "postgresql round trip",
+            kind=trace.SpanKind.CLIENT,
+            attributes={"db.system": "postgresql", "db.statement": statement, "db.statement_count": len(steps)},
+        )
+
+    scope.round_trip_tracer = round_trip
 
     def annotate(who: Mapping[str, Any], route: str) -> None:
         span = trace.get_current_span()
@@ -138,6 +151,7 @@ def instrument(app: FastAPI, settings: Settings, exporter: Any = None) -> Tracin
     def shutdown() -> None:
         FastAPIInstrumentor.uninstrument_app(app)
         psycopg_instrumentor.uninstrument()
+        scope.round_trip_tracer = None
         provider.shutdown()
 
     return Tracing(annotate=annotate, shutdown=shutdown)

@@ -1,7 +1,7 @@
 """Requests per minute per tenant and per API key, shared by every server worker.
 
 Default: PostgreSQL. `app.rate_hit` counts in an UNLOGGED table, in a short transaction of its own
-that rides in the same message as the request's first statement (no extra round trip).
+that rides in the same round trip as the request's first statement (no extra round trip).
 With IAFACTORY_REDIS_URL set: Redis counters (INCR + EXPIRE in one pipeline), with each tenant's
 limits read from PostgreSQL and cached for a few seconds per process.
 """

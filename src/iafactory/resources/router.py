@@ -38,6 +38,11 @@ def crud_router(spec: Resource) -> APIRouter:
     Create, Update, Read, IdType = spec.create, spec.update, spec.read, spec.id_type  # noqa: N806
     ReadPage = Page[Read]  # type: ignore[valid-type]  # noqa: N806
 
+    async def _wake(s: Any) -> None:
+        # From the request's own session, delivered when it commits (never if it rolls back).
+        if spec.wakes is not None:
+            await s.tx.execute("SELECT pg_notify(%s, '')", (spec.wakes,))
+
     @router.post(
         "",
         status_code=201,
@@ -48,6 +53,7 @@ def crud_router(spec: Resource) -> APIRouter:
     )
     async def create(body: Create, s: Member, idempotency: Idempotent) -> Any:  # type: ignore[valid-type]
         values = body.model_dump()  # type: ignore[attr-defined]
+        await _wake(s)
         return await idempotency.create(
             s, lambda last: repository.insert(s.tx, spec, s.ctx.tenant_id, values, last=last)
         )
@@ -90,6 +96,7 @@ def crud_router(spec: Resource) -> APIRouter:
     )
     async def update(item_id: IdType, body: Update, s: Member) -> Any:  # type: ignore[valid-type]
         changes = body.model_dump(exclude_unset=True)  # type: ignore[attr-defined]
+        await _wake(s)
         row = await repository.update(s.tx, spec, s.ctx.tenant_id, item_id, changes, last=True)
         if row is None:
             raise not_found(spec.noun, item_id)

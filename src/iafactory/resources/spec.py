@@ -24,6 +24,8 @@ class Resource:
     # exist, credits must suffice), documented on its create route, or on create and update.
     create_responses: tuple[tuple[int, str], ...] = ()
     write_responses: tuple[tuple[int, str], ...] = ()
+    # A NOTIFY channel that a create or an update signals on commit (work for a background worker).
+    wakes: str | None = None
 
     @property
     def columns(self) -> list[str]:

@@ -1,5 +1,6 @@
 """Members of the current tenant. Runs in the request's tenant transaction: RLS limits every
-statement to this tenant's memberships."""
+statement to this tenant's memberships, and each names the tenant (`tenant_id = %s`). Emails and
+names come from app.tenant_members(): a user may read only their own row of `users`."""
 
 from __future__ import annotations
 
@@ -10,17 +11,14 @@ from iafactory.db.scope import Transaction
 from iafactory.http.problems import Problem, not_found
 from iafactory.tenancy.schemas import Role
 
-MEMBER_SELECT = """SELECT tu.user_id, u.email, u.name, tu.role, tu.created_at
-                   FROM tenant_users tu JOIN users u ON u.id = tu.user_id
-                   WHERE tu.tenant_id = %s"""
-
 
 async def list_members(tx: Transaction, tenant_id: UUID) -> list[dict[str, Any]]:
-    return await tx.fetch(MEMBER_SELECT + " ORDER BY tu.created_at, tu.user_id", (tenant_id,))
+    # The function takes the tenant from the transaction (like RLS), never from an argument.
+    return await tx.fetch("SELECT * FROM app.tenant_members()")
 
 
 async def get_member(tx: Transaction, tenant_id: UUID, user_id: int) -> dict[str, Any]:
-    row = await tx.fetchrow(MEMBER_SELECT + " AND tu.user_id = %s", (tenant_id, user_id))
+    row = await tx.fetchrow("SELECT * FROM app.tenant_members(%s)", (user_id,))
     if row is None:
         raise not_found("member", user_id)
     return row
@@ -49,17 +47,15 @@ async def actor_role(tx: Transaction, tenant_id: UUID, user_id: int | None) -> s
 
 async def add_member(tx: Transaction, tenant_id: UUID, actor: int | None, email: str, role: Role) -> dict[str, Any]:
     _only_owners_make_owners(await actor_role(tx, tenant_id, actor), role)
-    user_id = await tx.fetchval("SELECT app.find_user_id(%s)", (email,))
-    if user_id is None:
+    # Written and read back by one definer function (a Citus transaction may not read, as another
+    # role, shard rows it has just changed).
+    row = await tx.fetchrow("SELECT * FROM app.add_tenant_member(%s, %s)", (email, role))
+    assert row is not None
+    if row["outcome"] == "unknown":
         raise Problem(404, "Not Found", f"no account with email {email}: ask them to register first", type_="not-found")
-    added = await tx.fetchval(
-        """INSERT INTO tenant_users (tenant_id, user_id, role) VALUES (%s, %s, %s)
-           ON CONFLICT (tenant_id, user_id) DO NOTHING RETURNING user_id""",
-        (tenant_id, user_id, role),
-    )
-    if added is None:
+    if row["outcome"] == "member":
         raise Problem(409, "Conflict", f"{email} is already a member", type_="conflict")
-    return await get_member(tx, tenant_id, user_id)
+    return {k: row[k] for k in ("user_id", "email", "name", "role", "created_at")}
 
 
 async def change_role(tx: Transaction, tenant_id: UUID, actor: int | None, user_id: int, role: Role) -> dict[str, Any]:
@@ -73,7 +69,9 @@ async def change_role(tx: Transaction, tenant_id: UUID, actor: int | None, user_
     await tx.execute(
         "UPDATE tenant_users SET role = %s WHERE tenant_id = %s AND user_id = %s", (role, tenant_id, user_id)
     )
-    return await get_member(tx, tenant_id, user_id)
+    # Not read again through app.tenant_members(): a Citus transaction may not read, as another
+    # role, shard rows it has just changed. Only the role changed.
+    return {**current, "role": role}
 
 
 async def remove_member(tx: Transaction, tenant_id: UUID, actor: int | None, user_id: int) -> None:

@@ -47,6 +47,7 @@ class TableInfo:
     name: str
     primary_key: list[str]
     identity_column: str | None
+    columns: list[str]
 
 
 async def tenant_tables(tx: Transaction) -> list[TableInfo]:
@@ -60,7 +61,9 @@ async def tenant_tables(tx: Transaction) -> list[TableInfo]:
                   (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attidentity <> ''
                    LIMIT 1) AS identity_column,
                   coalesce((SELECT array_agg(DISTINCT f.confrelid::regclass::text) FROM pg_constraint f
-                            WHERE f.conrelid = c.oid AND f.contype = 'f' AND f.confrelid <> c.oid), '{}') AS refs
+                            WHERE f.conrelid = c.oid AND f.contype = 'f' AND f.confrelid <> c.oid), '{}') AS refs,
+                  (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns
            FROM pg_class c
            JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'
            WHERE c.relkind IN ('r', 'p')
@@ -81,7 +84,10 @@ async def tenant_tables(tx: Transaction) -> list[TableInfo]:
 
     for name in by_name:
         visit(name)
-    return [TableInfo(n, list(by_name[n]["pk"] or []), by_name[n]["identity_column"]) for n in ordered]
+    return [
+        TableInfo(n, list(by_name[n]["pk"] or []), by_name[n]["identity_column"], list(by_name[n]["columns"]))
+        for n in ordered
+    ]
 
 
 def _sha256(data: bytes) -> str:
@@ -133,8 +139,8 @@ async def export_tenant(admin_url: str, slug: str, output: Path, progress: Progr
             if progress:
                 progress(table.name, len(lines), total)
         users = await tx.fetch(
-            """SELECT u.id, u.email, u.name FROM users u
-               WHERE u.id IN (SELECT user_id FROM tenant_users WHERE tenant_id = %s) ORDER BY u.id""",
+            """SELECT u.id, u.email, u.name FROM tenant_users tu JOIN users u ON u.id = tu.user_id
+               WHERE tu.tenant_id = %s ORDER BY u.id""",
             (tenant.id,),
         )
     manifest["table_order"] = [t.name for t in tables]
@@ -247,11 +253,17 @@ async def import_tenant(
                 row["tenant_id"] = str(tenant.id)
             for start in range(0, len(rows), IMPORT_CHUNK):
                 chunk = rows[start : start + IMPORT_CHUNK]
+                # VALUES, one row per record, each read back by PostgreSQL's own JSON-to-row
+                # conversion (every type round-trips); not INSERT ... SELECT, which a distributed
+                # PostgreSQL refuses into a table with row security.
+                record = sql.SQL("((jsonb_populate_record(NULL::{}, %s)).*)").format(sql.Identifier(table.name))
                 await tx.execute(
-                    sql.SQL("INSERT INTO {} SELECT * FROM jsonb_populate_recordset(NULL::{}, %s)").format(
-                        sql.Identifier(table.name), sql.Identifier(table.name)
+                    sql.SQL("INSERT INTO {} ({}) VALUES {}").format(
+                        sql.Identifier(table.name),
+                        sql.SQL(", ").join(map(sql.Identifier, table.columns)),
+                        sql.SQL(", ").join([record] * len(chunk)),
                     ),
-                    (Jsonb(chunk),),
+                    [Jsonb(r) for r in chunk],
                 )
                 if progress:
                     progress(table.name, start + len(chunk), len(rows))

@@ -28,7 +28,7 @@ class TenantNotFound(TenantError):
 async def create_tenant(tx: Transaction, data: TenantCreate) -> Tenant:
     try:
         row = await tx.fetchrow(
-            "SELECT * FROM platform.create_tenant(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "SELECT * FROM platform.tenant_create(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 data.name,
                 data.slug,
@@ -51,14 +51,14 @@ async def list_tenants(
     tx: Transaction, filters: TenantFilters, *, limit: int = 1000, after: tuple[Any, UUID] | None = None
 ) -> list[Tenant]:
     rows = await tx.fetch(
-        "SELECT * FROM platform.list_tenants(%s, %s, %s, %s, %s, %s)",
+        "SELECT * FROM platform.tenant_list(%s, %s, %s, %s, %s, %s)",
         (filters.region, filters.plan, filters.status, limit, after[0] if after else None, after[1] if after else None),
     )
     return [Tenant.model_validate(r) for r in rows]
 
 
 async def get_tenant(tx: Transaction, *, tenant_id: UUID | None = None, slug: str | None = None) -> Tenant:
-    row = await tx.fetchrow("SELECT * FROM platform.get_tenant(%s, %s)", (tenant_id, slug))
+    row = await tx.fetchrow("SELECT * FROM platform.tenant_get(%s, %s)", (tenant_id, slug))
     if row is None:
         raise TenantNotFound(f"no tenant with slug {slug!r}" if slug else f"no tenant {tenant_id}")
     return Tenant.model_validate(row)
@@ -67,7 +67,7 @@ async def get_tenant(tx: Transaction, *, tenant_id: UUID | None = None, slug: st
 async def update_tenant(
     tx: Transaction, tenant_id: UUID, *, plan: Plan | None = None, status: Status | None = None
 ) -> Tenant:
-    row = await tx.fetchrow("SELECT * FROM platform.update_tenant(%s, %s, %s)", (tenant_id, plan, status))
+    row = await tx.fetchrow("SELECT * FROM platform.tenant_update(%s, %s, %s)", (tenant_id, plan, status))
     if row is None:
         raise TenantNotFound(f"no tenant {tenant_id}")
     return Tenant.model_validate(row)
@@ -90,7 +90,7 @@ async def set_platform_admin(tx: Transaction, email: str, flag: bool) -> int:
 
 
 async def set_limits(tx: Transaction, tenant_id: UUID, limits: dict[str, Any]) -> Tenant:
-    row = await tx.fetchrow("SELECT * FROM platform.set_tenant_limits(%s, %s)", (tenant_id, Jsonb(limits)))
+    row = await tx.fetchrow("SELECT * FROM platform.tenant_set_limits(%s, %s)", (tenant_id, Jsonb(limits)))
     if row is None:
         raise TenantNotFound(f"no tenant {tenant_id}")
     return Tenant.model_validate(row)
