@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import Query, Response
+from fastapi import Path, Query, Response
 from psycopg.types.json import Jsonb
 
 from iafactory.auth.dependencies import Admin, Owner, UserSession, Viewer
@@ -29,6 +29,10 @@ from iafactory.tenancy.schemas import (
     TenantFilters,
     TenantUpdate,
 )
+
+# A user id as PostgreSQL stores it (integer): a larger one cannot name a member, so validation
+# refuses it (422 naming the field) instead of the database failing on an out-of-range parameter.
+MemberId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The member's user id")]
 
 router = api_router()
 TENANT_COLUMNS = (
@@ -102,7 +106,7 @@ async def add_member(body: MemberCreate, s: Admin, idempotency: Idempotent) -> A
     operation_id="change_member_role",
     summary="Change a member's role (admin)",
 )
-async def change_member(user_id: int, body: MemberUpdate, s: Admin) -> Any:
+async def change_member(user_id: MemberId, body: MemberUpdate, s: Admin) -> Any:
     return await members.change_role(s.tx, s.ctx.tenant_id, s.ctx.user_id, user_id, body.role)
 
 
@@ -114,7 +118,7 @@ async def change_member(user_id: int, body: MemberUpdate, s: Admin) -> Any:
     operation_id="remove_member",
     summary="Remove a member (admin)",
 )
-async def remove_member(user_id: int, s: Admin) -> Response:
+async def remove_member(user_id: MemberId, s: Admin) -> Response:
     await members.remove_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, user_id)
     return Response(status_code=204)
 
