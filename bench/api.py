@@ -26,7 +26,7 @@
    an order that rotates from round to round, so drift affects all three alike. Every slice is
    bounded in time and in count (--max-requests).
 4. Prints req/s, p50 and p99 per variant and req/s against the bare app for the same operation
-   (target for the product: >= 0.7x). Any non-2xx answer or socket error fails the run (exit 1).
+   (target for the product: >= 0.8x, issue 11). Any non-2xx answer or socket error fails the run (exit 1).
    Both servers are stopped and the database dropped in all cases (unless --keep).
 
 --pgbouncer: both servers reach PostgreSQL through one PgBouncer in transaction mode

@@ -375,6 +375,18 @@ async def test_a_never_sees_b_in_any_mode_filter_or_credential(kb: Knowledge) ->
     print(f"\n{checked} searches of A with B's words, ids and filters: nothing of B")
 
 
+async def test_document_ids_outside_bigint_match_nothing_and_do_not_fail(kb: Knowledge) -> None:
+    """An id no document can have is a filter that matches nothing, with or without real ids beside it."""
+    w = kb.world
+    q = QUERIES[0]
+    a_id = kb.ids[q["relevant"][0]]
+    for mode in MODES:
+        assert await search(w, w.a.auth("viewer"), q["query"], mode, document_ids=[2**63, -(2**70)]) == []
+        assert await search(w, w.a.auth("viewer"), q["query"], mode, document_ids=[]) == []
+        mixed = await search(w, w.a.auth("viewer"), q["query"], mode, k=50, document_ids=[2**64, a_id])
+        assert mixed and {p["document_id"] for p in mixed} == {a_id}
+
+
 async def test_b_sees_only_b(kb: Knowledge) -> None:
     w = kb.world
     b_ids = set(kb.b_ids)

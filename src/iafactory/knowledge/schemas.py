@@ -14,9 +14,9 @@ Title = Annotated[str, Field(min_length=1, max_length=500)]
 Source = Annotated[
     str, Field(min_length=1, max_length=1000, description="Where the document comes from: a URL or a reference")
 ]
-# A document id as PostgreSQL stores it (bigint): larger values are refused by validation rather than
-# reaching app.search_knowledge() as numeric[], which matches no signature.
-DocumentId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# Any integer: one outside bigint's range names no document and is dropped by search.prepare (a bound
+# in the schema would be 2**63 - 1, which JSON clients read as a float and round past).
+DocumentId = int
 
 
 class DocumentCreate(Strict):

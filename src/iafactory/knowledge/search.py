@@ -18,7 +18,8 @@ from iafactory.knowledge.embeddings import Embedder, vector_literal
 from iafactory.knowledge.schemas import SearchIn
 from iafactory.knowledge.text import detect_language, fold, ts_config
 
-SEARCH_SQL = "SELECT * FROM app.search_knowledge(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+SEARCH_SQL = "SELECT * FROM app.search_knowledge(%s, %s, %s, %s, %s, %s, %s::bigint[], %s, %s)"
+BIGINT = range(-(2**63), 2**63)
 # The constant of app.search_knowledge's fusion: a passage at rank r of a ranking adds 1 / (RRF_K + r).
 RRF_K = 60
 
@@ -47,7 +48,8 @@ async def prepare(embedder: Embedder, cpu: CpuWork, key: Hashable, request: Sear
         embedder.model_id,
         request.k,
         request.mode,
-        request.document_ids,
+        # Ids outside bigint's range name no document (and would make the list numeric[]).
+        None if request.document_ids is None else [i for i in request.document_ids if i in BIGINT],
         request.language,
         Jsonb(request.metadata) if request.metadata else None,
     )
