@@ -150,9 +150,11 @@ async def erase_command(
 @run
 async def import_command(
     archive: Path = typer.Argument(..., exists=True, dir_okay=False, help="An archive from `tenants export`."),
-    into: str | None = typer.Option(None, "--into", help="Restore into this (empty) tenant instead of the original."),
+    into: str | None = typer.Option(
+        None, "--into", help="Copy into a new tenant with this slug (the original may still exist)."
+    ),
 ) -> None:
-    """Restore an export into an empty tenant (the original one by default)."""
+    """Restore an export into its own, empty tenant, or copy it into a new tenant with --into."""
     bar, update = _progress_bar()
     with bar:
         imported = await portability.import_tenant(admin_url(), archive, into, update)

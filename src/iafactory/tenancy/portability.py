@@ -8,7 +8,8 @@ type round-trips exactly), a manifest with row counts and SHA-256 per table, in 
 Erase: every row of the tenant, children first, in one transaction, then proof that no tenant
 table holds a row of it, and a note in tenant_erasures. The tenant row itself stays (status and
 contract history), so the tenant can be restored into.
-Import: into an empty tenant, verified against the manifest, in one transaction.
+Import: verified against the manifest, in one transaction; either back into the export's own
+tenant (which must be empty, e.g. erased), or `--into` a new slug: a copy, next to the original.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
+import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
+from pydantic import ValidationError
 
 from iafactory.db.scope import Transaction, operator_transaction
 from iafactory.tenancy import service
 from iafactory.tenancy.context import TenantContext
+from iafactory.tenancy.schemas import TenantCreate
 
 FORMAT = "iafactory-tenant-export"
 VERSION = 1
@@ -225,22 +230,96 @@ def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return manifest, files
 
 
+def _copy_of(source: dict[str, Any], slug: str) -> TenantCreate:
+    """The new tenant of a copy: the exported tenant's attributes under `slug`, checked like
+    `tenants create` input."""
+    try:
+        return TenantCreate.model_validate({**{k: source.get(k) for k in TenantCreate.model_fields}, "slug": slug})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = "--into" if first["loc"] == ("slug",) else f"the export's tenant {'.'.join(map(str, first['loc']))}"
+        raise PortabilityError(
+            f"{where}: {first['msg'].removeprefix('Value error, ')} (got {first['input']!r})"
+        ) from err
+
+
+async def _create_copy(tx: Transaction, tenant_id: UUID, data: TenantCreate) -> None:
+    """Writes the copy's tenant row in the import's own transaction, so that a failed import leaves
+    no tenant behind. Not platform.tenant_create: it picks the id itself, and the transaction must
+    act as the new tenant (row security) from its first statement. The slug registry row comes
+    first, as there (its primary key is what refuses a taken slug); in bulk mode no
+    `tenant.created` audit row is written: the copy's audit log is the exported one."""
+    try:
+        await tx.execute("INSERT INTO tenant_slugs (slug, tenant) VALUES (%s, %s)", (data.slug, tenant_id))
+    except psycopg.errors.UniqueViolation as err:
+        raise PortabilityError(
+            f"--into: slug {data.slug!r} is already taken; --into creates a new tenant "
+            "(without --into the export goes back into its own, empty tenant)"
+        ) from err
+    await tx.execute(
+        """INSERT INTO tenants (id, name, slug, region, plan, status, admin_email, admin_phone, settings, metadata,
+                                trial_ends_at)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+        (
+            tenant_id,
+            data.name,
+            data.slug,
+            data.region,
+            data.plan,
+            data.status,
+            data.admin_email,
+            data.admin_phone,
+            Jsonb(data.settings),
+            Jsonb(data.metadata),
+            data.trial_ends_at,
+        ),
+    )
+
+
+COPIED_KEY_PREFIX = "copy_"
+
+
+def _disable_copied_key(row: dict[str, Any], now: str) -> None:
+    """An API key finds its tenant by its prefix alone, across tenants (app.authenticate_api_key),
+    and the prefix is unique only per tenant (a distributed table's unique keys include
+    tenant_id). A copied prefix would let the original's keys resolve to either tenant, so the
+    copy keeps its keys as revoked records under a prefix no key has (keys start with `iaf_`)."""
+    if not row["prefix"].startswith(COPIED_KEY_PREFIX):
+        row["prefix"] = COPIED_KEY_PREFIX + row["prefix"]
+    row["revoked_at"] = row["revoked_at"] or now
+
+
 async def import_tenant(
     admin_url: str, path: Path, into: str | None = None, progress: Progress | None = None
 ) -> dict[str, int]:
+    """Restores an export into its own tenant (found by slug, and empty), or with `into` copies it
+    into a new tenant of that slug while the original stays. A copy keeps the rows' own ids: every
+    key and unique constraint of a tenant table includes tenant_id (migrations 007/019), so the
+    ids repeat per tenant without colliding, and foreign keys between tenant tables, composite
+    with tenant_id, stay within the copy. References to global tables (members' users) are kept.
+    Bulk mode: no plan limit, no debit, no audit row from triggers, so balance, ledger and audit
+    log are the exported ones."""
     manifest, files = read_archive(path)
     source_id = UUID(manifest["tenant"]["id"])
-    tenant = await _tenant(admin_url, into or manifest["tenant"]["slug"])
-    async with operator_transaction(admin_url, TenantContext(tenant_id=tenant.id), bulk=True) as tx:
+    copy = _copy_of(manifest["tenant"], into) if into is not None else None
+    if copy is None:
+        tenant = await _tenant(admin_url, manifest["tenant"]["slug"])
+        tenant_id, slug = tenant.id, tenant.slug
+    else:
+        tenant_id, slug = uuid4(), copy.slug
+    now = datetime.now(UTC).isoformat()
+    async with operator_transaction(admin_url, TenantContext(tenant_id=tenant_id), bulk=True) as tx:
+        if copy is not None:
+            await _create_copy(tx, tenant_id, copy)
         tables = await tenant_tables(tx)
         known = {t.name for t in tables}
         unknown = sorted(set(manifest["tables"]) - known)
         if unknown:
             raise PortabilityError(f"the export has tables this database does not: {', '.join(unknown)}")
-        present = {k: v for k, v in (await count_rows(tx, tenant.id, tables)).items() if v}
+        present = {k: v for k, v in (await count_rows(tx, tenant_id, tables)).items() if v}
         if present:
             raise PortabilityError(
-                f"tenant {tenant.slug} is not empty ({present}); erase it first or import --into another, empty tenant"
+                f"tenant {slug} is not empty ({present}); erase it first or import --into a new slug"
             )
         imported: dict[str, int] = {}
         for table in tables:
@@ -250,7 +329,9 @@ async def import_tenant(
             for row in rows:
                 if row.get("tenant_id") != str(source_id):
                     raise PortabilityError(f"{table.name}: a row belongs to another tenant than the export's")
-                row["tenant_id"] = str(tenant.id)
+                row["tenant_id"] = str(tenant_id)
+                if copy is not None and table.name == "api_keys":
+                    _disable_copied_key(row, now)
             for start in range(0, len(rows), IMPORT_CHUNK):
                 chunk = rows[start : start + IMPORT_CHUNK]
                 # VALUES, one row per record, each read back by PostgreSQL's own JSON-to-row
@@ -270,19 +351,22 @@ async def import_tenant(
             if progress and not rows:
                 progress(table.name, 0, 0)
             if table.identity_column and rows:
-                # Imported ids were explicit: move the sequence past them.
+                # Imported ids were explicit: move the sequence past them, never back. The sequence
+                # serves every tenant, and max() may see only this one (row security): moving it
+                # back would hand out ids that other tenants' rows already have.
                 await tx.fetchval(
                     sql.SQL(
-                        "SELECT setval(pg_get_serial_sequence({}, {}), greatest((SELECT max({}) FROM {}), 1))"
+                        "SELECT setval(s, greatest((SELECT max({}) FROM {}), pg_sequence_last_value(s), 1))"
+                        " FROM (SELECT pg_get_serial_sequence({}, {})::regclass AS s) seq"
                     ).format(
-                        sql.Literal(f"public.{table.name}"),
-                        sql.Literal(table.identity_column),
                         sql.Identifier(table.identity_column),
                         sql.Identifier(table.name),
+                        sql.Literal(f"public.{table.name}"),
+                        sql.Literal(table.identity_column),
                     )
                 )
             imported[table.name] = len(rows)
-        counts = await count_rows(tx, tenant.id, tables)
+        counts = await count_rows(tx, tenant_id, tables)
         mismatched = {t: (counts.get(t), n) for t, n in imported.items() if counts.get(t) != n}
         if mismatched:
             raise PortabilityError(f"row counts differ after import, nothing was imported: {mismatched}")
