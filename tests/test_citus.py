@@ -311,3 +311,30 @@ def test_the_gate_reaches_one_shard_and_a_new_document_wakes_the_workers(distrib
             )
         }  # reference tables' one shard has no range
     assert remote and len(groups) == 1, remote
+
+
+def test_a_distributed_cell_refuses_a_tenant_of_a_region_it_does_not_serve(distributed: str) -> None:
+    """cell_regions is a reference table; the trigger on tenants runs on the shards and reads it."""
+
+    from iafactory.cells import service as cell_service
+    from iafactory.cells.config import REGIONS, Cell
+    from iafactory.db.scope import admin_connect
+
+    async def record(regions: tuple[str, ...]) -> None:
+        async with await admin_connect(distributed) as conn:
+            await conn.execute("SET citus.multi_shard_modify_mode = 'sequential'")
+            await cell_service.record_regions(conn, Cell("test", distributed, None, regions))
+
+    with psycopg.connect(distributed, autocommit=True) as conn:
+        held = {r for (r,) in conn.execute("SELECT DISTINCT region FROM tenants")}
+    asyncio.run(record(tuple(r for r in REGIONS if r in held or r != "FR")))
+    try:
+        with psycopg.connect(distributed, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.CheckViolation, match="region FR is not served by this cell"):
+                conn.execute(
+                    "SELECT * FROM platform.tenant_create('Étude Paris', 'etude-paris-citus', 'FR', 'free', 'trial',"
+                    " NULL, NULL, NULL, NULL, NULL)"
+                )
+            assert conn.execute("SELECT count(*) FROM tenants WHERE slug = 'etude-paris-citus'").fetchone()[0] == 0
+    finally:
+        asyncio.run(record(REGIONS))

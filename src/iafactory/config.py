@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # Full URL for the app role, if it cannot be derived from DATABASE_URL (other host, TLS, or a
     # transaction pooler such as PgBouncer in front of the server).
     app_database_url: str | None = None
+    # Region cells (data residency), a JSON object: see iafactory/cells/config.py. Unset: one cell,
+    # this database, serves every region.
+    cells: str | None = None
     # Only on Citus (`iafactory citus distribute`): the owner role iaf_owner logs in between nodes
     # with this password. Plain PostgreSQL keeps iaf_owner NOLOGIN and never reads it.
     owner_db_password: SecretStr | None = None

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 import uvicorn
 
+from iafactory.cells.config import serving_problem
 from iafactory.cli import admin_url, app, console, print_error
 from iafactory.config import SECRET_HINT, ConfigError, Settings, get_settings, serving_problems
 from iafactory.db.bootstrap import migrate_and_prepare
@@ -71,6 +72,9 @@ def settings_to_serve(host: str | None) -> tuple[Settings, str]:
         print_error(str(err))
         raise typer.Exit(1) from err
     host = host or settings.host
+    if problem := serving_problem(settings):
+        print_error(problem)
+        raise typer.Exit(1)
     problems = serving_problems(settings, host)
     if problems:
         print_error(f"{'; '.join(problems)} ({SECRET_HINT})")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from iafactory.cells import service as cell_service
+from iafactory.cells.config import Cell
 from iafactory.config import SECRET_HINT, ConfigError, Settings, app_db_password_problem
 from iafactory.db import migrate, roles, server
 from iafactory.db.scope import Conn, Database, PoolLimits
@@ -16,7 +18,10 @@ async def migrate_and_prepare(
     *,
     on_start: Callable[[migrate.Migration], None] | None = None,
     on_done: Callable[[migrate.Migration, int], None] | None = None,
+    cell: Cell | None = None,
 ) -> list[migrate.Migration]:
+    """Migrate, then (under the migration lock) the app's login role and, for a configured cell,
+    the regions it serves."""
     # Checked before migrating: a missing or public password changes nothing.
     if settings.database_url is not None and (problem := app_db_password_problem(settings)):
         raise ConfigError(f"{problem} ({SECRET_HINT})")
@@ -26,6 +31,8 @@ async def migrate_and_prepare(
         has_group = await (await conn.execute("SELECT 1 AS x FROM pg_roles WHERE rolname = 'iaf_app'")).fetchone()
         if has_group:
             await roles.ensure_app_login(conn, settings.app_db_user, password)
+        if cell is not None:
+            await cell_service.record_regions(conn, cell)
 
     # Under the migration lock: replicas starting together create the role once.
     return await migrate.migrate(admin_url, target, on_start=on_start, on_done=on_done, then=app_login)

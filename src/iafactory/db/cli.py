@@ -7,6 +7,8 @@ import subprocess
 import psycopg
 import typer
 
+from iafactory.cells import service as cell_service
+from iafactory.cells.config import cells
 from iafactory.cli import CliError, admin_url, app, console, err_console, print_error, print_table, run
 from iafactory.config import Settings, get_settings
 from iafactory.db import citus, server
@@ -30,52 +32,73 @@ async def migrate_command(
     check: bool = typer.Option(False, "--check", help="Show each migration: applied (when), pending, or changed."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would run; change nothing."),
 ) -> None:
-    """Apply pending SQL migrations in order, under an advisory lock, each recorded with its checksum."""
-    url = admin_url()
-    if check or dry_run:
-        statuses = await migrations.check(url)
-        if check:
-            print_table(
-                "Migrations",
-                ["version", "name", "state", "applied at", "ms"],
+    """Apply pending SQL migrations in order, under an advisory lock, each recorded with its checksum.
+    With IAFACTORY_CELLS, every cell is migrated in turn and records the regions it serves."""
+    settings = get_settings()
+    configured = cells(settings)  # a bad IAFACTORY_CELLS stops here, before any database is touched
+    several = settings.cells is not None
+    for cell in configured.values():
+        url = cell_service.admin_url(settings, cell)
+        label = f" — cell {cell.name} ({', '.join(cell.regions)})" if several else ""
+        if check or dry_run:
+            await _report(url, label, version, check=check, dry_run=dry_run)
+            continue
+        if several:
+            console.print(f"[bold]cell {cell.name}[/bold] ({', '.join(cell.regions)}): {server.redact(url)}")
+
+        def started(m: migrations.Migration) -> None:
+            console.print(f"applying {m.filename} ...", end=" ")
+
+        def done(m: migrations.Migration, ms: int) -> None:
+            console.print(f"[green]ok[/green] ({ms} ms)")
+
+        applied = await migrate_and_prepare(
+            url,
+            cell.settings(settings),
+            version,
+            on_start=started,
+            on_done=done,
+            cell=cell if several else None,
+        )
+        if not applied:
+            console.print(f"{version} is already applied." if version else "Database is up to date.")
+
+
+async def _report(url: str, label: str, version: str | None, *, check: bool, dry_run: bool) -> None:
+    statuses = await migrations.check(url)
+    if check:
+        print_table(
+            f"Migrations{label}",
+            ["version", "name", "state", "applied at", "ms"],
+            [
                 [
-                    [
-                        s.version,
-                        s.name,
-                        s.state,
-                        s.applied_at and s.applied_at.isoformat(timespec="seconds"),
-                        s.execution_ms,
-                    ]
-                    for s in statuses
-                ],
-            )
-            for s in statuses:
-                if s.state == "changed":
-                    console.print(f"[yellow]{s.version}_{s.name}.sql changed since it was applied[/yellow]")
-                if s.superseded_by_reason:
-                    console.print(
-                        f"{s.version}_{s.name}.sql was applied as an earlier text, accepted as equivalent "
-                        f"(superseded_checksums.txt: {s.superseded_by_reason})",
-                        highlight=False,
-                    )
-        if dry_run:
-            todo = migrations.plan(statuses, version)
-            if not todo:
-                console.print("Nothing to apply.")
-            for m in todo:
-                mode = "one transaction" if m.transactional else "statement by statement (no transaction)"
-                console.print(f"would apply {m.filename}: {len(m.statements())} statements, {mode}")
-        return
-
-    def started(m: migrations.Migration) -> None:
-        console.print(f"applying {m.filename} ...", end=" ")
-
-    def done(m: migrations.Migration, ms: int) -> None:
-        console.print(f"[green]ok[/green] ({ms} ms)")
-
-    applied = await migrate_and_prepare(url, get_settings(), version, on_start=started, on_done=done)
-    if not applied:
-        console.print(f"{version} is already applied." if version else "Database is up to date.")
+                    s.version,
+                    s.name,
+                    s.state,
+                    s.applied_at and s.applied_at.isoformat(timespec="seconds"),
+                    s.execution_ms,
+                ]
+                for s in statuses
+            ],
+        )
+        for s in statuses:
+            if s.state == "changed":
+                console.print(f"[yellow]{s.version}_{s.name}.sql changed since it was applied[/yellow]")
+            if s.superseded_by_reason:
+                console.print(
+                    f"{s.version}_{s.name}.sql was applied as an earlier text, accepted as equivalent "
+                    f"(superseded_checksums.txt: {s.superseded_by_reason})",
+                    highlight=False,
+                )
+    if dry_run:
+        todo = migrations.plan(statuses, version)
+        if label:
+            console.print(label.removeprefix(" — "))
+        if not todo:
+            console.print("Nothing to apply.")
+        for m in todo:
+            mode = "one transaction" if m.transactional else "statement by statement (no transaction)"
+            console.print(f"would apply {m.filename}: {len(m.statements())} statements, {mode}")
 
 
 @app.command("verify")

@@ -8,7 +8,8 @@ from typing import Any
 
 import typer
 
-from iafactory.cli import admin_url, app, console, run
+from iafactory.cells.config import serving_problem
+from iafactory.cli import CliError, admin_url, app, console, run
 from iafactory.config import get_settings
 from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
@@ -28,6 +29,8 @@ async def worker_command(
 ) -> None:
     """Index knowledge-base documents in the background (several workers may run at once)."""
     settings = get_settings()
+    if problem := serving_problem(settings):
+        raise CliError(problem)
     db = bootstrap.database(settings, admin_url())
     async with db:
         model = embedder(settings)

@@ -8,11 +8,14 @@ from pathlib import Path
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from iafactory.cli import CliError, admin_url, app, console, parse_json_option, print_table, run
+from iafactory.cells import service as cell_service
+from iafactory.cells.config import Cell, cell_for_region, cells
+from iafactory.cli import CliError, app, console, parse_json_option, print_table, run
+from iafactory.config import Settings, get_settings
 from iafactory.db.scope import operator_transaction
 from iafactory.emails import Email
 from iafactory.tenancy import portability, service
-from iafactory.tenancy.schemas import Plan, Region, Role, Status, TenantCreate, TenantFilters
+from iafactory.tenancy.schemas import Plan, Region, Role, Status, Tenant, TenantCreate, TenantFilters
 
 tenants_app = typer.Typer(help="Create and list tenants, manage their members.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
@@ -47,9 +50,31 @@ async def create_command(
             "trial_ends_at": trial_ends_at,
         }
     )
-    async with operator_transaction(admin_url()) as tx:
+    config = get_settings()
+    all_cells = cells(config)
+    cell = cell_for_region(all_cells, data.region)
+    if len(all_cells) > 1:
+        await _slug_free_elsewhere(config, data.slug, cell)
+    async with operator_transaction(cell_service.admin_url(config, cell)) as tx:
         tenant = await service.create_tenant(tx, data)
-    console.print(f"created tenant {tenant.slug} ({tenant.id}) in {tenant.region}, plan {tenant.plan}, {tenant.status}")
+    where = f" (cell {cell.name})" if len(all_cells) > 1 else ""
+    console.print(
+        f"created tenant {tenant.slug} ({tenant.id}) in {tenant.region}{where}, plan {tenant.plan}, {tenant.status}"
+    )
+
+
+async def _slug_free_elsewhere(settings: Settings, slug: str, target: Cell) -> None:
+    """Slugs name tenants across cells (the CLI and the API find a tenant by slug). Each cell keeps
+    its own slugs unique; the other cells are asked here."""
+    for cell in cells(settings).values():
+        if cell.name == target.name:
+            continue
+        async with operator_transaction(cell_service.admin_url(settings, cell)) as tx:
+            try:
+                await service.get_tenant(tx, slug=slug)
+            except service.TenantNotFound:
+                continue
+        raise CliError(f"slug {slug!r} is already taken (in cell {cell.name})")
 
 
 @tenants_app.command("list")
@@ -62,16 +87,22 @@ async def list_command(
 ) -> None:
     """List tenants, optionally filtered."""
     filters = TenantFilters.model_validate({"region": region, "plan": plan, "status": status})
-    async with operator_transaction(admin_url()) as tx:
-        tenants = await service.list_tenants(tx, filters)
+    settings = get_settings()
+    found: list[tuple[str, Tenant]] = []
+    for cell in cells(settings).values():
+        if filters.region is not None and filters.region not in cell.regions:
+            continue  # the database would refuse such a tenant anyway
+        async with operator_transaction(cell_service.admin_url(settings, cell)) as tx:
+            found.extend((cell.name, t) for t in await service.list_tenants(tx, filters))
+    found.sort(key=lambda item: (item[1].created_at, str(item[1].id)))
     if as_json:
-        for t in tenants:
-            print(json.dumps(t.model_dump(mode="json"), ensure_ascii=False))
+        for cell_name, t in found:
+            print(json.dumps({**t.model_dump(mode="json"), "cell": cell_name}, ensure_ascii=False))
         return
     print_table(
-        f"Tenants ({len(tenants)})",
-        ["slug", "name", "region", "plan", "status", "admin email", "id"],
-        [[t.slug, t.name, t.region, t.plan, t.status, t.admin_email, t.id] for t in tenants],
+        f"Tenants ({len(found)})",
+        ["slug", "name", "region", "cell", "plan", "status", "admin email", "id"],
+        [[t.slug, t.name, t.region, cell_name, t.plan, t.status, t.admin_email, t.id] for cell_name, t in found],
     )
 
 
@@ -92,7 +123,7 @@ async def add_user_command(
         checked_email = TypeAdapter(Email).validate_python(email)
     except ValidationError as err:
         raise CliError(f"EMAIL: {err.errors()[0]['msg'].removeprefix('Value error, ')} (got {email!r})") from err
-    async with operator_transaction(admin_url()) as tx:
+    async with operator_transaction(await _tenant_admin_url(slug)) as tx:
         result = await service.add_member(tx, slug, checked_email, checked_role, name=name)
     verb = "created and added" if result["user_created"] else "added"
     console.print(f"{verb} {result['email']} to {slug} as {checked_role}")
@@ -127,7 +158,7 @@ async def export_command(
     """Export every row of a tenant, from every tenant table, into one archive with a manifest."""
     bar, update = _progress_bar()
     with bar:
-        manifest = await portability.export_tenant(admin_url(), slug, output, update)
+        manifest = await portability.export_tenant(await _tenant_admin_url(slug), slug, output, update)
     rows = sum(t["rows"] for t in manifest["tables"].values())
     console.print(f"exported {rows} rows from {len(manifest['tables'])} tables to {output}")
 
@@ -139,7 +170,7 @@ async def erase_command(
     confirm: str = typer.Option(..., "--confirm", help="Repeat the slug to confirm: this cannot be undone."),
 ) -> None:
     """Erase every row of a tenant from every tenant table, in one transaction, and prove it."""
-    deleted = await portability.erase_tenant(admin_url(), slug, confirm)
+    deleted = await portability.erase_tenant(await _tenant_admin_url(slug), slug, confirm)
     console.print(
         f"erased {sum(deleted.values())} rows of {slug} from {len(deleted)} tables; "
         "verified: no tenant table holds a row of it"
@@ -157,5 +188,30 @@ async def import_command(
     """Restore an export into its own, empty tenant, or copy it into a new tenant with --into."""
     bar, update = _progress_bar()
     with bar:
-        imported = await portability.import_tenant(admin_url(), archive, into, update)
+        imported = await portability.import_tenant(await _archive_admin_url(archive, into), archive, into, update)
     console.print(f"imported {sum(imported.values())} rows into {len(imported)} tables")
+
+
+async def _tenant_admin_url(slug: str) -> str:
+    """The admin URL of the cell that holds `slug` (the only database when no cells are configured)."""
+    settings = get_settings()
+    all_cells = cells(settings)
+    if len(all_cells) == 1:
+        return cell_service.admin_url(settings, next(iter(all_cells.values())))
+    cell, _ = await cell_service.find_tenant(settings, slug)
+    return cell_service.admin_url(settings, cell)
+
+
+async def _archive_admin_url(archive: Path, into: str | None) -> str:
+    """Where an import goes: a restore into the cell that holds the tenant, a copy (--into) into
+    the cell serving the exported tenant's region."""
+    settings = get_settings()
+    all_cells = cells(settings)
+    if len(all_cells) == 1:
+        return cell_service.admin_url(settings, next(iter(all_cells.values())))
+    manifest, _ = portability.read_archive(archive)
+    if into is None:
+        return await _tenant_admin_url(manifest["tenant"]["slug"])
+    cell = cell_for_region(all_cells, manifest["tenant"]["region"])
+    await _slug_free_elsewhere(settings, into, cell)
+    return cell_service.admin_url(settings, cell)

@@ -1,0 +1,89 @@
+"""Which cell holds what: recording a cell's regions, finding a tenant's cell.
+
+Operator work only (the CLI's admin URLs). A cell's regions are written by `iafactory migrate`
+when IAFACTORY_CELLS is set, never implicitly: a database that once served only DZ keeps refusing
+other regions until it is configured otherwise.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import psycopg
+
+from iafactory.cells.config import Cell, cells
+from iafactory.config import Settings
+from iafactory.db import server
+from iafactory.db.migrate import MigrationError
+from iafactory.db.scope import Conn, operator_transaction
+from iafactory.tenancy import service as tenancy
+from iafactory.tenancy.schemas import Tenant
+
+
+def admin_url(settings: Settings, cell: Cell) -> str:
+    return cell.url or server.admin_conninfo(settings)
+
+
+async def record_regions(conn: Conn, cell: Cell) -> None:
+    """Make `cell`'s database serve exactly `cell.regions` (migration 021's table and trigger).
+
+    Refused while the database holds tenants of a region it would stop serving: they must move
+    first. Tenant writes wait for the change (SHARE lock on tenants), so none slips in between the
+    check and the new list."""
+    exists = await (await conn.execute("SELECT to_regclass('public.cell_regions') IS NOT NULL AS x")).fetchone()
+    if not exists or not exists["x"]:
+        return  # migrated only up to a version before 021
+    regions = list(cell.regions)
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE public.tenants IN SHARE MODE")
+        await _drop_empty_system_tenant(conn, regions)
+        stranded = await (
+            await conn.execute(
+                "SELECT region, count(*) AS n FROM public.tenants WHERE NOT (region = ANY(%s)) "
+                "GROUP BY region ORDER BY region",
+                (regions,),
+            )
+        ).fetchall()
+        if stranded:
+            held = ", ".join(f"{r['n']} of {r['region']}" for r in stranded)
+            raise MigrationError(
+                f"cell {cell.name} holds tenants of regions it would no longer serve ({held}): "
+                "move them to the cell of their region first"
+            )
+        await conn.execute("DELETE FROM public.cell_regions WHERE NOT (region = ANY(%s))", (regions,))
+        await conn.execute(
+            "INSERT INTO public.cell_regions (region, cell) SELECT r, %s FROM unnest(%s::text[]) r "
+            "ON CONFLICT (region) DO UPDATE SET cell = excluded.cell",
+            (cell.name, regions),
+        )
+
+
+async def find_tenant(settings: Settings, slug: str) -> tuple[Cell, Tenant]:
+    """The cell holding the tenant `slug`, asked of every cell (operators only; a slug is unique
+    across cells, which each cell's creation path checks). TenantNotFound when none has it."""
+    for cell in cells(settings).values():
+        async with operator_transaction(admin_url(settings, cell)) as tx:
+            try:
+                return cell, await tenancy.get_tenant(tx, slug=slug)
+            except tenancy.TenantNotFound:
+                continue
+    raise tenancy.TenantNotFound(f"no tenant with slug {slug!r}")
+
+
+# Migration 006's "System default" tenant (region CH) owns the rows that predate tenancy.
+SYSTEM_TENANT = UUID("00000000-0000-0000-0000-000000000000")
+
+
+async def _drop_empty_system_tenant(conn: Conn, regions: list[str]) -> None:
+    """A cell that does not serve the system tenant's region drops it when it owns nothing (every
+    reference to tenants is ON DELETE RESTRICT); when it owns rows it stays, and the caller's
+    check refuses the new regions like for any other tenant."""
+    try:
+        async with conn.transaction():
+            deleted = await conn.execute(
+                "DELETE FROM public.tenants WHERE id = %s AND NOT (region = ANY(%s))", (SYSTEM_TENANT, regions)
+            )
+            if deleted.rowcount:
+                await conn.execute("DELETE FROM public.tenant_slugs WHERE tenant = %s", (SYSTEM_TENANT,))
+    except psycopg.errors.ForeignKeyViolation:
+        pass
