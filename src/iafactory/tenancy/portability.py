@@ -260,19 +260,7 @@ async def _create_copy(tx: Transaction, tenant_id: UUID, data: TenantCreate) -> 
         """INSERT INTO tenants (id, name, slug, region, plan, status, admin_email, admin_phone, settings, metadata,
                                 trial_ends_at)
            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-        (
-            tenant_id,
-            data.name,
-            data.slug,
-            data.region,
-            data.plan,
-            data.status,
-            data.admin_email,
-            data.admin_phone,
-            Jsonb(data.settings),
-            Jsonb(data.metadata),
-            data.trial_ends_at,
-        ),
+        (tenant_id, *service.tenant_values(data)),
     )
 
 

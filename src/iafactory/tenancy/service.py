@@ -25,22 +25,26 @@ class TenantNotFound(TenantError):
     pass
 
 
+def tenant_values(data: TenantCreate) -> tuple[Any, ...]:
+    """A new tenant's columns in the order of platform.tenant_create's arguments (name ... trial_ends_at)."""
+    return (
+        data.name,
+        data.slug,
+        data.region,
+        data.plan,
+        data.status,
+        data.admin_email,
+        data.admin_phone,
+        Jsonb(data.settings),
+        Jsonb(data.metadata),
+        data.trial_ends_at,
+    )
+
+
 async def create_tenant(tx: Transaction, data: TenantCreate) -> Tenant:
     try:
         row = await tx.fetchrow(
-            "SELECT * FROM platform.tenant_create(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                data.name,
-                data.slug,
-                data.region,
-                data.plan,
-                data.status,
-                data.admin_email,
-                data.admin_phone,
-                Jsonb(data.settings),
-                Jsonb(data.metadata),
-                data.trial_ends_at,
-            ),
+            "SELECT * FROM platform.tenant_create(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", tenant_values(data)
         )
     except psycopg.errors.UniqueViolation as err:
         raise TenantError(f"slug {data.slug!r} is already taken") from err
