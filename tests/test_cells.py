@@ -178,7 +178,16 @@ def test_migrate_create_list_and_find_tenants_across_two_cells(two_cells: dict[s
 
     # Commands naming a tenant find its cell: its member is created there and nowhere else.
     added = run_cli(
-        "tenants", "add-user", "ecole-alger", "directrice@ecole-alger.dz", "--role", "owner", db_url=None, env=env
+        "tenants",
+        "add-user",
+        "ecole-alger",
+        "directrice@ecole-alger.dz",
+        "--role",
+        "owner",
+        "--password-stdin",
+        db_url=None,
+        env=env,
+        input="mot de passe de la directrice\n",
     )
     assert added.returncode == 0, added.stderr
     for cell, expected in (("dz", 1), ("eu", 0)):

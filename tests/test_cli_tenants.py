@@ -121,7 +121,9 @@ def seeded_db(server_url: str) -> Iterator[str]:
                 "jean.dupont@cabinet-dupont.ch",
                 "--role",
                 "owner",
+                "--password-stdin",
                 db_url=url,
+                input="correct horse battery staple\n",
             ).returncode
             == 0
         )
@@ -202,7 +204,9 @@ def test_add_user_as_admin(migrated_db: str) -> None:
         "directeur@ecole-ibn-khaldoun.dz",
         "--role",
         "admin",
+        "--password-stdin",
         db_url=migrated_db,
+        input="correct horse battery staple\n",
     )
     assert result.returncode == 0, result.stderr
     assert "directeur@ecole-ibn-khaldoun.dz" in result.stdout
@@ -300,3 +304,43 @@ def test_verify_fails_on_a_database_migrated_only_to_005(empty_db: str) -> None:
     assert fails, result.stdout
     assert any("migrations applied" in line and "006 (pending)" in line for line in fails), result.stdout
     assert any("tenants" in line for line in fails), result.stdout
+
+
+def test_add_user_needs_a_password_for_a_new_account_and_reads_it_from_stdin(migrated_db: str) -> None:
+    """An account created without a password could never sign in: refused, nothing written. With
+    --password-stdin the password works at once; for an existing account it becomes the new one."""
+    import asyncio
+
+    from conftest import settings_for
+    from iafactory.auth.passwords import verify_password
+
+    assert run_cli(*create_args(SEED_TENANTS[0]), db_url=migrated_db).returncode == 0
+    slug, email = "ecole-ibn-khaldoun-alger", "secretaire@ecole-ibn-khaldoun.dz"
+    before = fingerprint(migrated_db)
+    refused = run_cli("tenants", "add-user", slug, email, db_url=migrated_db)
+    assert one_error_line(refused) == (
+        f"error: {email} has no account yet: give it a first password with --password-stdin; nothing was changed"
+    )
+    short = run_cli("tenants", "add-user", slug, email, "--password-stdin", db_url=migrated_db, input="short\n")
+    assert one_error_line(short) == "error: --password-stdin: string should have at least 10 characters"
+    assert fingerprint(migrated_db) == before
+
+    def stored_hash() -> str:
+        with psycopg.connect(migrated_db) as conn:
+            return conn.execute("SELECT password_hash FROM users WHERE email = %s", (email,)).fetchone()[0]
+
+    made = run_cli(
+        "tenants", "add-user", slug, email, "--password-stdin", db_url=migrated_db, input="Alger 2026 rentrée\n"
+    )
+    assert made.returncode == 0 and f"created and added {email} to {slug} as member" in made.stdout, made.stderr
+    settings = settings_for(migrated_db)
+    assert asyncio.run(verify_password(settings, stored_hash(), "Alger 2026 rentrée"))
+    # An existing account joins another role without --password-stdin; with it, the password changes.
+    again = run_cli("tenants", "add-user", slug, email, "--role", "admin", db_url=migrated_db)
+    assert again.returncode == 0 and "added" in again.stdout and "created" not in again.stdout
+    reset = run_cli(
+        "tenants", "add-user", slug, email, "--password-stdin", db_url=migrated_db, input="un nouveau mot de passe\n"
+    )
+    assert reset.returncode == 0 and "(password set)" in reset.stdout, reset.stderr
+    assert not asyncio.run(verify_password(settings, stored_hash(), "Alger 2026 rentrée"))
+    assert asyncio.run(verify_password(settings, stored_hash(), "un nouveau mot de passe"))

@@ -183,7 +183,17 @@ def test_cli_normalises_and_refuses_look_alikes(migrated_db: str) -> None:
         db_url=migrated_db,
     )
     assert r.returncode == 0, r.stderr
-    r = run_cli("tenants", "add-user", slug, "Owner@Example.ch", "--role", "owner", db_url=migrated_db)
+    r = run_cli(
+        "tenants",
+        "add-user",
+        slug,
+        "Owner@Example.ch",
+        "--role",
+        "owner",
+        "--password-stdin",
+        db_url=migrated_db,
+        input="a long enough password\n",
+    )
     assert r.returncode == 0 and "created and added owner@example.ch" in r.stdout, (r.stdout, r.stderr)
     r = run_cli("tenants", "add-user", slug, "ｏｗｎｅｒ@example.ch", "--role", "admin", db_url=migrated_db)
     assert r.returncode == 0 and "created" not in r.stdout, r.stdout  # the same user, re-roled

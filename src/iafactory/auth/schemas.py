@@ -19,9 +19,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A new password, wherever one is chosen (registration, an operator's --password-stdin).
+NewPassword = Annotated[str, Field(min_length=10, max_length=200, description="At least 10 characters.")]
+
+
 class RegisterIn(Strict):
     email: Email
-    password: str = Field(min_length=10, max_length=200, description="At least 10 characters.")
+    password: NewPassword
     name: str = Field(default="", max_length=255)
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 from pydantic import TypeAdapter, ValidationError
 
+from iafactory.auth.passwords import hash_password
+from iafactory.auth.schemas import NewPassword
 from iafactory.cells import service as cell_service
 from iafactory.cells.config import Cell, cell_for_region, cells
 from iafactory.cli import CliError, app, console, parse_json_option, print_table, run
@@ -110,11 +113,18 @@ async def list_command(
 @run
 async def add_user_command(
     slug: str = typer.Argument(..., help="The tenant's slug."),
-    email: str = typer.Argument(..., help="The user's email; the user is created if new."),
+    email: str = typer.Argument(..., help="The person's email."),
     role: str = typer.Option("member", help="owner, admin, member or viewer."),
-    name: str = typer.Option("", help="Display name for a new user."),
+    name: str = typer.Option("", help="Display name for a new account."),
+    password_stdin: bool = typer.Option(
+        False,
+        "--password-stdin",
+        help="Read a password from standard input (one line, at least 10 characters): a new account is created "
+        "with it and can sign in at once; an existing account gets it as its new password.",
+    ),
 ) -> None:
-    """Add a user to a tenant with a role (or change the role of an existing member)."""
+    """Add a person to a tenant with a role (or change the role of a member). Without --password-stdin
+    the email must already have an account: a new one would have no way to sign in."""
     try:
         checked_role = TypeAdapter(Role).validate_python(role)
     except ValidationError as err:
@@ -123,10 +133,24 @@ async def add_user_command(
         checked_email = TypeAdapter(Email).validate_python(email)
     except ValidationError as err:
         raise CliError(f"EMAIL: {err.errors()[0]['msg'].removeprefix('Value error, ')} (got {email!r})") from err
+    password_hash = None
+    if password_stdin:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+        try:
+            TypeAdapter(NewPassword).validate_python(password)
+        except ValidationError as err:
+            raise CliError(f"--password-stdin: {err.errors()[0]['msg'].lower()}") from err
+        password_hash = await hash_password(get_settings(), password)
     async with operator_transaction(await _tenant_admin_url(slug)) as tx:
-        result = await service.add_member(tx, slug, checked_email, checked_role, name=name)
+        result = await service.add_member(tx, slug, checked_email, checked_role, name=name, password_hash=password_hash)
+        if result["user_created"] and password_hash is None:
+            # Raised inside the transaction: the account and the membership are rolled back.
+            raise CliError(
+                f"{checked_email} has no account yet: give it a first password with --password-stdin; nothing was changed"
+            )
     verb = "created and added" if result["user_created"] else "added"
-    console.print(f"{verb} {result['email']} to {slug} as {checked_role}")
+    note = " (password set)" if password_hash is not None and not result["user_created"] else ""
+    console.print(f"{verb} {result['email']} to {slug} as {checked_role}{note}")
 
 
 # Re-exported for --help texts and tests that enumerate the accepted values.
