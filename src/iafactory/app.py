@@ -14,6 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 
 from iafactory.admission import AdmissionMiddleware, CpuWork, LoadControl
+from iafactory.cells.config import DEFAULT_CELL
+from iafactory.cells.routing import CellPools
 from iafactory.config import Settings, get_settings
 from iafactory.db import bootstrap, server
 from iafactory.db.scope import Database
@@ -42,9 +44,14 @@ def api_routers() -> list:
 
 
 def create_app(
-    settings: Settings | None = None, database: Database | None = None, *, span_exporter: Any = None
+    settings: Settings | None = None,
+    database: Database | None = None,
+    *,
+    span_exporter: Any = None,
+    cells: CellPools | None = None,
 ) -> FastAPI:
-    """`database` lets a caller (tests, benchmarks) own the pool; otherwise the lifespan opens one.
+    """`database` (one cell) or `cells` (several, with the directory) lets a caller (tests,
+    benchmarks) own the pools; otherwise the lifespan opens them from the settings.
     `span_exporter` turns tracing on with that exporter (tests); otherwise tracing is on when an
     OTLP endpoint is configured."""
     settings = settings or get_settings()
@@ -54,11 +61,12 @@ def create_app(
         if not logging.getLogger().handlers:
             # Started by uvicorn directly rather than by `iafactory serve`: log in our format anyway.
             logs.configure(settings.log_format, settings.log_level)
-        own_db = database is None
+        own_db = database is None and cells is None
         if own_db:
-            db = bootstrap.database(settings, server.admin_conninfo(settings))
-            await db.open()
-            app.state.db = db
+            pools = cell_pools(settings)
+            await pools.open()
+            app.state.cells = pools
+            app.state.db = pools.db(pools.home)
         app.state.load.database = app.state.db
         if settings.redis_url:
             app.state.rate_limiter = RedisRateLimiter(settings.redis_url, app.state.db)
@@ -69,8 +77,12 @@ def create_app(
             from iafactory.knowledge import worker
             from iafactory.knowledge.embeddings import embedder
 
-            worker_task = asyncio.create_task(
-                worker.run_forever(app.state.db, embedder(settings), stop, lease_seconds=settings.worker_lease_seconds)
+            model = embedder(settings)
+            worker_task = asyncio.gather(
+                *(
+                    worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
+                    for db in app.state.cells.dbs.values()
+                )
             )
         pool_gauges = asyncio.create_task(metrics.refresh_pool_forever(app.state.db))
         try:
@@ -88,7 +100,7 @@ def create_app(
                 await app.state.rate_limiter.close()
                 app.state.rate_limiter = None
             if own_db:
-                await app.state.db.close()
+                await app.state.cells.close()
             if app.state.tracing is not None:
                 app.state.tracing.shutdown()
             metrics.worker_exiting()
@@ -130,7 +142,12 @@ def create_app(
     app.state.key_cache = {}
     app.state.rate_limiter = None
     app.state.load = load_control(settings)
+    if cells is not None:
+        database = cells.db(cells.home)
+    elif database is not None:
+        cells = CellPools({DEFAULT_CELL: database})
     if database is not None:
+        app.state.cells = cells
         app.state.db = database
         app.state.load.database = database
     app.state.tracing = None
@@ -184,6 +201,23 @@ def create_app(
     return app
 
 
+def cell_pools(settings: Settings) -> CellPools:
+    """The pools of the configured cells and, with several, of the directory (not opened yet)."""
+    from iafactory.cells import service as cell_service
+    from iafactory.cells.config import cells as configured_cells
+    from iafactory.cells.config import directory_cell
+
+    configured = configured_cells(settings)
+    if settings.cells is None:
+        return CellPools({DEFAULT_CELL: bootstrap.database(settings, server.admin_conninfo(settings))})
+    dbs = {
+        name: bootstrap.database(cell.settings(settings), cell_service.admin_url(settings, cell))
+        for name, cell in configured.items()
+    }
+    directory = bootstrap.database(settings, cell_service.admin_url(settings, directory_cell()))
+    return CellPools(dbs, directory)
+
+
 def load_control(settings: Settings) -> LoadControl:
     """The CPU-heavy work's own bounded thread pools (the database's gate belongs to its pool)."""
     timeout = settings.queue_timeout_seconds
@@ -211,8 +245,14 @@ async def readiness(app: FastAPI) -> dict[str, str]:
     database (its pool), and Redis when rate limits are counted there. Within the readyz timeout."""
     settings: Settings = app.state.settings
     checks: dict[str, str] = {}
-    reason = await app.state.db.check(settings.readyz_timeout_seconds)
-    checks["database"] = reason or "ok"
+    pools: CellPools = app.state.cells
+    if pools.single:
+        checks["database"] = await app.state.db.check(settings.readyz_timeout_seconds) or "ok"
+    else:
+        assert pools.directory_db is not None
+        checks["directory"] = await pools.directory_db.check(settings.readyz_timeout_seconds) or "ok"
+        for name, db in pools.dbs.items():
+            checks[f"cell {name}"] = await db.check(settings.readyz_timeout_seconds) or "ok"
     if app.state.rate_limiter is not None:
         checks["redis"] = await app.state.rate_limiter.check(settings.readyz_timeout_seconds) or "ok"
     return checks

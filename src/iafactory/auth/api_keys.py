@@ -1,6 +1,7 @@
-"""API keys: `iaf_live_<id>_<secret><checksum>`.
+"""API keys: `iaf_live_<cell>_<id>_<secret><checksum>` (with one cell: `iaf_live_<id>_...`).
 
-The prefix (`iaf_live_<id>`) is public: it is stored, shown in listings and used to find the key.
+The prefix (`iaf_live_<cell>_<id>`) is public: it is stored, shown in listings and used to find
+the key; its cell routes the key without asking the directory (as GitLab's cell-routable tokens).
 The whole key is stored only as an HMAC-SHA256 with a server secret. A CRC32 checksum at the end
 lets secret scanners (and our own parser) reject a mistyped or made-up key without a database
 lookup.
@@ -18,7 +19,7 @@ import zlib
 from iafactory.config import Settings
 
 _ALPHABET = string.ascii_letters + string.digits
-_KEY = re.compile(r"^iaf_(live|test)_([a-z0-9]{10})_([A-Za-z0-9]{32})([A-Za-z0-9]{6})$")
+_KEY = re.compile(r"^iaf_(live|test)_(?:([a-z][a-z0-9-]{0,31})_)?([a-z0-9]{10})_([A-Za-z0-9]{32})([A-Za-z0-9]{6})$")
 
 
 def _base62(n: int, width: int) -> str:
@@ -33,10 +34,11 @@ def _checksum(body: str) -> str:
     return _base62(zlib.crc32(body.encode()), 6)
 
 
-def generate(settings: Settings) -> tuple[str, str]:
-    """A new (key, prefix)."""
+def generate(settings: Settings, cell: str | None = None) -> tuple[str, str]:
+    """A new (key, prefix); `cell` names the key's cell in its prefix (None: one cell, no name)."""
     key_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(10))
-    prefix = f"iaf_{settings.api_key_environment}_{key_id}"
+    where = f"{cell}_" if cell else ""
+    prefix = f"iaf_{settings.api_key_environment}_{where}{key_id}"
     body = f"{prefix}_{''.join(secrets.choice(_ALPHABET) for _ in range(32))}"
     return body + _checksum(body), prefix
 
@@ -45,12 +47,12 @@ def looks_like_key(value: str) -> bool:
     return value.startswith("iaf_")
 
 
-def parse_prefix(value: str) -> str | None:
-    """The prefix of a well-formed key whose checksum matches, else None."""
+def parse_prefix(value: str) -> tuple[str, str | None] | None:
+    """(prefix, cell named in it or None) of a well-formed key whose checksum matches, else None."""
     match = _KEY.match(value)
-    if not match or _checksum(value[:-6]) != match.group(4):
+    if not match or _checksum(value[:-6]) != match.group(5):
         return None
-    return f"iaf_{match.group(1)}_{match.group(2)}"
+    return value[: match.end(3)], match.group(2)
 
 
 def digest(settings: Settings, key: str) -> bytes:

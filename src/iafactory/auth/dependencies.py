@@ -25,6 +25,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from iafactory.admission import CREDENTIALS
 from iafactory.auth import api_keys, tokens
+from iafactory.cells.routing import CellPools
 from iafactory.config import Settings
 from iafactory.db.scope import Database, Transaction
 from iafactory.http.problems import Problem
@@ -43,6 +44,16 @@ class Principal:
     api_key_id: UUID | None = None
     key_scope: str | None = None
     platform_admin: bool = False
+    # The cell holding this user (or key) and its tenant; None: the one cell there is.
+    cell: str | None = None
+    # (cell, user id) of each account of a person with accounts in several cells.
+    accounts: tuple[tuple[str, int], ...] = ()
+
+    def account_in(self, cell: str) -> int | None:
+        """This person's user id in `cell` (None: no account there)."""
+        if self.cell == cell or self.cell is None:
+            return self.user_id
+        return dict(self.accounts).get(cell)
 
 
 @dataclass
@@ -52,6 +63,8 @@ class TenantSession:
     tx: Transaction
     ctx: TenantContext
     principal: Principal
+    # The cell the transaction runs in; None when the service has only one (API keys then name none).
+    cell: str | None = None
 
 
 def client_ip(request: Request) -> str | None:
@@ -100,23 +113,54 @@ def _credential(request: Request, bearer: HTTPAuthorizationCredentials | None, a
     raise unauthorized("missing credentials: send 'Authorization: Bearer <token>' or 'X-API-Key: <key>'")
 
 
+def cell_pools(request: Request) -> CellPools:
+    return request.app.state.cells
+
+
+def accounts_of(request: Request, who: Principal) -> dict[str, int]:
+    """The caller's user id in each cell where they have an account."""
+    if who.accounts:
+        return dict(who.accounts)
+    return {principal_cell(request, who): who.user_id} if who.user_id is not None else {}
+
+
+def principal_cell(request: Request, who: Principal) -> str:
+    """The cell a credential names (a credential from before cells: the first one)."""
+    return who.cell or cell_pools(request).home
+
+
+def cell_db(request: Request, cell: str) -> Database:
+    """The pool of `cell`; a credential naming a cell this service does not know is refused."""
+    try:
+        return cell_pools(request).db(cell)
+    except LookupError:
+        raise unauthorized(f"credential names an unknown cell {cell!r}") from None
+
+
 async def _principal_from_key(request: Request, key: str) -> Principal:
     settings: Settings = request.app.state.settings
-    prefix = api_keys.parse_prefix(key)
-    if prefix is None:
+    parsed = api_keys.parse_prefix(key)
+    if parsed is None:
         raise unauthorized("malformed API key")
+    prefix, cell = parsed
+    pools = cell_pools(request)
+    if cell is None and not pools.single:
+        raise unauthorized("this API key names no cell: create a new key")
+    cell = cell or pools.home
     cache: dict[str, tuple[float, dict[str, Any]]] = request.app.state.key_cache
     hit = cache.get(prefix)
     row: dict[str, Any] | None
     if hit is not None and hit[0] > time.monotonic():
         row = hit[1]
     else:
-        db: Database = request.app.state.db
-        # A lane of its own in the pool: a sign-in flood does not starve API-key lookups.
-        async with db.anonymous(lane=CREDENTIALS) as tx:
-            row = await tx.fetchrow("SELECT * FROM app.authenticate_api_key(%s)", (prefix,))
+        row = await _find_key(cell_db(request, cell), prefix)
+        if row is None and (moved := await pools.moved_key_cell(prefix)) is not None:
+            # The tenant moved to another cell after the key was made: the key keeps working.
+            row = await _find_key(cell_db(request, moved), prefix)
+            cell = moved
         if row is None:
             raise unauthorized("unknown API key")
+        row = {**row, "cell": cell}
         # Revocation and expiry are checked again by app.authorize on every request; the cache
         # only saves the lookup.
         cache[prefix] = (time.monotonic() + KEY_CACHE_SECONDS, row)
@@ -126,7 +170,20 @@ async def _principal_from_key(request: Request, key: str) -> Principal:
         raise unauthorized("API key has been revoked")
     if row["expires_at"] is not None and row["expires_at"].timestamp() <= time.time():
         raise unauthorized("API key has expired")
-    return Principal(user_id=None, tenant_id=row["tenant_id"], role=None, api_key_id=row["id"], key_scope=row["scope"])
+    return Principal(
+        user_id=None,
+        tenant_id=row["tenant_id"],
+        role=None,
+        api_key_id=row["id"],
+        key_scope=row["scope"],
+        cell=row["cell"],
+    )
+
+
+async def _find_key(db: Database, prefix: str) -> dict[str, Any] | None:
+    # A lane of its own in the pool: a sign-in flood does not starve API-key lookups.
+    async with db.anonymous(lane=CREDENTIALS) as tx:
+        return await tx.fetchrow("SELECT * FROM app.authenticate_api_key(%s)", (prefix,))
 
 
 async def _principal(request: Request, bearer: HTTPAuthorizationCredentials | None, api_key: str | None) -> Principal:
@@ -138,7 +195,14 @@ async def _principal(request: Request, bearer: HTTPAuthorizationCredentials | No
             claims = tokens.verify(request.app.state.settings, credential)
         except tokens.InvalidToken as err:
             raise unauthorized(str(err)) from err
-        who = Principal(claims.user_id, claims.tenant_id, claims.role, platform_admin=claims.platform_admin)
+        who = Principal(
+            claims.user_id,
+            claims.tenant_id,
+            claims.role,
+            platform_admin=claims.platform_admin,
+            cell=claims.cell,
+            accounts=claims.accounts,
+        )
     request.state.principal = who
     return who
 
@@ -164,13 +228,15 @@ UserPrincipal = Annotated[Principal, Depends(user_principal)]
 KEY_ROLES = frozenset({"viewer", "member"})
 
 
-def tenant_context(request: Request, who: Principal) -> TenantContext:
-    """The tenant the credential acts for (403 when a user token has none selected)."""
+async def tenant_context(request: Request, who: Principal) -> TenantContext:
+    """The tenant the credential acts for (403 when a user token has none selected), once the
+    directory agrees that the credential's cell holds it (401 otherwise: fail closed)."""
     if who.tenant_id is None:
         raise Problem(
             403, "Forbidden", "no tenant selected: call POST /api/v1/auth/select-tenant first", type_="tenant-required"
         )
     request.state.tenant_id = str(who.tenant_id)
+    await _check_route(request, who, who.tenant_id)
     return TenantContext(
         tenant_id=who.tenant_id,
         user_id=who.user_id,
@@ -182,6 +248,25 @@ def tenant_context(request: Request, who: Principal) -> TenantContext:
     )
 
 
+async def _check_route(request: Request, who: Principal, tenant_id: UUID) -> None:
+    pools = cell_pools(request)
+    if pools.single:
+        if who.cell is not None and who.cell != pools.home:
+            raise unauthorized(f"credential names cell {who.cell!r}, which this service does not serve")
+        return
+    claimed = principal_cell(request, who)
+    route = await pools.route(tenant_id)
+    if route is None or route.cell != claimed:
+        route = await pools.route(tenant_id, fresh=True)  # the cache may predate a move
+    if route is None:
+        raise unauthorized("unknown tenant")
+    if route.cell != claimed:
+        raise unauthorized(
+            f"this credential names cell {claimed!r}, but the tenant is in cell {route.cell!r}: sign in again "
+            "(or select the tenant again) for a new token"
+        )
+
+
 @asynccontextmanager
 async def open_tenant_session(
     request: Request, who: Principal, ctx: TenantContext, min_role: str, read_only: bool, *, count: bool = True
@@ -189,7 +274,8 @@ async def open_tenant_session(
     """The tenant transaction itself, gated on `min_role` and (unless `count` is False: a second
     transaction of the same request) counted by the rate limiter. For a handler that must do slow
     work between transactions (a search embeds its query)."""
-    db: Database = request.app.state.db
+    cell = principal_cell(request, who)
+    db = cell_db(request, cell)
     gate = ("SELECT app.authorize(%s, %s)", (min_role, not read_only))
     limiter = request.app.state.rate_limiter
     before = None
@@ -198,7 +284,7 @@ async def open_tenant_session(
     elif count:
         before = ratelimit.postgres_counter(ctx.tenant_id, who.api_key_id)
     async with db.tenant(ctx, read_only=read_only, gate=gate, before=before) as tx:
-        yield TenantSession(tx, ctx, who)
+        yield TenantSession(tx, ctx, who, None if cell_pools(request).single else cell)
 
 
 def tenant_session(min_role: str = "viewer", *, read_only: bool | None = None):
@@ -229,7 +315,7 @@ async def _tenant_scope(
 ) -> AsyncIterator[TenantSession]:
     # A context manager (not a nested generator) so that an error in the handler reaches
     # db.tenant() and rolls the transaction back.
-    ctx = tenant_context(request, who)
+    ctx = await tenant_context(request, who)
     reading = request.method in READ_METHODS if read_only is None else read_only
     async with open_tenant_session(request, who, ctx, min_role, reading) as session:
         yield session
@@ -238,7 +324,7 @@ async def _tenant_scope(
 async def _user_session(request: Request, who: UserPrincipal) -> AsyncIterator[tuple[Transaction, Principal]]:
     if who.user_id is None:
         raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
-    db: Database = request.app.state.db
+    db = cell_db(request, principal_cell(request, who))
     async with db.anonymous(
         user_id=who.user_id,
         read_only=request.method in READ_METHODS,
@@ -246,6 +332,25 @@ async def _user_session(request: Request, who: UserPrincipal) -> AsyncIterator[t
         request_id=getattr(request.state, "request_id", None),
     ) as tx:
         yield tx, who
+
+
+@asynccontextmanager
+async def user_transaction(request: Request, who: Principal, cell: str) -> AsyncIterator[Transaction]:
+    """A transaction with no tenant in `cell`, as the caller's account there (platform
+    administration of a tenant in another cell): 403 when they have none there, since the cell's
+    own functions decide with its own users table."""
+    user_id = who.account_in(cell) if who.cell is not None or cell == principal_cell(request, who) else None
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    if user_id is None:
+        raise Problem(403, "Forbidden", f"you have no account in cell {cell!r}, which holds this tenant")
+    async with cell_db(request, cell).anonymous(
+        user_id=user_id,
+        read_only=request.method in READ_METHODS,
+        client_ip=client_ip(request),
+        request_id=getattr(request.state, "request_id", None),
+    ) as tx:
+        yield tx
 
 
 # A transaction with no tenant for a signed-in user (tenant selection, platform administration).

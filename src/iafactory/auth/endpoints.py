@@ -9,7 +9,17 @@ from fastapi import Request, Response
 
 from iafactory.audit import service as audit
 from iafactory.auth import service
-from iafactory.auth.dependencies import Admin, CurrentPrincipal, UserSession, Viewer, client_ip
+from iafactory.auth.dependencies import (
+    Admin,
+    CurrentPrincipal,
+    Principal,
+    UserPrincipal,
+    Viewer,
+    accounts_of,
+    client_ip,
+    principal_cell,
+    tenant_context,
+)
 from iafactory.auth.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -24,7 +34,7 @@ from iafactory.auth.schemas import (
 )
 from iafactory.config import Settings
 from iafactory.http.idempotency import Idempotent
-from iafactory.http.problems import not_found
+from iafactory.http.problems import Problem, not_found
 from iafactory.http.rendering import api_router
 
 router = api_router()  # tags per route: an operation listed under two tags shows twice in /docs
@@ -50,7 +60,7 @@ def _settings(request: Request) -> Settings:
 )
 async def register(body: RegisterIn, request: Request) -> Any:
     # No transaction from a dependency: the password is hashed before one begins.
-    return await service.register(request.app.state.db, _settings(request), request.app.state.load.hashing, body)
+    return await service.register(request.app.state.cells, _settings(request), request.app.state.load.hashing, body)
 
 
 @router.post(
@@ -62,17 +72,18 @@ async def register(body: RegisterIn, request: Request) -> Any:
 )
 async def login(body: LoginIn, request: Request) -> Any:
     settings = _settings(request)
-    user, tenants, selected = await service.sign_in(
-        request.app.state.db,
+    pools = request.app.state.cells
+    signed_in = await service.sign_in(
+        pools,
         settings,
         request.app.state.load.hashing,
         body,
         ip=client_ip(request),
         request_id=request.state.request_id,
     )
-    token, ttl = service.token_for(settings, user["user_id"], selected, user["is_platform_admin"])
-    request.state.user_id = user["user_id"]
-    return TokenOut(access_token=token, expires_in=ttl, tenant=selected, tenants=tenants)
+    token, ttl = service.token_for(settings, pools, signed_in.accounts, signed_in.selected, signed_in.platform_admin)
+    request.state.user_id = next(iter(signed_in.accounts.values()))
+    return TokenOut(access_token=token, expires_in=ttl, tenant=signed_in.selected, tenants=signed_in.tenants)
 
 
 @router.post(
@@ -82,21 +93,25 @@ async def login(body: LoginIn, request: Request) -> Any:
     operation_id="select_tenant",
     summary="A new token acting for one of your tenants",
 )
-async def select_tenant(body: SelectTenantIn, request: Request, session: UserSession) -> Any:
-    tx, who = session
-    assert who.user_id is not None
-    tenants = await service.memberships(tx, who.user_id)
+async def select_tenant(body: SelectTenantIn, request: Request, who: UserPrincipal) -> Any:
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    pools = request.app.state.cells
+    accounts = accounts_of(request, who)
+    tenants = await service.all_memberships(pools, accounts)
     chosen = service.choose(tenants, body.tenant)
-    token, ttl = service.token_for(_settings(request), who.user_id, chosen, who.platform_admin)
-    await audit.record(
-        tx,
-        chosen.id,
-        "auth.tenant_selected",
-        user_id=who.user_id,
-        details={"role": chosen.role},
-        ip=client_ip(request),
-        request_id=request.state.request_id,
-    )
+    cell = chosen.cell or principal_cell(request, who)
+    token, ttl = service.token_for(_settings(request), pools, accounts, chosen, who.platform_admin)
+    async with pools.db(cell).anonymous(user_id=accounts[cell], client_ip=client_ip(request)) as tx:
+        await audit.record(
+            tx,
+            chosen.id,
+            "auth.tenant_selected",
+            user_id=accounts[cell],
+            details={"role": chosen.role},
+            ip=client_ip(request),
+            request_id=request.state.request_id,
+        )
     return TokenOut(access_token=token, expires_in=ttl, tenant=chosen, tenants=tenants)
 
 
@@ -104,7 +119,13 @@ async def select_tenant(body: SelectTenantIn, request: Request, session: UserSes
     "/me", response_model=MeOut, tags=["auth"], operation_id="get_me", summary="Who am I: user, current tenant and role"
 )
 async def me(who: CurrentPrincipal, request: Request) -> Any:
-    return await service.whoami(request.app.state.db, who)
+    return await _whoami(request, who)
+
+
+async def _whoami(request: Request, who: Principal) -> MeOut:
+    if who.tenant_id is not None:
+        await tenant_context(request, who)  # the directory must agree with the credential's cell
+    return await service.whoami(request.app.state.cells, principal_cell(request, who), accounts_of(request, who), who)
 
 
 @router.get(
@@ -115,7 +136,7 @@ async def me(who: CurrentPrincipal, request: Request) -> Any:
     summary="My tenants, with my role in each; `current` marks the one this credential acts for",
 )
 async def my_tenants(who: CurrentPrincipal, request: Request) -> Any:
-    return (await service.whoami(request.app.state.db, who)).tenants
+    return (await _whoami(request, who)).tenants
 
 
 @router.post(
@@ -131,7 +152,7 @@ async def create_api_key(body: ApiKeyCreate, request: Request, s: Admin, idempot
     # The secret is not stored with the answer: a replay shows the key without it.
     return await idempotency.create(
         s,
-        lambda last: service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body),
+        lambda last: service.create_key(s.tx, _settings(request), s.ctx.tenant_id, s.ctx.user_id, body, s.cell),
         redact=("key",),
     )
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from iafactory.emails import Email
 from iafactory.resources.types import timestamp_rules
-from iafactory.tenancy.schemas import Role
+from iafactory.tenancy.schemas import Region, Role
 
 Expiry = Annotated[datetime, timestamp_rules("Optional expiry, in the future (RFC 3339 with a time zone).")]
 
@@ -27,6 +27,11 @@ class RegisterIn(Strict):
     email: Email
     password: NewPassword
     name: str = Field(default="", max_length=255)
+    region: Region | None = Field(
+        default=None,
+        description="Where the account lives (the cell serving this region); default: the service's first cell. "
+        "An account joins tenants of its own cell.",
+    )
 
 
 class LoginIn(Strict):
@@ -44,6 +49,7 @@ class Membership(BaseModel):
     name: str
     role: Role
     status: str
+    cell: str | None = Field(default=None, description="The region cell holding the tenant's data.")
 
 
 class MyTenant(Membership):

@@ -6,6 +6,7 @@ the sign-in in a second one."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -16,8 +17,11 @@ from iafactory.audit import service as audit
 from iafactory.auth import api_keys, passwords, tokens
 from iafactory.auth.dependencies import Principal
 from iafactory.auth.schemas import ApiKeyCreate, LoginIn, Membership, MeOut, MyTenant, RegisterIn
+from iafactory.cells import directory
+from iafactory.cells.config import cell_for_region, cells
+from iafactory.cells.routing import CellPools
 from iafactory.config import Settings
-from iafactory.db.scope import Database, Transaction
+from iafactory.db.scope import Transaction
 from iafactory.http.problems import Problem
 from iafactory.observability import metrics
 from iafactory.tenancy.context import TenantContext
@@ -26,10 +30,16 @@ SELECTABLE = ("active", "trial")
 KEY_COLUMNS = "id, name, prefix, scope, created_at, expires_at, last_used_at, revoked_at"
 
 
-async def register(db: Database, settings: Settings, cpu: CpuWork, data: RegisterIn) -> dict[str, Any]:
+async def register(pools: CellPools, settings: Settings, cpu: CpuWork, data: RegisterIn) -> dict[str, Any]:
     cpu.gate.check_room(ANONYMOUS)  # a full hashing queue: refuse before doing anything
+    cell = _cell_for(pools, settings, data.region)
     hashed = await passwords.hash_password(settings, data.password, cpu)
-    async with db.anonymous() as tx:
+    if pools.directory_db is not None:
+        # Directory first: an entry whose account is missing routes a sign-in to a cell that says
+        # "wrong email or password"; the other order could leave an account nobody can reach.
+        async with pools.directory_db.anonymous() as tx:
+            await directory.record_login(tx, settings, data.email, cell)
+    async with pools.db(cell).anonymous() as tx:
         try:
             user_id = await tx.fetchval("SELECT app.register_user(%s, %s, %s)", (data.email, data.name, hashed))
         except psycopg.errors.UniqueViolation as err:
@@ -38,53 +48,110 @@ async def register(db: Database, settings: Settings, cpu: CpuWork, data: Registe
     return {"id": user_id, "email": data.email, "name": data.name, "is_platform_admin": False, "created_at": created_at}
 
 
+def _cell_for(pools: CellPools, settings: Settings, region: str | None) -> str:
+    if region is None or pools.single:
+        return pools.home
+    return cell_for_region(cells(settings), region).name
+
+
+@dataclass
+class SignedIn:
+    accounts: dict[str, int]  # the person's user id in each cell where the password matched
+    platform_admin: bool
+    tenants: list[Membership]
+    selected: Membership | None
+
+
 async def sign_in(
-    db: Database, settings: Settings, cpu: CpuWork, data: LoginIn, *, ip: str | None, request_id: str | None
-) -> tuple[dict[str, Any], list[Membership], Membership | None]:
-    """The user, their tenants, and the tenant selected for them (when they have exactly one)."""
+    pools: CellPools, settings: Settings, cpu: CpuWork, data: LoginIn, *, ip: str | None, request_id: str | None
+) -> SignedIn:
+    """Email first: the directory says in which cells the email has an account; the password is
+    checked in each (a consultant has one per cell). Their tenants, and the one selected for them
+    when they have exactly one."""
     cpu.gate.check_room(ANONYMOUS)  # a full hashing queue: refuse before reading anything
-    async with db.anonymous(read_only=True) as tx:
-        row = await tx.fetchrow("SELECT * FROM app.find_login(%s)", (data.email,))
-    ok = await passwords.verify_password(settings, row["password_hash"] if row else None, data.password, cpu)
-    if not ok or row is None:
+    found: list[tuple[str, dict[str, Any]]] = []
+    for cell in await pools.login_cells(settings, data.email):
+        async with pools.db(cell).anonymous(read_only=True) as tx:
+            row = await tx.fetchrow("SELECT * FROM app.find_login(%s)", (data.email,))
+        if row is not None:
+            found.append((cell, row))
+    matched = []
+    candidates: list[tuple[str, dict[str, Any] | None]] = [*found] or [("", None)]
+    for cell, row in candidates:
+        # Unknown emails cost a hash too, so timing does not tell who has an account.
+        hashed = row["password_hash"] if row else None
+        if await passwords.verify_password(settings, hashed, data.password, cpu) and row is not None:
+            matched.append((cell, row))
+    if not matched:
         metrics.count_login_failure("bad_credentials")
         raise Problem(401, "Unauthorized", "wrong email or password", headers={"WWW-Authenticate": "Bearer"})
-    if not row["is_active"]:
+    active = [(cell, row) for cell, row in matched if row["is_active"]]
+    if not active:
         metrics.count_login_failure("disabled")
         raise Problem(403, "Forbidden", "this account is disabled")
-    async with db.anonymous() as tx:
-        await tx.execute("SELECT app.record_login(%s)", (row["user_id"],))
-        tenants = await memberships(tx, row["user_id"])
-        open_tenants = [t for t in tenants if t.status in SELECTABLE]
-        selected = open_tenants[0] if len(tenants) == 1 and open_tenants else None
-        # Every tenant this sign-in can reach records it.
-        for tenant in tenants[:50]:
-            await audit.record(
-                tx,
-                tenant.id,
-                "auth.login",
-                user_id=row["user_id"],
-                details={"selected": selected is not None and selected.id == tenant.id},
-                ip=ip,
-                request_id=request_id,
-            )
-    return row, tenants, selected
+    tenants: list[Membership] = []
+    for cell, row in active:
+        async with pools.db(cell).anonymous() as tx:
+            await tx.execute("SELECT app.record_login(%s)", (row["user_id"],))
+            tenants.extend(await memberships(tx, row["user_id"], None if pools.single else cell))
+    open_tenants = [t for t in tenants if t.status in SELECTABLE]
+    selected = open_tenants[0] if len(tenants) == 1 and open_tenants else None
+    for cell, row in active:
+        async with pools.db(cell).anonymous() as tx:
+            # Every tenant this sign-in can reach records it, in its own cell.
+            for tenant in [t for t in tenants if t.cell in (cell, None)][:50]:
+                await audit.record(
+                    tx,
+                    tenant.id,
+                    "auth.login",
+                    user_id=row["user_id"],
+                    details={"selected": selected is not None and selected.id == tenant.id},
+                    ip=ip,
+                    request_id=request_id,
+                )
+    return SignedIn(
+        {cell: row["user_id"] for cell, row in active},
+        any(row["is_platform_admin"] for _, row in active),
+        tenants,
+        selected,
+    )
 
 
-async def memberships(tx: Transaction, user_id: int) -> list[Membership]:
+async def memberships(tx: Transaction, user_id: int, cell: str | None = None) -> list[Membership]:
     rows = await tx.fetch("SELECT * FROM app.user_memberships(%s)", (user_id,))
     return [
-        Membership(id=r["tenant_id"], slug=r["slug"], name=r["name"], role=r["role"], status=r["status"]) for r in rows
+        Membership(id=r["tenant_id"], slug=r["slug"], name=r["name"], role=r["role"], status=r["status"], cell=cell)
+        for r in rows
     ]
 
 
-def token_for(settings: Settings, user_id: int, tenant: Membership | None, platform_admin: bool) -> tuple[str, int]:
+async def all_memberships(pools: CellPools, accounts: dict[str, int]) -> list[Membership]:
+    """A person's tenants in every cell where they have an account."""
+    out: list[Membership] = []
+    for cell, user_id in accounts.items():
+        async with pools.db(cell).anonymous(user_id=user_id, read_only=True) as tx:
+            out.extend(await memberships(tx, user_id, None if pools.single else cell))
+    return out
+
+
+def token_for(
+    settings: Settings,
+    pools: CellPools,
+    accounts: dict[str, int],
+    tenant: Membership | None,
+    platform_admin: bool,
+) -> tuple[str, int]:
+    """A token acting for `tenant` (its cell and the user's id there), or for no tenant yet (the
+    first cell's account). It lists every account of a person with several, for select-tenant."""
+    cell = (tenant.cell if tenant else None) or next(iter(accounts))
     return tokens.issue(
         settings,
-        user_id,
+        accounts[cell],
         tenant_id=tenant.id if tenant else None,
         role=tenant.role if tenant else None,
         platform_admin=platform_admin,
+        cell=cell,
+        accounts=accounts,
     )
 
 
@@ -103,9 +170,14 @@ def choose(tenants: list[Membership], wanted: str) -> Membership:
 
 
 async def create_key(
-    tx: Transaction, settings: Settings, tenant_id: UUID, user_id: int | None, data: ApiKeyCreate
+    tx: Transaction,
+    settings: Settings,
+    tenant_id: UUID,
+    user_id: int | None,
+    data: ApiKeyCreate,
+    cell: str | None = None,
 ) -> dict[str, Any]:
-    key, prefix = api_keys.generate(settings)
+    key, prefix = api_keys.generate(settings, cell)
     row = await tx.fetchrow(
         f"""INSERT INTO api_keys (tenant_id, name, prefix, key_hash, scope, created_by, expires_at)
             VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {KEY_COLUMNS}""",
@@ -132,15 +204,20 @@ async def revoke_key(tx: Transaction, tenant_id: UUID, key_id: UUID) -> bool:
     return await tx.fetchval("SELECT count(*) FROM api_keys WHERE tenant_id = %s AND id = %s", (tenant_id, key_id)) > 0
 
 
-async def whoami(db: Database, who: Principal) -> MeOut:
-    """The caller, all their tenants (the one this credential acts for marked `current`) and, with
-    a tenant selected, their current role (re-checked by the same gate as every tenant request)."""
+async def whoami(pools: CellPools, cell: str, accounts: dict[str, int], who: Principal) -> MeOut:
+    """The caller, all their tenants in every cell (the one this credential acts for marked
+    `current`) and, with a tenant selected, their current role (re-checked by the same gate as
+    every tenant request). The caller has checked that `cell` holds the credential's tenant."""
+    db = pools.db(cell)
     user_sql = "SELECT id, email, name, is_platform_admin, created_at FROM users WHERE id = %s"
+    label = None if pools.single else cell
+    others = {c: u for c, u in accounts.items() if c != cell}
+    elsewhere = await all_memberships(pools, others) if others else []
     if who.tenant_id is None:
         async with db.anonymous(user_id=who.user_id, read_only=True) as tx:
             user = await tx.fetchrow(user_sql, (who.user_id,))
-            tenants = await memberships(tx, who.user_id) if who.user_id else []
-        return MeOut(user=user, tenant=None, role=None, tenants=_marked(tenants, None))
+            tenants = await memberships(tx, who.user_id, label) if who.user_id else []
+        return MeOut(user=user, tenant=None, role=None, tenants=_marked([*tenants, *elsewhere], None))
     ctx = TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id)
     async with db.tenant(ctx, read_only=True, gate=("SELECT app.authorize(%s, %s)", ("viewer", False))) as tx:
         tenant = await tx.fetchrow("SELECT id, slug, name, status FROM tenants WHERE id = %s", (who.tenant_id,))
@@ -149,13 +226,13 @@ async def whoami(db: Database, who: Principal) -> MeOut:
             role = await tx.fetchval(
                 "SELECT role FROM tenant_users WHERE tenant_id = %s AND user_id = %s", (who.tenant_id, who.user_id)
             )
-            tenants = await memberships(tx, who.user_id)
+            tenants = [*await memberships(tx, who.user_id, label), *elsewhere]
         else:
             user, role = None, "member" if who.key_scope == "write" else "viewer"
             tenants = []
     assert tenant is not None  # the gate refused otherwise
     membership = Membership(
-        id=tenant["id"], slug=tenant["slug"], name=tenant["name"], role=role, status=tenant["status"]
+        id=tenant["id"], slug=tenant["slug"], name=tenant["name"], role=role, status=tenant["status"], cell=label
     )
     if who.user_id is None:
         tenants = [membership]  # an API key belongs to exactly one tenant

@@ -35,6 +35,10 @@ class TokenClaims:
     role: str | None
     platform_admin: bool
     expires_at: float = 0.0
+    # The cell holding the user `user_id` (and the tenant): None in tokens from before cells.
+    cell: str | None = None
+    # A person with accounts in several cells: (cell, user id) of each, for select-tenant.
+    accounts: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ def issue(
     tenant_id: uuid.UUID | None = None,
     role: str | None = None,
     platform_admin: bool = False,
+    cell: str | None = None,
+    accounts: dict[str, int] | None = None,
 ) -> tuple[str, int]:
     now = int(time.time())
     ttl = settings.access_token_ttl_seconds
@@ -98,6 +104,10 @@ def issue(
         claims["role"] = role
     if platform_admin:
         claims["platform_admin"] = True
+    if cell is not None:
+        claims["cell"] = cell
+    if accounts and len(accounts) > 1:
+        claims["accounts"] = accounts
     key = keyring(settings).current
     return jwt.encode(claims, key.secret, algorithm=ALGORITHM, headers={"kid": key.kid}), ttl
 
@@ -162,10 +172,14 @@ def _verify(settings: Settings, ring: Keyring, token: str) -> tuple[TokenClaims,
         lifetime = float(claims["exp"]) - float(claims["iat"])
         user_id = int(claims["sub"])
         tenant_id = uuid.UUID(claims["tenant_id"]) if claims.get("tenant_id") else None
-    except (ValueError, TypeError) as err:
+        cell = claims.get("cell")
+        if cell is not None and not isinstance(cell, str):
+            raise TypeError("cell")
+        accounts = tuple(sorted((str(c), int(u)) for c, u in (claims.get("accounts") or {}).items()))
+    except (ValueError, TypeError, AttributeError) as err:
         raise InvalidToken("invalid token: malformed claims") from err
     if lifetime > settings.jwt_max_token_lifetime_seconds:
         raise InvalidToken(f"token lifetime exceeds the maximum of {settings.jwt_max_token_lifetime_seconds} s")
     return TokenClaims(
-        user_id, tenant_id, claims.get("role"), bool(claims.get("platform_admin")), float(claims["exp"])
+        user_id, tenant_id, claims.get("role"), bool(claims.get("platform_admin")), float(claims["exp"]), cell, accounts
     ), signer

@@ -21,6 +21,8 @@ from iafactory.tenancy.schemas import Region
 
 REGIONS: tuple[str, ...] = get_args(Region)
 DEFAULT_CELL = "default"
+# With cells configured, the DATABASE_URL database: routing facts only, and it serves no region.
+DIRECTORY = "directory"
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _KEYS = {"url", "app_url", "regions"}
 ENV = "IAFACTORY_CELLS"
@@ -58,6 +60,8 @@ def cells(settings: Settings) -> dict[str, Cell]:
     found: dict[str, Cell] = {}
     served_by: dict[str, str] = {}
     for name, spec in raw.items():
+        if name == DIRECTORY:
+            raise ConfigError(f"{ENV}: {DIRECTORY!r} names the directory (DATABASE_URL), not a cell")
         found[name] = cell = _cell(name, spec)
         for region in cell.regions:
             if region in served_by:
@@ -94,6 +98,12 @@ def _cell(name: str, spec: Any) -> Cell:
     return Cell(name, url, app_url, tuple(regions))
 
 
+def directory_cell() -> Cell:
+    """The directory as a migration target: the DATABASE_URL (or embedded) database, serving no region,
+    so that its tenants table refuses every tenant."""
+    return Cell(DIRECTORY, None, None, ())
+
+
 def cell_for_region(all_cells: dict[str, Cell], region: str) -> Cell:
     for cell in all_cells.values():
         if region in cell.regions:
@@ -102,15 +112,9 @@ def cell_for_region(all_cells: dict[str, Cell], region: str) -> Cell:
 
 
 def serving_problem(settings: Settings) -> str | None:
-    """Why this process cannot serve requests with the cells configured, or None.
-
-    Routing requests between cells needs the directory (tenant -> cell, login email -> cells),
-    which is not built yet. Until then each cell runs its own service: DATABASE_URL set to the
-    cell, IAFACTORY_CELLS unset (the cell's database keeps the regions `migrate` recorded)."""
-    if not settings.cells:
-        return None
-    return (
-        f"{ENV} is set: one service for several cells needs the cell directory, which is not built yet; "
-        "run one `iafactory serve` (and `iafactory worker`) per cell with DATABASE_URL set to that cell "
-        f"and {ENV} unset"
-    )
+    """Why this process cannot serve requests with the cells configured (a bad IAFACTORY_CELLS), or None."""
+    try:
+        cells(settings)
+    except ConfigError as err:
+        return str(err)
+    return None

@@ -10,8 +10,11 @@ from __future__ import annotations
 from uuid import UUID
 
 import psycopg
+import psycopg.conninfo
+import psycopg.sql
 
-from iafactory.cells.config import Cell, cells
+from iafactory.cells import directory
+from iafactory.cells.config import Cell, cells, directory_cell
 from iafactory.config import Settings
 from iafactory.db import server
 from iafactory.db.migrate import MigrationError
@@ -58,10 +61,50 @@ async def record_regions(conn: Conn, cell: Cell) -> None:
         )
 
 
-async def find_tenant(settings: Settings, slug: str) -> tuple[Cell, Tenant]:
-    """The cell holding the tenant `slug`, asked of every cell (operators only; a slug is unique
-    across cells, which each cell's creation path checks). TenantNotFound when none has it."""
-    for cell in cells(settings).values():
+async def ensure_database(url: str) -> bool:
+    """Create a cell's database when its server answers but the database does not exist yet (the
+    demo's cells on the embedded server; a new region's cell). True when it was created."""
+    try:
+        async with await server_connect(url):
+            return False
+    except psycopg.errors.InvalidCatalogName:
+        pass
+    dbname = psycopg.conninfo.conninfo_to_dict(url).get("dbname")
+    async with await server_connect(server.with_database(url, "postgres")) as conn:
+        try:
+            await conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(str(dbname))))
+        except psycopg.errors.DuplicateDatabase:
+            return False
+    return True
+
+
+async def server_connect(url: str) -> psycopg.AsyncConnection:
+    return await psycopg.AsyncConnection.connect(url, autocommit=True)
+
+
+async def sync_directory(settings: Settings, cell: Cell) -> dict[str, int]:
+    """Register in the directory every tenant and login `cell` holds (see directory.sync_from_cell)."""
+    async with (
+        operator_transaction(admin_url(settings, directory_cell())) as dir_tx,
+        operator_transaction(admin_url(settings, cell)) as cell_tx,
+    ):
+        return await directory.sync_from_cell(dir_tx, cell_tx, settings, cell.name)
+
+
+async def find_tenant(settings: Settings, slug: str, *, fan_out: bool = False) -> tuple[Cell, Tenant]:
+    """The cell holding the tenant `slug`, as the directory says (operators only), or asked of
+    every cell with `fan_out` (a tenant the directory does not know yet: just imported).
+    TenantNotFound when none has it."""
+    configured = cells(settings)
+    if settings.cells is not None and not fan_out:
+        async with operator_transaction(admin_url(settings, directory_cell())) as dtx:
+            found = await directory.route(dtx, slug=slug)
+        if found is None or found.cell not in configured:
+            raise tenancy.TenantNotFound(f"no tenant with slug {slug!r}")
+        cell = configured[found.cell]
+        async with operator_transaction(admin_url(settings, cell)) as tx:
+            return cell, await tenancy.get_tenant(tx, slug=slug)
+    for cell in configured.values():
         async with operator_transaction(admin_url(settings, cell)) as tx:
             try:
                 return cell, await tenancy.get_tenant(tx, slug=slug)

@@ -8,7 +8,7 @@ import psycopg
 import typer
 
 from iafactory.cells import service as cell_service
-from iafactory.cells.config import cells
+from iafactory.cells.config import DIRECTORY, Cell, cells, directory_cell
 from iafactory.cli import CliError, admin_url, app, console, err_console, print_error, print_table, run
 from iafactory.config import Settings, get_settings
 from iafactory.db import citus, server
@@ -37,14 +37,17 @@ async def migrate_command(
     settings = get_settings()
     configured = cells(settings)  # a bad IAFACTORY_CELLS stops here, before any database is touched
     several = settings.cells is not None
-    for cell in configured.values():
+    targets = [directory_cell(), *configured.values()] if several else list(configured.values())
+    for cell in targets:
         url = cell_service.admin_url(settings, cell)
-        label = f" — cell {cell.name} ({', '.join(cell.regions)})" if several else ""
+        if several and cell.url is not None and not (check or dry_run) and await cell_service.ensure_database(url):
+            console.print(f"created database {server.redact(url)}")
+        label = f" — {_cell_label(cell)}" if several else ""
         if check or dry_run:
             await _report(url, label, version, check=check, dry_run=dry_run)
             continue
         if several:
-            console.print(f"[bold]cell {cell.name}[/bold] ({', '.join(cell.regions)}): {server.redact(url)}")
+            console.print(f"[bold]{_cell_label(cell)}[/bold]: {server.redact(url)}")
 
         def started(m: migrations.Migration) -> None:
             console.print(f"applying {m.filename} ...", end=" ")
@@ -62,6 +65,15 @@ async def migrate_command(
         )
         if not applied:
             console.print(f"{version} is already applied." if version else "Database is up to date.")
+        if several and cell.url is not None and version is None:
+            counts = await cell_service.sync_directory(settings, cell)
+            console.print(f"directory: {counts['tenants']} tenants and {counts['logins']} logins of {cell.name}")
+
+
+def _cell_label(cell: Cell) -> str:
+    if cell.name == DIRECTORY:
+        return "directory (no tenant data; serves no region)"
+    return f"cell {cell.name} ({', '.join(cell.regions)})"
 
 
 async def _report(url: str, label: str, version: str | None, *, check: bool, dry_run: bool) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import typer
 
-from iafactory.cells.config import serving_problem
-from iafactory.cli import CliError, admin_url, app, console, run
+from iafactory.app import cell_pools
+from iafactory.cli import admin_url, app, console, run
 from iafactory.config import get_settings
 from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
@@ -29,13 +29,14 @@ async def worker_command(
 ) -> None:
     """Index knowledge-base documents in the background (several workers may run at once)."""
     settings = get_settings()
-    if problem := serving_problem(settings):
-        raise CliError(problem)
-    db = bootstrap.database(settings, admin_url())
-    async with db:
+    pools = cell_pools(settings)  # with IAFACTORY_CELLS, one queue per cell: this worker serves them all
+    await pools.open()
+    try:
         model = embedder(settings)
         if once:
-            done = await worker.drain(db, model, lease_seconds=settings.worker_lease_seconds)
+            done = 0
+            for db in pools.dbs.values():
+                done += await worker.drain(db, model, lease_seconds=settings.worker_lease_seconds)
             console.print(f"ran {done} job(s)")
             return
         stop = asyncio.Event()
@@ -46,7 +47,14 @@ async def worker_command(
         console.print(f"worker started (embedder: {model.model_id or 'none'}); Ctrl-C to stop")
         # A long-running service like `serve`: its lines in the same format (JSON by default).
         logs.configure(settings.log_format, settings.log_level)
-        await worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
+        await asyncio.gather(
+            *(
+                worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
+                for db in pools.dbs.values()
+            )
+        )
+    finally:
+        await pools.close()
 
 
 @knowledge_app.command("reembed")

@@ -26,7 +26,7 @@ async def search(body: SearchIn, request: Request, who: CurrentPrincipal) -> Any
     # A search reads only: read API keys may search, and the transactions are read-only.
     # 1. Authorize and count it against the rate limit (one round trip), so that a refused caller
     #    costs no embedding; 2. embed the query with no connection held; 3. search.
-    ctx = tenant_context(request, who)
+    ctx = await tenant_context(request, who)
     cpu = request.app.state.load.embedding
     if body.mode != "keyword":
         cpu.gate.check_room(ctx.tenant_id)  # this tenant's embedding queue is full: refuse before any work

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+from uuid import uuid4
 
 import typer
 from pydantic import TypeAdapter, ValidationError
 
 from iafactory.auth.passwords import hash_password
 from iafactory.auth.schemas import NewPassword
+from iafactory.cells import directory
 from iafactory.cells import service as cell_service
-from iafactory.cells.config import Cell, cell_for_region, cells
+from iafactory.cells.config import Cell, cell_for_region, cells, directory_cell
 from iafactory.cli import CliError, app, console, parse_json_option, print_table, run
 from iafactory.config import Settings, get_settings
 from iafactory.db.scope import operator_transaction
@@ -56,28 +59,48 @@ async def create_command(
     config = get_settings()
     all_cells = cells(config)
     cell = cell_for_region(all_cells, data.region)
-    if len(all_cells) > 1:
-        await _slug_free_elsewhere(config, data.slug, cell)
-    async with operator_transaction(cell_service.admin_url(config, cell)) as tx:
-        tenant = await service.create_tenant(tx, data)
-    where = f" (cell {cell.name})" if len(all_cells) > 1 else ""
+    several = config.cells is not None
+    if several:
+        tenant = await _create_in_cell(config, cell, data)
+    else:
+        async with operator_transaction(cell_service.admin_url(config, cell)) as tx:
+            tenant = await service.create_tenant(tx, data)
+    where = f" (cell {cell.name})" if several else ""
     console.print(
         f"created tenant {tenant.slug} ({tenant.id}) in {tenant.region}{where}, plan {tenant.plan}, {tenant.status}"
     )
 
 
-async def _slug_free_elsewhere(settings: Settings, slug: str, target: Cell) -> None:
-    """Slugs name tenants across cells (the CLI and the API find a tenant by slug). Each cell keeps
-    its own slugs unique; the other cells are asked here."""
-    for cell in cells(settings).values():
-        if cell.name == target.name:
-            continue
+async def _create_in_cell(settings: Settings, cell: Cell, data: TenantCreate) -> Tenant:
+    """Directory first (a slug names one tenant across cells there), then the tenant's cell; a
+    refusal by the cell takes the directory row back."""
+    tenant_id = uuid4()
+    route = directory.Route(tenant_id, data.slug, data.region, cell.name, data.plan, data.status)
+    try:
+        async with operator_transaction(_directory_url(settings)) as dtx:
+            await directory.record_tenant(dtx, route)
+    except directory.DirectoryError as err:
+        raise CliError(str(err)) from err
+    try:
         async with operator_transaction(cell_service.admin_url(settings, cell)) as tx:
-            try:
-                await service.get_tenant(tx, slug=slug)
-            except service.TenantNotFound:
-                continue
-        raise CliError(f"slug {slug!r} is already taken (in cell {cell.name})")
+            return await service.create_tenant(tx, data, tenant_id=tenant_id)
+    except BaseException:
+        async with operator_transaction(_directory_url(settings)) as dtx:
+            await directory.forget_tenant(dtx, tenant_id)
+        raise
+
+
+def _directory_url(settings: Settings) -> str:
+    return cell_service.admin_url(settings, directory_cell())
+
+
+async def _register_in_directory(settings: Settings, slug: str) -> None:
+    """After an import: the directory routes the tenant to the cell that now holds it."""
+    cell, tenant = await cell_service.find_tenant(settings, slug, fan_out=True)
+    async with operator_transaction(_directory_url(settings)) as dtx:
+        await directory.record_tenant(
+            dtx, directory.Route(tenant.id, tenant.slug, tenant.region, cell.name, tenant.plan, tenant.status)
+        )
 
 
 @tenants_app.command("list")
@@ -92,11 +115,22 @@ async def list_command(
     filters = TenantFilters.model_validate({"region": region, "plan": plan, "status": status})
     settings = get_settings()
     found: list[tuple[str, Tenant]] = []
+    placed: dict[Any, str] | None = None
+    if settings.cells is not None:
+        # The directory says which tenants exist and where; each cell holds their details.
+        async with operator_transaction(_directory_url(settings)) as dtx:
+            placed = {r["tenant_id"]: r["cell"] for r in await directory.routes(dtx, filters, limit=1_000_000)}
     for cell in cells(settings).values():
         if filters.region is not None and filters.region not in cell.regions:
             continue  # the database would refuse such a tenant anyway
+        if placed is not None and cell.name not in placed.values():
+            continue
         async with operator_transaction(cell_service.admin_url(settings, cell)) as tx:
-            found.extend((cell.name, t) for t in await service.list_tenants(tx, filters))
+            found.extend(
+                (cell.name, t)
+                for t in await _all_tenants(tx, filters)
+                if placed is None or placed.get(t.id) == cell.name
+            )
     found.sort(key=lambda item: (item[1].created_at, str(item[1].id)))
     if as_json:
         for cell_name, t in found:
@@ -107,6 +141,16 @@ async def list_command(
         ["slug", "name", "region", "cell", "plan", "status", "admin email", "id"],
         [[t.slug, t.name, t.region, cell_name, t.plan, t.status, t.admin_email, t.id] for cell_name, t in found],
     )
+
+
+async def _all_tenants(tx: Any, filters: TenantFilters) -> list[Tenant]:
+    out: list[Tenant] = []
+    while True:
+        after = (out[-1].created_at, out[-1].id) if out else None
+        page = await service.list_tenants(tx, filters, limit=1000, after=after)
+        out.extend(page)
+        if len(page) < 1000:
+            return out
 
 
 @tenants_app.command("add-user")
@@ -141,7 +185,14 @@ async def add_user_command(
         except ValidationError as err:
             raise CliError(f"--password-stdin: {err.errors()[0]['msg'].lower()}") from err
         password_hash = await hash_password(get_settings(), password)
-    async with operator_transaction(await _tenant_admin_url(slug)) as tx:
+    settings = get_settings()
+    url = await _tenant_admin_url(slug)
+    if settings.cells is not None:
+        # Directory first: the person signs in through it (a hash of the email, never the email).
+        cell, _ = await cell_service.find_tenant(settings, slug)
+        async with operator_transaction(_directory_url(settings)) as dtx:
+            await directory.record_login(dtx, settings, checked_email, cell.name)
+    async with operator_transaction(url) as tx:
         result = await service.add_member(tx, slug, checked_email, checked_role, name=name, password_hash=password_hash)
         if result["user_created"] and password_hash is None:
             # Raised inside the transaction: the account and the membership are rolled back.
@@ -194,7 +245,13 @@ async def erase_command(
     confirm: str = typer.Option(..., "--confirm", help="Repeat the slug to confirm: this cannot be undone."),
 ) -> None:
     """Erase every row of a tenant from every tenant table, in one transaction, and prove it."""
+    settings = get_settings()
     deleted = await portability.erase_tenant(await _tenant_admin_url(slug), slug, confirm)
+    if settings.cells is not None:
+        async with operator_transaction(_directory_url(settings)) as dtx:
+            found = await directory.route(dtx, slug=slug)
+            if found is not None:
+                await directory.forget_tenant(dtx, found.tenant_id)
     console.print(
         f"erased {sum(deleted.values())} rows of {slug} from {len(deleted)} tables; "
         "verified: no tenant table holds a row of it"
@@ -213,6 +270,9 @@ async def import_command(
     bar, update = _progress_bar()
     with bar:
         imported = await portability.import_tenant(await _archive_admin_url(archive, into), archive, into, update)
+    settings = get_settings()
+    if settings.cells is not None:
+        await _register_in_directory(settings, into or portability.read_archive(archive)[0]["tenant"]["slug"])
     console.print(f"imported {sum(imported.values())} rows into {len(imported)} tables")
 
 
@@ -237,5 +297,7 @@ async def _archive_admin_url(archive: Path, into: str | None) -> str:
     if into is None:
         return await _tenant_admin_url(manifest["tenant"]["slug"])
     cell = cell_for_region(all_cells, manifest["tenant"]["region"])
-    await _slug_free_elsewhere(settings, into, cell)
+    async with operator_transaction(_directory_url(settings)) as dtx:
+        if await directory.route(dtx, slug=into) is not None:
+            raise CliError(f"slug {into!r} is already taken")
     return cell_service.admin_url(settings, cell)

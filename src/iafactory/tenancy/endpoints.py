@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import Path, Query, Response
+from fastapi import Path, Query, Request, Response
 from psycopg.types.json import Jsonb
 
-from iafactory.auth.dependencies import Admin, Owner, UserSession, Viewer
+from iafactory.auth.dependencies import (
+    Admin,
+    Owner,
+    Principal,
+    UserPrincipal,
+    Viewer,
+    principal_cell,
+    user_transaction,
+)
+from iafactory.cells import directory
+from iafactory.cells.config import cell_for_region, cells
+from iafactory.cells.routing import CellPools
 from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import Problem, invalid, not_found
 from iafactory.http.rendering import api_router
@@ -126,27 +139,63 @@ async def remove_member(user_id: MemberId, s: Admin) -> Response:
 # --- platform administration -------------------------------------------------------------------
 
 
+def _pools(request: Request) -> CellPools:
+    return request.app.state.cells
+
+
+async def _route(request: Request, tenant_id: UUID) -> str:
+    """The cell holding `tenant_id` (404 when the directory does not know it)."""
+    route = await _pools(request).route(tenant_id, fresh=True)
+    if route is None:
+        raise not_found("tenant", tenant_id)
+    return route.cell
+
+
+async def _directory_update(request: Request, tenant: Tenant) -> None:
+    pools = _pools(request)
+    if pools.directory_db is not None:
+        async with pools.directory_db.anonymous() as dtx:
+            await directory.update_tenant(dtx, tenant.id, plan=tenant.plan, status=tenant.status)
+        pools.forget(tenant.id)
+
+
 @router.get(
     "/admin/tenants",
     response_model=Page[Tenant],
     tags=["platform"],
     operation_id="admin_list_tenants",
-    summary="All tenants (platform admin)",
+    summary="All tenants (platform admin); with region cells, from the directory",
 )
 async def admin_list_tenants(
-    session: UserSession,
+    request: Request,
+    who: UserPrincipal,
     region: Region | None = None,
     plan: Plan | None = None,
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: Cursor = None,
 ) -> Any:
-    tx, _ = session
     after = decode(cursor, UUID) if cursor else None
-    # Oldest first here (a stable registry order); the cursor still encodes (created_at, id).
-    rows = await service.list_tenants(
-        tx, TenantFilters(region=region, plan=plan, status=status), limit=limit + 1, after=after
-    )
+    filters = TenantFilters(region=region, plan=plan, status=status)
+    pools = _pools(request)
+    if pools.directory_db is None:
+        async with user_transaction(request, who, pools.home) as tx:
+            # Oldest first here (a stable registry order); the cursor still encodes (created_at, id).
+            rows = await service.list_tenants(tx, filters, limit=limit + 1, after=after)
+    else:
+        # The directory gives the page; each cell then fills in its own tenants' details.
+        async with user_transaction(request, who, principal_cell(request, who)) as tx:
+            await tx.execute("SELECT app.assert_platform_operator()")
+        async with pools.directory_db.anonymous(read_only=True) as dtx:
+            page = await directory.routes(dtx, filters, limit=limit + 1, after=after)
+        found: dict[UUID, Tenant] = {}
+        for cell in dict.fromkeys(r["cell"] for r in page):
+            async with user_transaction(request, who, cell) as tx:
+                for r in page:
+                    if r["cell"] == cell:
+                        with contextlib.suppress(service.TenantNotFound):
+                            found[r["tenant_id"]] = await service.get_tenant(tx, tenant_id=r["tenant_id"])
+        rows = [found[r["tenant_id"]] for r in page if r["tenant_id"] in found]
     items, next_cursor = page_of([r.model_dump() for r in rows], limit)
     return {"items": items, "next_cursor": next_cursor}
 
@@ -157,15 +206,39 @@ async def admin_list_tenants(
     response_model=Tenant,
     tags=["platform"],
     operation_id="admin_create_tenant",
-    summary="Create a tenant (platform admin)",
+    summary="Create a tenant (platform admin), in the cell serving its region",
     responses={409: {"description": "The slug is taken (application/problem+json)"}},
 )
-async def admin_create_tenant(body: TenantCreate, session: UserSession) -> Any:
-    tx, _ = session
+async def admin_create_tenant(body: TenantCreate, request: Request, who: UserPrincipal) -> Any:
+    pools = _pools(request)
+    cell = pools.home if pools.single else cell_for_region(cells(request.app.state.settings), body.region).name
     try:
-        return await service.create_tenant(tx, body)
-    except service.TenantError as err:
+        if pools.directory_db is None:
+            async with user_transaction(request, who, cell) as tx:
+                return await service.create_tenant(tx, body)
+        return await _create_in_cell(request, who, pools, cell, body)
+    except (service.TenantError, directory.DirectoryError) as err:
         raise Problem(409, "Conflict", str(err), type_="conflict") from err
+
+
+async def _create_in_cell(request: Request, who: Principal, pools: CellPools, cell: str, body: TenantCreate) -> Tenant:
+    """Directory first (the slug is unique across cells there), then the cell; a refusal by the
+    cell takes the directory row back."""
+    assert pools.directory_db is not None
+    async with user_transaction(request, who, cell) as tx:
+        await tx.execute("SELECT app.assert_platform_operator()")  # refuse before touching the directory
+    tenant_id = uuid.uuid4()
+    route = directory.Route(tenant_id, body.slug, body.region, cell, body.plan, body.status)
+    async with pools.directory_db.anonymous() as dtx:
+        await directory.record_tenant(dtx, route)
+    try:
+        async with user_transaction(request, who, cell) as tx:
+            tenant = await service.create_tenant(tx, body, tenant_id=tenant_id)
+    except BaseException:
+        async with pools.directory_db.anonymous() as dtx:
+            await directory.forget_tenant(dtx, tenant_id)
+        raise
+    return tenant
 
 
 @router.get(
@@ -175,12 +248,12 @@ async def admin_create_tenant(body: TenantCreate, session: UserSession) -> Any:
     operation_id="admin_get_tenant",
     summary="One tenant (platform admin)",
 )
-async def admin_get_tenant(tenant_id: UUID, session: UserSession) -> Any:
-    tx, _ = session
-    try:
-        return await service.get_tenant(tx, tenant_id=tenant_id)
-    except service.TenantNotFound as err:
-        raise not_found("tenant", tenant_id) from err
+async def admin_get_tenant(tenant_id: UUID, request: Request, who: UserPrincipal) -> Any:
+    async with user_transaction(request, who, await _route(request, tenant_id)) as tx:
+        try:
+            return await service.get_tenant(tx, tenant_id=tenant_id)
+        except service.TenantNotFound as err:
+            raise not_found("tenant", tenant_id) from err
 
 
 @router.patch(
@@ -190,15 +263,16 @@ async def admin_get_tenant(tenant_id: UUID, session: UserSession) -> Any:
     operation_id="admin_update_tenant",
     summary="Change a tenant's plan or status (platform admin)",
 )
-async def admin_update_tenant(tenant_id: UUID, body: AdminTenantUpdate, session: UserSession) -> Any:
-    tx, _ = session
-    try:
-        tenant = await service.update_tenant(tx, tenant_id, plan=body.plan, status=body.status)
-        if body.limits is not None:
-            tenant = await service.set_limits(tx, tenant_id, body.limits.model_dump(exclude_none=True))
-        return tenant
-    except service.TenantNotFound as err:
-        raise not_found("tenant", tenant_id) from err
+async def admin_update_tenant(tenant_id: UUID, body: AdminTenantUpdate, request: Request, who: UserPrincipal) -> Any:
+    async with user_transaction(request, who, await _route(request, tenant_id)) as tx:
+        try:
+            tenant = await service.update_tenant(tx, tenant_id, plan=body.plan, status=body.status)
+            if body.limits is not None:
+                tenant = await service.set_limits(tx, tenant_id, body.limits.model_dump(exclude_none=True))
+        except service.TenantNotFound as err:
+            raise not_found("tenant", tenant_id) from err
+    await _directory_update(request, tenant)
+    return tenant
 
 
 @router.post(
@@ -208,6 +282,6 @@ async def admin_update_tenant(tenant_id: UUID, body: AdminTenantUpdate, session:
     operation_id="admin_grant_credits",
     summary="Grant credits to a tenant (platform admin; idempotent)",
 )
-async def admin_grant_credits(tenant_id: UUID, body: CreditGrant, session: UserSession) -> Any:
-    tx, _ = session
-    return await service.grant_credits(tx, tenant_id, body.amount, body.reason, body.idempotency_key, body.kind)
+async def admin_grant_credits(tenant_id: UUID, body: CreditGrant, request: Request, who: UserPrincipal) -> Any:
+    async with user_transaction(request, who, await _route(request, tenant_id)) as tx:
+        return await service.grant_credits(tx, tenant_id, body.amount, body.reason, body.idempotency_key, body.kind)

@@ -8,7 +8,7 @@ owns the transaction; nothing here commits.
 from __future__ import annotations
 
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -41,10 +41,12 @@ def tenant_values(data: TenantCreate) -> tuple[Any, ...]:
     )
 
 
-async def create_tenant(tx: Transaction, data: TenantCreate) -> Tenant:
+async def create_tenant(tx: Transaction, data: TenantCreate, *, tenant_id: UUID | None = None) -> Tenant:
+    """`tenant_id`: an id chosen before (the directory's); default: a new random one."""
     try:
         row = await tx.fetchrow(
-            "SELECT * FROM platform.tenant_create(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", tenant_values(data)
+            "SELECT * FROM platform.tenant_create(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (*tenant_values(data), tenant_id or uuid4()),
         )
     except psycopg.errors.UniqueViolation as err:
         raise TenantError(f"slug {data.slug!r} is already taken") from err
