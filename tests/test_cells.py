@@ -152,7 +152,18 @@ def test_migrate_create_list_and_find_tenants_across_two_cells(two_cells: dict[s
             assert {r for (r, c) in conn.execute("SELECT region, cell FROM cell_regions") if c == cell} == regions
 
     for slug, region in (("ecole-alger", "DZ"), ("cabinet-geneve", "CH"), ("etude-paris", "FR")):
-        made = run_cli("tenants", "create", "--name", slug, "--slug", slug, "--region", region, db_url=two_cells["directory"], env=env)
+        made = run_cli(
+            "tenants",
+            "create",
+            "--name",
+            slug,
+            "--slug",
+            slug,
+            "--region",
+            region,
+            db_url=two_cells["directory"],
+            env=env,
+        )
         assert made.returncode == 0, made.stderr
         assert f"in {region} (cell {'dz' if region == 'DZ' else 'eu'})" in made.stdout
     # Migration 006's system tenant (CH) stays in the cell serving CH; the DZ cell dropped it, empty.
@@ -160,7 +171,18 @@ def test_migrate_create_list_and_find_tenants_across_two_cells(two_cells: dict[s
     assert tenant_slugs(two_cells["eu"]) == {"system-default", "cabinet-geneve", "etude-paris"}
 
     # A slug names one tenant across cells.
-    taken = run_cli("tenants", "create", "--name", "x", "--slug", "ecole-alger", "--region", "CH", db_url=two_cells["directory"], env=env)
+    taken = run_cli(
+        "tenants",
+        "create",
+        "--name",
+        "x",
+        "--slug",
+        "ecole-alger",
+        "--region",
+        "CH",
+        db_url=two_cells["directory"],
+        env=env,
+    )
     assert taken.returncode == 1 and taken.stderr.strip() == "error: slug 'ecole-alger' is already taken"
     assert tenant_slugs(two_cells["eu"]) == {"system-default", "cabinet-geneve", "etude-paris"}
 
