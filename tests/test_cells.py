@@ -243,3 +243,24 @@ def test_a_bad_cells_variable_stops_migrate_before_any_database_is_touched(empty
     )
     with psycopg.connect(empty_db, autocommit=True) as conn:
         assert conn.execute("SELECT to_regclass('public.schema_migrations')").fetchone()[0] is None
+
+
+def test_operator_commands_over_all_tenants_cover_every_cell(two_cells: dict[str, str]) -> None:
+    env = cells_env(two_cells)
+    directory = two_cells["directory"]
+    assert run_cli("migrate", db_url=directory, env=env).returncode == 0
+    for slug, region in (("ecole-oran", "DZ"), ("etude-lyon", "FR")):
+        made = run_cli(
+            "tenants", "create", "--name", slug, "--slug", slug, "--region", region, db_url=directory, env=env
+        )
+        assert made.returncode == 0, made.stderr
+    granted = run_cli("billing", "grant-monthly", db_url=directory, env=env)
+    assert granted.returncode == 0, granted.stderr
+    assert "ecole-oran" in granted.stdout and "etude-lyon" in granted.stdout
+    one = run_cli("billing", "grant", "ecole-oran", "5", "--reason", "geste", db_url=directory, env=env)
+    assert one.returncode == 0 and "ecole-oran balance is now" in one.stdout, one.stderr
+    verified = run_cli("verify", db_url=directory, env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "cell dz:" in verified.stdout and "cell eu:" in verified.stdout
+    worker = run_cli("worker", "--once", db_url=directory, env=env)
+    assert worker.returncode == 0 and "ran 0 job(s)" in worker.stdout, worker.stderr

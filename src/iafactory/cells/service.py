@@ -27,6 +27,20 @@ def admin_url(settings: Settings, cell: Cell) -> str:
     return cell.url or server.admin_conninfo(settings)
 
 
+def cell_urls(settings: Settings) -> list[tuple[Cell, str]]:
+    """Every cell with its admin URL (one, the default, without IAFACTORY_CELLS): for operator work
+    that goes over all tenants (monthly grants, re-embedding, verification)."""
+    return [(cell, admin_url(settings, cell)) for cell in cells(settings).values()]
+
+
+async def tenant_admin_url(settings: Settings, slug: str) -> str:
+    """The admin URL of the cell that holds `slug` (the only database without IAFACTORY_CELLS)."""
+    if settings.cells is None:
+        return server.admin_conninfo(settings)
+    cell, _ = await find_tenant(settings, slug)
+    return admin_url(settings, cell)
+
+
 async def record_regions(conn: Conn, cell: Cell) -> None:
     """Make `cell`'s database serve exactly `cell.regions` (migration 021's table and trigger).
 
