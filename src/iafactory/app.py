@@ -73,16 +73,23 @@ def create_app(
         worker_task, stop = None, asyncio.Event()
         run_worker = settings.run_worker if settings.run_worker is not None else settings.database_url is None
         if own_db and run_worker:
-            # On the embedded default the API indexes documents itself, so one command is enough.
+            # On the embedded default the API indexes documents and sends emails itself, so one
+            # command is enough.
             from iafactory.knowledge import worker
             from iafactory.knowledge.embeddings import embedder
+            from iafactory.notifications import sender
 
             model = embedder(settings)
+            mail = sender.mailer(settings)
             worker_task = asyncio.gather(
                 *(
                     worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
                     for db in app.state.cells.dbs.values()
-                )
+                ),
+                *(
+                    sender.run_forever(db, mail, stop, lease_seconds=settings.worker_lease_seconds)
+                    for db in app.state.cells.dbs.values()
+                ),
             )
         pool_gauges = asyncio.create_task(metrics.refresh_pool_forever(app.state.db))
         try:

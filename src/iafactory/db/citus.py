@@ -41,6 +41,8 @@ LOCAL_TABLES = {
     "schema_migrations": "the migration runner's own record, read and written on the coordinator only",
     "rate_counters": "per-minute request counters written by app.rate_hit on every request: an unlogged "
     "table on the coordinator (a reference table would write every node each time)",
+    "email_outbox": "a queue claimed with FOR UPDATE SKIP LOCKED by the senders, a row per email and no tenant: "
+    "on the coordinator (a reference table would write every node, and serialise the claims on a shard lock)",
 }
 SHARDED_BY_ID = "tenants"
 OWNER_ROLE = "iaf_owner"
