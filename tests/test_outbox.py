@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from psycopg.rows import dict_row
 
 from conftest import run_cli, settings_for
+from iafactory.config import ConfigError, Settings, smtp_problems
 from iafactory.db import bootstrap
 from iafactory.db.scope import Database
 from iafactory.notifications import outbox, sender, templates
@@ -299,3 +300,14 @@ def test_every_kind_renders_in_every_language() -> None:
     assert templates.render("verify_email", "de", {"link": "https://x.test"}).language == "fr"
     # A line break in a value cannot add a header.
     assert "\n" not in templates.render("invitation", "en", {**INVITATION, "tenant": "A\nBcc: x@y.z"}).subject
+
+
+def test_smtp_settings_that_cannot_work_are_refused() -> None:
+    with pytest.raises(ConfigError, match="IAFACTORY_SMTP_FROM is not set"):
+        sender.mailer(Settings(smtp_host="smtp.example.ch"))
+    assert smtp_problems(Settings(smtp_host="smtp.example.ch", smtp_from="a@b.ch", smtp_password="x")) == [
+        "IAFACTORY_SMTP_PASSWORD is set without IAFACTORY_SMTP_USER"
+    ]
+    tls = sender.SmtpMailer(Settings(smtp_host="smtp.example.ch", smtp_from="a@b.ch", smtp_tls=True))
+    assert (tls.port, tls.tls, tls.starttls) == (465, True, False)  # STARTTLS does not apply inside TLS
+    assert sender.SmtpMailer(Settings(smtp_host="smtp.example.ch", smtp_from="a@b.ch")).port == 587

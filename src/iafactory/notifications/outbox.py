@@ -30,12 +30,13 @@ __all__ = ["DEFAULT_LANGUAGE", "KINDS", "LANGUAGES", "enqueue", "language", "lis
 CHANNEL = "email_outbox"  # NOTIFY'd by app.enqueue_email at commit, LISTENed by the senders
 
 
-async def enqueue(tx: Transaction, to: str, kind: str, lang: str | None, context: Mapping[str, object]) -> int:
-    """Queue the email `kind` (a key of templates.TEXTS) to `to`, in `lang` ('fr' or 'en'; anything
-    else gives the default, French), filled with `context`; returns its id in the cell's outbox.
-    ValueError for an unknown kind or a missing value. Links in `context` are credentials (an
-    invitation, a reset): they live in the outbox until the SMTP server has the message."""
-    message = render(kind, lang, context)
+async def enqueue(tx: Transaction, to: str, kind: str, language: str | None, context: Mapping[str, object]) -> int:
+    """Queue the email `kind` (a key of templates.TEXTS) to `to` (a normalised address), in
+    `language` ('fr' or 'en', 'fr-CH' counts; anything else gives the default, French), filled with
+    `context`; returns its id in the cell's outbox. ValueError for an unknown kind or a missing
+    value. Links in `context` are credentials (an invitation, a reset): they stay in the outbox
+    until the SMTP server has the message."""
+    message = render(kind, language, context)
     return int(
         await tx.fetchval(
             "SELECT app.enqueue_email(%s, %s, %s, %s, %s, %s)",

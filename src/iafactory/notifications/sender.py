@@ -35,7 +35,7 @@ from email.utils import formatdate, make_msgid, parseaddr
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from iafactory.config import Settings
+from iafactory.config import ConfigError, Settings, smtp_problems
 from iafactory.db.scope import Database
 from iafactory.notifications.outbox import CHANNEL
 from iafactory.notifications.templates import links
@@ -108,7 +108,9 @@ class SmtpMailer:
     delivered: Literal["sent", "logged"] = "sent"
 
     def __init__(self, settings: Settings) -> None:
-        assert settings.smtp_host and settings.smtp_from
+        if problems := smtp_problems(settings):
+            raise ConfigError("; ".join(problems))
+        assert settings.smtp_host and settings.smtp_from  # (smtp_problems says so otherwise)
         self.host = settings.smtp_host
         self.tls = settings.smtp_tls
         self.starttls = settings.smtp_starttls and not settings.smtp_tls
