@@ -313,7 +313,11 @@ class _Mover:
             raise CopyFailed(f"cell {m.from_cell} holds slug {m.slug} under another tenant id")
         tables, users_cols, source_sums = seen["tables"], seen["users"], seen["sums"]
         user_ids = {
-            row[c] for t, cols in users_cols.items() for row in parsed.get(t, []) for c in cols if row.get(c) is not None
+            row[c]
+            for t, cols in users_cols.items()
+            for row in parsed.get(t, [])
+            for c in cols
+            if row.get(c) is not None
         }
         async with operator_transaction(self.source_url, ctx) as tx:
             people = await tx.fetch(
@@ -396,6 +400,7 @@ class _Mover:
                     sql.SQL("DELETE FROM {} WHERE tenant_id = %s").format(sql.Identifier(table.name)), (m.tenant_id,)
                 )
             await _drop_tenant_row(tx, m.tenant_id)
+            await tx.execute("DELETE FROM tenant_freezes WHERE frozen_tenant = %s", (m.tenant_id,))
 
     async def _roll_back(self, reason: str) -> None:
         m = self.move
@@ -416,7 +421,9 @@ class _Mover:
     async def _switch(self) -> None:
         m = self.move
         async with operator_transaction(self.target_url, TenantContext(tenant_id=m.tenant_id)) as tx:
-            prefixes = [r["prefix"] for r in await tx.fetch("SELECT prefix FROM api_keys WHERE tenant_id = %s", (m.tenant_id,))]
+            prefixes = [
+                r["prefix"] for r in await tx.fetch("SELECT prefix FROM api_keys WHERE tenant_id = %s", (m.tenant_id,))
+            ]
             emails = [
                 r["email"]
                 for r in await tx.fetch(
@@ -496,7 +503,6 @@ class _Mover:
                     (m.from_cell, [directory.email_hash(self.settings, e) for e in gone]),
                 )
         self._tick("erase source")
-
 
     async def _catch_up(self, tx: Transaction, tenant_id: UUID) -> None:
         """First in the source's erasure transaction. The freeze stops the tenant's writes, not the

@@ -394,7 +394,11 @@ async def import_tenant(
 
 
 # Columns of tenant tables that hold a users.id without a foreign key (history: the user may be gone).
-USER_COLUMNS_WITHOUT_FK = {("usage_events", "user_id"), ("credit_transactions", "created_by"), ("audit_events", "actor_user_id")}
+USER_COLUMNS_WITHOUT_FK = {
+    ("usage_events", "user_id"),
+    ("credit_transactions", "created_by"),
+    ("audit_events", "actor_user_id"),
+}
 
 
 async def user_columns(tx: Transaction, tables: list[TableInfo]) -> dict[str, list[str]]:
