@@ -305,6 +305,7 @@ class _Mover:
                 self._table_progress("export"),
                 in_snapshot=in_snapshot,
                 record_event=False,
+                compresslevel=1,
             )
             manifest, files = portability.read_archive(archive)
         parsed = {t: _rows(files, t) for t in manifest["tables"]}
