@@ -167,7 +167,9 @@ async def assert_moved(world: dict[str, Any], before: dict[str, int], sums: dict
     )
     assert route == "(eu,CH,)"
     journal = one(
-        urls["directory"], "SELECT row_to_json(m) FROM directory.tenant_moves m WHERE tenant_id = %s", tenant_id
+        urls["directory"],
+        "SELECT row_to_json(m) FROM directory.tenant_moves m WHERE tenant_id = %s ORDER BY id DESC LIMIT 1",
+        tenant_id,
     )
     assert journal["step"] == "done" and journal["from_cell"] == "dz" and journal["to_cell"] == "eu"
     assert journal["checksums"]["source"] == journal["checksums"]["target"]
@@ -181,7 +183,8 @@ async def assert_moved(world: dict[str, Any], before: dict[str, int], sums: dict
     assert {"tenant.move_started", "tenant.moved_in", "tenant.move_finished"} <= actions
 
 
-async def test_a_moved_tenant_keeps_its_rows_ids_and_api_keys_and_old_tokens_are_refused(world: dict[str, Any]) -> None:
+async def move_and_check_credentials(world: dict[str, Any]) -> None:
+    """The happy path: a move keeps rows, ids and API keys; old tokens are refused (401)."""
     urls, tenant_id = world["urls"], world["tenant_id"]
     async with client_for(urls) as client:
         token = await login(client, OWNER, PASSWORD, tenant=SLUG)
@@ -220,16 +223,39 @@ async def test_a_moved_tenant_keeps_its_rows_ids_and_api_keys_and_old_tokens_are
     assert again_move.returncode == 1 and "already in CH (cell eu)" in again_move.stderr
 
 
-async def test_writes_during_the_move_are_refused_with_503_not_lost(world: dict[str, Any]) -> None:
+async def test_writes_during_the_move_are_refused_and_a_mover_killed_after_any_step_resumes(
+    world: dict[str, Any],
+) -> None:
     urls, tenant_id = world["urls"], world["tenant_id"]
     async with client_for(urls) as client:
         token = await login(client, OWNER, PASSWORD, tenant=SLUG)
         made = await new_project(client, bearer(token), "committed before the freeze")
         assert made.status_code == 201
     before, sums = tenant_counts(urls["dz"], tenant_id), await checksums(urls["dz"], tenant_id)
+    # Each run does one more step, then is killed (-9); "imported" is inside the copy step: the
+    # target's transaction committed, the journal does not say so yet (the next run copies again).
+    for step in ["started", "frozen", "imported", "copied", "switched", "erased"]:
+        killed = move(urls, crash_after=step)
+        assert killed.returncode == -9, (step, killed.stdout, killed.stderr)
+        journal = one(urls["directory"], "SELECT step FROM directory.tenant_moves WHERE tenant_id = %s", tenant_id)
+        assert journal == ("frozen" if step == "imported" else step)
+        if step == "frozen":
+            await writes_are_refused(world, token, before)
+    result = move(urls)
+    assert result.returncode == 0, result.stderr
+    assert "resuming the move of ecole-alger to CH after step erased" in result.stdout
+    await assert_moved(world, before, sums)
+    assert one(urls["directory"], "SELECT count(*) FROM directory.tenant_moves WHERE tenant_id = %s", tenant_id) == 1
+    async with client_for(urls) as client:
+        fresh = await login(client, OWNER, PASSWORD, tenant=SLUG)
+        listed = (await client.get("/api/v1/projects", headers=bearer(fresh))).json()["items"]
+        assert "committed before the freeze" in {p["name"] for p in listed}
+        assert (await new_project(client, bearer(fresh), "after the move")).status_code == 201
 
-    # The mover stops (SIGKILL) right after freezing: the tenant is read-only in its cell.
-    assert move(urls, crash_after="frozen").returncode == -9
+
+async def writes_are_refused(world: dict[str, Any], token: str, before: dict[str, int]) -> None:
+    """Frozen: the tenant is read-only in its cell, writes answer 503 + Retry-After and leave nothing."""
+    urls, tenant_id = world["urls"], world["tenant_id"]
     assert one(urls["directory"], "SELECT moving_to FROM directory.tenants WHERE id = %s", tenant_id) == "eu"
     async with client_for(urls) as client:
         refused = await new_project(client, bearer(token), "during the move")
@@ -243,41 +269,10 @@ async def test_writes_during_the_move_are_refused_with_503_not_lost(world: dict[
         t: n for t, n in before.items() if t != "audit_events"
     }
 
-    result = move(urls)
-    assert result.returncode == 0, result.stderr
-    assert "resuming the move of ecole-alger to CH after step frozen" in result.stdout
-    await assert_moved(world, before, sums)
-    async with client_for(urls) as client:
-        fresh = await login(client, OWNER, PASSWORD, tenant=SLUG)
-        listed = (await client.get("/api/v1/projects", headers=bearer(fresh))).json()["items"]
-        assert "committed before the freeze" in {p["name"] for p in listed}
-        assert (await new_project(client, bearer(fresh), "after the move")).status_code == 201
 
-
-async def test_the_mover_killed_after_any_step_resumes_and_finishes(world: dict[str, Any]) -> None:
-    urls, tenant_id = world["urls"], world["tenant_id"]
-    before, sums = tenant_counts(urls["dz"], tenant_id), await checksums(urls["dz"], tenant_id)
-    # Each run does one more step, then is killed (-9); "imported" is inside the copy step: the
-    # target's transaction committed, the journal does not say so yet.
-    steps = ["started", "frozen", "imported", "copied", "switched", "erased"]
-    for step in steps:
-        killed = move(urls, crash_after=step)
-        assert killed.returncode == -9, (step, killed.stdout, killed.stderr)
-        journal = one(
-            urls["directory"],
-            "SELECT step FROM directory.tenant_moves WHERE tenant_id = %s AND step <> 'failed'",
-            tenant_id,
-        )
-        assert journal == ("frozen" if step == "imported" else step)
-    # Killed after importing, then run again: the copy was done once more from scratch, never twice.
-    result = move(urls)
-    assert result.returncode == 0, result.stderr
-    assert "after step erased" in result.stdout
-    await assert_moved(world, before, sums)
-    assert one(urls["directory"], "SELECT count(*) FROM directory.tenant_moves WHERE tenant_id = %s", tenant_id) == 1
-
-
-async def test_a_failed_copy_leaves_the_tenant_whole_and_writable_in_its_cell(world: dict[str, Any]) -> None:
+async def test_a_failed_copy_leaves_the_tenant_whole_then_a_move_keeps_rows_ids_and_api_keys(
+    world: dict[str, Any],
+) -> None:
     urls, tenant_id = world["urls"], world["tenant_id"]
     before = tenant_counts(urls["dz"], tenant_id)
     # The target refuses the copy: its slug registry already has the slug (another tenant's).
@@ -309,3 +304,8 @@ async def test_a_failed_copy_leaves_the_tenant_whole_and_writable_in_its_cell(wo
     async with client_for(urls) as client:
         token = await login(client, OWNER, PASSWORD, tenant=SLUG)
         assert (await new_project(client, bearer(token), "after the failed move")).status_code == 201
+
+    # Once the target no longer refuses, the same tenant moves (a new journal entry).
+    with psycopg.connect(urls["eu"], autocommit=True) as conn:
+        conn.execute("DELETE FROM tenant_slugs WHERE slug = %s", (SLUG,))
+    await move_and_check_credentials(world)
