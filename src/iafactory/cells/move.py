@@ -53,7 +53,7 @@ from iafactory.cells import directory
 from iafactory.cells.config import Cell, cell_for_region, cells, directory_cell
 from iafactory.cells.service import admin_url
 from iafactory.config import Settings
-from iafactory.db.scope import Transaction, operator_transaction
+from iafactory.db.scope import Transaction, admin_connect, operator_transaction
 from iafactory.tenancy import portability
 from iafactory.tenancy.context import TenantContext
 
@@ -259,17 +259,17 @@ class _Mover:
         async with operator_transaction(self.source_url) as tx:
             self._frozen_at = await tx.fetchval("SELECT clock_timestamp()")
         deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
-        conn = await psycopg.AsyncConnection.connect(self.source_url, autocommit=True)
+        conn = await admin_connect(self.source_url)
         try:
             while True:
                 cur = await conn.execute(
-                    """SELECT array_agg(pid ORDER BY pid) FROM pg_stat_activity
+                    """SELECT array_agg(pid ORDER BY pid) AS pids FROM pg_stat_activity
                        WHERE datname = current_database() AND pid <> pg_backend_pid()
                          AND backend_type = 'client backend' AND xact_start < %s""",
                     (self._frozen_at,),
                 )
                 row = await cur.fetchone()
-                older = row[0] if row else None
+                older = row["pids"] if row else None
                 if not older:
                     break
                 if time.monotonic() > deadline:

@@ -38,7 +38,7 @@ from iafactory.tenancy.schemas import TenantCreate
 
 FORMAT = "iafactory-tenant-export"
 VERSION = 1
-IMPORT_CHUNK = 2000
+IMPORT_CHUNK = 500
 
 Progress = Callable[[str, int, int], None]  # (table, rows done in table, rows in table)
 
@@ -294,33 +294,21 @@ async def _create_copy(tx: Transaction, tenant_id: UUID, data: TenantCreate) -> 
 
 
 async def insert_rows(tx: Transaction, table: TableInfo, rows: list[dict[str, Any]], progress: Progress | None) -> None:
-    """Insert exported rows (as read back from JSON) into `table`, keeping their ids. Each row is
-    read back by PostgreSQL's own JSON-to-row conversion (every type round-trips)."""
-    distributed = bool(rows) and await tx.fetchval("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')")
-    columns = sql.SQL(", ").join(map(sql.Identifier, table.columns))
+    """Insert exported rows (as read back from JSON) into `table`, keeping their ids."""
     for start in range(0, len(rows), IMPORT_CHUNK):
         chunk = rows[start : start + IMPORT_CHUNK]
-        if distributed:
-            # VALUES, one row per record: a distributed PostgreSQL refuses INSERT ... SELECT into a
-            # table with row security. (`(f(x)).*` calls f once per column: slower, still right.)
-            record = sql.SQL("((jsonb_populate_record(NULL::{}, %s)).*)").format(sql.Identifier(table.name))
-            await tx.execute(
-                sql.SQL("INSERT INTO {} ({}) VALUES {}").format(
-                    sql.Identifier(table.name), columns, sql.SQL(", ").join([record] * len(chunk))
-                ),
-                [Jsonb(r) for r in chunk],
-            )
-        else:
-            # One JSON array per chunk, converted once per row.
-            await tx.execute(
-                sql.SQL("INSERT INTO {} ({}) SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s) r").format(
-                    sql.Identifier(table.name),
-                    columns,
-                    sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in table.columns),
-                    sql.Identifier(table.name),
-                ),
-                [Jsonb(chunk)],
-            )
+        # VALUES, one row per record, each read back by PostgreSQL's own JSON-to-row
+        # conversion (every type round-trips); not INSERT ... SELECT, which a distributed
+        # PostgreSQL refuses into a table with row security.
+        record = sql.SQL("((jsonb_populate_record(NULL::{}, %s)).*)").format(sql.Identifier(table.name))
+        await tx.execute(
+            sql.SQL("INSERT INTO {} ({}) VALUES {}").format(
+                sql.Identifier(table.name),
+                sql.SQL(", ").join(map(sql.Identifier, table.columns)),
+                sql.SQL(", ").join([record] * len(chunk)),
+            ),
+            [Jsonb(r) for r in chunk],
+        )
         if progress:
             progress(table.name, start + len(chunk), len(rows))
     if progress and not rows:
