@@ -8,6 +8,9 @@ way a customer would end up with it.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,8 +24,10 @@ import pytest
 from conftest import _create_database, _drop_database, prepare_sync, settings_for
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
+from iafactory.cells import directory
 from iafactory.config import Settings
 from iafactory.db import bootstrap
+from iafactory.db.bootstrap import migrate_and_prepare
 from iafactory.db.scope import operator_transaction
 from iafactory.tenancy import service
 from iafactory.tenancy.schemas import TenantCreate
@@ -41,6 +46,7 @@ class TenantFixture:
     id: uuid.UUID
     slug: str
     tokens: dict[str, str] = field(default_factory=dict)  # role -> JWT for that tenant
+    region: str = "CH"
     user_ids: dict[str, int] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # "read" / "write" -> API key
 
@@ -62,6 +68,12 @@ class ApiWorld:
     b: TenantFixture
     both_user_token: str  # member of A (admin) and B (member), no tenant selected
     platform_token: str
+    # With two cells: the admin URL of the cell holding each tenant ("a", "b") and of the directory.
+    cell_urls: dict[str, str] = field(default_factory=dict)
+
+    def url_of(self, tenant: str) -> str:
+        """The admin URL of the database holding tenant "a" or "b"."""
+        return self.cell_urls.get(tenant, self.admin_url)
 
     def headers(self, token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
@@ -80,7 +92,13 @@ async def login(client: httpx.AsyncClient, email: str, password: str = PASSWORD,
     return token
 
 
-async def build_world(client: httpx.AsyncClient, admin_url: str, settings: Settings) -> ApiWorld:
+async def build_world(
+    client: httpx.AsyncClient, admin_url: str, settings: Settings, cells: dict[str, str] | None = None
+) -> ApiWorld:
+    """`cells` (two cells: {"directory", "dz", "eu"} admin URLs): A lives in eu (CH), B in dz (DZ);
+    the user of both has an account in each cell, and so has the platform administrator."""
+    if cells is not None:
+        return await _build_two_cell_world(client, cells, settings)
     tag = uuid.uuid4().hex[:6]
     pw_hash = await hash_password(settings, PASSWORD)
     tenants: dict[str, TenantFixture] = {}
@@ -104,6 +122,19 @@ async def build_world(client: httpx.AsyncClient, admin_url: str, settings: Setti
         platform = f"platform-{tag}@example.ch"
         await tx.fetchval("SELECT app.register_user(%s, 'Platform', %s)", (platform, pw_hash))
         await service.set_platform_admin(tx, platform, True)
+    return await _finish_world(client, admin_url, settings, tenants, tag, both, platform)
+
+
+async def _finish_world(
+    client: httpx.AsyncClient,
+    admin_url: str,
+    settings: Settings,
+    tenants: dict[str, TenantFixture],
+    tag: str,
+    both: str,
+    platform: str,
+    cell_urls: dict[str, str] | None = None,
+) -> ApiWorld:
     for name, t in tenants.items():
         for role in ROLES:
             t.tokens[role] = await login(client, f"{role}-{name}-{tag}@example.ch")
@@ -121,7 +152,107 @@ async def build_world(client: httpx.AsyncClient, admin_url: str, settings: Setti
         tenants["b"],
         both_user_token=await login(client, both),
         platform_token=await login(client, platform),
+        cell_urls=cell_urls or {},
     )
+
+
+TWO_CELLS = {"dz": ["DZ"], "eu": ["CH", "FR", "BE", "CA"]}
+
+
+def cells_json(urls: dict[str, str]) -> str:
+    return json.dumps({name: {"url": urls[name], "regions": regions} for name, regions in TWO_CELLS.items()})
+
+
+def prepare_two_cells(urls: dict[str, str]) -> None:
+    """Migrate the directory and both cells as `iafactory migrate` does with IAFACTORY_CELLS."""
+    from iafactory.cells import service as cell_service
+    from iafactory.cells.config import cells, directory_cell
+
+    settings = settings_for(urls["directory"], cells=cells_json(urls))
+    for cell in [directory_cell(), *cells(settings).values()]:
+        url = cell_service.admin_url(settings, cell)
+        asyncio.run(migrate_and_prepare(url, cell.settings(settings), cell=cell))
+    # Integer ids are unique per tenant (keys scoped by tenant), so two cells may both hand out
+    # project 1. The generated matrices tell A's records from B's by id: start dz's far apart.
+    with psycopg.connect(urls["dz"], autocommit=True) as conn:
+        for (seq,) in conn.execute(
+            "SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences WHERE schemaname = 'public'"
+        ).fetchall():
+            conn.execute("SELECT setval(%s::regclass, 1000000)", (seq,))
+
+
+async def place_tenant(urls: dict[str, str], cell: str, data: TenantCreate) -> Any:
+    """A tenant created as `iafactory tenants create` does with cells: directory, then its cell."""
+    tenant_id = uuid.uuid4()
+    async with operator_transaction(urls["directory"]) as dtx:
+        await directory.record_tenant(
+            dtx, directory.Route(tenant_id, data.slug, data.region, cell, data.plan, data.status)
+        )
+    async with operator_transaction(urls[cell]) as tx:
+        return await service.create_tenant(tx, data, tenant_id=tenant_id)
+
+
+async def place_member(
+    urls: dict[str, str], settings: Settings, cell: str, slug: str, email: str, role: str, pw_hash: str
+) -> int:
+    async with operator_transaction(urls["directory"]) as dtx:
+        await directory.record_login(dtx, settings, email, cell)
+    async with operator_transaction(urls[cell]) as tx:
+        row = await service.add_member(tx, slug, email, role, name=email.split("@")[0], password_hash=pw_hash)
+        await tx.fetch("SELECT * FROM platform.grant_credits(%s, 100000, 'test credits', 'seed')", (row["tenant_id"],))
+    return row["user_id"]
+
+
+async def _build_two_cell_world(client: httpx.AsyncClient, urls: dict[str, str], settings: Settings) -> ApiWorld:
+    tag = uuid.uuid4().hex[:6]
+    pw_hash = await hash_password(settings, PASSWORD)
+    tenants: dict[str, TenantFixture] = {}
+    homes = {"a": ("eu", "CH"), "b": ("dz", "DZ")}
+    for name, (cell, region) in homes.items():
+        slug = f"tenant-{name}-{tag}"
+        data = TenantCreate(name=f"Tenant {name.upper()}", slug=slug, region=region, plan="pro", status="active")
+        t = await place_tenant(urls, cell, data)
+        tenants[name] = TenantFixture(id=t.id, slug=slug, region=region)
+        for role in ROLES:
+            email = f"{role}-{name}-{tag}@example.ch"
+            tenants[name].user_ids[role] = await place_member(urls, settings, cell, slug, email, role, pw_hash)
+    both = f"both-{tag}@example.ch"
+    await place_member(urls, settings, "eu", tenants["a"].slug, both, "admin", pw_hash)
+    await place_member(urls, settings, "dz", tenants["b"].slug, both, "member", pw_hash)
+    platform = f"platform-{tag}@example.ch"
+    for cell in TWO_CELLS:
+        async with operator_transaction(urls["directory"]) as dtx:
+            await directory.record_login(dtx, settings, platform, cell)
+        async with operator_transaction(urls[cell]) as tx:
+            await tx.fetchval("SELECT app.register_user(%s, 'Platform', %s)", (platform, pw_hash))
+            await service.set_platform_admin(tx, platform, True)
+    cell_urls = {"a": urls["eu"], "b": urls["dz"], **urls}
+    return await _finish_world(client, urls["directory"], settings, tenants, tag, both, platform, cell_urls)
+
+
+@asynccontextmanager
+async def two_cell_client(urls: dict[str, str]) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
+    """The real app, in process, serving two cells through the directory (one pool per cell)."""
+    from iafactory.app import cell_pools
+
+    settings = fast_settings(urls["directory"], cells=cells_json(urls))
+    pools = cell_pools(settings)
+    await pools.open()
+    try:
+        app = create_app(settings, cells=pools)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+                yield client, urls["directory"], settings
+        finally:
+            app.state.load.close()
+    finally:
+        await pools.close()
+
+
+def two_cells_requested() -> bool:
+    """IAFACTORY_TEST_CELLS=2: the module-scoped world (the generated matrices) runs on two cells."""
+    return os.environ.get("IAFACTORY_TEST_CELLS", "") == "2"
 
 
 @asynccontextmanager
@@ -153,11 +284,26 @@ async def api_world(api_client: tuple[httpx.AsyncClient, str, Settings]) -> ApiW
 
 @pytest.fixture(scope="module")
 def module_db(server_url: str) -> Any:
-    """A migrated database shared by one test module (for read-mostly matrices)."""
+    """A migrated database shared by one test module (for read-mostly matrices). With
+    IAFACTORY_TEST_CELLS=2, the directory's, and `module_cells` holds the two cells."""
     name, admin = _create_database(server_url)
     prepare_sync(admin)
     yield admin
     _drop_database(server_url, name)
+
+
+@pytest.fixture(scope="module")
+def module_cells(server_url: str) -> Any:
+    """Two cells and a directory (admin URLs by name) for a module, when IAFACTORY_TEST_CELLS=2; else None."""
+    if not two_cells_requested():
+        yield None
+        return
+    made = {name: _create_database(server_url) for name in ("directory", *TWO_CELLS)}
+    urls = {name: url for name, (_, url) in made.items()}
+    prepare_two_cells(urls)
+    yield urls
+    for db_name, _ in made.values():
+        _drop_database(server_url, db_name)
 
 
 def count_rows(admin_url: str, table: str, tenant_id: uuid.UUID | None = None) -> int:
@@ -528,15 +674,18 @@ class BodyBuilder:
         return value[:high]
 
 
-async def register_user(client: httpx.AsyncClient, marker: str) -> tuple[int, str]:
-    """A new account (belonging to no tenant): its id and email."""
+async def register_user(client: httpx.AsyncClient, marker: str, region: str | None = None) -> tuple[int, str]:
+    """A new account (belonging to no tenant): its id and email. `region`: in the cell serving it."""
     email = f"{marker}-{uuid.uuid4().hex[:8]}@example.ch"
-    r = await client.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD, "name": marker})
+    body = {"email": email, "password": PASSWORD, "name": marker, **({"region": region} if region else {})}
+    r = await client.post("/api/v1/auth/register", json=body)
     assert r.status_code == 201, r.text
     return r.json()["id"], email
 
 
-async def apply_overrides(client: httpx.AsyncClient, collection: str, body: Any, marker: str) -> Any:
+async def apply_overrides(
+    client: httpx.AsyncClient, collection: str, body: Any, marker: str, region: str | None = None
+) -> Any:
     """BODY_OVERRIDES for fields the schema cannot describe (e.g. "a registered email")."""
     overrides = BODY_OVERRIDES.get(collection)
     if not overrides or not isinstance(body, dict):
@@ -545,7 +694,7 @@ async def apply_overrides(client: httpx.AsyncClient, collection: str, body: Any,
     for name, value in overrides.items():
         if name not in body and value is REGISTERED_EMAIL:
             continue  # e.g. PATCH /members/{id} takes no email
-        out[name] = (await register_user(client, marker))[1] if value is REGISTERED_EMAIL else value
+        out[name] = (await register_user(client, marker, region))[1] if value is REGISTERED_EMAIL else value
     return out
 
 
@@ -624,8 +773,16 @@ class Seeder:
     """Creates records for one tenant through its collections' own create routes, with bodies built
     from the OpenAPI schema; records that a body references (`lead_id` ...) are created first."""
 
-    def __init__(self, client: httpx.AsyncClient, doc: dict[str, Any], marker: str, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        doc: dict[str, Any],
+        marker: str,
+        headers: dict[str, str],
+        region: str | None = None,
+    ) -> None:
         self.client, self.doc, self.marker, self.headers = client, doc, marker, headers
+        self.region = region  # the tenant's: people it registers live in the cell serving it
         self.ids: dict[str, list[Any]] = {}  # collection -> ids created, oldest first
         self.builder = BodyBuilder(doc, marker, self._reference)
 
@@ -654,7 +811,7 @@ class Seeder:
     async def body(self, op: ApiOperation, *, full: bool = True) -> Any:
         await self._ensure_references(op)
         body = self.builder.build(op.body, full=full) if op.body is not None else None
-        return await apply_overrides(self.client, op.collection, body, self.marker)
+        return await apply_overrides(self.client, op.collection, body, self.marker, self.region)
 
     async def write(
         self,
@@ -706,23 +863,31 @@ class Seeder:
 async def provision_for_load(admin_url: str, world: ApiWorld) -> None:
     """Lift the plan limits off the two tenants (enterprise plan: request rates, members, API keys)
     and grant this month's credits, so that generated matrices are not cut short by a quota."""
-    async with operator_transaction(admin_url) as tx:
-        for t in (world.a, world.b):
+    for name, t in (("a", world.a), ("b", world.b)):
+        async with operator_transaction(world.url_of(name) if world.cell_urls else admin_url) as tx:
             await service.update_tenant(tx, t.id, plan="enterprise")
-        if await tx.fetchval("SELECT to_regprocedure('platform.grant_monthly(date)') IS NOT NULL"):
-            await tx.execute("SELECT * FROM platform.grant_monthly()")
+            if await tx.fetchval("SELECT to_regprocedure('platform.grant_monthly(date)') IS NOT NULL"):
+                await tx.execute("SELECT * FROM platform.grant_monthly()")
 
 
 # --- A world shared by one test module (read-mostly matrices) -----------------------------------------
 
 
 @pytest.fixture(scope="module")
-async def module_api_client(module_db: str) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
+async def module_api_client(
+    module_db: str, module_cells: dict[str, str] | None
+) -> AsyncIterator[tuple[httpx.AsyncClient, str, Settings]]:
+    if module_cells is not None:
+        async with two_cell_client(module_cells) as client:
+            yield client
+        return
     async with app_client(module_db) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-async def module_api_world(module_api_client: tuple[httpx.AsyncClient, str, Settings]) -> ApiWorld:
+async def module_api_world(
+    module_api_client: tuple[httpx.AsyncClient, str, Settings], module_cells: dict[str, str] | None
+) -> ApiWorld:
     client, admin_url, settings = module_api_client
-    return await build_world(client, admin_url, settings)
+    return await build_world(client, admin_url, settings, module_cells)

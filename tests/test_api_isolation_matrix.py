@@ -231,7 +231,9 @@ async def matrix(module_api_world: ApiWorld) -> Matrix:
     await provision_for_load(w.admin_url, w)
     tag = uuid.uuid4().hex[:10]
     markers = {"a": f"a{tag}", "b": f"b{tag}"}
-    seeders = {name: Seeder(w.client, DOC, markers[name], t.auth("owner")) for name, t in (("a", w.a), ("b", w.b))}
+    seeders = {
+        name: Seeder(w.client, DOC, markers[name], t.auth("owner"), t.region) for name, t in (("a", w.a), ("b", w.b))
+    }
     for name in ("a", "b"):
         for path, op in tenant_writable_collections(DOC).items():
             if op.method == "POST":

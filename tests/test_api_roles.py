@@ -76,7 +76,7 @@ def credential(w: ApiWorld, actor: str) -> Credential:
 class Roles:
     def __init__(self, world: ApiWorld) -> None:
         self.world = world
-        self.seeder = Seeder(world.client, DOC, f"r{uuid.uuid4().hex[:10]}", world.a.auth("owner"))
+        self.seeder = Seeder(world.client, DOC, f"r{uuid.uuid4().hex[:10]}", world.a.auth("owner"), world.a.region)
         self.platform = world.headers(world.platform_token)
 
     def creator(self, collection: str) -> dict[str, str]:

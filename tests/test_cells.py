@@ -152,7 +152,18 @@ def test_migrate_create_list_and_find_tenants_across_two_cells(two_cells: dict[s
             assert {r for (r, c) in conn.execute("SELECT region, cell FROM cell_regions") if c == cell} == regions
 
     for slug, region in (("ecole-alger", "DZ"), ("cabinet-geneve", "CH"), ("etude-paris", "FR")):
-        made = run_cli("tenants", "create", "--name", slug, "--slug", slug, "--region", region, db_url=two_cells["directory"], env=env)
+        made = run_cli(
+            "tenants",
+            "create",
+            "--name",
+            slug,
+            "--slug",
+            slug,
+            "--region",
+            region,
+            db_url=two_cells["directory"],
+            env=env,
+        )
         assert made.returncode == 0, made.stderr
         assert f"in {region} (cell {'dz' if region == 'DZ' else 'eu'})" in made.stdout
     # Migration 006's system tenant (CH) stays in the cell serving CH; the DZ cell dropped it, empty.
@@ -160,7 +171,18 @@ def test_migrate_create_list_and_find_tenants_across_two_cells(two_cells: dict[s
     assert tenant_slugs(two_cells["eu"]) == {"system-default", "cabinet-geneve", "etude-paris"}
 
     # A slug names one tenant across cells.
-    taken = run_cli("tenants", "create", "--name", "x", "--slug", "ecole-alger", "--region", "CH", db_url=two_cells["directory"], env=env)
+    taken = run_cli(
+        "tenants",
+        "create",
+        "--name",
+        "x",
+        "--slug",
+        "ecole-alger",
+        "--region",
+        "CH",
+        db_url=two_cells["directory"],
+        env=env,
+    )
     assert taken.returncode == 1 and taken.stderr.strip() == "error: slug 'ecole-alger' is already taken"
     assert tenant_slugs(two_cells["eu"]) == {"system-default", "cabinet-geneve", "etude-paris"}
 
@@ -221,3 +243,24 @@ def test_a_bad_cells_variable_stops_migrate_before_any_database_is_touched(empty
     )
     with psycopg.connect(empty_db, autocommit=True) as conn:
         assert conn.execute("SELECT to_regclass('public.schema_migrations')").fetchone()[0] is None
+
+
+def test_operator_commands_over_all_tenants_cover_every_cell(two_cells: dict[str, str]) -> None:
+    env = cells_env(two_cells)
+    directory = two_cells["directory"]
+    assert run_cli("migrate", db_url=directory, env=env).returncode == 0
+    for slug, region in (("ecole-oran", "DZ"), ("etude-lyon", "FR")):
+        made = run_cli(
+            "tenants", "create", "--name", slug, "--slug", slug, "--region", region, db_url=directory, env=env
+        )
+        assert made.returncode == 0, made.stderr
+    granted = run_cli("billing", "grant-monthly", db_url=directory, env=env)
+    assert granted.returncode == 0, granted.stderr
+    assert "ecole-oran" in granted.stdout and "etude-lyon" in granted.stdout
+    one = run_cli("billing", "grant", "ecole-oran", "5", "--reason", "geste", db_url=directory, env=env)
+    assert one.returncode == 0 and "ecole-oran balance is now" in one.stdout, one.stderr
+    verified = run_cli("verify", db_url=directory, env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "cell dz:" in verified.stdout and "cell eu:" in verified.stdout
+    worker = run_cli("worker", "--once", db_url=directory, env=env)
+    assert worker.returncode == 0 and "ran 0 job(s)" in worker.stdout, worker.stderr

@@ -26,7 +26,7 @@ from iafactory.cli import CliError, app, console, print_error, print_table, run
 from iafactory.config import ConfigError, Settings, get_settings
 from iafactory.db import migrate as migrations
 from iafactory.db import server
-from iafactory.db.bootstrap import migrate_and_prepare
+from iafactory.db.bootstrap import migrate_everywhere
 from iafactory.db.scope import operator_transaction
 from iafactory.serve import run_server, settings_to_serve
 from iafactory.tenancy import service
@@ -72,18 +72,13 @@ def _holds_tenants(admin: str) -> bool:
         return row.fetchone() != (0,)
 
 
-async def _migrate(settings: Settings, targets: list[Cell], several: bool) -> list[list[Any]]:
-    """Migrate every database (the directory first), as `iafactory migrate` does; one summary row each."""
+async def _databases(settings: Settings, targets: list[Cell]) -> list[list[Any]]:
+    """(name, admin URL, migrations applied, migrations known) of each database."""
     rows = []
     for cell in targets:
         url = cell_service.admin_url(settings, cell)
-        if several and cell.url is not None:
-            await cell_service.ensure_database(url)
-        applied = await migrate_and_prepare(url, cell.settings(settings), cell=cell if several else None)
-        if several and cell.url is not None:
-            await cell_service.sync_directory(settings, cell)
         statuses = await migrations.check(url)
-        rows.append([cell.name, url, sum(s.state == "applied" for s in statuses), len(statuses), len(applied)])
+        rows.append([cell.name, url, sum(s.state == "applied" for s in statuses), len(statuses)])
     return rows
 
 
@@ -115,9 +110,11 @@ async def prepare_demo() -> None:
     settings = get_settings()
     configured = cells(settings)
     several = settings.cells is not None
-    targets = [directory_cell(), *configured.values()] if several else [*configured.values()]
-    databases = await _migrate(settings, targets, several)
-    console.print(f"Migrations: {sum(r[4] for r in databases)} applied now.")
+    applied = await migrate_everywhere(settings)  # with cells: the directory, then each cell, then the sync
+    console.print(f"Migrations: {len(applied)} applied now.")
+    databases = await _databases(
+        settings, [directory_cell(), *configured.values()] if several else [*configured.values()]
+    )
     password_hash = await hash_password(settings, DEMO_PASSWORD)
     created = 0
     tenants: list[tuple[str, Tenant]] = []
@@ -146,7 +143,7 @@ async def prepare_demo() -> None:
         ["database", "regions", "tenants", "migrations applied", "URL"],
         [
             [name, served.get(name, "none (directory)"), held[name], f"{done}/{total}", server.redact(url)]
-            for name, url, done, total, _ in databases
+            for name, url, done, total in databases
         ],
     )
     order = {t.slug: k for k, t in enumerate(DEMO_TENANTS)}

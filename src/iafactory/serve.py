@@ -13,9 +13,9 @@ import typer
 import uvicorn
 
 from iafactory.cells.config import serving_problem
-from iafactory.cli import admin_url, app, console, print_error
+from iafactory.cli import app, console, print_error
 from iafactory.config import SECRET_HINT, ConfigError, Settings, get_settings, serving_problems
-from iafactory.db.bootstrap import migrate_and_prepare
+from iafactory.db.bootstrap import migrate_everywhere
 from iafactory.http.protocol import HttpLimits, LimitedHttpToolsProtocol
 from iafactory.observability import logs
 
@@ -93,7 +93,7 @@ def serve_command(
     settings, host = settings_to_serve(host)
     port = port or settings.port
     if migrate:
-        applied = asyncio.run(migrate_and_prepare(admin_url(), settings))
+        applied = asyncio.run(migrate_everywhere(settings))
         if applied:
             console.print(f"applied {len(applied)} migration(s)")
     console.print(f"IAFactory API on http://{host}:{port}  (docs: http://{host}:{port}/docs)")

@@ -18,13 +18,27 @@ from iafactory.cells.config import Cell, cells, directory_cell
 from iafactory.config import Settings
 from iafactory.db import server
 from iafactory.db.migrate import MigrationError
-from iafactory.db.scope import Conn, operator_transaction
+from iafactory.db.scope import Conn, admin_connect, operator_transaction
 from iafactory.tenancy import service as tenancy
 from iafactory.tenancy.schemas import Tenant
 
 
 def admin_url(settings: Settings, cell: Cell) -> str:
     return cell.url or server.admin_conninfo(settings)
+
+
+def cell_urls(settings: Settings) -> list[tuple[Cell, str]]:
+    """Every cell with its admin URL (one, the default, without IAFACTORY_CELLS): for operator work
+    that goes over all tenants (monthly grants, re-embedding, verification)."""
+    return [(cell, admin_url(settings, cell)) for cell in cells(settings).values()]
+
+
+async def tenant_admin_url(settings: Settings, slug: str) -> str:
+    """The admin URL of the cell that holds `slug` (the only database without IAFACTORY_CELLS)."""
+    if settings.cells is None:
+        return server.admin_conninfo(settings)
+    cell, _ = await find_tenant(settings, slug)
+    return admin_url(settings, cell)
 
 
 async def record_regions(conn: Conn, cell: Cell) -> None:
@@ -65,7 +79,7 @@ async def ensure_database(url: str) -> bool:
     """Create a cell's database when its server answers but the database does not exist yet (the
     demo's cells on the embedded server; a new region's cell). True when it was created."""
     try:
-        async with await server_connect(url):
+        async with await admin_connect(url):
             return False
     except psycopg.OperationalError as err:
         # A failed connection carries no SQLSTATE (psycopg raises a plain OperationalError, never
@@ -73,7 +87,7 @@ async def ensure_database(url: str) -> bool:
         refused = err
     dbname = psycopg.conninfo.conninfo_to_dict(url).get("dbname")
     try:
-        maintenance = await server_connect(server.with_database(url, "postgres"))
+        maintenance = await admin_connect(server.with_database(url, "postgres"))
     except psycopg.OperationalError:
         raise refused from None  # the server itself does not answer: say why the cell's URL failed
     async with maintenance as conn:
@@ -85,10 +99,6 @@ async def ensure_database(url: str) -> bool:
         except psycopg.errors.DuplicateDatabase:
             return False
     return True
-
-
-async def server_connect(url: str) -> psycopg.AsyncConnection:
-    return await psycopg.AsyncConnection.connect(url, autocommit=True)
 
 
 async def sync_directory(settings: Settings, cell: Cell) -> dict[str, int]:

@@ -58,3 +58,21 @@ def database(settings: Settings, admin_url: str) -> Database:
         direct_conninfo=server.app_direct_conninfo(settings, admin_url),
         prepared_statements=server.prepared_statements(settings, admin_url),
     )
+
+
+async def migrate_everywhere(settings: Settings) -> list[migrate.Migration]:
+    """`serve --migrate`: the one database, or with IAFACTORY_CELLS the directory then every cell
+    (each recording its regions), and the directory re-synced from the cells."""
+    from iafactory.cells.config import cells, directory_cell
+
+    if settings.cells is None:
+        return await migrate_and_prepare(server.admin_conninfo(settings), settings)
+    applied: list[migrate.Migration] = []
+    for cell in [directory_cell(), *cells(settings).values()]:
+        url = cell_service.admin_url(settings, cell)
+        if cell.url is not None:
+            await cell_service.ensure_database(url)
+        applied += await migrate_and_prepare(url, cell.settings(settings), cell=cell)
+        if cell.url is not None:
+            await cell_service.sync_directory(settings, cell)
+    return applied

@@ -116,12 +116,18 @@ async def _report(url: str, label: str, version: str | None, *, check: bool, dry
 @app.command("verify")
 @run
 async def verify_command() -> None:
-    """Run the post-migration checks: tenants, tenant_id everywhere, indexes, no NULL tenant_id."""
-    async with await admin_connect(admin_url()) as conn:
-        checks = await verification.run_checks(conn)
-    for c in checks:
-        mark = "[green]PASS[/green]" if c.ok else "[red]FAIL[/red]"
-        console.print(f"{mark}  {c.name}: {c.detail}", highlight=False)
+    """Run the post-migration checks: tenants, tenant_id everywhere, indexes, no NULL tenant_id
+    (in every cell, with IAFACTORY_CELLS)."""
+    settings = get_settings()
+    checks = []
+    for cell, url in cell_service.cell_urls(settings):
+        async with await admin_connect(url) as conn:
+            found = await verification.run_checks(conn)
+        where = f"cell {cell.name}: " if settings.cells is not None else ""
+        checks += found
+        for c in found:
+            mark = "[green]PASS[/green]" if c.ok else "[red]FAIL[/red]"
+            console.print(f"{mark}  {where}{c.name}: {c.detail}", highlight=False)
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 

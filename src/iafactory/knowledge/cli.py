@@ -9,7 +9,8 @@ from typing import Any
 import typer
 
 from iafactory.app import cell_pools
-from iafactory.cli import admin_url, app, console, run
+from iafactory.cells.service import cell_urls
+from iafactory.cli import app, console, run
 from iafactory.config import get_settings
 from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
@@ -68,7 +69,27 @@ async def reembed_command(
     """Queue re-embedding with the configured model (e.g. after changing IAFACTORY_EMBEDDING_*)."""
     settings = get_settings()
     model = embedder(settings)
-    async with operator_transaction(admin_url()) as tx:
+    queued_by_cell: list[tuple[str, int]] = []
+    for _, url in cell_urls(settings):  # each cell queues and runs its own tenants' jobs
+        queued_by_cell.append((url, await _queue_reembedding(url, all_chunks, model.model_id)))
+    queued = sum(n for _, n in queued_by_cell)
+    console.print(f"queued {queued} document(s) for re-embedding with {model.model_id or 'no model'}")
+    if not wait or not queued:
+        return
+    from rich.progress import Progress
+
+    with Progress(console=console) as bar:
+        task = bar.add_task("re-embedding", total=queued)
+        for url, n in queued_by_cell:
+            if not n:
+                continue
+            async with bootstrap.database(settings, url) as db:
+                while await worker.run_one(db, model):
+                    bar.advance(task)
+
+
+async def _queue_reembedding(url: str, all_chunks: bool, model_id: str | None) -> int:
+    async with operator_transaction(url) as tx:
         # Which documents, across tenants (an operator's read); then one tenant's jobs per
         # statement, as plain VALUES (not INSERT ... SELECT into a table with row security).
         stale = await tx.fetch(
@@ -76,7 +97,7 @@ async def reembed_command(
                LEFT JOIN knowledge_chunks c ON c.tenant_id = d.tenant_id AND c.document_id = d.id
                WHERE %s OR c.embedding_model IS DISTINCT FROM %s
                ORDER BY d.tenant_id, d.id""",
-            (all_chunks, model.model_id),
+            (all_chunks, model_id),
         )
         by_tenant: dict[Any, list[int]] = {}
         for row in stale:
@@ -89,17 +110,6 @@ async def reembed_command(
                     + ", ".join(["(%s, %s, 'reembed')"] * len(chunk)),
                     [value for document in chunk for value in (tenant_id, document)],
                 )
-        queued = len(stale)
-        if queued:
+        if stale:
             await tx.execute("SELECT pg_notify(%s, '')", (JOBS_CHANNEL,))  # running workers start at once
-    console.print(f"queued {queued} document(s) for re-embedding with {model.model_id or 'no model'}")
-    if not wait or not queued:
-        return
-    from rich.progress import Progress
-
-    db = bootstrap.database(settings, admin_url())
-    async with db:
-        with Progress(console=console) as bar:
-            task = bar.add_task("re-embedding", total=queued)
-            while await worker.run_one(db, model):
-                bar.advance(task)
+    return len(stale)

@@ -6,7 +6,9 @@ from datetime import date
 
 import typer
 
-from iafactory.cli import CliError, admin_url, app, console, print_table, run
+from iafactory.cells.service import cell_urls, tenant_admin_url
+from iafactory.cli import CliError, app, console, print_table, run
+from iafactory.config import get_settings
 from iafactory.db.scope import operator_transaction
 from iafactory.tenancy import service
 
@@ -31,8 +33,10 @@ async def grant_monthly_command(
 ) -> None:
     """Grant each active or trial tenant its plan's monthly credits: once per tenant per month,
     however often this runs (safe for cron)."""
-    async with operator_transaction(admin_url()) as tx:
-        rows = await service.grant_monthly(tx, _month(month))
+    rows = []
+    for _, url in cell_urls(get_settings()):  # every cell grants its own tenants
+        async with operator_transaction(url) as tx:
+            rows += await service.grant_monthly(tx, _month(month))
     granted = [r for r in rows if r["granted"]]
     print_table(
         f"Monthly grant {_month(month):%Y-%m}: {len(granted)} granted, {len(rows) - len(granted)} already done",
@@ -50,7 +54,7 @@ async def grant_command(
     idempotency_key: str = typer.Option(None, "--key", help="Retry-safe key (default: derived from reason)."),
 ) -> None:
     """Grant credits to one tenant."""
-    async with operator_transaction(admin_url()) as tx:
+    async with operator_transaction(await tenant_admin_url(get_settings(), slug)) as tx:
         tenant = await service.get_tenant(tx, slug=slug)
         row = await service.grant_credits(tx, tenant.id, amount, reason, idempotency_key or f"cli:{reason}")
     state = "already granted earlier (same key)" if row["duplicate"] else "granted"

@@ -277,13 +277,7 @@ async def import_command(
 
 
 async def _tenant_admin_url(slug: str) -> str:
-    """The admin URL of the cell that holds `slug` (the only database when no cells are configured)."""
-    settings = get_settings()
-    all_cells = cells(settings)
-    if len(all_cells) == 1:
-        return cell_service.admin_url(settings, next(iter(all_cells.values())))
-    cell, _ = await cell_service.find_tenant(settings, slug)
-    return cell_service.admin_url(settings, cell)
+    return await cell_service.tenant_admin_url(get_settings(), slug)
 
 
 async def _archive_admin_url(archive: Path, into: str | None) -> str:
