@@ -9,12 +9,12 @@ and prints it for the commands a person runs next.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
 from uuid import UUID, uuid4
 
-import psycopg
 import typer
 
 from iafactory.auth.passwords import hash_password
@@ -27,7 +27,7 @@ from iafactory.config import ConfigError, Settings, get_settings
 from iafactory.db import migrate as migrations
 from iafactory.db import server
 from iafactory.db.bootstrap import migrate_everywhere
-from iafactory.db.scope import operator_transaction
+from iafactory.db.scope import admin_connect, operator_transaction
 from iafactory.serve import run_server, settings_to_serve
 from iafactory.tenancy import service
 from iafactory.tenancy.demo import (
@@ -54,7 +54,7 @@ def embedded_cells(settings: Settings) -> str | None:
     if settings.cells is not None or settings.database_url is not None:
         return None
     admin = server.start_embedded(settings)
-    if _holds_tenants(admin):
+    if asyncio.run(_holds_tenants(admin)):
         return None
     return json.dumps(
         {
@@ -64,12 +64,16 @@ def embedded_cells(settings: Settings) -> str | None:
     )
 
 
-def _holds_tenants(admin: str) -> bool:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        if conn.execute("SELECT to_regclass('public.tenants')").fetchone() == (None,):
+async def _holds_tenants(admin: str) -> bool:
+    async with await admin_connect(admin) as conn:
+        found = await (await conn.execute("SELECT to_regclass('public.tenants') IS NOT NULL AS x")).fetchone()
+        if not found or not found["x"]:
             return False
-        row = conn.execute("SELECT count(*) FROM public.tenants WHERE id <> %s", (cell_service.SYSTEM_TENANT,))
-        return row.fetchone() != (0,)
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM public.tenants WHERE id <> %s", (cell_service.SYSTEM_TENANT,)
+        )
+        row = await cur.fetchone()
+        return row is not None and row["n"] > 0
 
 
 async def _databases(settings: Settings, targets: list[Cell]) -> list[list[Any]]:
