@@ -203,9 +203,9 @@ def demo_command(
         get_settings.cache_clear()
     elif chosen.cells is None and chosen.database_url is None:
         console.print(
-            f"The embedded database ({chosen.embedded_dir}) holds the one-database demo of an earlier "
-            "version: it goes on as one database. For the two-cell demo, stop it (`iafactory db stop`) and "
-            "start with another IAFACTORY_DATA_DIR.",
+            f"The embedded database ({chosen.embedded_dir}) already holds tenants in one database (an "
+            "earlier demo?): the demo goes on with it as one database. For the two-cell demo, stop it "
+            "(`iafactory db stop`) and start with another IAFACTORY_DATA_DIR.",
             soft_wrap=True,
             highlight=False,
             markup=False,
