@@ -5,16 +5,13 @@ sign-in reaches tenants of both."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
-import httpx
 import psycopg
 import pytest
 
-from api_support import app_client, fast_settings, login
+from api_support import app_client, cells_json, login, two_cell_client
 from conftest import run_cli
-from iafactory.app import cell_pools, create_app
 from iafactory.tenancy.demo import DEMO_PASSWORD
 
 pytestmark = pytest.mark.anyio
@@ -97,9 +94,7 @@ def slugs_in(url: str) -> set[str]:
 
 async def test_demo_with_two_cells_keeps_each_tenant_in_its_region(make_database: Callable[[], str]) -> None:
     urls = {"directory": make_database(), "dz": make_database(), "eu": make_database()}
-    cells = json.dumps(
-        {"dz": {"url": urls["dz"], "regions": ["DZ"]}, "eu": {"url": urls["eu"], "regions": ["CH", "FR", "BE", "CA"]}}
-    )
+    cells = cells_json(urls)  # dz: DZ; eu: CH, FR, BE, CA
     demo = run_cli("demo", "--no-serve", db_url=urls["directory"], env={"IAFACTORY_CELLS": cells})
     assert demo.returncode == 0, demo.stderr
     assert "5 demo tenants granted now" in demo.stdout, demo.stdout
@@ -120,25 +115,17 @@ async def test_demo_with_two_cells_keeps_each_tenant_in_its_region(make_database
     assert "Demo tenants: 0 created." in again.stdout and slugs_in(urls["dz"]) == {"ecole-ibn-khaldoun-alger"}
 
     # The consultant signs in once and gets the tenants of both cells; the school works in its own.
-    pools = cell_pools(fast_settings(urls["directory"], cells=cells))
-    await pools.open()
-    app = create_app(fast_settings(urls["directory"], cells=cells), cells=pools)
-    try:
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            r = await client.post(
-                "/api/v1/auth/login", json={"email": "consultant@iafactory.ch", "password": DEMO_PASSWORD}
-            )
-            assert r.status_code == 200, r.text
-            assert r.json()["tenant"] is None
-            assert {(t["slug"], t["cell"]) for t in r.json()["tenants"]} == {
-                ("ecole-ibn-khaldoun-alger", "dz"),
-                ("cabinet-dupont-geneve", "eu"),
-                ("fiduciaire-bernard-zurich", "eu"),
-            }
-            token = await login(client, "admin@ecole-ibn-khaldoun.dz", DEMO_PASSWORD)
-            r = await client.get("/api/v1/credits/balance", headers={"Authorization": f"Bearer {token}"})
-            assert r.json() == {"balance": 5000, "currency": "DZD"}
-    finally:
-        app.state.load.close()
-        await pools.close()
+    async with two_cell_client(urls) as (client, _, _):
+        r = await client.post(
+            "/api/v1/auth/login", json={"email": "consultant@iafactory.ch", "password": DEMO_PASSWORD}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["tenant"] is None
+        assert {(t["slug"], t["cell"]) for t in r.json()["tenants"]} == {
+            ("ecole-ibn-khaldoun-alger", "dz"),
+            ("cabinet-dupont-geneve", "eu"),
+            ("fiduciaire-bernard-zurich", "eu"),
+        }
+        token = await login(client, "admin@ecole-ibn-khaldoun.dz", DEMO_PASSWORD)
+        r = await client.get("/api/v1/credits/balance", headers={"Authorization": f"Bearer {token}"})
+        assert r.json() == {"balance": 5000, "currency": "DZD"}
