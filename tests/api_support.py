@@ -477,6 +477,7 @@ def read_role_table() -> dict[str, str | None]:
         f"{API_PREFIX}/me": None,  # any valid credential, with or without a tenant
         f"{API_PREFIX}/admin": "platform",
         f"{API_PREFIX}/members": "viewer",
+        f"{API_PREFIX}/members/invitations": "admin",  # who is invited (their emails): admins only
         f"{API_PREFIX}/api-keys": "viewer",
         f"{API_PREFIX}/tenant": "viewer",
         f"{API_PREFIX}/billing-account": "viewer",

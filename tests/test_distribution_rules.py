@@ -30,6 +30,7 @@ CROSS_TENANT_READS = {
     ("app.user_memberships", "tenant_users"): "sign-in: the tenants of one user, whichever they are",
     ("app.user_memberships", "tenants"): "sign-in: the tenants of one user, whichever they are",
     ("app.authenticate_api_key", "api_keys"): "the key's tenant is what the lookup by prefix finds",
+    ("app.find_invitation", "invitations"): "the invitation's tenant is what the lookup by token hash finds",
     ("platform.tenant_list", "tenants"): "the platform's registry of tenants",
     ("platform.grant_monthly", "tenants"): "the monthly grant visits every tenant (then one at a time)",
     ("app.knowledge_job_stats", "knowledge_jobs"): "/metrics: the size of the whole queue, no tenant's figure",

@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     smtp_from: str | None = None
     # Each network operation of an SMTP conversation gives up after this.
     smtp_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Where people open the links of emails (an invitation's /accept-invitation?token=...): the
+    # service's public address, without a trailing slash.
+    public_url: str = "http://127.0.0.1:8000"
 
     # --- observability --------------------------------------------------------------------
     # `serve` logs one JSON object per line (for collectors); `text` is for people.

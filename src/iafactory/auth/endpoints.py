@@ -7,10 +7,12 @@ from uuid import UUID
 
 from fastapi import Request, Response
 
+from iafactory.admission import ANONYMOUS
 from iafactory.audit import service as audit
-from iafactory.auth import service
+from iafactory.auth import api_keys, passwords, service, tokens
 from iafactory.auth.dependencies import (
     Admin,
+    BearerCredential,
     CurrentPrincipal,
     Principal,
     UserPrincipal,
@@ -19,12 +21,15 @@ from iafactory.auth.dependencies import (
     client_ip,
     principal_cell,
     tenant_context,
+    unauthorized,
 )
 from iafactory.auth.schemas import (
+    AcceptInvitationIn,
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyOut,
     LoginIn,
+    Membership,
     MeOut,
     MyTenant,
     RegisterIn,
@@ -32,10 +37,12 @@ from iafactory.auth.schemas import (
     TokenOut,
     UserOut,
 )
+from iafactory.cells import directory
 from iafactory.config import Settings
 from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import Problem, not_found
 from iafactory.http.rendering import api_router
+from iafactory.tenancy import invitations
 
 router = api_router()  # tags per route: an operation listed under two tags shows twice in /docs
 
@@ -113,6 +120,91 @@ async def select_tenant(body: SelectTenantIn, request: Request, who: UserPrincip
             request_id=request.state.request_id,
         )
     return TokenOut(access_token=token, expires_in=ttl, tenant=chosen, tenants=tenants)
+
+
+@router.post(
+    "/auth/accept-invitation",
+    response_model=TokenOut,
+    tags=["auth"],
+    operation_id="accept_invitation",
+    summary="Accept an invitation: join its tenant, as your account (signed in) or as a new one (name, password)",
+    responses={
+        403: {
+            "description": "The invitation is for another email, or the tenant is not open (application/problem+json)"
+        },
+        404: {"description": "No such invitation (application/problem+json)"},
+        409: {"description": "Used already, or the email has an account: sign in first (application/problem+json)"},
+        410: {"description": "Revoked or expired (application/problem+json)"},
+    },
+)
+async def accept_invitation(body: AcceptInvitationIn, request: Request, bearer: BearerCredential) -> Any:
+    """The token names the tenant (and its cell): no tenant credential is needed. With `password`, a
+    new account of the invited email is created in the tenant's cell; without, the bearer token of
+    an existing account of that email joins."""
+    settings = _settings(request)
+    pools = request.app.state.cells
+    who: Principal | None = None
+    if body.password is None:
+        if bearer is None:
+            raise Problem(
+                401,
+                "Unauthorized",
+                "sign in and send your token (Authorization: Bearer), or choose a name and a password",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if api_keys.looks_like_key(bearer.credentials):
+            raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+        try:
+            claims = tokens.verify(settings, bearer.credentials)
+        except tokens.InvalidToken as err:
+            raise unauthorized(str(err)) from err
+        who = Principal(
+            claims.user_id,
+            claims.tenant_id,
+            claims.role,
+            platform_admin=claims.platform_admin,
+            cell=claims.cell,
+            accounts=claims.accounts,
+        )
+    cell = invitations.token_cell(body.token)
+    if cell is None or cell not in pools.dbs:
+        raise invitations.refused("unknown")
+    user_id = None
+    if who is not None:
+        user_id = who.account_in(cell) if who.cell is not None or cell == principal_cell(request, who) else None
+        if user_id is None:
+            raise Problem(
+                403,
+                "Forbidden",
+                "your account is not in the region of this tenant: accept with a name and a password instead",
+                type_="invitation-other-cell",
+            )
+    async with pools.db(cell).anonymous(read_only=True) as tx:
+        found = await invitations.find(tx, settings, body.token)
+    if found is None:
+        raise invitations.refused("unknown")
+    hashed = None
+    if body.password is not None:
+        request.app.state.load.hashing.gate.check_room(ANONYMOUS)
+        hashed = await passwords.hash_password(settings, body.password, request.app.state.load.hashing)
+    ip, request_id = client_ip(request), request.state.request_id
+    if hashed is not None and pools.directory_db is not None:
+        # Directory first (as for registration): sign-in must find the new account's cell.
+        async with pools.directory_db.anonymous() as dtx:
+            await directory.record_login(dtx, settings, found["email"], cell)
+    async with pools.db(cell).anonymous(user_id=user_id, client_ip=ip, request_id=request_id) as tx:
+        row = await invitations.accept(
+            tx, settings, found, body.token, user_id, body.name, hashed, ip=ip, request_id=request_id
+        )
+    accounts = accounts_of(request, who) if who is not None else {cell: row["user_id"]}
+    label = None if pools.single else cell
+    joined = Membership(
+        id=row["tenant_id"], slug=row["slug"], name=row["name"], role=row["role"], status=row["status"], cell=label
+    )
+    token, ttl = service.token_for(settings, pools, accounts, joined, who.platform_admin if who else False)
+    request.state.user_id = row["user_id"]
+    tenants = await service.all_memberships(pools, accounts)
+    return TokenOut(access_token=token, expires_in=ttl, tenant=joined, tenants=tenants)
 
 
 @router.get(

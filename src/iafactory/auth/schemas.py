@@ -39,6 +39,18 @@ class LoginIn(Strict):
     password: str = Field(min_length=1, max_length=200)
 
 
+class AcceptInvitationIn(Strict):
+    token: str = Field(min_length=1, max_length=200, description="The token of the invitation's link.")
+    name: str | None = Field(
+        default=None, max_length=255, description="A new person's name (with password: creates their account)."
+    )
+    password: NewPassword | None = Field(
+        default=None,
+        description="A new person's password: creates the account of the invited email. Without it, send the "
+        "token of your existing account (signed in) as Authorization: Bearer.",
+    )
+
+
 class SelectTenantIn(Strict):
     tenant: str = Field(min_length=1, max_length=100, description="Tenant id or slug.")
 

@@ -20,7 +20,7 @@ from iafactory.cli import CliError, app, console, parse_json_option, print_table
 from iafactory.config import Settings, get_settings
 from iafactory.db.scope import operator_transaction
 from iafactory.emails import Email
-from iafactory.tenancy import portability, service
+from iafactory.tenancy import invitations, portability, service
 from iafactory.tenancy.schemas import Plan, Region, Role, Status, Tenant, TenantCreate, TenantFilters
 
 tenants_app = typer.Typer(help="Create and list tenants, manage their members.", no_args_is_help=True)
@@ -60,18 +60,29 @@ async def create_command(
     all_cells = cells(config)
     cell = cell_for_region(all_cells, data.region)
     several = config.cells is not None
+    links: list[str] = []
     if several:
-        tenant = await _create_in_cell(config, cell, data)
+        tenant = await _create_in_cell(config, cell, data, links)
     else:
         async with operator_transaction(cell_service.admin_url(config, cell)) as tx:
             tenant = await service.create_tenant(tx, data)
+            await _invite_admin(tx, config, cell, tenant, links)
     where = f" (cell {cell.name})" if several else ""
     console.print(
         f"created tenant {tenant.slug} ({tenant.id}) in {tenant.region}{where}, plan {tenant.plan}, {tenant.status}"
     )
+    for link in links:
+        console.print(f"invited {tenant.admin_email} as owner (email queued); the link: {link}", soft_wrap=True)
 
 
-async def _create_in_cell(settings: Settings, cell: Cell, data: TenantCreate) -> Tenant:
+async def _invite_admin(tx: Any, settings: Settings, cell: Cell, tenant: Tenant, links: list[str]) -> None:
+    """The tenant's admin_email gets an owner invitation, in the transaction that creates the tenant."""
+    if tenant.admin_email:
+        _, link = await invitations.create_by_platform(tx, settings, tenant.id, cell.name, tenant.admin_email, "owner")
+        links.append(link)
+
+
+async def _create_in_cell(settings: Settings, cell: Cell, data: TenantCreate, links: list[str]) -> Tenant:
     """Directory first (a slug names one tenant across cells there), then the tenant's cell; a
     refusal by the cell takes the directory row back."""
     tenant_id = uuid4()
@@ -83,7 +94,9 @@ async def _create_in_cell(settings: Settings, cell: Cell, data: TenantCreate) ->
         raise CliError(str(err)) from err
     try:
         async with operator_transaction(cell_service.admin_url(settings, cell)) as tx:
-            return await service.create_tenant(tx, data, tenant_id=tenant_id)
+            tenant = await service.create_tenant(tx, data, tenant_id=tenant_id)
+            await _invite_admin(tx, settings, cell, tenant, links)
+            return tenant
     except BaseException:
         async with operator_transaction(_directory_url(settings)) as dtx:
             await directory.forget_tenant(dtx, tenant_id)
@@ -167,8 +180,8 @@ async def add_user_command(
         "with it and can sign in at once; an existing account gets it as its new password.",
     ),
 ) -> None:
-    """Add a person to a tenant with a role (or change the role of a member). Without --password-stdin
-    the email must already have an account: a new one would have no way to sign in."""
+    """Add a person to a tenant with a role (or change the role of a member). An email with no account
+    (and no --password-stdin) is sent an invitation instead, whose link is printed."""
     try:
         checked_role = TypeAdapter(Role).validate_python(role)
     except ValidationError as err:
@@ -187,6 +200,18 @@ async def add_user_command(
         password_hash = await hash_password(get_settings(), password)
     settings = get_settings()
     url = await _tenant_admin_url(slug)
+    if password_hash is None:
+        async with operator_transaction(url) as tx:
+            tenant = await service.get_tenant(tx, slug=slug)
+            if await tx.fetchval("SELECT app.find_user_id(%s)", (checked_email,)) is None:
+                # No account: an invitation (the person chooses a name and a password on accepting).
+                cell_name = (await cell_service.find_tenant(settings, slug))[0].name if settings.cells else None
+                _, link = await invitations.create_by_platform(
+                    tx, settings, tenant.id, cell_name or next(iter(cells(settings))), checked_email, checked_role
+                )
+                console.print(f"invited {checked_email} to {slug} as {checked_role} (email queued); the link:")
+                print(link)
+                return
     if settings.cells is not None:
         # Directory first: the person signs in through it (a hash of the email, never the email).
         cell, _ = await cell_service.find_tenant(settings, slug)
@@ -195,10 +220,8 @@ async def add_user_command(
     async with operator_transaction(url) as tx:
         result = await service.add_member(tx, slug, checked_email, checked_role, name=name, password_hash=password_hash)
         if result["user_created"] and password_hash is None:
-            # Raised inside the transaction: the account and the membership are rolled back.
-            raise CliError(
-                f"{checked_email} has no account yet: give it a first password with --password-stdin; nothing was changed"
-            )
+            # An account created meanwhile was removed again: rolled back with the membership.
+            raise CliError(f"{checked_email} has no account yet: run the command again; nothing was changed")
     verb = "created and added" if result["user_created"] else "added"
     note = " (password set)" if password_hash is not None and not result["user_created"] else ""
     console.print(f"{verb} {result['email']} to {slug} as {checked_role}{note}")

@@ -14,8 +14,11 @@ from iafactory.auth.dependencies import (
     Admin,
     Owner,
     Principal,
+    TenantSession,
     UserPrincipal,
     Viewer,
+    cell_pools,
+    client_ip,
     principal_cell,
     user_transaction,
 )
@@ -26,11 +29,13 @@ from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import Problem, invalid, not_found
 from iafactory.http.rendering import api_router
 from iafactory.resources.pagination import MAX_LIMIT, Cursor, Page, decode, page_of
-from iafactory.tenancy import members, service
+from iafactory.tenancy import invitations, members, service
 from iafactory.tenancy.schemas import (
     AdminTenantUpdate,
     CreditGrant,
     CreditResult,
+    InvitationCreate,
+    InvitationOut,
     MemberCreate,
     MemberOut,
     MemberUpdate,
@@ -110,6 +115,90 @@ async def add_member(body: MemberCreate, s: Admin, idempotency: Idempotent) -> A
     return await idempotency.create(
         s, lambda last: members.add_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, body.email, body.role)
     )
+
+
+def _token_cell(request: Request, s: TenantSession) -> str:
+    return s.cell or cell_pools(request).home
+
+
+@router.get(
+    "/members/invitations",
+    response_model=list[InvitationOut],
+    tags=["members"],
+    operation_id="list_invitations",
+    summary="Invitations of the tenant: pending, accepted, revoked or expired (admin)",
+)
+async def list_invitations(s: Admin) -> Any:
+    return await invitations.list_all(s.tx, s.ctx.tenant_id)
+
+
+@router.post(
+    "/members/invitations",
+    status_code=201,
+    response_model=InvitationOut,
+    tags=["members"],
+    operation_id="create_invitation",
+    summary="Invite someone by email with a role (admin): they get a link valid 7 days",
+    responses={409: {"description": "Already a member, or a pending invitation exists (application/problem+json)"}},
+)
+async def create_invitation(body: InvitationCreate, request: Request, s: Admin, idempotency: Idempotent) -> Any:
+    settings = request.app.state.settings
+    return await idempotency.create(
+        s,
+        lambda last: invitations.create(
+            s.tx,
+            settings,
+            s.ctx.tenant_id,
+            _token_cell(request, s),
+            s.ctx.user_id,
+            body.email,
+            body.role,
+            ip=client_ip(request),
+            request_id=request.state.request_id,
+        ),
+    )
+
+
+@router.post(
+    "/members/invitations/{invitation_id}/resend",
+    response_model=InvitationOut,
+    tags=["members"],
+    operation_id="resend_invitation",
+    summary="Send a pending (or expired) invitation again with a new link; the old link stops working (admin)",
+    responses={409: {"description": "Accepted or revoked already (application/problem+json)"}},
+)
+async def resend_invitation(invitation_id: UUID, request: Request, s: Admin) -> Any:
+    return await invitations.resend(
+        s.tx,
+        request.app.state.settings,
+        s.ctx.tenant_id,
+        _token_cell(request, s),
+        s.ctx.user_id,
+        invitation_id,
+        ip=client_ip(request),
+        request_id=request.state.request_id,
+    )
+
+
+@router.delete(
+    "/members/invitations/{invitation_id}",
+    status_code=204,
+    response_class=Response,
+    tags=["members"],
+    operation_id="revoke_invitation",
+    summary="Revoke an invitation: its link stops working (admin)",
+    responses={409: {"description": "Accepted already (application/problem+json)"}},
+)
+async def revoke_invitation(invitation_id: UUID, request: Request, s: Admin) -> Response:
+    await invitations.revoke(
+        s.tx,
+        s.ctx.tenant_id,
+        s.ctx.user_id,
+        invitation_id,
+        ip=client_ip(request),
+        request_id=request.state.request_id,
+    )
+    return Response(status_code=204)
 
 
 @router.patch(
@@ -215,10 +304,29 @@ async def admin_create_tenant(body: TenantCreate, request: Request, who: UserPri
     try:
         if pools.directory_db is None:
             async with user_transaction(request, who, cell) as tx:
-                return await service.create_tenant(tx, body)
+                tenant = await service.create_tenant(tx, body)
+                await _invite_admin(request, who, tx, cell, tenant)
+                return tenant
         return await _create_in_cell(request, who, pools, cell, body)
     except (service.TenantError, directory.DirectoryError) as err:
         raise Problem(409, "Conflict", str(err), type_="conflict") from err
+
+
+async def _invite_admin(request: Request, who: Principal, tx: Any, cell: str, tenant: Tenant) -> None:
+    """A tenant created with an admin_email: that person gets an owner invitation, in the same
+    transaction as the tenant (in the tenant's cell)."""
+    if tenant.admin_email:
+        await invitations.create_by_platform(
+            tx,
+            request.app.state.settings,
+            tenant.id,
+            cell,
+            tenant.admin_email,
+            "owner",
+            actor=who.account_in(cell),
+            ip=client_ip(request),
+            request_id=request.state.request_id,
+        )
 
 
 async def _create_in_cell(request: Request, who: Principal, pools: CellPools, cell: str, body: TenantCreate) -> Tenant:
@@ -234,6 +342,7 @@ async def _create_in_cell(request: Request, who: Principal, pools: CellPools, ce
     try:
         async with user_transaction(request, who, cell) as tx:
             tenant = await service.create_tenant(tx, body, tenant_id=tenant_id)
+            await _invite_admin(request, who, tx, cell, tenant)
     except BaseException:
         async with pools.directory_db.anonymous() as dtx:
             await directory.forget_tenant(dtx, tenant_id)

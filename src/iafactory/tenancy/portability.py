@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import secrets
 import tarfile
 import time
 from collections.abc import Awaitable, Callable
@@ -343,6 +344,14 @@ def _disable_copied_key(row: dict[str, Any], now: str) -> None:
     row["revoked_at"] = row["revoked_at"] or now
 
 
+def _disable_copied_invitation(row: dict[str, Any], now: str) -> None:
+    """An invitation's token finds its tenant by the token's hash alone (app.find_invitation): the
+    copy keeps its invitations as revoked records whose hash no token has."""
+    row["token_hash"] = "\\x" + secrets.token_hex(32)
+    if row.get("accepted_at") is None:
+        row["revoked_at"] = row.get("revoked_at") or now
+
+
 async def import_tenant(
     admin_url: str, path: Path, into: str | None = None, progress: Progress | None = None
 ) -> dict[str, int]:
@@ -386,6 +395,8 @@ async def import_tenant(
                 row["tenant_id"] = str(tenant_id)
                 if copy is not None and table.name == "api_keys":
                     _disable_copied_key(row, now)
+                if copy is not None and table.name == "invitations":
+                    _disable_copied_invitation(row, now)
             await insert_rows(tx, table, rows, progress)
             imported[table.name] = len(rows)
         counts = await count_rows(tx, tenant_id, tables)

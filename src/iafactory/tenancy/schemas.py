@@ -136,3 +136,23 @@ class MemberUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Role
+
+
+class InvitationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: Email
+    role: Role = "member"
+
+
+class InvitationOut(BaseModel):
+    id: UUID
+    email: str
+    role: Role
+    status: Literal["pending", "accepted", "revoked", "expired"]
+    invited_by: int | None
+    created_at: datetime
+    expires_at: datetime
+    accepted_at: datetime | None
+    revoked_at: datetime | None
+    last_sent_at: datetime
