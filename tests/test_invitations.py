@@ -201,7 +201,9 @@ async def test_resend_replaces_the_link_and_revoke_kills_it(world: ApiWorld, mai
     assert (await w.client.post(INVITE, json={"email": fresh_email()}, headers=w.a.auth("member"))).status_code == 403
     owner = await w.client.post(INVITE, json={"email": fresh_email(), "role": "owner"}, headers=w.a.auth("admin"))
     assert owner.status_code == 403, owner.text
-    revoked_events = [e for e in await events(w, "invitation.revoked") if e["details"]["invitation_id"] == created["id"]]
+    revoked_events = [
+        e for e in await events(w, "invitation.revoked") if e["details"]["invitation_id"] == created["id"]
+    ]
     assert len(revoked_events) == 1
 
 
