@@ -561,6 +561,8 @@ BODY_OVERRIDES: dict[str, dict[str, Any]] = {
     # Adding a member takes the email of a registered user; "viewer" because only owners may grant
     # "owner" (the schema's first enum value), which test_api_auth checks on its own.
     f"{API_PREFIX}/members": {"email": REGISTERED_EMAIL, "role": "viewer"},
+    # Inviting: any new address; "viewer" for the same reason (only owners invite owners).
+    f"{API_PREFIX}/members/invitations": {"role": "viewer"},
 }
 
 _PATTERN_CANDIDATES = ("fr", "en", "de", "fr-CH", "a", "abc", "x1", "slug-1", "A", "1", "0", "2030-01-01", "#336699")

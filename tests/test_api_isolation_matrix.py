@@ -69,6 +69,8 @@ NON_TENANT_ROUTES = {
 DEDICATED = {
     "POST /api/v1/auth/select-tenant": "test_select_tenant_into_b_is_refused",
     "POST /api/v1/knowledge-base/search": "tests/test_knowledge.py (search isolation, every filter)",
+    "POST /api/v1/auth/accept-invitation": "tests/test_invitations.py (the token names its tenant: "
+    "test_an_invitation_of_a_never_joins_b)",
 }
 
 

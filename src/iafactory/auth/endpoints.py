@@ -127,6 +127,8 @@ async def select_tenant(body: SelectTenantIn, request: Request, who: UserPrincip
     response_model=TokenOut,
     tags=["auth"],
     operation_id="accept_invitation",
+    # The bearer token is optional (a new person has none): OpenAPI's empty requirement says so.
+    openapi_extra={"security": [{}]},
     summary="Accept an invitation: join its tenant, as your account (signed in) or as a new one (name, password)",
     responses={
         403: {

@@ -29,8 +29,7 @@ ALTER TABLE invitations ENABLE ROW LEVEL SECURITY;
 ALTER TABLE invitations FORCE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS tenant_isolation ON invitations;
 CREATE POLICY tenant_isolation ON invitations AS PERMISSIVE FOR ALL TO PUBLIC
-    USING (tenant_id = (SELECT app.current_tenant_id()))
-    WITH CHECK (tenant_id = (SELECT app.current_tenant_id()));
+    USING (tenant_id = app.current_tenant_id()) WITH CHECK (tenant_id = app.current_tenant_id());
 DROP POLICY IF EXISTS definer_all ON invitations;
 CREATE POLICY definer_all ON invitations AS PERMISSIVE FOR ALL TO iaf_owner USING (true) WITH CHECK (true);
 REVOKE ALL ON invitations FROM PUBLIC;
