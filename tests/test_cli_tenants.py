@@ -164,8 +164,13 @@ def test_creating_a_tenant_with_the_cli_is_audited(migrated_db: str) -> None:
         tenant_id = conn.execute("SELECT id::text FROM tenants WHERE slug = %s", (SEED_TENANTS[0]["slug"],)).fetchone()[
             0
         ]
-    # Who: the operator's database login (no user, no request behind a CLI command).
-    assert rows == [
+    # Who: the operator's database login (no user, no request behind a CLI command). The
+    # tenant's admin_email is invited as owner in the same transaction.
+    invited = [r for r in rows if r[0] == "invitation.sent"]
+    assert [(r[1], r[2], r[4]["email"], r[4]["role"]) for r in invited] == [
+        (operator, None, SEED_TENANTS[0]["admin_email"], "owner")
+    ]
+    assert [r for r in rows if r[0] != "invitation.sent"] == [
         (
             "tenant.created",
             operator,
@@ -307,8 +312,8 @@ def test_verify_fails_on_a_database_migrated_only_to_005(empty_db: str) -> None:
 
 
 def test_add_user_needs_a_password_for_a_new_account_and_reads_it_from_stdin(migrated_db: str) -> None:
-    """An account created without a password could never sign in: refused, nothing written. With
-    --password-stdin the password works at once; for an existing account it becomes the new one."""
+    """An email with no account is sent an invitation (the link is printed; no account is created).
+    With --password-stdin the password works at once; for an existing account it becomes the new one."""
     import asyncio
 
     from conftest import settings_for
@@ -316,11 +321,13 @@ def test_add_user_needs_a_password_for_a_new_account_and_reads_it_from_stdin(mig
 
     assert run_cli(*create_args(SEED_TENANTS[0]), db_url=migrated_db).returncode == 0
     slug, email = "ecole-ibn-khaldoun-alger", "secretaire@ecole-ibn-khaldoun.dz"
+    invited = run_cli("tenants", "add-user", slug, email, db_url=migrated_db)
+    assert invited.returncode == 0 and f"invited {email} to {slug} as member" in invited.stdout, invited.stderr
+    assert "/accept-invitation?token=inv_default_" in invited.stdout
+    with psycopg.connect(migrated_db) as conn:
+        assert conn.execute("SELECT count(*) FROM users WHERE email = %s", (email,)).fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM invitations WHERE email = %s", (email,)).fetchone()[0] == 1
     before = fingerprint(migrated_db)
-    refused = run_cli("tenants", "add-user", slug, email, db_url=migrated_db)
-    assert one_error_line(refused) == (
-        f"error: {email} has no account yet: give it a first password with --password-stdin; nothing was changed"
-    )
     short = run_cli("tenants", "add-user", slug, email, "--password-stdin", db_url=migrated_db, input="short\n")
     assert one_error_line(short) == "error: --password-stdin: string should have at least 10 characters"
     assert fingerprint(migrated_db) == before

@@ -212,6 +212,8 @@ WITHOUT_THE_HEADER = {
     f"{API_PREFIX}/admin/tenants": "the slug is unique: a retry answers 409 and creates nothing",
     f"{API_PREFIX}/admin/tenants/{{tenant_id}}/credits": "the body carries the ledger's idempotency_key",
     f"{API_PREFIX}/knowledge-base/search": "reads only",
+    f"{API_PREFIX}/auth/accept-invitation": "the token works once: a retry answers 409 and joins nothing",
+    f"{API_PREFIX}/members/invitations/{{invitation_id}}/resend": "not a create: a retry's link replaces the first",
 }
 
 
