@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from conftest import _create_database, _drop_database, prepare_sync, settings_for
+from conftest import _create_database, _drop_database, create_migrated_database, settings_for
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
 from iafactory.cells import directory
@@ -283,11 +283,10 @@ async def api_world(api_client: tuple[httpx.AsyncClient, str, Settings]) -> ApiW
 
 
 @pytest.fixture(scope="module")
-def module_db(server_url: str) -> Any:
+def module_db(server_url: str, migrated_template: str) -> Any:
     """A migrated database shared by one test module (for read-mostly matrices). With
     IAFACTORY_TEST_CELLS=2, the directory's, and `module_cells` holds the two cells."""
-    name, admin = _create_database(server_url)
-    prepare_sync(admin)
+    name, admin = create_migrated_database(server_url, migrated_template)
     yield admin
     _drop_database(server_url, name)
 
