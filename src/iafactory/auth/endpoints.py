@@ -265,7 +265,8 @@ async def select_tenant(body: SelectTenantIn, request: Request, who: UserPrincip
         if issued is None:
             raise sessions.refused("this session has ended: sign in again")
     else:
-        # A session in the chosen tenant's cell; the one in the other cell ends.
+        # A session of its own in the chosen tenant's cell. The caller's stays: its token may still
+        # select a tenant of its own cell (it ends with logout-all, like any other).
         issued = await sessions.start(
             pools,
             settings,
@@ -275,8 +276,6 @@ async def select_tenant(body: SelectTenantIn, request: Request, who: UserPrincip
             ip=client_ip(request),
             user_agent=_user_agent(request),
         )
-        if who.session_id is not None and who.user_id is not None:
-            await sessions.end(pools, home, who.user_id, who.session_id, f"continued in cell {cell}")
     async with pools.db(cell).anonymous(user_id=accounts[cell], client_ip=client_ip(request)) as tx:
         await audit.record(
             tx,

@@ -7,7 +7,7 @@ refused on its very next request. A person with accounts in two cells signs in o
 lives in the cell of the token's `cell` claim, and its row keeps the person's accounts so that a
 refresh reissues exactly what the sign-in gave (same cell, same accounts, same tenant selected,
 with role and membership read again). select-tenant within the same cell keeps the session; into
-a tenant of another cell it starts one there and ends the old one.
+a tenant of another cell it starts one there (the first one stays, for its own cell).
 
 A refresh token reads `iafr_<cell>_<43 random characters>`: its cell routes it without asking the
 directory. Only its SHA-256 is stored (256 random bits: no salt or key needed). Each token is good

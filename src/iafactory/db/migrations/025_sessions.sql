@@ -185,12 +185,15 @@ $$;
 CREATE OR REPLACE FUNCTION app.my_sessions()
     RETURNS TABLE (id uuid, created_at timestamptz, last_used_at timestamptz, expires_at timestamptz, ip inet,
                    user_agent text, selected_tenant uuid)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = ''
     AS $$
-    SELECT s.id, s.created_at, s.last_used_at, s.expires_at, s.ip, s.user_agent, s.selected_tenant
-      FROM public.user_sessions s
-     WHERE s.user_id = app.current_user_id() AND s.revoked_at IS NULL AND s.expires_at > now()
-     ORDER BY s.last_used_at DESC
+BEGIN
+    RETURN QUERY
+        SELECT s.id, s.created_at, s.last_used_at, s.expires_at, s.ip, s.user_agent, s.selected_tenant
+          FROM public.user_sessions s
+         WHERE s.user_id = app.current_user_id() AND s.revoked_at IS NULL AND s.expires_at > now()
+         ORDER BY s.last_used_at DESC;
+END
 $$;
 
 -- Revoke one session of the caller (app.user_id): false when it is not theirs or already ended.
@@ -223,9 +226,12 @@ $$;
 ------------------------------------------------------------------------------------------------
 -- The caller's (app.user_id) email and password hash, for a password change.
 CREATE OR REPLACE FUNCTION app.my_login() RETURNS TABLE (email text, password_hash text)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = ''
     AS $$
-    SELECT u.email::text, u.password_hash FROM public.users u WHERE u.id = app.current_user_id() AND u.is_active
+BEGIN
+    RETURN QUERY
+        SELECT u.email::text, u.password_hash FROM public.users u WHERE u.id = app.current_user_id() AND u.is_active;
+END
 $$;
 
 -- Replace the caller's password, if it is still p_old_hash (a concurrent change wins once).
@@ -257,11 +263,16 @@ $$;
 ------------------------------------------------------------------------------------------------
 -- Seconds to wait before the next attempt for any of p_subjects (0: go ahead).
 CREATE OR REPLACE FUNCTION app.login_throttle_wait(p_subjects bytea[]) RETURNS double precision
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = ''
     AS $$
-    SELECT coalesce(max(extract(epoch FROM t.blocked_until - now())), 0)::double precision
+DECLARE
+    v_wait double precision;
+BEGIN
+    SELECT coalesce(max(extract(epoch FROM t.blocked_until - now())), 0)::double precision INTO v_wait
       FROM public.login_throttle t
-     WHERE t.subject = ANY (p_subjects) AND t.blocked_until > now()
+     WHERE t.subject = ANY (p_subjects) AND t.blocked_until > now();
+    RETURN v_wait;
+END
 $$;
 
 -- One failed attempt for p_subject: its failures in the current window, the wait it now imposes
@@ -304,9 +315,11 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION app.login_throttle_clear(p_subject bytea) RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = ''
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
     AS $$
-    DELETE FROM public.login_throttle t WHERE t.subject = p_subject
+BEGIN
+    DELETE FROM public.login_throttle t WHERE t.subject = p_subject;
+END
 $$;
 
 CALL app.lock_down_functions();
