@@ -299,7 +299,7 @@ async def open_tenant_session(
     limiter = request.app.state.rate_limiter
     before = None
     if count and limiter is not None:
-        await limiter.hit(ctx.tenant_id, who.api_key_id)
+        await limiter.hit(ctx.tenant_id, who.api_key_id, db)
     elif count:
         before = ratelimit.postgres_counter(ctx.tenant_id, who.api_key_id)
     async with db.tenant(ctx, read_only=read_only, gate=gate, before=before) as tx:

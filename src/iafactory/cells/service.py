@@ -18,7 +18,7 @@ from iafactory.cells.config import Cell, cells, directory_cell
 from iafactory.config import Settings
 from iafactory.db import server
 from iafactory.db.migrate import MigrationError
-from iafactory.db.scope import Conn, operator_transaction
+from iafactory.db.scope import Conn, admin_connect, operator_transaction
 from iafactory.tenancy import service as tenancy
 from iafactory.tenancy.schemas import Tenant
 
@@ -79,21 +79,17 @@ async def ensure_database(url: str) -> bool:
     """Create a cell's database when its server answers but the database does not exist yet (the
     demo's cells on the embedded server; a new region's cell). True when it was created."""
     try:
-        async with await server_connect(url):
+        async with await admin_connect(url):
             return False
     except psycopg.errors.InvalidCatalogName:
         pass
     dbname = psycopg.conninfo.conninfo_to_dict(url).get("dbname")
-    async with await server_connect(server.with_database(url, "postgres")) as conn:
+    async with await admin_connect(server.with_database(url, "postgres")) as conn:
         try:
             await conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(str(dbname))))
         except psycopg.errors.DuplicateDatabase:
             return False
     return True
-
-
-async def server_connect(url: str) -> psycopg.AsyncConnection:
-    return await psycopg.AsyncConnection.connect(url, autocommit=True)
 
 
 async def sync_directory(settings: Settings, cell: Cell) -> dict[str, int]:

@@ -57,18 +57,19 @@ class RedisRateLimiter:
             return "unreachable"
         return None
 
-    async def _tenant_limits(self, tenant_id: UUID) -> dict[str, Any] | None:
+    async def _tenant_limits(self, tenant_id: UUID, db: Database | None) -> dict[str, Any] | None:
         hit = self._limits.get(tenant_id)
         if hit and hit[0] > time.monotonic():
             return hit[1]
-        async with self._db.anonymous(read_only=True, lane=CREDENTIALS) as tx:
+        async with (db or self._db).anonymous(read_only=True, lane=CREDENTIALS) as tx:
             row = await tx.fetchrow("SELECT * FROM app.tenant_limits(%s)", (tenant_id,))
         if row is not None:
             self._limits[tenant_id] = (time.monotonic() + LIMITS_CACHE_SECONDS, row)
         return row
 
-    async def hit(self, tenant_id: UUID, api_key_id: UUID | None) -> None:
-        limits = await self._tenant_limits(tenant_id)
+    async def hit(self, tenant_id: UUID, api_key_id: UUID | None, db: Database | None = None) -> None:
+        """`db`: the pool of the tenant's cell (its plan's limits are read there)."""
+        limits = await self._tenant_limits(tenant_id, db)
         if limits is None:
             return  # unknown tenant: the request's own gate refuses it
         now = time.time()
