@@ -5,10 +5,11 @@
         → TenantContext (the tenant the credential names, and nothing else)
         → Database.tenant(ctx, gate=app.authorize(min_role, write))
 
-The tenant never comes from a path, query or body field. Membership, role, tenant status and key
-revocation are re-checked by `app.authorize` inside the request's own transaction, in the same
-round trip as its first statement, so a removed member or a revoked key is refused on the very
-next request.
+The tenant never comes from a path, query or body field. Membership, role, tenant status, key
+revocation and the token's session (`sid`) are re-checked by `app.authorize` inside the request's
+own transaction, in the same round trip as its first statement, so a removed member, a revoked key
+or an ended session is refused on the very next request. Routes without a tenant check the session
+with `app.check_session` the same way (`session_gate`).
 """
 
 from __future__ import annotations
