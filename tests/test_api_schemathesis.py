@@ -227,7 +227,9 @@ INEXPRESSIBLE = {
     "get_usage_summary": "`from` must be before `to`",
     "create_api_key": "expires_at must be in the future",
     "add_member": "the email must be deliverable (email-validator refuses reserved domains such as .test)",
-    "register": "the email must be deliverable and written in one script (reserved domains, look-alikes)",
+    "register": "the email must be deliverable and written in one script (reserved domains, look-alikes); "
+    "the password must pass the policy (not a common password, a repeated pattern or a sequence)",
+    "change_my_password": "the new password must pass the policy (not a common password, a repeated pattern ...)",
 }
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429"]  # schemathesis' default, less 5xx
 
