@@ -3,9 +3,12 @@
 fresh `git clone`, with an empty HOME and a data directory of its own, on a free port.
 
 Waits for /readyz, signs in with the demo credential that demo.sh printed, creates a
-knowledge-base document, polls until it is indexed, finds it by search, then stops what it
-started: the API (SIGTERM) and the embedded PostgreSQL (`iafactory db stop`). Exit status 0 only
-if every step worked. Standard library only (it runs before any .venv exists).
+knowledge-base document, polls until it is indexed, finds it by search; then signs in as the
+consultant demo.sh printed (an account in each of the demo's two region cells), checks that the
+one sign-in lists tenants of both cells, selects the Algerian tenant (cell dz) and has a document
+indexed and found there too (each cell has its own indexing queue). Then stops what it started:
+the API (SIGTERM) and the embedded PostgreSQL (`iafactory db stop`). Exit status 0 only if every
+step worked. Standard library only (it runs before any .venv exists).
 
     python3 scripts/smoke_demo.py [--source DIR_OR_URL] [--keep]
 """
@@ -220,6 +223,56 @@ def exercise(demo: Demo) -> None:
         if doc["id"] not in ids:
             raise SmokeFailure(f"{mode} search for {word!r} did not find document {doc['id']}: {found}")
     log("found by keyword and hybrid search")
+    two_regions(printed, api_url)
+
+
+def index_and_find(api_url: str, token: str, title: str, content: str, word: str) -> int:
+    """Create a knowledge-base document as `token`'s tenant, wait for its indexing, find it by keyword."""
+    status, doc = http("POST", f"{api_url}/knowledge-base", {"title": title, "content": content}, token)
+    if status != 201 or doc.get("index_status") != "pending":
+        raise SmokeFailure(f"creating a document answered {status}: {doc}")
+
+    def indexed() -> dict | None:
+        _, current = http("GET", f"{api_url}/knowledge-base/{doc['id']}", token=token)
+        if current["index_status"] == "failed":
+            raise SmokeFailure(f"indexing failed: {current.get('index_error')}")
+        return current if current["index_status"] == "indexed" else None
+
+    poll(f"document {doc['id']} indexed", INDEX_TIMEOUT, indexed)
+    _, found = http("POST", f"{api_url}/knowledge-base/search", {"query": word, "mode": "keyword"}, token)
+    if doc["id"] not in [p["document_id"] for p in found["passages"]]:
+        raise SmokeFailure(f"keyword search for {word!r} did not find document {doc['id']}: {found}")
+    return doc["id"]
+
+
+def two_regions(printed: str, api_url: str) -> None:
+    """The consultant's one sign-in lists tenants of both region cells; the DZ one works end to end."""
+    line = re.search(r'^Two regions, one sign-in: .*"email": "([^"]+)", "password": "([^"]+)"', printed, re.M)
+    if not line:
+        raise SmokeFailure("demo.sh did not print the two-region sign-in (is the demo running two cells?)")
+    email, password = line.groups()
+    log(f"signing in as {email} (an account in each cell)")
+    _, login = http("POST", f"{api_url}/auth/login", {"email": email, "password": password})
+    cells = {t.get("cell") for t in login["tenants"]}
+    if not {"dz", "eu"} <= cells:
+        raise SmokeFailure(
+            f"{email}'s sign-in lists tenants of cells {sorted(map(str, cells))}, not dz and eu: {login}"
+        )
+    dz = next(t for t in login["tenants"] if t["cell"] == "dz")
+    _, chosen = http("POST", f"{api_url}/auth/select-tenant", {"tenant": dz["slug"]}, login["access_token"])
+    if (chosen.get("tenant") or {}).get("cell") != "dz":
+        raise SmokeFailure(f"selecting {dz['slug']} did not act in cell dz: {chosen}")
+    word = f"smoke{uuid.uuid4().hex[:10]}"
+    doc_id = index_and_find(
+        api_url,
+        chosen["access_token"],
+        "Règlement intérieur",
+        f"# Règlement\n\nLes élèves arrivent à 8 h. Code de vérification : {word}.\n",
+        word,
+    )
+    log(
+        f"tenants of cells {', '.join(sorted(cells))} after one sign-in; document {doc_id} indexed and found in {dz['slug']} (cell dz)"
+    )
 
 
 def main() -> int:
@@ -272,7 +325,10 @@ def main() -> int:
     if failure:
         print(f"smoke: FAILED: {failure}", file=sys.stderr)
         return 1
-    log("ok: demo.sh on a fresh clone serves, signs in, indexes and finds a document, and stops cleanly")
+    log(
+        "ok: demo.sh on a fresh clone serves two region cells, signs in (one sign-in reaching both cells), "
+        "indexes and finds a document in each cell, and stops cleanly"
+    )
     return 0
 
 

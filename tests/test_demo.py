@@ -1,12 +1,16 @@
 """`iafactory demo` (what scripts/demo.sh runs), as the installed command on an empty database: the
-demo tenants can use a billable feature right away."""
+demo tenants can use a billable feature right away. With two region cells (what demo.sh runs on
+the embedded server), each demo tenant lives in the cell of its region and the consultant's one
+sign-in reaches tenants of both."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import psycopg
 import pytest
 
-from api_support import app_client, login
+from api_support import app_client, cells_json, login, two_cell_client
 from conftest import run_cli
 from iafactory.tenancy.demo import DEMO_PASSWORD
 
@@ -18,6 +22,7 @@ EXPECTED = {
     "cabinet-dupont-geneve": (100000, "CHF"),
     "etude-martin-lausanne": (5000, "CHF"),
     "fiduciaire-bernard-zurich": (100000, "CHF"),
+    "cabinet-lefevre-lyon": (5000, "EUR"),
 }
 
 
@@ -34,14 +39,14 @@ def grant_lines(stdout: str) -> dict[str, list[str]]:
 async def test_demo_grants_each_demo_tenant_its_monthly_credits_once(empty_db: str) -> None:
     first = run_cli("demo", "--no-serve", db_url=empty_db)
     assert first.returncode == 0, first.stderr
-    assert "4 demo tenants granted now" in first.stdout, first.stdout
+    assert "5 demo tenants granted now" in first.stdout, first.stdout
     assert grant_lines(first.stdout) == {
         slug: [str(credits), currency, str(credits), "now"] for slug, (credits, currency) in EXPECTED.items()
     }, first.stdout
 
     again = run_cli("demo", "--no-serve", db_url=empty_db)  # idempotent: this month's grant is done
     assert again.returncode == 0, again.stderr
-    assert "0 demo tenants granted now, 4 already this month" in again.stdout, again.stdout
+    assert "0 demo tenants granted now, 5 already this month" in again.stdout, again.stdout
     assert grant_lines(again.stdout) == {
         slug: [str(credits), currency, str(credits), "already this month"]
         for slug, (credits, currency) in EXPECTED.items()
@@ -80,3 +85,47 @@ async def test_demo_grants_each_demo_tenant_its_monthly_credits_once(empty_db: s
         assert r.status_code == 201, r.text
         r = await client.get("/api/v1/credits/balance", headers={"Authorization": f"Bearer {token}"})
         assert r.json() == {"balance": 5000 - 10, "currency": "DZD"}
+
+
+def slugs_in(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        return {slug for (slug,) in conn.execute("SELECT slug FROM tenants")}
+
+
+async def test_demo_with_two_cells_keeps_each_tenant_in_its_region(make_database: Callable[[], str]) -> None:
+    urls = {"directory": make_database(), "dz": make_database(), "eu": make_database()}
+    cells = cells_json(urls)  # dz: DZ; eu: CH, FR, BE, CA
+    demo = run_cli("demo", "--no-serve", db_url=urls["directory"], env={"IAFACTORY_CELLS": cells})
+    assert demo.returncode == 0, demo.stderr
+    assert "5 demo tenants granted now" in demo.stdout, demo.stdout
+
+    # Each tenant in the cell of its region and nowhere else; the directory routes, holds no tenant.
+    assert slugs_in(urls["dz"]) == {"ecole-ibn-khaldoun-alger"}
+    assert slugs_in(urls["eu"]) == {"system-default", *EXPECTED} - {"ecole-ibn-khaldoun-alger"}
+    assert slugs_in(urls["directory"]) == set()
+    with psycopg.connect(urls["directory"]) as conn:
+        routes = dict(conn.execute("SELECT slug, cell FROM directory.tenants").fetchall())
+        assert conn.execute("SELECT count(*) FROM users").fetchone() == (0,)
+        # One login hash per (person, cell): the consultant and the platform operator have two.
+        assert conn.execute("SELECT count(*) FROM directory.logins").fetchone() == (5 + 2 + 2,)
+    assert routes == {slug: "dz" if slug.startswith("ecole") else "eu" for slug in {"system-default", *EXPECTED}}
+
+    again = run_cli("demo", "--no-serve", db_url=urls["directory"], env={"IAFACTORY_CELLS": cells})
+    assert again.returncode == 0, again.stderr
+    assert "Demo tenants: 0 created." in again.stdout and slugs_in(urls["dz"]) == {"ecole-ibn-khaldoun-alger"}
+
+    # The consultant signs in once and gets the tenants of both cells; the school works in its own.
+    async with two_cell_client(urls) as (client, _, _):
+        r = await client.post(
+            "/api/v1/auth/login", json={"email": "consultant@iafactory.ch", "password": DEMO_PASSWORD}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["tenant"] is None
+        assert {(t["slug"], t["cell"]) for t in r.json()["tenants"]} == {
+            ("ecole-ibn-khaldoun-alger", "dz"),
+            ("cabinet-dupont-geneve", "eu"),
+            ("fiduciaire-bernard-zurich", "eu"),
+        }
+        token = await login(client, "admin@ecole-ibn-khaldoun.dz", DEMO_PASSWORD)
+        r = await client.get("/api/v1/credits/balance", headers={"Authorization": f"Bearer {token}"})
+        assert r.json() == {"balance": 5000, "currency": "DZD"}

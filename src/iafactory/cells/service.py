@@ -81,10 +81,19 @@ async def ensure_database(url: str) -> bool:
     try:
         async with await admin_connect(url):
             return False
-    except psycopg.errors.InvalidCatalogName:
-        pass
+    except psycopg.OperationalError as err:
+        # A failed connection carries no SQLSTATE (psycopg raises a plain OperationalError, never
+        # InvalidCatalogName): ask the server whether the database is what is missing.
+        refused = err
     dbname = psycopg.conninfo.conninfo_to_dict(url).get("dbname")
-    async with await admin_connect(server.with_database(url, "postgres")) as conn:
+    try:
+        maintenance = await admin_connect(server.with_database(url, "postgres"))
+    except psycopg.OperationalError:
+        raise refused from None  # the server itself does not answer: say why the cell's URL failed
+    async with maintenance as conn:
+        cur = await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+        if await cur.fetchone() is not None:
+            raise refused  # the database exists: the failure was something else (password, rights…)
         try:
             await conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(str(dbname))))
         except psycopg.errors.DuplicateDatabase:
