@@ -7,6 +7,7 @@ from uuid import UUID
 
 from fastapi import Request, Response
 
+from iafactory.admission import ANONYMOUS
 from iafactory.audit import service as audit
 from iafactory.auth import passwords, service, sessions, throttle
 from iafactory.auth.dependencies import (
@@ -137,6 +138,8 @@ async def login(body: LoginIn, request: Request) -> Any:
     settings = _settings(request)
     pools = request.app.state.cells
     ip = client_ip(request)
+    # A full hashing queue: refuse before reading anything (the throttle's store included).
+    request.app.state.load.hashing.gate.check_room(ANONYMOUS)
     subjects = throttle.subjects(settings, body.email, ip)
     await _throttled(request, subjects)
     try:
