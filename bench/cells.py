@@ -30,6 +30,11 @@ Throughput (`bench_throughput`):
    dropped in all cases (unless --keep).
 
 Load client: wrk (generated Lua scripts) when on PATH, else httpx; bench/api.py's, reused.
+
+Moving a tenant (`bench_move`, `--only move`): a tenant with --move-rows rows spread over its
+tables (projects, CRM leads, usage and audit events) moves from a DZ cell to a CH cell with
+`iafactory tenants move`'s own code; prints the move's total time and how long the tenant was
+read-only (the journal's frozen_at → unfrozen_at).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -77,6 +83,7 @@ from iafactory.config import Settings
 from iafactory.db import bootstrap
 from iafactory.db.scope import admin_connect, operator_transaction
 from iafactory.tenancy import service
+from iafactory.tenancy.context import TenantContext
 from iafactory.tenancy.schemas import TenantCreate
 
 HOST = "127.0.0.1"
@@ -499,6 +506,81 @@ def bench_throughput(args: argparse.Namespace) -> int:
     return errors
 
 
+# --- Moving a tenant (`bench_move`) ----------------------------------------------------------
+MOVE_SLUG = "bench-move"
+
+
+def _move_cli(urls: dict[str, str], cells: str, *args: str) -> None:
+    exe = Path(sys.executable).with_name("iafactory")
+    env = {**os.environ, **BENCH_SECRET_ENV, "DATABASE_URL": urls["directory"], "IAFACTORY_CELLS": cells}
+    done = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"iafactory {' '.join(args)}: {done.stderr.strip()}")
+
+
+async def _fill(dz: str, rows: int) -> str:
+    """ROWS rows for the tenant, as the owner in bulk mode (no plan limit, no debit)."""
+    async with operator_transaction(dz) as tx:
+        tenant_id = await tx.fetchval("SELECT id FROM tenants WHERE slug = %s", (MOVE_SLUG,))
+    share = {"projects": rows // 5, "crm_leads": rows // 5, "usage_events": rows * 2 // 5}
+    share["audit_events"] = rows - sum(share.values())
+    async with operator_transaction(dz, TenantContext(tenant_id=tenant_id), bulk=True) as tx:
+        await tx.execute(
+            "INSERT INTO projects (tenant_id, name, description) "
+            "SELECT %s, 'project ' || g, repeat('x', 100) FROM generate_series(1, %s) g",
+            (tenant_id, share["projects"]),
+        )
+        await tx.execute(
+            "INSERT INTO crm_leads (tenant_id, full_name, email, company) "
+            "SELECT %s, 'Lead ' || g, 'lead' || g || '@example.dz', 'Société ' || g FROM generate_series(1, %s) g",
+            (tenant_id, share["crm_leads"]),
+        )
+        await tx.execute(
+            "INSERT INTO usage_events (tenant_id, event_type, quantity, idempotency_key, properties) "
+            "SELECT %s, 'api.call', 1, 'k' || g, jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+            (tenant_id, share["usage_events"]),
+        )
+        await tx.execute(
+            "INSERT INTO audit_events (tenant_id, action, details) "
+            "SELECT %s, 'bench.event', jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+            (tenant_id, share["audit_events"]),
+        )
+    return str(tenant_id)
+
+
+def bench_move(database_url: str | None = None, rows: int = 100_000) -> dict[str, Any]:
+    """Move time and write-freeze duration for a tenant with `rows` rows; prints and returns them."""
+    from iafactory.cells.move import move_tenant
+
+    url = server_url(database_url)
+    names: dict[str, str] = {}
+    urls: dict[str, str] = {}
+    for role in ("directory", "dz", "eu"):
+        names[role], urls[role] = create_database(url, f"bench_cells_{role}")
+    cells = json.dumps(
+        {"dz": {"url": urls["dz"], "regions": ["DZ"]}, "eu": {"url": urls["eu"], "regions": ["CH", "FR", "BE", "CA"]}}
+    )
+    try:
+        _move_cli(urls, cells, "migrate")
+        _move_cli(
+            urls, cells, "tenants", "create", "--name", "Bench", "--slug", MOVE_SLUG, "--region", "DZ", "--plan", "pro"
+        )
+        asyncio.run(_fill(urls["dz"], rows))
+        settings = bench_settings(urls["directory"], cells=cells)
+        started = time.perf_counter()
+        move = asyncio.run(move_tenant(settings, MOVE_SLUG, "CH", say=lambda _: None))
+        total = time.perf_counter() - started
+        frozen = (move.unfrozen_at - move.frozen_at).total_seconds()
+        moved = sum(t["rows"] for t in move.checksums["target"].values())
+        print(
+            f"move of a tenant with {moved} rows (DZ cell → CH cell): {total:.2f} s; writes refused for {frozen:.2f} s"
+        )
+        return {"rows": moved, "move_seconds": total, "freeze_seconds": frozen}
+    finally:
+        for name in names.values():
+            drop_database(url, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", type=int, default=200)
@@ -511,13 +593,22 @@ def main() -> None:
     parser.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto")
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the databases afterwards")
+    parser.add_argument(
+        "--only", choices=("all", "throughput", "move"), default="all", help="run one of the benchmarks"
+    )
+    parser.add_argument("--move-rows", type=int, default=100_000, help="rows of the moved tenant (bench_move)")
     args = parser.parse_args()
+    if args.only == "move":
+        bench_move(args.database_url, args.move_rows)
+        return
     if args.tenants < 3 or args.projects < 2 or args.concurrency < 1 or args.rounds < 1:
         parser.error("--tenants >= 3, --projects >= 2, --concurrency and --rounds >= 1")
     if args.client == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk), or use --client httpx")
     args.rounds = min(args.rounds, max(1, args.seconds))  # whole seconds per slice (wrk's unit)
     errors = bench_throughput(args)
+    if args.only == "all":
+        bench_move(args.database_url, args.move_rows)
     if errors:
         raise SystemExit(f"FAILED: {errors} failed requests (non-2xx or socket errors), see the lines marked !!")
 

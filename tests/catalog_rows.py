@@ -212,6 +212,41 @@ def insert_row(conn: psycopg.Connection, table: str, values: dict[str, Any]) -> 
     return cur.execute(query, list(values.values())).fetchone()
 
 
+def seed_tenant_rows(
+    admin: str, tables: dict[str, TableInfo], tenant: uuid.UUID, global_rows: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """A row of `tenant` in every tenant table, inserted through the application role inside the
+    tenant's own transaction (the owner for what the application may not write). Returns them."""
+    parents: dict[str, dict[str, Any]] = {}
+    with psycopg.connect(app_url(admin)) as conn:
+        for table in insert_order(tables):
+            # One committed transaction per row, so that rows the owner seeds can reference them.
+            values = row_for(tables[table], tenant, parents, global_rows)
+            try:
+                with conn.transaction():
+                    set_tenant(conn, tenant)
+                    row = insert_row(conn, table, values)
+            except psycopg.errors.InsufficientPrivilege:
+                # Not writable by the application at all (e.g. the credit ledger, which
+                # only definer functions write): seed it as the owner instead.
+                with psycopg.connect(admin, autocommit=True) as owner:
+                    row = insert_row(owner, table, values)
+            except psycopg.errors.UniqueViolation:
+                # One row per tenant that already exists (e.g. the billing account the
+                # credit grant opened): use it.
+                cond, params = pk_where(tables[table], values)
+                with psycopg.connect(admin) as owner:
+                    row = (
+                        owner.cursor(row_factory=psycopg.rows.dict_row)
+                        .execute(sql.SQL("SELECT * FROM {} WHERE {}").format(sql.Identifier(table), cond), params)
+                        .fetchone()
+                    )
+            except psycopg.Error as err:
+                raise AssertionError(f"cannot insert a sample row into {table}: {err}") from err
+            parents[table] = row
+    return parents
+
+
 @pytest.fixture(scope="module")
 def catalog_world(server_url: str) -> Iterator[dict[str, Any]]:
     """A migrated database with tenants A and B and, in every tenant table, a row of each,
@@ -235,37 +270,9 @@ def catalog_world(server_url: str) -> Iterator[dict[str, Any]]:
             ).fetchone()[0]
         global_rows = {"users": {"id": user_id}}
         rows: dict[str, dict[uuid.UUID, dict[str, Any]]] = {}
-        with psycopg.connect(app_url(admin)) as conn:
-            for tenant in (TENANT_A, TENANT_B):
-                parents: dict[str, dict[str, Any]] = {}
-                for table in insert_order(tables):
-                    # One committed transaction per row, so that rows the owner seeds can reference them.
-                    values = row_for(tables[table], tenant, parents, global_rows)
-                    try:
-                        with conn.transaction():
-                            set_tenant(conn, tenant)
-                            row = insert_row(conn, table, values)
-                    except psycopg.errors.InsufficientPrivilege:
-                        # Not writable by the application at all (e.g. the credit ledger, which
-                        # only definer functions write): seed it as the owner instead.
-                        with psycopg.connect(admin, autocommit=True) as owner:
-                            row = insert_row(owner, table, values)
-                    except psycopg.errors.UniqueViolation:
-                        # One row per tenant that already exists (e.g. the billing account the
-                        # credit grant opened): use it.
-                        cond, params = pk_where(tables[table], values)
-                        with psycopg.connect(admin) as owner:
-                            row = (
-                                owner.cursor(row_factory=psycopg.rows.dict_row)
-                                .execute(
-                                    sql.SQL("SELECT * FROM {} WHERE {}").format(sql.Identifier(table), cond), params
-                                )
-                                .fetchone()
-                            )
-                    except psycopg.Error as err:
-                        raise AssertionError(f"cannot insert a sample row into {table}: {err}") from err
-                    parents[table] = row
-                    rows.setdefault(table, {})[tenant] = row
+        for tenant in (TENANT_A, TENANT_B):
+            for table, row in seed_tenant_rows(admin, tables, tenant, global_rows).items():
+                rows.setdefault(table, {})[tenant] = row
         yield {"admin": admin, "app": app_url(admin), "tables": tables, "rows": rows, "globals": global_rows}
     finally:
         _drop_database(server_url, name)

@@ -70,20 +70,27 @@ def create_app(
         app.state.load.database = app.state.db
         if settings.redis_url:
             app.state.rate_limiter = RedisRateLimiter(settings.redis_url, app.state.db)
-        worker_task, stop = None, asyncio.Event()
+        background: list[asyncio.Task[None]] = []
+        stop = asyncio.Event()
         run_worker = settings.run_worker if settings.run_worker is not None else settings.database_url is None
         if own_db and run_worker:
-            # On the embedded default the API indexes documents itself, so one command is enough.
+            # On the embedded default the API indexes documents and sends emails itself, so one
+            # command is enough.
             from iafactory.knowledge import worker
             from iafactory.knowledge.embeddings import embedder
+            from iafactory.notifications import sender
 
             model = embedder(settings)
-            worker_task = asyncio.gather(
-                *(
-                    worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
-                    for db in app.state.cells.dbs.values()
+            mail = sender.mailer(settings)
+            for db in app.state.cells.dbs.values():  # one indexing worker and one email sender per cell
+                background.append(
+                    asyncio.create_task(
+                        worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
+                    )
                 )
-            )
+                background.append(
+                    asyncio.create_task(sender.run_forever(db, mail, stop, lease_seconds=settings.worker_lease_seconds))
+                )
         pool_gauges = asyncio.create_task(metrics.refresh_pool_forever(app.state.db))
         try:
             yield
@@ -91,11 +98,13 @@ def create_app(
             pool_gauges.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pool_gauges
-            if worker_task is not None:
+            if background:
                 stop.set()
-                worker_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker_task
+                for task in background:
+                    task.cancel()
+                # Each loop hands back (or finishes) what it holds before the pools close: wait for
+                # all of them (a plain gather would return as soon as the first one is cancelled).
+                await asyncio.gather(*background, return_exceptions=True)
             if app.state.rate_limiter is not None:
                 await app.state.rate_limiter.close()
                 app.state.rate_limiter = None

@@ -124,6 +124,7 @@ def load_commands() -> typer.Typer:
     from iafactory import serve as _serve  # noqa: F401
     from iafactory.db import cli as _db_cli  # noqa: F401
     from iafactory.knowledge import cli as _knowledge_cli  # noqa: F401
+    from iafactory.notifications import cli as _notifications_cli  # noqa: F401
     from iafactory.plans import cli as _plans_cli  # noqa: F401
     from iafactory.tenancy import cli as _tenancy_cli  # noqa: F401
 

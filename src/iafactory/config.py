@@ -166,6 +166,24 @@ class Settings(BaseSettings):
     worker_lease_seconds: int = Field(default=25, ge=1, le=3600)
     max_body_bytes: int = 1_048_576
 
+    # --- email (iafactory/notifications/) ---------------------------------------------------
+    # The SMTP server the outbox's senders deliver to. Unset: messages are printed in the log (with
+    # their links) and kept, which is what the demo needs.
+    smtp_host: str | None = None
+    # Default: 465 with smtp_tls, else 587 (submission).
+    smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    # STARTTLS after connecting (on by default: credentials and links never travel in clear), or TLS
+    # from the first byte (smtp_tls, usually port 465; STARTTLS then does not apply). Both off only
+    # for a relay on the same host.
+    smtp_starttls: bool = True
+    smtp_tls: bool = False
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    # The From of every message, e.g. "IAFactory <no-reply@example.ch>"; required with smtp_host.
+    smtp_from: str | None = None
+    # Each network operation of an SMTP conversation gives up after this.
+    smtp_timeout_seconds: float = Field(default=30.0, gt=0)
+
     # --- observability --------------------------------------------------------------------
     # `serve` logs one JSON object per line (for collectors); `text` is for people.
     log_format: Literal["json", "text"] = "json"
@@ -297,6 +315,19 @@ def serving_problems(settings: Settings, host: str) -> list[str]:
         problem = app_db_password_problem(settings)
         if problem:
             problems.append(problem)
+    problems += smtp_problems(settings)
+    return problems
+
+
+def smtp_problems(settings: Settings) -> list[str]:
+    """Email settings that cannot work together (`serve` and `worker` refuse to start with them)."""
+    problems = []
+    if settings.smtp_host and not settings.smtp_from:
+        problems.append(
+            f"{env_name('smtp_from')} is not set: the From of the emails, e.g. IAFactory <no-reply@example.ch>"
+        )
+    if settings.smtp_password is not None and not settings.smtp_user:
+        problems.append(f"{env_name('smtp_password')} is set without {env_name('smtp_user')}")
     return problems
 
 

@@ -183,6 +183,9 @@ async def _principal_from_key(request: Request, key: str) -> Principal:
         # Revocation and expiry are checked again by app.authorize on every request; the cache
         # only saves the lookup.
         cache[prefix] = (time.monotonic() + KEY_CACHE_SECONDS, row)
+    if not pools.single and (moved_row := await _follow_move(request, pools, prefix, row)) is not row:
+        cache[prefix] = (time.monotonic() + KEY_CACHE_SECONDS, moved_row)
+        row = moved_row
     if not api_keys.matches(settings, key, row["key_hash"]):
         raise unauthorized("unknown API key")
     if row["revoked_at"] is not None:
@@ -197,6 +200,20 @@ async def _principal_from_key(request: Request, key: str) -> Principal:
         key_scope=row["scope"],
         cell=row["cell"],
     )
+
+
+async def _follow_move(request: Request, pools: CellPools, prefix: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A key still found in the cell its prefix names while the directory puts its tenant in
+    another one: the tenant has just moved (its old copy is being erased). When the directory
+    lists the key as moved there, the key is served by the new cell at once."""
+    found = await pools.route(row["tenant_id"])
+    if found is None or found.cell == row["cell"]:
+        return row
+    moved = await pools.moved_key_cell(prefix)
+    if moved != found.cell:
+        return row  # refused by _check_route: the cells disagree
+    there = await _find_key(cell_db(request, moved), prefix)
+    return {**there, "cell": moved} if there is not None else row
 
 
 async def _find_key(db: Database, prefix: str) -> dict[str, Any] | None:

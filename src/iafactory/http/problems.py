@@ -25,7 +25,7 @@ PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://docs.iafactory.ch/problems/"
 
 # SQLSTATEs raised by our own SQL (app.authorize and friends) → HTTP status.
-APP_SQLSTATES = {"IA401": 401, "IA402": 402, "IA403": 403, "IA404": 404, "IA409": 409, "IA429": 429}
+APP_SQLSTATES = {"IA401": 401, "IA402": 402, "IA403": 403, "IA404": 404, "IA409": 409, "IA429": 429, "IA503": 503}
 
 
 class Problem(Exception):
@@ -272,10 +272,11 @@ def database_problem(request: Request, exc: psycopg.Error, fields: list[str] | N
             404: "Not Found",
             409: "Conflict",
             429: "Too Many Requests",
+            503: "Service Unavailable",
         }
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         detail = diag.message_detail or ""
-        if status == 429 and detail.startswith("retry_after="):
+        if status in (429, 503) and detail.startswith("retry_after="):
             headers = {"Retry-After": detail.removeprefix("retry_after=")}
         extra: dict[str, Any] = {"limit": detail.removeprefix("limit=")} if detail.startswith("limit=") else {}
         return problem_response(status, titles[status], diag.message_primary, headers=headers, request=request, **extra)

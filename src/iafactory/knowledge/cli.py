@@ -10,13 +10,14 @@ import typer
 
 from iafactory.app import cell_pools
 from iafactory.cells.service import cell_urls
-from iafactory.cli import app, console, run
-from iafactory.config import get_settings
+from iafactory.cli import CliError, app, console, run
+from iafactory.config import get_settings, smtp_problems
 from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
 from iafactory.knowledge import worker
 from iafactory.knowledge.embeddings import embedder
 from iafactory.knowledge.schemas import JOBS_CHANNEL
+from iafactory.notifications import sender
 from iafactory.observability import logs
 
 knowledge_app = typer.Typer(help="Knowledge-base indexing.", no_args_is_help=True)
@@ -28,17 +29,23 @@ app.add_typer(knowledge_app, name="knowledge")
 async def worker_command(
     once: bool = typer.Option(False, "--once", help="Run the queued jobs, then exit."),
 ) -> None:
-    """Index knowledge-base documents in the background (several workers may run at once)."""
+    """Index knowledge-base documents and send the outbox's emails in the background (several
+    workers may run at once)."""
     settings = get_settings()
+    if problems := smtp_problems(settings):
+        raise CliError("; ".join(problems))
     pools = cell_pools(settings)  # with IAFACTORY_CELLS, one queue per cell: this worker serves them all
     await pools.open()
     try:
         model = embedder(settings)
+        mail = sender.mailer(settings)
         if once:
-            done = 0
+            done = sent = 0
             for db in pools.dbs.values():
                 done += await worker.drain(db, model, lease_seconds=settings.worker_lease_seconds)
+                sent += await sender.drain(db, mail, lease_seconds=settings.worker_lease_seconds)
             console.print(f"ran {done} job(s)")
+            console.print(f"handled {sent} email(s)")
             return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -52,7 +59,11 @@ async def worker_command(
             *(
                 worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
                 for db in pools.dbs.values()
-            )
+            ),
+            *(
+                sender.run_forever(db, mail, stop, lease_seconds=settings.worker_lease_seconds)
+                for db in pools.dbs.values()
+            ),
         )
     finally:
         await pools.close()

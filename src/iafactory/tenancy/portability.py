@@ -19,7 +19,7 @@ import io
 import json
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,7 +107,22 @@ async def _tenant(admin_url: str, slug: str) -> Any:
             raise PortabilityError(str(err)) from err
 
 
-async def export_tenant(admin_url: str, slug: str, output: Path, progress: Progress | None = None) -> dict[str, Any]:
+SnapshotHook = Callable[[Transaction, list[TableInfo]], Awaitable[None]]
+
+
+async def export_tenant(
+    admin_url: str,
+    slug: str,
+    output: Path,
+    progress: Progress | None = None,
+    *,
+    in_snapshot: SnapshotHook | None = None,
+    record_event: bool = True,
+    compresslevel: int = 9,
+) -> dict[str, Any]:
+    """`in_snapshot` runs in the export's own snapshot, after the rows are read (a move computes
+    its checksums there). `record_event`: audit the export (a move audits itself). `compresslevel`:
+    gzip's, 1 for an archive read back at once (a move)."""
     tenant = await _tenant(admin_url, slug)
     ctx = TenantContext(tenant_id=tenant.id)
     files: dict[str, bytes] = {}
@@ -143,6 +158,8 @@ async def export_tenant(admin_url: str, slug: str, output: Path, progress: Progr
             manifest["tables"][table.name] = {"rows": len(lines), "sha256": _sha256(data)}
             if progress:
                 progress(table.name, len(lines), total)
+        if in_snapshot is not None:
+            await in_snapshot(tx, tables)
         users = await tx.fetch(
             """SELECT u.id, u.email, u.name FROM tenant_users tu JOIN users u ON u.id = tu.user_id
                WHERE tu.tenant_id = %s ORDER BY u.id""",
@@ -153,7 +170,7 @@ async def export_tenant(admin_url: str, slug: str, output: Path, progress: Progr
     manifest["users"] = users
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".partial")
-    with tarfile.open(tmp, "w:gz") as archive:
+    with tarfile.open(tmp, "w:gz", compresslevel=compresslevel) as archive:
         for name, data in [
             ("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode()),
             *files.items(),
@@ -162,6 +179,8 @@ async def export_tenant(admin_url: str, slug: str, output: Path, progress: Progr
             info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
             archive.addfile(info, io.BytesIO(data))
     tmp.replace(output)  # never a half-written archive under the final name
+    if not record_event:
+        return manifest
     async with operator_transaction(admin_url) as tx:
         await tx.execute(
             "SELECT app.record_event(%s, 'tenant.exported', NULL, %s, NULL, NULL)",
@@ -179,13 +198,23 @@ async def count_rows(tx: Transaction, tenant_id: UUID, tables: list[TableInfo]) 
     return counts
 
 
-async def erase_tenant(admin_url: str, slug: str, confirm: str) -> dict[str, int]:
+async def erase_tenant(
+    admin_url: str,
+    slug: str,
+    confirm: str,
+    *,
+    reason: str | None = None,
+    before: Callable[[Transaction, UUID], Awaitable[None]] | None = None,
+) -> dict[str, int]:
+    """`before` runs first in the erasure's transaction (a move copies what was appended since)."""
     if confirm != slug:
         raise PortabilityError(f"--confirm must repeat the slug exactly ({slug!r}) to erase it")
     tenant = await _tenant(admin_url, slug)
     if tenant.id == UUID(int=0):
         raise PortabilityError("the system-default tenant cannot be erased")
     async with operator_transaction(admin_url, TenantContext(tenant_id=tenant.id), bulk=True) as tx:
+        if before is not None:
+            await before(tx, tenant.id)
         tables = await tenant_tables(tx)
         deleted = {}
         for table in reversed(tables):  # children first
@@ -197,8 +226,8 @@ async def erase_tenant(admin_url: str, slug: str, confirm: str) -> dict[str, int
         if left:
             raise PortabilityError(f"rows remain after erasure, nothing was erased: {left}")
         await tx.execute(
-            "INSERT INTO tenant_erasures (erased_tenant, slug, row_counts) VALUES (%s, %s, %s)",
-            (tenant.id, tenant.slug, Jsonb(deleted)),
+            "INSERT INTO tenant_erasures (erased_tenant, slug, row_counts, reason) VALUES (%s, %s, %s, %s)",
+            (tenant.id, tenant.slug, Jsonb(deleted), reason),
         )
     return deleted
 
@@ -264,6 +293,43 @@ async def _create_copy(tx: Transaction, tenant_id: UUID, data: TenantCreate) -> 
     )
 
 
+async def insert_rows(tx: Transaction, table: TableInfo, rows: list[dict[str, Any]], progress: Progress | None) -> None:
+    """Insert exported rows (as read back from JSON) into `table`, keeping their ids."""
+    for start in range(0, len(rows), IMPORT_CHUNK):
+        chunk = rows[start : start + IMPORT_CHUNK]
+        # VALUES, one row per record, each read back by PostgreSQL's own JSON-to-row
+        # conversion (every type round-trips); not INSERT ... SELECT, which a distributed
+        # PostgreSQL refuses into a table with row security.
+        record = sql.SQL("((jsonb_populate_record(NULL::{}, %s)).*)").format(sql.Identifier(table.name))
+        await tx.execute(
+            sql.SQL("INSERT INTO {} ({}) VALUES {}").format(
+                sql.Identifier(table.name),
+                sql.SQL(", ").join(map(sql.Identifier, table.columns)),
+                sql.SQL(", ").join([record] * len(chunk)),
+            ),
+            [Jsonb(r) for r in chunk],
+        )
+        if progress:
+            progress(table.name, start + len(chunk), len(rows))
+    if progress and not rows:
+        progress(table.name, 0, 0)
+    if table.identity_column and rows:
+        # Imported ids were explicit: move the sequence past them, never back. The sequence
+        # serves every tenant, and max() may see only this one (row security): moving it
+        # back would hand out ids that other tenants' rows already have.
+        await tx.fetchval(
+            sql.SQL(
+                "SELECT setval(s, greatest((SELECT max({}) FROM {}), pg_sequence_last_value(s), 1))"
+                " FROM (SELECT pg_get_serial_sequence({}, {})::regclass AS s) seq"
+            ).format(
+                sql.Identifier(table.identity_column),
+                sql.Identifier(table.name),
+                sql.Literal(f"public.{table.name}"),
+                sql.Literal(table.identity_column),
+            )
+        )
+
+
 COPIED_KEY_PREFIX = "copy_"
 
 
@@ -320,42 +386,74 @@ async def import_tenant(
                 row["tenant_id"] = str(tenant_id)
                 if copy is not None and table.name == "api_keys":
                     _disable_copied_key(row, now)
-            for start in range(0, len(rows), IMPORT_CHUNK):
-                chunk = rows[start : start + IMPORT_CHUNK]
-                # VALUES, one row per record, each read back by PostgreSQL's own JSON-to-row
-                # conversion (every type round-trips); not INSERT ... SELECT, which a distributed
-                # PostgreSQL refuses into a table with row security.
-                record = sql.SQL("((jsonb_populate_record(NULL::{}, %s)).*)").format(sql.Identifier(table.name))
-                await tx.execute(
-                    sql.SQL("INSERT INTO {} ({}) VALUES {}").format(
-                        sql.Identifier(table.name),
-                        sql.SQL(", ").join(map(sql.Identifier, table.columns)),
-                        sql.SQL(", ").join([record] * len(chunk)),
-                    ),
-                    [Jsonb(r) for r in chunk],
-                )
-                if progress:
-                    progress(table.name, start + len(chunk), len(rows))
-            if progress and not rows:
-                progress(table.name, 0, 0)
-            if table.identity_column and rows:
-                # Imported ids were explicit: move the sequence past them, never back. The sequence
-                # serves every tenant, and max() may see only this one (row security): moving it
-                # back would hand out ids that other tenants' rows already have.
-                await tx.fetchval(
-                    sql.SQL(
-                        "SELECT setval(s, greatest((SELECT max({}) FROM {}), pg_sequence_last_value(s), 1))"
-                        " FROM (SELECT pg_get_serial_sequence({}, {})::regclass AS s) seq"
-                    ).format(
-                        sql.Identifier(table.identity_column),
-                        sql.Identifier(table.name),
-                        sql.Literal(f"public.{table.name}"),
-                        sql.Literal(table.identity_column),
-                    )
-                )
+            await insert_rows(tx, table, rows, progress)
             imported[table.name] = len(rows)
         counts = await count_rows(tx, tenant_id, tables)
         mismatched = {t: (counts.get(t), n) for t, n in imported.items() if counts.get(t) != n}
         if mismatched:
             raise PortabilityError(f"row counts differ after import, nothing was imported: {mismatched}")
     return imported
+
+
+# Columns of tenant tables that hold a users.id without a foreign key (history: the user may be gone).
+USER_COLUMNS_WITHOUT_FK = {
+    ("usage_events", "user_id"),
+    ("credit_transactions", "created_by"),
+    ("audit_events", "actor_user_id"),
+}
+
+
+async def user_columns(tx: Transaction, tables: list[TableInfo]) -> dict[str, list[str]]:
+    """Per tenant table, its columns holding a users.id: foreign keys to users, and the history
+    columns above. users.id is an identity of each database, so these are the columns a move
+    between cells must translate (every other id is the tenant's own, kept as it is)."""
+    rows = await tx.fetch(
+        """SELECT c.conrelid::regclass::text AS t, a.attname::text AS col FROM pg_constraint c
+           JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+           WHERE c.contype = 'f' AND c.confrelid = 'public.users'::regclass AND cardinality(c.conkey) = 1"""
+    )
+    found = {(r["t"], r["col"]) for r in rows} | USER_COLUMNS_WITHOUT_FK
+    out: dict[str, list[str]] = {}
+    for table in tables:
+        cols = sorted(col for t, col in found if t == table.name and col in table.columns)
+        if cols:
+            out[table.name] = cols
+    return out
+
+
+async def table_checksums(
+    tx: Transaction, tenant_id: UUID, tables: list[TableInfo], users: dict[str, list[str]]
+) -> dict[str, dict[str, Any]]:
+    """Per table: the tenant's row count and a SHA-256 of its rows, computed by the database in a
+    form that does not depend on the database: each row as jsonb text (keys sorted by jsonb
+    itself; time zone, float and interval output fixed below), with every users.id replaced by
+    that user's email (user ids are per cell), hashed one by one; the table's digest is the
+    SHA-256 of those row digests in byte order (no collation involved). Two cells holding the same
+    rows give the same digests."""
+    await tx.execute("SET LOCAL TimeZone = 'UTC'")
+    await tx.execute("SET LOCAL extra_float_digits = 1")
+    await tx.execute("SET LOCAL IntervalStyle = 'iso_8601'")
+    await tx.execute("SET LOCAL bytea_output = 'hex'")
+    out: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        cols = users.get(table.name, [])
+        canon: sql.Composable = sql.SQL("to_jsonb(t)")
+        if cols:
+            canon = sql.SQL("to_jsonb(t) || jsonb_build_object({})").format(
+                sql.SQL(", ").join(
+                    sql.SQL("{}, (SELECT u.email FROM public.users u WHERE u.id = t.{})").format(
+                        sql.Literal(c), sql.Identifier(c)
+                    )
+                    for c in cols
+                )
+            )
+        row = await tx.fetchrow(
+            sql.SQL(
+                "SELECT count(*) AS rows, encode(sha256(coalesce(string_agg(h, ''::bytea ORDER BY h), ''::bytea)), 'hex')"
+                " AS sha256 FROM (SELECT sha256(convert_to(({})::text, 'UTF8')) AS h FROM {} t WHERE t.tenant_id = %s) s"
+            ).format(canon, sql.Identifier(table.name)),
+            (tenant_id,),
+        )
+        assert row is not None  # an aggregate always returns a row
+        out[table.name] = {"rows": row["rows"], "sha256": row["sha256"]}
+    return out
