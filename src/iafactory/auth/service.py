@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 
 from iafactory.admission import ANONYMOUS, CREDENTIALS, CpuWork
 from iafactory.audit import service as audit
-from iafactory.auth import api_keys, passwords, policy, sessions, tokens
+from iafactory.auth import api_keys, passwords, policy, sessions
 from iafactory.auth.dependencies import Principal, session_gate, tenant_gate
 from iafactory.auth.schemas import ApiKeyCreate, LoginIn, Membership, MeOut, MyTenant, RegisterIn
 from iafactory.cells import directory
@@ -154,27 +154,6 @@ async def all_memberships(pools: CellPools, accounts: dict[str, int]) -> list[Me
         async with pools.db(cell).anonymous(user_id=user_id, read_only=True) as tx:
             out.extend(await memberships(tx, user_id, None if pools.single else cell))
     return out
-
-
-def token_for(
-    settings: Settings,
-    pools: CellPools,
-    accounts: dict[str, int],
-    tenant: Membership | None,
-    platform_admin: bool,
-) -> tuple[str, int]:
-    """A token acting for `tenant` (its cell and the user's id there), or for no tenant yet (the
-    first cell's account). It lists every account of a person with several, for select-tenant."""
-    cell = (tenant.cell if tenant else None) or next(iter(accounts))
-    return tokens.issue(
-        settings,
-        accounts[cell],
-        tenant_id=tenant.id if tenant else None,
-        role=tenant.role if tenant else None,
-        platform_admin=platform_admin,
-        cell=cell,
-        accounts=accounts,
-    )
 
 
 def check_new_password(password: str, email: str, field: str = "new_password") -> str:
