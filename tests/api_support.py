@@ -458,7 +458,8 @@ def write_role_table() -> dict[str, str | None]:
     'platform' = a platform administrator's token; None = no role (the sign-in steps). A write
     route that matches no entry is a route nobody has decided about: the role tests fail on it."""
     return {
-        f"{API_PREFIX}/auth": None,  # register, login, select-tenant: before any tenant role
+        f"{API_PREFIX}/auth": None,  # register, login, select-tenant, refresh, logout: before any tenant role
+        f"{API_PREFIX}/me": None,  # the caller's own sessions and password, with or without a tenant
         f"{API_PREFIX}/admin": "platform",  # tenant registry: platform administrators only
         f"{API_PREFIX}/members": "admin",
         f"{API_PREFIX}/api-keys": "admin",

@@ -150,6 +150,13 @@ NO_TENANT = {
     "GET /readyz": None,
     "POST /api/v1/auth/select-tenant": BEARER,  # a user's token: an API key has no tenants to choose from
     "GET /api/v1/me": BOTH,  # whoever the credential names
+    "POST /api/v1/auth/refresh": None,  # the refresh token is in the body
+    # A person's own sessions and password: a user's token (an API key has no session or password).
+    "POST /api/v1/auth/logout": BEARER,
+    "POST /api/v1/auth/logout-all": BEARER,
+    "GET /api/v1/me/sessions": BEARER,
+    "DELETE /api/v1/me/sessions/{session_id}": BEARER,
+    "POST /api/v1/me/password": BEARER,
 }
 
 
