@@ -292,9 +292,11 @@ def module_db(server_url: str, migrated_template: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def module_cells(server_url: str) -> Any:
-    """Two cells and a directory (admin URLs by name) for a module, when IAFACTORY_TEST_CELLS=2; else None."""
-    if not two_cells_requested():
+def module_cells(request: pytest.FixtureRequest, server_url: str) -> Any:
+    """Two cells and a directory (admin URLs by name) for a module, when IAFACTORY_TEST_CELLS=2 and
+    the module says it runs on cells (`RUNS_ON_TWO_CELLS = True`: the generated isolation and role
+    matrices, which only talk HTTP); else None. Other modules reach into the one database directly."""
+    if not two_cells_requested() or not getattr(request.module, "RUNS_ON_TWO_CELLS", False):
         yield None
         return
     made = {name: _create_database(server_url) for name in ("directory", *TWO_CELLS)}
