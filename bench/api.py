@@ -39,6 +39,14 @@ Load client: wrk, with Lua scripts generated here (`apt-get install wrk`), when 
 else httpx.AsyncClient with a pool of C connections, which spends far more CPU per request than
 the C client: on a small machine its figures are bounded by the client as much as by the servers.
 
+Sessions (--auth-seconds S, default 5; 0 skips): sign-in and refresh throughput, from httpx, with
+one sign-in in flight per core (more only queue in the bounded hashing pool, which answers 503
+beyond it) and --concurrency refreshes in flight. Sign-in: POST /api/v1/auth/login for users whose hash has the
+service's own argon2id parameters (the defaults: t=3, 64 MiB, p=4), so each one verifies a real
+hash. Refresh: POST /api/v1/auth/refresh, each in-flight loop spending its own session's token and
+keeping the next (a token is good for one use). A refresh is a hash lookup, a row update and a JWT;
+it should cost a small fraction of a sign-in.
+
 --profile DIR: after the measured rounds, records each server with py-spy (`pip install py-spy`)
 during one more slice of every variant: DIR/<op>-<jwt|key|bare>.txt (collapsed stacks), and prints
 where the time goes (inclusive share of our functions, self share of all).
@@ -279,6 +287,85 @@ def expect(response: httpx.Response, status: int, what: str) -> httpx.Response:
     if response.status_code != status:
         raise SystemExit(f"{what}: expected {status}, got {response.status_code}: {response.text[:500]}")
     return response
+
+
+async def create_login_users(admin: str, count: int) -> list[str]:
+    """Users whose password hash has the service's argon2id parameters (the defaults)."""
+    tag = uuid.uuid4().hex[:6]
+    pw_hash = await hash_password(Settings(database_url=admin), PASSWORD)
+    emails = []
+    async with operator_transaction(admin) as tx:
+        for k in range(count):
+            email = f"login-{k}-{tag}@example.ch"
+            await tx.fetchval("SELECT app.register_user(%s, %s, %s)", (email, f"Login {k}", pw_hash))
+            emails.append(email)
+    return emails
+
+
+@dataclass
+class AuthSlice:
+    requests: int
+    seconds: float
+    bad: int
+    first_error: str
+    p50: float = 0.0  # ms
+    p99: float = 0.0
+
+
+async def auth_throughput(real: str, emails: list[str], seconds: float, concurrency: int) -> dict[str, AuthSlice]:
+    """Sign-ins, then refreshes, each for `seconds` with `concurrency` loops in flight."""
+    out: dict[str, AuthSlice] = {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=real, timeout=60, limits=limits) as client:
+
+        async def run(name: str, step, loops: int) -> None:
+            latencies: list[float] = []
+            bad = 0
+            first_error = ""
+            stop_at = time.perf_counter() + seconds
+
+            async def loop(i: int) -> None:
+                nonlocal bad, first_error
+                state: dict[str, str] = {}
+                while time.perf_counter() < stop_at:
+                    t0 = time.perf_counter()
+                    r = await step(i, state)
+                    latencies.append(time.perf_counter() - t0)
+                    if r.status_code != 200:
+                        bad += 1
+                        first_error = first_error or f"{r.status_code} {r.text[:200]}"
+
+            started = time.perf_counter()
+            await asyncio.gather(*(loop(i) for i in range(loops)))
+            elapsed = time.perf_counter() - started
+            latencies.sort()
+            sl = AuthSlice(requests=len(latencies), seconds=elapsed, bad=bad, first_error=first_error)
+            sl.p50 = latencies[len(latencies) // 2] * 1000 if latencies else 0.0
+            sl.p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies else 0.0
+            out[name] = sl
+
+        async def login(i: int, state: dict[str, str]) -> httpx.Response:
+            email = emails[i % len(emails)]
+            return await client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
+
+        chains: dict[int, str] = {}  # each loop's session: its current refresh token
+
+        async def refresh(i: int, state: dict[str, str]) -> httpx.Response:
+            r = await client.post("/api/v1/auth/refresh", json={"refresh_token": chains[i]})
+            if r.status_code == 200:
+                chains[i] = r.json()["refresh_token"]
+            return r
+
+        # Sign-ins: one in flight per core. More only queue in the hashing pool, which sheds the
+        # excess with 503 (a bound by design, not a figure of merit).
+        await run("login", login, max(1, min(concurrency, os.cpu_count() or 1)))
+        for i in range(concurrency):  # one session per loop, signed in one after the other
+            r = await login(i, {})
+            if r.status_code != 200:
+                raise SystemExit(f"sign-in before the refresh load: {r.status_code} {r.text[:200]}")
+            chains[i] = r.json()["refresh_token"]
+        await run("refresh", refresh, concurrency)
+    return out
 
 
 async def sign_in_and_check(real: str, bare: str, tenants: list[Tenant]) -> None:
@@ -780,6 +867,7 @@ def main() -> None:
     parser.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy both servers into this folder")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--auth-seconds", type=float, default=5.0, help="sign-in and refresh load, each (0: skip)")
     parser.add_argument(
         "--pgbouncer",
         action="store_true",
@@ -929,6 +1017,24 @@ def main() -> None:
                     line.append(f"{op}/{target} {s.rate:.0f}")
             print(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(line), flush=True)
         report(results, args)
+        if args.auth_seconds > 0:
+            emails = asyncio.run(create_login_users(admin, max(1, min(args.concurrency, 16))))
+            auth = asyncio.run(auth_throughput(real, emails, args.auth_seconds, args.concurrency))
+            print("Sessions (httpx client, argon2id at the service's defaults: t=3, 64 MiB, p=4):")
+            for name, sl in auth.items():
+                print(
+                    f"  {name:<8}{sl.requests / sl.seconds:10.1f} req/s   p50 {sl.p50:8.1f} ms   p99 {sl.p99:8.1f} ms"
+                    f"   ({sl.requests} in {sl.seconds:.1f} s)",
+                    flush=True,
+                )
+                if sl.bad:
+                    errors += sl.bad
+                    print(f"  !! {name}: {sl.bad} non-200; first: {sl.first_error}", flush=True)
+            if auth["login"].requests and auth["refresh"].requests:
+                ratio = (auth["refresh"].requests / auth["refresh"].seconds) / (
+                    auth["login"].requests / auth["login"].seconds
+                )
+                print(f"  a refresh costs 1/{ratio:.0f} of a sign-in (throughput ratio)", flush=True)
         if args.profile is not None:
             profile(
                 client,

@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from conftest import _create_database, _drop_database, prepare_sync, settings_for
+from conftest import _create_database, _drop_database, create_migrated_database, settings_for
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
 from iafactory.cells import directory
@@ -283,19 +283,20 @@ async def api_world(api_client: tuple[httpx.AsyncClient, str, Settings]) -> ApiW
 
 
 @pytest.fixture(scope="module")
-def module_db(server_url: str) -> Any:
+def module_db(server_url: str, migrated_template: str) -> Any:
     """A migrated database shared by one test module (for read-mostly matrices). With
     IAFACTORY_TEST_CELLS=2, the directory's, and `module_cells` holds the two cells."""
-    name, admin = _create_database(server_url)
-    prepare_sync(admin)
+    name, admin = create_migrated_database(server_url, migrated_template)
     yield admin
     _drop_database(server_url, name)
 
 
 @pytest.fixture(scope="module")
-def module_cells(server_url: str) -> Any:
-    """Two cells and a directory (admin URLs by name) for a module, when IAFACTORY_TEST_CELLS=2; else None."""
-    if not two_cells_requested():
+def module_cells(request: pytest.FixtureRequest, server_url: str) -> Any:
+    """Two cells and a directory (admin URLs by name) for a module, when IAFACTORY_TEST_CELLS=2 and
+    the module says it runs on cells (`RUNS_ON_TWO_CELLS = True`: the generated isolation and role
+    matrices, which only talk HTTP); else None. Other modules reach into the one database directly."""
+    if not two_cells_requested() or not getattr(request.module, "RUNS_ON_TWO_CELLS", False):
         yield None
         return
     made = {name: _create_database(server_url) for name in ("directory", *TWO_CELLS)}
@@ -459,7 +460,8 @@ def write_role_table() -> dict[str, str | None]:
     'platform' = a platform administrator's token; None = no role (the sign-in steps). A write
     route that matches no entry is a route nobody has decided about: the role tests fail on it."""
     return {
-        f"{API_PREFIX}/auth": None,  # register, login, select-tenant: before any tenant role
+        f"{API_PREFIX}/auth": None,  # register, login, select-tenant, refresh, logout: before any tenant role
+        f"{API_PREFIX}/me": None,  # the caller's own sessions and password, with or without a tenant
         f"{API_PREFIX}/admin": "platform",  # tenant registry: platform administrators only
         f"{API_PREFIX}/members": "admin",
         f"{API_PREFIX}/api-keys": "admin",

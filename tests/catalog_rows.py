@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from conftest import _create_database, _drop_database, prepare_sync, settings_for
+from conftest import _drop_database, create_migrated_database, settings_for
 from iafactory.db import server
 
 
@@ -248,13 +248,12 @@ def seed_tenant_rows(
 
 
 @pytest.fixture(scope="module")
-def catalog_world(server_url: str) -> Iterator[dict[str, Any]]:
+def catalog_world(server_url: str, migrated_template: str) -> Iterator[dict[str, Any]]:
     """A migrated database with tenants A and B and, in every tenant table, a row of each,
     inserted through the application role inside each tenant's own transaction. One per test module
     (test_rls_isolation, test_portability)."""
-    name, admin = _create_database(server_url)
+    name, admin = create_migrated_database(server_url, migrated_template)
     try:
-        prepare_sync(admin)
         with psycopg.connect(admin, autocommit=True) as conn:
             for tid, slug in ((TENANT_A, "tenant-a"), (TENANT_B, "tenant-b")):
                 conn.execute(

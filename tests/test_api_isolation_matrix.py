@@ -49,6 +49,8 @@ from api_support import (
 
 pytestmark = pytest.mark.anyio
 
+# With IAFACTORY_TEST_CELLS=2 (CI's PostgreSQL 15 pass) the world lives in two region cells.
+RUNS_ON_TWO_CELLS = True
 DOC = offline_openapi()
 OPERATIONS = api_operations(DOC)
 
@@ -59,6 +61,15 @@ NON_TENANT_ROUTES = {
     "POST /api/v1/auth/register": "creates an account, which belongs to no tenant until an admin adds it",
     "POST /api/v1/auth/login": "checks a password before any tenant is chosen; it lists only the caller's own "
     "memberships (test_api_auth)",
+    # A person's own sessions and password: keyed by the caller's user id in the database functions
+    # (app.user_id), never by a tenant; test_sessions.py shows that another person's session can be
+    # neither listed nor revoked (404). Calling them with the matrix's tokens would end its sessions.
+    "POST /api/v1/auth/refresh": "spends a refresh token, which names its session and no tenant (test_sessions)",
+    "POST /api/v1/auth/logout": "ends the caller's own session (test_sessions)",
+    "POST /api/v1/auth/logout-all": "ends the caller's own sessions (test_sessions)",
+    "GET /api/v1/me/sessions": "the caller's own sessions (test_sessions)",
+    "DELETE /api/v1/me/sessions/{session_id}": "ends one of the caller's own sessions; another's is 404 (test_sessions)",
+    "POST /api/v1/me/password": "the caller's own password (test_sessions)",
     # FastAPI's documentation routes are outside the OpenAPI document; listed so that nobody wonders.
     "GET /docs": "Swagger UI (static)",
     "GET /docs/oauth2-redirect": "Swagger UI (static)",

@@ -38,10 +38,12 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from api_support import (
+    PASSWORD,
     ApiOperation,
     ApiWorld,
     api_operations,
     fast_settings,
+    login,
     offline_openapi,
     provision_for_load,
     reference_fields,
@@ -113,13 +115,26 @@ def api_schema(fuzz_app: Any) -> Any:
     return schemathesis.openapi.from_asgi("/openapi.json", fuzz_app, config=CONFIG)
 
 
+# Operations that end the caller's sessions or change their password: fuzzed with the token of a
+# person of their own, so that they never end the sessions of the world's owner.
+SESSION_ENDING = {"logout", "logout_all", "revoke_my_session", "change_my_password"}
+THROWAWAY: dict[str, str] = {}  # headers of that person's token, set by `world`
+
+
 @pytest.fixture(scope="module")
 async def world(module_api_world: ApiWorld) -> ApiWorld:
     await provision_for_load(module_api_world.admin_url, module_api_world)
+    c = module_api_world.client
+    email = f"throwaway-{module_api_world.a.slug}@example.ch"
+    assert (await c.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD})).status_code == 201
+    THROWAWAY.update(module_api_world.headers(await login(c, email)))
     return module_api_world
 
 
 def credentials(w: ApiWorld, op: ApiOperation) -> dict[str, dict[str, str]]:
+    operation_id = DOC["paths"][op.path][op.method.lower()]["operationId"]
+    if operation_id in SESSION_ENDING:
+        return {"throwaway JWT": THROWAWAY}
     creds = {"owner JWT": w.a.auth("owner"), "write API key": w.a.key("write")}
     if op.path.startswith("/api/v1/admin"):
         creds["platform admin"] = w.headers(w.platform_token)
@@ -212,7 +227,9 @@ INEXPRESSIBLE = {
     "get_usage_summary": "`from` must be before `to`",
     "create_api_key": "expires_at must be in the future",
     "add_member": "the email must be deliverable (email-validator refuses reserved domains such as .test)",
-    "register": "the email must be deliverable and written in one script (reserved domains, look-alikes)",
+    "register": "the email must be deliverable and written in one script (reserved domains, look-alikes); "
+    "the password must pass the policy (not a common password, a repeated pattern or a sequence)",
+    "change_my_password": "the new password must pass the policy (not a common password, a repeated pattern ...)",
 }
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429"]  # schemathesis' default, less 5xx
 
@@ -238,6 +255,7 @@ def random_config(w: ApiWorld) -> Any:
             },
             "operations": [
                 {"include-path-regex": "^/api/v1/admin/", "headers": {"Authorization": f"Bearer {w.platform_token}"}},
+                *({"include-operation-id": op_id, "headers": THROWAWAY} for op_id in sorted(SESSION_ENDING)),
                 *(
                     {
                         "include-operation-id": op_id,

@@ -258,3 +258,52 @@ async def test_platform_views_read_the_directory_and_new_tenants_land_in_their_r
 async def test_readiness_names_the_directory_and_each_cell(world: ApiWorld) -> None:
     app_checks = (await world.client.get("/readyz")).json()["checks"]
     assert set(app_checks) >= {"directory", "cell dz", "cell eu"}
+
+
+# Last in the module: it ends every session of the world's person of both cells.
+async def test_sessions_of_a_person_with_accounts_in_two_cells(world: ApiWorld, cell_urls: dict[str, str]) -> None:
+    """The session lives in the cell of the token's `cell` claim: a sign-in before any tenant is
+    selected in the first account's cell; select-tenant into the other cell starts one there. A
+    refresh reissues for the same cell, accounts and tenant; the list and logout-all span both."""
+    c = world.client
+    email = (await c.get(f"{API_PREFIX}/me", headers=world.headers(world.both_user_token))).json()["user"]["email"]
+    signed = (await c.post(f"{API_PREFIX}/auth/login", json={"email": email, "password": PASSWORD})).json()
+    first_cell = tokens.verify(world.settings, signed["access_token"]).cell
+    other = "dz" if first_cell == "eu" else "eu"
+    target = world.b if other == "dz" else world.a
+    r = await c.post(
+        f"{API_PREFIX}/auth/select-tenant", json={"tenant": target.slug}, headers=world.headers(signed["access_token"])
+    )
+    assert r.status_code == 200, r.text
+    chosen = r.json()
+    claims = tokens.verify(world.settings, chosen["access_token"])
+    assert (
+        claims.cell == other and claims.session_id != tokens.verify(world.settings, signed["access_token"]).session_id
+    )
+    with psycopg.connect(cell_urls[other]) as conn:
+        row = conn.execute("SELECT selected_tenant FROM user_sessions WHERE id = %s", (claims.session_id,)).fetchone()
+        assert row == (target.id,)
+    with psycopg.connect(cell_urls["directory"]) as conn:  # the directory holds no session
+        assert conn.execute("SELECT count(*) FROM user_sessions").fetchone() == (0,)
+
+    r = await c.post(f"{API_PREFIX}/auth/refresh", json={"refresh_token": chosen["refresh_token"]})
+    assert r.status_code == 200, r.text
+    refreshed = r.json()
+    again = tokens.verify(world.settings, refreshed["access_token"])
+    assert (again.cell, again.tenant_id, again.session_id) == (other, target.id, claims.session_id)
+    assert dict(again.accounts) == dict(claims.accounts) and len(again.accounts) == 2
+    assert (await c.get(f"{API_PREFIX}/tenant", headers=world.headers(refreshed["access_token"]))).json()[
+        "slug"
+    ] == target.slug
+
+    r = await c.get(f"{API_PREFIX}/me/sessions", headers=world.headers(refreshed["access_token"]))
+    assert r.status_code == 200, r.text
+    cells = {s["cell"] for s in r.json()}
+    assert cells == {"eu", "dz"}
+    assert [s["cell"] for s in r.json() if s["current"]] == [other]
+
+    r = await c.post(f"{API_PREFIX}/auth/logout-all", headers=world.headers(signed["access_token"]))
+    assert r.status_code == 204, r.text
+    for token in (signed["access_token"], refreshed["access_token"], world.both_user_token):
+        assert (await c.get(f"{API_PREFIX}/me", headers=world.headers(token))).status_code == 401
+    assert (await c.get(f"{API_PREFIX}/tenant", headers=world.headers(refreshed["access_token"]))).status_code == 401

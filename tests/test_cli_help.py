@@ -15,6 +15,10 @@ import typer
 
 from iafactory.cli import load_commands
 
+# Same outcome on any PostgreSQL server (CI's PostgreSQL 15 and PgBouncer passes leave it out): --help texts, no
+# database.
+pytestmark = pytest.mark.server_independent
+
 
 # Duck-typed: typer (0.29) builds on its own copy of click, not necessarily the installed one.
 def command_paths(command: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

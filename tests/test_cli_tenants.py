@@ -330,6 +330,9 @@ def test_add_user_needs_a_password_for_a_new_account_and_reads_it_from_stdin(mig
     before = fingerprint(migrated_db)
     short = run_cli("tenants", "add-user", slug, email, "--password-stdin", db_url=migrated_db, input="short\n")
     assert one_error_line(short) == "error: --password-stdin: string should have at least 10 characters"
+    for weak in ("aaaaaaaaaa", "1234567890", " " * 10, email):  # the password policy, as over HTTP
+        refused = run_cli("tenants", "add-user", slug, email, "--password-stdin", db_url=migrated_db, input=f"{weak}\n")
+        assert one_error_line(refused).startswith("error: --password-stdin: "), refused
     assert fingerprint(migrated_db) == before
 
     def stored_hash() -> str:

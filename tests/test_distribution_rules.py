@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import _create_database, _drop_database, prepare_sync
+from conftest import _drop_database, create_migrated_database
 from sql_rules import check_sql
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "src" / "iafactory" / "db" / "migrations"
@@ -40,10 +40,9 @@ CROSS_TENANT_READS = {
 
 
 @pytest.fixture(scope="module")
-def db(server_url: str) -> Iterator[str]:
-    name, admin = _create_database(server_url)
+def db(server_url: str, migrated_template: str) -> Iterator[str]:
+    name, admin = create_migrated_database(server_url, migrated_template)
     try:
-        prepare_sync(admin)
         yield admin
     finally:
         _drop_database(server_url, name)

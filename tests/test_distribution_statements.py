@@ -20,10 +20,12 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from api_support import (
     API_PREFIX,
+    PASSWORD,
     Seeder,
     api_operations,
     app_client,
     build_world,
+    login,
     offline_openapi,
     provision_for_load,
     required_role,
@@ -84,12 +86,25 @@ async def captured(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> 
         await relay.close()
 
 
+SESSION_ENDING = {
+    f"POST {API_PREFIX}/auth/logout",
+    f"POST {API_PREFIX}/auth/logout-all",
+    f"POST {API_PREFIX}/me/password",
+    f"DELETE {API_PREFIX}/me/sessions/{{session_id}}",
+}
+
+
 async def _drive(client: Any, world: Any, run_worker: Any) -> tuple[list[tuple[str, int]], int]:
     """Every route under /api/v1 once, with a credential allowed to call it: creates first (each
     collection seeded from the schema), then reads and updates, the indexing worker, then deletes."""
     owner = world.a.auth("owner")
     platform = world.headers(world.platform_token)
     seeder = Seeder(client, DOC, "wire", owner)
+    # The routes that end the caller's sessions run as a person of their own, not as the owner.
+    email = f"wire-throwaway-{world.a.slug}@example.ch"
+    r = await client.post(f"{API_PREFIX}/auth/register", json={"email": email, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    throwaway = world.headers(await login(client, email))
     calls: list[tuple[str, int]] = []
     for collection, op in tenant_writable_collections(DOC).items():
         if op.method == "POST":
@@ -100,6 +115,8 @@ async def _drive(client: Any, world: Any, run_worker: Any) -> tuple[list[tuple[s
     later = []
     for op in ops:
         headers = platform if required_role(op.method, op.path) == "platform" else owner
+        if op.label in SESSION_ENDING:
+            headers = throwaway
         if op.kind == "by_id":
             if op.collection == f"{API_PREFIX}/admin/tenants":
                 ident: Any = world.b.id  # not A, whose plan a generated body could lower mid-run

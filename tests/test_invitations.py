@@ -96,6 +96,7 @@ async def test_invite_email_accept_as_a_new_person_then_sign_in(world: ApiWorld,
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["tenant"]["id"] == str(w.a.id) and body["tenant"]["role"] == "member"
+    assert body["refresh_token"]  # a session like a sign-in's
     me = await w.client.get("/api/v1/me", headers=w.headers(body["access_token"]))
     assert me.status_code == 200, me.text
     assert me.json()["role"] == "member" and me.json()["user"]["email"] == email
@@ -262,7 +263,7 @@ async def test_the_cli_invites_a_tenants_admin_and_unknown_users(world: ApiWorld
     member_token = _TOKEN.search(added.stdout)
     assert member_token, added.stdout
 
-    for token, email, role in ((owner_token.group(1), owner, "owner"), (member_token.group(1), member, "viewer")):
+    for token, _email, role in ((owner_token.group(1), owner, "owner"), (member_token.group(1), member, "viewer")):
         r = await w.client.post(ACCEPT, json={"token": token, "name": "Via CLI", "password": "a new password 7"})
         assert r.status_code == 200, r.text
         assert r.json()["tenant"]["slug"] == slug and r.json()["tenant"]["role"] == role

@@ -23,6 +23,10 @@ from conftest import SECRET_ENV
 from iafactory import secret_store
 from iafactory.config import KNOWN_DEV_SECRETS, ConfigError, Settings, serving_problems, with_embedded_secrets
 
+# Same outcome on any PostgreSQL server (CI's PostgreSQL 15 and PgBouncer passes leave it out): secrets checked before
+# anything touches a database (the tests with DATABASE_URL assert that nothing was written).
+pytestmark = pytest.mark.server_independent
+
 OLD_JWT_DEFAULT = "dev-only-secret-change-me-in-production-0123456789"
 
 

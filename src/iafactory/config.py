@@ -128,7 +128,20 @@ class Settings(BaseSettings):
     jwt_previous_secret_expires_at: datetime | None = None
     jwt_issuer: str = "iafactory"
     jwt_audience: str = "iafactory-api"
-    access_token_ttl_seconds: int = 3600
+    # Access tokens are short-lived (15 minutes): a session lives on through refresh tokens.
+    access_token_ttl_seconds: int = 900
+    # A session (refresh-token family) ends after this long unused, and at the latest this long
+    # after its sign-in, whatever its use.
+    refresh_token_idle_seconds: int = 14 * 86_400
+    refresh_token_absolute_seconds: int = 30 * 86_400
+    # Sign-in throttling (per account and per client address, shared by every worker): after the
+    # free failures of a one-hour window, each failure makes the next attempt wait base, 2 x base ...
+    # up to the cap; at login_throttle_max_per_hour failures the account waits for the window's end.
+    login_throttle_account_free: int = 5
+    login_throttle_ip_free: int = 20
+    login_throttle_base_seconds: float = 1.0
+    login_throttle_cap_seconds: float = 60.0
+    login_throttle_max_per_hour: int = 100
     # Whatever a token's `exp` says, it is refused when exp - iat exceeds this.
     jwt_max_token_lifetime_seconds: int = 86_400
     # HMAC key for API-key hashes: a leaked table of hashes is useless without it.

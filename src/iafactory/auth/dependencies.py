@@ -5,10 +5,11 @@
         → TenantContext (the tenant the credential names, and nothing else)
         → Database.tenant(ctx, gate=app.authorize(min_role, write))
 
-The tenant never comes from a path, query or body field. Membership, role, tenant status and key
-revocation are re-checked by `app.authorize` inside the request's own transaction, in the same
-round trip as its first statement, so a removed member or a revoked key is refused on the very
-next request.
+The tenant never comes from a path, query or body field. Membership, role, tenant status, key
+revocation and the token's session (`sid`) are re-checked by `app.authorize` inside the request's
+own transaction, in the same round trip as its first statement, so a removed member, a revoked key
+or an ended session is refused on the very next request. Routes without a tenant check the session
+with `app.check_session` the same way (`session_gate`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Principal:
     cell: str | None = None
     # (cell, user id) of each account of a person with accounts in several cells.
     accounts: tuple[tuple[str, int], ...] = ()
+    # The token's session (`sid`): re-checked by the request's gate. None: an API key, or a token
+    # from before sessions.
+    session_id: UUID | None = None
 
     def account_in(self, cell: str) -> int | None:
         """This person's user id in `cell` (None: no account there)."""
@@ -111,6 +115,21 @@ def _credential(request: Request, bearer: HTTPAuthorizationCredentials | None, a
     if api_key:
         return api_key.strip()
     raise unauthorized("missing credentials: send 'Authorization: Bearer <token>' or 'X-API-Key: <key>'")
+
+
+def tenant_gate(who: Principal, min_role: str, write: bool) -> tuple[str, Any]:
+    """The statement that authorises a tenant request: membership, role, tenant status, key
+    revocation and, for a token with a session, that the session is still alive."""
+    if who.session_id is not None:
+        return "SELECT app.authorize(%s, %s, %s)", (min_role, write, who.session_id)
+    return "SELECT app.authorize(%s, %s)", (min_role, write)
+
+
+def session_gate(who: Principal) -> tuple[str, Any] | None:
+    """For a transaction with no tenant in the token's own cell: its session still alive."""
+    if who.session_id is None:
+        return None
+    return "SELECT app.check_session(%s)", (who.session_id,)
 
 
 def cell_pools(request: Request) -> CellPools:
@@ -219,6 +238,7 @@ async def _principal(request: Request, bearer: HTTPAuthorizationCredentials | No
             platform_admin=claims.platform_admin,
             cell=claims.cell,
             accounts=claims.accounts,
+            session_id=claims.session_id,
         )
     request.state.principal = who
     return who
@@ -293,7 +313,7 @@ async def open_tenant_session(
     work between transactions (a search embeds its query)."""
     cell = principal_cell(request, who)
     db = cell_db(request, cell)
-    gate = ("SELECT app.authorize(%s, %s)", (min_role, not read_only))
+    gate = tenant_gate(who, min_role, not read_only)
     limiter = request.app.state.rate_limiter
     before = None
     if count and limiter is not None:
@@ -347,6 +367,7 @@ async def _user_session(request: Request, who: UserPrincipal) -> AsyncIterator[t
         read_only=request.method in READ_METHODS,
         client_ip=client_ip(request),
         request_id=getattr(request.state, "request_id", None),
+        gate=session_gate(who),
     ) as tx:
         yield tx, who
 
@@ -361,13 +382,29 @@ async def user_transaction(request: Request, who: Principal, cell: str) -> Async
         raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
     if user_id is None:
         raise Problem(403, "Forbidden", f"you have no account in cell {cell!r}, which holds this tenant")
+    home = principal_cell(request, who)
+    if cell != home:
+        await check_session(request, who)  # the session lives in the token's cell
     async with cell_db(request, cell).anonymous(
         user_id=user_id,
         read_only=request.method in READ_METHODS,
         client_ip=client_ip(request),
         request_id=getattr(request.state, "request_id", None),
+        gate=session_gate(who) if cell == home else None,
     ) as tx:
         yield tx
+
+
+async def check_session(request: Request, who: Principal) -> None:
+    """A round trip of its own to the token's cell: 401 when its session has ended. For the few
+    routes that do no other work there (the others check it in their first round trip)."""
+    gate = session_gate(who)
+    if gate is None or who.user_id is None:
+        return
+    async with cell_db(request, principal_cell(request, who)).anonymous(
+        user_id=who.user_id, read_only=True, lane=CREDENTIALS
+    ) as tx:
+        await tx.execute(*gate)
 
 
 # A transaction with no tenant for a signed-in user (tenant selection, platform administration).

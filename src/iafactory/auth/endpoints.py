@@ -1,4 +1,4 @@
-"""/api/v1/auth/*, /api/v1/me and /api/v1/api-keys."""
+"""/api/v1/auth/*, /api/v1/me* and /api/v1/api-keys."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import Request, Response
 
 from iafactory.admission import ANONYMOUS
 from iafactory.audit import service as audit
-from iafactory.auth import api_keys, passwords, service, tokens
+from iafactory.auth import api_keys, passwords, policy, service, sessions, throttle, tokens
 from iafactory.auth.dependencies import (
     Admin,
     BearerCredential,
@@ -18,8 +18,10 @@ from iafactory.auth.dependencies import (
     UserPrincipal,
     Viewer,
     accounts_of,
+    check_session,
     client_ip,
     principal_cell,
+    session_gate,
     tenant_context,
     unauthorized,
 )
@@ -32,15 +34,19 @@ from iafactory.auth.schemas import (
     Membership,
     MeOut,
     MyTenant,
+    PasswordChangeIn,
+    RefreshIn,
     RegisterIn,
     SelectTenantIn,
+    SessionOut,
     TokenOut,
     UserOut,
 )
 from iafactory.cells import directory
+from iafactory.cells.routing import CellPools
 from iafactory.config import Settings
 from iafactory.http.idempotency import Idempotent
-from iafactory.http.problems import Problem, not_found
+from iafactory.http.problems import Problem, invalid, not_found
 from iafactory.http.rendering import api_router
 from iafactory.tenancy import invitations
 
@@ -49,6 +55,55 @@ router = api_router()  # tags per route: an operation listed under two tags show
 
 def _settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def _login_throttle(request: Request) -> throttle.Throttle:
+    """Redis when the rate limiter uses it, else PostgreSQL: the directory when there are cells
+    (the counters name nobody: HMACs), else the one database."""
+    pools: CellPools = request.app.state.cells
+    limiter = request.app.state.rate_limiter
+    redis = getattr(limiter, "redis", None)
+    return throttle.make(_settings(request), pools.directory_db or pools.db(pools.home), redis)
+
+
+async def _throttled(request: Request, subjects: list[throttle.Subject]) -> None:
+    """429 with Retry-After while any subject waits, before any password is hashed."""
+    wait = await _login_throttle(request).wait(subjects)
+    if wait > 0:
+        raise throttle.refusal(wait)
+
+
+async def _failed(request: Request, subjects: list[throttle.Subject], user_id: int | None = None) -> None:
+    """Count a failed attempt against each subject; the failure that engages a backoff is recorded
+    in the security log (of the first cell: the subjects are HMACs, the address is the request's)."""
+    limiter = _login_throttle(request)
+    pools: CellPools = request.app.state.cells
+    for subject in subjects:
+        failure = await limiter.fail(subject)
+        if failure.engaged or failure.failures == _settings(request).login_throttle_max_per_hour:
+            async with pools.db(pools.home).anonymous() as tx:
+                await sessions.security_event(
+                    tx,
+                    "auth.throttle_engaged",
+                    user_id=user_id if subject.kind == "account" else None,
+                    ip=client_ip(request),
+                    request_id=request.state.request_id,
+                    details={"subject": subject.kind, "failures": failure.failures, "wait_seconds": failure.wait},
+                )
+
+
+def _user_agent(request: Request) -> str | None:
+    return request.headers.get("user-agent")
+
+
+def _token_out(issued: sessions.Issued, tenant: Membership | None, tenants: list[Membership]) -> TokenOut:
+    return TokenOut(
+        access_token=issued.access_token,
+        expires_in=issued.expires_in,
+        refresh_token=issued.refresh_token,
+        tenant=tenant,
+        tenants=tenants,
+    )
 
 
 @router.post(
@@ -75,22 +130,122 @@ async def register(body: RegisterIn, request: Request) -> Any:
     response_model=TokenOut,
     tags=["auth"],
     operation_id="login",
-    summary="Sign in: a token, and the list of your tenants (selected if there is only one)",
+    summary="Sign in: an access token (15 minutes), a refresh token, and the list of your tenants "
+    "(selected if there is only one)",
+    responses={
+        429: {
+            "description": "Too many failed sign-ins for this account or from this address: wait Retry-After "
+            "seconds (application/problem+json)"
+        }
+    },
 )
 async def login(body: LoginIn, request: Request) -> Any:
     settings = _settings(request)
     pools = request.app.state.cells
-    signed_in = await service.sign_in(
+    ip = client_ip(request)
+    # A full hashing queue: refuse before reading anything (the throttle's store included).
+    request.app.state.load.hashing.gate.check_room(ANONYMOUS)
+    subjects = throttle.subjects(settings, body.email, ip)
+    await _throttled(request, subjects)
+    try:
+        signed_in = await service.sign_in(
+            pools, settings, request.app.state.load.hashing, body, ip=ip, request_id=request.state.request_id
+        )
+    except Problem as problem:
+        if problem.status == 401:
+            await _failed(request, subjects)
+        raise
+    await _login_throttle(request).clear(subjects[0])
+    issued = await sessions.start(
         pools,
         settings,
-        request.app.state.load.hashing,
-        body,
+        signed_in.accounts,
+        signed_in.selected,
+        signed_in.platform_admin,
+        ip=ip,
+        user_agent=_user_agent(request),
+    )
+    request.state.user_id = next(iter(signed_in.accounts.values()))
+    return _token_out(issued, signed_in.selected, signed_in.tenants)
+
+
+@router.post(
+    "/auth/refresh",
+    response_model=TokenOut,
+    tags=["auth"],
+    operation_id="refresh_session",
+    summary="A new access token and refresh token for a refresh token (each is good for one use)",
+    responses={
+        401: {
+            "description": "Unknown, spent, revoked or expired refresh token. A refresh token used a second time "
+            "ends its whole session (application/problem+json)"
+        }
+    },
+)
+async def refresh(body: RefreshIn, request: Request) -> Any:
+    settings = _settings(request)
+    pools: CellPools = request.app.state.cells
+    refreshed = await sessions.refresh(
+        pools,
+        settings,
+        body.refresh_token,
         ip=client_ip(request),
+        user_agent=_user_agent(request),
         request_id=request.state.request_id,
     )
-    token, ttl = service.token_for(settings, pools, signed_in.accounts, signed_in.selected, signed_in.platform_admin)
-    request.state.user_id = next(iter(signed_in.accounts.values()))
-    return TokenOut(access_token=token, expires_in=ttl, tenant=signed_in.selected, tenants=signed_in.tenants)
+    cell = refreshed.issued.cell
+    tenants = await service.all_memberships(pools, refreshed.accounts)
+    # The tenant the session acts for, if the person is still a member and it is still open.
+    selected = next(
+        (
+            t
+            for t in tenants
+            if t.id == refreshed.selected_tenant and t.status in service.SELECTABLE and (t.cell or cell) == cell
+        ),
+        None,
+    )
+    request.state.user_id = refreshed.accounts[cell]
+    return _token_out(sessions.reissue(settings, refreshed, selected), selected, tenants)
+
+
+@router.post(
+    "/auth/logout",
+    status_code=204,
+    response_class=Response,
+    tags=["auth"],
+    operation_id="logout",
+    summary="End this session: its refresh token and access tokens stop working",
+)
+async def logout(request: Request, who: UserPrincipal) -> Response:
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    if who.session_id is not None:
+        await sessions.end(request.app.state.cells, principal_cell(request, who), who.user_id, who.session_id, "logout")
+    return Response(status_code=204)
+
+
+@router.post(
+    "/auth/logout-all",
+    status_code=204,
+    response_class=Response,
+    tags=["auth"],
+    operation_id="logout_all",
+    summary="End every session of yours, this one included, on every device",
+)
+async def logout_all(request: Request, who: UserPrincipal) -> Response:
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    await check_session(request, who)
+    await sessions.end_all(
+        request.app.state.cells,
+        accounts_of(request, who),
+        keep=None,
+        reason="logout-all",
+        ip=client_ip(request),
+        request_id=request.state.request_id,
+        event="auth.logout_all",
+    )
+    return Response(status_code=204)
 
 
 @router.post(
@@ -104,11 +259,31 @@ async def select_tenant(body: SelectTenantIn, request: Request, who: UserPrincip
     if who.user_id is None:
         raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
     pools = request.app.state.cells
+    settings = _settings(request)
+    await check_session(request, who)
     accounts = accounts_of(request, who)
     tenants = await service.all_memberships(pools, accounts)
     chosen = service.choose(tenants, body.tenant)
-    cell = chosen.cell or principal_cell(request, who)
-    token, ttl = service.token_for(_settings(request), pools, accounts, chosen, who.platform_admin)
+    home = principal_cell(request, who)
+    cell = chosen.cell or home
+    issued = None
+    if who.session_id is not None and cell == home:
+        # The same session, now acting for the chosen tenant (its refresh token replaced).
+        issued = await sessions.reselect(pools, settings, cell, who.session_id, accounts, chosen, who.platform_admin)
+        if issued is None:
+            raise sessions.refused("this session has ended: sign in again")
+    else:
+        # A session of its own in the chosen tenant's cell. The caller's stays: its token may still
+        # select a tenant of its own cell (it ends with logout-all, like any other).
+        issued = await sessions.start(
+            pools,
+            settings,
+            accounts,
+            chosen,
+            who.platform_admin,
+            ip=client_ip(request),
+            user_agent=_user_agent(request),
+        )
     async with pools.db(cell).anonymous(user_id=accounts[cell], client_ip=client_ip(request)) as tx:
         await audit.record(
             tx,
@@ -119,7 +294,7 @@ async def select_tenant(body: SelectTenantIn, request: Request, who: UserPrincip
             ip=client_ip(request),
             request_id=request.state.request_id,
         )
-    return TokenOut(access_token=token, expires_in=ttl, tenant=chosen, tenants=tenants)
+    return _token_out(issued, chosen, tenants)
 
 
 @router.post(
@@ -142,9 +317,11 @@ async def select_tenant(body: SelectTenantIn, request: Request, who: UserPrincip
 async def accept_invitation(body: AcceptInvitationIn, request: Request, bearer: BearerCredential) -> Any:
     """The token names the tenant (and its cell): no tenant credential is needed. With `password`, a
     new account of the invited email is created in the tenant's cell; without, the bearer token of
-    an existing account of that email joins."""
+    an existing account of that email joins. Unknown tokens count against the client address like
+    failed sign-ins (429 with Retry-After once it waits)."""
     settings = _settings(request)
-    pools = request.app.state.cells
+    pools: CellPools = request.app.state.cells
+    ip, request_id = client_ip(request), request.state.request_id
     who: Principal | None = None
     if body.password is None:
         if bearer is None:
@@ -167,9 +344,18 @@ async def accept_invitation(body: AcceptInvitationIn, request: Request, bearer: 
             platform_admin=claims.platform_admin,
             cell=claims.cell,
             accounts=claims.accounts,
+            session_id=claims.session_id,
         )
+        await check_session(request, who)
+    by_address = [s for s in throttle.subjects(settings, "", ip) if s.kind == "ip"]
+    await _throttled(request, by_address)
     cell = invitations.token_cell(body.token)
-    if cell is None or cell not in pools.dbs:
+    found = None
+    if cell is not None and cell in pools.dbs:
+        async with pools.db(cell).anonymous(read_only=True) as tx:
+            found = await invitations.find(tx, settings, body.token)
+    if cell is None or found is None:
+        await _failed(request, by_address)
         raise invitations.refused("unknown")
     user_id = None
     if who is not None:
@@ -181,15 +367,12 @@ async def accept_invitation(body: AcceptInvitationIn, request: Request, bearer: 
                 "your account is not in the region of this tenant: accept with a name and a password instead",
                 type_="invitation-other-cell",
             )
-    async with pools.db(cell).anonymous(read_only=True) as tx:
-        found = await invitations.find(tx, settings, body.token)
-    if found is None:
-        raise invitations.refused("unknown")
     hashed = None
     if body.password is not None:
+        if (weak := policy.problem(body.password, found["email"])) is not None:
+            raise invalid("body.password", weak)
         request.app.state.load.hashing.gate.check_room(ANONYMOUS)
         hashed = await passwords.hash_password(settings, body.password, request.app.state.load.hashing)
-    ip, request_id = client_ip(request), request.state.request_id
     if hashed is not None and pools.directory_db is not None:
         # Directory first (as for registration): sign-in must find the new account's cell.
         async with pools.directory_db.anonymous() as dtx:
@@ -203,10 +386,11 @@ async def accept_invitation(body: AcceptInvitationIn, request: Request, bearer: 
     joined = Membership(
         id=row["tenant_id"], slug=row["slug"], name=row["name"], role=row["role"], status=row["status"], cell=label
     )
-    token, ttl = service.token_for(settings, pools, accounts, joined, who.platform_admin if who else False)
+    issued = await sessions.start(
+        pools, settings, accounts, joined, who.platform_admin if who else False, ip=ip, user_agent=_user_agent(request)
+    )
     request.state.user_id = row["user_id"]
-    tenants = await service.all_memberships(pools, accounts)
-    return TokenOut(access_token=token, expires_in=ttl, tenant=joined, tenants=tenants)
+    return _token_out(issued, joined, await service.all_memberships(pools, accounts))
 
 
 @router.get(
@@ -231,6 +415,126 @@ async def _whoami(request: Request, who: Principal) -> MeOut:
 )
 async def my_tenants(who: CurrentPrincipal, request: Request) -> Any:
     return (await _whoami(request, who)).tenants
+
+
+@router.get(
+    "/me/sessions",
+    response_model=list[SessionOut],
+    tags=["auth"],
+    operation_id="list_my_sessions",
+    summary="My active sessions (signed-in devices), most recently used first; `current` marks this one",
+)
+async def my_sessions(request: Request, who: UserPrincipal) -> Any:
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    await check_session(request, who)
+    return await sessions.listing(request.app.state.cells, accounts_of(request, who), who.session_id)
+
+
+@router.delete(
+    "/me/sessions/{session_id}",
+    status_code=204,
+    response_class=Response,
+    tags=["auth"],
+    operation_id="revoke_my_session",
+    summary="End one of my sessions (sign a device out)",
+)
+async def revoke_my_session(session_id: UUID, request: Request, who: UserPrincipal) -> Response:
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    await check_session(request, who)
+    pools: CellPools = request.app.state.cells
+    for cell, user_id in accounts_of(request, who).items():
+        if await sessions.end(pools, cell, user_id, session_id, "revoked by its owner"):
+            async with pools.db(cell).anonymous(user_id=user_id) as tx:
+                await sessions.security_event(
+                    tx,
+                    "auth.session_revoked",
+                    user_id=user_id,
+                    session_id=session_id,
+                    ip=client_ip(request),
+                    request_id=request.state.request_id,
+                )
+            return Response(status_code=204)
+    raise not_found("session", session_id)
+
+
+@router.post(
+    "/me/password",
+    status_code=204,
+    response_class=Response,
+    tags=["auth"],
+    operation_id="change_my_password",
+    summary="Change my password (needs the current one); my other sessions end",
+    responses={
+        403: {"description": "The current password is wrong (application/problem+json)"},
+        422: {"description": "The new password is refused by the password policy, naming the field"},
+        429: {"description": "Too many wrong current passwords: wait Retry-After seconds"},
+    },
+)
+async def change_password(body: PasswordChangeIn, request: Request, who: UserPrincipal) -> Response:
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    settings = _settings(request)
+    pools: CellPools = request.app.state.cells
+    home = principal_cell(request, who)
+    accounts = accounts_of(request, who)
+    # The login of each account (the session checked in the token's cell, same round trip).
+    logins: dict[str, dict[str, Any]] = {}
+    for cell, user_id in accounts.items():
+        async with pools.db(cell).anonymous(
+            user_id=user_id, read_only=True, gate=session_gate(who) if cell == home else None
+        ) as tx:
+            row = await tx.fetchrow("SELECT * FROM app.my_login()")
+        if row is not None and row["password_hash"]:
+            logins[cell] = row
+    if home not in logins:
+        raise Problem(403, "Forbidden", "this account has no password to change")
+    new_password_policy = service.check_new_password(body.new_password, logins[home]["email"])
+    subjects = throttle.subjects(settings, logins[home]["email"], client_ip(request))
+    await _throttled(request, subjects)
+    cpu = request.app.state.load.hashing
+    # The password of every account of the person that has the same one (a person with accounts in
+    # two cells signs in to both with one password).
+    matching = [
+        cell
+        for cell, row in logins.items()
+        if await passwords.verify_password(settings, row["password_hash"], body.current_password, cpu)
+    ]
+    if home not in matching:
+        await _failed(request, subjects, who.user_id)
+        async with pools.db(home).anonymous(user_id=who.user_id) as tx:
+            await sessions.security_event(
+                tx,
+                "auth.password_change_failed",
+                user_id=who.user_id,
+                session_id=who.session_id,
+                ip=client_ip(request),
+                request_id=request.state.request_id,
+                details={"reason": "wrong current password"},
+            )
+        raise Problem(403, "Forbidden", "the current password is wrong", type_="wrong-password")
+    hashed = await passwords.hash_password(settings, new_password_policy, cpu)
+    for cell in matching:
+        async with pools.db(cell).anonymous(
+            user_id=accounts[cell], client_ip=client_ip(request), request_id=request.state.request_id
+        ) as tx:
+            if not await tx.fetchval("SELECT app.change_my_password(%s, %s)", (logins[cell]["password_hash"], hashed)):
+                raise Problem(409, "Conflict", "the password was changed meanwhile: try again", type_="conflict")
+            ended = await tx.fetchval(
+                "SELECT app.revoke_my_sessions(%s, %s)",
+                (who.session_id if cell == home else None, "password changed"),
+            )
+            await sessions.security_event(
+                tx,
+                "auth.password_changed",
+                user_id=accounts[cell],
+                session_id=who.session_id if cell == home else None,
+                ip=client_ip(request),
+                request_id=request.state.request_id,
+                details={"other_sessions_ended": ended},
+            )
+    return Response(status_code=204)
 
 
 @router.post(

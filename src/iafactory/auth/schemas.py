@@ -6,8 +6,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from iafactory.auth import policy
 from iafactory.emails import Email
 from iafactory.resources.types import timestamp_rules
 from iafactory.tenancy.schemas import Region, Role
@@ -19,8 +20,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# A new password, wherever one is chosen (registration, an operator's --password-stdin).
-NewPassword = Annotated[str, Field(min_length=10, max_length=200, description="At least 10 characters.")]
+# A new password, wherever one is chosen (registration, an operator's --password-stdin, a change):
+# the policy of iafactory.auth.policy (ASVS 5.0 V6.2).
+NewPassword = Annotated[
+    str,
+    Field(
+        min_length=policy.MIN_LENGTH,
+        max_length=policy.MAX_LENGTH,
+        description=f"{policy.MIN_LENGTH} to {policy.MAX_LENGTH} characters, any of them (spaces too; 15 or more, "
+        "e.g. a few words, is better). Refused: one of the 30,000 most common passwords, a repeated pattern "
+        "(aaaaaaaaaa), a simple sequence (1234567890), only spaces, or your email address.",
+    ),
+    AfterValidator(policy.check),
+]
 
 
 class RegisterIn(Strict):
@@ -32,6 +44,11 @@ class RegisterIn(Strict):
         description="Where the account lives (the cell serving this region); default: the service's first cell. "
         "An account joins tenants of its own cell.",
     )
+
+    @field_validator("password")
+    @classmethod
+    def _not_the_email(cls, value: str, info: ValidationInfo) -> str:
+        return policy.check(value, info.data.get("email"))
 
 
 class LoginIn(Strict):
@@ -49,6 +66,31 @@ class AcceptInvitationIn(Strict):
         description="A new person's password: creates the account of the invited email. Without it, send the "
         "token of your existing account (signed in) as Authorization: Bearer.",
     )
+
+
+class RefreshIn(Strict):
+    refresh_token: str = Field(
+        min_length=1,
+        max_length=200,
+        description="The refresh token of the last sign-in or refresh; each is good for one use.",
+    )
+
+
+class PasswordChangeIn(Strict):
+    current_password: str = Field(min_length=1, max_length=200)
+    new_password: NewPassword
+
+
+class SessionOut(BaseModel):
+    id: UUID
+    created_at: datetime = Field(description="When this session signed in.")
+    last_used_at: datetime = Field(description="Its last sign-in, refresh or tenant selection.")
+    expires_at: datetime = Field(description="When it ends unless refreshed (never later than 30 days after sign-in).")
+    ip: str | None = Field(description="The client address of its last sign-in or refresh.")
+    user_agent: str | None
+    selected_tenant: UUID | None = Field(description="The tenant its tokens act for.")
+    cell: str | None = Field(default=None, description="The region cell holding the session.")
+    current: bool = Field(description="True for the session of the token making this request.")
 
 
 class SelectTenantIn(Strict):
@@ -74,7 +116,11 @@ class MyTenant(Membership):
 class TokenOut(BaseModel):
     access_token: str
     token_type: Literal["bearer"] = "bearer"
-    expires_in: int
+    expires_in: int = Field(description="Seconds the access token is valid (15 minutes by default).")
+    refresh_token: str = Field(
+        description="Opaque, single use: POST it to /api/v1/auth/refresh for a new pair before the session ends. "
+        "Using one twice ends the session."
+    )
     tenant: Membership | None = Field(description="The tenant this token acts for, if one is selected.")
     tenants: list[Membership]
 

@@ -11,11 +11,12 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from fastapi.exceptions import RequestValidationError
 
-from iafactory.admission import ANONYMOUS, CpuWork
+from iafactory.admission import ANONYMOUS, CREDENTIALS, CpuWork
 from iafactory.audit import service as audit
-from iafactory.auth import api_keys, passwords, tokens
-from iafactory.auth.dependencies import Principal
+from iafactory.auth import api_keys, passwords, policy, sessions
+from iafactory.auth.dependencies import Principal, session_gate, tenant_gate
 from iafactory.auth.schemas import ApiKeyCreate, LoginIn, Membership, MeOut, MyTenant, RegisterIn
 from iafactory.cells import directory
 from iafactory.cells.config import cell_for_region, cells
@@ -84,6 +85,7 @@ async def sign_in(
             matched.append((cell, row))
     if not matched:
         metrics.count_login_failure("bad_credentials")
+        await _record_failure(pools, found, ip=ip, request_id=request_id)
         raise Problem(401, "Unauthorized", "wrong email or password", headers={"WWW-Authenticate": "Bearer"})
     active = [(cell, row) for cell, row in matched if row["is_active"]]
     if not active:
@@ -117,6 +119,26 @@ async def sign_in(
     )
 
 
+async def _record_failure(
+    pools: CellPools, found: list[tuple[str, dict[str, Any]]], *, ip: str | None, request_id: str | None
+) -> None:
+    """A failed sign-in, in the security log (never the password): in the cell of each account
+    the email has, or, for an unknown email, in the first cell with no user named. Not in the
+    tenants' audit logs: the attempt concerns a person, not a tenant, and a person in 50 tenants
+    would cost 50 rows per guess to whoever floods the sign-in."""
+    targets: list[tuple[str, dict[str, Any] | None]] = [*found] or [(pools.home, None)]
+    for cell, row in targets:
+        async with pools.db(cell).anonymous(lane=CREDENTIALS) as tx:
+            await sessions.security_event(
+                tx,
+                "auth.login_failed",
+                user_id=row["user_id"] if row else None,
+                ip=ip,
+                request_id=request_id,
+                details={"reason": "wrong password" if row else "unknown email"},
+            )
+
+
 async def memberships(tx: Transaction, user_id: int, cell: str | None = None) -> list[Membership]:
     rows = await tx.fetch("SELECT * FROM app.user_memberships(%s)", (user_id,))
     return [
@@ -134,25 +156,12 @@ async def all_memberships(pools: CellPools, accounts: dict[str, int]) -> list[Me
     return out
 
 
-def token_for(
-    settings: Settings,
-    pools: CellPools,
-    accounts: dict[str, int],
-    tenant: Membership | None,
-    platform_admin: bool,
-) -> tuple[str, int]:
-    """A token acting for `tenant` (its cell and the user's id there), or for no tenant yet (the
-    first cell's account). It lists every account of a person with several, for select-tenant."""
-    cell = (tenant.cell if tenant else None) or next(iter(accounts))
-    return tokens.issue(
-        settings,
-        accounts[cell],
-        tenant_id=tenant.id if tenant else None,
-        role=tenant.role if tenant else None,
-        platform_admin=platform_admin,
-        cell=cell,
-        accounts=accounts,
-    )
+def check_new_password(password: str, email: str, field: str = "new_password") -> str:
+    """The policy's checks that need the account (not its own email); 422 naming the field."""
+    reason = policy.problem(password, email)
+    if reason is not None:
+        raise RequestValidationError([{"loc": ("body", field), "msg": reason, "type": "value_error", "input": None}])
+    return password
 
 
 def choose(tenants: list[Membership], wanted: str) -> Membership:
@@ -214,12 +223,12 @@ async def whoami(pools: CellPools, cell: str, accounts: dict[str, int], who: Pri
     others = {c: u for c, u in accounts.items() if c != cell}
     elsewhere = await all_memberships(pools, others) if others else []
     if who.tenant_id is None:
-        async with db.anonymous(user_id=who.user_id, read_only=True) as tx:
+        async with db.anonymous(user_id=who.user_id, read_only=True, gate=session_gate(who)) as tx:
             user = await tx.fetchrow(user_sql, (who.user_id,))
             tenants = await memberships(tx, who.user_id, label) if who.user_id else []
         return MeOut(user=user, tenant=None, role=None, tenants=_marked([*tenants, *elsewhere], None))
     ctx = TenantContext(tenant_id=who.tenant_id, user_id=who.user_id, api_key_id=who.api_key_id)
-    async with db.tenant(ctx, read_only=True, gate=("SELECT app.authorize(%s, %s)", ("viewer", False))) as tx:
+    async with db.tenant(ctx, read_only=True, gate=tenant_gate(who, "viewer", False)) as tx:
         tenant = await tx.fetchrow("SELECT id, slug, name, status FROM tenants WHERE id = %s", (who.tenant_id,))
         if who.user_id is not None:
             user = await tx.fetchrow(user_sql, (who.user_id,))

@@ -39,6 +39,9 @@ class TokenClaims:
     cell: str | None = None
     # A person with accounts in several cells: (cell, user id) of each, for select-tenant.
     accounts: tuple[tuple[str, int], ...] = ()
+    # The session (refresh-token family) the token belongs to; the request gate checks it is
+    # still alive. None in tokens from before sessions.
+    session_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ def issue(
     platform_admin: bool = False,
     cell: str | None = None,
     accounts: dict[str, int] | None = None,
+    session_id: uuid.UUID | None = None,
 ) -> tuple[str, int]:
     now = int(time.time())
     ttl = settings.access_token_ttl_seconds
@@ -108,13 +112,15 @@ def issue(
         claims["cell"] = cell
     if accounts and len(accounts) > 1:
         claims["accounts"] = accounts
+    if session_id is not None:
+        claims["sid"] = str(session_id)
     key = keyring(settings).current
     return jwt.encode(claims, key.secret, algorithm=ALGORITHM, headers={"kid": key.kid}), ttl
 
 
 # Verified tokens, until they expire: checking a signature and parsing the claims on every
 # request cost more than the request's SQL. Revocation does not depend on this cache: membership,
-# role and tenant status are re-checked in the database on every request.
+# role, tenant status and the token's session are re-checked in the database on every request.
 _VERIFIED: OrderedDict[tuple[Keyring, str, str, int, str], tuple[float, TokenClaims]] = OrderedDict()
 _VERIFIED_MAX = 10_000
 
@@ -176,10 +182,18 @@ def _verify(settings: Settings, ring: Keyring, token: str) -> tuple[TokenClaims,
         if cell is not None and not isinstance(cell, str):
             raise TypeError("cell")
         accounts = tuple(sorted((str(c), int(u)) for c, u in (claims.get("accounts") or {}).items()))
+        session_id = uuid.UUID(claims["sid"]) if claims.get("sid") else None
     except (ValueError, TypeError, AttributeError) as err:
         raise InvalidToken("invalid token: malformed claims") from err
     if lifetime > settings.jwt_max_token_lifetime_seconds:
         raise InvalidToken(f"token lifetime exceeds the maximum of {settings.jwt_max_token_lifetime_seconds} s")
     return TokenClaims(
-        user_id, tenant_id, claims.get("role"), bool(claims.get("platform_admin")), float(claims["exp"]), cell, accounts
+        user_id,
+        tenant_id,
+        claims.get("role"),
+        bool(claims.get("platform_admin")),
+        float(claims["exp"]),
+        cell,
+        accounts,
+        session_id,
     ), signer

@@ -41,6 +41,10 @@ LOCAL_TABLES = {
     "schema_migrations": "the migration runner's own record, read and written on the coordinator only",
     "rate_counters": "per-minute request counters written by app.rate_hit on every request: an unlogged "
     "table on the coordinator (a reference table would write every node each time)",
+    "login_throttle": "failed sign-in counters (unlogged), written on every failed sign-in: on the coordinator",
+    "user_sessions": "sessions, read by the request gate on the coordinator, written on every refresh",
+    "refresh_tokens": "refresh-token hashes, written on every refresh: on the coordinator",
+    "security_events": "the platform's security log (no tenant): on the coordinator",
     "email_outbox": "a queue claimed with FOR UPDATE SKIP LOCKED by the senders, a row per email and no tenant: "
     "on the coordinator (a reference table would write every node, and serialise the claims on a shard lock)",
 }

@@ -711,17 +711,19 @@ class Database:
         lane: Hashable | None = None,
         client_ip: str | None = None,
         request_id: str | None = None,
+        gate: tuple[str, Params] | None = None,
     ) -> AbstractAsyncContextManager[Transaction]:
         """A transaction with no tenant: only the pre-tenant definer functions see anything.
         `user_id` (a verified user) lets a user read their own row and the platform functions
         check that they are a platform administrator. `lane`: whose share of the pool it uses
         (default: that user's, else the unauthenticated lane). `client_ip` and `request_id` go into
         the audit rows written in it (tenant creation, status, plan and limit changes, credit
-        grants), as in a tenant scope."""
+        grants), as in a tenant scope. `gate`: as in `tenant` (the caller's session still alive), in
+        the round trip of the first statement."""
         if lane is None:
             lane = ("user", int(user_id)) if user_id is not None else ANONYMOUS
         return _Scope(
-            self, None, None, None, read_only, user_id, lane=lane, request=request_metadata(client_ip, request_id)
+            self, None, None, gate, read_only, user_id, lane=lane, request=request_metadata(client_ip, request_id)
         )
 
     # -- connections, load and health ---------------------------------------------------------

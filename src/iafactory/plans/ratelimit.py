@@ -36,6 +36,11 @@ class RedisRateLimiter:
         self._db = db
         self._limits: dict[UUID, tuple[float, dict[str, Any]]] = {}
 
+    @property
+    def redis(self) -> Any:
+        """The client, shared with the sign-in throttle."""
+        return self._redis
+
     async def close(self) -> None:
         await self._redis.aclose()
 

@@ -11,6 +11,7 @@ from uuid import uuid4
 import typer
 from pydantic import TypeAdapter, ValidationError
 
+from iafactory.auth import policy as password_policy
 from iafactory.auth.passwords import hash_password
 from iafactory.auth.schemas import NewPassword
 from iafactory.cells import directory
@@ -196,7 +197,9 @@ async def add_user_command(
         try:
             TypeAdapter(NewPassword).validate_python(password)
         except ValidationError as err:
-            raise CliError(f"--password-stdin: {err.errors()[0]['msg'].lower()}") from err
+            raise CliError(f"--password-stdin: {err.errors()[0]['msg'].removeprefix('Value error, ').lower()}") from err
+        if (reason := password_policy.problem(password, checked_email)) is not None:
+            raise CliError(f"--password-stdin: {reason}")
         password_hash = await hash_password(get_settings(), password)
     settings = get_settings()
     url = await _tenant_admin_url(slug)

@@ -125,7 +125,8 @@ BMAD_WORKFLOWS = Resource(
 
 SessionKey = Annotated[str, Field(min_length=1, max_length=255)]
 Agent = Annotated[str, Field(min_length=1, max_length=100)]
-Step = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# strict: `true` is no step (lax mode would take it for 1).
+Step = Annotated[int, Field(ge=0, le=2**31 - 1, strict=True)]
 
 
 class OrchestratorStateCreate(Strict):
