@@ -312,6 +312,8 @@ async def select_tenant(body: SelectTenantIn, request: Request, who: UserPrincip
         404: {"description": "No such invitation (application/problem+json)"},
         409: {"description": "Used already, or the email has an account: sign in first (application/problem+json)"},
         410: {"description": "Revoked or expired (application/problem+json)"},
+        422: {"description": "Invalid body; also a new password refused by the password policy, naming the field"},
+        429: {"description": "Too many unknown tokens from this address: wait Retry-After seconds"},
     },
 )
 async def accept_invitation(body: AcceptInvitationIn, request: Request, bearer: BearerCredential) -> Any:
