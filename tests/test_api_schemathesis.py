@@ -231,8 +231,7 @@ INEXPRESSIBLE = {
     "the password must pass the policy (not a common password, a repeated pattern or a sequence)",
     "change_my_password": "the new password must pass the policy (not a common password, a repeated pattern ...)",
     "create_invitation": "the email must be deliverable (email-validator refuses reserved domains such as .test)",
-    "accept_invitation": "a new person's password must pass the policy (not a common password, a repeated pattern "
-    "...)",
+    "accept_invitation": "a new person's password must pass the policy (not a common password, a repeated pattern ...)",
 }
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429"]  # schemathesis' default, less 5xx
 
