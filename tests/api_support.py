@@ -12,8 +12,8 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,12 +299,21 @@ def module_cells(request: pytest.FixtureRequest, server_url: str) -> Any:
     if not two_cells_requested() or not getattr(request.module, "RUNS_ON_TWO_CELLS", False):
         yield None
         return
+    with two_cell_databases(server_url) as urls:
+        yield urls
+
+
+@contextmanager
+def two_cell_databases(server_url: str) -> Iterator[dict[str, str]]:
+    """A directory and the two cells (admin URLs by name), migrated; dropped afterwards."""
     made = {name: _create_database(server_url) for name in ("directory", *TWO_CELLS)}
     urls = {name: url for name, (_, url) in made.items()}
-    prepare_two_cells(urls)
-    yield urls
-    for db_name, _ in made.values():
-        _drop_database(server_url, db_name)
+    try:
+        prepare_two_cells(urls)
+        yield urls
+    finally:
+        for db_name, _ in made.values():
+            _drop_database(server_url, db_name)
 
 
 def count_rows(admin_url: str, table: str, tenant_id: uuid.UUID | None = None) -> int:

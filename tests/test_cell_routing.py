@@ -25,11 +25,10 @@ from api_support import (
     build_world,
     login,
     offline_openapi,
-    prepare_two_cells,
     tenant_writable_collections,
     two_cell_client,
+    two_cell_databases,
 )
-from conftest import _create_database, _drop_database
 from iafactory.auth import api_keys, tokens
 from iafactory.cells.directory import email_hash
 
@@ -39,12 +38,8 @@ DOC = offline_openapi()
 
 @pytest.fixture(scope="module")
 def cell_urls(server_url: str) -> Any:
-    made = {name: _create_database(server_url) for name in ("directory", *TWO_CELLS)}
-    urls = {name: url for name, (_, url) in made.items()}
-    prepare_two_cells(urls)
-    yield urls
-    for db_name, _ in made.values():
-        _drop_database(server_url, db_name)
+    with two_cell_databases(server_url) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from fastapi import Request, Response
 
 from iafactory.admission import ANONYMOUS
 from iafactory.audit import service as audit
-from iafactory.auth import api_keys, passwords, policy, service, sessions, throttle, tokens
+from iafactory.auth import api_keys, passwords, policy, service, sessions, throttle
 from iafactory.auth.dependencies import (
     Admin,
     BearerCredential,
@@ -21,9 +21,9 @@ from iafactory.auth.dependencies import (
     check_session,
     client_ip,
     principal_cell,
+    principal_from_token,
     session_gate,
     tenant_context,
-    unauthorized,
 )
 from iafactory.auth.schemas import (
     AcceptInvitationIn,
@@ -335,19 +335,7 @@ async def accept_invitation(body: AcceptInvitationIn, request: Request, bearer: 
             )
         if api_keys.looks_like_key(bearer.credentials):
             raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
-        try:
-            claims = tokens.verify(settings, bearer.credentials)
-        except tokens.InvalidToken as err:
-            raise unauthorized(str(err)) from err
-        who = Principal(
-            claims.user_id,
-            claims.tenant_id,
-            claims.role,
-            platform_admin=claims.platform_admin,
-            cell=claims.cell,
-            accounts=claims.accounts,
-            session_id=claims.session_id,
-        )
+        who = principal_from_token(settings, bearer.credentials)
         await check_session(request, who)
     by_address = [s for s in throttle.subjects(settings, "", ip) if s.kind == "ip"]
     await _throttled(request, by_address)

@@ -106,15 +106,7 @@ async def create(
     )
     assert row is not None
     await _send(tx, settings, tenant_id, actor, email, role, token)
-    await audit.record(
-        tx,
-        tenant_id,
-        "invitation.sent",
-        user_id=actor,
-        details={"invitation_id": str(row["id"]), "email": email, "role": role},
-        ip=ip,
-        request_id=request_id,
-    )
+    await _audit_sent(tx, tenant_id, actor, row["id"], email, role, ip, request_id)
     return row
 
 
@@ -238,15 +230,7 @@ async def create_by_platform(
             "days": VALID_DAYS,
         },
     )
-    await audit.record(
-        tx,
-        tenant_id,
-        "invitation.sent",
-        user_id=actor,
-        details={"invitation_id": str(row["id"]), "email": email, "role": role},
-        ip=ip,
-        request_id=request_id,
-    )
+    await _audit_sent(tx, tenant_id, actor, row["id"], email, role, ip, request_id)
     return row["id"], link(settings, token)
 
 
@@ -313,3 +297,24 @@ async def accept(
         request_id=request_id,
     )
     return {**row, "tenant_id": tenant_id}
+
+
+async def _audit_sent(
+    tx: Transaction,
+    tenant_id: UUID,
+    actor: int | None,
+    invitation_id: Any,
+    email: str,
+    role: str,
+    ip: str | None,
+    request_id: str | None,
+) -> None:
+    await audit.record(
+        tx,
+        tenant_id,
+        "invitation.sent",
+        user_id=actor,
+        details={"invitation_id": str(invitation_id), "email": email, "role": role},
+        ip=ip,
+        request_id=request_id,
+    )
