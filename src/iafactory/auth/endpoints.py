@@ -6,10 +6,11 @@ from typing import Any
 from uuid import UUID
 
 from fastapi import Request, Response
+from fastapi.responses import JSONResponse
 
 from iafactory.admission import ANONYMOUS
 from iafactory.audit import service as audit
-from iafactory.auth import api_keys, passwords, policy, service, sessions, throttle
+from iafactory.auth import api_keys, passwords, policy, resets, service, sessions, throttle
 from iafactory.auth.dependencies import (
     Admin,
     BearerCredential,
@@ -35,6 +36,9 @@ from iafactory.auth.schemas import (
     MeOut,
     MyTenant,
     PasswordChangeIn,
+    PasswordResetConfirmIn,
+    PasswordResetIn,
+    PasswordResetOut,
     RefreshIn,
     RegisterIn,
     SelectTenantIn,
@@ -381,6 +385,124 @@ async def accept_invitation(body: AcceptInvitationIn, request: Request, bearer: 
     )
     request.state.user_id = row["user_id"]
     return _token_out(issued, joined, await service.all_memberships(pools, accounts))
+
+
+@router.post(
+    "/auth/password-reset",
+    status_code=202,
+    response_model=PasswordResetOut,
+    tags=["auth"],
+    operation_id="request_password_reset",
+    summary="Ask for a password-reset link by email (the same answer whether or not the email has an account)",
+    responses={
+        429: {
+            "description": "Too many reset requests for this email or from this address: wait Retry-After "
+            "seconds (application/problem+json)"
+        }
+    },
+)
+async def request_password_reset(body: PasswordResetIn, request: Request) -> Any:
+    """202 and the same body for every well-formed email: if it has an account, a link valid 30
+    minutes (and once) is emailed; a newer request replaces it. Every request counts against the
+    email and the client address, as failed sign-ins do (separate counters): 429 with Retry-After."""
+    settings = _settings(request)
+    pools: CellPools = request.app.state.cells
+    ip, request_id = client_ip(request), request.state.request_id
+    subjects = throttle.subjects(settings, body.email, ip, scope="reset")
+    await _throttled(request, subjects)
+    await _failed(request, subjects)
+    cells = await pools.login_cells(settings, body.email)
+    cell = cells[0] if cells else pools.home
+    token = resets.new_token(cell)
+    lang, subject, text, html = resets.message(settings, token, request.headers.get("accept-language"))
+    async with pools.db(cell).anonymous(client_ip=ip, request_id=request_id) as tx:
+        user_id = await tx.fetchval(
+            "SELECT app.request_password_reset(%s, %s, %s, %s, %s, %s, %s, %s)",
+            (body.email, resets.digest(settings, token), resets.RESET_MINUTES, ip, lang, subject, text, html),
+        )
+        await sessions.security_event(
+            tx,
+            "auth.password_reset_requested",
+            user_id=user_id,
+            ip=ip,
+            request_id=request_id,
+            details={"account": user_id is not None},
+        )
+    return JSONResponse({"detail": resets.ANSWER}, status_code=202)
+
+
+@router.post(
+    "/auth/password-reset/confirm",
+    status_code=204,
+    response_class=Response,
+    tags=["auth"],
+    operation_id="confirm_password_reset",
+    summary="Choose a new password with a reset link's token; every session of the account ends",
+    responses={
+        404: {"description": "No such reset token, or a newer request replaced it (application/problem+json)"},
+        410: {"description": "The token was used already, or has expired (application/problem+json)"},
+        422: {"description": "Invalid body; also a new password refused by the password policy, naming the field"},
+        429: {"description": "Too many unknown tokens from this address: wait Retry-After seconds"},
+    },
+)
+async def confirm_password_reset(body: PasswordResetConfirmIn, request: Request) -> Response:
+    """The token sets the password of its account (and of the same email's accounts in other cells)
+    and ends all their sessions: refresh tokens and access tokens stop working on their next
+    request. Unknown tokens count against the client address like failed sign-ins."""
+    settings = _settings(request)
+    pools: CellPools = request.app.state.cells
+    ip, request_id = client_ip(request), request.state.request_id
+    by_address = [s for s in throttle.subjects(settings, "", ip) if s.kind == "ip"]
+    await _throttled(request, by_address)
+    cell = resets.token_cell(body.token)
+    hashed_token = resets.digest(settings, body.token)
+    found = None
+    if cell is not None and cell in pools.dbs:
+        async with pools.db(cell).anonymous(read_only=True) as tx:
+            found = await tx.fetchrow("SELECT * FROM app.find_password_reset(%s)", (hashed_token,))
+    if cell is None or found is None or found["outcome"] == "unknown":
+        await _failed(request, by_address)
+        raise resets.refused("unknown")
+    if found["outcome"] != "ok":
+        raise resets.refused(found["outcome"])
+    email = found["email"]
+    if (weak := policy.problem(body.new_password, email)) is not None:
+        raise invalid("body.new_password", weak)
+    cpu = request.app.state.load.hashing
+    cpu.gate.check_room(ANONYMOUS)
+    hashed = await passwords.hash_password(settings, body.new_password, cpu)
+    async with pools.db(cell).anonymous(client_ip=ip, request_id=request_id) as tx:
+        row = await tx.fetchrow("SELECT * FROM app.confirm_password_reset(%s, %s)", (hashed_token, hashed))
+        assert row is not None
+        if row["outcome"] != "ok":
+            raise resets.refused(row["outcome"])
+        await sessions.security_event(
+            tx,
+            "auth.password_reset",
+            user_id=row["user_id"],
+            ip=ip,
+            request_id=request_id,
+            details={"sessions_ended": row["ended"]},
+        )
+    # The same person's accounts in the other cells: one password for all, no session left.
+    for other in await pools.login_cells(settings, email):
+        if other == cell:
+            continue
+        async with pools.db(other).anonymous(client_ip=ip, request_id=request_id) as tx:
+            applied = await tx.fetchrow("SELECT * FROM app.apply_password_reset(%s, %s)", (email, hashed))
+            if applied is not None and applied["user_id"] is not None:
+                await sessions.security_event(
+                    tx,
+                    "auth.password_reset",
+                    user_id=applied["user_id"],
+                    ip=ip,
+                    request_id=request_id,
+                    details={"sessions_ended": applied["ended"], "token_cell": cell},
+                )
+    # The person can sign in at once, whatever an attacker did to their account's counter.
+    await _login_throttle(request).clear(throttle.subjects(settings, email, ip)[0])
+    request.state.user_id = row["user_id"]
+    return Response(status_code=204)
 
 
 @router.get(

@@ -81,6 +81,19 @@ class PasswordChangeIn(Strict):
     new_password: NewPassword
 
 
+class PasswordResetIn(Strict):
+    email: Email
+
+
+class PasswordResetOut(BaseModel):
+    detail: str = Field(description="The same answer whether or not the email has an account.")
+
+
+class PasswordResetConfirmIn(Strict):
+    token: str = Field(min_length=1, max_length=200, description="The token of the reset email's link.")
+    new_password: NewPassword
+
+
 class SessionOut(BaseModel):
     id: UUID
     created_at: datetime = Field(description="When this session signed in.")

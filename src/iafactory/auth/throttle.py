@@ -52,11 +52,14 @@ class Failure:
     engaged: bool  # this failure started the backoff of its window
 
 
-def subjects(settings: Settings, email: str, ip: str | None) -> list[Subject]:
+def subjects(settings: Settings, email: str, ip: str | None, scope: str = "login") -> list[Subject]:
+    """The account's and the address's subjects. `scope` keeps separate counters for another use
+    of the same limits (password-reset requests: "reset"), so that one does not slow the other."""
     key = settings.secret("api_key_secret").encode()
+    prefix = b"iafactory-" + scope.encode()
     out = [
         Subject(
-            hmac.new(key, b"iafactory-login-account\0" + email.lower().encode(), hashlib.sha256).digest(),
+            hmac.new(key, prefix + b"-account\0" + email.lower().encode(), hashlib.sha256).digest(),
             settings.login_throttle_account_free,
             "account",
         )
@@ -64,7 +67,7 @@ def subjects(settings: Settings, email: str, ip: str | None) -> list[Subject]:
     if ip is not None:
         out.append(
             Subject(
-                hmac.new(key, b"iafactory-login-ip\0" + ip.encode(), hashlib.sha256).digest(),
+                hmac.new(key, prefix + b"-ip\0" + ip.encode(), hashlib.sha256).digest(),
                 settings.login_throttle_ip_free,
                 "ip",
             )

@@ -45,6 +45,7 @@ LOCAL_TABLES = {
     "user_sessions": "sessions, read by the request gate on the coordinator, written on every refresh",
     "refresh_tokens": "refresh-token hashes, written on every refresh: on the coordinator",
     "security_events": "the platform's security log (no tenant): on the coordinator",
+    "password_resets": "password-reset token hashes of people (no tenant): on the coordinator",
     "email_outbox": "a queue claimed with FOR UPDATE SKIP LOCKED by the senders, a row per email and no tenant: "
     "on the coordinator (a reference table would write every node, and serialise the claims on a shard lock)",
 }

@@ -1,0 +1,71 @@
+"""Password reset by email (migration 027).
+
+A request for an email writes a single-use token `pwr_<cell>_<random>` (valid RESET_MINUTES) and
+queues the email with its link, in one statement that does the same whether or not the address
+has an account: the answer (202, same body) and its cost do not tell. Only an HMAC of the token is
+stored; a newer request kills the older token. The token names its cell, like an invitation's, so
+the confirmation needs neither the directory nor a tenant.
+
+Cells: the token lives in the cell of the email's first account (the directory's order, else the
+only cell), and one email is sent. Confirming it sets the new password of every account of that
+email, in every cell (a person signs in to all of them with one password), and ends every session
+of each: proving to read the address is what the reset asks, whichever cell wrote the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+
+from iafactory.config import Settings
+from iafactory.http.problems import Problem
+from iafactory.notifications.templates import render
+
+RESET_MINUTES = 30
+_TOKEN = re.compile(r"^pwr_([a-z][a-z0-9-]{0,31})_([A-Za-z0-9_-]{43})$")
+ANSWER = "if an account has this email, a link to choose a new password was sent to it (valid 30 minutes)"
+
+
+def new_token(cell: str) -> str:
+    return f"pwr_{cell}_{secrets.token_urlsafe(32)}"
+
+
+def token_cell(token: str) -> str | None:
+    match = _TOKEN.match(token)
+    return match.group(1) if match else None
+
+
+def digest(settings: Settings, token: str) -> bytes:
+    key = settings.secret("api_key_secret").encode()
+    return hmac.new(key, b"iafactory-password-reset\0" + token.encode(), hashlib.sha256).digest()
+
+
+def link(settings: Settings, token: str) -> str:
+    return f"{settings.public_url.rstrip('/')}/reset-password?token={token}"
+
+
+def language(accept_language: str | None) -> str | None:
+    """The first language the client asks for (the email's; the templates fall back to French)."""
+    if not accept_language:
+        return None
+    return accept_language.split(",", 1)[0].split(";", 1)[0].strip() or None
+
+
+def message(settings: Settings, token: str, accept_language: str | None) -> tuple[str, str, str, str]:
+    """(language, subject, text, html) of the reset email, rendered before anyone knows whether it goes out."""
+    m = render("password_reset", language(accept_language), {"link": link(settings, token), "minutes": RESET_MINUTES})
+    return m.language, m.subject, m.text, m.html
+
+
+REFUSALS = {
+    "unknown": (404, "Not Found", "this reset link does not exist (or a newer one replaced it)", "reset-unknown"),
+    "used": (410, "Gone", "this reset link was used already: ask for a new one", "reset-used"),
+    "expired": (410, "Gone", "this reset link has expired: ask for a new one", "reset-expired"),
+}
+
+
+def refused(outcome: str) -> Problem:
+    status, title, detail, kind = REFUSALS[outcome]
+    return Problem(status, title, detail, type_=kind)
