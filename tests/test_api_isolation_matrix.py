@@ -70,6 +70,11 @@ NON_TENANT_ROUTES = {
     "GET /api/v1/me/sessions": "the caller's own sessions (test_sessions)",
     "DELETE /api/v1/me/sessions/{session_id}": "ends one of the caller's own sessions; another's is 404 (test_sessions)",
     "POST /api/v1/me/password": "the caller's own password (test_sessions)",
+    # A password reset names a person (an email, then a token), never a tenant: no credential is read.
+    "POST /api/v1/auth/password-reset": "queues a reset email to an account's address; the same answer for any "
+    "address (test_password_reset)",
+    "POST /api/v1/auth/password-reset/confirm": "a token names one account, in its cell; unknown, used and "
+    "expired tokens are refused (test_password_reset)",
     # FastAPI's documentation routes are outside the OpenAPI document; listed so that nobody wonders.
     "GET /docs": "Swagger UI (static)",
     "GET /docs/oauth2-redirect": "Swagger UI (static)",

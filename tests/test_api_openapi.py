@@ -153,6 +153,9 @@ NO_TENANT = {
     # A new person accepts with a name and a password; an existing account with its user token.
     "POST /api/v1/auth/accept-invitation": [{"bearerAuth": []}, {}],
     "POST /api/v1/auth/refresh": None,  # the refresh token is in the body
+    # A password reset: an email, then the token of the link; no credential.
+    "POST /api/v1/auth/password-reset": None,
+    "POST /api/v1/auth/password-reset/confirm": None,
     # A person's own sessions and password: a user's token (an API key has no session or password).
     "POST /api/v1/auth/logout": BEARER,
     "POST /api/v1/auth/logout-all": BEARER,

@@ -213,6 +213,8 @@ WITHOUT_THE_HEADER = {
     f"{API_PREFIX}/auth/logout": "not a create: ending a session twice ends it once",
     f"{API_PREFIX}/auth/logout-all": "not a create: ending the sessions twice ends them once",
     f"{API_PREFIX}/me/password": "not a create: a retry of a change fails its current-password check",
+    f"{API_PREFIX}/auth/password-reset": "not a create: a retry's link replaces the first (the answer is the same)",
+    f"{API_PREFIX}/auth/password-reset/confirm": "not a create: the token works once, a retry answers 410",
     f"{API_PREFIX}/admin/tenants": "the slug is unique: a retry answers 409 and creates nothing",
     f"{API_PREFIX}/admin/tenants/{{tenant_id}}/credits": "the body carries the ledger's idempotency_key",
     f"{API_PREFIX}/knowledge-base/search": "reads only",
