@@ -232,6 +232,8 @@ INEXPRESSIBLE = {
     "change_my_password": "the new password must pass the policy (not a common password, a repeated pattern ...)",
     "create_invitation": "the email must be deliverable (email-validator refuses reserved domains such as .test)",
     "accept_invitation": "a new person's password must pass the policy (not a common password, a repeated pattern ...)",
+    "request_password_reset": "the email must be deliverable (email-validator refuses reserved domains such as .test)",
+    "confirm_password_reset": "the new password must pass the policy (not a common password, a repeated pattern ...)",
 }
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429"]  # schemathesis' default, less 5xx
 
