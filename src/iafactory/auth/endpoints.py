@@ -411,23 +411,24 @@ async def request_password_reset(body: PasswordResetIn, request: Request) -> Any
     subjects = throttle.subjects(settings, body.email, ip, scope="reset")
     await _throttled(request, subjects)
     await _failed(request, subjects)
-    cells = await pools.login_cells(settings, body.email)
-    cell = cells[0] if cells else pools.home
-    token = resets.new_token(cell)
-    lang, subject, text, html = resets.message(settings, token, request.headers.get("accept-language"))
-    async with pools.db(cell).anonymous(client_ip=ip, request_id=request_id) as tx:
-        user_id = await tx.fetchval(
-            "SELECT app.request_password_reset(%s, %s, %s, %s, %s, %s, %s, %s)",
-            (body.email, resets.digest(settings, token), resets.RESET_MINUTES, ip, lang, subject, text, html),
-        )
-        await sessions.security_event(
-            tx,
-            "auth.password_reset_requested",
-            user_id=user_id,
-            ip=ip,
-            request_id=request_id,
-            details={"account": user_id is not None},
-        )
+    # One link per account: a person with accounts in two cells gets one for each (each cell
+    # resets only its own account; no cell may set the password of an account it was not asked by).
+    for cell in await pools.login_cells(settings, body.email) or [pools.home]:
+        token = resets.new_token(cell)
+        lang, subject, text, html = resets.message(settings, token, request.headers.get("accept-language"))
+        async with pools.db(cell).anonymous(client_ip=ip, request_id=request_id) as tx:
+            user_id = await tx.fetchval(
+                "SELECT app.request_password_reset(%s, %s, %s, %s, %s, %s, %s, %s)",
+                (body.email, resets.digest(settings, token), resets.RESET_MINUTES, ip, lang, subject, text, html),
+            )
+            await sessions.security_event(
+                tx,
+                "auth.password_reset_requested",
+                user_id=user_id,
+                ip=ip,
+                request_id=request_id,
+                details={"account": user_id is not None},
+            )
     return JSONResponse({"detail": resets.ANSWER}, status_code=202)
 
 
@@ -446,8 +447,8 @@ async def request_password_reset(body: PasswordResetIn, request: Request) -> Any
     },
 )
 async def confirm_password_reset(body: PasswordResetConfirmIn, request: Request) -> Response:
-    """The token sets the password of its account (and of the same email's accounts in other cells)
-    and ends all their sessions: refresh tokens and access tokens stop working on their next
+    """The token sets the password of its account (in the token's cell; a person with accounts in
+    several cells got one link per account) and ends all its sessions: refresh tokens and access tokens stop working on their next
     request. Unknown tokens count against the client address like failed sign-ins."""
     settings = _settings(request)
     pools: CellPools = request.app.state.cells
@@ -484,21 +485,6 @@ async def confirm_password_reset(body: PasswordResetConfirmIn, request: Request)
             request_id=request_id,
             details={"sessions_ended": row["ended"]},
         )
-    # The same person's accounts in the other cells: one password for all, no session left.
-    for other in await pools.login_cells(settings, email):
-        if other == cell:
-            continue
-        async with pools.db(other).anonymous(client_ip=ip, request_id=request_id) as tx:
-            applied = await tx.fetchrow("SELECT * FROM app.apply_password_reset(%s, %s)", (email, hashed))
-            if applied is not None and applied["user_id"] is not None:
-                await sessions.security_event(
-                    tx,
-                    "auth.password_reset",
-                    user_id=applied["user_id"],
-                    ip=ip,
-                    request_id=request_id,
-                    details={"sessions_ended": applied["ended"], "token_cell": cell},
-                )
     # The person can sign in at once, whatever an attacker did to their account's counter.
     await _login_throttle(request).clear(throttle.subjects(settings, email, ip)[0])
     request.state.user_id = row["user_id"]

@@ -6,10 +6,9 @@ has an account: the answer (202, same body) and its cost do not tell. Only an HM
 stored; a newer request kills the older token. The token names its cell, like an invitation's, so
 the confirmation needs neither the directory nor a tenant.
 
-Cells: the token lives in the cell of the email's first account (the directory's order, else the
-only cell), and one email is sent. Confirming it sets the new password of every account of that
-email, in every cell (a person signs in to all of them with one password), and ends every session
-of each: proving to read the address is what the reset asks, whichever cell wrote the token.
+Cells: each cell where the email has an account writes its own token and queues its own email, and
+a token resets only its own cell's account (and ends that account's sessions). No cell may set the
+password of an account because another cell said so: the app role gets no such power.
 """
 
 from __future__ import annotations

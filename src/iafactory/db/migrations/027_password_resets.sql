@@ -100,30 +100,4 @@ BEGIN
 END
 $$;
 
--- The same person's account in another cell (a reset confirmed with a token of the first cell,
--- whose email the person has just proven to read): same new password, every session ended.
--- Returns the account (NULL: none here) and the number of sessions ended.
-CREATE OR REPLACE FUNCTION app.apply_password_reset(p_email text, p_new_hash text)
-    RETURNS TABLE (user_id integer, ended integer)
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
-    AS $$
-#variable_conflict use_column
-DECLARE
-    v_user integer;
-    v_ended integer;
-BEGIN
-    UPDATE public.users u SET password_hash = p_new_hash, password_changed_at = now()
-     WHERE lower(u.email) = lower(p_email) AND u.is_active RETURNING u.id INTO v_user;
-    IF v_user IS NULL THEN
-        RETURN QUERY SELECT NULL::integer, 0;
-        RETURN;
-    END IF;
-    UPDATE public.password_resets x SET used_at = now() WHERE x.user_id = v_user AND x.used_at IS NULL;
-    UPDATE public.user_sessions s SET revoked_at = now(), revoked_reason = 'password reset'
-     WHERE s.user_id = v_user AND s.revoked_at IS NULL;
-    GET DIAGNOSTICS v_ended = ROW_COUNT;
-    RETURN QUERY SELECT v_user, v_ended;
-END
-$$;
-
 CALL app.lock_down_functions();
