@@ -471,6 +471,7 @@ def write_role_table() -> dict[str, str | None]:
     return {
         f"{API_PREFIX}/auth": None,  # register, login, select-tenant, refresh, logout: before any tenant role
         f"{API_PREFIX}/me": None,  # the caller's own sessions and password, with or without a tenant
+        f"{API_PREFIX}/tenants": None,  # self-service: any signed-in user creates a tenant of their own
         f"{API_PREFIX}/admin": "platform",  # tenant registry: platform administrators only
         f"{API_PREFIX}/members": "admin",
         f"{API_PREFIX}/api-keys": "admin",

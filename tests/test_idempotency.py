@@ -214,6 +214,7 @@ WITHOUT_THE_HEADER = {
     f"{API_PREFIX}/auth/logout-all": "not a create: ending the sessions twice ends them once",
     f"{API_PREFIX}/me/password": "not a create: a retry of a change fails its current-password check",
     f"{API_PREFIX}/admin/tenants": "the slug is unique: a retry answers 409 and creates nothing",
+    f"{API_PREFIX}/tenants": "no tenant yet to keep the key in; the slug is unique: a retry answers 409",
     f"{API_PREFIX}/admin/tenants/{{tenant_id}}/credits": "the body carries the ledger's idempotency_key",
     f"{API_PREFIX}/knowledge-base/search": "reads only",
     f"{API_PREFIX}/auth/accept-invitation": "the token works once: a retry answers 409 and joins nothing",
