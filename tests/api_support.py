@@ -546,11 +546,16 @@ def tenant_credentials(t: TenantFixture) -> list[Credential]:
     return creds
 
 
+# Routes with no tenant role that still need a person's token: an API key (which acts for its
+# tenant, not for a person) is refused with 403.
+USER_TOKEN_ONLY = frozenset({("POST", f"{API_PREFIX}/tenants")})
+
+
 def allowed(cred: Credential, method: str, path: str) -> bool:
     """Whether the credential may call the route at all (else 403), per the role tables."""
     need = required_role(method, path)
     if need is None:
-        return True
+        return not (cred.api_key and (method.upper(), path) in USER_TOKEN_ONLY)
     if need == "platform":
         return cred.platform and not cred.api_key
     if cred.tenant_id is None or cred.role is None:
