@@ -471,6 +471,7 @@ def write_role_table() -> dict[str, str | None]:
     return {
         f"{API_PREFIX}/auth": None,  # register, login, select-tenant, refresh, logout: before any tenant role
         f"{API_PREFIX}/me": None,  # the caller's own sessions and password, with or without a tenant
+        f"{API_PREFIX}/tenants": None,  # self-service: any signed-in user creates a tenant of their own
         f"{API_PREFIX}/admin": "platform",  # tenant registry: platform administrators only
         f"{API_PREFIX}/members": "admin",
         f"{API_PREFIX}/api-keys": "admin",
@@ -545,11 +546,16 @@ def tenant_credentials(t: TenantFixture) -> list[Credential]:
     return creds
 
 
+# Routes with no tenant role that still need a person's token: an API key (which acts for its
+# tenant, not for a person) is refused with 403.
+USER_TOKEN_ONLY = frozenset({("POST", f"{API_PREFIX}/tenants")})
+
+
 def allowed(cred: Credential, method: str, path: str) -> bool:
     """Whether the credential may call the route at all (else 403), per the role tables."""
     need = required_role(method, path)
     if need is None:
-        return True
+        return not (cred.api_key and (method.upper(), path) in USER_TOKEN_ONLY)
     if need == "platform":
         return cred.platform and not cred.api_key
     if cred.tenant_id is None or cred.role is None:
@@ -568,12 +574,16 @@ class UnresolvedReference(LookupError):
 
 # Values a schema cannot express: fields whose valid value depends on the state of the system.
 REGISTERED_EMAIL = object()  # an account that exists and belongs to no tenant yet
+SEEDER_REGION = object()  # the region of the seeder's tenant (where its people have accounts)
 BODY_OVERRIDES: dict[str, dict[str, Any]] = {
     # Adding a member takes the email of a registered user; "viewer" because only owners may grant
     # "owner" (the schema's first enum value), which test_api_auth checks on its own.
     f"{API_PREFIX}/members": {"email": REGISTERED_EMAIL, "role": "viewer"},
     # Inviting: any new address; "viewer" for the same reason (only owners invite owners).
     f"{API_PREFIX}/members/invitations": {"role": "viewer"},
+    # A tenant of one's own lives in the cell of its region, where the caller needs an account: the
+    # region of the seeder's tenant, whose people are the callers.
+    f"{API_PREFIX}/tenants": {"region": SEEDER_REGION},
 }
 
 _PATTERN_CANDIDATES = ("fr", "en", "de", "fr-CH", "a", "abc", "x1", "slug-1", "A", "1", "0", "2030-01-01", "#336699")
@@ -708,7 +718,11 @@ async def apply_overrides(
     for name, value in overrides.items():
         if name not in body and value is REGISTERED_EMAIL:
             continue  # e.g. PATCH /members/{id} takes no email
-        out[name] = (await register_user(client, marker, region))[1] if value is REGISTERED_EMAIL else value
+        if value is REGISTERED_EMAIL:
+            value = (await register_user(client, marker, region))[1]
+        elif value is SEEDER_REGION:
+            value = region or "CH"
+        out[name] = value
     return out
 
 

@@ -162,6 +162,7 @@ NO_TENANT = {
     "GET /api/v1/me/sessions": BEARER,
     "DELETE /api/v1/me/sessions/{session_id}": BEARER,
     "POST /api/v1/me/password": BEARER,
+    "POST /api/v1/tenants": BEARER,  # a person creates a tenant of their own: an API key belongs to one already
 }
 
 

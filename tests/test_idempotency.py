@@ -216,6 +216,7 @@ WITHOUT_THE_HEADER = {
     f"{API_PREFIX}/auth/password-reset": "not a create: a retry's link replaces the first (the answer is the same)",
     f"{API_PREFIX}/auth/password-reset/confirm": "not a create: the token works once, a retry answers 410",
     f"{API_PREFIX}/admin/tenants": "the slug is unique: a retry answers 409 and creates nothing",
+    f"{API_PREFIX}/tenants": "no tenant yet to keep the key in; the slug is unique: a retry answers 409",
     f"{API_PREFIX}/admin/tenants/{{tenant_id}}/credits": "the body carries the ledger's idempotency_key",
     f"{API_PREFIX}/knowledge-base/search": "reads only",
     f"{API_PREFIX}/auth/accept-invitation": "the token works once: a retry answers 409 and joins nothing",

@@ -142,6 +142,13 @@ class Settings(BaseSettings):
     login_throttle_base_seconds: float = 1.0
     login_throttle_cap_seconds: float = 60.0
     login_throttle_max_per_hour: int = 100
+    # Self-service tenants (POST /api/v1/tenants): any signed-in user may create a tenant on plan
+    # free, status trial, and becomes its owner. Off: only platform administrators create tenants.
+    self_service_tenants: bool = True
+    # At most this many trial tenants owned by one account (per cell), against abuse.
+    self_service_max_trial_tenants: int = Field(default=3, ge=1, le=100)
+    # The trial of a self-service tenant lasts this long.
+    self_service_trial_days: int = Field(default=14, ge=1, le=365)
     # Whatever a token's `exp` says, it is refused when exp - iat exceeds this.
     jwt_max_token_lifetime_seconds: int = 86_400
     # HMAC key for API-key hashes: a leaked table of hashes is useless without it.

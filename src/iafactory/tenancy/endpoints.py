@@ -17,6 +17,7 @@ from iafactory.auth.dependencies import (
     TenantSession,
     UserPrincipal,
     Viewer,
+    accounts_of,
     cell_pools,
     client_ip,
     principal_cell,
@@ -41,6 +42,7 @@ from iafactory.tenancy.schemas import (
     MemberUpdate,
     Plan,
     Region,
+    SelfServiceTenantCreate,
     Status,
     Tenant,
     TenantCreate,
@@ -223,6 +225,82 @@ async def change_member(user_id: MemberId, body: MemberUpdate, s: Admin) -> Any:
 async def remove_member(user_id: MemberId, s: Admin) -> Response:
     await members.remove_member(s.tx, s.ctx.tenant_id, s.ctx.user_id, user_id)
     return Response(status_code=204)
+
+
+# --- self-service -------------------------------------------------------------------------------
+
+
+@router.post(
+    "/tenants",
+    status_code=201,
+    response_model=Tenant,
+    tags=["tenant"],
+    operation_id="create_own_tenant",
+    summary="Create a tenant of your own (any signed-in user): plan free, trial of 14 days, you are its owner",
+    description="The tenant lives in the region cell serving `region`; you need an account there (register "
+    "with that region). Then call POST /api/v1/auth/select-tenant with its slug for a token acting for it. "
+    "One account may own at most IAFACTORY_SELF_SERVICE_MAX_TRIAL_TENANTS tenants in trial (default 3). "
+    "Off when the platform sets IAFACTORY_SELF_SERVICE_TENANTS=false.",
+    responses={
+        403: {
+            "description": "Self-service is off, no account in the region's cell, or too many trial tenants "
+            "(application/problem+json)"
+        },
+        409: {"description": "The slug is taken (application/problem+json)"},
+    },
+)
+async def create_own_tenant(body: SelfServiceTenantCreate, request: Request, who: UserPrincipal) -> Any:
+    settings = request.app.state.settings
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    if not settings.self_service_tenants:
+        raise Problem(
+            403,
+            "Forbidden",
+            "self-service tenant creation is turned off on this platform: ask the platform team to create your tenant",
+            type_="self-service-disabled",
+        )
+    pools = _pools(request)
+    cell = pools.home if pools.single else cell_for_region(cells(settings), body.region).name
+    if cell not in accounts_of(request, who):
+        raise Problem(
+            403,
+            "Forbidden",
+            f"a tenant in region {body.region} lives in cell {cell!r}, where you have no account: register "
+            f"(POST /api/v1/auth/register with region {body.region!r}), sign in with that account, then create it",
+            type_="no-account-in-region",
+        )
+    tenant_id = uuid.uuid4()
+    try:
+        if pools.directory_db is None:
+            return await _create_own(request, who, cell, body, tenant_id)
+        route = directory.Route(tenant_id, body.slug, body.region, cell, "free", "trial")
+        async with pools.directory_db.anonymous() as dtx:
+            await directory.record_tenant(dtx, route)  # the slug, unique across cells
+        try:
+            return await _create_own(request, who, cell, body, tenant_id)
+        except BaseException:
+            async with pools.directory_db.anonymous() as dtx:
+                await directory.forget_tenant(dtx, tenant_id)
+            raise
+    except (service.TenantError, directory.DirectoryError) as err:
+        raise Problem(409, "Conflict", str(err), type_="conflict") from err
+
+
+async def _create_own(
+    request: Request, who: Principal, cell: str, body: SelfServiceTenantCreate, tenant_id: UUID
+) -> Tenant:
+    settings = request.app.state.settings
+    async with user_transaction(request, who, cell) as tx:
+        return await service.create_own_tenant(
+            tx,
+            tenant_id,
+            body.name,
+            body.slug,
+            body.region,
+            trial_days=settings.self_service_trial_days,
+            max_trials=settings.self_service_max_trial_tenants,
+        )
 
 
 # --- platform administration -------------------------------------------------------------------

@@ -46,6 +46,22 @@ class TenantCreate(BaseModel):
         return value
 
 
+class SelfServiceTenantCreate(BaseModel):
+    """A tenant a signed-in user creates for themselves (POST /api/v1/tenants): plan free, status
+    trial; the rest (contact, settings) is edited afterwards with PATCH /api/v1/tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=255)
+    slug: str = Field(min_length=1, max_length=100, json_schema_extra={"pattern": SLUG_PATTERN})
+    region: Region
+
+    @field_validator("slug")
+    @classmethod
+    def _url_safe(cls, value: str) -> str:
+        return TenantCreate._url_safe(value)
+
+
 class Tenant(BaseModel):
     id: UUID
     name: str

@@ -53,6 +53,29 @@ async def create_tenant(tx: Transaction, data: TenantCreate, *, tenant_id: UUID 
     return Tenant.model_validate(row)
 
 
+async def create_own_tenant(
+    tx: Transaction,
+    tenant_id: UUID,
+    name: str,
+    slug: str,
+    region: str,
+    *,
+    trial_days: int,
+    max_trials: int,
+) -> Tenant:
+    """A self-service tenant (plan free, status trial) owned by the transaction's user, with its
+    owner membership and audit events (`tenant.created`, `member.added`), all in this transaction
+    (app.create_own_tenant). The request's address and id reach the audit rows through the transaction."""
+    try:
+        row = await tx.fetchrow(
+            "SELECT * FROM app.create_own_tenant(%s, %s, %s, %s, %s, %s)",
+            (tenant_id, name, slug, region, trial_days, max_trials),
+        )
+    except psycopg.errors.UniqueViolation as err:
+        raise TenantError(f"slug {slug!r} is already taken") from err
+    return Tenant.model_validate(row)
+
+
 async def list_tenants(
     tx: Transaction, filters: TenantFilters, *, limit: int = 1000, after: tuple[Any, UUID] | None = None
 ) -> list[Tenant]:
