@@ -13,36 +13,18 @@ password of an account because another cell said so: the app role gets no such p
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import re
-import secrets
-
+from iafactory.cells.links import CellToken
 from iafactory.config import Settings
 from iafactory.http.problems import Problem
 from iafactory.notifications.templates import render
 
 RESET_MINUTES = 30
-_TOKEN = re.compile(r"^pwr_([a-z][a-z0-9-]{0,31})_([A-Za-z0-9_-]{43})$")
 ANSWER = "if an account has this email, a link to choose a new password was sent to it (valid 30 minutes)"
 
 
-def new_token(cell: str) -> str:
-    return f"pwr_{cell}_{secrets.token_urlsafe(32)}"
-
-
-def token_cell(token: str) -> str | None:
-    match = _TOKEN.match(token)
-    return match.group(1) if match else None
-
-
-def digest(settings: Settings, token: str) -> bytes:
-    key = settings.secret("api_key_secret").encode()
-    return hmac.new(key, b"iafactory-password-reset\0" + token.encode(), hashlib.sha256).digest()
-
-
-def link(settings: Settings, token: str) -> str:
-    return f"{settings.public_url.rstrip('/')}/reset-password?token={token}"
+TOKENS = CellToken("pwr", b"iafactory-password-reset", "/reset-password")
+new_token, token_cell, link = TOKENS.new, TOKENS.cell, TOKENS.link
+digest = TOKENS.digest
 
 
 def language(accept_language: str | None) -> str | None:

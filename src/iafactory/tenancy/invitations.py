@@ -9,14 +9,11 @@ email is queued too (a rolled-back invitation sends nothing).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import re
-import secrets
 from typing import Any
 from uuid import UUID
 
 from iafactory.audit import service as audit
+from iafactory.cells.links import CellToken
 from iafactory.config import Settings
 from iafactory.db.scope import Transaction
 from iafactory.http.problems import Problem, not_found
@@ -24,7 +21,6 @@ from iafactory.notifications import outbox
 from iafactory.tenancy import members
 
 VALID_DAYS = 7
-_TOKEN = re.compile(r"^inv_([a-z][a-z0-9-]{0,31})_([A-Za-z0-9_-]{43})$")
 COLUMNS = (
     "id, email, role, invited_by, created_at, expires_at, accepted_at, revoked_at, last_sent_at, "
     "CASE WHEN accepted_at IS NOT NULL THEN 'accepted' WHEN revoked_at IS NOT NULL THEN 'revoked' "
@@ -32,23 +28,9 @@ COLUMNS = (
 )
 
 
-def new_token(cell: str) -> str:
-    return f"inv_{cell}_{secrets.token_urlsafe(32)}"
-
-
-def token_cell(token: str) -> str | None:
-    """The cell a well-formed token names (None: not an invitation token)."""
-    match = _TOKEN.match(token)
-    return match.group(1) if match else None
-
-
-def digest(settings: Settings, token: str) -> bytes:
-    key = settings.secret("api_key_secret").encode()
-    return hmac.new(key, b"iafactory-invitation\0" + token.encode(), hashlib.sha256).digest()
-
-
-def link(settings: Settings, token: str) -> str:
-    return f"{settings.public_url.rstrip('/')}/accept-invitation?token={token}"
+TOKENS = CellToken("inv", b"iafactory-invitation", "/accept-invitation")
+new_token, token_cell, link = TOKENS.new, TOKENS.cell, TOKENS.link
+digest = TOKENS.digest
 
 
 async def _send(
