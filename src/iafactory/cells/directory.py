@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -64,6 +66,22 @@ async def record_tenant(tx: Transaction, route: Route) -> None:
         )
     except psycopg.errors.UniqueViolation as err:
         raise DirectoryError(f"slug {route.slug!r} is already taken") from err
+
+
+@asynccontextmanager
+async def reserved(
+    open_directory: Callable[[], AbstractAsyncContextManager[Transaction]], route: Route
+) -> AsyncIterator[None]:
+    """Directory first: the route is recorded (a slug taken by another tenant: DirectoryError),
+    then the caller creates the tenant in its cell; if that fails, the route is taken back."""
+    async with open_directory() as dtx:
+        await record_tenant(dtx, route)
+    try:
+        yield
+    except BaseException:
+        async with open_directory() as dtx:
+            await forget_tenant(dtx, route.tenant_id)
+        raise
 
 
 async def update_tenant(tx: Transaction, tenant_id: UUID, *, plan: str, status: str) -> None:

@@ -89,19 +89,15 @@ async def _create_in_cell(settings: Settings, cell: Cell, data: TenantCreate, li
     tenant_id = uuid4()
     route = directory.Route(tenant_id, data.slug, data.region, cell.name, data.plan, data.status)
     try:
-        async with operator_transaction(_directory_url(settings)) as dtx:
-            await directory.record_tenant(dtx, route)
-    except directory.DirectoryError as err:
-        raise CliError(str(err)) from err
-    try:
-        async with operator_transaction(cell_service.admin_url(settings, cell)) as tx:
+        async with (
+            directory.reserved(lambda: operator_transaction(_directory_url(settings)), route),
+            operator_transaction(cell_service.admin_url(settings, cell)) as tx,
+        ):
             tenant = await service.create_tenant(tx, data, tenant_id=tenant_id)
             await _invite_admin(tx, settings, cell, tenant, links)
             return tenant
-    except BaseException:
-        async with operator_transaction(_directory_url(settings)) as dtx:
-            await directory.forget_tenant(dtx, tenant_id)
-        raise
+    except directory.DirectoryError as err:
+        raise CliError(str(err)) from err
 
 
 def _directory_url(settings: Settings) -> str:

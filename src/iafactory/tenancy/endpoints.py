@@ -275,14 +275,8 @@ async def create_own_tenant(body: SelfServiceTenantCreate, request: Request, who
         if pools.directory_db is None:
             return await _create_own(request, who, cell, body, tenant_id)
         route = directory.Route(tenant_id, body.slug, body.region, cell, "free", "trial")
-        async with pools.directory_db.anonymous() as dtx:
-            await directory.record_tenant(dtx, route)  # the slug, unique across cells
-        try:
+        async with directory.reserved(pools.directory_db.anonymous, route):  # the slug, unique across cells
             return await _create_own(request, who, cell, body, tenant_id)
-        except BaseException:
-            async with pools.directory_db.anonymous() as dtx:
-                await directory.forget_tenant(dtx, tenant_id)
-            raise
     except (service.TenantError, directory.DirectoryError) as err:
         raise Problem(409, "Conflict", str(err), type_="conflict") from err
 
@@ -415,16 +409,9 @@ async def _create_in_cell(request: Request, who: Principal, pools: CellPools, ce
         await tx.execute("SELECT app.assert_platform_operator()")  # refuse before touching the directory
     tenant_id = uuid.uuid4()
     route = directory.Route(tenant_id, body.slug, body.region, cell, body.plan, body.status)
-    async with pools.directory_db.anonymous() as dtx:
-        await directory.record_tenant(dtx, route)
-    try:
-        async with user_transaction(request, who, cell) as tx:
-            tenant = await service.create_tenant(tx, body, tenant_id=tenant_id)
-            await _invite_admin(request, who, tx, cell, tenant)
-    except BaseException:
-        async with pools.directory_db.anonymous() as dtx:
-            await directory.forget_tenant(dtx, tenant_id)
-        raise
+    async with directory.reserved(pools.directory_db.anonymous, route), user_transaction(request, who, cell) as tx:
+        tenant = await service.create_tenant(tx, body, tenant_id=tenant_id)
+        await _invite_admin(request, who, tx, cell, tenant)
     return tenant
 
 
