@@ -26,6 +26,7 @@ import psycopg
 
 from iafactory.config import Settings
 from iafactory.db.scope import Transaction
+from iafactory.tenancy import service as tenancy
 from iafactory.tenancy.schemas import TenantFilters
 
 
@@ -146,27 +147,13 @@ async def sync_from_cell(directory: Transaction, cell_tx: Transaction, settings:
     cell is left alone: that is a move in progress or a conflict for an operator, never silently
     re-routed. Returns counts."""
     placed = 0
-    async for t in _cell_tenants(cell_tx):
-        current = await route(directory, tenant_id=t["id"])
+    for t in await tenancy.all_tenants(cell_tx, TenantFilters()):
+        current = await route(directory, tenant_id=t.id)
         if current is not None and current.cell != cell:
             continue
-        await record_tenant(directory, Route(t["id"], t["slug"], t["region"], cell, t["plan"], t["status"]))
+        await record_tenant(directory, Route(t.id, t.slug, t.region, cell, t.plan, t.status))
         placed += 1
     emails = await cell_tx.fetch("SELECT email FROM platform.login_emails()")
     for e in emails:
         await record_login(directory, settings, e["email"], cell)
     return {"tenants": placed, "logins": len(emails)}
-
-
-async def _cell_tenants(cell_tx: Transaction) -> Any:
-    after: tuple[Any, UUID] | None = None
-    while True:
-        page = await cell_tx.fetch(
-            "SELECT * FROM platform.tenant_list(NULL, NULL, NULL, 1000, %s, %s)",
-            (after[0] if after else None, after[1] if after else None),
-        )
-        for row in page:
-            yield row
-        if len(page) < 1000:
-            return
-        after = (page[-1]["created_at"], page[-1]["id"])

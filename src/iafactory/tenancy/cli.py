@@ -138,7 +138,7 @@ async def list_command(
         async with operator_transaction(cell_service.admin_url(settings, cell)) as tx:
             found.extend(
                 (cell.name, t)
-                for t in await _all_tenants(tx, filters)
+                for t in await service.all_tenants(tx, filters)
                 if placed is None or placed.get(t.id) == cell.name
             )
     found.sort(key=lambda item: (item[1].created_at, str(item[1].id)))
@@ -151,16 +151,6 @@ async def list_command(
         ["slug", "name", "region", "cell", "plan", "status", "admin email", "id"],
         [[t.slug, t.name, t.region, cell_name, t.plan, t.status, t.admin_email, t.id] for cell_name, t in found],
     )
-
-
-async def _all_tenants(tx: Any, filters: TenantFilters) -> list[Tenant]:
-    out: list[Tenant] = []
-    while True:
-        after = (out[-1].created_at, out[-1].id) if out else None
-        page = await service.list_tenants(tx, filters, limit=1000, after=after)
-        out.extend(page)
-        if len(page) < 1000:
-            return out
 
 
 @tenants_app.command("add-user")

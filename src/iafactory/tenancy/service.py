@@ -86,6 +86,17 @@ async def list_tenants(
     return [Tenant.model_validate(r) for r in rows]
 
 
+async def all_tenants(tx: Transaction, filters: TenantFilters) -> list[Tenant]:
+    """Every tenant matching `filters`, page after page of list_tenants (it returns 1,000 at most)."""
+    out: list[Tenant] = []
+    while True:
+        after = (out[-1].created_at, out[-1].id) if out else None
+        page = await list_tenants(tx, filters, limit=1000, after=after)
+        out.extend(page)
+        if len(page) < 1000:
+            return out
+
+
 async def get_tenant(tx: Transaction, *, tenant_id: UUID | None = None, slug: str | None = None) -> Tenant:
     row = await tx.fetchrow("SELECT * FROM platform.tenant_get(%s, %s)", (tenant_id, slug))
     if row is None:
