@@ -22,7 +22,15 @@ import httpx
 import psycopg
 import pytest
 
-from api_support import PASSWORD, login, two_cell_client, two_cell_databases, verification_token
+from api_support import (
+    PASSWORD,
+    login,
+    queued_email,
+    two_cell_client,
+    two_cell_databases,
+    verification_token,
+    verified_user,
+)
 from conftest import settings_for
 from iafactory.auth import verification
 from iafactory.db import bootstrap
@@ -228,6 +236,25 @@ async def test_a_password_reset_verifies_the_address(db_url: str) -> None:
         assert stored_user(db_url, email)["email_verified_at"] is not None
         access = await login(c, email, "a new passphrase 9")
         assert (await c.post(TENANTS, json=tenant_body(), headers=bearer(access))).status_code == 201
+
+
+async def test_accepting_an_invitation_signed_in_verifies_the_address(db_url: str) -> None:
+    async with client_at(db_url, new_ip()) as c:
+        owner = await login(c, await verified_user(c, db_url, "owner"))
+        body = tenant_body()
+        assert (await c.post(TENANTS, json=body, headers=bearer(owner))).status_code == 201
+        r = await c.post(f"{API}/auth/select-tenant", json={"tenant": body["slug"]}, headers=bearer(owner))
+        owner = r.json()["access_token"]
+        guest = fresh_email("guest")
+        assert (await c.post(REGISTER, json={"email": guest, "password": PASSWORD})).status_code == 202
+        r = await c.post(f"{API}/members/invitations", json={"email": guest, "role": "member"}, headers=bearer(owner))
+        assert r.status_code == 201, r.text
+        token = re.search(r"token=(inv_[A-Za-z0-9_-]+)", queued_email(db_url, guest, "invitation"))
+        assert token
+        signed_in = await login(c, guest)
+        r = await c.post(f"{API}/auth/accept-invitation", json={"token": token.group(1)}, headers=bearer(signed_in))
+        assert r.status_code == 200, r.text
+        assert stored_user(db_url, guest)["email_verified_at"] is not None
 
 
 async def test_unknown_verification_tokens_are_throttled_per_address(db_url: str) -> None:
