@@ -698,13 +698,45 @@ class BodyBuilder:
         return value[:high]
 
 
-async def register_user(client: httpx.AsyncClient, marker: str, region: str | None = None) -> tuple[int, str]:
-    """A new account (belonging to no tenant): its id and email. `region`: in the cell serving it."""
+async def register_user(client: httpx.AsyncClient, marker: str, region: str | None = None) -> str:
+    """A new account (belonging to no tenant, its address not verified yet): its email. `region`: in
+    the cell serving it. Registration answers 202 whether or not the email had an account."""
     email = f"{marker}-{uuid.uuid4().hex[:8]}@example.ch"
     body = {"email": email, "password": PASSWORD, "name": marker, **({"region": region} if region else {})}
     r = await client.post("/api/v1/auth/register", json=body)
-    assert r.status_code == 201, r.text
-    return r.json()["id"], email
+    assert r.status_code == 202, r.text
+    return email
+
+
+_VERIFY_TOKEN = _re.compile(r"/verify-email\?token=(eml_[A-Za-z0-9_-]+)")
+
+
+def queued_email(admin_url: str, email: str, kind: str) -> str:
+    """The text of the newest email of `kind` queued to `email` in the outbox of the database behind
+    `admin_url` (read as its owner: the application sees the outbox only through its functions)."""
+    with psycopg.connect(admin_url) as conn:
+        row = conn.execute(
+            "SELECT text_body FROM email_outbox WHERE to_address = %s AND kind = %s ORDER BY id DESC LIMIT 1",
+            (email, kind),
+        ).fetchone()
+    assert row is not None, f"no {kind} email queued to {email}"
+    return row[0]
+
+
+def verification_token(admin_url: str, email: str) -> str:
+    """The token of the newest "verify your address" email queued to `email`."""
+    match = _VERIFY_TOKEN.search(queued_email(admin_url, email, "verify_email"))
+    assert match is not None
+    return match.group(1)
+
+
+async def verified_user(client: httpx.AsyncClient, admin_url: str, marker: str, region: str | None = None) -> str:
+    """register_user, then the link of its verification email opened: an account that may create a
+    tenant. `admin_url`: the database (the cell) where the account lives."""
+    email = await register_user(client, marker, region)
+    r = await client.post("/api/v1/auth/verify-email", json={"token": verification_token(admin_url, email)})
+    assert r.status_code == 204, r.text
+    return email
 
 
 async def apply_overrides(
@@ -719,7 +751,7 @@ async def apply_overrides(
         if name not in body and value is REGISTERED_EMAIL:
             continue  # e.g. PATCH /members/{id} takes no email
         if value is REGISTERED_EMAIL:
-            value = (await register_user(client, marker, region))[1]
+            value = await register_user(client, marker, region)
         elif value is SEEDER_REGION:
             value = region or "CH"
         out[name] = value

@@ -58,7 +58,13 @@ OPERATIONS = api_operations(DOC)
 NON_TENANT_ROUTES = {
     "GET /healthz": "liveness of the process: no credential, no data",
     "GET /readyz": "liveness of the database: no credential, no data",
-    "POST /api/v1/auth/register": "creates an account, which belongs to no tenant until an admin adds it",
+    "POST /api/v1/auth/register": "creates an account, which belongs to no tenant until an admin adds it; the same "
+    "answer for any address (test_registration)",
+    # Email verification names a person (a token, or the caller's own accounts), never a tenant.
+    "POST /api/v1/auth/verify-email": "a token names one account, in its cell; unknown, used and expired tokens "
+    "are refused (test_registration)",
+    "POST /api/v1/auth/verify-email/resend": "the caller's own accounts, by the user ids of its token "
+    "(test_registration)",
     "POST /api/v1/auth/login": "checks a password before any tenant is chosen; it lists only the caller's own "
     "memberships (test_api_auth)",
     # A person's own sessions and password: keyed by the caller's user id in the database functions

@@ -156,6 +156,9 @@ NO_TENANT = {
     # A password reset: an email, then the token of the link; no credential.
     "POST /api/v1/auth/password-reset": None,
     "POST /api/v1/auth/password-reset/confirm": None,
+    # Email verification: the token of the link, no credential; asking for a new link, a user's token.
+    "POST /api/v1/auth/verify-email": None,
+    "POST /api/v1/auth/verify-email/resend": BEARER,
     # A person's own sessions and password: a user's token (an API key has no session or password).
     "POST /api/v1/auth/logout": BEARER,
     "POST /api/v1/auth/logout-all": BEARER,

@@ -126,7 +126,7 @@ async def world(module_api_world: ApiWorld) -> ApiWorld:
     await provision_for_load(module_api_world.admin_url, module_api_world)
     c = module_api_world.client
     email = f"throwaway-{module_api_world.a.slug}@example.ch"
-    assert (await c.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD})).status_code == 201
+    assert (await c.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD})).status_code == 202
     THROWAWAY.update(module_api_world.headers(await login(c, email)))
     return module_api_world
 

@@ -204,7 +204,7 @@ async def test_registration_places_the_account_in_the_cell_of_its_region(
     r = await world.client.post(
         f"{API_PREFIX}/auth/register", json={"email": email, "password": PASSWORD, "region": "DZ"}
     )
-    assert r.status_code == 201, r.text
+    assert r.status_code == 202, r.text
     for cell, expected in (("dz", 1), ("eu", 0), ("directory", 0)):
         with psycopg.connect(cell_urls[cell]) as conn:
             assert conn.execute("SELECT count(*) FROM users WHERE email = %s", (email,)).fetchone()[0] == expected

@@ -206,7 +206,10 @@ def is_create(op: ApiOperation) -> bool:
 CREATES = [op for op in api_operations(DOC) if is_create(op)]
 # POST routes without the header, and why (see iafactory/http/idempotency.py).
 WITHOUT_THE_HEADER = {
-    f"{API_PREFIX}/auth/register": "the email is unique: a retry answers 409 and creates nothing",
+    f"{API_PREFIX}/auth/register": "the email is unique: a retry creates nothing (it queues the email "
+    "'you already have an account')",
+    f"{API_PREFIX}/auth/verify-email": "not a create: a verification link works once",
+    f"{API_PREFIX}/auth/verify-email/resend": "not a create: a resend replaces the link",
     f"{API_PREFIX}/auth/login": "not a create",
     f"{API_PREFIX}/auth/select-tenant": "not a create",
     f"{API_PREFIX}/auth/refresh": "not a create: a refresh token is good for one use, a retry is refused",

@@ -122,7 +122,7 @@ async def test_an_existing_account_accepts_after_signing_in(world: ApiWorld, mai
     w = world
     email = fresh_email("known")
     register = {"email": email, "password": PASSWORD, "name": "Known", **({"region": "CH"} if w.cell_urls else {})}
-    assert (await w.client.post("/api/v1/auth/register", json=register)).status_code == 201
+    assert (await w.client.post("/api/v1/auth/register", json=register)).status_code == 202
     created = await invite(w, email, "viewer")
     _, token = await mail.link_to(email)
 

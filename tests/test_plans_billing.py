@@ -156,11 +156,10 @@ async def test_member_key_and_storage_limits_answer_403_naming_the_limit(api_wor
     members = len((await c.get("/api/v1/members", headers=a.auth("owner"))).json())
     keys = len([k for k in (await c.get("/api/v1/api-keys", headers=a.auth("owner"))).json() if not k["revoked_at"]])
     await set_limits(api_world, a.id, max_members=members, max_api_keys=keys, max_kb_bytes=1000)
-    r = await c.post(
-        "/api/v1/auth/register",
-        json={"email": f"new-{uuid.uuid4().hex[:6]}@example.ch", "password": "long-enough-password"},
-    )
-    r = await c.post("/api/v1/members", json={"email": r.json()["email"], "role": "viewer"}, headers=a.auth("admin"))
+    email = f"new-{uuid.uuid4().hex[:6]}@example.ch"
+    r = await c.post("/api/v1/auth/register", json={"email": email, "password": "long-enough-password"})
+    assert r.status_code == 202, r.text
+    r = await c.post("/api/v1/members", json={"email": email, "role": "viewer"}, headers=a.auth("admin"))
     assert r.status_code == 403 and r.json()["limit"] == "max_members", r.text
     r = await c.post("/api/v1/api-keys", json={"name": "one too many"}, headers=a.auth("admin"))
     assert r.status_code == 403 and r.json()["limit"] == "max_api_keys"

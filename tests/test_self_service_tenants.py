@@ -14,7 +14,7 @@ import httpx
 import psycopg
 import pytest
 
-from api_support import API_PREFIX, app_client, login, register_user, two_cell_client, two_cell_databases
+from api_support import API_PREFIX, app_client, login, two_cell_client, two_cell_databases, verified_user
 
 pytestmark = pytest.mark.anyio
 URL = f"{API_PREFIX}/tenants"
@@ -41,15 +41,15 @@ async def client(migrated_db: str) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def _new_user(c: httpx.AsyncClient, region: str | None = None) -> str:
-    _, email = await register_user(c, "selfserve", region)
-    return await login(c, email)
+async def _new_user(c: httpx.AsyncClient, url: str, region: str | None = None) -> str:
+    """A signed-in account whose address is verified (`url`: the database of its cell)."""
+    return await login(c, await verified_user(c, url, "selfserve", region))
 
 
 async def test_a_signed_in_user_creates_a_tenant_owns_it_and_selects_it(
     client: httpx.AsyncClient, migrated_db: str
 ) -> None:
-    token = await _new_user(client)
+    token = await _new_user(client, migrated_db)
     body = _body()
     r = await client.post(URL, json=body, headers=_h(token))
     assert r.status_code == 201, r.text
@@ -80,7 +80,7 @@ async def test_a_signed_in_user_creates_a_tenant_owns_it_and_selects_it(
 
 
 async def test_a_taken_slug_answers_409_and_writes_nothing(client: httpx.AsyncClient, migrated_db: str) -> None:
-    first, second = await _new_user(client), await _new_user(client)
+    first, second = await _new_user(client, migrated_db), await _new_user(client, migrated_db)
     body = _body()
     assert (await client.post(URL, json=body, headers=_h(first))).status_code == 201
     before = _one(migrated_db, "SELECT count(*) FROM audit_events")
@@ -93,8 +93,8 @@ async def test_a_taken_slug_answers_409_and_writes_nothing(client: httpx.AsyncCl
     assert (await client.get(f"{API_PREFIX}/me/tenants", headers=_h(second))).json() == []
 
 
-async def test_one_account_owns_at_most_three_trial_tenants(client: httpx.AsyncClient) -> None:
-    token = await _new_user(client)
+async def test_one_account_owns_at_most_three_trial_tenants(client: httpx.AsyncClient, migrated_db: str) -> None:
+    token = await _new_user(client, migrated_db)
     for _ in range(3):
         assert (await client.post(URL, json=_body(), headers=_h(token))).status_code == 201
     r = await client.post(URL, json=_body(), headers=_h(token))
@@ -104,7 +104,7 @@ async def test_one_account_owns_at_most_three_trial_tenants(client: httpx.AsyncC
 
 async def test_the_platform_can_turn_self_service_off(migrated_db: str) -> None:
     async with app_client(migrated_db, self_service_tenants=False) as (c, _, _settings):
-        token = await _new_user(c)
+        token = await _new_user(c, migrated_db)
         body = _body()
         r = await c.post(URL, json=body, headers=_h(token))
         assert r.status_code == 403, r.text
@@ -127,7 +127,7 @@ async def test_with_two_cells_a_dz_tenant_lands_in_cell_dz_and_needs_an_account_
 ) -> None:
     urls = cell_urls
     async with two_cell_client(urls) as (c, _, _settings):
-        dz = await _new_user(c, "DZ")
+        dz = await _new_user(c, urls["dz"], "DZ")
         body = _body("DZ", name="Lycée d'Oran")
         r = await c.post(URL, json=body, headers=_h(dz))
         assert r.status_code == 201, r.text
@@ -141,7 +141,7 @@ async def test_with_two_cells_a_dz_tenant_lands_in_cell_dz_and_needs_an_account_
         assert r.status_code == 200 and r.json()["slug"] == slug, r.text
 
         # Someone with an account in the eu cell only: refused, and told to register in DZ.
-        ch = await _new_user(c, "CH")
+        ch = await _new_user(c, urls["eu"], "CH")
         other = _body("DZ")
         r = await c.post(URL, json=other, headers=_h(ch))
         assert r.status_code == 403, r.text

@@ -75,7 +75,7 @@ def bearer(token: str) -> dict[str, str]:
 async def register(client: httpx.AsyncClient, password: str = PASSWORD) -> str:
     email = f"s-{uuid.uuid4().hex[:10]}@example.ch"
     r = await client.post(f"{API}/auth/register", json={"email": email, "password": password, "name": "S"})
-    assert r.status_code == 201, r.text
+    assert r.status_code == 202, r.text
     return email
 
 
@@ -380,7 +380,7 @@ async def test_long_passphrases_and_any_character_are_accepted(db_url: str) -> N
         ):
             email = f"good-{uuid.uuid4().hex[:8]}@example.ch"
             r = await c.post(f"{API}/auth/register", json={"email": email, "password": password})
-            assert r.status_code == 201, (password, r.text)
+            assert r.status_code == 202, (password, r.text)
             await sign_in(c, email, password)
         email = f"self-{uuid.uuid4().hex[:8]}@example.ch"
         r = await c.post(f"{API}/auth/register", json={"email": email, "password": email})

@@ -76,6 +76,7 @@ def create_app(
         if own_db and run_worker:
             # On the embedded default the API indexes documents and sends emails itself, so one
             # command is enough.
+            from iafactory.auth.purge import Retention
             from iafactory.knowledge import worker
             from iafactory.knowledge.embeddings import embedder
             from iafactory.notifications import sender
@@ -85,7 +86,13 @@ def create_app(
             for db in app.state.cells.dbs.values():  # one indexing worker and one email sender per cell
                 background.append(
                     asyncio.create_task(
-                        worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
+                        worker.run_forever(
+                            db,
+                            model,
+                            stop,
+                            lease_seconds=settings.worker_lease_seconds,
+                            retention=Retention.of(settings),
+                        )
                     )
                 )
                 background.append(

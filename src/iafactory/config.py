@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     self_service_max_trial_tenants: int = Field(default=3, ge=1, le=100)
     # The trial of a self-service tenant lasts this long.
     self_service_trial_days: int = Field(default=14, ge=1, le=365)
+    # Retention of account records, purged by the worker's periodic maintenance: sessions this
+    # long after they ended (with their refresh tokens), used or expired reset, verification and
+    # invitation tokens this long after, security events this long after they were recorded.
+    session_retention_days: int = Field(default=30, ge=1)
+    spent_token_retention_days: int = Field(default=30, ge=1)
+    security_event_retention_days: int = Field(default=180, ge=30)
     # Whatever a token's `exp` says, it is refused when exp - iat exceeds this.
     jwt_max_token_lifetime_seconds: int = 86_400
     # HMAC key for API-key hashes: a leaked table of hashes is useless without it.

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from iafactory.admission import ANONYMOUS
 from iafactory.audit import service as audit
-from iafactory.auth import api_keys, passwords, policy, resets, service, sessions, throttle
+from iafactory.auth import api_keys, passwords, policy, resets, service, sessions, throttle, verification
 from iafactory.auth.dependencies import (
     Admin,
     BearerCredential,
@@ -41,10 +41,12 @@ from iafactory.auth.schemas import (
     PasswordResetOut,
     RefreshIn,
     RegisterIn,
+    RegisterOut,
     SelectTenantIn,
     SessionOut,
     TokenOut,
-    UserOut,
+    VerifyEmailIn,
+    VerifyEmailResendOut,
 )
 from iafactory.cells import directory
 from iafactory.cells.routing import CellPools
@@ -112,21 +114,142 @@ def _token_out(issued: sessions.Issued, tenant: Membership | None, tenants: list
 
 @router.post(
     "/auth/register",
-    status_code=201,
-    response_model=UserOut,
+    status_code=202,
+    response_model=RegisterOut,
     tags=["auth"],
     operation_id="register",
-    summary="Create an account",
+    summary="Create an account: an email confirms the address (the same answer whether or not the email "
+    "has an account)",
     responses={
         422: {
-            "description": "Invalid body; also an email on a reserved domain (.test, .invalid ...) or mixing "
-            "scripts (a Cyrillic letter among Latin ones) (application/problem+json)"
-        }
+            "description": "Invalid body, naming the field: a password refused by the password policy, an email "
+            "on a reserved domain (.test, .invalid ...) or mixing scripts (a Cyrillic letter among Latin ones) "
+            "(application/problem+json)"
+        },
+        429: {
+            "description": "Too many registrations for this email: wait Retry-After seconds (application/problem+json)"
+        },
     },
 )
 async def register(body: RegisterIn, request: Request) -> Any:
+    """202 and the same body for every valid request. A new email gets an unverified account and a
+    link to confirm the address (valid 24 hours, once; POST its token to /auth/verify-email); an
+    email that has an account gets a message saying so (how to sign in, or reset the password),
+    and its account is not changed. Sign in with the new account at once; it creates a tenant once
+    its address is confirmed. The email's language follows Accept-Language (French by default).
+    Every request counts against the email (separate counters from sign-in): 429 with Retry-After."""
+    settings = _settings(request)
+    ip, request_id = client_ip(request), request.state.request_id
+    # Per email only: several people behind one address (a school's network) register in a row.
+    subjects = throttle.subjects(settings, body.email, None, scope="register")
+    await _throttled(request, subjects)
+    await _failed(request, subjects)
     # No transaction from a dependency: the password is hashed before one begins.
-    return await service.register(request.app.state.cells, _settings(request), request.app.state.load.hashing, body)
+    await service.register(
+        request.app.state.cells,
+        settings,
+        request.app.state.load.hashing,
+        body,
+        accept_language=request.headers.get("accept-language"),
+        ip=ip,
+        request_id=request_id,
+    )
+    return JSONResponse({"detail": verification.ANSWER}, status_code=202)
+
+
+@router.post(
+    "/auth/verify-email",
+    status_code=204,
+    response_class=Response,
+    tags=["auth"],
+    operation_id="verify_email",
+    summary="Confirm your email address with the token of the verification email's link",
+    responses={
+        404: {"description": "No such token, or a newer link replaced it (application/problem+json)"},
+        410: {"description": "The link was used already, or has expired (application/problem+json)"},
+        429: {"description": "Too many unknown tokens from this address: wait Retry-After seconds"},
+    },
+)
+async def verify_email(body: VerifyEmailIn, request: Request) -> Response:
+    """The token's account is verified (once). No session is given: the link proves the address,
+    not the password (sign in as usual). Unknown tokens count against the client address like
+    failed sign-ins."""
+    settings = _settings(request)
+    pools: CellPools = request.app.state.cells
+    ip, request_id = client_ip(request), request.state.request_id
+    by_address = [s for s in throttle.subjects(settings, "", ip) if s.kind == "ip"]
+    await _throttled(request, by_address)
+    cell = verification.token_cell(body.token)
+    row = None
+    if cell is not None and cell in pools.dbs:
+        async with pools.db(cell).anonymous(client_ip=ip, request_id=request_id) as tx:
+            row = await tx.fetchrow(
+                "SELECT * FROM app.confirm_email_verification(%s)", (verification.digest(settings, body.token),)
+            )
+            assert row is not None
+            if row["outcome"] == "ok":
+                await sessions.security_event(
+                    tx, "auth.email_verified", user_id=row["user_id"], ip=ip, request_id=request_id
+                )
+    if row is None or row["outcome"] == "unknown":
+        await _failed(request, by_address)
+        raise verification.refused("unknown")
+    if row["outcome"] != "ok":
+        raise verification.refused(row["outcome"])
+    request.state.user_id = row["user_id"]
+    return Response(status_code=204)
+
+
+@router.post(
+    "/auth/verify-email/resend",
+    status_code=202,
+    response_model=VerifyEmailResendOut,
+    tags=["auth"],
+    operation_id="resend_verification_email",
+    summary="Send the link to confirm my email address again (the older links stop working)",
+    responses={
+        409: {"description": "Your address is verified already (application/problem+json)"},
+        429: {"description": "Too many requests: wait Retry-After seconds (application/problem+json)"},
+    },
+)
+async def resend_verification_email(request: Request, who: UserPrincipal) -> Any:
+    if who.user_id is None:
+        raise Problem(403, "Forbidden", "this endpoint needs a user token, not an API key")
+    settings = _settings(request)
+    pools: CellPools = request.app.state.cells
+    ip, request_id = client_ip(request), request.state.request_id
+    await check_session(request, who)
+    accounts = accounts_of(request, who)
+    subjects = throttle.subjects(settings, f"user {sorted(accounts.items())}", None, scope="verify-resend")
+    await _throttled(request, subjects)
+    sent = 0
+    for cell, user_id in accounts.items():
+        token = verification.new_token(cell)
+        mail = verification.verify_message(settings, token, request.headers.get("accept-language"))
+        async with pools.db(cell).anonymous(user_id=user_id, client_ip=ip, request_id=request_id) as tx:
+            outcome = await tx.fetchval(
+                "SELECT app.resend_email_verification(%s, %s, %s, %s, %s, %s, %s)",
+                (
+                    verification.digest(settings, token),
+                    verification.VERIFY_HOURS,
+                    ip,
+                    *verification.parts(mail),
+                ),
+            )
+            if outcome == "sent":
+                sent += 1
+                await sessions.security_event(
+                    tx,
+                    "auth.verification_resent",
+                    user_id=user_id,
+                    session_id=who.session_id,
+                    ip=ip,
+                    request_id=request_id,
+                )
+    if not sent:
+        raise Problem(409, "Conflict", "your email address is verified already", type_="already-verified")
+    await _failed(request, subjects)
+    return JSONResponse({"detail": "a new link to confirm your address was sent (valid 24 hours)"}, status_code=202)
 
 
 @router.post(

@@ -143,7 +143,23 @@ class UserOut(BaseModel):
     email: str
     name: str
     is_platform_admin: bool
+    email_verified: bool = Field(
+        description="False for an account that registered itself and has not opened the link of its "
+        "verification email yet: it signs in, but cannot create a tenant."
+    )
     created_at: datetime
+
+
+class RegisterOut(BaseModel):
+    detail: str = Field(description="The same answer whether or not the email has an account.")
+
+
+class VerifyEmailIn(Strict):
+    token: str = Field(min_length=1, max_length=200, description="The token of the verification email's link.")
+
+
+class VerifyEmailResendOut(BaseModel):
+    detail: str
 
 
 class MeOut(BaseModel):

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import psycopg
 from fastapi.exceptions import RequestValidationError
 
 from iafactory.admission import ANONYMOUS, CREDENTIALS, CpuWork
 from iafactory.audit import service as audit
-from iafactory.auth import api_keys, passwords, policy, sessions
+from iafactory.auth import api_keys, passwords, policy, sessions, verification
 from iafactory.auth.dependencies import Principal, session_gate, tenant_gate
 from iafactory.auth.schemas import ApiKeyCreate, LoginIn, Membership, MeOut, MyTenant, RegisterIn
 from iafactory.cells import directory
@@ -31,22 +30,53 @@ SELECTABLE = ("active", "trial")
 KEY_COLUMNS = "id, name, prefix, scope, created_at, expires_at, last_used_at, revoked_at"
 
 
-async def register(pools: CellPools, settings: Settings, cpu: CpuWork, data: RegisterIn) -> dict[str, Any]:
+async def register(
+    pools: CellPools,
+    settings: Settings,
+    cpu: CpuWork,
+    data: RegisterIn,
+    *,
+    accept_language: str | None,
+    ip: str | None,
+    request_id: str | None,
+) -> None:
+    """The same work whether or not the email has an account (verification.py): the password is
+    hashed, both emails rendered, the directory told (a no-op for a known login), and one statement
+    (app.register_account) creates the unverified account and queues "verify your address", or
+    queues "you already have an account" and changes nothing. Nothing of it reaches the answer."""
     cpu.gate.check_room(ANONYMOUS)  # a full hashing queue: refuse before doing anything
     cell = _cell_for(pools, settings, data.region)
     hashed = await passwords.hash_password(settings, data.password, cpu)
+    token = verification.new_token(cell)
+    mail = verification.messages(settings, token, accept_language)
     if pools.directory_db is not None:
         # Directory first: an entry whose account is missing routes a sign-in to a cell that says
         # "wrong email or password"; the other order could leave an account nobody can reach.
         async with pools.directory_db.anonymous() as tx:
             await directory.record_login(tx, settings, data.email, cell)
-    async with pools.db(cell).anonymous() as tx:
-        try:
-            user_id = await tx.fetchval("SELECT app.register_user(%s, %s, %s)", (data.email, data.name, hashed))
-        except psycopg.errors.UniqueViolation as err:
-            raise Problem(409, "Conflict", "an account with this email already exists", type_="conflict") from err
-        created_at = await tx.fetchval("SELECT now()")
-    return {"id": user_id, "email": data.email, "name": data.name, "is_platform_admin": False, "created_at": created_at}
+    async with pools.db(cell).anonymous(client_ip=ip, request_id=request_id) as tx:
+        row = await tx.fetchrow(
+            "SELECT * FROM app.register_account(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                data.email,
+                data.name,
+                hashed,
+                verification.digest(settings, token),
+                verification.VERIFY_HOURS,
+                ip,
+                *verification.parts(mail.verify),
+                *verification.parts(mail.exists),
+            ),
+        )
+        assert row is not None
+        await sessions.security_event(
+            tx,
+            "auth.register_requested",
+            user_id=row["user_id"],
+            ip=ip,
+            request_id=request_id,
+            details={"new_account": row["created"]},
+        )
 
 
 def _cell_for(pools: CellPools, settings: Settings, region: str | None) -> str:
@@ -218,7 +248,10 @@ async def whoami(pools: CellPools, cell: str, accounts: dict[str, int], who: Pri
     `current`) and, with a tenant selected, their current role (re-checked by the same gate as
     every tenant request). The caller has checked that `cell` holds the credential's tenant."""
     db = pools.db(cell)
-    user_sql = "SELECT id, email, name, is_platform_admin, created_at FROM users WHERE id = %s"
+    user_sql = (
+        "SELECT id, email, name, is_platform_admin, email_verified_at IS NOT NULL AS email_verified, created_at "
+        "FROM users WHERE id = %s"
+    )
     label = None if pools.single else cell
     others = {c: u for c, u in accounts.items() if c != cell}
     elsewhere = await all_memberships(pools, others) if others else []

@@ -322,7 +322,7 @@ class _Mover:
         }
         async with operator_transaction(self.source_url, ctx) as tx:
             people = await tx.fetch(
-                """SELECT u.id, u.email, u.name, u.password_hash, u.is_active, u.created_at,
+                """SELECT u.id, u.email, u.name, u.password_hash, u.is_active, u.created_at, u.email_verified_at,
                           EXISTS (SELECT 1 FROM tenant_users tu WHERE tu.tenant_id = %s AND tu.user_id = u.id) AS member
                    FROM users u WHERE u.id = ANY(%s) ORDER BY u.id""",
                 (m.tenant_id, sorted(user_ids)),
@@ -550,9 +550,16 @@ async def _accounts(tx: Transaction, people: list[dict[str, Any]]) -> dict[int, 
         found = await tx.fetchval("SELECT id FROM users WHERE lower(email) = lower(%s)", (p["email"],))
         if found is None:
             found = await tx.fetchval(
-                "INSERT INTO users (email, name, password_hash, is_active, created_at) VALUES (%s, %s, %s, %s, %s) "
-                "RETURNING id",
-                (p["email"], p["name"], p["password_hash"] if p["member"] else None, p["is_active"], p["created_at"]),
+                "INSERT INTO users (email, name, password_hash, is_active, created_at, email_verified_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                (
+                    p["email"],
+                    p["name"],
+                    p["password_hash"] if p["member"] else None,
+                    p["is_active"],
+                    p["created_at"],
+                    p["email_verified_at"],
+                ),
             )
         id_map[p["id"]] = found
     return id_map

@@ -46,6 +46,7 @@ LOCAL_TABLES = {
     "refresh_tokens": "refresh-token hashes, written on every refresh: on the coordinator",
     "security_events": "the platform's security log (no tenant): on the coordinator",
     "password_resets": "password-reset token hashes of people (no tenant): on the coordinator",
+    "email_verifications": "email-verification token hashes of people (no tenant): on the coordinator",
     "email_outbox": "a queue claimed with FOR UPDATE SKIP LOCKED by the senders, a row per email and no tenant: "
     "on the coordinator (a reference table would write every node, and serialise the claims on a shard lock)",
 }

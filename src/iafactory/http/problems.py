@@ -279,7 +279,11 @@ def database_problem(request: Request, exc: psycopg.Error, fields: list[str] | N
         if status in (429, 503) and detail.startswith("retry_after="):
             headers = {"Retry-After": detail.removeprefix("retry_after=")}
         extra: dict[str, Any] = {"limit": detail.removeprefix("limit=")} if detail.startswith("limit=") else {}
-        return problem_response(status, titles[status], diag.message_primary, headers=headers, request=request, **extra)
+        # DETAIL 'type=<kind>': the problem type a client tells this refusal by (e.g. email-not-verified).
+        kind = detail.removeprefix("type=") if detail.startswith("type=") else None
+        return problem_response(
+            status, titles[status], diag.message_primary, type_=kind, headers=headers, request=request, **extra
+        )
     if isinstance(exc, psycopg.errors.UniqueViolation):
         return problem_response(
             409,

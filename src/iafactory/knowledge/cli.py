@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from iafactory.app import cell_pools
+from iafactory.auth.purge import Retention
 from iafactory.cells.service import cell_urls
 from iafactory.cli import CliError, app, console, run
 from iafactory.config import get_settings, smtp_problems
@@ -57,7 +58,9 @@ async def worker_command(
         logs.configure(settings.log_format, settings.log_level)
         await asyncio.gather(
             *(
-                worker.run_forever(db, model, stop, lease_seconds=settings.worker_lease_seconds)
+                worker.run_forever(
+                    db, model, stop, lease_seconds=settings.worker_lease_seconds, retention=Retention.of(settings)
+                )
                 for db in pools.dbs.values()
             ),
             *(

@@ -21,6 +21,7 @@ import time
 from typing import Any
 from uuid import UUID
 
+from iafactory.auth.purge import Retention, purge_account_records
 from iafactory.db.scope import Database
 from iafactory.knowledge.embeddings import Embedder
 from iafactory.knowledge.indexing import index_document
@@ -189,11 +190,33 @@ async def purge_idempotency_keys(db: Database) -> int:
             return deleted
 
 
+async def maintain(db: Database, retention: Retention) -> None:
+    """The periodic housekeeping of a cell: expired idempotency keys, and spent account records
+    (sessions, tokens, security events) past their retention. Each part tries again next time."""
+    try:
+        if deleted := await purge_idempotency_keys(db):
+            log.info("deleted %s expired idempotency keys", deleted)
+    except Exception:
+        log.warning("could not delete expired idempotency keys", exc_info=True)
+    try:
+        if deleted_by_kind := {k: n for k, n in (await purge_account_records(db, retention)).items() if n}:
+            log.info("purged account records past their retention: %s", deleted_by_kind)
+    except Exception:
+        log.warning("could not purge old account records", exc_info=True)
+
+
 async def run_forever(
-    db: Database, embedder: Embedder, stop: asyncio.Event | None = None, *, lease_seconds: int = LEASE_SECONDS
+    db: Database,
+    embedder: Embedder,
+    stop: asyncio.Event | None = None,
+    *,
+    lease_seconds: int = LEASE_SECONDS,
+    retention: Retention | None = None,
 ) -> None:
     """Work while there is work; otherwise wait for a NOTIFY from a new job, or a short poll.
-    Setting `stop`, or cancelling this task, interrupts the job in hand and gives it back."""
+    Setting `stop`, or cancelling this task, interrupts the job in hand and gives it back.
+    Every PURGE_EVERY_SECONDS when idle: `maintain` (with `retention`, default: the settings' defaults)."""
+    retention = retention or Retention()
     stop = stop or asyncio.Event()
     wake = asyncio.Event()
     listener = asyncio.create_task(db.listen(JOBS_CHANNEL, wake, stop))
@@ -213,11 +236,7 @@ async def run_forever(
                 log.exception("worker loop error")
             if time.monotonic() >= next_purge:
                 next_purge = time.monotonic() + PURGE_EVERY_SECONDS
-                try:
-                    if deleted := await purge_idempotency_keys(db):
-                        log.info("deleted %s expired idempotency keys", deleted)
-                except Exception:  # housekeeping: try again next time
-                    log.warning("could not delete expired idempotency keys", exc_info=True)
+                await maintain(db, retention)
             wake.clear()
             woken = asyncio.create_task(wake.wait())
             await asyncio.wait({woken, stopping}, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)

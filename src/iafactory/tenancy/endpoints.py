@@ -236,15 +236,18 @@ async def remove_member(user_id: MemberId, s: Admin) -> Response:
     response_model=Tenant,
     tags=["tenant"],
     operation_id="create_own_tenant",
-    summary="Create a tenant of your own (any signed-in user): plan free, trial of 14 days, you are its owner",
-    description="The tenant lives in the region cell serving `region`; you need an account there (register "
-    "with that region). Then call POST /api/v1/auth/select-tenant with its slug for a token acting for it. "
+    summary="Create a tenant of your own (any signed-in user with a verified email): plan free, trial of 14 days, "
+    "you are its owner",
+    description="An account that registered itself confirms its email address first (the link of the "
+    "verification email, POST /api/v1/auth/verify-email). The tenant lives in the region cell serving "
+    "`region`; you need an account there (register with that region). Then call POST "
+    "/api/v1/auth/select-tenant with its slug for a token acting for it. "
     "One account may own at most IAFACTORY_SELF_SERVICE_MAX_TRIAL_TENANTS tenants in trial (default 3). "
     "Off when the platform sets IAFACTORY_SELF_SERVICE_TENANTS=false.",
     responses={
         403: {
-            "description": "Self-service is off, no account in the region's cell, or too many trial tenants "
-            "(application/problem+json)"
+            "description": "Self-service is off, no account in the region's cell, your email address is not "
+            "verified yet (type email-not-verified), or too many trial tenants (application/problem+json)"
         },
         409: {"description": "The slug is taken (application/problem+json)"},
     },
