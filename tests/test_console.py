@@ -19,9 +19,12 @@ from api_support import (
     PASSWORD,
     ApiWorld,
     api_operations,
+    build_world,
     offline_openapi,
     provision_for_load,
     required_role,
+    two_cell_client,
+    two_cell_databases,
 )
 from console_support import Console, both_email, csrf_of, email_of
 from iafactory.console import i18n, load_pages
@@ -30,6 +33,9 @@ from iafactory.console.web import ROUTES, ConsoleRoute
 from iafactory.tenancy.context import ROLE_RANK
 
 pytestmark = pytest.mark.anyio
+
+# With IAFACTORY_TEST_CELLS=2 (CI's PostgreSQL 15 pass) the world lives in two region cells.
+RUNS_ON_TWO_CELLS = True
 
 load_pages()  # the page modules register their routes when imported
 TENANT_ROUTES = [r for r in ROUTES if r.role is not None]
@@ -327,6 +333,38 @@ async def test_a_person_of_both_tenants_switches_between_them(world: ApiWorld) -
         assert r.status_code == 303
         page = await c.get("/console/members")
         assert email_of(world, "b", "viewer") in page.text and email_of(world, "a", "viewer") not in page.text
+
+
+@pytest.fixture(scope="module")
+def cell_urls(server_url: str) -> Any:
+    with two_cell_databases(server_url) as urls:
+        yield urls
+
+
+async def test_the_consultant_switches_between_tenants_of_two_cells(cell_urls: dict[str, str]) -> None:
+    """A in cell eu (CH), B in cell dz (DZ); the person has an account in each. Switching into the
+    other cell starts a session there (the API's select-tenant) and ends the console's previous
+    one: the cookie holds one session, and no session is left behind unused."""
+    async with two_cell_client(cell_urls) as (client, admin_url, settings):
+        w = await build_world(client, admin_url, settings, cell_urls)
+        async with Console(client) as c:
+            await c.sign_in(both_email(w), tenant=str(w.a.id))
+            page = (await c.get("/console/overview")).text
+            assert "Tenant A" in page and "cell eu" in page
+            in_eu = c.client.cookies.get("iaf_console")
+            r = await c.post("/console/tenants", {"tenant": str(w.b.id)})
+            assert r.status_code == 303
+            page = (await c.get("/console/overview")).text
+            assert "Tenant B" in page and "cell dz" in page and "Algeria" in page
+            members = (await c.get("/console/members")).text
+            assert email_of(w, "b", "viewer") in members and email_of(w, "a", "viewer") not in members
+            r = await c.post("/console/tenants", {"tenant": str(w.a.id)})
+            assert r.status_code == 303
+            assert "Tenant A" in (await c.get("/console/overview")).text
+        async with Console(client) as old:
+            old.client.cookies.set("iaf_console", in_eu or "", domain="testserver.local", path="/console")
+            r = await old.get("/console/overview")
+            assert r.status_code == 303 and r.headers["location"].startswith("/console/sign-in")
 
 
 # --- pages at work -------------------------------------------------------------------------------------

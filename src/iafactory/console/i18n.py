@@ -8,13 +8,14 @@ language, no build step); dates and numbers are formatted by Babel in the locale
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
-from datetime import date, datetime
 from decimal import Decimal
 
 from babel import Locale, UnknownLocaleError
-from babel.dates import format_date, format_datetime
+from babel.dates import format_date, format_datetime, format_skeleton
 from babel.numbers import format_decimal, format_percent
+from babel.units import format_unit
 
 from iafactory.console.messages import MESSAGES
 
@@ -56,14 +57,14 @@ class Lang:
         text = MESSAGES[self.code].get(key) or MESSAGES[DEFAULT].get(key) or key
         return text.format(**values) if values else text
 
-    def date(self, value: date | datetime | None) -> str:
+    def date(self, value: dt.date | dt.datetime | None) -> str:
         if value is None:
             return "—"
-        if isinstance(value, datetime):
+        if isinstance(value, dt.datetime):
             return format_date(value.date(), format="medium", locale=self.locale)
         return format_date(value, format="medium", locale=self.locale)
 
-    def datetime(self, value: datetime | None) -> str:
+    def datetime(self, value: dt.datetime | None) -> str:
         if value is None:
             return "—"
         return format_datetime(value, format="medium", tzinfo=value.tzinfo, locale=self.locale)
@@ -72,6 +73,22 @@ class Lang:
         if value is None:
             return "—"
         return format_decimal(value, locale=self.locale)
+
+    def month(self, value: dt.date | dt.datetime) -> str:
+        """ "December 2026", "décembre 2026", "ديسمبر 2026"."""
+        day = value.date() if isinstance(value, dt.datetime) else value
+        return format_skeleton("yMMMM", day, locale=self.locale)
+
+    def bytes(self, value: int | None) -> str:
+        """A size in the largest unit that keeps it at 1 or more (kB, MB, GB: powers of 1000)."""
+        if value is None:
+            return "—"
+        amount, unit = float(value), "byte"
+        for bigger in ("kilobyte", "megabyte", "gigabyte", "terabyte"):
+            if amount < 1000:
+                break
+            amount, unit = amount / 1000, bigger
+        return format_unit(round(amount, 1), f"digital-{unit}", length="short", locale=self.locale)
 
     def percent(self, value: float) -> str:
         return format_percent(value, locale=self.locale)
