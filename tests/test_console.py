@@ -9,10 +9,12 @@ fill with tenant B's records.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from typing import Any
 
+import psycopg
 import pytest
 
 from api_support import (
@@ -22,6 +24,7 @@ from api_support import (
     build_world,
     offline_openapi,
     provision_for_load,
+    register_user,
     required_role,
     two_cell_client,
     two_cell_databases,
@@ -516,3 +519,65 @@ async def test_the_invitation_link_of_the_email_opens_the_console_page(world: Ap
         assert page.status_code == 200 and csrf_of(page.text)
         r = await c.post("/console/accept-invitation", {"token": "inv_x", "name": "X", "password": "long enough pass"})
         assert r.status_code == 404 and 'role="alert"' in r.text
+
+
+def invitation_token(world: ApiWorld, email: str) -> str:
+    """The token of the newest invitation email queued for `email` (in tenant A's cell)."""
+    with psycopg.connect(world.url_of("a")) as conn:
+        row = conn.execute(
+            "SELECT text_body FROM email_outbox WHERE to_address = %s ORDER BY id DESC LIMIT 1", (email,)
+        ).fetchone()
+    assert row is not None
+    match = re.search(r"/accept-invitation\?token=(inv_[A-Za-z0-9_-]+)", row[0])
+    assert match, row[0]
+    return match.group(1)
+
+
+async def test_a_signed_in_account_accepts_an_invitation_as_itself(world: ApiWorld) -> None:
+    _, email = await register_user(world.client, "joiner", region=world.a.region)
+    async with Console(world.client) as admin:
+        await admin.sign_in(email_of(world, "a", "admin"))
+        await admin.get("/console/members")
+        assert (await admin.post("/console/members/invite", {"email": email, "role": "viewer"})).status_code == 303
+    token = invitation_token(world, email)
+    async with Console(world.client) as c:
+        await c.sign_in(email)  # no tenant yet
+        assert (await c.get("/console/overview")).headers["location"] == "/console/tenants"
+        page = await c.get(f"/console/accept-invitation?token={token}")
+        assert f"Accept as {email}" in page.text
+        r = await c.post("/console/accept-invitation", {"token": token})
+        assert r.status_code == 303 and r.headers["location"] == "/console/overview?done=joined"
+        page = await c.get(r.headers["location"])
+        assert "Tenant A" in page.text and "Viewer" in page.text and 'role="status"' in page.text
+        # The link works once.
+        r = await c.post("/console/accept-invitation", {"token": token})
+        assert r.status_code == 409
+
+
+async def test_concurrent_requests_with_an_expired_access_token_share_one_refresh(world: ApiWorld) -> None:
+    """Two pages loaded at once after the access token expired: one refresh, both answered, and
+    the session lives on (a refresh token spent twice would end it)."""
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "viewer"))
+        access, refresh = (c.client.cookies.get("iaf_console") or "").split("~")
+        c.client.cookies.set("iaf_console", f"x{access}~{refresh}", domain="testserver.local", path="/console")
+        pages = await asyncio.gather(c.client.get("/console/overview"), c.client.get("/console/members"))
+        assert [p.status_code for p in pages] == [200, 200]
+        assert pages[0].cookies.get("iaf_console") == pages[1].cookies.get("iaf_console")
+        assert (await c.get("/console/api-keys")).status_code == 200
+
+
+async def test_a_member_removed_meanwhile_is_taken_to_the_tenant_choice(world: ApiWorld) -> None:
+    user_id, email = await register_user(world.client, "removed", region=world.a.region)
+    r = await world.client.post("/api/v1/members", json={"email": email, "role": "viewer"}, headers=world.a.auth())
+    assert r.status_code == 201, r.text
+    async with Console(world.client) as c:
+        await c.sign_in(email)
+        assert "Tenant A" in (await c.get("/console/overview")).text
+        r = await world.client.delete(f"/api/v1/members/{user_id}", headers=world.a.auth())
+        assert r.status_code == 204
+        r = await c.get("/console/overview")
+        assert r.status_code == 303 and r.headers["location"] == "/console/tenants"
+        page = await c.get("/console/tenants")
+        assert page.status_code == 200 and "Tenant A" not in page.text and "Sign out" in page.text
+        assert (await c.post("/console/sign-out")).status_code == 303

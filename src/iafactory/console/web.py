@@ -23,6 +23,7 @@ API's Viewer/Member/Admin/Owner dependencies use.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,14 +36,16 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from iafactory.auth import endpoints as auth_endpoints
+from iafactory.auth import service as auth_service
 from iafactory.auth.dependencies import (
     Principal,
     TenantSession,
+    accounts_of,
     open_tenant_session,
     principal_from_token,
     tenant_context,
 )
-from iafactory.auth.schemas import RefreshIn, TokenOut
+from iafactory.auth.schemas import MyTenant, RefreshIn, TokenOut
 from iafactory.config import Settings
 from iafactory.console import i18n
 from iafactory.console import session as cookie
@@ -103,6 +106,7 @@ class Ctx:
     anon: str | None = None  # pre-session CSRF nonce
     anon_new: bool = False
     layout: dict[str, Any] | None = None  # user, tenant, role, tenants (filled by layout_data)
+    ended: bool = False  # the cookie's session is over: clear it on the answer
 
     @property
     def settings(self) -> Settings:
@@ -167,6 +171,8 @@ class Ctx:
         response.headers["Cache-Control"] = "no-store"
         if self.new_tokens is not None:
             cookie.store(self.request, response, self.new_tokens)
+        elif self.ended:
+            cookie.clear(self.request, response)
         if self.anon_new and self.anon is not None:
             cookie.store_anon(self.request, response, self.anon)
         return response
@@ -229,6 +235,7 @@ async def _serve(request: Request, route: ConsoleRoute) -> Response:
         tokens = cookie.read(request)
         if tokens is not None:
             c.who = await _principal(c, tokens)
+            c.ended = c.who is None  # neither token works any more: the answer drops the cookie
         if route.signed_in and c.who is None:
             return _to_sign_in(c)
         if route.method == "POST":
@@ -238,7 +245,7 @@ async def _serve(request: Request, route: ConsoleRoute) -> Response:
                 return error_page(c, 403, c.t("error.csrf"))
         if c.who is not None and route.signed_in:
             await layout_data(c)
-            if route.role is not None and c.who.tenant_id is None:
+            if route.role is not None and (c.who.tenant_id is None or (c.layout or {}).get("tenant") is None):
                 return c.redirect("/tenants")
             if route.role is not None and not c.can(route.role):
                 # Refused before the form is read, as the API's gate refuses before the body; the
@@ -249,27 +256,20 @@ async def _serve(request: Request, route: ConsoleRoute) -> Response:
     except Problem as problem:
         return refusal(c, problem.status, problem.detail or problem.title)
     except psycopg.Error as err:
+        # The API's reading of the database's refusal (app.authorize's SQLSTATEs, constraints).
         answer = database_problem(request, err)
-        detail = answer.body.decode() if isinstance(answer.body, bytes) else ""
-        return refusal(c, answer.status_code, _detail_of(detail))
-
-
-def _detail_of(body: str) -> str:
-    import json
-
-    try:
-        return str(json.loads(body).get("detail") or "")
-    except ValueError:
-        return ""
+        try:
+            detail = str(json.loads(bytes(answer.body)).get("detail") or "")
+        except ValueError:
+            detail = ""
+        return refusal(c, answer.status_code, detail)
 
 
 def refusal(c: Ctx, status: int, detail: str) -> Response:
     """The API's refusal as a page; 401 means the session is over: sign in again."""
     if status == 401:
-        c.who, c.new_tokens = None, None
-        response = _to_sign_in(c)
-        cookie.clear(c.request, response)
-        return response
+        c.who, c.new_tokens, c.ended = None, None, True
+        return _to_sign_in(c)
     return error_page(c, status, detail)
 
 
@@ -316,9 +316,25 @@ async def _principal(c: Ctx, tokens: cookie.Tokens) -> Principal | None:
 
 async def layout_data(c: Ctx) -> None:
     """The signed-in person, their tenants (every cell) and their role in the current one, as /me
-    answers it: the header, the tenant switcher and the menus show it."""
+    answers it: the header, the tenant switcher and the menus show it. When the current tenant
+    refuses them (suspended, or they were removed: 403), the person's tenants still show, with none
+    current, so that they can choose another one or sign out."""
     assert c.who is not None
-    me = await auth_endpoints.me(c.who, c.request)
+    try:
+        me = await auth_endpoints.me(c.who, c.request)
+    except (Problem, psycopg.Error) as err:
+        if _status(c.request, err) != 403:
+            raise
+        pools = c.request.app.state.cells
+        tenants = await auth_service.all_memberships(pools, accounts_of(c.request, c.who))
+        c.layout = {
+            "user": None,
+            "tenant": None,
+            "role": None,
+            "tenants": [MyTenant(**t.model_dump(), current=False) for t in tenants],
+            "platform_admin": c.who.platform_admin,
+        }
+        return
     c.layout = {
         "user": me.user,
         "tenant": me.tenant,
@@ -326,3 +342,10 @@ async def layout_data(c: Ctx) -> None:
         "tenants": me.tenants,
         "platform_admin": c.who.platform_admin,
     }
+
+
+def _status(request: Request, err: Exception) -> int:
+    if isinstance(err, Problem):
+        return err.status
+    assert isinstance(err, psycopg.Error)
+    return database_problem(request, err).status_code

@@ -67,10 +67,8 @@ async def _end(c: Ctx) -> None:
 async def sign_out(c: Ctx) -> Response:
     assert c.who is not None
     await auth_endpoints.logout(c.request, c.who)
-    c.who, c.new_tokens = None, None
-    response = c.redirect("/sign-in")
-    cookie.clear(c.request, response)
-    return response
+    c.who, c.new_tokens, c.ended = None, None, True
+    return c.redirect("/sign-in")
 
 
 @page("GET", "/tenants", role=None, api="GET /api/v1/me/tenants")
