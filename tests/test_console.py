@@ -313,6 +313,35 @@ async def test_no_form_action_reaches_a_record_of_tenant_b(world: ApiWorld, rout
     assert await b_state(world) == before
 
 
+# One form that fills every field of the console's forms with values valid for tenant A.
+def a_form() -> dict[str, str]:
+    return {
+        "email": f"iso-{uuid.uuid4().hex[:8]}@example.ch",
+        "role": "viewer",
+        "name": "Tenant A",
+        "scope": "read",
+        "billing_name": "Tenant A billing",
+        "currency": "CHF",
+        "address": "",
+    }
+
+
+@pytest.mark.parametrize(
+    "route", [r for r in TENANT_ROUTES if r.method == "POST" and not r.params], ids=lambda r: r.label
+)
+async def test_a_form_without_ids_acts_on_the_sessions_tenant_only(world: ApiWorld, route: ConsoleRoute) -> None:
+    """Invite, create a key, save settings...: the tenant comes from the session, never from the
+    form; B sees nothing new or changed."""
+    before = await b_state(world)
+    for email, tenant in a_sessions(world):
+        async with Console(world.client) as c:
+            await c.sign_in(email, tenant=tenant)
+            form = {**a_form(), "tenant": world.b.slug, "tenant_id": str(world.b.id)}
+            r = await c.post(route.full_path, form)
+            assert r.status_code in (201, 303, 403), (email, r.status_code, r.text[:300])
+    assert await b_state(world) == before
+
+
 async def test_switching_to_a_tenant_of_which_one_is_not_a_member_is_refused(world: ApiWorld) -> None:
     async with Console(world.client) as c:
         await c.sign_in(email_of(world, "a", "owner"))
