@@ -55,7 +55,7 @@ async def members_page(c: Ctx) -> Response:
 
 
 async def _refused(c: Ctx, problem: Problem, **form: str) -> Response:
-    if problem.status in (401, 403) and problem.type_ != "conflict":
+    if problem.status in (401, 403):  # the framework's pages: sign in again, or not allowed
         raise problem
     return await view(c, status=problem.status, error=problem.detail or problem.title, **form)
 
