@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 ensure_venv test
-# The browser test (tests/test_docs_browser.py) drives Debian's Chromium with Playwright
+# The browser tests (tests/test_docs_browser.py, tests/test_console_browser.py) drive Debian's Chromium with Playwright
 # (Playwright's own browser download cannot be used here). Install it when we can; when it is
-# still missing, that test says why (and fails under CI=true).
+# still missing, those tests say why (and fail under CI=true).
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "Installing chromium for the browser test ..." >&2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \

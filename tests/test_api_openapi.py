@@ -205,6 +205,8 @@ TEMPLATES = methods_by_template(APP)
 
 
 def concrete(path: str) -> str:
+    # The console's routes use Starlette convertors ({user_id:int}); the API's take any segment.
+    path = re.sub(r"\{[^}:]+:int\}", "1", path)
     return re.sub(r"\{[^}]+\}", "00000000-0000-4000-8000-000000000001", path)
 
 

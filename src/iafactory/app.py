@@ -177,7 +177,9 @@ def create_app(
         AdmissionMiddleware,
         max_in_flight=settings.max_requests_in_flight,
         load=app.state.load,
-        anonymous_paths=frozenset({"/api/v1/auth/login", "/api/v1/auth/register"}),
+        anonymous_paths=frozenset(
+            {"/api/v1/auth/login", "/api/v1/auth/register", "/console/sign-in", "/console/accept-invitation"}
+        ),
         anonymous_max_in_flight=settings.anonymous_max_in_flight,
         credential_max_in_flight=settings.credential_max_in_flight,
     )
@@ -194,6 +196,9 @@ def create_app(
     from iafactory.observability.endpoints import router as metrics_router
 
     app.include_router(metrics_router)
+    from iafactory.console import install as install_console
+
+    install_console(app)
 
     @app.get("/healthz", tags=["health"], operation_id="check_health", summary="The process is up")
     async def healthz() -> dict[str, Any]:

@@ -205,3 +205,32 @@ async def usage_summary(
             GROUP BY 1 ORDER BY 1""",
         (tenant_id, since, until),
     )
+
+
+# --- Usage against the plan's limits ----------------------------------------------------------------
+
+
+async def plan_usage(tx: Transaction, tenant_id: UUID, month_start: datetime) -> dict[str, Any]:
+    """The limits in force (the plan's, with the tenant's overrides: app.tenant_limits) and what is
+    used of each: members, live API keys and knowledge-base bytes as the plan-limit trigger counts
+    them (010), and credits spent since `month_start` against the monthly grant."""
+    limits = await tx.fetchrow("SELECT * FROM app.tenant_limits(%s)", (tenant_id,))
+    members = await tx.fetchval("SELECT count(*) FROM tenant_users WHERE tenant_id = %s", (tenant_id,))
+    keys = await tx.fetchval("SELECT count(*) FROM api_keys WHERE tenant_id = %s AND revoked_at IS NULL", (tenant_id,))
+    kb_bytes = await tx.fetchval(
+        "SELECT coalesce(sum(octet_length(content)), 0) FROM knowledge_base WHERE tenant_id = %s", (tenant_id,)
+    )
+    spent = await tx.fetchval(
+        "SELECT coalesce(-sum(amount), 0) FROM credit_transactions "
+        "WHERE tenant_id = %s AND kind = 'debit' AND created_at >= %s",
+        (tenant_id, month_start),
+    )
+    return {
+        "limits": limits or {},
+        "used": {
+            "max_members": int(members or 0),
+            "max_api_keys": int(keys or 0),
+            "max_kb_bytes": int(kb_bytes or 0),
+            "monthly_credits": int(spent or 0),
+        },
+    }

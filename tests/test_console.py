@@ -1,0 +1,612 @@
+"""The web console over HTTP: sign-in, cookie session, CSRF, roles and tenant isolation.
+
+The role and isolation checks are generated from the console's own route table
+(iafactory.console.web.ROUTES), the way tests/test_api_isolation_matrix.py is generated from the
+API's: a console route added later is covered without editing this file, and fails
+`test_every_route_is_classified` if it names something (a path parameter) the generator cannot
+fill with tenant B's records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from api_support import (
+    PASSWORD,
+    ApiWorld,
+    api_operations,
+    build_world,
+    offline_openapi,
+    provision_for_load,
+    register_user,
+    required_role,
+    two_cell_client,
+    two_cell_databases,
+)
+from console_support import Console, both_email, csrf_of, email_of
+from iafactory.console import i18n, load_pages
+from iafactory.console.messages import MESSAGES
+from iafactory.console.web import ROUTES, ConsoleRoute
+from iafactory.tenancy.context import ROLE_RANK
+
+pytestmark = pytest.mark.anyio
+
+# With IAFACTORY_TEST_CELLS=2 (CI's PostgreSQL 15 pass) the world lives in two region cells.
+RUNS_ON_TWO_CELLS = True
+
+load_pages()  # the page modules register their routes when imported
+TENANT_ROUTES = [r for r in ROUTES if r.role is not None]
+# What a path parameter may name, and how the generated tests find such a record of tenant B.
+PARAM_KINDS = ("member", "invitation", "api_key")
+DOC = offline_openapi()
+API_OPERATIONS = {op.label for op in api_operations(DOC)}
+_PARAM = re.compile(r"\{([a-z_]+)(?::[a-z]+)?\}")
+
+
+def concrete(route: ConsoleRoute, ids: dict[str, Any]) -> str:
+    return _PARAM.sub(lambda m: str(ids[route.params[m.group(1)]]), route.full_path)
+
+
+@pytest.fixture(scope="module")
+async def world(module_api_world: ApiWorld, module_db: str) -> ApiWorld:
+    await provision_for_load(module_db, module_api_world)
+    return module_api_world
+
+
+async def b_records(w: ApiWorld) -> dict[str, Any]:
+    """One record of tenant B of each kind a console path parameter may name (made through the
+    API as B's admin), and what B's own reads show of them."""
+    h = w.b.auth("owner")
+    r = await w.client.post(
+        "/api/v1/members/invitations", json={"email": f"b-{uuid.uuid4().hex[:8]}@example.ch"}, headers=h
+    )
+    assert r.status_code == 201, r.text
+    keys = (await w.client.get("/api/v1/api-keys", headers=h)).json()
+    return {"member": w.b.user_ids["member"], "invitation": r.json()["id"], "api_key": keys[0]["id"]}
+
+
+async def b_state(w: ApiWorld) -> tuple[Any, ...]:
+    h = w.b.auth("owner")
+    paths = ("/api/v1/members", "/api/v1/members/invitations", "/api/v1/api-keys", "/api/v1/tenant")
+    return tuple([(await w.client.get(path, headers=h)).json() for path in paths])
+
+
+# --- the route table ---------------------------------------------------------------------------------
+
+
+def test_every_route_is_classified() -> None:
+    """Each path parameter names a kind the isolation test can fill; each route says which API
+    operation it does the same as (or is a sign-in step), and that operation exists."""
+    for route in ROUTES:
+        names = set(_PARAM.findall(route.path))
+        assert names == set(route.params), f"{route.label}: declare params= for {sorted(names)}"
+        assert set(route.params.values()) <= set(PARAM_KINDS), f"{route.label}: teach this test {route.params}"
+        if route.api is not None:
+            assert route.api in API_OPERATIONS, f"{route.label}: no API operation {route.api}"
+        else:
+            assert route.role is None, f"{route.label}: a tenant route names the API operation whose role it takes"
+
+
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.api], ids=lambda r: r.label)
+def test_each_route_requires_the_role_its_api_operation_requires(route: ConsoleRoute) -> None:
+    method, path = route.api.split(" ", 1)  # type: ignore[union-attr]
+    assert route.role == required_role(method, path), route.label
+
+
+def test_console_routes_are_outside_the_openapi_document() -> None:
+    """HTML pages for browsers, not API operations: the generated API matrices (roles, isolation,
+    schemathesis) read the document and leave them out; this module covers them."""
+    assert not [p for p in DOC["paths"] if p.startswith("/console") or p == "/accept-invitation"]
+
+
+def test_every_string_exists_in_every_language() -> None:
+    keys = set(MESSAGES["en"])
+    for code in i18n.LANGUAGES:
+        assert set(MESSAGES[code]) == keys, (code, keys ^ set(MESSAGES[code]))
+        for key, text in MESSAGES[code].items():
+            assert re.findall(r"\{(\w+)\}", text) == re.findall(r"\{(\w+)\}", MESSAGES["en"][key]), (code, key)
+
+
+def test_every_key_a_template_uses_is_in_the_catalog() -> None:
+    from importlib import resources
+
+    used: set[str] = set()
+    folder = resources.files("iafactory.console") / "templates"
+    for item in folder.iterdir():
+        used |= set(re.findall(r"""_\(\s*["']([\w.]+)["']""", item.read_text()))
+    keys = set(MESSAGES["en"])
+    # `_("role." ~ m.role)`: a family of keys, whose members the literals below check.
+    missing = [k for k in used if k not in keys and not (k.endswith(".") and any(x.startswith(k) for x in keys))]
+    assert used and not missing, sorted(missing)
+    from iafactory.tenancy.schemas import Plan, Region, Role, Status
+
+    for family, values in (("role.", Role), ("plan.", Plan), ("region.", Region), ("status.", Status)):
+        assert {family + v for v in values.__args__} <= keys, family
+
+
+# --- signing in ----------------------------------------------------------------------------------------
+
+
+async def test_a_page_without_a_session_goes_to_the_sign_in_page(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        r = await c.get("/console/members")
+        assert r.status_code == 303
+        assert r.headers["location"] == "/console/sign-in?next=%2Fconsole%2Fmembers"
+
+
+async def test_sign_in_sets_an_httponly_samesite_cookie_and_opens_the_tenant(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        page = await c.get("/console/sign-in?next=/console/members")
+        assert page.status_code == 200 and 'for="email"' in page.text and 'for="password"' in page.text
+        r = await c.post(
+            "/console/sign-in",
+            {"email": email_of(world, "a", "admin"), "password": PASSWORD, "next": "/console/members"},
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/console/members"
+        cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("iaf_console="))
+        flags = {part.strip().split("=")[0].lower() for part in cookie.split(";")[1:]}
+        assert {"httponly", "path", "samesite"} <= flags and "secure" not in flags, cookie
+        assert "Path=/console" in cookie and "SameSite=lax" in cookie
+        page = await c.get("/console/members")
+        assert page.status_code == 200
+        assert "Tenant A" in page.text and email_of(world, "a", "viewer") in page.text
+        assert page.headers["content-security-policy"].startswith("default-src 'none'")
+
+
+async def test_over_https_the_cookie_is_secure(world: ApiWorld) -> None:
+    async with Console(world.client, base_url="https://testserver") as c:
+        await c.get("/console/sign-in")
+        r = await c.post("/console/sign-in", {"email": email_of(world, "a", "viewer"), "password": PASSWORD})
+        cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("iaf_console="))
+        assert "Secure" in cookie
+
+
+async def test_a_wrong_password_shows_the_form_again(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.get("/console/sign-in")
+        r = await c.post("/console/sign-in", {"email": email_of(world, "a", "viewer"), "password": "wrong-password"})
+        assert r.status_code == 401 and 'role="alert"' in r.text
+        assert "iaf_console=" not in r.headers.get("set-cookie", "")
+
+
+async def test_sign_out_ends_the_api_session(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "member"))
+        stolen = c.client.cookies.get("iaf_console")
+        r = await c.post("/console/sign-out")
+        assert r.status_code == 303 and r.headers["location"] == "/console/sign-in"
+    # The cookie's tokens (copied before) no longer work: the session ended in the database.
+    async with Console(world.client) as other:
+        other.client.cookies.set("iaf_console", stolen or "", domain="testserver.local", path="/console")
+        r = await other.get("/console/overview")
+        assert r.status_code == 303 and r.headers["location"].startswith("/console/sign-in")
+        assert 'iaf_console=""' in r.headers.get("set-cookie", "")
+
+
+async def test_an_expired_access_token_is_refreshed_transparently(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "viewer"))
+        value = c.client.cookies.get("iaf_console") or ""
+        access, refresh = value.split("~")
+        # An access token that no longer verifies (as an expired one): the refresh token is spent.
+        c.client.cookies.set("iaf_console", f"x{access}~{refresh}", domain="testserver.local", path="/console")
+        r = await c.get("/console/overview")
+        assert r.status_code == 200, r.text
+        renewed = c.client.cookies.get("iaf_console") or ""
+        assert renewed.split("~")[1] != refresh
+        # The spent refresh token is not accepted again, but the renewed cookie is.
+        r = await c.get("/console/members")
+        assert r.status_code == 200
+
+
+# --- CSRF ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.method == "POST"], ids=lambda r: r.label)
+async def test_a_post_without_the_csrf_token_is_refused(world: ApiWorld, route: ConsoleRoute) -> None:
+    ids = {"member": world.a.user_ids["viewer"], "invitation": uuid.uuid4(), "api_key": uuid.uuid4()}
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "owner"))
+        before = await b_state(world), (await world.client.get("/api/v1/members", headers=world.a.auth())).json()
+        r = await c.post(concrete(route, ids), {"email": "x@example.ch", "role": "viewer"}, csrf=False)
+        assert r.status_code == 403 and "<html" in r.text, r.text
+        r = await c.post(concrete(route, ids), {"csrf": "forged", "role": "viewer"})
+        assert r.status_code == 403
+        after = await b_state(world), (await world.client.get("/api/v1/members", headers=world.a.auth())).json()
+        assert after == before
+
+
+async def test_a_csrf_token_of_another_session_is_refused(world: ApiWorld) -> None:
+    async with Console(world.client) as a, Console(world.client) as b:
+        await a.sign_in(email_of(world, "a", "admin"))
+        await b.sign_in(email_of(world, "a", "admin"))
+        assert a.csrf != b.csrf
+        r = await a.post("/console/api-keys", {"name": "csrf", "scope": "read", "csrf": b.csrf or ""})
+        assert r.status_code == 403
+
+
+# --- roles -----------------------------------------------------------------------------------------
+
+
+ROLE_CASES = [
+    pytest.param(route, role, id=f"{route.label} as {role}")
+    for route in TENANT_ROUTES
+    for role in ROLE_RANK
+    if ROLE_RANK[role] < ROLE_RANK[route.role or "viewer"]
+]
+
+
+@pytest.mark.parametrize(("route", "role"), ROLE_CASES)
+async def test_a_role_below_the_routes_is_refused_with_403(world: ApiWorld, route: ConsoleRoute, role: str) -> None:
+    """A member cannot reach admin actions, an admin cannot change the tenant's profile...: the
+    database's gate refuses them, with A's own records as targets."""
+    ids = {"member": world.a.user_ids["viewer"], "invitation": uuid.uuid4(), "api_key": uuid.uuid4()}
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", role))
+        r = await (c.get if route.method == "GET" else c.post)(concrete(route, ids))
+        assert r.status_code == 403, (r.status_code, r.text[:500])
+        assert "<html" in r.text
+
+
+@pytest.mark.parametrize("route", [r for r in TENANT_ROUTES if r.method == "GET"], ids=lambda r: r.label)
+async def test_every_page_opens_for_a_viewer(world: ApiWorld, route: ConsoleRoute) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "viewer"))
+        r = await c.get(route.full_path)
+        assert r.status_code in (200, 303), r.text
+        if r.status_code == 200:
+            assert "<main" in r.text
+
+
+async def test_admin_forms_are_not_shown_to_a_member(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "member"))
+        page = (await c.get("/console/members")).text
+        assert "invite-form" not in page and "/remove" not in page
+        page = (await c.get("/console/api-keys")).text
+        assert "key-form" not in page and "/revoke" not in page
+
+
+# --- tenant isolation ----------------------------------------------------------------------------------
+
+
+def a_sessions(world: ApiWorld) -> list[tuple[str, str | None]]:
+    """Who of tenant A tries: its owner (every role's rights), and the person who belongs to both
+    A (admin) and B (member), acting for A."""
+    return [(email_of(world, "a", "owner"), None), (both_email(world), world.a.slug)]
+
+
+async def test_no_page_shows_anything_of_tenant_b(world: ApiWorld) -> None:
+    secrets_of_b = [world.b.slug, "Tenant B", email_of(world, "b", "viewer"), str(world.b.id)]
+    for email, tenant in a_sessions(world):
+        async with Console(world.client) as c:
+            await c.sign_in(email, tenant=tenant)
+            for route in [r for r in TENANT_ROUTES if r.method == "GET"]:
+                r = await c.get(route.full_path)
+                assert r.status_code in (200, 303)
+                shown = r.text
+                if tenant is not None:  # the switcher lists the person's own tenants, B among them
+                    shown = re.sub(r'<form class="switcher".*?</form>', "", shown, flags=re.S)
+                assert not [s for s in secrets_of_b if s in shown], (email, route.label)
+
+
+ISOLATION = [r for r in TENANT_ROUTES if r.params]
+
+
+@pytest.mark.parametrize("route", ISOLATION, ids=lambda r: r.label)
+async def test_no_form_action_reaches_a_record_of_tenant_b(world: ApiWorld, route: ConsoleRoute) -> None:
+    ids = await b_records(world)
+    before = await b_state(world)
+    for email, tenant in a_sessions(world):
+        async with Console(world.client) as c:
+            await c.sign_in(email, tenant=tenant)
+            r = await (c.get if route.method == "GET" else c.post)(
+                concrete(route, ids), **({} if route.method == "GET" else {"data": {"role": "viewer"}})
+            )
+            assert r.status_code == 404, (email, r.status_code, r.text[:300])
+    assert await b_state(world) == before
+
+
+# One form that fills every field of the console's forms with values valid for tenant A.
+def a_form() -> dict[str, str]:
+    return {
+        "email": f"iso-{uuid.uuid4().hex[:8]}@example.ch",
+        "role": "viewer",
+        "name": "Tenant A",
+        "scope": "read",
+        "billing_name": "Tenant A billing",
+        "currency": "CHF",
+        "address": "",
+    }
+
+
+@pytest.mark.parametrize(
+    "route", [r for r in TENANT_ROUTES if r.method == "POST" and not r.params], ids=lambda r: r.label
+)
+async def test_a_form_without_ids_acts_on_the_sessions_tenant_only(world: ApiWorld, route: ConsoleRoute) -> None:
+    """Invite, create a key, save settings...: the tenant comes from the session, never from the
+    form; B sees nothing new or changed."""
+    before = await b_state(world)
+    for email, tenant in a_sessions(world):
+        async with Console(world.client) as c:
+            await c.sign_in(email, tenant=tenant)
+            form = {**a_form(), "tenant": world.b.slug, "tenant_id": str(world.b.id)}
+            r = await c.post(route.full_path, form)
+            assert r.status_code in (201, 303, 403), (email, r.status_code, r.text[:300])
+    assert await b_state(world) == before
+
+
+async def test_switching_to_a_tenant_of_which_one_is_not_a_member_is_refused(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "owner"))
+        for tenant in (world.b.slug, str(world.b.id)):
+            r = await c.post("/console/tenants", {"tenant": tenant})
+            assert r.status_code == 403
+        page = await c.get("/console/overview")
+        assert "Tenant A" in page.text and "Tenant B" not in page.text
+
+
+async def test_a_person_of_both_tenants_switches_between_them(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        r = await c.sign_in(both_email(world))
+        page = await c.get("/console/overview")
+        assert page.status_code == 303 and page.headers["location"] == "/console/tenants"
+        page = await c.get("/console/tenants")
+        assert world.a.slug in page.text and world.b.slug in page.text
+        await c.post("/console/tenants", {"tenant": str(world.a.id)})
+        assert "Tenant A" in (await c.get("/console/overview")).text
+        r = await c.post("/console/tenants", {"tenant": str(world.b.id)})
+        assert r.status_code == 303
+        page = await c.get("/console/members")
+        assert email_of(world, "b", "viewer") in page.text and email_of(world, "a", "viewer") not in page.text
+
+
+@pytest.fixture(scope="module")
+def cell_urls(server_url: str) -> Any:
+    with two_cell_databases(server_url) as urls:
+        yield urls
+
+
+async def test_the_consultant_switches_between_tenants_of_two_cells(cell_urls: dict[str, str]) -> None:
+    """A in cell eu (CH), B in cell dz (DZ); the person has an account in each. Switching into the
+    other cell starts a session there (the API's select-tenant) and ends the console's previous
+    one: the cookie holds one session, and no session is left behind unused."""
+    async with two_cell_client(cell_urls) as (client, admin_url, settings):
+        w = await build_world(client, admin_url, settings, cell_urls)
+        async with Console(client) as c:
+            await c.sign_in(both_email(w), tenant=str(w.a.id))
+            page = (await c.get("/console/overview")).text
+            assert "Tenant A" in page and "cell eu" in page
+            in_eu = c.client.cookies.get("iaf_console")
+            r = await c.post("/console/tenants", {"tenant": str(w.b.id)})
+            assert r.status_code == 303
+            page = (await c.get("/console/overview")).text
+            assert "Tenant B" in page and "cell dz" in page and "Algeria" in page
+            members = (await c.get("/console/members")).text
+            assert email_of(w, "b", "viewer") in members and email_of(w, "a", "viewer") not in members
+            r = await c.post("/console/tenants", {"tenant": str(w.a.id)})
+            assert r.status_code == 303
+            assert "Tenant A" in (await c.get("/console/overview")).text
+        async with Console(client) as old:
+            old.client.cookies.set("iaf_console", in_eu or "", domain="testserver.local", path="/console")
+            r = await old.get("/console/overview")
+            assert r.status_code == 303 and r.headers["location"].startswith("/console/sign-in")
+
+
+# --- pages at work -------------------------------------------------------------------------------------
+
+
+async def test_invite_change_role_resend_revoke_and_remove(world: ApiWorld) -> None:
+    email = f"invitee-{uuid.uuid4().hex[:8]}@example.ch"
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "admin"))
+        await c.get("/console/members")
+        r = await c.post("/console/members/invite", {"email": email, "role": "member"})
+        assert r.status_code == 303 and r.headers["location"] == "/console/members?done=invited"
+        page = await c.get(r.headers["location"])
+        assert email in page.text and 'role="status"' in page.text
+        invitation = next(
+            i
+            for i in (await world.client.get("/api/v1/members/invitations", headers=world.a.auth())).json()
+            if i["email"] == email
+        )
+        r = await c.post(f"/console/invitations/{invitation['id']}/resend")
+        assert r.status_code == 303
+        r = await c.post("/console/members/invite", {"email": email, "role": "member"})
+        assert r.status_code == 409 and "pending invitation" in r.text  # the API's refusal, on the page
+        r = await c.post(f"/console/invitations/{invitation['id']}/revoke")
+        assert r.status_code == 303
+        statuses = {
+            i["id"]: i["status"]
+            for i in (await world.client.get("/api/v1/members/invitations", headers=world.a.auth())).json()
+        }
+        assert statuses[invitation["id"]] == "revoked"
+        # An admin cannot make an owner (the service's rule), shown on the page.
+        viewer = world.a.user_ids["viewer"]
+        r = await c.post(f"/console/members/{viewer}/role", {"role": "owner"})
+        assert r.status_code == 403
+        r = await c.post(f"/console/members/{viewer}/role", {"role": "member"})
+        assert r.status_code == 303
+        r = await c.post(f"/console/members/{viewer}/role", {"role": "viewer"})
+        assert r.status_code == 303
+        roles = {
+            m["user_id"]: m["role"] for m in (await world.client.get("/api/v1/members", headers=world.a.auth())).json()
+        }
+        assert roles[viewer] == "viewer"
+
+
+async def test_create_an_api_key_shown_once_and_revoke_it(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "admin"))
+        await c.get("/console/api-keys")
+        r = await c.post("/console/api-keys", {"name": "console key", "scope": "write"})
+        assert r.status_code == 201
+        secret = re.search(r'id="new-key"[^>]*value="([^"]+)"', r.text)
+        assert secret and secret.group(1).startswith("iaf_")
+        assert (await world.client.get("/api/v1/tenant", headers={"X-API-Key": secret.group(1)})).status_code == 200
+        page = await c.get("/console/api-keys")
+        assert secret.group(1) not in page.text and "console key" in page.text
+        key = next(
+            k
+            for k in (await world.client.get("/api/v1/api-keys", headers=world.a.auth())).json()
+            if k["name"] == "console key"
+        )
+        r = await c.post(f"/console/api-keys/{key['id']}/revoke")
+        assert r.status_code == 303
+        assert (await world.client.get("/api/v1/tenant", headers={"X-API-Key": secret.group(1)})).status_code == 401
+
+
+async def test_an_invalid_key_form_names_the_problem(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "admin"))
+        await c.get("/console/api-keys")
+        r = await c.post("/console/api-keys", {"name": "", "scope": "read"})
+        assert r.status_code == 422 and 'role="alert"' in r.text
+
+
+async def test_settings_as_owner_and_billing_as_admin(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "admin"))
+        page = await c.get("/console/settings")
+        assert "tenant-form" not in page.text and "billing-form" in page.text
+        r = await c.post(
+            "/console/settings/billing",
+            {"billing_name": "Cabinet A", "billing_email": "", "address": "Rue 1", "vat_number": "", "currency": "CHF"},
+        )
+        assert r.status_code == 303
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "owner"))
+        await c.get("/console/settings")
+        r = await c.post("/console/settings/tenant", {"name": "Tenant A", "admin_email": "not an email"})
+        assert r.status_code == 422
+        r = await c.post("/console/settings/tenant", {"name": "Tenant A", "admin_phone": "+41 22 000 00 00"})
+        assert r.status_code == 303
+    tenant = (await world.client.get("/api/v1/tenant", headers=world.a.auth())).json()
+    assert tenant["admin_phone"] == "+41 22 000 00 00"
+    billing = (await world.client.get("/api/v1/billing-account", headers=world.a.auth())).json()
+    assert billing["billing_name"] == "Cabinet A"
+
+
+async def test_overview_shows_plan_region_cell_credits_and_usage(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "viewer"))
+        page = (await c.get("/console/overview")).text
+        for text in ("Enterprise", "Switzerland", "Where the data lives", 'role="meter"', "<svg"):
+            assert text in page, text
+
+
+# --- languages -----------------------------------------------------------------------------------------
+
+
+async def test_language_from_the_browser_then_from_the_switcher(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        r = await c.get("/console/sign-in", headers={"Accept-Language": "ar-DZ,ar;q=0.9,fr;q=0.5"})
+        assert '<html lang="ar" dir="rtl">' in r.text
+        r = await c.get("/console/sign-in", headers={"Accept-Language": "de-CH, fr-CH;q=0.8"})
+        assert '<html lang="fr" dir="ltr">' in r.text and "Connexion" in r.text
+        r = await c.post("/console/language", {"lang": "ar", "next": "/console/sign-in"})
+        assert r.status_code == 303 and r.headers["location"] == "/console/sign-in"
+        r = await c.get("/console/sign-in", headers={"Accept-Language": "fr"})
+        assert '<html lang="ar" dir="rtl">' in r.text
+
+
+async def test_numbers_and_dates_in_the_users_locale(world: ApiWorld) -> None:
+    en, fr, ar = i18n.lang("en"), i18n.lang("fr", "fr-FR,fr;q=0.9"), i18n.lang("ar", "ar-DZ")
+    assert en.number(1234567) == "1,234,567"
+    assert fr.number(1234567) == "1\u202f234\u202f567" and str(fr.locale) == "fr_FR"
+    assert ar.number(1234567) == "1.234.567" and ar.dir == "rtl"
+    import datetime as dt
+
+    day = dt.date(2026, 12, 3)
+    assert "Dec" in en.date(day) and "déc." in fr.date(day)
+
+
+async def test_a_next_parameter_never_leaves_the_console(world: ApiWorld) -> None:
+    async with Console(world.client) as c:
+        await c.get("/console/sign-in")
+        r = await c.post(
+            "/console/sign-in",
+            {"email": email_of(world, "a", "viewer"), "password": PASSWORD, "next": "https://evil.example/"},
+        )
+        assert r.headers["location"] == "/console/"
+        await c.get("/console/overview")
+        r = await c.post("/console/language", {"lang": "fr", "next": "//evil.example/console/"})
+        assert r.headers["location"] == "/console/"
+
+
+async def test_the_invitation_link_of_the_email_opens_the_console_page(world: ApiWorld) -> None:
+    r = await world.client.get("/accept-invitation?token=inv_x")
+    assert r.status_code == 303 and r.headers["location"] == "/console/accept-invitation?token=inv_x"
+    async with Console(world.client) as c:
+        page = await c.get("/console/accept-invitation?token=inv_x")
+        assert page.status_code == 200 and csrf_of(page.text)
+        r = await c.post("/console/accept-invitation", {"token": "inv_x", "name": "X", "password": "long enough pass"})
+        assert r.status_code == 404 and 'role="alert"' in r.text
+
+
+def invitation_token(world: ApiWorld, email: str) -> str:
+    """The token of the newest invitation email queued for `email` (in tenant A's cell)."""
+    with psycopg.connect(world.url_of("a")) as conn:
+        row = conn.execute(
+            "SELECT text_body FROM email_outbox WHERE to_address = %s ORDER BY id DESC LIMIT 1", (email,)
+        ).fetchone()
+    assert row is not None
+    match = re.search(r"/accept-invitation\?token=(inv_[A-Za-z0-9_-]+)", row[0])
+    assert match, row[0]
+    return match.group(1)
+
+
+async def test_a_signed_in_account_accepts_an_invitation_as_itself(world: ApiWorld) -> None:
+    _, email = await register_user(world.client, "joiner", region=world.a.region)
+    async with Console(world.client) as admin:
+        await admin.sign_in(email_of(world, "a", "admin"))
+        await admin.get("/console/members")
+        assert (await admin.post("/console/members/invite", {"email": email, "role": "viewer"})).status_code == 303
+    token = invitation_token(world, email)
+    async with Console(world.client) as c:
+        await c.sign_in(email)  # no tenant yet
+        assert (await c.get("/console/overview")).headers["location"] == "/console/tenants"
+        page = await c.get(f"/console/accept-invitation?token={token}")
+        assert f"Accept as {email}" in page.text
+        r = await c.post("/console/accept-invitation", {"token": token})
+        assert r.status_code == 303 and r.headers["location"] == "/console/overview?done=joined"
+        page = await c.get(r.headers["location"])
+        assert "Tenant A" in page.text and "Viewer" in page.text and 'role="status"' in page.text
+        # The link works once.
+        r = await c.post("/console/accept-invitation", {"token": token})
+        assert r.status_code == 409
+
+
+async def test_concurrent_requests_with_an_expired_access_token_share_one_refresh(world: ApiWorld) -> None:
+    """Two pages loaded at once after the access token expired: one refresh, both answered, and
+    the session lives on (a refresh token spent twice would end it)."""
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "viewer"))
+        access, refresh = (c.client.cookies.get("iaf_console") or "").split("~")
+        c.client.cookies.set("iaf_console", f"x{access}~{refresh}", domain="testserver.local", path="/console")
+        pages = await asyncio.gather(c.client.get("/console/overview"), c.client.get("/console/members"))
+        assert [p.status_code for p in pages] == [200, 200]
+        assert pages[0].cookies.get("iaf_console") == pages[1].cookies.get("iaf_console")
+        assert (await c.get("/console/api-keys")).status_code == 200
+
+
+async def test_a_member_removed_meanwhile_is_taken_to_the_tenant_choice(world: ApiWorld) -> None:
+    user_id, email = await register_user(world.client, "removed", region=world.a.region)
+    r = await world.client.post("/api/v1/members", json={"email": email, "role": "viewer"}, headers=world.a.auth())
+    assert r.status_code == 201, r.text
+    async with Console(world.client) as c:
+        await c.sign_in(email)
+        assert "Tenant A" in (await c.get("/console/overview")).text
+        r = await world.client.delete(f"/api/v1/members/{user_id}", headers=world.a.auth())
+        assert r.status_code == 204
+        r = await c.get("/console/overview")
+        assert r.status_code == 303 and r.headers["location"] == "/console/tenants"
+        page = await c.get("/console/tenants")
+        assert page.status_code == 200 and "Tenant A" not in page.text and "Sign out" in page.text
+        assert (await c.post("/console/sign-out")).status_code == 303
