@@ -70,3 +70,8 @@ def email_of(world: Any, tenant: str, role: str) -> str:
 
 def both_email(world: Any) -> str:
     return f"both-{world.a.slug.rsplit('-', 1)[1]}@example.ch"
+
+
+def platform_email(world: Any) -> str:
+    """The platform administrator build_world made (no tenant of their own)."""
+    return f"platform-{world.a.slug.rsplit('-', 1)[1]}@example.ch"

@@ -29,11 +29,15 @@ from api_support import (
     two_cell_client,
     two_cell_databases,
 )
-from console_support import Console, both_email, csrf_of, email_of
+from conftest import settings_for
+from console_support import Console, both_email, csrf_of, email_of, platform_email
 from iafactory.console import i18n, load_pages
 from iafactory.console.messages import MESSAGES
 from iafactory.console.web import ROUTES, ConsoleRoute
+from iafactory.db import bootstrap
+from iafactory.notifications import sender
 from iafactory.tenancy.context import ROLE_RANK
+from test_outbox import Inbox, smtp, smtp_mailer  # noqa: F401 - smtp is a fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -42,8 +46,9 @@ RUNS_ON_TWO_CELLS = True
 
 load_pages()  # the page modules register their routes when imported
 TENANT_ROUTES = [r for r in ROUTES if r.role is not None]
+PLATFORM_ROUTES = [r for r in ROUTES if r.platform]
 # What a path parameter may name, and how the generated tests find such a record of tenant B.
-PARAM_KINDS = ("member", "invitation", "api_key")
+PARAM_KINDS = ("member", "invitation", "api_key", "tenant")
 DOC = offline_openapi()
 API_OPERATIONS = {op.label for op in api_operations(DOC)}
 _PARAM = re.compile(r"\{([a-z_]+)(?::[a-z]+)?\}")
@@ -68,7 +73,7 @@ async def b_records(w: ApiWorld) -> dict[str, Any]:
     )
     assert r.status_code == 201, r.text
     keys = (await w.client.get("/api/v1/api-keys", headers=h)).json()
-    return {"member": w.b.user_ids["member"], "invitation": r.json()["id"], "api_key": keys[0]["id"]}
+    return {"member": w.b.user_ids["member"], "invitation": r.json()["id"], "api_key": keys[0]["id"], "tenant": w.b.id}
 
 
 async def b_state(w: ApiWorld) -> tuple[Any, ...]:
@@ -95,8 +100,12 @@ def test_every_route_is_classified() -> None:
 
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.api], ids=lambda r: r.label)
 def test_each_route_requires_the_role_its_api_operation_requires(route: ConsoleRoute) -> None:
+    """A platform page mirrors a platform operation (and the reverse): its check is the platform's."""
     method, path = route.api.split(" ", 1)  # type: ignore[union-attr]
-    assert route.role == required_role(method, path), route.label
+    if route.platform or required_role(method, path) == "platform":
+        assert route.platform and route.role is None and required_role(method, path) == "platform", route.label
+    else:
+        assert route.role == required_role(method, path), route.label
 
 
 def test_console_routes_are_outside_the_openapi_document() -> None:
@@ -210,7 +219,12 @@ async def test_an_expired_access_token_is_refreshed_transparently(world: ApiWorl
 
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.method == "POST"], ids=lambda r: r.label)
 async def test_a_post_without_the_csrf_token_is_refused(world: ApiWorld, route: ConsoleRoute) -> None:
-    ids = {"member": world.a.user_ids["viewer"], "invitation": uuid.uuid4(), "api_key": uuid.uuid4()}
+    ids = {
+        "member": world.a.user_ids["viewer"],
+        "invitation": uuid.uuid4(),
+        "api_key": uuid.uuid4(),
+        "tenant": world.a.id,
+    }
     async with Console(world.client) as c:
         await c.sign_in(email_of(world, "a", "owner"))
         before = await b_state(world), (await world.client.get("/api/v1/members", headers=world.a.auth())).json()
@@ -563,7 +577,7 @@ def invitation_token(world: ApiWorld, email: str) -> str:
 
 
 async def test_a_signed_in_account_accepts_an_invitation_as_itself(world: ApiWorld) -> None:
-    _, email = await register_user(world.client, "joiner", region=world.a.region)
+    email = await register_user(world.client, "joiner", region=world.a.region)
     async with Console(world.client) as admin:
         await admin.sign_in(email_of(world, "a", "admin"))
         await admin.get("/console/members")
@@ -597,9 +611,10 @@ async def test_concurrent_requests_with_an_expired_access_token_share_one_refres
 
 
 async def test_a_member_removed_meanwhile_is_taken_to_the_tenant_choice(world: ApiWorld) -> None:
-    user_id, email = await register_user(world.client, "removed", region=world.a.region)
+    email = await register_user(world.client, "removed", region=world.a.region)
     r = await world.client.post("/api/v1/members", json={"email": email, "role": "viewer"}, headers=world.a.auth())
     assert r.status_code == 201, r.text
+    user_id = r.json()["user_id"]
     async with Console(world.client) as c:
         await c.sign_in(email)
         assert "Tenant A" in (await c.get("/console/overview")).text
@@ -610,3 +625,277 @@ async def test_a_member_removed_meanwhile_is_taken_to_the_tenant_choice(world: A
         page = await c.get("/console/tenants")
         assert page.status_code == 200 and "Tenant A" not in page.text and "Sign out" in page.text
         assert (await c.post("/console/sign-out")).status_code == 303
+
+
+# --- platform pages (console3) -------------------------------------------------------------------------
+# Generated from the route table too: every route declared with @page(platform=True) is refused to
+# anyone but a platform administrator (a tenant's owner included), with or without a tenant chosen,
+# and refuses a form without its CSRF token even from a platform administrator.
+
+PLATFORM_FORM = {
+    "name": "Intruder",
+    "region": "CH",
+    "plan": "enterprise",
+    "status": "suspended",
+    "admin_email": "intruder@example.ch",
+    "amount": "1000",
+    "reason": "intrusion",
+    "kind": "grant",
+    "idempotency_key": "intruder",
+    "max_members": "1",
+}
+
+
+async def platform_state(w: ApiWorld) -> tuple[Any, ...]:
+    """What a platform form could change: tenant A as the platform reads it, its credits, and
+    every tenant's slug (a created one would show)."""
+    h = w.headers(w.platform_token)
+    a = (await w.client.get(f"/api/v1/admin/tenants/{w.a.id}", headers=h)).json()
+    balance = (await w.client.get("/api/v1/credits/balance", headers=w.a.auth())).json()
+    slugs, cursor = [], None
+    while True:
+        r = await w.client.get(
+            "/api/v1/admin/tenants", params={"limit": 100, **({"cursor": cursor} if cursor else {})}, headers=h
+        )
+        assert r.status_code == 200, r.text
+        slugs += [t["slug"] for t in r.json()["items"]]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            return a, balance, sorted(slugs)
+
+
+NOT_PLATFORM = [
+    pytest.param(route, who, id=f"{route.label} as {who}")
+    for route in PLATFORM_ROUTES
+    for who in ("owner", "viewer", "both")
+]
+
+
+@pytest.mark.parametrize(("route", "who"), NOT_PLATFORM)
+async def test_a_platform_page_is_refused_to_anyone_but_a_platform_admin(
+    world: ApiWorld, route: ConsoleRoute, who: str
+) -> None:
+    """Tenant A's owner and viewer, and the person of A and B acting for A: 403 on every platform
+    page and form action (the database's platform check), nothing changed, and no menu link."""
+    email = both_email(world) if who == "both" else email_of(world, "a", who)
+    before = await platform_state(world)
+    async with Console(world.client) as c:
+        await c.sign_in(email, tenant=world.a.slug if who == "both" else None)
+        target = concrete(route, {"tenant": world.a.id})
+        form = {**PLATFORM_FORM, "slug": f"intruder-{uuid.uuid4().hex[:8]}"}
+        r = await (c.get(target) if route.method == "GET" else c.post(target, form))
+        assert r.status_code == 403 and "Platform administrators only." in r.text, (r.status_code, r.text[:300])
+        assert "/console/platform/" not in (await c.get("/console/overview")).text
+    assert await platform_state(world) == before
+
+
+@pytest.mark.parametrize("route", [r for r in PLATFORM_ROUTES if r.method == "POST"], ids=lambda r: r.label)
+async def test_a_platform_form_without_the_csrf_token_is_refused(world: ApiWorld, route: ConsoleRoute) -> None:
+    before = await platform_state(world)
+    async with Console(world.client) as c:
+        await c.sign_in(platform_email(world))
+        await c.get("/console/platform/tenants")
+        target = concrete(route, {"tenant": world.a.id})
+        form = {**PLATFORM_FORM, "slug": f"forged-{uuid.uuid4().hex[:8]}"}
+        r = await c.post(target, form, csrf=False)
+        assert r.status_code == 403 and "<html" in r.text
+        r = await c.post(target, {**form, "csrf": "forged"})
+        assert r.status_code == 403
+    assert await platform_state(world) == before
+
+
+@pytest.mark.parametrize("route", [r for r in PLATFORM_ROUTES if r.method == "GET"], ids=lambda r: r.label)
+async def test_every_platform_page_opens_for_a_platform_admin(world: ApiWorld, route: ConsoleRoute) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(platform_email(world))
+        r = await c.get(concrete(route, {"tenant": world.a.id}))
+        assert r.status_code == 200 and "<main" in r.text, r.text[:500]
+        assert 'href="/console/platform/tenants" aria-current="page"' in r.text
+
+
+@pytest.mark.parametrize("route", [r for r in PLATFORM_ROUTES if r.params], ids=lambda r: r.label)
+async def test_a_tenant_that_does_not_exist_is_404(world: ApiWorld, route: ConsoleRoute) -> None:
+    async with Console(world.client) as c:
+        await c.sign_in(platform_email(world))
+        await c.get("/console/platform/tenants")
+        target = concrete(route, {"tenant": uuid.uuid4()})
+        form = {**PLATFORM_FORM, "idempotency_key": uuid.uuid4().hex}
+        r = await (c.get(target) if route.method == "GET" else c.post(target, form))
+        assert r.status_code == 404 and "<html" in r.text
+
+
+async def create_tenants(w: ApiWorld, tag: str, specs: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    out = []
+    for i, (region, plan, status) in enumerate(specs):
+        body = {
+            "name": f"Cabinet {tag} {i}",
+            "slug": f"cab-{tag}-{i}",
+            "region": region,
+            "plan": plan,
+            "status": status,
+        }
+        r = await w.client.post("/api/v1/admin/tenants", json=body, headers=w.headers(w.platform_token))
+        assert r.status_code == 201, r.text
+        out.append(r.json())
+    return out
+
+
+def slugs_on(page: str) -> list[str]:
+    return re.findall(r"<code>([a-z0-9-]+)</code>", page)
+
+
+async def test_platform_tenants_by_region_plan_status_with_search_and_pages(world: ApiWorld) -> None:
+    tag = uuid.uuid4().hex[:6]
+    made = await create_tenants(
+        world,
+        tag,
+        [("DZ", "free", "trial"), ("CH", "pro", "active"), ("DZ", "pro", "active"), ("FR", "free", "suspended")],
+    )
+    async with Console(world.client) as c:
+        await c.sign_in(platform_email(world))
+        page = (await c.get(f"/console/platform/tenants?q={tag}")).text
+        assert slugs_on(page) == [t["slug"] for t in made]
+        assert 'class="cell"' in page and "Algeria" in page and "Switzerland" in page
+        # Each tenant's cell: one cell here, or dz / eu with IAFACTORY_TEST_CELLS=2.
+        cells = re.findall(r'<td class="cell">([^<]+)</td>', page)
+        assert len(cells) == 4 and "unknown" not in cells
+        page = (await c.get(f"/console/platform/tenants?q={tag.upper()}&region=DZ")).text
+        assert slugs_on(page) == [made[0]["slug"], made[2]["slug"]]
+        page = (await c.get(f"/console/platform/tenants?q={tag}&plan=pro&status=active")).text
+        assert slugs_on(page) == [made[1]["slug"], made[2]["slug"]]
+        page = (await c.get(f"/console/platform/tenants?q={tag}&status=cancelled")).text
+        assert slugs_on(page) == [] and "No tenant matches." in page
+        # Pages of two: the next link keeps the search and the filters.
+        shown: list[str] = []
+        url: str | None = f"/console/platform/tenants?q={tag}&limit=2"
+        while url:
+            page = (await c.get(url)).text
+            shown += slugs_on(page)
+            found = re.search(r'href="(/console/platform/tenants\?[^"]+)" rel="next"', page)
+            url = found.group(1).replace("&amp;", "&") if found else None
+            if url:
+                assert f"q={tag}" in url and "limit=2" in url
+        assert shown == [t["slug"] for t in made]
+        # Without a search, the API's own pages (limit 2): the first tenants of the registry.
+        page = (await c.get("/console/platform/tenants?limit=2")).text
+        assert len(slugs_on(page)) == 2 and 'rel="next"' in page
+        r = await c.get("/console/platform/tenants?cursor=not-a-cursor")
+        assert r.status_code == 422
+
+
+async def test_platform_creates_a_tenant_whose_owner_gets_the_invitation(
+    world: ApiWorld,
+    smtp: tuple[Inbox, int],  # noqa: F811
+) -> None:
+    inbox, port = smtp
+    tag = uuid.uuid4().hex[:6]
+    owner = f"owner-{tag}@example.ch"
+    async with Console(world.client) as c:
+        await c.sign_in(platform_email(world))
+        await c.get("/console/platform/tenants")
+        form = {"name": "Cabinet Lumière", "slug": f"lumiere-{tag}", "region": "CH", "plan": "pro"}
+        r = await c.post("/console/platform/tenants", {**form, "slug": "Not A Slug", "admin_email": owner})
+        assert r.status_code == 422 and "slug" in r.text and 'role="alert"' in r.text
+        assert 'value="Cabinet Lumière"' in r.text  # the form keeps what was typed
+        r = await c.post("/console/platform/tenants", {**form, "status": "active", "admin_email": owner})
+        assert r.status_code == 303, r.text
+        location = r.headers["location"]
+        assert location.startswith("/console/platform/tenants/") and location.endswith("?done=platform_created")
+        page = (await c.get(location)).text
+        assert "Cabinet Lumière" in page and "Its admin has been invited" in page and owner in page
+        assert "Switzerland" in page and "cell " in page
+        r = await c.post("/console/platform/tenants", {**form, "admin_email": owner})
+        assert r.status_code == 409 and "already taken" in r.text
+    tenant_id = location.split("/")[-1].split("?")[0]
+    async with bootstrap.database(settings_for(world.url_of("a")), world.url_of("a")) as db:
+        await sender.drain(db, smtp_mailer(world.url_of("a"), port))
+    mail = next(m for rcpts, m in reversed(inbox.received) if owner in rcpts)
+    text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "Cabinet Lumière" in text
+    token = re.search(r"/accept-invitation\?token=(inv_[A-Za-z0-9_-]+)", text)
+    assert token, text
+    r = await world.client.post(
+        "/api/v1/auth/accept-invitation",
+        json={"token": token.group(1), "name": "Owner", "password": "a new password 6"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["tenant"]["id"] == tenant_id and r.json()["tenant"]["role"] == "owner"
+
+
+async def test_platform_changes_plan_status_limits_and_grants_credits(world: ApiWorld) -> None:
+    (made,) = await create_tenants(world, uuid.uuid4().hex[:6], [("CH", "free", "trial")])
+    base = f"/console/platform/tenants/{made['id']}"
+    h = world.headers(world.platform_token)
+    async with Console(world.client) as c:
+        await c.sign_in(platform_email(world))
+        await c.get(base)
+        r = await c.post(f"{base}/plan", {"plan": "enterprise", "status": "active"})
+        assert r.status_code == 303 and r.headers["location"] == f"{base}?done=platform_updated"
+        page = (await c.get(r.headers["location"])).text
+        assert "Plan and status saved." in page and "Enterprise" in page
+        r = await c.post(f"{base}/plan", {"plan": "gold"})
+        assert r.status_code == 422 and "plan" in r.text
+        r = await c.post(f"{base}/limits", {"max_members": "7", "monthly_credits": "500", "max_api_keys": ""})
+        assert r.status_code == 303
+        page = (await c.get(r.headers["location"])).text
+        assert 'name="max_members" type="number" min="0" step="1" inputmode="numeric" value="7"' in page
+        r = await c.post(f"{base}/limits", {"max_members": "0"})
+        assert r.status_code == 422 and "max_members" in r.text
+        r = await c.post(f"{base}/limits", {"max_members": "many"})
+        assert r.status_code == 422
+        tenant = (await world.client.get(f"/api/v1/admin/tenants/{made['id']}", headers=h)).json()
+        assert (tenant["plan"], tenant["status"]) == ("enterprise", "active")
+        assert tenant["settings"]["limits"] == {"max_members": 7, "monthly_credits": 500}
+        # Credits for tenant A: the form carries its own key, so sending it twice grants once.
+        before = (await world.client.get("/api/v1/credits/balance", headers=world.a.auth())).json()["balance"]
+        page = (await c.get(f"/console/platform/tenants/{world.a.id}")).text
+        key = re.search(r'name="idempotency_key" value="([^"]+)"', page)
+        assert key
+        grant = {"amount": "1234", "reason": "console goodwill", "kind": "grant", "idempotency_key": key.group(1)}
+        r = await c.post(f"/console/platform/tenants/{world.a.id}/credits", grant)
+        assert r.status_code == 200 and "1,234 credits granted" in r.text
+        assert f"Balance: {before + 1234:,}" in r.text
+        r = await c.post(f"/console/platform/tenants/{world.a.id}/credits", grant)
+        assert r.status_code == 200 and "granted once" in r.text
+        r = await c.post(
+            f"/console/platform/tenants/{world.a.id}/credits", {**grant, "amount": "0", "idempotency_key": "x"}
+        )
+        assert r.status_code == 422 and "amount" in r.text
+    after = (await world.client.get("/api/v1/credits/balance", headers=world.a.auth())).json()["balance"]
+    assert after == before + 1234
+    # The tenant's own console shows it.
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "viewer"))
+        assert f"{after:,}" in (await c.get("/console/overview")).text
+    ledger = (await world.client.get("/api/v1/credits", headers=world.a.auth())).json()
+    assert any(t.get("reason") == "console goodwill" for t in ledger.get("items", ledger))
+
+
+async def test_platform_sees_tenants_of_two_cells_with_their_cell(cell_urls: dict[str, str]) -> None:
+    """A in cell eu (CH), B in cell dz (DZ): the directory gives the page, each cell its tenants;
+    a change of plan on B goes to dz and to the directory (the plan filter finds it)."""
+    async with two_cell_client(cell_urls) as (client, admin_url, settings):
+        w = await build_world(client, admin_url, settings, cell_urls)
+        tag = w.a.slug.rsplit("-", 1)[1]
+        async with Console(client) as c:
+            await c.sign_in(platform_email(w))
+            page = (await c.get(f"/console/platform/tenants?q={tag}")).text
+            rows = re.findall(
+                r"<code>([a-z0-9-]+)</code></td>\s*<td>[^<]+</td>\s*<td class=\"cell\">([^<]+)</td>", page
+            )
+            assert sorted(rows) == sorted([(w.a.slug, "eu"), (w.b.slug, "dz")]), rows
+            page = (await c.get(f"/console/platform/tenants/{w.b.id}")).text
+            assert "cell dz" in page and "Algeria" in page
+            r = await c.post(f"/console/platform/tenants/{w.b.id}/plan", {"plan": "free", "status": "active"})
+            assert r.status_code == 303, r.text
+            page = (await c.get(f"/console/platform/tenants?q={tag}&plan=free")).text
+            assert slugs_on(page) == [w.b.slug]
+            r = await c.post(
+                f"/console/platform/tenants/{w.b.id}/credits",
+                {"amount": "10", "reason": "dz", "kind": "grant", "idempotency_key": uuid.uuid4().hex},
+            )
+            assert r.status_code == 200 and "10 credits granted" in r.text
+        async with Console(client) as c:
+            await c.sign_in(email_of(w, "b", "owner"))
+            r = await c.get("/console/platform/tenants")
+            assert r.status_code == 403

@@ -359,3 +359,85 @@ def test_pages_read_without_javascript(browser: Any, console_server: str, people
             sign_in_fr.get_by_role("heading", name=heading, exact=True).wait_for()
     finally:
         t.close()
+
+
+# --- platform pages (console3) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def platform_admin(module_db: str, people: dict[str, Any]) -> str:
+    """A platform administrator (no tenant of their own), made as `iafactory platform-admin` does."""
+    email = f"platform-{uuid.uuid4().hex[:6]}@example.ch"
+
+    async def provision() -> None:
+        pw_hash = await hash_password(fast_settings(module_db), PASSWORD)
+        async with operator_transaction(module_db) as tx:
+            await tx.fetchval("SELECT app.register_user(%s, 'Nadia Platform', %s)", (email, pw_hash))
+            await service.set_platform_admin(tx, email, True)
+
+    in_thread(provision)
+    return email
+
+
+def test_the_platform_admin_lists_searches_and_creates_a_tenant(
+    tab: Tab,
+    people: dict[str, Any],
+    platform_admin: str,
+    smtp_thread: tuple[Inbox, int],
+    module_db: str,
+    shots: Path,
+) -> None:
+    inbox, port = smtp_thread
+    sign_in(tab, platform_admin)
+    tab.page.get_by_role("link", name="Platform").click()
+    tab.page.get_by_role("heading", name="Tenants of the platform").wait_for()
+    table = tab.page.locator("#tenant-table")
+    for name in people["names"].values():
+        assert name in table.inner_text(), name
+    tab.shot(shots, "platform-tenants")
+
+    tab.page.get_by_label("Search").fill(people["slugs"]["dz"])
+    tab.page.locator("#filter-form").get_by_label("Plan").select_option("pro")
+    tab.page.get_by_role("button", name="Show").click()
+    tab.page.wait_for_url(re.compile(r"q=dz-"))
+    rows = table.locator("tbody tr")
+    assert rows.count() == 1 and people["names"]["dz"] in rows.inner_text() and "Algeria" in rows.inner_text()
+    tab.shot(shots, "platform-search")
+
+    slug = f"atelier-{uuid.uuid4().hex[:6]}"
+    owner = f"owner-{slug}@example.ch"
+    form = tab.page.locator("#tenant-form")
+    form.get_by_label("Name").fill("Atelier de Tlemcen")
+    form.get_by_label("Identifier").fill(slug)
+    form.get_by_label("Region").select_option("DZ")
+    form.get_by_label("Plan").select_option("pro")
+    form.get_by_label("Admin email").fill(owner)
+    form.get_by_role("button", name="Create the tenant").click()
+    tab.page.get_by_role("heading", name="Atelier de Tlemcen").wait_for()
+    assert "Its admin has been invited by email." in tab.page.get_by_role("status").inner_text()
+    facts = tab.page.locator("dl.facts").inner_text()
+    assert "Algeria" in facts and "Pro" in facts and owner in facts and "cell " in facts
+    tab.page.get_by_label("Amount").fill("750")
+    tab.page.get_by_label("Reason").fill("Welcome credits")
+    tab.page.get_by_role("button", name="Grant the credits").click()
+    assert "750 credits granted. Balance: 750." in tab.page.locator("#granted").inner_text()
+    tab.shot(shots, "platform-tenant")
+
+    deliver(module_db, port)
+    mail = next(m for rcpts, m in reversed(inbox.received) if owner in rcpts)
+    text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "Atelier de Tlemcen" in text and _LINK.search(text), text
+
+    tab.page.get_by_role("link", name="All tenants").click()
+    tab.page.get_by_label("Search").fill(slug)
+    tab.page.get_by_role("button", name="Show").click()
+    tab.page.wait_for_url(re.compile(slug))
+    assert "Atelier de Tlemcen" in table.inner_text()
+
+
+def test_a_tenant_owner_cannot_open_the_platform_pages(tab: Tab, people: dict[str, Any]) -> None:
+    sign_in(tab, people["email"], people["names"]["dz"])
+    assert tab.page.get_by_role("link", name="Platform").count() == 0
+    response = tab.goto("/console/platform/tenants")
+    assert response is not None and response.status == 403
+    assert "Platform administrators only." in tab.page.locator("main").inner_text()

@@ -15,7 +15,7 @@ from iafactory.console import session
 from iafactory.console.web import PREFIX, router
 
 # The page modules register their routes on `router` when imported.
-PAGES = ("auth", "overview", "members", "api_keys", "settings")
+PAGES = ("auth", "overview", "members", "api_keys", "settings", "platform")
 
 
 def load_pages() -> None:

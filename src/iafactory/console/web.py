@@ -42,8 +42,10 @@ from iafactory.auth.dependencies import (
     TenantSession,
     accounts_of,
     open_tenant_session,
+    principal_cell,
     principal_from_token,
     tenant_context,
+    user_transaction,
 )
 from iafactory.auth.schemas import MyTenant, RefreshIn, TokenOut
 from iafactory.config import Settings
@@ -80,6 +82,7 @@ class ConsoleRoute:
     api: str | None  # the API operation this route does the same as ("POST /api/v1/members/invitations")
     params: dict[str, str]  # path parameter → what it names (member, invitation, api_key ...)
     handler: Handler
+    platform: bool = False  # platform administrators only (the API's app.assert_platform_operator)
 
     @property
     def full_path(self) -> str:
@@ -205,16 +208,21 @@ def page(
     signed_in: bool = True,
     api: str | None = None,
     params: dict[str, str] | None = None,
+    platform: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Declare a console route. `role`: the minimum tenant role, as the API's route `api` requires
     (tests/test_console.py checks they agree); None for pages that need a signed-in person but no
     tenant. `signed_in=False`: the sign-in steps. `params`: what each path parameter names, for
-    the generated isolation test."""
+    the generated isolation test. `platform=True`: platform administrators only, whatever their
+    tenant role (no tenant needed: `role` is ignored); the API's platform check runs before the
+    handler, as the API's /admin routes run it (`assert_platform`)."""
+    if platform:
+        role = None
     if role is not None and role not in ROLE_RANK:
         raise ValueError(role)
 
     def register(handler: Handler) -> Handler:
-        route = ConsoleRoute(method, path, role, signed_in, api, params or {}, handler)
+        route = ConsoleRoute(method, path, role, signed_in, api, params or {}, handler, platform)
         ROUTES.append(route)
 
         async def endpoint(request: Request) -> Response:
@@ -252,6 +260,8 @@ async def _serve(request: Request, route: ConsoleRoute) -> Response:
                 # role is the one /me read from the database in this request, and the handler's
                 # own transaction is gated on it again.
                 return error_page(c, 403, c.t("error.role", role=c.t(f"role.{route.role}")))
+            if route.platform:
+                await assert_platform(c)  # before the handler, as for a role
         return await route.handler(c)
     except Problem as problem:
         return refusal(c, problem.status, problem.detail or problem.title)
@@ -263,6 +273,20 @@ async def _serve(request: Request, route: ConsoleRoute) -> Response:
         except ValueError:
             detail = ""
         return refusal(c, answer.status_code, detail)
+
+
+async def assert_platform(c: Ctx) -> None:
+    """The API's platform check: app.assert_platform_operator() as the person's own account in
+    their own cell (the database reads is_platform_admin and is_active from its users table, not
+    the token's claim). Anyone else: the 403 page."""
+    assert c.who is not None
+    try:
+        async with user_transaction(c.request, c.who, principal_cell(c.request, c.who)) as tx:
+            await tx.execute("SELECT app.assert_platform_operator()")
+    except psycopg.Error as err:
+        if err.sqlstate == "IA403":
+            raise Problem(403, "Forbidden", c.t("platform.only")) from err
+        raise
 
 
 def refusal(c: Ctx, status: int, detail: str) -> Response:
