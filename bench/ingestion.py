@@ -23,12 +23,14 @@ else on the machine during the round (other work sharing the cores), and the loa
 
 --worker-env KEY=VALUE (repeatable) sets variables for the workers only (e.g.
 IAFACTORY_EMBEDDING_THREADS=2 to measure another thread count); --src runs the workers from
-another source tree (e.g. an export of the previous commit: the "before" figures).
+another source tree; --baseline-src runs a second tree's workers too (e.g. an export of the previous
+commit: the "before" figures), round by round with this tree's, so both see the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import statistics
@@ -52,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Round:
+    variant: str
     workers: int
     docs: int
     chunks: int
@@ -65,6 +68,11 @@ class Round:
     @property
     def rate(self) -> float:
         return self.chunks / self.seconds
+
+    @property
+    def cpu_per_chunk(self) -> float:
+        """Worker CPU seconds per chunk: what the work costs, whatever else shares the cores."""
+        return sum(self.worker_cpu) * self.seconds / self.chunks
 
 
 def machine_busy() -> float:
@@ -123,7 +131,13 @@ def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
 
 
 def run_round(
-    admin: str, workers: int, env: dict[str, str], rng: np.random.Generator, vocabs: dict[str, Vocabulary], args
+    admin: str,
+    variant: str,
+    workers: int,
+    env: dict[str, str],
+    rng: np.random.Generator,
+    vocabs: dict[str, Vocabulary],
+    args: argparse.Namespace,
 ) -> Round:
     tenants = [uuid.uuid4() for _ in range(args.tenants)]
     docs = make_documents(rng, vocabs, tenants, args.chunks)
@@ -184,16 +198,22 @@ def run_round(
                 raise SystemExit(f"{failed} indexing job(s) failed")
     finally:
         stop_workers(procs)
-    return Round(workers, len(docs), chunks, seconds, cpu, pg, others, (load0, load1), attempts)
+    return Round(variant, workers, len(docs), chunks, seconds, cpu, pg, others, (load0, load1), attempts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=240, help="chunks to index per round (about)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds, alternating 1 and 2 workers")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per variant, alternating 1 and 2 workers")
     parser.add_argument("--tenants", type=int, default=4, help="tenants per round (documents spread over them)")
     parser.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="source tree the workers run from")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        help="also run workers from this tree (e.g. the previous commit), interleaved round by round",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
@@ -204,58 +224,71 @@ def main() -> None:
     name, admin = create_database(url, "iaf_bench_ingestion")
     settings = bench_settings(admin)
     extra = dict(kv.split("=", 1) for kv in args.worker_env)
-    env = {
+    base_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("IAFACTORY_") and k != "DATABASE_URL"},
         **BENCH_SECRET_ENV,
         "DATABASE_URL": admin,
-        "PYTHONPATH": str(args.src.resolve()),
         "IAFACTORY_LOG_LEVEL": "WARNING",
         **extra,
     }
+    variants = {"this tree": {**base_env, "PYTHONPATH": str(args.src.resolve())}}
+    if args.baseline_src:
+        variants = {"baseline": {**base_env, "PYTHONPATH": str(args.baseline_src.resolve())}, **variants}
     print(
         f"Database {name}; {os.cpu_count()} CPUs; workers from {args.src}"
-        + (f" with {' '.join(args.worker_env)}" if args.worker_env else "")
+        + (f", baseline from {args.baseline_src}" if args.baseline_src else "")
+        + (f", with {' '.join(args.worker_env)}" if args.worker_env else "")
     )
     rounds: list[Round] = []
     try:
-        import asyncio
-
         asyncio.run(bootstrap.migrate_and_prepare(admin, settings))
         print(
-            f"  {'round':>5} {'workers':>7} {'docs':>5} {'chunks':>6} {'seconds':>8} {'chunks/s':>9}"
-            f"  {'CPU per worker':<16} {'postgres':>8} {'others':>7} {'load':>11} {'attempts':>8}"
+            f"  {'variant':<10} {'workers':>7} {'docs':>5} {'chunks':>6} {'seconds':>8} {'chunks/s':>9}"
+            f"  {'CPU per worker':<16} {'CPU s/chunk':>11} {'postgres':>8} {'others':>7} {'load':>11} {'attempts':>8}"
         )
         for i in range(args.rounds):
-            r = run_round(admin, 1 + i % 2, env, rng, vocabs, args)
-            rounds.append(r)
-            print(
-                f"  {i + 1:>5} {r.workers:>7} {r.docs:>5} {r.chunks:>6} {r.seconds:>8.1f} {r.rate:>9.2f}"
-                f"  {' '.join(f'{c:.2f}' for c in r.worker_cpu):<16} {r.postgres_cpu:>8.2f} {r.others_cpu:>7.2f}"
-                f" {f'{r.load[0]:.2f}->{r.load[1]:.2f}':>11} {r.attempts:>8}",
-                flush=True,
-            )
+            for variant, env in variants.items():
+                r = run_round(admin, variant, 1 + i % 2, env, rng, vocabs, args)
+                rounds.append(r)
+                print(
+                    f"  {variant:<10} {r.workers:>7} {r.docs:>5} {r.chunks:>6} {r.seconds:>8.1f} {r.rate:>9.2f}"
+                    f"  {' '.join(f'{c:.2f}' for c in r.worker_cpu):<16} {r.cpu_per_chunk:>11.3f}"
+                    f" {r.postgres_cpu:>8.3f} {r.others_cpu:>7.2f}"
+                    f" {f'{r.load[0]:.2f}->{r.load[1]:.2f}':>11} {r.attempts:>8}",
+                    flush=True,
+                )
     finally:
         if args.keep:
             print(f"kept database {name}: {admin}")
         else:
             drop_database(url, name)
+    for variant in variants:
+        summary(variant, [r for r in rounds if r.variant == variant])
+
+
+def summary(variant: str, rounds: list[Round]) -> None:
     one = [r.rate for r in rounds if r.workers == 1]
     two = [r.rate for r in rounds if r.workers == 2]
-    if one and two:
-        m1, m2 = statistics.median(one), statistics.median(two)
-        pairs = [b.rate / a.rate for a, b in zip(rounds[::2], rounds[1::2], strict=False)]
-        print(
-            f"\n  1 worker: {m1:.2f} chunks/s (median of {len(one)}); 2 workers: {m2:.2f} chunks/s "
-            f"(median of {len(two)}); ratio 2/1: {m2 / m1:.2f} (per pair: {', '.join(f'{p:.2f}' for p in pairs)}); "
-            f"target >= 1.8: {'met' if m2 / m1 >= 1.8 else 'MISSED'}"
-        )
-        cpu1 = statistics.median(sum(r.worker_cpu) for r in rounds if r.workers == 1)
-        cpu2 = statistics.median(sum(r.worker_cpu) for r in rounds if r.workers == 2)
-        others = statistics.median(r.others_cpu for r in rounds)
-        print(
-            f"  cores used by the workers: {cpu1:.2f} (1 worker), {cpu2:.2f} (2 workers); by other work on the "
-            f"machine during the rounds: {others:.2f} (median)"
-        )
+    if not (one and two):
+        return
+    m1, m2 = statistics.median(one), statistics.median(two)
+    pairs = [b.rate / a.rate for a, b in zip(rounds[::2], rounds[1::2], strict=False)]
+    print(
+        f"\n  {variant}: 1 worker {m1:.2f} chunks/s (median of {len(one)}); 2 workers {m2:.2f} chunks/s "
+        f"(median of {len(two)}); ratio 2/1: {m2 / m1:.2f} (per pair: {', '.join(f'{p:.2f}' for p in pairs)}); "
+        f"target >= 1.8: {'met' if m2 / m1 >= 1.8 else 'MISSED'}"
+    )
+    cpu1 = statistics.median(sum(r.worker_cpu) for r in rounds if r.workers == 1)
+    cpu2 = statistics.median(sum(r.worker_cpu) for r in rounds if r.workers == 2)
+    per1 = statistics.median(r.cpu_per_chunk for r in rounds if r.workers == 1)
+    per2 = statistics.median(r.cpu_per_chunk for r in rounds if r.workers == 2)
+    others = statistics.median(r.others_cpu for r in rounds)
+    print(
+        f"    cores used by the workers: {cpu1:.2f} (1 worker), {cpu2:.2f} (2 workers); worker CPU seconds per "
+        f"chunk: {per1:.3f} (1 worker), {per2:.3f} (2 workers); other work on the machine during the rounds: "
+        f"{others:.2f} cores (median), load average {min(r.load[0] for r in rounds):.2f}-"
+        f"{max(r.load[1] for r in rounds):.2f}"
+    )
 
 
 if __name__ == "__main__":
