@@ -497,6 +497,8 @@ def read_role_table() -> dict[str, str | None]:
         f"{API_PREFIX}/usage-events": "viewer",
         f"{API_PREFIX}/usage/summary": "viewer",
         f"{API_PREFIX}/audit-events": "admin",  # who did what: admins only
+        f"{API_PREFIX}/tenant/export": "admin",  # every record of the tenant, the audit log among them
+        f"{API_PREFIX}/tenant/erasure-requests": "admin",
         **dict.fromkeys(resource_prefixes(), "viewer"),
     }
 

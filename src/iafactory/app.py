@@ -38,9 +38,10 @@ def api_routers() -> list:
     from iafactory.audit.endpoints import router as audit_router
     from iafactory.auth.endpoints import router as auth_router
     from iafactory.domains import resource_routers
+    from iafactory.tenancy.data_endpoints import router as data_rights_router
     from iafactory.tenancy.endpoints import router as tenancy_router
 
-    return [*resource_routers(), auth_router, tenancy_router, audit_router]
+    return [*resource_routers(), auth_router, tenancy_router, audit_router, data_rights_router]
 
 
 def create_app(

@@ -1,0 +1,104 @@
+"""Knowledge base: the tenant's documents with their index status (paged), a form to add a
+document (members, as POST /api/v1/knowledge-base), and a search box whose answer is the API's own
+search (POST /api/v1/knowledge-base/search: the same handler, its gate and its embedding pool):
+passages with their sources (title, chunk, page when the document is a paged file, relevance)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Response
+from pydantic import ValidationError
+
+from iafactory.console.web import Ctx, page
+from iafactory.http.idempotency import Idempotency
+from iafactory.http.problems import Problem
+from iafactory.knowledge import endpoints as knowledge_endpoints
+from iafactory.knowledge.schemas import KNOWLEDGE_BASE, DocumentCreate, SearchIn
+from iafactory.resources import pagination, repository
+
+DONE = frozenset({"document_added", "file_uploaded"})
+PAGE_SIZE = 20
+MODES = ("hybrid", "keyword", "semantic")
+
+
+def errors_of(err: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+    )
+
+
+async def view(c: Ctx, *, status: int = 200, error: str | None = None, form: dict[str, str] | None = None) -> Response:
+    query = c.request.query_params
+    cursor = query.get("cursor") or None
+    try:
+        after = pagination.decode(cursor, int) if cursor else None
+    except Problem:
+        after, cursor = None, None
+    q = (query.get("q") or "").strip()
+    mode = query.get("mode") if query.get("mode") in MODES else "hybrid"
+    result: dict[str, Any] | None = None
+    if q:
+        try:
+            body = SearchIn(query=q[:2000], mode=mode, k=10)
+        except ValidationError as err:
+            error = errors_of(err)
+        else:
+            assert c.who is not None
+            # The API's own handler: tenant_context → open_tenant_session("viewer", read-only), the
+            # query embedded with no transaction open, then the search in a second one.
+            result = await knowledge_endpoints.search(body, c.request, c.who)
+    async with c.tenant(read_only=True, role="viewer") as s:
+        rows = await repository.page(s.tx, KNOWLEDGE_BASE, s.ctx.tenant_id, PAGE_SIZE, after)
+    documents, next_cursor = pagination.page_of(rows, PAGE_SIZE)
+    done = query.get("done")
+    return c.render(
+        "knowledge.html",
+        status=status,
+        title=c.t("kb.title"),
+        documents=documents,
+        next_cursor=next_cursor,
+        first_page=cursor is None,
+        q=q,
+        mode=mode,
+        modes=MODES,
+        result=result,
+        error=error,
+        form=form or {},
+        done=done if done in DONE else None,
+    )
+
+
+@page("GET", "/knowledge", role="viewer", api="GET /api/v1/knowledge-base")
+async def knowledge_page(c: Ctx) -> Response:
+    return await view(c)
+
+
+@page("POST", "/knowledge", role="member", api="POST /api/v1/knowledge-base")
+async def add_document(c: Ctx) -> Response:
+    form = {k: c.form.get(k, "").strip() for k in ("title", "content", "source", "language")}
+    try:
+        body = DocumentCreate.model_validate(
+            {
+                "title": form["title"],
+                "content": form["content"],
+                "source": form["source"] or None,
+                "language": form["language"] or None,
+            }
+        )
+    except ValidationError as err:
+        return await view(c, status=422, error=errors_of(err), form=form)
+    try:
+        async with c.tenant() as s:
+            # What the API's create route does (iafactory.resources.router): wake the indexing
+            # workers from this transaction (delivered when it commits), insert the row.
+            await s.tx.execute("SELECT pg_notify(%s, '')", (KNOWLEDGE_BASE.wakes,))
+            values = body.model_dump()
+            await Idempotency(None, c.request).create(
+                s, lambda last: repository.insert(s.tx, KNOWLEDGE_BASE, s.ctx.tenant_id, values, last=last)
+            )
+    except Problem as problem:
+        if problem.status in (401, 403):
+            raise
+        return await view(c, status=problem.status, error=problem.detail, form=form)
+    return c.redirect("/knowledge", done="document_added")
