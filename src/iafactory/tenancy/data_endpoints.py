@@ -61,6 +61,7 @@ class PlatformErasureRequestOut(ErasureRequestOut):
 
 
 class ConfirmedOut(BaseModel):
+    id: UUID
     status: ErasureStatus
 
 
@@ -193,22 +194,19 @@ async def admin_list_erasure_requests(
 
 
 @router.post(
-    "/admin/tenants/{tenant_id}/erasure-requests/{request_id}/confirm",
+    "/admin/tenants/{tenant_id}/erasure-request/confirm",
     response_model=ConfirmedOut,
     tags=["platform"],
     operation_id="admin_confirm_erasure_request",
-    summary="Confirm a tenant's erasure request (platform admin); an operator then erases the data",
-    responses={
-        404: {"description": "No such request of this tenant (application/problem+json)"},
-        409: {"description": "The request was cancelled (application/problem+json)"},
-    },
+    summary="Confirm a tenant's pending erasure request (platform admin); an operator then erases the data",
+    description="Confirming again answers the confirmed request. The operator's command "
+    "`iafactory tenants erase SLUG --confirm SLUG --confirmed-request` erases a tenant whose request is confirmed.",
+    responses={404: {"description": "The tenant has no open erasure request (application/problem+json)"}},
 )
-async def admin_confirm_erasure_request(tenant_id: UUID, request_id: UUID, request: Request, who: UserPrincipal) -> Any:
+async def admin_confirm_erasure_request(tenant_id: UUID, request: Request, who: UserPrincipal) -> Any:
     cell = await tenancy_endpoints._route(request, tenant_id)
     async with user_transaction(request, who, cell) as tx:
-        status = await data_rights.confirm_erasure_request(tx, tenant_id, request_id, who.account_in(cell))
-    if status is None:
-        raise not_found("erasure request", request_id)
-    if status == "cancelled":
-        raise Problem(409, "Conflict", "the tenant cancelled this erasure request", type_="conflict")
-    return {"status": status}
+        row = await data_rights.confirm_erasure_request(tx, tenant_id, who.account_in(cell))
+    if row is None:
+        raise not_found("open erasure request of tenant", tenant_id)
+    return row

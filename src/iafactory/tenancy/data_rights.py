@@ -206,12 +206,11 @@ async def pending_erasure_requests(tx: Transaction, status: str | None = "pendin
     return await tx.fetch("SELECT * FROM platform.erasure_requests(%s)", (status,))
 
 
-async def confirm_erasure_request(
-    tx: Transaction, tenant_id: UUID, request_id: UUID, user_id: int | None
-) -> str | None:
-    """Confirms a pending request: 'confirmed' (now or before), 'cancelled' (too late), None (no
-    such request of that tenant). Audited in the tenant's log as `tenant.erasure_confirmed`."""
-    return await tx.fetchval("SELECT platform.confirm_erasure_request(%s, %s, %s)", (tenant_id, request_id, user_id))
+async def confirm_erasure_request(tx: Transaction, tenant_id: UUID, user_id: int | None) -> dict[str, Any] | None:
+    """Confirms the tenant's pending request (a confirmed one stays so): {id, status} of its open
+    request after the call, None when it has none. Audited in the tenant's log as
+    `tenant.erasure_confirmed`. Platform administrators and operators only (IA403 otherwise)."""
+    return await tx.fetchrow("SELECT * FROM platform.confirm_erasure_request(%s, %s)", (tenant_id, user_id))
 
 
 async def confirmed_request(tx: Transaction, tenant_id: UUID) -> dict[str, Any] | None:

@@ -83,25 +83,27 @@ BEGIN
 END
 $$;
 
--- Confirm tenant p_tenant's pending request p_id, as platform user p_user (NULL: an operator).
--- Returns the request's status after the call (NULL: no such request); audited in the tenant's log.
-CREATE OR REPLACE FUNCTION platform.confirm_erasure_request(p_tenant uuid, p_id uuid, p_user integer)
-    RETURNS text
+-- Confirm tenant p_tenant's pending request, as platform user p_user (NULL: an operator). Returns
+-- the status of the tenant's open request after the call ('confirmed'), NULL when it has none
+-- (none asked, or cancelled). Audited in the tenant's log.
+CREATE OR REPLACE FUNCTION platform.confirm_erasure_request(p_tenant uuid, p_user integer)
+    RETURNS TABLE (id uuid, status text)
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = ''
     AS $$
+#variable_conflict use_column
 DECLARE
-    v_status text;
+    v_id uuid;
 BEGIN
     PERFORM app.assert_platform_operator();
-    UPDATE public.erasure_requests SET status = 'confirmed', decided_by = p_user, decided_at = now()
-     WHERE tenant_id = p_tenant AND id = p_id AND status = 'pending';
-    IF FOUND THEN
+    UPDATE public.erasure_requests r SET status = 'confirmed', decided_by = p_user, decided_at = now()
+     WHERE r.tenant_id = p_tenant AND r.status = 'pending'
+    RETURNING r.id INTO v_id;
+    IF v_id IS NOT NULL THEN
         PERFORM app.record_event(p_tenant, 'tenant.erasure_confirmed', p_user,
-                                 jsonb_build_object('request', p_id), NULL, NULL);
-        RETURN 'confirmed';
+                                 jsonb_build_object('request', v_id), NULL, NULL);
     END IF;
-    SELECT r.status INTO v_status FROM public.erasure_requests r WHERE r.tenant_id = p_tenant AND r.id = p_id;
-    RETURN v_status;
+    RETURN QUERY SELECT r.id, r.status::text FROM public.erasure_requests r
+                  WHERE r.tenant_id = p_tenant AND r.status IN ('pending', 'confirmed');
 END
 $$;
 
