@@ -70,6 +70,14 @@ FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Optional form fields, but not nullable in the schema: a form has no null (a client leaves the field out).
+FormTitle = Annotated[str, Form(min_length=1, max_length=500, description="Default: the file name")]
+FormSource = Annotated[str, Form(min_length=1, max_length=1000, description="Where it comes from")]
+FormLanguage = Annotated[
+    str, Form(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$", max_length=8, description="ISO 639 code, e.g. fr")
+]
+
+
 @router.post(
     "/knowledge-base/files",
     status_code=201,
@@ -88,11 +96,9 @@ async def upload_file(
     request: Request,
     who: CurrentPrincipal,
     file: Annotated[UploadFile, File(description="The file (multipart/form-data)")],
-    title: Annotated[str | None, Form(min_length=1, max_length=500, description="Default: the file name")] = None,
-    source: Annotated[str | None, Form(min_length=1, max_length=1000, description="Where it comes from")] = None,
-    language: Annotated[
-        str | None, Form(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$", max_length=8, description="ISO 639 code, e.g. fr")
-    ] = None,
+    title: FormTitle = None,  # type: ignore[assignment]
+    source: FormSource = None,  # type: ignore[assignment]
+    language: FormLanguage = None,  # type: ignore[assignment]
 ) -> Any:
     # Authorized (and counted) before any work on the file; the checks run with no transaction open.
     ctx = await tenant_context(request, who)
