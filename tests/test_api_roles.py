@@ -29,6 +29,7 @@ from api_support import (
     Seeder,
     allowed,
     api_operations,
+    body_of,
     id_field,
     offline_openapi,
     provision_for_load,
@@ -123,7 +124,7 @@ class Roles:
         )
         if getter is not None:
             r = await c.get(getter.at(ident), headers=headers)
-            return r.status_code, r.json()
+            return r.status_code, body_of(r)
         rows: list[Any] = []
         params: dict[str, Any] = {}
         while True:
