@@ -575,6 +575,36 @@ async def test_knowledge_add_a_document_then_find_it_by_search(world: ApiWorld, 
         assert "No passage matches." in r.text
 
 
+async def test_knowledge_upload_a_file_then_find_its_passage(world: ApiWorld, module_db: str) -> None:
+    """The upload form is multipart, with the CSRF token among its fields; it runs the API's own
+    upload handler (type read from the content, refusals shown on the page)."""
+    tag = uuid.uuid4().hex[:8]
+    text = f"# Règlement {tag}\n\nLe parking {tag} est réservé aux patients du cabinet.\n"
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "member"))
+        page = (await c.get("/console/knowledge")).text
+        assert 'enctype="multipart/form-data"' in page and 'id="upload-form"' in page
+        files = {"file": (f"reglement-{tag}.md", text.encode(), "text/markdown")}
+        r = await c.client.post("/console/knowledge/files", data={"title": f"Règlement {tag}"}, files=files)
+        assert r.status_code == 403  # no CSRF token
+        r = await c.client.post(
+            "/console/knowledge/files", data={"csrf": c.csrf or "", "title": f"Règlement {tag}"}, files=files
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/console/knowledge?done=file_uploaded", r.text
+        r = await c.client.post(
+            "/console/knowledge/files",
+            data={"csrf": c.csrf or ""},
+            files={"file": ("program.exe", b"MZ\x90\x00\x03\x00\x00\x00\x04\x00" * 50, "application/octet-stream")},
+        )
+        assert r.status_code == 415 and 'role="alert"' in r.text and "file:" in r.text
+        r = await c.client.post("/console/knowledge/files", data={"csrf": c.csrf or ""})
+        assert r.status_code == 422 and "Choose a file." in r.text
+        assert await drain_index(module_db) >= 1
+        page = (await c.get(f"/console/knowledge?q=parking+{tag}&mode=keyword")).text
+        passages = page.split('<ol class="passages">', 1)[1]
+        assert f"<strong>Règlement {tag}</strong>" in passages and "réservé aux patients" in passages
+
+
 async def test_usage_by_type_and_by_day_with_a_month_picker(world: ApiWorld) -> None:
     from datetime import UTC, datetime
 

@@ -181,9 +181,10 @@ def create_app(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
         # File uploads: the file's own limit plus room for the multipart envelope and form fields.
-        upload_paths={
-            "/api/v1/knowledge-base/files": max(settings.max_body_bytes, settings.kb_max_file_bytes + 65_536)
-        },
+        upload_paths=dict.fromkeys(
+            ("/api/v1/knowledge-base/files", "/console/knowledge/files"),  # the API's, and the console's form
+            max(settings.max_body_bytes, settings.kb_max_file_bytes + 65_536),
+        ),
         span_hook=app.state.tracing.annotate if app.state.tracing else None,
         body_timeout=settings.body_timeout_seconds,
     )

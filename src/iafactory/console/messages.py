@@ -273,6 +273,7 @@ EN: dict[str, str] = {
     "data.wrong_slug": "The identifier does not match: type {slug}.",
     "done.erasure_requested": "Erasure requested. A platform administrator will confirm it.",
     "done.erasure_cancelled": "Erasure request cancelled.",
+    "kb.file_missing": "Choose a file.",
 }
 
 FR: dict[str, str] = {
@@ -543,6 +544,7 @@ FR: dict[str, str] = {
     "data.wrong_slug": "L’identifiant ne correspond pas : saisissez {slug}.",
     "done.erasure_requested": "Effacement demandé. Un administrateur de la plateforme le confirmera.",
     "done.erasure_cancelled": "Demande d’effacement annulée.",
+    "kb.file_missing": "Choisissez un fichier.",
 }
 
 AR: dict[str, str] = {
@@ -813,6 +815,7 @@ AR: dict[str, str] = {
     "data.wrong_slug": "المعرّف غير مطابق: اكتبوا {slug}.",
     "done.erasure_requested": "طُلب المحو. سيؤكده مسؤول في المنصة.",
     "done.erasure_cancelled": "أُلغي طلب المحو.",
+    "kb.file_missing": "اختاروا ملفًا.",
 }
 
 MESSAGES: dict[str, dict[str, str]] = {"en": EN, "fr": FR, "ar": AR}

@@ -1,5 +1,6 @@
 """Knowledge base: the tenant's documents with their index status (paged), a form to add a
-document (members, as POST /api/v1/knowledge-base), and a search box whose answer is the API's own
+document (members, as POST /api/v1/knowledge-base), a form to upload a file (members, as POST
+/api/v1/knowledge-base/files: the API's own handler, its checks of the type and size), and a search box whose answer is the API's own
 search (POST /api/v1/knowledge-base/search: the same handler, its gate and its embedding pool):
 passages with their sources (title, chunk, page when the document is a paged file, relevance)."""
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from fastapi import Response
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from iafactory.console.web import Ctx, page
 from iafactory.http.idempotency import Idempotency
@@ -102,3 +104,41 @@ async def add_document(c: Ctx) -> Response:
             raise
         return await view(c, status=problem.status, error=problem.detail, form=form)
     return c.redirect("/knowledge", done="document_added")
+
+
+@page("POST", "/knowledge/files", role="member", api="POST /api/v1/knowledge-base/files")
+async def upload_file(c: Ctx) -> Response:
+    """A multipart form (the CSRF token among its fields, checked by the framework first): the
+    API's upload handler itself, which authorizes, inspects the file with no transaction open,
+    then stores it as a document that the worker indexes."""
+    form = await c.request.form()  # parsed once by the framework; the file is kept here
+    upload = form.get("file")
+    values = {k: c.form.get(k, "").strip() for k in ("title", "source", "language")}
+    if not isinstance(upload, UploadFile) or not upload.filename:
+        return await view(c, status=422, error=f"file: {c.t('kb.file_missing')}", form=values)
+    try:  # the rules of the API's form fields (the same as a document's)
+        DocumentCreate.model_validate(
+            {
+                "title": values["title"] or "-",
+                "source": values["source"] or None,
+                "language": values["language"] or None,
+            }
+        )
+    except ValidationError as err:
+        return await view(c, status=422, error=errors_of(err), form=values)
+    assert c.who is not None
+    try:
+        await knowledge_endpoints.upload_file(
+            c.request,
+            c.who,
+            upload,  # type: ignore[arg-type]  # Starlette's UploadFile, of which FastAPI's is a subclass
+            # Absent fields are None, as the API's handler receives them from an empty form.
+            title=values["title"] or None,  # type: ignore[arg-type]
+            source=values["source"] or None,  # type: ignore[arg-type]
+            language=values["language"] or None,  # type: ignore[arg-type]
+        )
+    except Problem as problem:
+        if problem.status in (401, 403):
+            raise
+        return await view(c, status=problem.status, error=problem.detail, form=values)
+    return c.redirect("/knowledge", done="file_uploaded")
