@@ -88,6 +88,9 @@ DEDICATED = {
     "POST /api/v1/knowledge-base/search": "tests/test_knowledge.py (search isolation, every filter)",
     "POST /api/v1/auth/accept-invitation": "tests/test_invitations.py (the token names its tenant: "
     "test_an_invitation_of_a_never_joins_b)",
+    "GET /api/v1/tenant/export": "tests/test_console.py (test_the_export_is_every_row_of_the_tenant_and_imports: "
+    "A's archive holds no row of B); each call records itself in the caller's audit log, so it cannot be read "
+    "into B's before/after snapshots",
 }
 
 

@@ -36,6 +36,8 @@ CROSS_TENANT_READS = {
     ("app.knowledge_job_stats", "knowledge_jobs"): "/metrics: the size of the whole queue, no tenant's figure",
     ("app.claim_knowledge_job", "knowledge_jobs"): "which tenants have runnable jobs (then a claim within one)",
     ("app.purge_idempotency_keys", "idempotency_keys"): "which tenants have expired keys (then a delete within one)",
+    ("platform.erasure_requests", "erasure_requests"): "the platform's list of erasure requests to confirm",
+    ("platform.erasure_requests", "tenants"): "the platform's list of erasure requests: each one's tenant",
 }
 
 

@@ -32,7 +32,9 @@ CREATE POLICY tenant_isolation ON erasure_requests AS PERMISSIVE FOR ALL TO PUBL
 DROP POLICY IF EXISTS definer_all ON erasure_requests;
 CREATE POLICY definer_all ON erasure_requests AS PERMISSIVE FOR ALL TO iaf_owner USING (true) WITH CHECK (true);
 REVOKE ALL ON erasure_requests FROM PUBLIC;
-GRANT SELECT, INSERT, UPDATE ON erasure_requests TO iaf_app;
+-- DELETE as on every tenant table (an earlier migration run again grants it to all of them); the
+-- application never deletes a request: a cancelled one stays as history until the tenant is erased.
+GRANT SELECT, INSERT, UPDATE, DELETE ON erasure_requests TO iaf_app;
 
 -- The application's session (outside the definer functions) records pending requests and cancels
 -- pending ones, nothing else: a tenant cannot confirm its own request.
@@ -44,14 +46,14 @@ BEGIN
         RETURN NEW;
     END IF;
     IF TG_OP = 'INSERT' AND (NEW.status <> 'pending' OR NEW.decided_by IS NOT NULL OR NEW.decided_at IS NOT NULL) THEN
-        RAISE EXCEPTION 'an erasure request starts pending' USING ERRCODE = 'IA403';
+        RAISE EXCEPTION 'an erasure request starts pending' USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF TG_OP = 'UPDATE' AND NOT (OLD.status = 'pending' AND NEW.status = 'cancelled'
                                  AND NEW.tenant_id = OLD.tenant_id AND NEW.id = OLD.id
                                  AND NEW.requested_by IS NOT DISTINCT FROM OLD.requested_by
                                  AND NEW.created_at = OLD.created_at AND NEW.reason = OLD.reason) THEN
         RAISE EXCEPTION 'only a platform administrator confirms an erasure request; a tenant may cancel a pending one'
-            USING ERRCODE = 'IA403';
+            USING ERRCODE = 'insufficient_privilege';
     END IF;
     RETURN NEW;
 END
