@@ -40,7 +40,7 @@ RUNS_ON_TWO_CELLS = True
 load_pages()  # the page modules register their routes when imported
 TENANT_ROUTES = [r for r in ROUTES if r.role is not None]
 # What a path parameter may name, and how the generated tests find such a record of tenant B.
-PARAM_KINDS = ("member", "invitation", "api_key")
+PARAM_KINDS = ("member", "invitation", "api_key", "knowledge_file")
 DOC = offline_openapi()
 API_OPERATIONS = {op.label for op in api_operations(DOC)}
 _PARAM = re.compile(r"\{([a-z_]+)(?::[a-z]+)?\}")
@@ -65,7 +65,16 @@ async def b_records(w: ApiWorld) -> dict[str, Any]:
     )
     assert r.status_code == 201, r.text
     keys = (await w.client.get("/api/v1/api-keys", headers=h)).json()
-    return {"member": w.b.user_ids["member"], "invitation": r.json()["id"], "api_key": keys[0]["id"]}
+    upload = await w.client.post(
+        "/api/v1/knowledge-base/files", files={"file": ("b.txt", b"Tenant B's own file.", "text/plain")}, headers=h
+    )
+    assert upload.status_code == 201, upload.text
+    return {
+        "member": w.b.user_ids["member"],
+        "invitation": r.json()["id"],
+        "api_key": keys[0]["id"],
+        "knowledge_file": upload.json()["id"],
+    }
 
 
 async def b_state(w: ApiWorld) -> tuple[Any, ...]:
@@ -77,6 +86,7 @@ async def b_state(w: ApiWorld) -> tuple[Any, ...]:
         "/api/v1/tenant",
         "/api/v1/tenant/erasure-requests",
         "/api/v1/credits",
+        "/api/v1/knowledge-base/files",
     )
     return tuple([(await w.client.get(path, headers=h)).json() for path in paths])
 
@@ -214,7 +224,12 @@ async def test_an_expired_access_token_is_refreshed_transparently(world: ApiWorl
 
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.method == "POST"], ids=lambda r: r.label)
 async def test_a_post_without_the_csrf_token_is_refused(world: ApiWorld, route: ConsoleRoute) -> None:
-    ids = {"member": world.a.user_ids["viewer"], "invitation": uuid.uuid4(), "api_key": uuid.uuid4()}
+    ids = {
+        "member": world.a.user_ids["viewer"],
+        "invitation": uuid.uuid4(),
+        "api_key": uuid.uuid4(),
+        "knowledge_file": 2**40,
+    }
     async with Console(world.client) as c:
         await c.sign_in(email_of(world, "a", "owner"))
         before = await b_state(world), (await world.client.get("/api/v1/members", headers=world.a.auth())).json()
@@ -250,7 +265,12 @@ ROLE_CASES = [
 async def test_a_role_below_the_routes_is_refused_with_403(world: ApiWorld, route: ConsoleRoute, role: str) -> None:
     """A member cannot reach admin actions, an admin cannot change the tenant's profile...: the
     database's gate refuses them, with A's own records as targets."""
-    ids = {"member": world.a.user_ids["viewer"], "invitation": uuid.uuid4(), "api_key": uuid.uuid4()}
+    ids = {
+        "member": world.a.user_ids["viewer"],
+        "invitation": uuid.uuid4(),
+        "api_key": uuid.uuid4(),
+        "knowledge_file": 2**40,
+    }
     async with Console(world.client) as c:
         await c.sign_in(email_of(world, "a", role))
         r = await (c.get if route.method == "GET" else c.post)(concrete(route, ids))
@@ -258,7 +278,9 @@ async def test_a_role_below_the_routes_is_refused_with_403(world: ApiWorld, rout
         assert "<html" in r.text
 
 
-@pytest.mark.parametrize("route", [r for r in TENANT_ROUTES if r.method == "GET"], ids=lambda r: r.label)
+@pytest.mark.parametrize(
+    "route", [r for r in TENANT_ROUTES if r.method == "GET" and not r.params], ids=lambda r: r.label
+)
 async def test_every_page_opens_for_its_role(world: ApiWorld, route: ConsoleRoute) -> None:
     """Every GET route opens for the least role it needs (a viewer for most); a download (CSV,
     archive) is a file, the others a page."""
@@ -295,7 +317,7 @@ async def test_no_page_shows_anything_of_tenant_b(world: ApiWorld) -> None:
     for email, tenant in a_sessions(world):
         async with Console(world.client) as c:
             await c.sign_in(email, tenant=tenant)
-            for route in [r for r in TENANT_ROUTES if r.method == "GET"]:
+            for route in [r for r in TENANT_ROUTES if r.method == "GET" and not r.params]:
                 r = await c.get(route.full_path)
                 assert r.status_code in (200, 303)
                 shown = r.text
@@ -600,6 +622,12 @@ async def test_knowledge_upload_a_file_then_find_its_passage(world: ApiWorld, mo
         r = await c.client.post("/console/knowledge/files", data={"csrf": c.csrf or ""})
         assert r.status_code == 422 and "Choose a file." in r.text
         assert await drain_index(module_db) >= 1
+        page = (await c.get("/console/knowledge")).text
+        link = re.search(rf'href="(/console/knowledge/files/\d+)" download>reglement-{tag}.md</a>', page)
+        assert link, page
+        r = await c.get(link.group(1))
+        assert r.status_code == 200 and r.content == text.encode()
+        assert r.headers["content-disposition"].startswith("attachment")
         page = (await c.get(f"/console/knowledge?q=parking+{tag}&mode=keyword")).text
         passages = page.split('<ol class="passages">', 1)[1]
         assert f"<strong>Règlement {tag}</strong>" in passages and "réservé aux patients" in passages

@@ -16,11 +16,13 @@ from iafactory.console.web import Ctx, page
 from iafactory.http.idempotency import Idempotency
 from iafactory.http.problems import Problem
 from iafactory.knowledge import endpoints as knowledge_endpoints
+from iafactory.knowledge import files as files_service
 from iafactory.knowledge.schemas import KNOWLEDGE_BASE, DocumentCreate, SearchIn
 from iafactory.resources import pagination, repository
 
 DONE = frozenset({"document_added", "file_uploaded"})
 PAGE_SIZE = 20
+FILES_SHOWN = 100
 MODES = ("hybrid", "keyword", "semantic")
 
 
@@ -52,7 +54,18 @@ async def view(c: Ctx, *, status: int = 200, error: str | None = None, form: dic
             result = await knowledge_endpoints.search(body, c.request, c.who)
     async with c.tenant(read_only=True, role="viewer") as s:
         rows = await repository.page(s.tx, KNOWLEDGE_BASE, s.ctx.tenant_id, PAGE_SIZE, after)
+        # The uploaded files behind documents (GET /knowledge-base/files): the newest FILES_SHOWN.
+        files = await files_service.page(s.tx, s.ctx.tenant_id, FILES_SHOWN, None)
     documents, next_cursor = pagination.page_of(rows, PAGE_SIZE)
+    by_document = {f["document_id"]: f for f in files[:FILES_SHOWN]}
+    documents = [
+        {
+            **d,
+            "file": by_document.get(d["id"]),
+            "size": by_document[d["id"]]["size_bytes"] if d["id"] in by_document else len(d["content"].encode()),
+        }
+        for d in documents
+    ]
     done = query.get("done")
     return c.render(
         "knowledge.html",
@@ -142,3 +155,18 @@ async def upload_file(c: Ctx) -> Response:
             raise
         return await view(c, status=problem.status, error=problem.detail, form=values)
     return c.redirect("/knowledge", done="file_uploaded")
+
+
+@page(
+    "GET",
+    "/knowledge/files/{file_id:int}",
+    role="viewer",
+    api="GET /api/v1/knowledge-base/files/{file_id}",
+    params={"file_id": "knowledge_file"},
+)
+async def download_file(c: Ctx) -> Response:
+    """The original file, byte for byte, as the API's download answers it (an attachment, sandboxed)."""
+    file_id: int = c.request.path_params["file_id"]
+    async with c.tenant() as s:
+        response = await knowledge_endpoints.download_file(file_id, s)
+    return c.finish(response)
