@@ -214,6 +214,11 @@ def _pdf_pages(data: bytes) -> Iterator[Section]:
             text = reader.pages[number].extract_text() or ""
         except Exception as err:
             raise ExtractionError(f"page {number + 1} of the PDF cannot be read ({type(err).__name__}: {err})") from err
+        # pypdf keeps every object it has parsed (content streams, fonts) for the reader's life: let
+        # each page's go, so that memory does not grow with the number of pages (bench/extraction.py).
+        cache = getattr(reader, "resolved_objects", None)
+        if isinstance(cache, dict):
+            cache.clear()
         yield Section(_tidy(text), number + 1)
 
 
