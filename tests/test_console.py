@@ -827,3 +827,30 @@ async def test_an_erasure_request_that_the_platform_confirms(world: ApiWorld) ->
     listed = (await world.client.get("/api/v1/admin/erasure-requests?status=confirmed", headers=platform)).json()
     assert [p["status"] for p in listed if p["tenant_id"] == str(world.a.id)] == ["confirmed"]
     assert not [p for p in listed if p["tenant_id"] == str(world.b.id)]
+
+
+async def test_a_tenant_cannot_confirm_its_own_erasure_request_in_sql(world: ApiWorld, module_db: str) -> None:
+    """Below the API: the application role, as the tenant, may record a pending request and cancel
+    it, never confirm one (034's trigger); confirming is platform.confirm_erasure_request's."""
+    import psycopg
+
+    from conftest import settings_for
+    from iafactory.db import bootstrap
+    from iafactory.tenancy.context import TenantContext
+
+    r = await world.client.post("/api/v1/tenant/erasure-requests", json={}, headers=world.b.auth("owner"))
+    assert r.status_code == 200 and r.json()["status"] == "pending"
+    ctx = TenantContext(tenant_id=world.b.id, user_id=world.b.user_ids["owner"])
+    async with bootstrap.database(settings_for(module_db), module_db) as db:
+        for statement in (
+            "UPDATE erasure_requests SET status = 'confirmed' WHERE tenant_id = %s",
+            "INSERT INTO erasure_requests (tenant_id, status) VALUES (%s, 'confirmed')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                async with db.tenant(ctx) as tx:
+                    await tx.execute(statement, (world.b.id,))
+        with pytest.raises(psycopg.Error, match="platform administrators only"):  # IA403, as the tenant
+            async with db.tenant(ctx) as tx:
+                await tx.execute("SELECT * FROM platform.confirm_erasure_request(%s, NULL)", (world.b.id,))
+    r = await world.client.post("/api/v1/tenant/erasure-requests/cancel", headers=world.b.auth("owner"))
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
