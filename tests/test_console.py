@@ -708,6 +708,7 @@ async def test_audit_log_filters_pages_and_downloads_csv(world: ApiWorld) -> Non
         admin_id = world.a.user_ids["admin"]
         page = (await c.get(f"/console/audit?actor={admin_id}&from=2000-01-01&to=2100-01-01")).text
         assert f'<option value="{admin_id}" selected>' in page
+        assert "<td>admin a</td>" in page.split('id="audit-events"', 1)[1]  # the member's name, not the login
         page = (await c.get("/console/audit?from=2000-01-01&to=2000-01-02")).text
         assert "No event matches." in page
         link = re.search(r'id="audit-csv" href="([^"]+)"', (await c.get("/console/audit?action=api_key.created")).text)

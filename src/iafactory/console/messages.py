@@ -274,6 +274,7 @@ EN: dict[str, str] = {
     "done.erasure_requested": "Erasure requested. A platform administrator will confirm it.",
     "done.erasure_cancelled": "Erasure request cancelled.",
     "kb.file_missing": "Choose a file.",
+    "audit.api_key": "API key",
 }
 
 FR: dict[str, str] = {
@@ -545,6 +546,7 @@ FR: dict[str, str] = {
     "done.erasure_requested": "Effacement demandé. Un administrateur de la plateforme le confirmera.",
     "done.erasure_cancelled": "Demande d’effacement annulée.",
     "kb.file_missing": "Choisissez un fichier.",
+    "audit.api_key": "Clé d’API",
 }
 
 AR: dict[str, str] = {
@@ -816,6 +818,7 @@ AR: dict[str, str] = {
     "done.erasure_requested": "طُلب المحو. سيؤكده مسؤول في المنصة.",
     "done.erasure_cancelled": "أُلغي طلب المحو.",
     "kb.file_missing": "اختاروا ملفًا.",
+    "audit.api_key": "مفتاح API",
 }
 
 MESSAGES: dict[str, dict[str, str]] = {"en": EN, "fr": FR, "ar": AR}

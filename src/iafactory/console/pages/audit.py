@@ -122,6 +122,7 @@ async def audit_page(c: Ctx) -> Response:
         title=c.t("audit.title"),
         events=[{**e, "details_text": json.dumps(e["details"], ensure_ascii=False)} for e in events],
         members=members,
+        people={m["user_id"]: m["name"] or m["email"] for m in members},
         form=f["form"],
         actions=KNOWN_ACTIONS,
         first_link=_query(f["form"]) if cursor else None,
