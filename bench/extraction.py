@@ -278,7 +278,7 @@ def main() -> None:
             print(
                 f"  {sizes[label]:>5} pages: {r['seconds']:7.1f} s, {r['chunks']} passages ({r['chunks'] / r['seconds']:.0f}/s), "
                 f"pages cited up to {r['last_page']}; {r['transactions']} tenant transactions, longest held "
-                f"{r['longest_ms']:.1f} ms (all together {r['total_tx_ms']:.0f} ms); peak RSS +{r['rss_mb']:.1f} MB {r['held_ms'][:8]}"
+                f"{r['longest_ms']:.1f} ms (all together {r['total_tx_ms']:.0f} ms); peak RSS +{r['rss_mb']:.1f} MB (first transactions, ms: {r['held_ms'][:8]})"
             )
         base, large = results["baseline"], results["large"]
         print(
