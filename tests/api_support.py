@@ -9,6 +9,7 @@ way a customer would end up with it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import uuid
@@ -337,6 +338,14 @@ WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 ROLE_RANKS = {role: rank for rank, role in enumerate(("viewer", "member", "admin", "owner"))}
 
 
+def body_of(r: httpx.Response) -> Any:
+    """A response's JSON; for a binary one (a file downloaded), its type and digest, which is what
+    the matrices compare (the bytes themselves are checked in tests/test_knowledge_files.py)."""
+    if "json" in r.headers.get("content-type", "") or not r.content:
+        return r.json() if r.content else None
+    return {"content-type": r.headers.get("content-type"), "sha256": hashlib.sha256(r.content).hexdigest()}
+
+
 def offline_openapi() -> dict[str, Any]:
     """The OpenAPI document of a freshly built app. Building it opens no connection, so test modules
     can enumerate routes at collection time."""
@@ -362,6 +371,7 @@ class ApiOperation:
     required_query: tuple[tuple[str, str], ...] = ()  # (name, sample value) of required query parameters
     # A POST that only reads (marked `x-reads-only` in the document, e.g. a search).
     reads_only: bool = False
+    form: dict[str, Any] | None = None  # a multipart/form-data body's schema (a file upload), `$ref` resolved
 
     @property
     def label(self) -> str:
@@ -410,7 +420,9 @@ def api_operations(doc: dict[str, Any]) -> list[ApiOperation]:
             if method not in ("get", "put", "post", "patch", "delete", "head", "options", "trace"):
                 continue
             params = [*item.get("parameters", []), *op.get("parameters", [])]
-            body = (op.get("requestBody") or {}).get("content", {}).get("application/json", {}).get("schema")
+            content = (op.get("requestBody") or {}).get("content", {})
+            body = content.get("application/json", {}).get("schema")
+            form = content.get("multipart/form-data", {}).get("schema")
             ops.append(
                 ApiOperation(
                     method=method.upper(),
@@ -421,6 +433,7 @@ def api_operations(doc: dict[str, Any]) -> list[ApiOperation]:
                     responses=tuple(op.get("responses", {})),
                     required_query=required_query_values(params),
                     reads_only=bool(op.get("x-reads-only")),
+                    form=resolve_schema(doc, form),
                 )
             )
             if op.get("x-reads-only"):
@@ -497,6 +510,8 @@ def read_role_table() -> dict[str, str | None]:
         f"{API_PREFIX}/usage-events": "viewer",
         f"{API_PREFIX}/usage/summary": "viewer",
         f"{API_PREFIX}/audit-events": "admin",  # who did what: admins only
+        f"{API_PREFIX}/tenant/export": "admin",  # every record of the tenant, the audit log among them
+        f"{API_PREFIX}/tenant/erasure-requests": "admin",
         **dict.fromkeys(resource_prefixes(), "viewer"),
     }
 
@@ -884,6 +899,8 @@ class Seeder:
         """Send `op` with a generated body: every property first; only the required ones if the
         app refuses that (422), since optional fields may have rules a schema cannot express."""
         headers = headers or self.headers
+        if op.form is not None:
+            return await self._upload(op, path, headers, expect_success)
         r = await self.client.request(op.method, path or op.path, json=await self.body(op, full=True), headers=headers)
         if r.status_code == 422:
             first = r.text
@@ -895,6 +912,24 @@ class Seeder:
                     f"{op.label}: the body generated from the schema was refused, with every "
                     f"field: {first}\nwith the required fields only: {r.status_code} {r.text}"
                 )
+        if expect_success and r.status_code >= 300:
+            raise AssertionError(f"{op.label} as {self.marker}: {r.status_code} {r.text}")
+        return r
+
+    async def _upload(
+        self, op: ApiOperation, path: str | None, headers: dict[str, str], expect_success: bool
+    ) -> httpx.Response:
+        """A multipart body: a small text file (carrying the marker, in its name and content) for
+        each file field, the marker in the other string fields it requires."""
+        assert op.form is not None
+        files, data = {}, {}
+        for name, prop in op.form.get("properties", {}).items():
+            if prop.get("format") == "binary" or "contentMediaType" in prop:
+                n = self.builder._n()
+                files[name] = (f"{self.marker}-{n}.txt", f"{self.marker} text {n}".encode(), "text/plain")
+            elif name in op.form.get("required", []):
+                data[name] = self.builder.build(prop, where=f"body.{name}")
+        r = await self.client.request(op.method, path or op.path, files=files, data=data, headers=headers)
         if expect_success and r.status_code >= 300:
             raise AssertionError(f"{op.label} as {self.marker}: {r.status_code} {r.text}")
         return r

@@ -29,6 +29,7 @@ from api_support import (
     Seeder,
     allowed,
     api_operations,
+    body_of,
     id_field,
     offline_openapi,
     provision_for_load,
@@ -87,6 +88,11 @@ class Roles:
     async def target(self, op: ApiOperation) -> Any:
         """A fresh record of the caller's tenant (a fresh tenant for the platform's routes) for a
         by-id write, made through the collection's own create route."""
+        if op.path == f"{API_PREFIX}/admin/tenants/{{tenant_id}}/erasure-request/confirm":
+            # The platform confirms what a tenant asked for (a fresh tenant has no owner to ask):
+            # tenant B's owner asks first; A's requests are the tenant routes' own.
+            await self.ask_for_erasure(self.world.b)
+            return self.world.b.id
         creates = any(o.method == "POST" and o.path == op.collection for o in api_operations(DOC))
         if creates:
             ident = await self.seeder.create(op.collection, headers=self.creator(op.collection))
@@ -95,6 +101,15 @@ class Roles:
         if op.id_param == "tenant_id":
             return self.world.a.id
         raise AssertionError(f"{op.label}: no route creates the record it acts on; teach Roles.target")
+
+    async def ask_for_erasure(self, tenant: Any) -> None:
+        r = await self.world.client.post(f"{API_PREFIX}/tenant/erasure-requests", json={}, headers=tenant.auth("owner"))
+        assert r.status_code == 200, r.text
+
+    async def prepare(self, op: ApiOperation) -> None:
+        """A write that acts on the tenant's state rather than on a record: the state it needs."""
+        if op.path == f"{API_PREFIX}/tenant/erasure-requests/cancel":
+            await self.ask_for_erasure(self.world.a)  # a pending request to cancel
 
     async def observe(self, op: ApiOperation, ident: Any) -> Any:
         """How the target looks to its owner: its GET by id, else its row in the collection's listing."""
@@ -109,7 +124,7 @@ class Roles:
         )
         if getter is not None:
             r = await c.get(getter.at(ident), headers=headers)
-            return r.status_code, r.json()
+            return r.status_code, body_of(r)
         rows: list[Any] = []
         params: dict[str, Any] = {}
         while True:
@@ -168,6 +183,8 @@ async def test_write_route_role(roles: Roles, op: ApiOperation, actor: str) -> N
             before = await roles.observe(op, ident)
     elif op.kind != "collection":
         pytest.fail(f"{op.label}: a route shape the role matrix cannot drive")
+    else:
+        await roles.prepare(op)
     r = await roles.seeder.write(op, path, headers=cred.headers, expect_success=False)
     if may:
         assert 200 <= r.status_code < 300, (

@@ -236,6 +236,9 @@ INEXPRESSIBLE = {
     "confirm_password_reset": "the new password must pass the policy (not a common password, a repeated pattern ...)",
 }
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429"]  # schemathesis' default, less 5xx
+# Operations whose body is a file: any bytes are schema-valid, but only a PDF, DOCX, HTML, Markdown or
+# text file of the type it is declared as is taken (415 otherwise), and not an empty one (422).
+FILE_CONTENT = {"upload_knowledge_file": ["415", "422"]}
 
 
 def random_config(w: ApiWorld) -> Any:
@@ -266,6 +269,13 @@ def random_config(w: ApiWorld) -> Any:
                         "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "422"]}},
                     }
                     for op_id in INEXPRESSIBLE
+                ),
+                *(
+                    {
+                        "include-operation-id": op_id,
+                        "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, *statuses]}},
+                    }
+                    for op_id, statuses in FILE_CONTENT.items()
                 ),
             ],
         }

@@ -48,7 +48,7 @@ load_pages()  # the page modules register their routes when imported
 TENANT_ROUTES = [r for r in ROUTES if r.role is not None]
 PLATFORM_ROUTES = [r for r in ROUTES if r.platform]
 # What a path parameter may name, and how the generated tests find such a record of tenant B.
-PARAM_KINDS = ("member", "invitation", "api_key", "tenant")
+PARAM_KINDS = ("member", "invitation", "api_key", "tenant", "knowledge_file")
 DOC = offline_openapi()
 API_OPERATIONS = {op.label for op in api_operations(DOC)}
 _PARAM = re.compile(r"\{([a-z_]+)(?::[a-z]+)?\}")
@@ -73,12 +73,30 @@ async def b_records(w: ApiWorld) -> dict[str, Any]:
     )
     assert r.status_code == 201, r.text
     keys = (await w.client.get("/api/v1/api-keys", headers=h)).json()
-    return {"member": w.b.user_ids["member"], "invitation": r.json()["id"], "api_key": keys[0]["id"], "tenant": w.b.id}
+    upload = await w.client.post(
+        "/api/v1/knowledge-base/files", files={"file": ("b.txt", b"Tenant B's own file.", "text/plain")}, headers=h
+    )
+    assert upload.status_code == 201, upload.text
+    return {
+        "member": w.b.user_ids["member"],
+        "invitation": r.json()["id"],
+        "api_key": keys[0]["id"],
+        "knowledge_file": upload.json()["id"],
+        "tenant": w.b.id,
+    }
 
 
 async def b_state(w: ApiWorld) -> tuple[Any, ...]:
     h = w.b.auth("owner")
-    paths = ("/api/v1/members", "/api/v1/members/invitations", "/api/v1/api-keys", "/api/v1/tenant")
+    paths = (
+        "/api/v1/members",
+        "/api/v1/members/invitations",
+        "/api/v1/api-keys",
+        "/api/v1/tenant",
+        "/api/v1/tenant/erasure-requests",
+        "/api/v1/credits",
+        "/api/v1/knowledge-base/files",
+    )
     return tuple([(await w.client.get(path, headers=h)).json() for path in paths])
 
 
@@ -224,6 +242,7 @@ async def test_a_post_without_the_csrf_token_is_refused(world: ApiWorld, route: 
         "invitation": uuid.uuid4(),
         "api_key": uuid.uuid4(),
         "tenant": world.a.id,
+        "knowledge_file": 2**40,
     }
     async with Console(world.client) as c:
         await c.sign_in(email_of(world, "a", "owner"))
@@ -260,7 +279,12 @@ ROLE_CASES = [
 async def test_a_role_below_the_routes_is_refused_with_403(world: ApiWorld, route: ConsoleRoute, role: str) -> None:
     """A member cannot reach admin actions, an admin cannot change the tenant's profile...: the
     database's gate refuses them, with A's own records as targets."""
-    ids = {"member": world.a.user_ids["viewer"], "invitation": uuid.uuid4(), "api_key": uuid.uuid4()}
+    ids = {
+        "member": world.a.user_ids["viewer"],
+        "invitation": uuid.uuid4(),
+        "api_key": uuid.uuid4(),
+        "knowledge_file": 2**40,
+    }
     async with Console(world.client) as c:
         await c.sign_in(email_of(world, "a", role))
         r = await (c.get if route.method == "GET" else c.post)(concrete(route, ids))
@@ -268,14 +292,20 @@ async def test_a_role_below_the_routes_is_refused_with_403(world: ApiWorld, rout
         assert "<html" in r.text
 
 
-@pytest.mark.parametrize("route", [r for r in TENANT_ROUTES if r.method == "GET"], ids=lambda r: r.label)
-async def test_every_page_opens_for_a_viewer(world: ApiWorld, route: ConsoleRoute) -> None:
+@pytest.mark.parametrize(
+    "route", [r for r in TENANT_ROUTES if r.method == "GET" and not r.params], ids=lambda r: r.label
+)
+async def test_every_page_opens_for_its_role(world: ApiWorld, route: ConsoleRoute) -> None:
+    """Every GET route opens for the least role it needs (a viewer for most); a download (CSV,
+    archive) is a file, the others a page."""
     async with Console(world.client) as c:
-        await c.sign_in(email_of(world, "a", "viewer"))
+        await c.sign_in(email_of(world, "a", route.role or "viewer"))
         r = await c.get(route.full_path)
         assert r.status_code in (200, 303), r.text
-        if r.status_code == 200:
+        if r.status_code == 200 and r.headers["content-type"].startswith("text/html"):
             assert "<main" in r.text
+        elif r.status_code == 200:
+            assert "attachment" in r.headers["content-disposition"]
 
 
 async def test_admin_forms_are_not_shown_to_a_member(world: ApiWorld) -> None:
@@ -301,7 +331,7 @@ async def test_no_page_shows_anything_of_tenant_b(world: ApiWorld) -> None:
     for email, tenant in a_sessions(world):
         async with Console(world.client) as c:
             await c.sign_in(email, tenant=tenant)
-            for route in [r for r in TENANT_ROUTES if r.method == "GET"]:
+            for route in [r for r in TENANT_ROUTES if r.method == "GET" and not r.params]:
                 r = await c.get(route.full_path)
                 assert r.status_code in (200, 303)
                 shown = r.text
@@ -899,3 +929,309 @@ async def test_platform_sees_tenants_of_two_cells_with_their_cell(cell_urls: dic
             await c.sign_in(email_of(w, "b", "owner"))
             r = await c.get("/console/platform/tenants")
             assert r.status_code == 403
+
+
+# --- knowledge base, usage, credits, audit log, your data (console2) ---------------------------------
+
+
+async def drain_index(module_db: str) -> int:
+    """Index what is waiting, as the worker would (driven, never waited for)."""
+    from conftest import settings_for
+    from iafactory.db import bootstrap
+    from iafactory.knowledge import worker
+    from iafactory.knowledge.embeddings import embedder
+
+    settings = settings_for(module_db)
+    async with bootstrap.database(settings, module_db) as db:
+        return await worker.drain(db, embedder(settings))
+
+
+async def test_knowledge_add_a_document_then_find_it_by_search(world: ApiWorld, module_db: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "viewer"))
+        page = (await c.get("/console/knowledge")).text
+        assert 'id="search-form"' in page and "document-form" not in page  # viewers search, members add
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "member"))
+        await c.get("/console/knowledge")
+        r = await c.post("/console/knowledge", {"title": "", "content": "x"})
+        assert r.status_code == 422 and 'role="alert"' in r.text and "title" in r.text
+        text = f"Les horaires d'ouverture du cabinet {tag} sont de 8 h à 18 h, du lundi au vendredi."
+        r = await c.post(
+            "/console/knowledge",
+            {"title": f"Horaires {tag}", "content": text, "source": "https://example.ch/horaires", "language": "fr"},
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/console/knowledge?done=document_added"
+        page = (await c.get(r.headers["location"])).text
+        assert f"Horaires {tag}" in page and "Waiting" in page and 'role="status"' in page
+        assert await drain_index(module_db) >= 1
+        page = (await c.get("/console/knowledge")).text
+        assert "Indexed" in page
+        r = await c.get(f"/console/knowledge?q=horaires+{tag}&mode=keyword")
+        assert r.status_code == 200
+        passages = r.text.split('<ol class="passages">', 1)[1]
+        assert f"<strong>Horaires {tag}</strong>" in passages and "passage 1" in passages
+        assert "relevance 100%" in passages and "8 h à 18 h" in passages
+        r = await c.get(f"/console/knowledge?q=introuvable{tag}&mode=keyword")
+        assert "No passage matches." in r.text
+
+
+async def test_knowledge_upload_a_file_then_find_its_passage(world: ApiWorld, module_db: str) -> None:
+    """The upload form is multipart, with the CSRF token among its fields; it runs the API's own
+    upload handler (type read from the content, refusals shown on the page)."""
+    tag = uuid.uuid4().hex[:8]
+    text = f"# Règlement {tag}\n\nLe parking {tag} est réservé aux patients du cabinet.\n"
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "member"))
+        page = (await c.get("/console/knowledge")).text
+        assert 'enctype="multipart/form-data"' in page and 'id="upload-form"' in page
+        files = {"file": (f"reglement-{tag}.md", text.encode(), "text/markdown")}
+        r = await c.client.post("/console/knowledge/files", data={"title": f"Règlement {tag}"}, files=files)
+        assert r.status_code == 403  # no CSRF token
+        r = await c.client.post(
+            "/console/knowledge/files", data={"csrf": c.csrf or "", "title": f"Règlement {tag}"}, files=files
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/console/knowledge?done=file_uploaded", r.text
+        r = await c.client.post(
+            "/console/knowledge/files",
+            data={"csrf": c.csrf or ""},
+            files={"file": ("program.exe", b"MZ\x90\x00\x03\x00\x00\x00\x04\x00" * 50, "application/octet-stream")},
+        )
+        assert r.status_code == 415 and 'role="alert"' in r.text and "file:" in r.text
+        r = await c.client.post("/console/knowledge/files", data={"csrf": c.csrf or ""})
+        assert r.status_code == 422 and "Choose a file." in r.text
+        assert await drain_index(module_db) >= 1
+        page = (await c.get("/console/knowledge")).text
+        link = re.search(rf'href="(/console/knowledge/files/\d+)" download>reglement-{tag}.md</a>', page)
+        assert link, page
+        r = await c.get(link.group(1))
+        assert r.status_code == 200 and r.content == text.encode()
+        assert r.headers["content-disposition"].startswith("attachment")
+        page = (await c.get(f"/console/knowledge?q=parking+{tag}&mode=keyword")).text
+        passages = page.split('<ol class="passages">', 1)[1]
+        assert f"<strong>Règlement {tag}</strong>" in passages and "réservé aux patients" in passages
+
+
+async def test_usage_by_type_and_by_day_with_a_month_picker(world: ApiWorld) -> None:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    events = [
+        {"event_type": "voice.minutes", "quantity": 3, "idempotency_key": f"u-{uuid.uuid4().hex}"},
+        {"event_type": "voice.minutes", "quantity": 4, "idempotency_key": f"u-{uuid.uuid4().hex}"},
+        {"event_type": "llm.tokens", "quantity": 1500, "idempotency_key": f"u-{uuid.uuid4().hex}"},
+    ]
+    r = await world.client.post("/api/v1/usage-events", json={"events": events}, headers=world.a.auth("member"))
+    assert r.status_code == 200, r.text
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "viewer"))
+        page = (await c.get("/console/usage")).text
+        by_type = page.split('id="usage-by-type"', 1)[1].split("</table>", 1)[0]
+        assert "<code>voice.minutes</code>" in by_type and "<code>llm.tokens</code>" in by_type
+        assert 'class="fill p100"' in by_type  # the largest quantity fills its bar
+        assert "<svg" in page and f'value="{now:%Y-%m}"' in page and 'id="usage-by-day"' in page
+        page = (await c.get("/console/usage?month=2001-02")).text
+        assert "No usage recorded this month." in page and 'value="2001-02"' in page
+        assert "month=2001-01" in page and "month=2001-03" in page  # previous and next month
+        page = (await c.get("/console/usage?month=not-a-month")).text
+        assert f'value="{now:%Y-%m}"' in page
+
+
+async def test_credits_ledger_shows_the_balance_and_pages(world: ApiWorld) -> None:
+    platform = world.headers(world.platform_token)
+    tag = uuid.uuid4().hex[:6]
+    for i in range(26):
+        r = await world.client.post(
+            f"/api/v1/admin/tenants/{world.a.id}/credits",
+            json={"amount": 10 + i, "reason": f"grant {tag} {i}", "idempotency_key": f"{tag}-{i}"},
+            headers=platform,
+        )
+        assert r.status_code == 200, r.text
+    balance = (await world.client.get("/api/v1/credits/balance", headers=world.a.auth())).json()["balance"]
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "viewer"))
+        page = (await c.get("/console/credits")).text
+        assert f"{balance:,}" in page.split('id="credit-balance"', 1)[1].split("</dd>", 1)[0]
+        assert f"grant {tag} 25" in page and "+35" in page and "Grant" in page
+        assert f"grant {tag} 0<" not in page  # the oldest is on the next page
+        following = re.search(r'href="(/console/credits\?cursor=[^"]+)" rel="next"', page)
+        assert following
+        page = (await c.get(following.group(1).replace("&amp;", "&"))).text
+        assert f"grant {tag} 0<" in page and "First page" in page
+        assert (await c.get("/console/credits?cursor=nonsense")).status_code == 200
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_quoted() -> None:
+    from iafactory.console.pages.audit import safe_cell
+
+    for formula in ("=1+1", "+41 22", "-2", "@SUM(A1)", "\t=x", "\r=x"):
+        assert safe_cell(formula) == "'" + formula
+    for plain in ("member.added", "", None, 42, "a=b"):
+        assert safe_cell(plain) == ("" if plain is None else str(plain))
+
+
+async def test_audit_log_filters_pages_and_downloads_csv(world: ApiWorld) -> None:
+    import csv
+    import io
+
+    name = f'=HYPERLINK("http://evil.example","{uuid.uuid4().hex[:6]}")'
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "admin"))
+        await c.get("/console/api-keys")
+        r = await c.post("/console/api-keys", {"name": name, "scope": "read"})
+        assert r.status_code == 201
+        page = (await c.get("/console/audit?action=api_key.created")).text
+        rows = page.split('id="audit-events"', 1)[1]
+        assert "<code>api_key.created</code>" in rows and "<code>member.added</code>" not in rows
+        assert 'value="api_key.created"' in page
+        admin_id = world.a.user_ids["admin"]
+        page = (await c.get(f"/console/audit?actor={admin_id}&from=2000-01-01&to=2100-01-01")).text
+        assert f'<option value="{admin_id}" selected>' in page
+        assert "<td>admin a</td>" in page.split('id="audit-events"', 1)[1]  # the member's name, not the login
+        page = (await c.get("/console/audit?from=2000-01-01&to=2000-01-02")).text
+        assert "No event matches." in page
+        link = re.search(r'id="audit-csv" href="([^"]+)"', (await c.get("/console/audit?action=api_key.created")).text)
+        assert link and link.group(1) == "/console/audit.csv?action=api_key.created"
+        r = await c.get(link.group(1))
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+        assert r.headers["content-disposition"].startswith(f'attachment; filename="audit-{world.a.slug}-')
+        table = list(csv.reader(io.StringIO(r.content.decode("utf-8-sig"))))
+        assert table[0][:3] == ["created_at", "action", "actor"]
+        assert table[1:] and {row[1] for row in table[1:]} == {"api_key.created"}
+        mine = [row for row in table[1:] if name.replace('"', '\\"') in row[-1]]
+        assert mine, table[-3:]
+        # Every cell: nothing a spreadsheet would evaluate (the JSON of the details starts with '{').
+        assert not [cell for row in table for cell in row if cell[:1] in ("=", "+", "-", "@")]
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "member"))
+        assert "/console/audit" not in (await c.get("/console/overview")).text  # no link below admin
+
+
+async def test_the_export_is_every_row_of_the_tenant_and_imports(
+    world: ApiWorld, module_db: str, tmp_path: Any
+) -> None:
+    """The console's export, read by the application role under row security in the admin's own
+    transaction, has every tenant table and exactly the rows the operator counts for the tenant;
+    its checksums verify (portability.read_archive, as `tenants import` reads it); it is audited."""
+    from iafactory.db.scope import operator_transaction
+    from iafactory.tenancy import portability
+    from iafactory.tenancy.context import TenantContext
+
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "admin"))
+        page = (await c.get("/console/data")).text
+        assert 'id="export-link"' in page and "erasure-form" not in page  # owners request erasure
+        r = await c.get("/console/data/export")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/gzip"
+        assert r.headers["content-disposition"].startswith(f'attachment; filename="{world.a.slug}-export-')
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(r.content)
+    manifest, files = portability.read_archive(archive)
+    assert manifest["tenant"]["id"] == str(world.a.id) and manifest["exported_by"]["kind"] == "tenant"
+    async with operator_transaction(module_db, TenantContext(tenant_id=world.a.id)) as tx:
+        tables = await portability.tenant_tables(tx)
+        counts = await portability.count_rows(tx, world.a.id, tables)
+    assert set(manifest["tables"]) == {t.name for t in tables}
+    exported = {name: meta["rows"] for name, meta in manifest["tables"].items()}
+    # The export's own audit row is written after the rows are read.
+    assert {k: v for k, v in exported.items() if k != "audit_events"} == {
+        k: v for k, v in counts.items() if k != "audit_events"
+    }
+    assert exported["audit_events"] == counts["audit_events"] - 1
+    assert exported["tenant_users"] >= 4 and exported["api_keys"] >= 1
+    assert all(str(world.b.id) not in data.decode() for data in files.values())
+    emails = {u["email"] for u in manifest["users"]}
+    assert email_of(world, "a", "viewer") in emails and email_of(world, "b", "viewer") not in emails
+    log = (await world.client.get("/api/v1/audit-events?action=tenant.exported", headers=world.a.auth())).json()
+    assert log["items"] and log["items"][0]["details"]["by"] == "tenant"
+    # The API's route gives the same archive (the same function).
+    r = await world.client.get("/api/v1/tenant/export", headers=world.a.auth("admin"))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/gzip"
+    assert (await world.client.get("/api/v1/tenant/export", headers=world.a.auth("member"))).status_code == 403
+
+
+async def test_an_erasure_request_that_the_platform_confirms(world: ApiWorld) -> None:
+    platform = world.headers(world.platform_token)
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "owner"))
+        page = (await c.get("/console/data")).text
+        assert 'id="erasure-form"' in page and world.a.slug in page
+        r = await c.post("/console/data/erasure", {"reason": "closing the practice", "confirm": "wrong"})
+        assert r.status_code == 422 and f"type {world.a.slug}" in r.text
+        assert (await world.client.get("/api/v1/tenant/erasure-requests", headers=world.a.auth())).json() == []
+        r = await c.post("/console/data/erasure", {"reason": "closing the practice", "confirm": world.a.slug})
+        assert r.status_code == 303 and r.headers["location"] == "/console/data?done=erasure_requested"
+        page = (await c.get(r.headers["location"])).text
+        assert "Waiting for the platform’s confirmation" in page and 'id="cancel-erasure-form"' in page
+        # The platform sees it; then the owner cancels, and asks again.
+        pending = (await world.client.get("/api/v1/admin/erasure-requests", headers=platform)).json()
+        first = next(p for p in pending if p["tenant_id"] == str(world.a.id))
+        assert first["slug"] == world.a.slug and first["requested_by_email"] == email_of(world, "a", "owner")
+        r = await c.post("/console/data/erasure/cancel")
+        assert r.status_code == 303
+        r = await world.client.post(f"/api/v1/admin/tenants/{world.a.id}/erasure-request/confirm", headers=platform)
+        assert r.status_code == 404  # cancelled: nothing to confirm
+        await c.get("/console/data")
+        r = await c.post("/console/data/erasure", {"reason": "again", "confirm": world.a.slug})
+        assert r.status_code == 303
+    # Asking again through the API answers the open request, not a second one.
+    again = await world.client.post(
+        "/api/v1/tenant/erasure-requests", json={"reason": "twice"}, headers=world.a.auth("owner")
+    )
+    assert again.status_code == 200 and again.json()["reason"] == "again"
+    assert (
+        await world.client.post("/api/v1/tenant/erasure-requests", json={}, headers=world.a.auth("admin"))
+    ).status_code == 403
+    confirm = f"/api/v1/admin/tenants/{world.a.id}/erasure-request/confirm"
+    r = await world.client.post(confirm, headers=world.a.auth("owner"))
+    assert r.status_code == 403  # a tenant's owner cannot confirm its own request
+    r = await world.client.post(confirm, headers=platform)
+    assert r.status_code == 200 and r.json() == {"id": again.json()["id"], "status": "confirmed"}
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "a", "owner"))
+        page = (await c.get("/console/data")).text
+        assert "Confirmed: an operator will erase the data" in page and "cancel-erasure-form" not in page
+        r = await c.post("/console/data/erasure/cancel")
+        assert r.status_code == 409
+    actions = [
+        e["action"]
+        for e in (await world.client.get("/api/v1/audit-events?limit=100", headers=world.a.auth())).json()["items"]
+        if e["action"].startswith("tenant.erasure")
+    ]
+    assert actions[:4] == [
+        "tenant.erasure_confirmed",
+        "tenant.erasure_requested",
+        "tenant.erasure_cancelled",
+        "tenant.erasure_requested",
+    ]
+    listed = (await world.client.get("/api/v1/admin/erasure-requests?status=confirmed", headers=platform)).json()
+    assert [p["status"] for p in listed if p["tenant_id"] == str(world.a.id)] == ["confirmed"]
+    assert not [p for p in listed if p["tenant_id"] == str(world.b.id)]
+
+
+async def test_a_tenant_cannot_confirm_its_own_erasure_request_in_sql(world: ApiWorld, module_db: str) -> None:
+    """Below the API: the application role, as the tenant, may record a pending request and cancel
+    it, never confirm one (034's trigger); confirming is platform.confirm_erasure_request's."""
+    import psycopg
+
+    from conftest import settings_for
+    from iafactory.db import bootstrap
+    from iafactory.tenancy.context import TenantContext
+
+    r = await world.client.post("/api/v1/tenant/erasure-requests", json={}, headers=world.b.auth("owner"))
+    assert r.status_code == 200 and r.json()["status"] == "pending"
+    ctx = TenantContext(tenant_id=world.b.id, user_id=world.b.user_ids["owner"])
+    async with bootstrap.database(settings_for(module_db), module_db) as db:
+        for statement in (
+            "UPDATE erasure_requests SET status = 'confirmed' WHERE tenant_id = %s",
+            "INSERT INTO erasure_requests (tenant_id, status) VALUES (%s, 'confirmed')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                async with db.tenant(ctx) as tx:
+                    await tx.execute(statement, (world.b.id,))
+        with pytest.raises(psycopg.Error, match="platform administrators only"):  # IA403, as the tenant
+            async with db.tenant(ctx) as tx:
+                await tx.execute("SELECT * FROM platform.confirm_erasure_request(%s, NULL)", (world.b.id,))
+    r = await world.client.post("/api/v1/tenant/erasure-requests/cancel", headers=world.b.auth("owner"))
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"

@@ -441,3 +441,118 @@ def test_a_tenant_owner_cannot_open_the_platform_pages(tab: Tab, people: dict[st
     response = tab.goto("/console/platform/tenants")
     assert response is not None and response.status == 403
     assert "Platform administrators only." in tab.page.locator("main").inner_text()
+
+
+# --- knowledge base, usage, credits, audit log, your data (console2) ---------------------------------
+
+
+def index_waiting_documents(module_db: str) -> int:
+    """What the indexing worker would do next (driven here, never waited for)."""
+    from iafactory.knowledge import worker
+    from iafactory.knowledge.embeddings import embedder
+
+    async def run() -> int:
+        settings = settings_for(module_db)
+        async with bootstrap.database(settings, module_db) as db:
+            return await worker.drain(db, embedder(settings))
+
+    return int(in_thread(run))
+
+
+def test_upload_a_document_and_find_it_by_search(
+    tab: Tab, people: dict[str, Any], module_db: str, tmp_path: Path, shots: Path
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    upload = tmp_path / f"reglement-{tag}.md"
+    upload.write_text(
+        f"# Règlement intérieur {tag}\n\n## Absences\n\nToute absence d'un élève est signalée au secrétariat "
+        f"avant 9 h, par écrit ou par téléphone ({tag}).\n",
+        encoding="utf-8",
+    )
+    sign_in(tab, people["email"], people["names"]["dz"])
+    tab.page.get_by_role("link", name="Knowledge base").click()
+    tab.page.get_by_label("File", exact=True).set_input_files(str(upload))
+    tab.page.get_by_label("Title (optional: the file name otherwise)").fill(f"Règlement {tag}")
+    tab.page.get_by_role("button", name="Upload").click()
+    assert "File uploaded" in tab.page.get_by_role("status").inner_text()
+    assert f"Règlement {tag}" in tab.page.locator("main table").inner_text()
+    # A document typed in, too.
+    tab.page.get_by_label("Title", exact=True).fill(f"Horaires {tag}")
+    tab.page.get_by_label("Text", exact=True).fill(f"Le secrétariat {tag} est ouvert de 8 h à 16 h.")
+    tab.page.get_by_role("button", name="Add the document").click()
+    assert "Document added" in tab.page.get_by_role("status").inner_text()
+    assert index_waiting_documents(module_db) >= 2
+    tab.page.reload()
+    assert tab.page.locator("main table").inner_text().count("Indexed") >= 2
+    tab.page.get_by_label("Words or a question").fill(f"absence secrétariat {tag}")
+    tab.page.get_by_label("Kind of search").select_option("keyword")
+    tab.page.get_by_role("button", name="Search", exact=True).click()
+    first = tab.page.locator("ol.passages li").first
+    source = first.locator(".source").inner_text()
+    assert f"Règlement {tag}" in source and "passage 1" in source and "relevance" in source
+    assert "signalée au secrétariat" in first.locator("blockquote").inner_text()
+    tab.shot(shots, "knowledge")
+
+
+def test_usage_and_credits(tab: Tab, people: dict[str, Any], shots: Path) -> None:
+    sign_in(tab, people["email"], people["names"]["dz"])
+    tab.page.get_by_role("link", name="Usage").click()
+    tab.page.get_by_role("heading", name="Usage", exact=True).wait_for()
+    assert "llm.tokens" in tab.page.locator("#usage-by-type").inner_text()
+    assert tab.page.locator("svg.chart rect:not(.base)").count() >= 28
+    tab.page.get_by_text("The same figures as a table").click()  # the chart's figures, as a table
+    assert tab.page.locator("#usage-by-day tbody tr").count() >= 1
+    tab.shot(shots, "usage")
+    tab.page.get_by_role("link", name="Previous month").click()
+    assert "No usage recorded this month." in tab.page.locator("main").inner_text()
+    tab.page.get_by_role("link", name="Credits").click()
+    assert "25,000" in tab.page.locator("#credit-balance").inner_text()
+    ledger = tab.page.locator("#ledger").inner_text()
+    assert "welcome" in ledger and "Grant" in ledger and "+25,000" in ledger
+    tab.shot(shots, "credits")
+
+
+def test_audit_log_filter_and_csv_download(tab: Tab, people: dict[str, Any], shots: Path) -> None:
+    import csv
+    import io
+
+    sign_in(tab, people["email"], people["names"]["dz"])
+    tab.page.get_by_role("link", name="Audit log").click()
+    tab.page.get_by_label("Action").fill("member.added")
+    tab.page.get_by_role("button", name="Filter").click()
+    rows = tab.page.locator("#audit-events tbody tr")
+    assert rows.count() >= 1
+    assert {rows.nth(i).locator("td").nth(1).inner_text() for i in range(rows.count())} == {"member.added"}
+    tab.shot(shots, "audit")
+    with tab.page.expect_download() as info:
+        tab.page.get_by_role("link", name="Download as CSV (these filters)").click()
+    download = info.value
+    assert download.suggested_filename.startswith(f"audit-{people['slugs']['dz']}-")
+    table = list(csv.reader(io.StringIO(Path(download.path()).read_text(encoding="utf-8-sig"))))
+    assert table[0][:3] == ["created_at", "action", "actor"]
+    assert len(table) - 1 == rows.count() and {r[1] for r in table[1:]} == {"member.added"}
+
+
+def test_export_and_erasure_request(tab: Tab, people: dict[str, Any], shots: Path) -> None:
+    import tarfile
+
+    sign_in(tab, people["email"], people["names"]["dz"])
+    tab.page.get_by_role("link", name="Your data").click()
+    with tab.page.expect_download() as info:
+        tab.page.get_by_role("link", name="Download the export").click()
+    download = info.value
+    assert download.suggested_filename.startswith(f"{people['slugs']['dz']}-export-")
+    with tarfile.open(download.path(), "r:gz") as archive:
+        names = archive.getnames()
+    assert "manifest.json" in names and "tables/tenant_users.jsonl" in names
+    tab.page.get_by_label("Reason (optional)").fill("Fin du contrat")
+    tab.page.get_by_label(f"Type the tenant’s identifier ({people['slugs']['dz']}) to confirm").fill(
+        people["slugs"]["dz"]
+    )
+    tab.page.get_by_role("button", name="Request the erasure").click()  # console.js asks first: accepted
+    assert "Erasure requested" in tab.page.locator("p.notice").inner_text()
+    assert "Waiting for the platform’s confirmation" in tab.page.locator("#erasure-requests").inner_text()
+    tab.shot(shots, "data")
+    tab.page.get_by_role("button", name="Cancel the request").click()
+    assert "Erasure request cancelled." in tab.page.locator("p.notice").inner_text()
+    assert "Cancelled" in tab.page.locator("#erasure-requests").inner_text()

@@ -37,6 +37,8 @@ CROSS_TENANT_READS = {
     ("app.claim_knowledge_job", "knowledge_jobs"): "which tenants have runnable jobs (then a claim within one)",
     ("app.purge_idempotency_keys", "idempotency_keys"): "which tenants have expired keys (then a delete within one)",
     ("app.purge_account_records", "invitations"): "which tenants have spent invitations (then a delete within one)",
+    ("platform.erasure_requests", "erasure_requests"): "the platform's list of erasure requests to confirm",
+    ("platform.erasure_requests", "tenants"): "the platform's list of erasure requests: each one's tenant",
 }
 
 

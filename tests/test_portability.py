@@ -233,3 +233,28 @@ def test_import_into_a_taken_slug_or_failing_halfway_writes_nothing(
     assert every_row_count(admin, tables) == before
     with psycopg.connect(admin) as conn:
         assert conn.execute("SELECT count(*) FROM tenants WHERE slug = 'tenant-b-half'").fetchone()[0] == 0
+
+
+def test_erase_with_confirmed_request_needs_the_platforms_confirmation(catalog_world: dict[str, Any]) -> None:
+    """`tenants erase --confirmed-request` erases a tenant only once its owner's erasure request
+    has been confirmed by a platform administrator (here the operator, through the same
+    function), and the erasure's note names the request. Last in this module: it erases tenant-b."""
+    admin, tables = catalog_world["admin"], sorted(catalog_world["tables"])
+    before = counts(admin, TENANT_B, tables)
+    with psycopg.connect(admin) as conn:
+        conn.execute("UPDATE erasure_requests SET status = 'cancelled' WHERE tenant_id = %s", (TENANT_B,))
+        conn.execute("INSERT INTO erasure_requests (tenant_id, reason) VALUES (%s, 'closing the school')", (TENANT_B,))
+    r = run_cli("tenants", "erase", "tenant-b", "--confirm", "tenant-b", "--confirmed-request", db_url=admin)
+    assert r.returncode == 1 and "no confirmed erasure request" in r.stderr, r.stderr
+    assert counts(admin, TENANT_B, tables) == {**before, "erasure_requests": before["erasure_requests"] + 1}
+    with psycopg.connect(admin) as conn:
+        confirmed = conn.execute("SELECT * FROM platform.confirm_erasure_request(%s, NULL)", (TENANT_B,)).fetchone()
+        assert confirmed is not None and confirmed[1] == "confirmed"
+    r = run_cli("tenants", "erase", "tenant-b", "--confirm", "tenant-b", "--confirmed-request", db_url=admin)
+    assert r.returncode == 0, r.stderr
+    assert set(counts(admin, TENANT_B, tables).values()) == {0}
+    with psycopg.connect(admin) as conn:
+        (reason,) = conn.execute(
+            "SELECT reason FROM tenant_erasures WHERE erased_tenant = %s ORDER BY erased_at DESC LIMIT 1", (TENANT_B,)
+        ).fetchone()
+    assert reason.startswith(f"erasure request {confirmed[0]} ") and "closing the school" in reason

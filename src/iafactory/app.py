@@ -38,9 +38,10 @@ def api_routers() -> list:
     from iafactory.audit.endpoints import router as audit_router
     from iafactory.auth.endpoints import router as auth_router
     from iafactory.domains import resource_routers
+    from iafactory.tenancy.data_endpoints import router as data_rights_router
     from iafactory.tenancy.endpoints import router as tenancy_router
 
-    return [*resource_routers(), auth_router, tenancy_router, audit_router]
+    return [*resource_routers(), auth_router, tenancy_router, audit_router, data_rights_router]
 
 
 def create_app(
@@ -186,6 +187,11 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
+        # File uploads: the file's own limit plus room for the multipart envelope and form fields.
+        upload_paths=dict.fromkeys(
+            ("/api/v1/knowledge-base/files", "/console/knowledge/files"),  # the API's, and the console's form
+            max(settings.max_body_bytes, settings.kb_max_file_bytes + 65_536),
+        ),
         span_hook=app.state.tracing.annotate if app.state.tracing else None,
         body_timeout=settings.body_timeout_seconds,
     )

@@ -183,6 +183,9 @@ class Settings(BaseSettings):
     # it every third of it): a job whose worker died is taken by another within this time.
     worker_lease_seconds: int = Field(default=25, ge=1, le=3600)
     max_body_bytes: int = 1_048_576
+    # The largest file POST /knowledge-base/files takes (its route's body limit follows); the plan's
+    # storage limit (max_kb_bytes) caps it too, counting the tenant's other documents and files.
+    kb_max_file_bytes: int = Field(default=20 * 1_048_576, ge=1)
 
     # --- email (iafactory/notifications/) ---------------------------------------------------
     # The SMTP server the outbox's senders deliver to. Unset: messages are printed in the log (with

@@ -15,7 +15,9 @@ from iafactory.console import session
 from iafactory.console.web import PREFIX, router
 
 # The page modules register their routes on `router` when imported.
-PAGES = ("auth", "overview", "members", "api_keys", "settings", "platform")
+PAGES: tuple[str, ...] = ("auth", "overview", "members", "api_keys", "settings", "platform")
+# console2: knowledge base, usage, credits, audit log, export and erasure
+PAGES += ("knowledge", "usage", "credits", "audit", "data")
 
 
 def load_pages() -> None:

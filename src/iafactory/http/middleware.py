@@ -40,9 +40,12 @@ class RequestContextMiddleware:
         max_body_bytes: int,
         span_hook: Callable[[Mapping[str, Any], str], None] | None = None,
         body_timeout: float = 30.0,
+        upload_paths: Mapping[str, int] | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # POST routes that take a file (multipart), with their own body limit; a 413 there names the field `file`.
+        self.upload_paths = dict(upload_paths or {})
         self.body_timeout = body_timeout
         self.span_hook = span_hook
         self.plans = metrics.PlanLabels()
@@ -78,22 +81,20 @@ class RequestContextMiddleware:
                 annotate_span()
             await send(message)
 
+        limit = self.upload_paths.get(scope["path"], self.max_body_bytes)
+        field = "file" if scope["path"] in self.upload_paths else None
         try:
             declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
                 await self._refuse(
-                    send_wrapper,
-                    request_id,
-                    413,
-                    "Content Too Large",
-                    f"request body exceeds {self.max_body_bytes} bytes",
+                    send_wrapper, request_id, 413, "Content Too Large", f"request body exceeds {limit} bytes", field
                 )
             elif (declared is None or declared == b"0") and b"transfer-encoding" not in headers:
                 await self.app(scope, receive, send_wrapper)  # no body to wait for (every GET)
             else:
-                first = await self._read_body(receive)
+                first = await self._read_body(receive, limit)
                 if isinstance(first, tuple):
-                    await self._refuse(send_wrapper, request_id, *first)
+                    await self._refuse(send_wrapper, request_id, *first, field if first[0] == 413 else None)
                 elif first["type"] == "http.disconnect":
                     status["code"] = 499  # the client went away before its body arrived
                 else:
@@ -149,7 +150,7 @@ class RequestContextMiddleware:
             },
         )
 
-    async def _read_body(self, receive: Receive) -> Message | tuple[int, str, str]:
+    async def _read_body(self, receive: Receive, limit: int) -> Message | tuple[int, str, str]:
         """The whole body as one http.request message (or the disconnect), else (status, title, detail)."""
         chunks: list[bytes] = []
         size = 0
@@ -160,17 +161,26 @@ class RequestContextMiddleware:
                     return message
                 chunk = message.get("body", b"")
                 size += len(chunk)
-                if size > self.max_body_bytes:
-                    return 413, "Content Too Large", f"request body exceeds {self.max_body_bytes} bytes"
+                if size > limit:
+                    return 413, "Content Too Large", f"request body exceeds {limit} bytes"
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         return 408, "Request Timeout", f"request body not received within {self.body_timeout:g} s"
 
-    async def _refuse(self, send: Send, request_id: str, status: int, title: str, detail: str) -> None:
-        body = json.dumps(
-            {"type": "about:blank", "title": title, "status": status, "detail": detail, "request_id": request_id}
-        ).encode()
+    async def _refuse(
+        self, send: Send, request_id: str, status: int, title: str, detail: str, field: str | None = None
+    ) -> None:
+        problem: dict[str, Any] = {
+            "type": "about:blank",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "request_id": request_id,
+        }
+        if field is not None:
+            problem["errors"] = [{"field": field, "message": detail, "type": "too_large"}]
+        body = json.dumps(problem).encode()
         headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]
         if status == 408:
             headers.append((b"connection", b"close"))  # a client this slow gets no second request

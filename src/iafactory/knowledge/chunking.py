@@ -1,11 +1,14 @@
 """Splitting a document into passages of about 300-500 tokens, on headings and paragraphs, with
-some overlap, keeping character offsets (for citations) and the heading path."""
+some overlap, keeping character offsets (for citations) and the heading path; for a paged file
+(PDF), the pages each passage comes from (`chunk_sections`)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 TARGET_WORDS = 300  # ~400 tokens for the e5 tokenizer on European text
 MAX_WORDS = 380
@@ -22,6 +25,8 @@ class Chunk:
     start: int
     end: int
     heading_path: str
+    page_start: int | None = None  # the pages of a paged file it comes from (None: no pages)
+    page_end: int | None = None
 
     @property
     def content_hash(self) -> str:
@@ -102,3 +107,54 @@ def chunk_text(text: str) -> list[Chunk]:
     if pending:
         emit(pending[0][0], pending[-1][1], pending_headings)
     return chunks
+
+
+class _Section(Protocol):  # the shape chunk_sections reads (extraction.Section)
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def page(self) -> int | None: ...
+
+
+def chunk_sections(sections: Iterable[_Section]) -> Iterator[Chunk]:
+    """Chunks of a file read a section at a time (a PDF page by page), numbered across the file.
+
+    Offsets are in the file's text: the sections joined by a blank line. A passage never spans
+    more than two pages: each page is chunked on its own, then a short last passage of a page and
+    a short first passage of the next one are joined when they fit in one (TARGET_WORDS) and sit
+    under the same headings. Only one pending passage is held: memory does not grow with the file.
+    """
+    offset = 0
+    number = 0
+    pending: Chunk | None = None
+    for section in sections:
+        for chunk in chunk_text(section.text):
+            placed = replace(
+                chunk,
+                start=chunk.start + offset,
+                end=chunk.end + offset,
+                page_start=section.page,
+                page_end=section.page,
+            )
+            if pending is not None:
+                joined = len(pending.text.split()) + len(placed.text.split())
+                if (
+                    joined <= TARGET_WORDS
+                    and pending.heading_path == placed.heading_path
+                    and pending.page_end != placed.page_start
+                    and pending.page_start == pending.page_end
+                ):
+                    pending = replace(
+                        pending,
+                        text=f"{pending.text}\n\n{placed.text}",
+                        end=placed.end,
+                        page_end=placed.page_end,
+                    )
+                    continue
+                yield replace(pending, number=number)
+                number += 1
+            pending = placed
+        offset += len(section.text) + 2
+    if pending is not None:
+        yield replace(pending, number=number)

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
+import psycopg
 import typer
 
 from iafactory.app import cell_pools
 from iafactory.auth.purge import Retention
+from iafactory.cells import service as cell_service
 from iafactory.cells.service import cell_urls
 from iafactory.cli import CliError, app, console, run
 from iafactory.config import get_settings, smtp_problems
 from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
-from iafactory.knowledge import worker
+from iafactory.knowledge import extraction, worker
+from iafactory.knowledge import files as files_service
 from iafactory.knowledge.embeddings import embedder
 from iafactory.knowledge.schemas import JOBS_CHANNEL
 from iafactory.notifications import sender
 from iafactory.observability import logs
+from iafactory.tenancy import service as tenancy_service
+from iafactory.tenancy.context import TenantContext
 
 knowledge_app = typer.Typer(help="Knowledge-base indexing.", no_args_is_help=True)
 app.add_typer(knowledge_app, name="knowledge")
@@ -129,3 +137,78 @@ async def _queue_reembedding(url: str, all_chunks: bool, model_id: str | None) -
         if stale:
             await tx.execute("SELECT pg_notify(%s, '')", (JOBS_CHANNEL,))  # running workers start at once
     return len(stale)
+
+
+def _files_to_import(paths: list[Path]) -> list[Path]:
+    """Each file named, and the files of each folder (recursively) whose extension is a type we
+    take (.pdf, .docx, .html, .htm, .md, .markdown, .txt, .text), in name order."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(
+                sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extraction.EXTENSIONS)
+            )
+        else:
+            raise CliError(f"{path}: no such file or folder")
+    return found
+
+
+@knowledge_app.command("import")
+@run
+async def import_command(
+    slug: str = typer.Argument(..., help="The tenant whose knowledge base receives the files."),
+    paths: list[Path] = typer.Argument(..., help="Files, or folders read recursively for the types it takes."),
+) -> None:
+    """Upload files (PDF, DOCX, HTML, Markdown, text) into a tenant's knowledge base, as the API's
+    POST /knowledge-base/files does (same checks, same limits); the worker indexes them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    settings = get_settings()
+    files = _files_to_import(paths)
+    if not files:
+        raise CliError("no file to import (folders are searched for " + ", ".join(extraction.EXTENSIONS) + ")")
+    url = await cell_service.tenant_admin_url(settings, slug)
+    async with operator_transaction(url) as tx:
+        tenant = await tenancy_service.get_tenant(tx, slug=slug)
+    ctx = TenantContext(tenant_id=tenant.id)
+    imported: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    async with bootstrap.database(settings, url) as db:
+        with Progress(
+            TextColumn("{task.description:<32.32}"), BarColumn(), MofNCompleteColumn(), console=console
+        ) as bar:
+            task = bar.add_task("importing", total=len(files))
+            for path in files:
+                bar.update(task, description=path.name)
+                reason = await _import_one(db, ctx, settings.kb_max_file_bytes, path)
+                if reason is None:
+                    imported.append(path)
+                else:
+                    skipped.append((path, reason))
+                bar.advance(task)
+    console.print(f"imported {len(imported)} file(s) into {slug}; skipped {len(skipped)}")
+    for path, reason in skipped:
+        console.print(f"  skipped {path}: {reason}", markup=False, highlight=False)
+    if imported:
+        console.print("the worker indexes them (`iafactory worker`, or the one `iafactory serve` runs)")
+
+
+async def _import_one(db: Any, ctx: TenantContext, max_bytes: int, path: Path) -> str | None:
+    """None when stored, else why it was skipped."""
+    try:
+        data = await anyio.Path(path).read_bytes()
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    try:
+        media_type = await anyio.to_thread.run_sync(files_service.inspect, data, path.name, None, max_bytes)
+    except files_service.FileRefused as err:
+        return str(err)
+    try:
+        async with db.tenant(ctx) as tx:
+            await files_service.store(tx, ctx.tenant_id, filename=path.name, media_type=media_type, data=data)
+    except psycopg.Error as err:
+        # The plan's storage limit, mostly: the database's own sentence.
+        return (err.diag.message_primary or str(err)).strip()
+    return None

@@ -81,6 +81,10 @@ class Passage(BaseModel):
     char_start: int = Field(description="Offset of the passage in the document's content, for citations")
     char_end: int
     heading_path: str
+    page: int | None = Field(
+        default=None, description="For a passage of a paged file (PDF): the page it starts on, from 1; else null"
+    )
+    page_end: int | None = Field(default=None, description="The page it ends on (the same, or the next one)")
     language: str | None
     score: float = Field(
         description=(
@@ -107,6 +111,31 @@ class SearchOut(BaseModel):
     mode: SearchMode
     embedding_model: str | None
     passages: list[Passage]
+
+
+FileMediaType = Literal[
+    "application/pdf",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "text/html",
+    "text/markdown",
+    "text/plain",
+]
+
+
+class FileOut(BaseModel):
+    id: int
+    document_id: int = Field(description="The document made from the file (GET /knowledge-base/{document_id})")
+    filename: str
+    media_type: FileMediaType = Field(description="Detected from the content, not from the name or the client")
+    size_bytes: int
+    sha256: str
+    index_status: Literal["pending", "indexing", "indexed", "failed"]
+    index_error: str | None
+    created_at: datetime
+
+
+class FileUploadOut(FileOut):
+    document: DocumentOut
 
 
 # The channel indexing workers LISTEN on. A write to a document NOTIFYs it from the request's own

@@ -21,7 +21,8 @@ from iafactory.cli import CliError, app, console, parse_json_option, print_table
 from iafactory.config import Settings, get_settings
 from iafactory.db.scope import operator_transaction
 from iafactory.emails import Email
-from iafactory.tenancy import invitations, portability, service
+from iafactory.tenancy import data_rights, invitations, portability, service
+from iafactory.tenancy.context import TenantContext
 from iafactory.tenancy.schemas import Plan, Region, Role, Status, Tenant, TenantCreate, TenantFilters
 
 tenants_app = typer.Typer(help="Create and list tenants, manage their members.", no_args_is_help=True)
@@ -255,10 +256,21 @@ async def export_command(
 async def erase_command(
     slug: str = typer.Argument(..., help="The tenant whose data is erased."),
     confirm: str = typer.Option(..., "--confirm", help="Repeat the slug to confirm: this cannot be undone."),
+    confirmed_request: bool = typer.Option(
+        False,
+        "--confirmed-request",
+        help="Erase only if the tenant asked for it and a platform administrator confirmed the request "
+        "(console: Your data; POST /api/v1/tenant/erasure-requests, then "
+        "/api/v1/admin/tenants/{id}/erasure-request/confirm); the erasure's note names the request.",
+    ),
 ) -> None:
     """Erase every row of a tenant from every tenant table, in one transaction, and prove it."""
     settings = get_settings()
-    deleted = await portability.erase_tenant(await _tenant_admin_url(slug), slug, confirm)
+    admin_url = await _tenant_admin_url(slug)
+    reason = None
+    if confirmed_request:
+        reason = await _confirmed_erasure(admin_url, slug)
+    deleted = await portability.erase_tenant(admin_url, slug, confirm, reason=reason)
     if settings.cells is not None:
         async with operator_transaction(_directory_url(settings)) as dtx:
             found = await directory.route(dtx, slug=slug)
@@ -267,6 +279,26 @@ async def erase_command(
     console.print(
         f"erased {sum(deleted.values())} rows of {slug} from {len(deleted)} tables; "
         "verified: no tenant table holds a row of it"
+    )
+
+
+async def _confirmed_erasure(admin_url: str, slug: str) -> str:
+    """The note of an erasure a tenant asked for and the platform confirmed (CliError without one)."""
+    async with operator_transaction(admin_url) as tx:
+        try:
+            tenant = await service.get_tenant(tx, slug=slug)
+        except service.TenantNotFound as err:
+            raise CliError(str(err)) from err
+    async with operator_transaction(admin_url, TenantContext(tenant_id=tenant.id)) as tx:
+        request = await data_rights.confirmed_request(tx, tenant.id)
+    if request is None:
+        raise CliError(
+            f"{slug} has no confirmed erasure request: its owner asks for erasure (console: Your data), "
+            "a platform administrator confirms it; or erase without --confirmed-request"
+        )
+    return (
+        f"erasure request {request['id']} of {request['created_at']:%Y-%m-%d} (user {request['requested_by']}), "
+        f"confirmed {request['decided_at']:%Y-%m-%d} by user {request['decided_by']}: {request['reason']}"
     )
 
 
