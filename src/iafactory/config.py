@@ -171,6 +171,13 @@ class Settings(BaseSettings):
     # An indexing job is held for this long after its worker was last heard of (a heartbeat renews
     # it every third of it): a job whose worker died is taken by another within this time.
     worker_lease_seconds: int = Field(default=25, ge=1, le=3600)
+    # Large tenants get indexes of their own (`iafactory knowledge index-large`, migration 031): a
+    # GIN index over their tsvectors from this many passages, an HNSW index (approximate semantic
+    # search, recall@10 >= 0.98) from that many; dropped again below half. maintenance_work_mem of
+    # the build (an HNSW graph that fits builds several times faster).
+    knowledge_keyword_index_min_chunks: int = Field(default=5000, ge=1)
+    knowledge_vector_index_min_chunks: int = Field(default=20000, ge=1)
+    knowledge_index_maintenance_work_mem: str = Field(default="512MB", pattern=r"^\d+\s*(kB|MB|GB)$")
     max_body_bytes: int = 1_048_576
 
     # --- email (iafactory/notifications/) ---------------------------------------------------

@@ -14,7 +14,7 @@ from iafactory.cli import CliError, app, console, run
 from iafactory.config import get_settings, smtp_problems
 from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
-from iafactory.knowledge import worker
+from iafactory.knowledge import large, worker
 from iafactory.knowledge.embeddings import embedder
 from iafactory.knowledge.schemas import JOBS_CHANNEL
 from iafactory.notifications import sender
@@ -124,3 +124,31 @@ async def _queue_reembedding(url: str, all_chunks: bool, model_id: str | None) -
         if stale:
             await tx.execute("SELECT pg_notify(%s, '')", (JOBS_CHANNEL,))  # running workers start at once
     return len(stale)
+
+
+@knowledge_app.command("index-large")
+@run
+async def index_large_command(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be built or dropped, change nothing."),
+) -> None:
+    """Give large tenants search indexes of their own, built without blocking writes (run it
+    from cron or a timer; a second run finds nothing to do): a keyword (GIN) index from
+    IAFACTORY_KNOWLEDGE_KEYWORD_INDEX_MIN_CHUNKS passages, an approximate vector (HNSW) index from
+    IAFACTORY_KNOWLEDGE_VECTOR_INDEX_MIN_CHUNKS; dropped again below half."""
+    settings = get_settings()
+
+    def report(action: large.Action) -> None:
+        console.print(
+            f"{action.verb} {action.kind} index {action.index} ({action.reason})"
+            + (f" in {action.seconds:.1f} s" if action.seconds else "")
+        )
+
+    total = 0
+    for _, url in cell_urls(settings):
+        actions = await large.reconcile(url, settings, dry_run=dry_run, report=None if dry_run else report)
+        if dry_run:
+            for action in actions:
+                console.print(f"would {action.verb} {action.kind} index {action.index} ({action.reason})")
+        total += len(actions)
+    if not total:
+        console.print("nothing to do: every large tenant has its indexes")
