@@ -74,7 +74,11 @@ def world(migrated_db: str) -> dict[str, Any]:
         # A few hundred rows: sorting them all is cheaper than any index; at real sizes (bench/retrieval.py)
         # the planner picks the tenant's index by itself. Here it is told to avoid sorting them and reading them all.
         for setting in ("enable_sort", "enable_seqscan"):
-            conn.execute(sql.SQL("ALTER DATABASE {} SET {} = off").format(sql.Identifier(conn.info.dbname), sql.Identifier(setting)))
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = off").format(
+                    sql.Identifier(conn.info.dbname), sql.Identifier(setting)
+                )
+            )
         vectors = conn.execute(
             """SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector') >= '0.8'
                       AND format_type(atttypid, atttypmod) = 'vector'
@@ -109,15 +113,17 @@ def names(tenant: uuid.UUID, vectors: bool) -> set[str]:
 async def search(world: dict[str, Any], tenant: uuid.UUID, mode: str, vector: str | None, query: str = "budget"):
     """The search's rows and, in the same transaction, how often each of the tenant's own indexes
     was scanned."""
-    async with bootstrap.database(world["settings"], world["url"]) as db:
-        async with db.tenant(TenantContext(tenant_id=tenant), read_only=True) as tx:
-            rows = await tx.fetch(SEARCH_SQL, (query, "simple", vector, MODEL, 10, mode, None, None, None))
-            scans = {}
-            for prefix in (large.KEYWORD_PREFIX, large.VECTOR_PREFIX):
-                name = large.index_name(prefix, tenant)
-                scans[prefix] = await tx.fetchval(
-                    "SELECT coalesce(pg_stat_get_xact_numscans(to_regclass(%s)), 0)", ("public." + name,)
-                )
+    async with (
+        bootstrap.database(world["settings"], world["url"]) as db,
+        db.tenant(TenantContext(tenant_id=tenant), read_only=True) as tx,
+    ):
+        rows = await tx.fetch(SEARCH_SQL, (query, "simple", vector, MODEL, 10, mode, None, None, None))
+        scans = {}
+        for prefix in (large.KEYWORD_PREFIX, large.VECTOR_PREFIX):
+            name = large.index_name(prefix, tenant)
+            scans[prefix] = await tx.fetchval(
+                "SELECT coalesce(pg_stat_get_xact_numscans(to_regclass(%s)), 0)", ("public." + name,)
+            )
     return rows, scans
 
 
