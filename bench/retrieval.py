@@ -1176,7 +1176,7 @@ def report(
         )
 
 
-MIGRATION = Path(bootstrap.__file__).parent / "migrations" / "011_knowledge_retrieval.sql"
+MIGRATION = Path(bootstrap.__file__).parent / "migrations" / "031_knowledge_large_tenants.sql"
 
 
 def _sha(path: Path) -> str:
