@@ -1,7 +1,15 @@
 """Retrieval under RLS: latency by tenant size, exact recall, plans, ingestion throughput.
 
-    python bench/retrieval.py [--chunks 200000] [--tenants 1000] [--queries 200] [--recall-tenants 8]
+    python bench/retrieval.py [--chunks|--passages 200000] [--tenants 1000] [--huge N] [--huge-size 200000]
+                              [--scale full] [--no-indexes] [--queries 200] [--recall-tenants 8]
                               [--database-url URL] [--keep] [--no-ingest] [--setup-sql FILE]
+
+--scale full: 2,000,000 passages over 1,000 tenants, two of them of 200,000 (--huge 2). Buckets:
+small < 60, medium < 5,000, large < 20,000, huge from 20,000 (the vector-index threshold). After the
+fill, what `iafactory knowledge index-large` does (iafactory.knowledge.large.reconcile) is timed:
+the largest tenant's indexes first, while a thread inserts passages into that tenant one
+autocommit statement at a time (each insert's latency, before, during and after the build), then
+every other large tenant's; --no-indexes skips it (exact search everywhere: the baseline).
 
 A throw-away database (DATABASE_URL, --database-url or the embedded PostgreSQL 18 + pgvector),
 migrated like production, is filled directly by the admin (bulk mode: no indexing jobs queued):
