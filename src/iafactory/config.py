@@ -182,6 +182,14 @@ class Settings(BaseSettings):
     # An indexing job is held for this long after its worker was last heard of (a heartbeat renews
     # it every third of it): a job whose worker died is taken by another within this time.
     worker_lease_seconds: int = Field(default=25, ge=1, le=3600)
+    # Large tenants get indexes of their own (`iafactory knowledge index-large`, migration 031): a
+    # GIN index over their tsvectors from this many passages, an HNSW index (approximate semantic
+    # search) from that many; dropped again below half. The vector index is opt-in (default: a
+    # million passages): bench/retrieval.py measured recall@10 0.78 at 100,000 synthetic passages,
+    # below the 0.98 required. maintenance_work_mem of the builds.
+    knowledge_keyword_index_min_chunks: int = Field(default=5000, ge=1)
+    knowledge_vector_index_min_chunks: int = Field(default=1_000_000, ge=1)
+    knowledge_index_maintenance_work_mem: str = Field(default="512MB", pattern=r"^\d+\s*(kB|MB|GB)$")
     max_body_bytes: int = 1_048_576
     # The largest file POST /knowledge-base/files takes (its route's body limit follows); the plan's
     # storage limit (max_kb_bytes) caps it too, counting the tenant's other documents and files.

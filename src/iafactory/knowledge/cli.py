@@ -20,7 +20,7 @@ from iafactory.cli import CliError, app, console, run
 from iafactory.config import get_settings, smtp_problems
 from iafactory.db import bootstrap
 from iafactory.db.scope import operator_transaction
-from iafactory.knowledge import extraction, worker
+from iafactory.knowledge import extraction, large, worker
 from iafactory.knowledge import files as files_service
 from iafactory.knowledge.embeddings import embedder
 from iafactory.knowledge.schemas import JOBS_CHANNEL
@@ -212,3 +212,31 @@ async def _import_one(db: Any, ctx: TenantContext, max_bytes: int, path: Path) -
         # The plan's storage limit, mostly: the database's own sentence.
         return (err.diag.message_primary or str(err)).strip()
     return None
+
+
+@knowledge_app.command("index-large")
+@run
+async def index_large_command(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be built or dropped, change nothing."),
+) -> None:
+    """Give large tenants search indexes of their own, built without blocking writes (run it
+    from cron or a timer; a second run finds nothing to do): a keyword (GIN) index from
+    IAFACTORY_KNOWLEDGE_KEYWORD_INDEX_MIN_CHUNKS passages, an approximate vector (HNSW) index from
+    IAFACTORY_KNOWLEDGE_VECTOR_INDEX_MIN_CHUNKS; dropped again below half."""
+    settings = get_settings()
+
+    def report(action: large.Action) -> None:
+        console.print(
+            f"{action.verb} {action.kind} index {action.index} ({action.reason})"
+            + (f" in {action.seconds:.1f} s" if action.seconds else "")
+        )
+
+    total = 0
+    for _, url in cell_urls(settings):
+        actions = await large.reconcile(url, settings, dry_run=dry_run, report=None if dry_run else report)
+        if dry_run:
+            for action in actions:
+                console.print(f"would {action.verb} {action.kind} index {action.index} ({action.reason})")
+        total += len(actions)
+    if not total:
+        console.print("nothing to do: every large tenant has its indexes")

@@ -313,7 +313,9 @@ async def import_command(
     """Restore an export into its own, empty tenant, or copy it into a new tenant with --into."""
     bar, update = _progress_bar()
     with bar:
-        imported = await portability.import_tenant(await _archive_admin_url(archive, into), archive, into, update)
+        imported = await portability.import_tenant(
+            await _archive_admin_url(archive, into), archive, into, update, get_settings()
+        )
     settings = get_settings()
     if settings.cells is not None:
         await _register_in_directory(settings, into or portability.read_archive(archive)[0]["tenant"]["slug"])

@@ -32,7 +32,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 
+from iafactory.config import Settings
 from iafactory.db.scope import Transaction, operator_transaction
+from iafactory.knowledge import large
 from iafactory.tenancy import service
 from iafactory.tenancy.context import TenantContext
 from iafactory.tenancy.schemas import TenantCreate
@@ -230,6 +232,9 @@ async def erase_tenant(
             "INSERT INTO tenant_erasures (erased_tenant, slug, row_counts, reason) VALUES (%s, %s, %s, %s)",
             (tenant.id, tenant.slug, Jsonb(deleted), reason),
         )
+    # A large tenant's own search indexes (031) go with its rows: dropped concurrently, after the
+    # erasure committed (a DROP INDEX in its transaction would wait for every search of the table).
+    await large.drop_tenant_indexes(admin_url, tenant.id)
     return deleted
 
 
@@ -353,7 +358,11 @@ def _disable_copied_invitation(row: dict[str, Any], now: str) -> None:
 
 
 async def import_tenant(
-    admin_url: str, path: Path, into: str | None = None, progress: Progress | None = None
+    admin_url: str,
+    path: Path,
+    into: str | None = None,
+    progress: Progress | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, int]:
     """Restores an export into its own tenant (found by slug, and empty), or with `into` copies it
     into a new tenant of that slug while the original stays. A copy keeps the rows' own ids: every
@@ -403,6 +412,8 @@ async def import_tenant(
         mismatched = {t: (counts.get(t), n) for t, n in imported.items() if counts.get(t) != n}
         if mismatched:
             raise PortabilityError(f"row counts differ after import, nothing was imported: {mismatched}")
+    # A large tenant gets its own search indexes back (031), built concurrently after the commit.
+    await large.reconcile(admin_url, settings, tenant_id=tenant_id)
     return imported
 
 

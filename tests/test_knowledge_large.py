@@ -1,0 +1,233 @@
+"""Large tenants' own search indexes (migration 031, iafactory/knowledge/large.py), with lowered
+thresholds: built for a tenant above them and for no other, used by its search (the index scan
+counters of the search's own transaction), results as exact search's, never another tenant's
+rows, dropped by an erasure, built again by an import. Behaviour only, no timing."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg import sql
+
+from conftest import settings_for
+from iafactory.db import bootstrap
+from iafactory.knowledge import large
+from iafactory.knowledge.embeddings import vector_literal
+from iafactory.knowledge.search import SEARCH_SQL
+from iafactory.tenancy import portability
+from iafactory.tenancy.context import TenantContext
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "test-model-8d"
+DIM = 8
+A_SIZE, B_SIZE = 420, 12
+THRESHOLD = 300
+
+
+def _tenant(conn: psycopg.Connection, slug: str) -> uuid.UUID:
+    tenant = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO tenants (id, name, slug, region, plan, status) VALUES (%s, %s, %s, 'CH', 'pro', 'active')",
+        (tenant, slug, slug),
+    )
+    return tenant
+
+
+def _fill(conn: psycopg.Connection, tenant: uuid.UUID, n: int, rng: np.random.Generator, word: str) -> None:
+    """n passages in n // 6 documents, unit vectors, the word `word` in every passage, "zanzibar" in
+    the first passage of every tenth document."""
+    with conn.transaction():
+        conn.execute("SET LOCAL app.bulk_operation = 'on'")
+        for d in range(n // 6):
+            doc = conn.execute(
+                "INSERT INTO knowledge_base (tenant_id, title, content, index_status) "
+                "VALUES (%s, %s, 'text', 'indexed') RETURNING id",
+                (tenant, f"{word} document {d}"),
+            ).fetchone()[0]
+            for c in range(6):
+                v = rng.standard_normal(DIM)
+                text = f"{word} budget passage {d} {c}" + (" zanzibar" if d % 10 == 0 and c == 0 else "")
+                conn.execute(
+                    """INSERT INTO knowledge_chunks (tenant_id, document_id, chunk_no, content, char_start, char_end,
+                           language, ts_config, content_hash, tsv, embedding, embedding_model)
+                       VALUES (%s, %s, %s, %s, 0, %s, 'en', 'simple', repeat('0', 64), to_tsvector('simple', %s),
+                               app.to_embedding(%s), %s)""",
+                    (tenant, doc, c, text, len(text), text, vector_literal(list(v / np.linalg.norm(v))), MODEL),
+                )
+
+
+@pytest.fixture
+def world(migrated_db: str) -> dict[str, Any]:
+    rng = np.random.default_rng(3)
+    with psycopg.connect(migrated_db, autocommit=True) as conn:
+        a = _tenant(conn, "large-a")
+        b = _tenant(conn, "small-b")
+        _fill(conn, a, A_SIZE, rng, "alpha")
+        _fill(conn, b, B_SIZE, rng, "bravo")
+        conn.execute("ANALYZE knowledge_chunks")
+        # A few hundred rows: sorting them all is cheaper than any index; at real sizes (bench/retrieval.py)
+        # the planner picks the tenant's index by itself. Here it is told to avoid sorting them and reading them all.
+        for setting in ("enable_sort", "enable_seqscan"):
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = off").format(
+                    sql.Identifier(conn.info.dbname), sql.Identifier(setting)
+                )
+            )
+        vectors = conn.execute(
+            """SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector') >= '0.8'
+                      AND format_type(atttypid, atttypmod) = 'vector'
+               FROM pg_attribute WHERE attrelid = 'knowledge_chunks'::regclass AND attname = 'embedding'"""
+        ).fetchone()[0]
+    settings = settings_for(
+        migrated_db, knowledge_keyword_index_min_chunks=THRESHOLD, knowledge_vector_index_min_chunks=THRESHOLD
+    )
+    return {"url": migrated_db, "a": a, "b": b, "settings": settings, "vectors": bool(vectors), "rng": rng}
+
+
+def indexes(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        return {
+            r[0]
+            for r in conn.execute(
+                """SELECT indexrelid::regclass::text FROM pg_index
+                   WHERE indrelid = 'knowledge_chunks'::regclass AND indisvalid
+                     AND indexrelid::regclass::text LIKE 'knowledge\\_chunks\\_%%\\_%%'
+                     AND indexrelid::regclass::text ~ '_[0-9a-f]{32}$'"""
+            )
+        }
+
+
+def names(tenant: uuid.UUID, vectors: bool) -> set[str]:
+    out = {large.index_name(large.KEYWORD_PREFIX, tenant)}
+    if vectors:
+        out.add(large.index_name(large.VECTOR_PREFIX, tenant))
+    return out
+
+
+async def search(world: dict[str, Any], tenant: uuid.UUID, mode: str, vector: str | None, query: str = "budget"):
+    """The search's rows and, in the same transaction, how often each of the tenant's own indexes
+    was scanned."""
+    async with (
+        bootstrap.database(world["settings"], world["url"]) as db,
+        db.tenant(TenantContext(tenant_id=tenant), read_only=True) as tx,
+    ):
+        rows = await tx.fetch(SEARCH_SQL, (query, "simple", vector, MODEL, 10, mode, None, None, None))
+        scans = {}
+        for prefix in (large.KEYWORD_PREFIX, large.VECTOR_PREFIX):
+            name = large.index_name(prefix, tenant)
+            scans[prefix] = await tx.fetchval(
+                "SELECT coalesce(pg_stat_get_xact_numscans(to_regclass(%s)), 0)", ("public." + name,)
+            )
+    return rows, scans
+
+
+def query_vector(world: dict[str, Any]) -> str:
+    v = world["rng"].standard_normal(DIM)
+    literal = vector_literal(list(v / np.linalg.norm(v)))
+    assert literal is not None
+    return literal
+
+
+def exact_top(url: str, tenant: uuid.UUID, vector: str, k: int = 10) -> list[tuple[int, int]]:
+    with psycopg.connect(url) as conn:
+        return [
+            (r[0], r[1])
+            for r in conn.execute(
+                """SELECT document_id, chunk_no FROM knowledge_chunks WHERE tenant_id = %s AND embedding_model = %s
+                   ORDER BY app.cosine_distance(embedding, app.to_embedding(%s)), document_id, chunk_no LIMIT %s""",
+                (tenant, MODEL, vector, k),
+            )
+        ]
+
+
+async def test_indexes_are_built_for_a_large_tenant_only_and_once(world: dict[str, Any]) -> None:
+    url, a, b = world["url"], world["a"], world["b"]
+    planned = await large.reconcile(url, world["settings"], dry_run=True)
+    assert {x.index for x in planned} == names(a, world["vectors"]) and all(x.verb == "create" for x in planned)
+    assert indexes(url) == set()  # a dry run changes nothing
+    await large.reconcile(url, world["settings"])
+    assert indexes(url) == names(a, world["vectors"])
+    assert not any(b.hex in name for name in indexes(url))
+    assert await large.reconcile(url, world["settings"]) == []  # a second run finds nothing to do
+    # Shrinking below the threshold but not below half of it keeps them (no flapping) ...
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET app.bulk_operation = 'on'")
+        conn.execute("DELETE FROM knowledge_chunks WHERE tenant_id = %s AND chunk_no >= 4", (a,))  # 280 left
+        assert await large.reconcile(url, world["settings"]) == []
+        conn.execute("DELETE FROM knowledge_chunks WHERE tenant_id = %s AND chunk_no >= 2", (a,))  # 140 left
+        conn.execute("DELETE FROM knowledge_chunks WHERE tenant_id = %s AND chunk_no >= 1", (a,))  # 70 left
+    dropped = await large.reconcile(url, world["settings"])
+    assert {x.index for x in dropped} == names(a, world["vectors"]) and all(x.verb == "drop" for x in dropped)
+    assert indexes(url) == set()
+
+
+async def test_search_uses_the_large_tenants_indexes_and_exact_search_for_the_small(world: dict[str, Any]) -> None:
+    url, a, b = world["url"], world["a"], world["b"]
+    with psycopg.connect(url, autocommit=True) as conn:  # others' passages with the word A searches
+        _fill(conn, _tenant(conn, "other-c"), 240, world["rng"], "zanzibar")
+        conn.execute("ANALYZE knowledge_chunks")
+    await large.reconcile(url, world["settings"])
+    vector = query_vector(world)
+    rows, scans = await search(world, a, "semantic", vector)
+    if world["vectors"]:
+        assert scans[large.VECTOR_PREFIX] > 0
+    # The approximate answer is the exact one on this small set (recall@10 against exact search).
+    got = [(r["document_id"], r["chunk_no"]) for r in rows]
+    assert len(set(got) & set(exact_top(url, a, vector))) >= 9
+    rows, _ = await search(world, a, "keyword", None, "zanzibar")
+    assert len(rows) == A_SIZE // 60
+    # The tenant's GIN index serves a statement that names the tenant (the search's keyword side
+    # does; which index it takes for a few hundred rows is the planner's choice).
+    with psycopg.connect(url) as conn:
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN SELECT document_id FROM knowledge_chunks WHERE tenant_id = %s AND tsv @@ 'zanzibar'::tsquery",
+                (a,),
+            )
+        )
+    assert large.index_name(large.KEYWORD_PREFIX, a) in plan, plan
+    rows, _ = await search(world, a, "hybrid", vector)
+    assert len(rows) == 10
+    # The small tenant: no index of its own; exact search, the exact top 10.
+    vector = query_vector(world)
+    rows, scans = await search(world, b, "semantic", vector)
+    assert scans == {large.KEYWORD_PREFIX: 0, large.VECTOR_PREFIX: 0}
+    assert [(r["document_id"], r["chunk_no"]) for r in rows] == exact_top(url, b, vector)
+
+
+async def test_b_never_gets_as_rows_with_as_indexes_present(world: dict[str, Any]) -> None:
+    url, a, b = world["url"], world["a"], world["b"]
+    # B large too, so that both have indexes; their passages share every word.
+    with psycopg.connect(url, autocommit=True) as conn:
+        _fill(conn, b, A_SIZE - B_SIZE, world["rng"], "alpha")
+    await large.reconcile(url, world["settings"])
+    assert names(a, world["vectors"]) | names(b, world["vectors"]) == indexes(url)
+    with psycopg.connect(url) as conn:
+        b_docs = {r[0] for r in conn.execute("SELECT id FROM knowledge_base WHERE tenant_id = %s", (b,))}
+        a_docs = {r[0] for r in conn.execute("SELECT id FROM knowledge_base WHERE tenant_id = %s", (a,))}
+    for _ in range(5):
+        vector = query_vector(world)
+        for mode in ("hybrid", "keyword", "semantic"):
+            for tenant, own in ((b, b_docs), (a, a_docs)):
+                rows, _ = await search(world, tenant, mode, vector, "alpha budget")
+                assert rows and {r["document_id"] for r in rows} <= own, (mode, tenant)
+
+
+async def test_erasure_drops_the_indexes_and_import_builds_them_again(world: dict[str, Any], tmp_path: Path) -> None:
+    url, a = world["url"], world["a"]
+    await large.reconcile(url, world["settings"])
+    archive = tmp_path / "large-a.tar.gz"
+    await portability.export_tenant(url, "large-a", archive)
+    await portability.erase_tenant(url, "large-a", "large-a")
+    assert indexes(url) == set()
+    await portability.import_tenant(url, archive, settings=world["settings"])
+    assert indexes(url) == names(a, world["vectors"])
+    rows, scans = await search(world, a, "semantic", query_vector(world))
+    assert len(rows) == 10 and (scans[large.VECTOR_PREFIX] > 0 or not world["vectors"])
