@@ -28,6 +28,7 @@ from typing import Annotated, Any
 import psycopg
 from fastapi import Depends, Header, Request, Response
 from pydantic import TypeAdapter
+from starlette.datastructures import UploadFile
 
 from iafactory.auth.dependencies import TenantSession
 from iafactory.http.problems import Problem
@@ -51,14 +52,34 @@ def _conflict(detail: str, **extra: Any) -> Problem:
 
 
 async def request_hash(request: Request) -> str:
-    """SHA-256 of method, path and the body as canonical JSON (key order and spacing do not count)."""
-    raw = await request.body()
-    try:
-        body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"), ensure_ascii=False) if raw else ""
-    except ValueError:
-        body = raw.decode("utf-8", "replace")
+    """SHA-256 of method, path and the body as canonical JSON (key order and spacing do not count);
+    a multipart form by its fields and each file's name and SHA-256 (a retry's boundary differs)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        body = await _form_fingerprint(request)
+    else:
+        raw = await request.body()
+        try:
+            body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"), ensure_ascii=False) if raw else ""
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
     text = f"{request.method} {request.url.path}?{request.url.query}\n{body}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def _form_fingerprint(request: Request) -> str:
+    form = await request.form()  # parsed already for the route: Starlette keeps it
+    parts: list[list[str | None]] = []
+    for name, value in sorted(form.multi_items(), key=lambda item: item[0]):
+        if isinstance(value, UploadFile):
+            await value.seek(0)  # the handler may have read it already
+            digest = hashlib.sha256()
+            while chunk := await value.read(1 << 20):
+                digest.update(chunk)
+            await value.seek(0)
+            parts.append([name, value.filename, digest.hexdigest()])
+        else:
+            parts.append([name, value])
+    return json.dumps(parts, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass

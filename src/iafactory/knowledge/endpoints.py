@@ -8,6 +8,7 @@ import anyio.to_thread
 from fastapi import File, Form, Path, Query, Request, Response, UploadFile
 
 from iafactory.auth.dependencies import CurrentPrincipal, Viewer, open_tenant_session, tenant_context
+from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import Problem, not_found
 from iafactory.http.rendering import api_router
 from iafactory.knowledge import files as files_service
@@ -99,6 +100,7 @@ async def upload_file(
     title: FormTitle = None,  # type: ignore[assignment]
     source: FormSource = None,  # type: ignore[assignment]
     language: FormLanguage = None,  # type: ignore[assignment]
+    idempotency: Idempotent = None,  # type: ignore[assignment]  # None: called by the console (no header)
 ) -> Any:
     # Authorized (and counted) before any work on the file; the checks run with no transaction open.
     ctx = await tenant_context(request, who)
@@ -113,16 +115,20 @@ async def upload_file(
     except files_service.FileRefused as err:
         raise _refused(err.status, str(err)) from err
     async with open_tenant_session(request, who, ctx, "member", read_only=False, count=False) as s:
-        return await files_service.store(
-            s.tx,
-            ctx.tenant_id,
-            filename=file.filename or "file",
-            media_type=media_type,
-            data=data,
-            title=title,
-            source=source,
-            language=language,
-        )
+
+        async def store(last: bool) -> Any:
+            return await files_service.store(
+                s.tx,
+                ctx.tenant_id,
+                filename=file.filename or "file",
+                media_type=media_type,
+                data=data,
+                title=title,
+                source=source,
+                language=language,
+            )
+
+        return await idempotency.create(s, store) if idempotency is not None else await store(True)
 
 
 @router.get(
