@@ -746,7 +746,8 @@ async def test_every_platform_page_opens_for_a_platform_admin(world: ApiWorld, r
         await c.sign_in(platform_email(world))
         r = await c.get(concrete(route, {"tenant": world.a.id}))
         assert r.status_code == 200 and "<main" in r.text, r.text[:500]
-        assert 'href="/console/platform/tenants" aria-current="page"' in r.text
+        # The platform section's menu marks the page (or its section) as the current one.
+        assert re.search(r'href="/console/platform/[a-z-]+" aria-current="page"', r.text), r.text[:500]
 
 
 @pytest.mark.parametrize("route", [r for r in PLATFORM_ROUTES if r.params], ids=lambda r: r.label)
@@ -1241,3 +1242,57 @@ async def test_a_tenant_cannot_confirm_its_own_erasure_request_in_sql(world: Api
                 await tx.execute("SELECT * FROM platform.confirm_erasure_request(%s, NULL)", (world.b.id,))
     r = await world.client.post("/api/v1/tenant/erasure-requests/cancel", headers=world.b.auth("owner"))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+
+async def test_the_platform_confirms_an_erasure_request_on_its_page(world: ApiWorld) -> None:
+    """B's owner asks in the console; a platform administrator finds the request on the platform's
+    page (B's cell too, with IAFACTORY_TEST_CELLS=2), types the slug and confirms it there; the page
+    and the API then say confirmed. (After the test above, which leaves B's request cancelled.)"""
+    platform = world.headers(world.platform_token)
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "b", "owner"))
+        await c.get("/console/data")
+        r = await c.post("/console/data/erasure", {"reason": "moving to another provider", "confirm": world.b.slug})
+        assert r.status_code == 303, r.text[:300]
+    row = f'id="erasure-{world.b.id}"'
+    async with Console(world.client) as c:
+        await c.sign_in(platform_email(world))
+        page = (await c.get("/console/platform/erasure-requests")).text
+        assert 'href="/console/platform/erasure-requests" aria-current="page"' in page
+        pending = page.split('id="pending-erasures"', 1)[1].split("</table>", 1)[0]
+        assert row in pending and world.b.slug in pending and "moving to another provider" in pending
+        assert email_of(world, "b", "owner") in pending
+        assert "iafactory tenants erase SLUG --confirm SLUG --confirmed-request" in page
+        api_cell = next(
+            p["cell"]
+            for p in (await world.client.get("/api/v1/admin/erasure-requests", headers=platform)).json()
+            if p["tenant_id"] == str(world.b.id)
+        )
+        if api_cell is not None:  # with cells: the cell holding B, as the API says
+            assert f'<td class="cell">{api_cell}</td>' in pending
+        # The tenant's platform page links to the pending request.
+        tenant_page = (await c.get(f"/console/platform/tenants/{world.b.id}")).text
+        assert 'id="tenant-erasure"' in tenant_page and f"/console/platform/erasure-requests#erasure-{world.b.id}" in (
+            tenant_page
+        )
+        confirm = f"/console/platform/tenants/{world.b.id}/erasure-request/confirm"
+        r = await c.post(confirm, {"confirm": world.a.slug})  # another tenant's slug: refused
+        assert r.status_code == 422 and f"type {world.b.slug}" in r.text and row in r.text
+        r = await c.post(confirm, {"confirm": world.b.slug})
+        assert r.status_code == 303 and r.headers["location"] == "/console/platform/erasure-requests?done=erasure_confirmed"
+        page = (await c.get(r.headers["location"])).text
+        assert "Erasure request confirmed." in page and row not in page
+        decided = page.split('id="decided-erasures"', 1)[1].split("</table>", 1)[0]
+        assert world.b.slug in decided and "Confirmed: an operator will erase the data" in decided
+        tenant_page = (await c.get(f"/console/platform/tenants/{world.b.id}")).text
+        assert "Confirmed: an operator will erase the data" in tenant_page
+        # Confirming again answers the confirmed request; a tenant without an open request: 404.
+        await c.get("/console/platform/erasure-requests")
+        assert (await c.post(confirm, {"confirm": world.b.slug})).status_code == 303
+        made = (await create_tenants(world, uuid.uuid4().hex[:6], [("CH", "free", "trial")]))[0]
+        r = await c.post(f"/console/platform/tenants/{made['id']}/erasure-request/confirm", {"confirm": made["slug"]})
+        assert r.status_code == 404 and "open erasure request" in r.text
+    listed = (await world.client.get("/api/v1/admin/erasure-requests?status=confirmed", headers=platform)).json()
+    assert [p["status"] for p in listed if p["tenant_id"] == str(world.b.id)] == ["confirmed"]
+    mine = (await world.client.get("/api/v1/tenant/erasure-requests", headers=world.b.auth("owner"))).json()
+    assert mine[0]["status"] == "confirmed" and mine[0]["decided_by"] is not None
