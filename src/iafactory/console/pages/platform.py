@@ -27,10 +27,10 @@ from uuid import UUID
 from fastapi import Response
 from pydantic import ValidationError
 
+from iafactory.auth.dependencies import user_transaction
 from iafactory.console.web import Ctx, page
 from iafactory.http.problems import Problem
 from iafactory.resources.pagination import CURSOR_PATTERNS, MAX_LIMIT, encode
-from iafactory.auth.dependencies import user_transaction
 from iafactory.tenancy import data_endpoints, data_rights
 from iafactory.tenancy import endpoints as tenancy_endpoints
 from iafactory.tenancy.schemas import AdminTenantUpdate, CreditGrant, Plan, Region, Status, TenantCreate
@@ -309,9 +309,7 @@ async def open_erasure_request(c: Ctx, tenant_id: UUID) -> dict[str, Any] | None
     return None
 
 
-async def erasure_view(
-    c: Ctx, *, status: int = 200, error: str | None = None, failed: UUID | None = None
-) -> Response:
+async def erasure_view(c: Ctx, *, status: int = 200, error: str | None = None, failed: UUID | None = None) -> Response:
     """Pending requests (oldest first, each with its confirm form), then the most recent decided
     ones: GET /api/v1/admin/erasure-requests?status= (all), its handler, every cell."""
     assert c.who is not None
@@ -327,7 +325,9 @@ async def erasure_view(
     regions = {}
     for r in pending:
         try:
-            regions[r["tenant_id"]] = (await tenancy_endpoints.admin_get_tenant(r["tenant_id"], c.request, c.who)).region
+            regions[r["tenant_id"]] = (
+                await tenancy_endpoints.admin_get_tenant(r["tenant_id"], c.request, c.who)
+            ).region
         except Problem as problem:
             if problem.status != 404:
                 raise
