@@ -941,15 +941,16 @@ async def test_platform_sees_tenants_of_two_cells_with_their_cell(cell_urls: dic
 # --- knowledge base, usage, credits, audit log, your data (console2) ---------------------------------
 
 
-async def drain_index(module_db: str) -> int:
-    """Index what is waiting, as the worker would (driven, never waited for)."""
+async def drain_index(url: str) -> int:
+    """Index what is waiting in the database at `url` (with two cells: tenant A's cell), as the
+    worker would (driven, never waited for)."""
     from conftest import settings_for
     from iafactory.db import bootstrap
     from iafactory.knowledge import worker
     from iafactory.knowledge.embeddings import embedder
 
-    settings = settings_for(module_db)
-    async with bootstrap.database(settings, module_db) as db:
+    settings = settings_for(url)
+    async with bootstrap.database(settings, url) as db:
         return await worker.drain(db, embedder(settings))
 
 
@@ -972,7 +973,7 @@ async def test_knowledge_add_a_document_then_find_it_by_search(world: ApiWorld, 
         assert r.status_code == 303 and r.headers["location"] == "/console/knowledge?done=document_added"
         page = (await c.get(r.headers["location"])).text
         assert f"Horaires {tag}" in page and "Waiting" in page and 'role="status"' in page
-        assert await drain_index(module_db) >= 1
+        assert await drain_index(world.url_of("a")) >= 1
         page = (await c.get("/console/knowledge")).text
         assert "Indexed" in page
         r = await c.get(f"/console/knowledge?q=horaires+{tag}&mode=keyword")
@@ -1008,7 +1009,7 @@ async def test_knowledge_upload_a_file_then_find_its_passage(world: ApiWorld, mo
         assert r.status_code == 415 and 'role="alert"' in r.text and "file:" in r.text
         r = await c.client.post("/console/knowledge/files", data={"csrf": c.csrf or ""})
         assert r.status_code == 422 and "Choose a file." in r.text
-        assert await drain_index(module_db) >= 1
+        assert await drain_index(world.url_of("a")) >= 1
         page = (await c.get("/console/knowledge")).text
         link = re.search(rf'href="(/console/knowledge/files/\d+)" download>reglement-{tag}.md</a>', page)
         assert link, page
@@ -1095,7 +1096,9 @@ async def test_audit_log_filters_pages_and_downloads_csv(world: ApiWorld) -> Non
         admin_id = world.a.user_ids["admin"]
         page = (await c.get(f"/console/audit?actor={admin_id}&from=2000-01-01&to=2100-01-01")).text
         assert f'<option value="{admin_id}" selected>' in page
-        assert "<td>admin a</td>" in page.split('id="audit-events"', 1)[1]  # the member's name, not the login
+        members = (await world.client.get("/api/v1/members", headers=world.a.auth())).json()
+        admin_name = next(m["name"] for m in members if m["user_id"] == admin_id)
+        assert f"<td>{admin_name}</td>" in page.split('id="audit-events"', 1)[1]  # the member's name, not the login
         page = (await c.get("/console/audit?from=2000-01-01&to=2000-01-02")).text
         assert "No event matches." in page
         link = re.search(r'id="audit-csv" href="([^"]+)"', (await c.get("/console/audit?action=api_key.created")).text)
@@ -1136,7 +1139,7 @@ async def test_the_export_is_every_row_of_the_tenant_and_imports(
     archive.write_bytes(r.content)
     manifest, files = portability.read_archive(archive)
     assert manifest["tenant"]["id"] == str(world.a.id) and manifest["exported_by"]["kind"] == "tenant"
-    async with operator_transaction(module_db, TenantContext(tenant_id=world.a.id)) as tx:
+    async with operator_transaction(world.url_of("a"), TenantContext(tenant_id=world.a.id)) as tx:
         tables = await portability.tenant_tables(tx)
         counts = await portability.count_rows(tx, world.a.id, tables)
     assert set(manifest["tables"]) == {t.name for t in tables}
@@ -1229,7 +1232,7 @@ async def test_a_tenant_cannot_confirm_its_own_erasure_request_in_sql(world: Api
     r = await world.client.post("/api/v1/tenant/erasure-requests", json={}, headers=world.b.auth("owner"))
     assert r.status_code == 200 and r.json()["status"] == "pending"
     ctx = TenantContext(tenant_id=world.b.id, user_id=world.b.user_ids["owner"])
-    async with bootstrap.database(settings_for(module_db), module_db) as db:
+    async with bootstrap.database(settings_for(world.url_of("b")), world.url_of("b")) as db:
         for statement in (
             "UPDATE erasure_requests SET status = 'confirmed' WHERE tenant_id = %s",
             "INSERT INTO erasure_requests (tenant_id, status) VALUES (%s, 'confirmed')",
