@@ -746,7 +746,8 @@ async def test_every_platform_page_opens_for_a_platform_admin(world: ApiWorld, r
         await c.sign_in(platform_email(world))
         r = await c.get(concrete(route, {"tenant": world.a.id}))
         assert r.status_code == 200 and "<main" in r.text, r.text[:500]
-        assert 'href="/console/platform/tenants" aria-current="page"' in r.text
+        # The platform section's menu marks the page (or its section) as the current one.
+        assert re.search(r'href="/console/platform/[a-z-]+" aria-current="page"', r.text), r.text[:500]
 
 
 @pytest.mark.parametrize("route", [r for r in PLATFORM_ROUTES if r.params], ids=lambda r: r.label)
@@ -940,15 +941,16 @@ async def test_platform_sees_tenants_of_two_cells_with_their_cell(cell_urls: dic
 # --- knowledge base, usage, credits, audit log, your data (console2) ---------------------------------
 
 
-async def drain_index(module_db: str) -> int:
-    """Index what is waiting, as the worker would (driven, never waited for)."""
+async def drain_index(url: str) -> int:
+    """Index what is waiting in the database at `url` (with two cells: tenant A's cell), as the
+    worker would (driven, never waited for)."""
     from conftest import settings_for
     from iafactory.db import bootstrap
     from iafactory.knowledge import worker
     from iafactory.knowledge.embeddings import embedder
 
-    settings = settings_for(module_db)
-    async with bootstrap.database(settings, module_db) as db:
+    settings = settings_for(url)
+    async with bootstrap.database(settings, url) as db:
         return await worker.drain(db, embedder(settings))
 
 
@@ -971,7 +973,7 @@ async def test_knowledge_add_a_document_then_find_it_by_search(world: ApiWorld, 
         assert r.status_code == 303 and r.headers["location"] == "/console/knowledge?done=document_added"
         page = (await c.get(r.headers["location"])).text
         assert f"Horaires {tag}" in page and "Waiting" in page and 'role="status"' in page
-        assert await drain_index(module_db) >= 1
+        assert await drain_index(world.url_of("a")) >= 1
         page = (await c.get("/console/knowledge")).text
         assert "Indexed" in page
         r = await c.get(f"/console/knowledge?q=horaires+{tag}&mode=keyword")
@@ -1007,7 +1009,7 @@ async def test_knowledge_upload_a_file_then_find_its_passage(world: ApiWorld, mo
         assert r.status_code == 415 and 'role="alert"' in r.text and "file:" in r.text
         r = await c.client.post("/console/knowledge/files", data={"csrf": c.csrf or ""})
         assert r.status_code == 422 and "Choose a file." in r.text
-        assert await drain_index(module_db) >= 1
+        assert await drain_index(world.url_of("a")) >= 1
         page = (await c.get("/console/knowledge")).text
         link = re.search(rf'href="(/console/knowledge/files/\d+)" download>reglement-{tag}.md</a>', page)
         assert link, page
@@ -1094,7 +1096,9 @@ async def test_audit_log_filters_pages_and_downloads_csv(world: ApiWorld) -> Non
         admin_id = world.a.user_ids["admin"]
         page = (await c.get(f"/console/audit?actor={admin_id}&from=2000-01-01&to=2100-01-01")).text
         assert f'<option value="{admin_id}" selected>' in page
-        assert "<td>admin a</td>" in page.split('id="audit-events"', 1)[1]  # the member's name, not the login
+        members = (await world.client.get("/api/v1/members", headers=world.a.auth())).json()
+        admin_name = next(m["name"] for m in members if m["user_id"] == admin_id)
+        assert f"<td>{admin_name}</td>" in page.split('id="audit-events"', 1)[1]  # the member's name, not the login
         page = (await c.get("/console/audit?from=2000-01-01&to=2000-01-02")).text
         assert "No event matches." in page
         link = re.search(r'id="audit-csv" href="([^"]+)"', (await c.get("/console/audit?action=api_key.created")).text)
@@ -1135,7 +1139,7 @@ async def test_the_export_is_every_row_of_the_tenant_and_imports(
     archive.write_bytes(r.content)
     manifest, files = portability.read_archive(archive)
     assert manifest["tenant"]["id"] == str(world.a.id) and manifest["exported_by"]["kind"] == "tenant"
-    async with operator_transaction(module_db, TenantContext(tenant_id=world.a.id)) as tx:
+    async with operator_transaction(world.url_of("a"), TenantContext(tenant_id=world.a.id)) as tx:
         tables = await portability.tenant_tables(tx)
         counts = await portability.count_rows(tx, world.a.id, tables)
     assert set(manifest["tables"]) == {t.name for t in tables}
@@ -1228,7 +1232,7 @@ async def test_a_tenant_cannot_confirm_its_own_erasure_request_in_sql(world: Api
     r = await world.client.post("/api/v1/tenant/erasure-requests", json={}, headers=world.b.auth("owner"))
     assert r.status_code == 200 and r.json()["status"] == "pending"
     ctx = TenantContext(tenant_id=world.b.id, user_id=world.b.user_ids["owner"])
-    async with bootstrap.database(settings_for(module_db), module_db) as db:
+    async with bootstrap.database(settings_for(world.url_of("b")), world.url_of("b")) as db:
         for statement in (
             "UPDATE erasure_requests SET status = 'confirmed' WHERE tenant_id = %s",
             "INSERT INTO erasure_requests (tenant_id, status) VALUES (%s, 'confirmed')",
@@ -1241,3 +1245,63 @@ async def test_a_tenant_cannot_confirm_its_own_erasure_request_in_sql(world: Api
                 await tx.execute("SELECT * FROM platform.confirm_erasure_request(%s, NULL)", (world.b.id,))
     r = await world.client.post("/api/v1/tenant/erasure-requests/cancel", headers=world.b.auth("owner"))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+
+async def test_the_platform_confirms_an_erasure_request_on_its_page(world: ApiWorld) -> None:
+    """B's owner asks in the console; a platform administrator finds the request on the platform's
+    page (B's cell too, with IAFACTORY_TEST_CELLS=2), types the slug and confirms it there; the page
+    and the API then say confirmed. (Last of the module: B's request stays confirmed.)"""
+    platform = world.headers(world.platform_token)
+    # B's pending request, if a test above left one, is cancelled first (404: none open).
+    r = await world.client.post("/api/v1/tenant/erasure-requests/cancel", headers=world.b.auth("owner"))
+    assert r.status_code in (200, 404), r.text
+    async with Console(world.client) as c:
+        await c.sign_in(email_of(world, "b", "owner"))
+        await c.get("/console/data")
+        r = await c.post("/console/data/erasure", {"reason": "moving to another provider", "confirm": world.b.slug})
+        assert r.status_code == 303, r.text[:300]
+    row = f'id="erasure-{world.b.id}"'
+    async with Console(world.client) as c:
+        await c.sign_in(platform_email(world))
+        page = (await c.get("/console/platform/erasure-requests")).text
+        assert 'href="/console/platform/erasure-requests" aria-current="page"' in page
+        pending = page.split('id="pending-erasures"', 1)[1].split("</table>", 1)[0]
+        assert row in pending and world.b.slug in pending and "moving to another provider" in pending
+        assert email_of(world, "b", "owner") in pending
+        assert "iafactory tenants erase SLUG --confirm SLUG --confirmed-request" in page
+        api_cell = next(
+            p["cell"]
+            for p in (await world.client.get("/api/v1/admin/erasure-requests", headers=platform)).json()
+            if p["tenant_id"] == str(world.b.id)
+        )
+        if api_cell is not None:  # with cells: the cell holding B, as the API says
+            assert f'<td class="cell">{api_cell}</td>' in pending
+        # The tenant's platform page links to the pending request.
+        tenant_page = (await c.get(f"/console/platform/tenants/{world.b.id}")).text
+        assert 'id="tenant-erasure"' in tenant_page and f"/console/platform/erasure-requests#erasure-{world.b.id}" in (
+            tenant_page
+        )
+        confirm = f"/console/platform/tenants/{world.b.id}/erasure-request/confirm"
+        r = await c.post(confirm, {"confirm": world.a.slug})  # another tenant's slug: refused
+        assert r.status_code == 422 and f"type {world.b.slug}" in r.text and row in r.text
+        r = await c.post(confirm, {"confirm": world.b.slug})
+        assert (
+            r.status_code == 303
+            and r.headers["location"] == "/console/platform/erasure-requests?done=erasure_confirmed"
+        )
+        page = (await c.get(r.headers["location"])).text
+        assert "Erasure request confirmed." in page and row not in page
+        decided = page.split('id="decided-erasures"', 1)[1].split("</table>", 1)[0]
+        assert world.b.slug in decided and "Confirmed: an operator will erase the data" in decided
+        tenant_page = (await c.get(f"/console/platform/tenants/{world.b.id}")).text
+        assert "Confirmed: an operator will erase the data" in tenant_page
+        # Confirming again answers the confirmed request; a tenant without an open request: 404.
+        await c.get("/console/platform/erasure-requests")
+        assert (await c.post(confirm, {"confirm": world.b.slug})).status_code == 303
+        made = (await create_tenants(world, uuid.uuid4().hex[:6], [("CH", "free", "trial")]))[0]
+        r = await c.post(f"/console/platform/tenants/{made['id']}/erasure-request/confirm", {"confirm": made["slug"]})
+        assert r.status_code == 404 and "open erasure request" in r.text
+    listed = (await world.client.get("/api/v1/admin/erasure-requests?status=confirmed", headers=platform)).json()
+    assert [p["status"] for p in listed if p["tenant_id"] == str(world.b.id)] == ["confirmed"]
+    mine = (await world.client.get("/api/v1/tenant/erasure-requests", headers=world.b.auth("owner"))).json()
+    assert mine[0]["status"] == "confirmed" and mine[0]["decided_by"] is not None

@@ -556,3 +556,39 @@ def test_export_and_erasure_request(tab: Tab, people: dict[str, Any], shots: Pat
     tab.page.get_by_role("button", name="Cancel the request").click()
     assert "Erasure request cancelled." in tab.page.locator("p.notice").inner_text()
     assert "Cancelled" in tab.page.locator("#erasure-requests").inner_text()
+
+
+def test_the_platform_admin_confirms_an_erasure_request(
+    tab: Tab, browser: Any, console_server: str, people: dict[str, Any], platform_admin: str, shots: Path
+) -> None:
+    """The owner asks again (after the cancelled request above); the platform administrator opens
+    the erasure requests from the platform menu, sees it, types the slug and confirms it."""
+    slug, reason = people["slugs"]["dz"], "Fermeture de l’école"
+    sign_in(tab, people["email"], people["names"]["dz"])
+    tab.page.get_by_role("link", name="Your data").click()
+    tab.page.get_by_label("Reason (optional)").fill(reason)
+    tab.page.get_by_label(f"Type the tenant’s identifier ({slug}) to confirm").fill(slug)
+    tab.page.get_by_role("button", name="Request the erasure").click()
+    assert "Erasure requested" in tab.page.locator("p.notice").inner_text()
+
+    admin = Tab(browser, console_server, locale="en-GB")
+    try:
+        sign_in(admin, platform_admin)
+        admin.page.get_by_role("link", name="Erasure requests").click()
+        admin.page.get_by_role("heading", name="Erasure requests").wait_for()
+        row = admin.page.locator("#pending-erasures tbody tr", has_text=slug)
+        text = row.inner_text()
+        assert people["names"]["dz"] in text and reason in text and people["email"] in text and "Algeria" in text
+        assert "--confirmed-request" in admin.page.locator("main").inner_text()
+        admin.shot(shots, "platform-erasures")
+        row.get_by_label(f"Type the tenant’s identifier ({slug}) to confirm").fill(slug)
+        row.get_by_role("button", name="Confirm the erasure request").click()  # console.js asks first: accepted
+        assert "Erasure request confirmed." in admin.page.locator("p.notice").inner_text()
+        decided = admin.page.locator("#decided-erasures tbody tr", has_text=slug).first.inner_text()
+        assert "Confirmed: an operator will erase the data" in decided
+        assert admin.page.locator("#pending-erasures tbody tr", has_text=slug).count() == 0
+        admin.shot(shots, "platform-erasures-confirmed")
+    finally:
+        admin.close()
+    tab.page.reload()
+    assert "Confirmed: an operator will erase the data" in tab.page.locator("#erasure-requests").inner_text()

@@ -321,6 +321,23 @@ EN: dict[str, str] = {
     "done.erasure_cancelled": "Erasure request cancelled.",
     "kb.file_missing": "Choose a file.",
     "audit.api_key": "API key",
+    # console3: erasure requests
+    "erasures.nav": "Erasure requests",
+    "erasures.title": "Erasure requests",
+    "erasures.help": "A tenant's owner asks for the erasure of its data on the tenant's “Your data” page. Confirm a request here once you have checked it with the tenant.",
+    "erasures.operator": "Confirming does not erase anything: an operator then erases the tenant's data with the command",
+    "erasures.pending": "Waiting for confirmation",
+    "erasures.none_pending": "No erasure request is waiting.",
+    "erasures.decided": "Recently confirmed or cancelled",
+    "erasures.none_decided": "No confirmed or cancelled request.",
+    "erasures.confirm": "Confirm",
+    "erasures.confirm_button": "Confirm the erasure request",
+    "erasures.confirm_question": "Confirm the erasure of all the data of {slug}?",
+    "erasures.status.pending": "An erasure request is waiting for confirmation.",
+    "erasures.status.confirmed": "Confirmed: an operator will erase the data",
+    "erasures.status.cancelled": "Cancelled by the tenant",
+    "erasures.review": "Review the request",
+    "done.erasure_confirmed": "Erasure request confirmed. An operator can now erase the tenant's data.",
 }
 
 FR: dict[str, str] = {
@@ -639,6 +656,23 @@ FR: dict[str, str] = {
     "done.erasure_cancelled": "Demande d’effacement annulée.",
     "kb.file_missing": "Choisissez un fichier.",
     "audit.api_key": "Clé d’API",
+    # console3: erasure requests
+    "erasures.nav": "Demandes d’effacement",
+    "erasures.title": "Demandes d’effacement",
+    "erasures.help": "Le propriétaire d’une organisation demande l’effacement de ses données depuis la page « Vos données ». Confirmez ici une demande après l’avoir vérifiée avec l’organisation.",
+    "erasures.operator": "Confirmer n’efface rien : un opérateur efface ensuite les données de l’organisation avec la commande",
+    "erasures.pending": "En attente de confirmation",
+    "erasures.none_pending": "Aucune demande d’effacement en attente.",
+    "erasures.decided": "Confirmées ou annulées récemment",
+    "erasures.none_decided": "Aucune demande confirmée ou annulée.",
+    "erasures.confirm": "Confirmer",
+    "erasures.confirm_button": "Confirmer la demande d’effacement",
+    "erasures.confirm_question": "Confirmer l’effacement de toutes les données de {slug} ?",
+    "erasures.status.pending": "Une demande d’effacement attend sa confirmation.",
+    "erasures.status.confirmed": "Confirmée : un opérateur effacera les données",
+    "erasures.status.cancelled": "Annulée par l’organisation",
+    "erasures.review": "Examiner la demande",
+    "done.erasure_confirmed": "Demande d’effacement confirmée. Un opérateur peut maintenant effacer les données de l’organisation.",
 }
 
 AR: dict[str, str] = {
@@ -957,6 +991,23 @@ AR: dict[str, str] = {
     "done.erasure_cancelled": "أُلغي طلب المحو.",
     "kb.file_missing": "اختاروا ملفًا.",
     "audit.api_key": "مفتاح API",
+    # console3: erasure requests
+    "erasures.nav": "طلبات المحو",
+    "erasures.title": "طلبات المحو",
+    "erasures.help": "يطلب مالك المؤسسة محو بياناتها من صفحة «بياناتك». أكّد الطلب هنا بعد التحقق منه مع المؤسسة.",
+    "erasures.operator": "التأكيد لا يمحو شيئًا: يمحو مشغّل بعد ذلك بيانات المؤسسة بالأمر",
+    "erasures.pending": "بانتظار التأكيد",
+    "erasures.none_pending": "لا يوجد طلب محو بانتظار التأكيد.",
+    "erasures.decided": "المؤكدة أو الملغاة مؤخرًا",
+    "erasures.none_decided": "لا يوجد طلب مؤكد أو ملغى.",
+    "erasures.confirm": "تأكيد",
+    "erasures.confirm_button": "تأكيد طلب المحو",
+    "erasures.confirm_question": "هل تؤكد محو جميع بيانات {slug}؟",
+    "erasures.status.pending": "طلب محو بانتظار التأكيد.",
+    "erasures.status.confirmed": "مؤكد: سيمحو مشغّل البيانات",
+    "erasures.status.cancelled": "ألغته المؤسسة",
+    "erasures.review": "مراجعة الطلب",
+    "done.erasure_confirmed": "تم تأكيد طلب المحو. يمكن لمشغّل الآن محو بيانات المؤسسة.",
 }
 
 MESSAGES: dict[str, dict[str, str]] = {"en": EN, "fr": FR, "ar": AR}

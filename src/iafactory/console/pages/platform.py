@@ -27,9 +27,11 @@ from uuid import UUID
 from fastapi import Response
 from pydantic import ValidationError
 
+from iafactory.auth.dependencies import user_transaction
 from iafactory.console.web import Ctx, page
 from iafactory.http.problems import Problem
 from iafactory.resources.pagination import CURSOR_PATTERNS, MAX_LIMIT, encode
+from iafactory.tenancy import data_endpoints, data_rights
 from iafactory.tenancy import endpoints as tenancy_endpoints
 from iafactory.tenancy.schemas import AdminTenantUpdate, CreditGrant, Plan, Region, Status, TenantCreate
 
@@ -45,7 +47,8 @@ LIMITS = (
     "max_kb_bytes",
     "monthly_credits",
 )
-DONE = frozenset({"platform_created", "platform_updated", "platform_limits"})
+DONE = frozenset({"platform_created", "platform_updated", "platform_limits", "erasure_confirmed"})
+RECENT_DECIDED = 25  # confirmed or cancelled requests shown below the pending ones
 
 
 def _choice(value: str | None, allowed: tuple[str, ...]) -> str | None:
@@ -189,6 +192,7 @@ async def detail_view(
         status=status,
         title=tenant.name,
         tenant=tenant,
+        erasure=await open_erasure_request(c, tenant_id),
         cell=await cell_of(c, tenant_id),
         overrides=(tenant.settings or {}).get("limits") or {},
         limit_names=LIMITS,
@@ -285,3 +289,86 @@ async def grant_credits(c: Ctx) -> Response:
             raise
         return await detail_view(c, tenant_id, status=problem.status, error=problem.detail)
     return await detail_view(c, tenant_id, granted={**result, "amount": body.amount, "kind": body.kind})
+
+
+# --- erasure requests ----------------------------------------------------------------------------
+# The owner asks on the tenant's "Your data" page; a platform administrator confirms here; an
+# operator erases (`iafactory tenants erase SLUG --confirm SLUG --confirmed-request`).
+
+
+async def open_erasure_request(c: Ctx, tenant_id: UUID) -> dict[str, Any] | None:
+    """The tenant's open (pending or confirmed) erasure request, read in its own cell as the
+    platform administrator, with the function GET /api/v1/admin/erasure-requests uses there."""
+    assert c.who is not None
+    cell = await tenancy_endpoints._route(c.request, tenant_id)
+    async with user_transaction(c.request, c.who, cell) as tx:
+        for status in ("pending", "confirmed"):
+            for row in await data_rights.pending_erasure_requests(tx, status):
+                if row["tenant_id"] == tenant_id:
+                    return row
+    return None
+
+
+async def erasure_view(c: Ctx, *, status: int = 200, error: str | None = None, failed: UUID | None = None) -> Response:
+    """Pending requests (oldest first, each with its confirm form), then the most recent decided
+    ones: GET /api/v1/admin/erasure-requests?status= (all), its handler, every cell."""
+    assert c.who is not None
+    rows = await data_endpoints.admin_list_erasure_requests(c.request, c.who, None)
+    home = c.request.app.state.cells.home
+    for row in rows:
+        row["cell"] = row["cell"] or home
+    pending = [r for r in rows if r["status"] == "pending"]
+    decided = sorted(
+        (r for r in rows if r["status"] != "pending"), key=lambda r: r["decided_at"] or r["created_at"], reverse=True
+    )[:RECENT_DECIDED]
+    # The region of each pending request's tenant (the requests hold the slug and name only).
+    regions = {}
+    for r in pending:
+        try:
+            regions[r["tenant_id"]] = (
+                await tenancy_endpoints.admin_get_tenant(r["tenant_id"], c.request, c.who)
+            ).region
+        except Problem as problem:
+            if problem.status != 404:
+                raise
+    done = c.request.query_params.get("done")
+    return c.render(
+        "platform_erasures.html",
+        status=status,
+        title=c.t("erasures.title"),
+        pending=pending,
+        decided=decided,
+        regions=regions,
+        error=error,
+        failed=failed,
+        done=done if done in DONE else None,
+    )
+
+
+@page("GET", "/platform/erasure-requests", platform=True, api="GET /api/v1/admin/erasure-requests")
+async def erasure_requests_page(c: Ctx) -> Response:
+    return await erasure_view(c)
+
+
+@page(
+    "POST",
+    "/platform/tenants/{tenant_id:uuid}/erasure-request/confirm",
+    platform=True,
+    api="POST /api/v1/admin/tenants/{tenant_id}/erasure-request/confirm",
+    params=TENANT,
+)
+async def confirm_erasure(c: Ctx) -> Response:
+    """As POST /api/v1/admin/tenants/{id}/erasure-request/confirm (its handler), once the tenant's
+    identifier is typed, as the owner typed it to ask. Confirming does not erase: an operator does."""
+    assert c.who is not None
+    tenant_id: UUID = c.request.path_params["tenant_id"]
+    tenant = await tenancy_endpoints.admin_get_tenant(tenant_id, c.request, c.who)  # 404: no such tenant
+    if c.form.get("confirm", "").strip() != tenant.slug:
+        return await erasure_view(c, status=422, error=c.t("data.wrong_slug", slug=tenant.slug), failed=tenant_id)
+    try:
+        await data_endpoints.admin_confirm_erasure_request(tenant_id, c.request, c.who)
+    except Problem as problem:
+        if problem.status in (401, 403):
+            raise
+        return await erasure_view(c, status=problem.status, error=problem.detail, failed=tenant_id)
+    return c.redirect("/platform/erasure-requests", done="erasure_confirmed")
