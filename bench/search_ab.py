@@ -1,9 +1,9 @@
 """A/B of app.search_knowledge against 031's definition, same database, same session, calls interleaved.
 
-    python bench/search_ab.py ADMIN_URL [--queries 80] [--broad 40] [--rounds 3] [--old-sql FILE]
+    python bench/search_ab.py ADMIN_URL [--queries 80] [--broad 40] [--rounds 3] [--old-sql FILE] [--bucket large]
 
 ADMIN_URL: a database kept by `bench/retrieval.py --keep` (same --passages/--tenants/--seed, to find its
-5,000-passage tenant and generate its queries the same way). The old definition (031's migration by
+5,000-passage tenant (or --bucket's median tenant) and generate its queries the same way). The old definition (031's migration by
 default) is created under another name, app.bench_search_old, in that database only; the new one is the
 migrated app.search_knowledge. Both are called by the application role inside the tenant's transaction,
 alternately per query and mode; p50/p95 per mode, for the bench's query mix and for broad queries (one or
@@ -52,12 +52,14 @@ def main() -> None:
     parser.add_argument("--broad", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--old-sql", type=Path, default=OLD)
+    parser.add_argument("--bucket", default="large", help="small, medium or large: its median tenant")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     layout = make_layout(args.passages, args.tenants, rng, [])
     emb = Embeddings(rng)
     vocabs = {lang: Vocabulary(lang) for lang in LANGUAGES}
-    tenant = next(t for t in layout.tenants if t.bucket == "large")
+    in_bucket = sorted(layout.bucket(args.bucket), key=lambda t: t.size)
+    tenant = in_bucket[len(in_bucket) // 2]  # the median tenant of the bucket (large: the 5,000-passage one)
     qrng = np.random.default_rng(args.seed + 1)
     mix = [make_query(qrng, tenant, vocabs, emb) for _ in range(args.queries)]
     vocab = vocabs[tenant.language]
@@ -90,7 +92,7 @@ def main() -> None:
                                     answers[which] = [(row[0], row[2]) for row in rows]
                                 if r:
                                     overlap = len(set(answers["old"]) & set(answers["new"]))
-                                    same.setdefault((kind, mode), []).append(overlap / max(1, len(answers["old"])))
+                                    same.setdefault((kind, mode), []).append(overlap / len(answers["old"]) if answers["old"] else float(not answers["new"]))
         finally:
             conn.execute("DROP FUNCTION app.bench_search_old")
     print(

@@ -1,20 +1,18 @@
 -- 035: app.search_knowledge, same answers, less work per call (bench/search_ab.py measures it
--- against 031's definition, same session, calls interleaved; README "Search at each tenant size").
+-- against 031's definition in one session, calls interleaved, per tenant size; README "Search at
+-- each tenant size").
 --
--- * Broad keyword queries: the up to 5,000 matches are sorted by ts_rank as narrow rows (the
---   passage's key and its ts_rank, computed once in the scan) instead of rows carrying their
---   tsvector (~1.7 kB each, copied into the sort for every match), and the 500 best are read
---   again by primary key for ts_rank_cd. Same ranking, same ties.
--- * A tenant with its own GIN index (knowledge index-large) and no document or metadata filter:
---   the keyword side no longer joins the tenant's document list (every chunk's document is the
---   tenant's, foreign key), so the planner reads the matches from that index (bitmap scan)
---   instead of sometimes walking the tenant's documents one by one through the primary key.
---   Other tenants keep the join, which leads them to their own chunks.
 -- * Hybrid search of 3 to 6 words: "a passage holds at least half of the query's words" is one
---   tsquery (every half of the words together, built once per call) tested per match, instead
---   of a subquery over the words per match. Same passages.
--- * One catalog read finds both of the tenant's own indexes (GIN, and the HNSW one with its
---   comment read once, not three times).
+--   tsquery (the alternatives of every half of the words together, built once per call) tested
+--   per match, instead of a subquery over the words per match; the GIN index reads it too. Same
+--   passages: a third of a three-word query's keyword scan on a 5,000-passage tenant.
+-- * The approximate vector index is looked up by name with to_regclass (a cache lookup, nothing
+--   to plan) before the catalog query: most tenants have none, and that query, planned anew at
+--   every call (force_custom_plan), cost ~0.3-0.6 ms of every hybrid and semantic search.
+-- Tried and left out (measured with bench/search_ab.py): no join with the tenant's documents and
+-- narrow rows into the ts_rank sort for a tenant with its own GIN index saves ~20% of a large
+-- tenant's keyword search, but as a second branch of the statement its planning costs small
+-- tenants 10-20% (and as an OR the planner no longer turns the join into a semi-join).
 
 CREATE OR REPLACE FUNCTION app.search_knowledge(
     p_query_text text, p_query_config text, p_query_embedding text, p_model text, p_k integer,
@@ -34,8 +32,7 @@ DECLARE
     v_need integer := 1;
     v_enough tsquery;   -- at least v_need of v_words, as one query (up to 6 words)
     v_ann integer;      -- the dimension of the tenant's approximate index for p_model, if any
-    v_gin boolean;      -- the tenant has a GIN index of its own (knowledge index-large)
-  -- matches ranked by cover density (the best by ts_rank)
+    v_index regclass;   -- the tenant's vector index (by its name), if any
     v_ann_documents bigint[];
     v_ann_chunks integer[];
     v_ef text;
@@ -84,28 +81,21 @@ BEGIN
             END IF;
         END IF;
     END IF;
-    -- The tenant's own indexes (iafactory/knowledge/large.py), in one catalog read: its GIN index
-    -- (valid or not: it only changes the keyword statement's shape, see below) and its
-    -- approximate vector index when it is built (valid) for the query's model. Not with a
-    -- document or metadata filter: the filtered documents' chunks are read exactly.
-    IF p_mode IN ('hybrid', 'keyword', 'semantic') THEN
-        SELECT bool_or(i.relname LIKE 'knowledge_chunks\_tsv\_%'),
-               max(CASE WHEN i.relname LIKE 'knowledge_chunks\_ann\_%' AND x.indisvalid AND x.indisready
-                             AND p_mode IN ('hybrid', 'semantic') AND p_query_embedding IS NOT NULL
-                             AND p_document_ids IS NULL AND p_metadata IS NULL
-                             AND j.c ->> 'model' = p_model AND j.c ->> 'tenant_id' = v_tenant::text
-                        THEN (j.c ->> 'dimension')::integer END)
-          INTO v_gin, v_ann
-          FROM pg_catalog.pg_class i
-          JOIN pg_catalog.pg_index x ON x.indexrelid = i.oid
-          LEFT JOIN pg_catalog.pg_description d
-                 ON d.objoid = i.oid AND d.classoid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0
-          CROSS JOIN LATERAL (SELECT CASE WHEN i.relname LIKE 'knowledge_chunks\_ann\_%'
-                                          THEN d.description::jsonb END) AS j (c)
-         WHERE i.relname IN ('knowledge_chunks_tsv_' || replace(v_tenant::text, '-', ''),
-                             'knowledge_chunks_ann_' || replace(v_tenant::text, '-', ''))
-           AND i.relnamespace = 'public'::regnamespace;
-        v_gin := coalesce(v_gin, false);
+    -- A large tenant's approximate vector index, when it is built (valid) for the query's model.
+    -- Not with a document or metadata filter: the filtered documents' chunks are read exactly.
+    -- Most tenants have none: to_regclass (a cache lookup, nothing to plan) says so before the
+    -- catalog is queried.
+    IF p_mode IN ('hybrid', 'semantic') AND p_query_embedding IS NOT NULL
+       AND p_document_ids IS NULL AND p_metadata IS NULL THEN
+        v_index := pg_catalog.to_regclass('public.knowledge_chunks_ann_' || replace(v_tenant::text, '-', ''));
+        IF v_index IS NOT NULL THEN
+            SELECT (j.c ->> 'dimension')::integer
+              INTO v_ann
+              FROM pg_catalog.pg_index x
+              CROSS JOIN LATERAL (SELECT pg_catalog.obj_description(x.indexrelid, 'pg_class')::jsonb) AS j (c)
+             WHERE x.indexrelid = v_index AND x.indisvalid AND x.indisready
+               AND j.c ->> 'model' = p_model AND j.c ->> 'tenant_id' = v_tenant::text;
+        END IF;
     END IF;
     IF v_ann IS NOT NULL THEN
         -- pgvector >= 0.8 (the index is built only then): the scan goes on until the pool is
@@ -145,30 +135,26 @@ BEGIN
     -- Each side takes its v_pool best first (a top-N sort), then numbers them. Without a
     -- document filter every chunk's document qualifies (foreign key), so the semantic side skips
     -- the semi-join with docs and reads the tenant's vectors from the covering index alone. The
-    -- keyword side keeps it, unless the tenant has a GIN index of its own (v_gin): it leads a
-    -- small tenant to its own chunks (by document) rather than through the GIN index's posting
-    -- lists, which are the whole corpus's. At most 5,000 matches are ranked (the first found: a
-    -- word in half of a 200,000-passage tenant would otherwise cost 100,000 rankings), by ts_rank
-    -- in the scan (narrow rows into the sort), and cover density only for the 500 best of those,
-    -- read again by primary key.
+    -- keyword side keeps it: it leads a small tenant to its own chunks (by document) rather
+    -- than through the GIN index's posting lists, which are the whole corpus's (a large tenant
+    -- has its own GIN index). At most 5,000 matches are ranked (the first found: a word in half of
+    -- a 200,000-passage tenant would otherwise cost 100,000 rankings), by ts_rank, and cover
+    -- density only for the 500 best of those.
     keyword AS (
         SELECT m.document_id, m.chunk_no, row_number() OVER (ORDER BY m.rank DESC, m.document_id, m.chunk_no) AS r
-        FROM (SELECT b.document_id, b.chunk_no, ts_rank_cd(t.tsv, v_query) AS rank
-              FROM (SELECT s.document_id, s.chunk_no
-                    FROM (SELECT c.document_id, c.chunk_no, ts_rank(c.tsv, v_query) AS quick
+        FROM (SELECT b.document_id, b.chunk_no, ts_rank_cd(b.tsv, v_query) AS rank
+              FROM (SELECT s.document_id, s.chunk_no, s.tsv
+                    FROM (SELECT c.document_id, c.chunk_no, c.tsv
                           FROM public.knowledge_chunks c
                           WHERE v_query IS NOT NULL AND c.tenant_id = v_tenant AND c.tsv @@ v_query
-                            AND (v_gin AND p_document_ids IS NULL AND p_metadata IS NULL
-                                 OR c.document_id IN (SELECT id FROM docs))
+                            AND c.document_id IN (SELECT id FROM docs)
                             AND (p_language IS NULL OR c.language = p_language)
                             AND (v_need <= 1 OR v_enough IS NOT NULL AND c.tsv @@ v_enough
                                  OR v_enough IS NULL
                                     AND (SELECT count(*) FROM unnest(v_words) AS w (q) WHERE c.tsv @@ w.q) >= v_need)
                           LIMIT 5000) s
-                    ORDER BY s.quick DESC, s.document_id, s.chunk_no
+                    ORDER BY ts_rank(s.tsv, v_query) DESC, s.document_id, s.chunk_no
                     LIMIT 500) b
-              JOIN public.knowledge_chunks t
-                ON t.tenant_id = v_tenant AND t.document_id = b.document_id AND t.chunk_no = b.chunk_no
               ORDER BY 3 DESC, 1, 2
               LIMIT v_pool) m
     ),
