@@ -92,7 +92,9 @@ def main() -> None:
                                     answers[which] = [(row[0], row[2]) for row in rows]
                                 if r:
                                     overlap = len(set(answers["old"]) & set(answers["new"]))
-                                    same.setdefault((kind, mode), []).append(overlap / len(answers["old"]) if answers["old"] else float(not answers["new"]))
+                                    same.setdefault((kind, mode), []).append(
+                                        overlap / len(answers["old"]) if answers["old"] else float(not answers["new"])
+                                    )
         finally:
             conn.execute("DROP FUNCTION app.bench_search_old")
     print(
