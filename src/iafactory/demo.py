@@ -227,7 +227,7 @@ def demo_command(
     # One line each, never wrapped: scripts (scripts/smoke_demo.py) read the address and the credentials.
     console.print(
         f"\nAPI: http://{host}:{port}/api/v1   docs: http://{host}:{port}/docs   "
-        f"OpenAPI: http://{host}:{port}/openapi.json",
+        f"OpenAPI: http://{host}:{port}/openapi.json   console: http://{host}:{port}/console",
         soft_wrap=True,
         highlight=False,
     )

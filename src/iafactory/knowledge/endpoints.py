@@ -11,6 +11,7 @@ from iafactory.auth.dependencies import CurrentPrincipal, Viewer, open_tenant_se
 from iafactory.http.idempotency import Idempotent
 from iafactory.http.problems import Problem, not_found
 from iafactory.http.rendering import api_router
+from iafactory.knowledge import extraction
 from iafactory.knowledge import files as files_service
 from iafactory.knowledge import search as search_service
 from iafactory.knowledge.embeddings import embedder
@@ -156,7 +157,8 @@ async def list_files(
     responses={
         200: {
             "description": "The original file, with the type detected at upload (always as an attachment)",
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            # The type detected at upload, one of these (never guessed from the name).
+            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in extraction.MEDIA_TYPES},
         },
         404: {"description": "No such file in this tenant (application/problem+json)"},
     },
