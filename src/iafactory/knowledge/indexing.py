@@ -131,10 +131,7 @@ async def index_document(
         rows[i]["embedding"] = vector_literal(vector)
 
     async with db.tenant(ctx) as tx:
-        current = await tx.fetchval(
-            "SELECT updated_at FROM knowledge_base WHERE tenant_id = %s AND id = %s", (tenant_id, document_id)
-        )
-        if current != doc["updated_at"]:
+        if not await _unchanged(tx, tenant_id, doc):
             return IndexResult(len(rows), len(to_embed), skipped=True)
         await tx.execute(
             "DELETE FROM knowledge_chunks WHERE tenant_id = %s AND document_id = %s", (tenant_id, document_id)
@@ -179,6 +176,11 @@ def dominant_language(languages: list[str | None], chunks: list[Chunk]) -> str |
     for language, chunk in zip(languages, chunks, strict=True):
         if language is not None:
             weight[language] += len(chunk.text)
+    return _heaviest(weight)
+
+
+def _heaviest(weight: Counter[str]) -> str | None:
+    """The language with the most characters (ties: the first in alphabetical order)."""
     return max(sorted(weight), key=weight.__getitem__) if weight else None
 
 
@@ -277,7 +279,7 @@ async def _index_file(
                     (reason, tenant_id, document_id),
                 )
         return IndexResult(written, embedded, failed=reason)
-    detected = max(sorted(weights), key=weights.__getitem__) if weights else None
+    detected = _heaviest(weights)
     async with db.tenant(ctx) as tx:
         if not await _unchanged(tx, tenant_id, doc):
             return IndexResult(written, embedded, skipped=True)
@@ -295,6 +297,8 @@ async def _index_file(
 
 
 async def _unchanged(tx: Any, tenant_id: UUID, doc: dict[str, Any]) -> bool:
+    """The document is as it was read: otherwise its change queued a newer job, and this one's
+    write is skipped."""
     current = await tx.fetchval(
         "SELECT updated_at FROM knowledge_base WHERE tenant_id = %s AND id = %s", (tenant_id, doc["id"])
     )
