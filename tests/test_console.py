@@ -22,12 +22,15 @@ from api_support import (
     ApiWorld,
     api_operations,
     build_world,
+    login,
     offline_openapi,
     provision_for_load,
+    queued_email,
     register_user,
     required_role,
     two_cell_client,
     two_cell_databases,
+    verification_token,
 )
 from conftest import settings_for
 from console_support import Console, both_email, csrf_of, email_of, platform_email
@@ -598,6 +601,47 @@ async def test_the_invitation_link_of_the_email_opens_the_console_page(world: Ap
         assert page.status_code == 200 and csrf_of(page.text)
         r = await c.post("/console/accept-invitation", {"token": "inv_x", "name": "X", "password": "long enough pass"})
         assert r.status_code == 404 and 'role="alert"' in r.text
+
+
+async def test_the_verification_and_reset_links_of_the_emails_open_console_pages(world: ApiWorld) -> None:
+    """The links of "verify your address", "reset your password" and "you already have an account"
+    open console pages; opening one changes nothing (mail scanners fetch links), its button does."""
+    email = await register_user(world.client, "linker", region=world.a.region)
+    token = verification_token(world.url_of("a"), email)
+    r = await world.client.get(f"/verify-email?token={token}")
+    assert r.status_code == 303 and r.headers["location"] == f"/console/verify-email?token={token}"
+    r = await world.client.get("/sign-in")
+    assert r.status_code == 303 and r.headers["location"] == "/console/sign-in"
+    me = {"Authorization": f"Bearer {await login(world.client, email)}"}
+    async with Console(world.client) as c:
+        page = await c.get(f"/console/verify-email?token={token}")
+        assert page.status_code == 200 and token in page.text
+        assert (await world.client.get("/api/v1/me", headers=me)).json()["user"]["email_verified"] is False
+        r = await c.post("/console/verify-email", {"token": token})
+        assert r.status_code == 200 and 'role="status"' in r.text
+        assert (await world.client.get("/api/v1/me", headers=me)).json()["user"]["email_verified"] is True
+        r = await c.post("/console/verify-email", {"token": token})  # once only
+        assert r.status_code == 410 and 'role="alert"' in r.text
+
+        page = await c.get("/console/reset-password")  # the account-exists email's link: ask for one
+        assert page.status_code == 200 and 'name="email"' in page.text
+        r = await c.post("/console/reset-password/request", {"email": email})
+        assert r.status_code == 200 and 'role="status"' in r.text
+        match = re.search(
+            r"/reset-password\?token=(pwr_[A-Za-z0-9_-]+)", queued_email(world.url_of("a"), email, "password_reset")
+        )
+        assert match is not None
+        reset = match.group(1)
+        r = await world.client.get(f"/reset-password?token={reset}")
+        assert r.status_code == 303 and r.headers["location"] == f"/console/reset-password?token={reset}"
+        page = await c.get(f"/console/reset-password?token={reset}")
+        assert page.status_code == 200 and 'name="new_password"' in page.text
+        r = await c.post("/console/reset-password", {"token": reset, "new_password": "1234567890"})
+        assert r.status_code == 422 and 'role="alert"' in r.text  # the policy, naming nothing of the account
+        r = await c.post("/console/reset-password", {"token": reset, "new_password": "a brand new passphrase"})
+        assert r.status_code == 200 and 'role="status"' in r.text
+    assert (await world.client.get("/api/v1/me", headers=me)).status_code == 401  # every session ended
+    assert await login(world.client, email, "a brand new passphrase")
 
 
 def invitation_token(world: ApiWorld, email: str) -> str:

@@ -179,7 +179,14 @@ def create_app(
         max_in_flight=settings.max_requests_in_flight,
         load=app.state.load,
         anonymous_paths=frozenset(
-            {"/api/v1/auth/login", "/api/v1/auth/register", "/console/sign-in", "/console/accept-invitation"}
+            {
+                "/api/v1/auth/login",
+                "/api/v1/auth/register",
+                "/console/sign-in",
+                "/console/accept-invitation",
+                "/console/verify-email",
+                "/console/reset-password",
+            }
         ),
         anonymous_max_in_flight=settings.anonymous_max_in_flight,
         credential_max_in_flight=settings.credential_max_in_flight,

@@ -20,6 +20,16 @@ PAGES: tuple[str, ...] = ("auth", "overview", "members", "api_keys", "settings",
 PAGES += ("knowledge", "usage", "credits", "audit", "data")
 
 
+# The paths of the emails' links (cells/links.py CellToken, the account-exists email's sign-in
+# link), each opening the console page of the same name with its query (the token).
+EMAIL_LINKS = ("/accept-invitation", "/verify-email", "/reset-password", "/sign-in")
+
+
+async def _email_link(request: Request) -> RedirectResponse:
+    query = f"?{request.url.query}" if request.url.query else ""
+    return RedirectResponse(f"{PREFIX}{request.url.path}{query}", status_code=303)
+
+
 def load_pages() -> None:
     """Import the page modules: each registers its routes (web.ROUTES, web.router) once."""
     for name in PAGES:
@@ -29,17 +39,15 @@ def load_pages() -> None:
 def install(app: FastAPI) -> None:
     """Mount the console: its routes (outside the OpenAPI document: HTML pages for browsers, not
     API operations; tests/test_console.py covers them from the console's own route table), its
-    static files, and /accept-invitation, where the invitation emails' links open."""
+    static files, and the paths where the links of our emails open (EMAIL_LINKS)."""
     load_pages()
     app.state.console_refresh = session.RefreshShare()
     app.include_router(router)
     static = resources.files("iafactory.console") / "static"
     app.mount(f"{PREFIX}/static", StaticFiles(directory=str(static)), name="console-static")
 
-    @app.get("/accept-invitation", include_in_schema=False)
-    async def invitation_link(request: Request) -> RedirectResponse:
-        query = f"?{request.url.query}" if request.url.query else ""
-        return RedirectResponse(f"{PREFIX}/accept-invitation{query}", status_code=303)
+    for path in EMAIL_LINKS:
+        app.add_api_route(path, _email_link, methods=["GET"], include_in_schema=False)
 
     @app.get(PREFIX, include_in_schema=False)
     async def console_root() -> RedirectResponse:

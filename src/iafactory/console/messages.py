@@ -338,6 +338,16 @@ EN: dict[str, str] = {
     "erasures.status.cancelled": "Cancelled by the tenant",
     "erasures.review": "Review the request",
     "done.erasure_confirmed": "Erasure request confirmed. An operator can now erase the tenant's data.",
+    # the links of the verification and reset emails
+    "link.no_token": "Open the link of the email you received.",
+    "verify.title": "Confirm your email address",
+    "verify.button": "Confirm my address",
+    "verify.done": "Your email address is confirmed. You can now create a tenant.",
+    "reset.title": "Choose a new password",
+    "reset.button": "Save the new password",
+    "reset.done": "Your password is changed, and every session of your account has ended: sign in again.",
+    "reset.request_button": "Send me a link",
+    "reset.requested": "If this address has an account, a link to choose a new password is on its way (valid 30 minutes).",
 }
 
 FR: dict[str, str] = {
@@ -673,6 +683,16 @@ FR: dict[str, str] = {
     "erasures.status.cancelled": "Annulée par l’organisation",
     "erasures.review": "Examiner la demande",
     "done.erasure_confirmed": "Demande d’effacement confirmée. Un opérateur peut maintenant effacer les données de l’organisation.",
+    # the links of the verification and reset emails
+    "link.no_token": "Ouvrez le lien de l’e-mail que vous avez reçu.",
+    "verify.title": "Confirmer votre adresse e-mail",
+    "verify.button": "Confirmer mon adresse",
+    "verify.done": "Votre adresse e-mail est confirmée. Vous pouvez maintenant créer une organisation.",
+    "reset.title": "Choisir un nouveau mot de passe",
+    "reset.button": "Enregistrer le nouveau mot de passe",
+    "reset.done": "Votre mot de passe est changé et toutes les sessions de votre compte sont terminées : reconnectez-vous.",
+    "reset.request_button": "M’envoyer un lien",
+    "reset.requested": "Si cette adresse a un compte, un lien pour choisir un nouveau mot de passe est en route (valable 30 minutes).",
 }
 
 AR: dict[str, str] = {
@@ -1008,6 +1028,16 @@ AR: dict[str, str] = {
     "erasures.status.cancelled": "ألغته المؤسسة",
     "erasures.review": "مراجعة الطلب",
     "done.erasure_confirmed": "تم تأكيد طلب المحو. يمكن لمشغّل الآن محو بيانات المؤسسة.",
+    # the links of the verification and reset emails
+    "link.no_token": "افتح الرابط الوارد في البريد الإلكتروني الذي تلقيته.",
+    "verify.title": "تأكيد عنوان بريدك الإلكتروني",
+    "verify.button": "تأكيد عنواني",
+    "verify.done": "تم تأكيد عنوان بريدك الإلكتروني. يمكنك الآن إنشاء مؤسسة.",
+    "reset.title": "اختيار كلمة مرور جديدة",
+    "reset.button": "حفظ كلمة المرور الجديدة",
+    "reset.done": "تم تغيير كلمة المرور وإنهاء جميع جلسات حسابك: سجّل الدخول من جديد.",
+    "reset.request_button": "أرسل لي رابطًا",
+    "reset.requested": "إذا كان لهذا العنوان حساب، فإن رابطًا لاختيار كلمة مرور جديدة في طريقه إليك (صالح 30 دقيقة).",
 }
 
 MESSAGES: dict[str, dict[str, str]] = {"en": EN, "fr": FR, "ar": AR}

@@ -14,7 +14,14 @@ from pydantic import ValidationError
 from iafactory.auth import endpoints as auth_endpoints
 from iafactory.auth import sessions
 from iafactory.auth.dependencies import principal_cell, principal_from_token
-from iafactory.auth.schemas import AcceptInvitationIn, LoginIn, SelectTenantIn
+from iafactory.auth.schemas import (
+    AcceptInvitationIn,
+    LoginIn,
+    PasswordResetConfirmIn,
+    PasswordResetIn,
+    SelectTenantIn,
+    VerifyEmailIn,
+)
 from iafactory.console import i18n
 from iafactory.console import session as cookie
 from iafactory.console.web import Ctx, layout_data, page, safe_next
@@ -174,3 +181,72 @@ async def accept_invitation(c: Ctx) -> Response:
         await _end(c)
     c.signed_in_with(tokens)
     return c.redirect("/overview", done="joined")
+
+
+# The links of the verification and reset emails open here. Opening a link changes nothing (mail
+# scanners fetch links): the page's button or form posts the token to the API's own handler.
+
+
+@page("GET", "/verify-email", role=None, signed_in=False)
+async def verify_email_form(c: Ctx) -> Response:
+    return c.render("verify_email.html", token=c.request.query_params.get("token", ""), verified=False, error=None)
+
+
+@page("POST", "/verify-email", role=None, signed_in=False, api="POST /api/v1/auth/verify-email")
+async def verify_email(c: Ctx) -> Response:
+    token = c.form.get("token", "")
+    try:
+        await auth_endpoints.verify_email(VerifyEmailIn(token=token), c.request)
+    except ValidationError:
+        return c.render("verify_email.html", status=422, token=token, verified=False, error=c.t("link.no_token"))
+    except Problem as problem:
+        response = c.render(
+            "verify_email.html", status=problem.status, token=token, verified=False, error=problem.detail
+        )
+        response.headers.update(problem.headers)
+        return response
+    return c.render("verify_email.html", token="", verified=True, error=None)
+
+
+@page("GET", "/reset-password", role=None, signed_in=False)
+async def reset_password_form(c: Ctx) -> Response:
+    return c.render("reset_password.html", token=c.request.query_params.get("token", ""), done_reset=False, error=None)
+
+
+@page("POST", "/reset-password", role=None, signed_in=False, api="POST /api/v1/auth/password-reset/confirm")
+async def reset_password(c: Ctx) -> Response:
+    token = c.form.get("token", "")
+    try:
+        body = PasswordResetConfirmIn(token=token, new_password=c.form.get("new_password", ""))
+    except ValidationError as err:
+        message = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        return c.render("reset_password.html", status=422, token=token, done_reset=False, error=message)
+    try:
+        await auth_endpoints.confirm_password_reset(body, c.request)
+    except Problem as problem:
+        response = c.render(
+            "reset_password.html", status=problem.status, token=token, done_reset=False, error=problem.detail
+        )
+        response.headers.update(problem.headers)
+        return response
+    return c.render("reset_password.html", token="", done_reset=True, error=None)
+
+
+@page("POST", "/reset-password/request", role=None, signed_in=False, api="POST /api/v1/auth/password-reset")
+async def request_reset(c: Ctx) -> Response:
+    """Without a token (the account-exists email's link, or "forgot my password"): ask for a link.
+    The same answer whether or not the email has an account, as the API's."""
+    email = c.form.get("email", "").strip()
+    try:
+        body = PasswordResetIn(email=email)
+    except ValidationError:
+        return c.render("reset_password.html", status=422, token="", done_reset=False, error=c.t("sign_in.invalid"))
+    try:
+        await auth_endpoints.request_password_reset(body, c.request)
+    except Problem as problem:
+        response = c.render(
+            "reset_password.html", status=problem.status, token="", done_reset=False, error=problem.detail
+        )
+        response.headers.update(problem.headers)
+        return response
+    return c.render("reset_password.html", token="", done_reset=False, requested=True, error=None)
