@@ -30,7 +30,7 @@ literal, model id, k=10):
 1. latency of hybrid, keyword and semantic search, interleaved, p50/p95 per tenant-size bucket
    (small < 60, medium, large >= 5,000) and per large tenant, after a warm-up;
 2. recall@10 of semantic mode against an exact numpy top-10 over the stored embeddings;
-3. EXPLAIN (ANALYZE, BUFFERS) of the statement inside app.search_knowledge for the 5,000-chunk
+3. EXPLAIN (ANALYZE, BUFFERS) of the statement inside app.search_passages for the 5,000-chunk
    tenant, keyword, semantic and hybrid, called by the application role (a clone of the function
    read from pg_proc whose RETURN QUERY is explained: no auto_explain needed), and whether the
    full-text GIN index is used;
@@ -40,7 +40,7 @@ literal, model id, k=10):
 
 Queries: 50% topical (1-3 topic words), 20% natural (a stop word too), 30% a name and a word; the
 large tenants' latencies are also split by the share of the tenant's chunks the words match.
---setup-sql runs a file as the admin after the migrations (e.g. a changed app.search_knowledge or
+--setup-sql runs a file as the admin after the migrations (e.g. a changed app.search_passages or
 column storage) to measure a variant on the same data.
 """
 
@@ -876,12 +876,12 @@ async def recall(
 # Plans
 # ----------------------------------------------------------------------------------------------
 def query_tsquery(conn: psycopg.Connection, q: Query) -> str | None:
-    """The tsquery app.search_knowledge builds for the query's words: its first `SELECT to_tsquery`
+    """The tsquery app.search_passages builds for the query's words: its first `SELECT to_tsquery`
     statement (read from pg_proc), run with the query text and config bound."""
-    src = conn.execute("SELECT prosrc FROM pg_proc WHERE oid = 'app.search_knowledge'::regproc").fetchone()[0]
+    src = conn.execute("SELECT prosrc FROM pg_proc WHERE oid = 'app.search_passages'::regproc").fetchone()[0]
     m = re.search(r"(SELECT to_tsquery\(.*?);", src, re.S)
     if not m:
-        raise SystemExit("app.search_knowledge builds its tsquery differently now: update bench/retrieval.py")
+        raise SystemExit("app.search_passages builds its tsquery differently now: update bench/retrieval.py")
     values = {"p_query_text": fold(q.text), "p_query_config": ts_config(detect_language(q.text))}
     statement = re.sub(
         r"\b(p_query_text|p_query_config)\b",
@@ -892,20 +892,20 @@ def query_tsquery(conn: psycopg.Connection, q: Query) -> str | None:
 
 
 def create_explain_function(conn: psycopg.Connection) -> None:
-    """app.bench_explain_search: app.search_knowledge itself (from pg_proc, same owner, same
+    """app.bench_explain_search: app.search_passages itself (from pg_proc, same owner, same
     settings), whose RETURN QUERY returns EXPLAIN (ANALYZE, BUFFERS) of its statement instead of
     its rows. The plan is the one the function runs: its variables bound, custom plan, RLS as the
     definer. Throw-away database only."""
-    src = conn.execute("SELECT pg_get_functiondef('app.search_knowledge'::regproc)").fetchone()[0]
-    clone = src.replace("FUNCTION app.search_knowledge(", "FUNCTION app.bench_explain_search(", 1)
+    src = conn.execute("SELECT pg_get_functiondef('app.search_passages'::regproc)").fetchone()[0]
+    clone = src.replace("FUNCTION app.search_passages(", "FUNCTION app.bench_explain_search(", 1)
     clone = re.sub(r"RETURNS TABLE\(.*?\)\n", "RETURNS SETOF text\n", clone, count=1, flags=re.S)
     clone = re.sub(r"\bSTABLE\b", "VOLATILE", clone, count=1)  # EXPLAIN needs a volatile function
     clone = re.sub(r"RETURN QUERY\s*\n", "RETURN QUERY EXPLAIN (ANALYZE, BUFFERS)\n", clone, count=1)
     if "bench_explain_search" not in clone or "EXPLAIN (ANALYZE" not in clone or "SETOF text" not in clone:
-        raise SystemExit("app.search_knowledge has changed shape: update bench/retrieval.py")
+        raise SystemExit("app.search_passages has changed shape: update bench/retrieval.py")
     conn.execute(clone)
     owner = conn.execute(
-        "SELECT proowner::regrole::text FROM pg_proc WHERE oid = 'app.search_knowledge'::regproc"
+        "SELECT proowner::regrole::text FROM pg_proc WHERE oid = 'app.search_passages'::regproc"
     ).fetchone()[0]
     conn.execute(f"ALTER FUNCTION app.bench_explain_search OWNER TO {owner}")
     conn.execute("GRANT EXECUTE ON FUNCTION app.bench_explain_search TO iaf_app")
@@ -925,7 +925,7 @@ def plans(
     # A plain topical query (two words of the tenant's first topic), as a typical keyword search.
     words = [vocabs[tenant.language].words[i] for i in vocabs[tenant.language].by_topic[int(tenant.topics[0])][:2]]
     q = Query(tenant, " ".join(words), q.vector, q.literal)
-    explain_sql = SEARCH_SQL.replace("app.search_knowledge", "app.bench_explain_search")
+    explain_sql = SEARCH_SQL.replace("app.search_passages", "app.bench_explain_search")
     with psycopg.connect(admin, autocommit=True) as conn:
         create_explain_function(conn)
         tsquery = query_tsquery(conn, q)
@@ -952,7 +952,7 @@ def plans(
             f"\nPlans for the {tenant.size:,}-chunk tenant ({tenant.language}), query {q.text!r} -> "
             f"tsquery {findings['tsquery']}: matches {findings['matching']:,} of its chunks "
             f"({findings['matching_all']:,} in all tenants). EXPLAIN (ANALYZE, BUFFERS) of the statement "
-            "inside app.search_knowledge, called by the application role (warm):"
+            "inside app.search_passages, called by the application role (warm):"
         )
         for mode in ("keyword", "semantic", "hybrid"):
             print(f"\n  -- {mode} mode")
@@ -1093,7 +1093,7 @@ def report(
         f"chunks, {len(layout.tenants):,} tenants, {args.queries} queries per bucket and mode, k={K} ==="
     )
     print(
-        f"  app.search_knowledge from {MIGRATION.name} sha256 {_sha(MIGRATION)}"
+        f"  app.search_passages from {MIGRATION.name} sha256 {_sha(MIGRATION)}"
         + (f", then {args.setup_sql} sha256 {_sha(args.setup_sql)}" if args.setup_sql else "")
     )
     print(
@@ -1186,7 +1186,12 @@ def report(
         )
 
 
-MIGRATION = Path(bootstrap.__file__).parent / "migrations" / "031_knowledge_large_tenants.sql"
+# The migration that last defined the search function (the one measured).
+MIGRATION = max(
+    p
+    for p in (Path(bootstrap.__file__).parent / "migrations").glob("*.sql")
+    if re.search(r"CREATE OR REPLACE FUNCTION app\.search_(knowledge|passages)\(", p.read_text())
+)
 
 
 def _sha(path: Path) -> str:

@@ -1,11 +1,11 @@
-"""A/B of app.search_knowledge against 031's definition, same database, same session, calls interleaved.
+"""A/B of app.search_passages against 035's definition, same database, same session, calls interleaved.
 
     python bench/search_ab.py ADMIN_URL [--queries 80] [--broad 40] [--rounds 3] [--old-sql FILE] [--bucket large]
 
 ADMIN_URL: a database kept by `bench/retrieval.py --keep` (same --passages/--tenants/--seed, to find its
-5,000-passage tenant (or --bucket's median tenant) and generate its queries the same way). The old definition (031's migration by
+5,000-passage tenant (or --bucket's median tenant) and generate its queries the same way). The old definition (035's migration by
 default) is created under another name, app.bench_search_old, in that database only; the new one is the
-migrated app.search_knowledge. Both are called by the application role inside the tenant's transaction,
+migrated app.search_passages (036's). Both are called by the application role inside the tenant's transaction,
 alternately per query and mode; p50/p95 per mode, for the bench's query mix and for broad queries (one or
 two of the tenant's most common topic words), and how often the two return the same top 10.
 """
@@ -26,17 +26,17 @@ from iafactory.config import Settings
 from iafactory.knowledge.search import SEARCH_SQL
 from retrieval import LANGUAGES, MODES, Embeddings, Query, Vocabulary, make_layout, make_query
 
-OLD = Path(__file__).parent.parent / "src/iafactory/db/migrations/031_knowledge_large_tenants.sql"
+OLD = Path(__file__).parent.parent / "src/iafactory/db/migrations/035_knowledge_search_faster.sql"
 
 
 def create_old(conn: psycopg.Connection, path: Path) -> None:
     text = path.read_text()
-    m = re.search(r"CREATE OR REPLACE FUNCTION app\.search_knowledge\(.*?\n\$\$;", text, re.S)
+    m = re.search(r"CREATE OR REPLACE FUNCTION (app\.search_(?:knowledge|passages))\(.*?\n\$\$;", text, re.S)
     if not m:
-        raise SystemExit(f"no app.search_knowledge in {path}")
-    conn.execute(m.group(0).replace("app.search_knowledge(", "app.bench_search_old(", 1))
+        raise SystemExit(f"no app.search_knowledge or app.search_passages in {path}")
+    conn.execute(m.group(0).replace(m.group(1) + "(", "app.bench_search_old(", 1))
     owner = conn.execute(
-        "SELECT proowner::regrole::text FROM pg_proc WHERE oid = 'app.search_knowledge'::regproc"
+        "SELECT proowner::regrole::text FROM pg_proc WHERE oid = 'app.search_passages'::regproc"
     ).fetchone()[0]
     conn.execute(f"ALTER FUNCTION app.bench_search_old OWNER TO {owner}")
     conn.execute(f"GRANT EXECUTE ON FUNCTION app.bench_search_old TO {Settings().app_db_user}")
@@ -69,7 +69,7 @@ def main() -> None:
         first = vocab.by_topic[topic][: 1 + i % 2 + (i // 2) % 2]
         q = make_query(qrng, tenant, vocabs, emb)
         broad.append(Query(tenant, " ".join(vocab.words[j] for j in first[-(1 + i % 2) :]), q.vector, q.literal))
-    old_sql = SEARCH_SQL.replace("app.search_knowledge", "app.bench_search_old")
+    old_sql = SEARCH_SQL.replace("app.search_passages", "app.bench_search_old")
     times: dict[tuple[str, str, str], list[float]] = {}
     same: dict[tuple[str, str], list[float]] = {}
     with psycopg.connect(args.admin, autocommit=True) as conn:

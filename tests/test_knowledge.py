@@ -4,7 +4,7 @@
   the API; recall@5 of its queries is measured in hybrid, keyword and semantic mode (`pytest -s`
   prints it).
 * Isolation: B holds documents made of A's query words; nothing of B ever reaches A, whatever the
-  mode, filter or credential, nor app.search_knowledge called without a tenant; an indexing run
+  mode, filter or credential, nor app.search_passages called without a tenant; an indexing run
   under the wrong tenant writes nothing.
 * Indexing: status and lifecycle, reuse of unchanged embeddings, retries with backoff then
   'failed', several workers on one queue, accent folding, the 'simple' fallback.
@@ -57,7 +57,7 @@ KB = "/api/v1/knowledge-base"
 # Hybrid used to fall below semantic on cross-language queries (0.619): reciprocal rank fusion
 # ranked any same-language passage sharing one word with the query above the answer in another
 # language that only the vector search found. In hybrid mode the keyword side now counts only
-# passages holding at least half of the query's words (app.search_knowledge).
+# passages holding at least half of the query's words (app.search_passages).
 MIN_RECALL = {
     "all": {"hybrid": 0.85, "keyword": 0.45, "semantic": 0.85},
     "same-language": {"hybrid": 0.95, "keyword": 0.85, "semantic": 0.95},
@@ -300,7 +300,7 @@ async def test_passages_cite_their_document(kb: Knowledge) -> None:
 
 async def test_relevance_normalises_the_fused_score_without_reordering(kb: Knowledge) -> None:
     """relevance = score / the best fused score possible: 1/61 per ranking fused (two in hybrid mode
-    with an embedder, one otherwise). Order and scores stay those of app.search_knowledge."""
+    with an embedder, one otherwise). Order and scores stay those of app.search_passages."""
     w = kb.world
     assert kb.embedder.model_id is not None  # the real embedder: hybrid fuses two rankings
     seen_both = seen_one = 0
@@ -832,7 +832,7 @@ async def test_a_document_shows_its_detected_language_unless_the_client_set_one(
 
 
 async def test_search_function_forces_custom_plans(kb: Knowledge) -> None:
-    config = await admin_value(kb.world, "SELECT proconfig FROM pg_proc WHERE oid = 'app.search_knowledge'::regproc")
+    config = await admin_value(kb.world, "SELECT proconfig FROM pg_proc WHERE oid = 'app.search_passages'::regproc")
     assert "plan_cache_mode=force_custom_plan" in config
-    definer = await admin_value(kb.world, "SELECT prosecdef FROM pg_proc WHERE oid = 'app.search_knowledge'::regproc")
+    definer = await admin_value(kb.world, "SELECT prosecdef FROM pg_proc WHERE oid = 'app.search_passages'::regproc")
     assert definer is True

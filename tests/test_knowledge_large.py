@@ -110,14 +110,16 @@ def names(tenant: uuid.UUID, vectors: bool) -> set[str]:
     return out
 
 
-async def search(world: dict[str, Any], tenant: uuid.UUID, mode: str, vector: str | None, query: str = "budget"):
+async def search(
+    world: dict[str, Any], tenant: uuid.UUID, mode: str, vector: str | None, query: str = "budget", k: int = 10
+):
     """The search's rows and, in the same transaction, how often each of the tenant's own indexes
     was scanned."""
     async with (
         bootstrap.database(world["settings"], world["url"]) as db,
         db.tenant(TenantContext(tenant_id=tenant), read_only=True) as tx,
     ):
-        rows = await tx.fetch(SEARCH_SQL, (query, "simple", vector, MODEL, 10, mode, None, None, None))
+        rows = await tx.fetch(SEARCH_SQL, (query, "simple", vector, MODEL, k, mode, None, None, None))
         scans = {}
         for prefix in (large.KEYWORD_PREFIX, large.VECTOR_PREFIX):
             name = large.index_name(prefix, tenant)
@@ -231,3 +233,58 @@ async def test_erasure_drops_the_indexes_and_import_builds_them_again(world: dic
     assert indexes(url) == names(a, world["vectors"])
     rows, scans = await search(world, a, "semantic", query_vector(world))
     assert len(rows) == 10 and (scans[large.VECTOR_PREFIX] > 0 or not world["vectors"])
+
+
+def _passages(conn: psycopg.Connection, tenant: uuid.UUID, texts: list[str], rng: np.random.Generator) -> None:
+    """One document whose passages are `texts`."""
+    with conn.transaction():
+        conn.execute("SET LOCAL app.bulk_operation = 'on'")
+        doc = conn.execute(
+            "INSERT INTO knowledge_base (tenant_id, title, content, index_status) VALUES (%s, 'fruit', 'x', 'indexed') "
+            "RETURNING id",
+            (tenant,),
+        ).fetchone()[0]
+        for c, text in enumerate(texts):
+            v = rng.standard_normal(DIM)
+            conn.execute(
+                """INSERT INTO knowledge_chunks (tenant_id, document_id, chunk_no, content, char_start, char_end,
+                       language, ts_config, content_hash, tsv, embedding, embedding_model)
+                   VALUES (%s, %s, %s, %s, 0, %s, 'en', 'simple', repeat('0', 64), to_tsvector('simple', %s),
+                           app.to_embedding(%s), %s)""",
+                (tenant, doc, c, text, len(text), text, vector_literal(list(v / np.linalg.norm(v))), MODEL),
+            )
+
+
+async def test_a_large_tenants_keyword_side_wants_the_most_of_the_words_that_enough_passages_hold(
+    world: dict[str, Any],
+) -> None:
+    """Migration 036: with its own GIN index, a tenant's keyword ranking reads only the passages
+    holding the most of the query's words that at least the pool (40 for k=10) holds, rather than
+    every passage sharing one common word; fewer than that, and it relaxes a word at a time."""
+    url, a = world["url"], world["a"]
+    both = [f"kiwi mango passage {i}" for i in range(45)]
+    one = [" ".join(["kiwi"] * 6) + f" passage {i}" for i in range(60)]  # one word, many times
+    with psycopg.connect(url, autocommit=True) as conn:
+        _passages(conn, a, both + one, world["rng"])
+        conn.execute("ANALYZE knowledge_chunks")
+    await large.reconcile(url, world["settings"])
+    assert large.index_name(large.KEYWORD_PREFIX, a) in indexes(url)
+
+    def words(rows: list[Any]) -> list[set[str]]:
+        return [set(r["content"].split()) & {"kiwi", "mango", "zebra"} for r in rows]
+
+    rows, _ = await search(world, a, "keyword", None, "kiwi mango")
+    assert len(rows) == 10 and all(w == {"kiwi", "mango"} for w in words(rows)), words(rows)
+    # Hybrid: what the keyword side brings (the vector side finds what it finds).
+    rows, _ = await search(world, a, "hybrid", query_vector(world), "kiwi mango")
+    found = [r for r in rows if r["keyword_rank"] is not None]
+    assert found and all(w == {"kiwi", "mango"} for w in words(found)), words(found)
+    # No passage holds all three words; 45 hold two of them: those.
+    rows, _ = await search(world, a, "keyword", None, "kiwi mango zebra")
+    assert len(rows) == 10 and all(len(w) >= 2 for w in words(rows))
+    # Only 45 passages hold "mango": fewer than the pool for k=50 (200), so every match is ranked.
+    rows, _ = await search(world, a, "keyword", None, "kiwi mango", k=50)
+    assert len(rows) == 50 and any(w == {"kiwi"} for w in words(rows))
+    # No passage holds "zebra": the keyword side relaxes to any of the words.
+    rows, _ = await search(world, a, "keyword", None, "kiwi zebra")
+    assert len(rows) == 10 and all(w == {"kiwi"} or w == {"kiwi", "mango"} for w in words(rows))

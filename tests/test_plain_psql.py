@@ -51,7 +51,7 @@ def test_every_migration_runs_with_plain_psql_in_order_and_gives_the_runners_sch
     expected, got = summary(by_runner), summary(plain)
     # The summary sees what the migrations made (so a difference would show).
     assert any(r[2] == "tenant_isolation" for r in expected["policies"])
-    assert any(r[0].startswith("app.search_knowledge(") for r in expected["routines"])
+    assert any(r[0].startswith("app.search_passages(") for r in expected["routines"])
     for part in SNAPSHOT_QUERIES:
         assert got[part] == expected[part], part
 

@@ -42,9 +42,7 @@ async def search(body: SearchIn, request: Request, who: CurrentPrincipal) -> Any
     model = embedder(request.app.state.settings)
     params = await search_service.prepare(model, cpu, ctx.tenant_id, body)
     async with open_tenant_session(request, who, ctx, "viewer", read_only=True, count=False) as s:
-        result = await search_service.search(s.tx, model, body, params)
-        await files_service.add_pages(s.tx, ctx.tenant_id, result["passages"])
-        return result
+        return await search_service.search(s.tx, model, body, params)
 
 
 def _refused(status: int, message: str) -> Problem:

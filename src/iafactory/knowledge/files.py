@@ -165,22 +165,3 @@ async def page(tx: Transaction, tenant_id: UUID, limit: int, after: tuple[Any, i
             ORDER BY f.created_at DESC, f.id DESC LIMIT %s""",
         (tenant_id, *(after or ()), limit + 1),
     )
-
-
-async def add_pages(tx: Transaction, tenant_id: UUID, passages: list[dict[str, Any]]) -> None:
-    """Set `page` / `page_end` of search passages from their chunks (NULL for unpaged text).
-
-    app.search_knowledge does not return the chunk's pages (yet): one primary-key lookup of the k
-    passages found, in the search's own transaction."""
-    if not passages:
-        return
-    rows = await tx.fetch(
-        """SELECT c.document_id, c.chunk_no, c.page_start, c.page_end FROM knowledge_chunks c
-           JOIN unnest(%s::bigint[], %s::integer[]) AS p(document_id, chunk_no)
-             ON c.document_id = p.document_id AND c.chunk_no = p.chunk_no
-           WHERE c.tenant_id = %s AND c.page_start IS NOT NULL""",
-        ([p["document_id"] for p in passages], [p["chunk_no"] for p in passages], tenant_id),
-    )
-    pages = {(r["document_id"], r["chunk_no"]): (r["page_start"], r["page_end"]) for r in rows}
-    for passage in passages:
-        passage["page"], passage["page_end"] = pages.get((passage["document_id"], passage["chunk_no"]), (None, None))

@@ -4,7 +4,7 @@ A tenant with at least `knowledge_keyword_index_min_chunks` passages gets a GIN 
 tsvectors (`knowledge_chunks_tsv_<tenant hex>`, partial on its tenant_id): its keyword side then
 reads posting lists of its own passages, not the whole corpus'. One with at least
 `knowledge_vector_index_min_chunks` passages of one embedding model also gets an HNSW index over
-them (`knowledge_chunks_ann_<tenant hex>`), and app.search_knowledge() answers its semantic side
+them (`knowledge_chunks_ann_<tenant hex>`), and app.search_passages() answers its semantic side
 approximately from it; everyone else keeps exact search. That one is opt-in (the default threshold
 is a million passages): bench/retrieval.py measured recall@10 0.78 at 100,000 synthetic passages. A tenant is dropped back below half the threshold (no flapping at the
 edge).
@@ -134,7 +134,7 @@ async def create_keyword_index(conn: Conn, tenant_id: UUID) -> str:
 
 
 async def create_vector_index(conn: Conn, tenant_id: UUID, model: str, dimension: int) -> str:
-    """HNSW over the tenant's passages of `model` (cosine). The comment tells app.search_knowledge
+    """HNSW over the tenant's passages of `model` (cosine). The comment tells app.search_passages
     the model and the dimension it was built for; it is written once the index is valid."""
     name = index_name(VECTOR_PREFIX, tenant_id)
     await conn.execute(

@@ -1,4 +1,4 @@
-"""Search a tenant's knowledge base. The SQL is one call to app.search_knowledge(), a definer
+"""Search a tenant's knowledge base. The SQL is one call to app.search_passages(), a definer
 function that takes the tenant only from the transaction (never from an argument) and fuses the
 full-text and vector rankings (reciprocal rank fusion) in one statement.
 
@@ -18,9 +18,9 @@ from iafactory.knowledge.embeddings import Embedder, vector_literal
 from iafactory.knowledge.schemas import SearchIn
 from iafactory.knowledge.text import detect_language, fold, ts_config
 
-SEARCH_SQL = "SELECT * FROM app.search_knowledge(%s, %s, %s, %s, %s, %s, %s::bigint[], %s, %s)"
+SEARCH_SQL = "SELECT * FROM app.search_passages(%s, %s, %s, %s, %s, %s, %s::bigint[], %s, %s)"
 BIGINT = range(-(2**63), 2**63)
-# The constant of app.search_knowledge's fusion: a passage at rank r of a ranking adds 1 / (RRF_K + r).
+# The constant of app.search_passages's fusion: a passage at rank r of a ranking adds 1 / (RRF_K + r).
 RRF_K = 60
 
 
@@ -70,6 +70,8 @@ async def search(tx: Transaction, embedder: Embedder, request: SearchIn, params:
             "char_start": r["char_start"],
             "char_end": r["char_end"],
             "heading_path": r["heading_path"],
+            "page": r["page_start"],
+            "page_end": r["page_end"],
             "language": r["language"],
             "score": r["score"],
             "relevance": relevance(r["score"], rankings),
