@@ -19,11 +19,8 @@ confirms (platform administrators); `iafactory tenants erase SLUG --confirm SLUG
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import tarfile
-import time
 from typing import Any
 from uuid import UUID
 
@@ -82,30 +79,15 @@ async def export_archive(
     same transaction (with who asked)."""
     tables, lines = await export_rows(tx, tenant_id)
     files: dict[str, bytes] = {}
-    manifest: dict[str, Any] = {
-        "format": portability.FORMAT,
-        "version": portability.VERSION,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "exported_by": {"kind": "tenant", "user_id": user_id},
-        "tenant": json.loads(json.dumps(tenant, default=str)),
-        "tables": {},
-    }
+    manifest = portability.new_manifest(
+        json.loads(json.dumps(tenant, default=str)), exported_by={"kind": "tenant", "user_id": user_id}
+    )
     for table in tables:
-        rows = lines[table.name]
-        data = ("\n".join(rows) + ("\n" if rows else "")).encode()
-        files[f"tables/{table.name}.jsonl"] = data
-        manifest["tables"][table.name] = {"rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
+        portability.add_table(manifest, files, table.name, lines[table.name])
     manifest["table_order"] = [t.name for t in tables]
     manifest["users"] = [{"id": m["user_id"], "email": m["email"], "name": m["name"]} for m in members]
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as archive:
-        for name, data in [
-            ("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode()),
-            *files.items(),
-        ]:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
-            archive.addfile(info, io.BytesIO(data))
+    portability.write_archive(buffer, manifest, files, compresslevel=6)
     total = sum(t["rows"] for t in manifest["tables"].values())
     await audit.record(
         tx,

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from uuid import UUID, uuid4
 
 import psycopg
@@ -98,6 +98,37 @@ async def tenant_tables(tx: Transaction) -> list[TableInfo]:
     ]
 
 
+def new_manifest(tenant: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """An export's manifest before its tables (`extra`: e.g. who exported it)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+        "tenant": tenant,
+        "tables": {},
+    }
+
+
+def add_table(manifest: dict[str, Any], files: dict[str, bytes], name: str, lines: list[str]) -> None:
+    """One table's rows (JSON lines) into the archive's files, counted and hashed in the manifest."""
+    data = ("\n".join(lines) + ("\n" if lines else "")).encode()
+    files[f"tables/{name}.jsonl"] = data
+    manifest["tables"][name] = {"rows": len(lines), "sha256": _sha256(data)}
+
+
+def write_archive(fileobj: BinaryIO, manifest: dict[str, Any], files: dict[str, bytes], compresslevel: int) -> None:
+    """The .tar.gz: the manifest first, then the tables' files."""
+    with tarfile.open(fileobj=fileobj, mode="w:gz", compresslevel=compresslevel) as archive:
+        for name, data in [
+            ("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode()),
+            *files.items(),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
+            archive.addfile(info, io.BytesIO(data))
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -129,13 +160,7 @@ async def export_tenant(
     tenant = await _tenant(admin_url, slug)
     ctx = TenantContext(tenant_id=tenant.id)
     files: dict[str, bytes] = {}
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tenant": tenant.model_dump(mode="json"),
-        "tables": {},
-    }
+    manifest = new_manifest(tenant.model_dump(mode="json"))
     async with operator_transaction(admin_url, ctx, snapshot=True) as tx:
         tables = await tenant_tables(tx)
         for table in tables:
@@ -156,9 +181,7 @@ async def export_tenant(
                     lines.append(row["line"])
                     if progress and len(lines) % 1000 == 0:
                         progress(table.name, len(lines), total)
-            data = ("\n".join(lines) + ("\n" if lines else "")).encode()
-            files[f"tables/{table.name}.jsonl"] = data
-            manifest["tables"][table.name] = {"rows": len(lines), "sha256": _sha256(data)}
+            add_table(manifest, files, table.name, lines)
             if progress:
                 progress(table.name, len(lines), total)
         if in_snapshot is not None:
@@ -173,14 +196,8 @@ async def export_tenant(
     manifest["users"] = users
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".partial")
-    with tarfile.open(tmp, "w:gz", compresslevel=compresslevel) as archive:
-        for name, data in [
-            ("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False).encode()),
-            *files.items(),
-        ]:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
-            archive.addfile(info, io.BytesIO(data))
+    with tmp.open("wb") as out:
+        write_archive(out, manifest, files, compresslevel)
     tmp.replace(output)  # never a half-written archive under the final name
     if not record_event:
         return manifest
