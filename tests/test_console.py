@@ -552,6 +552,9 @@ async def test_overview_shows_plan_region_cell_credits_and_usage(world: ApiWorld
         page = (await c.get("/console/overview")).text
         for text in ("Enterprise", "Switzerland", "Where the data lives", 'role="meter"', "<svg"):
             assert text in page, text
+        # The largest file allowed (the enterprise plan's max_file_bytes, 50 MiB), in bytes' units.
+        assert 'id="bar-max_file_bytes">Largest file (kept / allowed)</span>' in page
+        assert "/ 52.4 MB (" in page, page
 
 
 # --- languages -----------------------------------------------------------------------------------------
@@ -916,17 +919,22 @@ async def test_platform_changes_plan_status_limits_and_grants_credits(world: Api
         assert "Plan and status saved." in page and "Enterprise" in page
         r = await c.post(f"{base}/plan", {"plan": "gold"})
         assert r.status_code == 422 and "plan" in r.text
-        r = await c.post(f"{base}/limits", {"max_members": "7", "monthly_credits": "500", "max_api_keys": ""})
+        r = await c.post(
+            f"{base}/limits",
+            {"max_members": "7", "monthly_credits": "500", "max_api_keys": "", "max_file_bytes": "1048576"},
+        )
         assert r.status_code == 303
         page = (await c.get(r.headers["location"])).text
         assert 'name="max_members" type="number" min="0" step="1" inputmode="numeric" value="7"' in page
+        assert "Largest uploaded file (bytes)" in page
+        assert 'name="max_file_bytes" type="number" min="0" step="1" inputmode="numeric" value="1048576"' in page
         r = await c.post(f"{base}/limits", {"max_members": "0"})
         assert r.status_code == 422 and "max_members" in r.text
         r = await c.post(f"{base}/limits", {"max_members": "many"})
         assert r.status_code == 422
         tenant = (await world.client.get(f"/api/v1/admin/tenants/{made['id']}", headers=h)).json()
         assert (tenant["plan"], tenant["status"]) == ("enterprise", "active")
-        assert tenant["settings"]["limits"] == {"max_members": 7, "monthly_credits": 500}
+        assert tenant["settings"]["limits"] == {"max_members": 7, "monthly_credits": 500, "max_file_bytes": 1048576}
         # Credits for tenant A: the form carries its own key, so sending it twice grants once.
         before = (await world.client.get("/api/v1/credits/balance", headers=world.a.auth())).json()["balance"]
         page = (await c.get(f"/console/platform/tenants/{world.a.id}")).text
