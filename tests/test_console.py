@@ -1073,6 +1073,32 @@ async def test_knowledge_upload_a_file_then_find_its_passage(world: ApiWorld, mo
         assert f"<strong>Règlement {tag}</strong>" in passages and "réservé aux patients" in passages
 
 
+async def test_knowledge_upload_over_the_tenants_file_limit_is_refused_on_the_page(world: ApiWorld) -> None:
+    """The console's form runs the API's handler: the tenant's max_file_bytes applies, and the
+    refusal (the limit in bytes, which limit) is shown."""
+    h = world.headers(world.platform_token)
+    tenant = (await world.client.get(f"/api/v1/admin/tenants/{world.a.id}", headers=h)).json()
+    before = tenant["settings"].get("limits") or {}
+    r = await world.client.patch(
+        f"/api/v1/admin/tenants/{world.a.id}", json={"limits": {**before, "max_file_bytes": 1000}}, headers=h
+    )
+    assert r.status_code == 200, r.text
+    try:
+        async with Console(world.client) as c:
+            await c.sign_in(email_of(world, "a", "member"))
+            await c.get("/console/knowledge")
+            r = await c.client.post(
+                "/console/knowledge/files",
+                data={"csrf": c.csrf or ""},
+                files={"file": ("long-note.txt", b"a long note " * 200, "text/plain")},
+            )
+            assert r.status_code == 413 and 'role="alert"' in r.text, r.text
+            assert "more than the 1000 allowed by the tenant&#39;s max_file_bytes (plan enterprise)" in r.text, r.text
+    finally:
+        r = await world.client.patch(f"/api/v1/admin/tenants/{world.a.id}", json={"limits": before}, headers=h)
+        assert r.status_code == 200, r.text
+
+
 async def test_usage_by_type_and_by_day_with_a_month_picker(world: ApiWorld) -> None:
     from datetime import UTC, datetime
 
