@@ -552,6 +552,9 @@ async def test_overview_shows_plan_region_cell_credits_and_usage(world: ApiWorld
         page = (await c.get("/console/overview")).text
         for text in ("Enterprise", "Switzerland", "Where the data lives", 'role="meter"', "<svg"):
             assert text in page, text
+        # The largest file allowed (the enterprise plan's max_file_bytes, 50 MiB), in bytes' units.
+        assert 'id="bar-max_file_bytes">Largest file (kept / allowed)</span>' in page
+        assert "/ 52.4 MB (" in page, page
 
 
 # --- languages -----------------------------------------------------------------------------------------
@@ -916,17 +919,22 @@ async def test_platform_changes_plan_status_limits_and_grants_credits(world: Api
         assert "Plan and status saved." in page and "Enterprise" in page
         r = await c.post(f"{base}/plan", {"plan": "gold"})
         assert r.status_code == 422 and "plan" in r.text
-        r = await c.post(f"{base}/limits", {"max_members": "7", "monthly_credits": "500", "max_api_keys": ""})
+        r = await c.post(
+            f"{base}/limits",
+            {"max_members": "7", "monthly_credits": "500", "max_api_keys": "", "max_file_bytes": "1048576"},
+        )
         assert r.status_code == 303
         page = (await c.get(r.headers["location"])).text
         assert 'name="max_members" type="number" min="0" step="1" inputmode="numeric" value="7"' in page
+        assert "Largest uploaded file (bytes)" in page
+        assert 'name="max_file_bytes" type="number" min="0" step="1" inputmode="numeric" value="1048576"' in page
         r = await c.post(f"{base}/limits", {"max_members": "0"})
         assert r.status_code == 422 and "max_members" in r.text
         r = await c.post(f"{base}/limits", {"max_members": "many"})
         assert r.status_code == 422
         tenant = (await world.client.get(f"/api/v1/admin/tenants/{made['id']}", headers=h)).json()
         assert (tenant["plan"], tenant["status"]) == ("enterprise", "active")
-        assert tenant["settings"]["limits"] == {"max_members": 7, "monthly_credits": 500}
+        assert tenant["settings"]["limits"] == {"max_members": 7, "monthly_credits": 500, "max_file_bytes": 1048576}
         # Credits for tenant A: the form carries its own key, so sending it twice grants once.
         before = (await world.client.get("/api/v1/credits/balance", headers=world.a.auth())).json()["balance"]
         page = (await c.get(f"/console/platform/tenants/{world.a.id}")).text
@@ -1063,6 +1071,32 @@ async def test_knowledge_upload_a_file_then_find_its_passage(world: ApiWorld, mo
         page = (await c.get(f"/console/knowledge?q=parking+{tag}&mode=keyword")).text
         passages = page.split('<ol class="passages">', 1)[1]
         assert f"<strong>Règlement {tag}</strong>" in passages and "réservé aux patients" in passages
+
+
+async def test_knowledge_upload_over_the_tenants_file_limit_is_refused_on_the_page(world: ApiWorld) -> None:
+    """The console's form runs the API's handler: the tenant's max_file_bytes applies, and the
+    refusal (the limit in bytes, which limit) is shown."""
+    h = world.headers(world.platform_token)
+    tenant = (await world.client.get(f"/api/v1/admin/tenants/{world.a.id}", headers=h)).json()
+    before = tenant["settings"].get("limits") or {}
+    r = await world.client.patch(
+        f"/api/v1/admin/tenants/{world.a.id}", json={"limits": {**before, "max_file_bytes": 1000}}, headers=h
+    )
+    assert r.status_code == 200, r.text
+    try:
+        async with Console(world.client) as c:
+            await c.sign_in(email_of(world, "a", "member"))
+            await c.get("/console/knowledge")
+            r = await c.client.post(
+                "/console/knowledge/files",
+                data={"csrf": c.csrf or ""},
+                files={"file": ("long-note.txt", b"a long note " * 200, "text/plain")},
+            )
+            assert r.status_code == 413 and 'role="alert"' in r.text, r.text
+            assert "more than the 1000 allowed by the tenant&#39;s max_file_bytes (plan enterprise)" in r.text, r.text
+    finally:
+        r = await world.client.patch(f"/api/v1/admin/tenants/{world.a.id}", json={"limits": before}, headers=h)
+        assert r.status_code == 200, r.text
 
 
 async def test_usage_by_type_and_by_day_with_a_month_picker(world: ApiWorld) -> None:

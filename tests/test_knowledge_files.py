@@ -23,12 +23,20 @@ from conftest import run_cli
 from iafactory.knowledge import extraction, worker
 from iafactory.knowledge.chunking import chunk_sections
 from iafactory.knowledge.embeddings import embedder
-from iafactory.knowledge.files import FileRefused, clean_filename, content_disposition, inspect
+from iafactory.knowledge.files import FileLimit, FileRefused, clean_filename, content_disposition, inspect
 
 pytestmark = pytest.mark.anyio
 
 FILES = "/api/v1/knowledge-base/files"
 SEARCH = "/api/v1/knowledge-base/search"
+MIB = 1_048_576
+ROOMY = FileLimit(10**6, "a test's limit")
+
+
+def big_text(size: int) -> bytes:
+    """Plain text of exactly `size` bytes, made in memory."""
+    line = b"The quarterly report of the cooperative, paragraph after paragraph.\n"
+    return (line * (size // len(line) + 1))[:size]
 
 
 # --- Files made here ---------------------------------------------------------------------------------
@@ -328,6 +336,8 @@ async def test_too_large_is_413_naming_the_field(module_api_world: ApiWorld) -> 
     async with app_client(w.admin_url, kb_max_file_bytes=2000) as (client, _, _):
         r = await client.post(FILES, files={"file": ("big.txt", b"x " * 1500, "text/plain")}, headers=w.a.auth())
         assert r.status_code == 413 and field_of(r) == ["file"], r.text
+        # The platform's ceiling (2000) is below the tenant's max_file_bytes: it is the one in force.
+        assert "more than the 2000 allowed by the platform's limit (kb_max_file_bytes)" in r.json()["detail"], r.text
         # Far over: the body is refused as it arrives, before the application reads it.
         r = await client.post(FILES, files={"file": ("huge.txt", b"x " * 100_000, "text/plain")}, headers=w.a.auth())
         assert r.status_code == 413 and field_of(r) == ["file"], r.text
@@ -365,6 +375,70 @@ async def test_the_plan_storage_limit_counts_files(module_api_world: ApiWorld) -
         assert r.status_code == 200, r.text
 
 
+async def admin_patch(world: ApiWorld, body: dict[str, Any]) -> None:
+    r = await world.client.patch(
+        f"/api/v1/admin/tenants/{world.a.id}", json=body, headers=world.headers(world.platform_token)
+    )
+    assert r.status_code == 200, r.text
+
+
+async def stored_titled(world: ApiWorld, title: str) -> int:
+    rows = await admin_rows(
+        world,
+        """SELECT (SELECT count(*) FROM knowledge_base WHERE tenant_id = %s AND title = %s)
+                + (SELECT count(*) FROM knowledge_files WHERE tenant_id = %s AND filename = %s) AS n""",
+        (world.a.id, title, world.a.id, title),
+    )
+    return int(rows[0]["n"])
+
+
+async def upload_and_delete(world: ApiWorld, name: str, data: bytes) -> None:
+    """Accepted (201); the document is deleted at once, so that no later test indexes a large file."""
+    r = await upload(world, name, data, "text/plain")
+    assert r.status_code == 201, r.text
+    gone = await world.client.delete(f"/api/v1/knowledge-base/{r.json()['document_id']}", headers=world.a.auth("admin"))
+    assert gone.status_code == 204, gone.text
+
+
+async def test_the_largest_file_is_the_plans_or_the_tenants_max_file_bytes(module_api_world: ApiWorld) -> None:
+    w = module_api_world
+    six = big_text(6 * MIB)
+    # On the free plan, with its request rate lifted: the module's earlier tests count in this minute.
+    unhurried = {"requests_per_minute": 10**6, "key_requests_per_minute": 10**6}
+    try:
+        # Free: 5 MiB. A 6 MiB file is refused like any too-large file (413, field `file`, the limit
+        # in bytes and which it is), and nothing is stored.
+        await admin_patch(w, {"plan": "free", "limits": unhurried})
+        r = await upload(w, "six-free.txt", six, "text/plain")
+        assert r.status_code == 413 and field_of(r) == ["file"], r.text
+        detail = r.json()["detail"]
+        assert f"the file has {6 * MIB} bytes, more than the {5 * MIB} allowed" in detail, detail
+        assert "max_file_bytes (plan free)" in detail, detail
+        assert await stored_titled(w, "six-free.txt") == 0
+        # Pro: 20 MiB; the same file is taken.
+        await admin_patch(w, {"plan": "pro", "limits": {}})
+        await upload_and_delete(w, "six-pro.txt", six)
+        # A per-tenant override lowers it...
+        await admin_patch(w, {"limits": {"max_file_bytes": 1000}})
+        r = await upload(w, "small-over.txt", big_text(1001), "text/plain")
+        assert r.status_code == 413 and field_of(r) == ["file"], r.text
+        assert "more than the 1000 allowed by the tenant's max_file_bytes (plan pro)" in r.json()["detail"], r.text
+        assert await stored_titled(w, "small-over.txt") == 0
+        await upload_and_delete(w, "small-fits.txt", big_text(1000))
+        # ... or raises it above the plan's (here the free plan's 5 MiB).
+        await admin_patch(w, {"plan": "free", "limits": {**unhurried, "max_file_bytes": 7 * MIB}})
+        await upload_and_delete(w, "six-free-override.txt", six)
+        # Not a number, or below 1: refused by the API's schema, naming the limit.
+        h = w.headers(w.platform_token)
+        for bad in (0, "big"):
+            r = await w.client.patch(
+                f"/api/v1/admin/tenants/{w.a.id}", json={"limits": {"max_file_bytes": bad}}, headers=h
+            )
+            assert r.status_code == 422 and "max_file_bytes" in r.text, r.text
+    finally:
+        await admin_patch(w, {"plan": "pro", "limits": {}})
+
+
 async def test_roles_and_tenants(module_api_world: ApiWorld) -> None:
     w = module_api_world
     r = await upload(w, "v.txt", b"viewer text", role="viewer")
@@ -380,14 +454,14 @@ async def test_roles_and_tenants(module_api_world: ApiWorld) -> None:
 
 
 def test_detection_reads_the_content_not_the_name() -> None:
-    assert inspect(make_pdf(["x"]), "scan-0001", None, 10**6) == extraction.PDF  # the name says nothing
+    assert inspect(make_pdf(["x"]), "scan-0001", None, ROOMY) == extraction.PDF  # the name says nothing
     with pytest.raises(FileRefused):
-        inspect(make_pdf(["x"]), "a.txt", None, 10**6)  # the name says text: a lie
-    assert inspect(b"# T\n\nbody", "a.md", "application/octet-stream", 10**6) == extraction.MARKDOWN
-    assert inspect(b"<html><body><p>x</p></body></html>", "page", None, 10**6) == extraction.HTML
-    assert inspect("Genève, déjà".encode("cp1252"), "old.txt", "text/plain", 10**6) == extraction.TEXT
+        inspect(make_pdf(["x"]), "a.txt", None, ROOMY)  # the name says text: a lie
+    assert inspect(b"# T\n\nbody", "a.md", "application/octet-stream", ROOMY) == extraction.MARKDOWN
+    assert inspect(b"<html><body><p>x</p></body></html>", "page", None, ROOMY) == extraction.HTML
+    assert inspect("Genève, déjà".encode("cp1252"), "old.txt", "text/plain", ROOMY) == extraction.TEXT
     with pytest.raises(FileRefused) as refused:
-        inspect(b"\x00\x01\x02binary", "x.bin", None, 10**6)
+        inspect(b"\x00\x01\x02binary", "x.bin", None, ROOMY)
     assert refused.value.status == 415
 
 
@@ -472,3 +546,38 @@ def test_cli_imports_a_folder_with_a_summary(migrated_db: str, tmp_path: Path) -
     assert r.returncode != 0 and "missing" in (r.stdout + r.stderr)
     r = run_cli("knowledge", "import", "no-such-tenant", str(folder), db_url=migrated_db, env=env)
     assert r.returncode != 0 and "no-such-tenant" in (r.stdout + r.stderr)
+
+
+def test_cli_skips_a_file_over_the_tenants_max_file_bytes_with_the_reason(migrated_db: str, tmp_path: Path) -> None:
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "six.txt").write_bytes(big_text(6 * MIB))  # over the free plan's 5 MiB
+    (folder / "small.txt").write_bytes(b"A small note that fits.")
+    slug = "clibigfile"
+    env = {"IAFACTORY_EMBEDDING_PROVIDER": "none"}
+    r = run_cli(
+        "tenants", "create", "--name", "Cli Big", "--slug", slug, "--region", "CH", "--plan", "free",
+        db_url=migrated_db, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("knowledge", "import", slug, str(folder), db_url=migrated_db, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = " ".join(r.stdout.split())  # the console may wrap a long line
+    assert "imported 1" in out and "skipped 1" in out, out
+    assert "six.txt" in out and f"the file has {6 * MIB} bytes, more than the {5 * MIB} allowed" in out, out
+    assert "max_file_bytes (plan free)" in out, out
+    with psycopg.connect(migrated_db) as conn:
+        names = {
+            row[0]
+            for row in conn.execute(
+                "SELECT f.filename FROM knowledge_files f JOIN tenants t ON t.id = f.tenant_id WHERE t.slug = %s",
+                (slug,),
+            )
+        }
+        titles = {
+            row[0]
+            for row in conn.execute(
+                "SELECT d.title FROM knowledge_base d JOIN tenants t ON t.id = d.tenant_id WHERE t.slug = %s", (slug,)
+            )
+        }
+    assert names == {"small.txt"} and titles == {"small.txt"}

@@ -191,9 +191,13 @@ class Settings(BaseSettings):
     knowledge_vector_index_min_chunks: int = Field(default=1_000_000, ge=1)
     knowledge_index_maintenance_work_mem: str = Field(default="512MB", pattern=r"^\d+\s*(kB|MB|GB)$")
     max_body_bytes: int = 1_048_576
-    # The largest file POST /knowledge-base/files takes (its route's body limit follows); the plan's
-    # storage limit (max_kb_bytes) caps it too, counting the tenant's other documents and files.
-    kb_max_file_bytes: int = Field(default=20 * 1_048_576, ge=1)
+    # The platform's ceiling on an uploaded file (POST /knowledge-base/files, the console's form,
+    # `iafactory knowledge import`); the upload routes' body limit follows, enforced as the body
+    # arrives, before the tenant is known. Each tenant's own limit is its plan's max_file_bytes
+    # (free 5 MiB, pro 20 MiB, enterprise 50 MiB; overridable per tenant): the limit in force is
+    # min(plan or tenant limit, this ceiling). The plan's storage limit (max_kb_bytes) caps it too,
+    # counting the tenant's other documents and files.
+    kb_max_file_bytes: int = Field(default=50 * 1_048_576, ge=1)
 
     # --- email (iafactory/notifications/) ---------------------------------------------------
     # The SMTP server the outbox's senders deliver to. Unset: messages are printed in the log (with

@@ -213,12 +213,16 @@ async def usage_summary(
 async def plan_usage(tx: Transaction, tenant_id: UUID, month_start: datetime) -> dict[str, Any]:
     """The limits in force (the plan's, with the tenant's overrides: app.tenant_limits) and what is
     used of each: members, live API keys and knowledge-base bytes as the plan-limit trigger counts
-    them (010), and credits spent since `month_start` against the monthly grant."""
+    them (010), credits spent since `month_start` against the monthly grant, and against the
+    largest file a tenant may upload (max_file_bytes) the largest file it keeps."""
     limits = await tx.fetchrow("SELECT * FROM app.tenant_limits(%s)", (tenant_id,))
     members = await tx.fetchval("SELECT count(*) FROM tenant_users WHERE tenant_id = %s", (tenant_id,))
     keys = await tx.fetchval("SELECT count(*) FROM api_keys WHERE tenant_id = %s AND revoked_at IS NULL", (tenant_id,))
     kb_bytes = await tx.fetchval(
         "SELECT coalesce(sum(octet_length(content)), 0) FROM knowledge_base WHERE tenant_id = %s", (tenant_id,)
+    )
+    largest_file = await tx.fetchval(
+        "SELECT coalesce(max(size_bytes), 0) FROM knowledge_files WHERE tenant_id = %s", (tenant_id,)
     )
     spent = await tx.fetchval(
         "SELECT coalesce(-sum(amount), 0) FROM credit_transactions "
@@ -232,5 +236,6 @@ async def plan_usage(tx: Transaction, tenant_id: UUID, month_start: datetime) ->
             "max_api_keys": int(keys or 0),
             "max_kb_bytes": int(kb_bytes or 0),
             "monthly_credits": int(spent or 0),
+            "max_file_bytes": int(largest_file or 0),
         },
     }

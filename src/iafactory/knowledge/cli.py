@@ -172,6 +172,8 @@ async def import_command(
     url = await cell_service.tenant_admin_url(settings, slug)
     async with operator_transaction(url) as tx:
         tenant = await tenancy_service.get_tenant(tx, slug=slug)
+        # The tenant's max_file_bytes (plan or override) within the platform's ceiling, as the API's.
+        limit = await files_service.file_limit(tx, tenant.id, settings.kb_max_file_bytes)
     ctx = TenantContext(tenant_id=tenant.id)
     imported: list[Path] = []
     skipped: list[tuple[Path, str]] = []
@@ -182,7 +184,7 @@ async def import_command(
             task = bar.add_task("importing", total=len(files))
             for path in files:
                 bar.update(task, description=path.name)
-                reason = await _import_one(db, ctx, settings.kb_max_file_bytes, path)
+                reason = await _import_one(db, ctx, limit, path)
                 if reason is None:
                     imported.append(path)
                 else:
@@ -195,14 +197,14 @@ async def import_command(
         console.print("the worker indexes them (`iafactory worker`, or the one `iafactory serve` runs)")
 
 
-async def _import_one(db: Any, ctx: TenantContext, max_bytes: int, path: Path) -> str | None:
+async def _import_one(db: Any, ctx: TenantContext, limit: files_service.FileLimit, path: Path) -> str | None:
     """None when stored, else why it was skipped."""
     try:
         data = await anyio.Path(path).read_bytes()
     except OSError as err:
         return f"cannot be read ({err.strerror or err})"
     try:
-        media_type = await anyio.to_thread.run_sync(files_service.inspect, data, path.name, None, max_bytes)
+        media_type = await anyio.to_thread.run_sync(files_service.inspect, data, path.name, None, limit)
     except files_service.FileRefused as err:
         return str(err)
     try:

@@ -57,7 +57,10 @@ def _refused(status: int, message: str) -> Problem:
 
 
 FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    413: {"description": "The file is larger than the limit (application/problem+json, field `file`)"},
+    413: {
+        "description": "The file is larger than the limit in force: the tenant's `max_file_bytes` (its plan's, or "
+        "its own), or the platform's ceiling if smaller (application/problem+json, field `file`, the limit in bytes)"
+    },
     415: {
         "description": "Not a PDF, DOCX, HTML, Markdown or text file, or its content is not the type it is "
         "declared as (application/problem+json, field `file`)"
@@ -102,14 +105,15 @@ async def upload_file(
     idempotency: Idempotent = None,  # type: ignore[assignment]  # None: called by the console (no header)
 ) -> Any:
     # Authorized (and counted) before any work on the file; the checks run with no transaction open.
+    # The size limit in force (the tenant's max_file_bytes within the platform's ceiling) is read then.
     ctx = await tenant_context(request, who)
-    async with open_tenant_session(request, who, ctx, "member", read_only=False):
-        pass
     settings = request.app.state.settings
+    async with open_tenant_session(request, who, ctx, "member", read_only=False) as s:
+        limit = await files_service.file_limit(s.tx, ctx.tenant_id, settings.kb_max_file_bytes)
     data = await file.read()
     try:
         media_type = await anyio.to_thread.run_sync(
-            files_service.inspect, data, file.filename, file.content_type, settings.kb_max_file_bytes
+            files_service.inspect, data, file.filename, file.content_type, limit
         )
     except files_service.FileRefused as err:
         raise _refused(err.status, str(err)) from err

@@ -8,6 +8,10 @@ the zip directory and the PDF trailer are cheap to read. What only a full read c
 with no text layer, a damaged page) is found by the worker, which marks the document `failed` with
 the reason. The original is kept in knowledge_files (the tenant's database, hence its region),
 counted in the plan's storage limit (max_kb_bytes) by the database.
+
+The largest file a tenant may send is its plan's max_file_bytes (or its own override), within the
+platform's ceiling (the kb_max_file_bytes setting, which the body-size middleware enforces before
+the tenant is known): `file_limit` reads which of the two is in force, `inspect` refuses above it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 from uuid import UUID
@@ -31,6 +36,27 @@ class FileRefused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class FileLimit:
+    """The largest file accepted, in bytes, and which limit that is (said in the refusal)."""
+
+    max_bytes: int
+    which: str
+
+    @classmethod
+    def platform(cls, ceiling: int) -> FileLimit:
+        return cls(ceiling, "the platform's limit (kb_max_file_bytes)")
+
+
+async def file_limit(tx: Transaction, tenant_id: UUID, ceiling: int) -> FileLimit:
+    """The file-size limit in force for a tenant: its max_file_bytes (the plan's, or the tenant's
+    override: app.tenant_limits), or the platform's ceiling when that is smaller."""
+    row = await tx.fetchrow("SELECT plan, max_file_bytes FROM app.tenant_limits(%s)", (tenant_id,))
+    if row is None or row["max_file_bytes"] is None or int(row["max_file_bytes"]) > ceiling:
+        return FileLimit.platform(ceiling)
+    return FileLimit(int(row["max_file_bytes"]), f"the tenant's max_file_bytes (plan {row['plan']})")
 
 
 def _declared_family(declared_type: str | None, filename: str | None) -> tuple[str | None, str | None]:
@@ -58,13 +84,15 @@ def _family(media_type: str) -> str:
     return "text" if media_type in (extraction.HTML, extraction.MARKDOWN, extraction.TEXT) else media_type
 
 
-def inspect(data: bytes, filename: str | None, declared_type: str | None, max_bytes: int) -> str:
+def inspect(data: bytes, filename: str | None, declared_type: str | None, limit: FileLimit) -> str:
     """The media type to store `data` as, or FileRefused. CPU work (a PDF's trailer is parsed):
     a request runs it in a thread."""
     if not data:
         raise FileRefused(422, "the file is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise FileRefused(413, f"the file has {len(data)} bytes, more than the {max_bytes} allowed")
+    if len(data) > limit.max_bytes:
+        raise FileRefused(
+            413, f"the file has {len(data)} bytes, more than the {limit.max_bytes} allowed by {limit.which}"
+        )
     try:
         detected = extraction.detect(data, filename)
     except extraction.UnsupportedType as err:

@@ -108,6 +108,9 @@ class LimitOverrides(BaseModel):
     max_api_keys: AtLeastZero | None = None
     max_kb_bytes: AtLeastZero | None = None
     monthly_credits: AtLeastZero | None = None
+    max_file_bytes: AtLeastOne | None = Field(
+        default=None, description="The largest single uploaded file, in bytes (within the platform's ceiling)"
+    )
 
 
 class AdminTenantUpdate(BaseModel):

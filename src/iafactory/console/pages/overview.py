@@ -12,7 +12,8 @@ from iafactory.billing import service as billing
 from iafactory.console.web import Ctx, page
 from iafactory.tenancy import endpoints as tenancy_endpoints
 
-LIMITS = ("max_members", "max_api_keys", "max_kb_bytes", "monthly_credits")
+LIMITS = ("max_members", "max_api_keys", "max_kb_bytes", "max_file_bytes", "monthly_credits")
+BYTE_LIMITS = frozenset({"max_kb_bytes", "max_file_bytes"})
 
 
 def month_bounds(now: datetime) -> tuple[datetime, datetime]:
@@ -27,7 +28,16 @@ def bars(plan: dict[str, Any]) -> list[dict[str, Any]]:
         limit = plan["limits"].get(name)
         used = plan["used"][name]
         share = min(1.0, used / limit) if limit else (1.0 if used else 0.0)
-        out.append({"name": name, "used": used, "limit": limit, "share": share, "percent": round(share * 100)})
+        out.append(
+            {
+                "name": name,
+                "used": used,
+                "limit": limit,
+                "share": share,
+                "percent": round(share * 100),
+                "bytes": name in BYTE_LIMITS,
+            }
+        )
     return out
 
 

@@ -45,6 +45,7 @@ LIMITS = (
     "max_members",
     "max_api_keys",
     "max_kb_bytes",
+    "max_file_bytes",
     "monthly_credits",
 )
 DONE = frozenset({"platform_created", "platform_updated", "platform_limits", "erasure_confirmed"})

@@ -39,7 +39,10 @@ ALTER TABLE plan_limits OWNER TO iaf_owner;
 REVOKE ALL ON plan_limits FROM PUBLIC;
 GRANT SELECT ON plan_limits TO iaf_app;
 
--- The limits in force for a tenant: its plan's row, with per-tenant overrides applied.
+-- The limits in force for a tenant: its plan's row, with per-tenant overrides applied. Dropped
+-- first: 037 gives it another column, which CREATE OR REPLACE could not take back when every file
+-- runs again (a runner adopting a database built with psql); 037 then makes it anew.
+DROP FUNCTION IF EXISTS app.tenant_limits(uuid);
 CREATE OR REPLACE FUNCTION app.tenant_limits(p_tenant uuid)
     RETURNS TABLE (plan text, requests_per_minute integer, key_requests_per_minute integer,
                    max_members integer, max_api_keys integer, max_kb_bytes bigint, monthly_credits bigint)
