@@ -1071,6 +1071,16 @@ async def test_knowledge_upload_a_file_then_find_its_passage(world: ApiWorld, mo
         page = (await c.get(f"/console/knowledge?q=parking+{tag}&mode=keyword")).text
         passages = page.split('<ol class="passages">', 1)[1]
         assert f"<strong>Règlement {tag}</strong>" in passages and "réservé aux patients" in passages
+        # The overview's storage bar counts what the plan limit counts: documents' text and files.
+        page = (await c.get("/console/overview")).text
+        shown = re.search(r'aria-labelledby="bar-max_kb_bytes"[^>]*aria-valuenow="(\d+)"', page)
+        with psycopg.connect(world.url_of("a")) as conn:
+            counted = conn.execute(
+                """SELECT (SELECT coalesce(sum(octet_length(content)), 0) FROM knowledge_base WHERE tenant_id = %s)
+                        + (SELECT coalesce(sum(size_bytes), 0) FROM knowledge_files WHERE tenant_id = %s)""",
+                (world.a.id, world.a.id),
+            ).fetchone()[0]
+        assert shown and int(shown.group(1)) == counted and counted >= len(text.encode()), (shown, counted)
 
 
 async def test_knowledge_upload_over_the_tenants_file_limit_is_refused_on_the_page(world: ApiWorld) -> None:

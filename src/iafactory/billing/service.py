@@ -218,12 +218,16 @@ async def plan_usage(tx: Transaction, tenant_id: UUID, month_start: datetime) ->
     limits = await tx.fetchrow("SELECT * FROM app.tenant_limits(%s)", (tenant_id,))
     members = await tx.fetchval("SELECT count(*) FROM tenant_users WHERE tenant_id = %s", (tenant_id,))
     keys = await tx.fetchval("SELECT count(*) FROM api_keys WHERE tenant_id = %s AND revoked_at IS NULL", (tenant_id,))
-    kb_bytes = await tx.fetchval(
-        "SELECT coalesce(sum(octet_length(content)), 0) FROM knowledge_base WHERE tenant_id = %s", (tenant_id,)
+    # Documents' text and uploaded files together, as the plan-limit trigger counts them (030).
+    storage = await tx.fetchrow(
+        """SELECT (SELECT coalesce(sum(octet_length(content)), 0) FROM knowledge_base WHERE tenant_id = %s)
+                  + coalesce(sum(f.size_bytes), 0) AS kb_bytes,
+                  coalesce(max(f.size_bytes), 0) AS largest_file
+           FROM knowledge_files f WHERE f.tenant_id = %s""",
+        (tenant_id, tenant_id),
     )
-    largest_file = await tx.fetchval(
-        "SELECT coalesce(max(size_bytes), 0) FROM knowledge_files WHERE tenant_id = %s", (tenant_id,)
-    )
+    assert storage is not None  # an aggregate always returns its row
+    kb_bytes, largest_file = storage["kb_bytes"], storage["largest_file"]
     spent = await tx.fetchval(
         "SELECT coalesce(-sum(amount), 0) FROM credit_transactions "
         "WHERE tenant_id = %s AND kind = 'debit' AND created_at >= %s",
