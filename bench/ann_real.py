@@ -453,13 +453,14 @@ def main() -> None:
     parser.add_argument(
         "--synthetic-n", type=int, help="passages of the synthetic sets (default: as many as the real one)"
     )
+    parser.add_argument("--lowrank", default="", help="LowRank weights, e.g. query_noise=0.9,alpha=0.6")
     parser.add_argument("--fit", action="store_true", help="grid-search LowRank's weights against the real set")
     parser.add_argument("--no-pg", action="store_true", help="geometry only")
     parser.add_argument("--database-url")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     args.ef = [int(v) for v in args.ef.split(",")]
-    args.rerank = [int(v) for v in args.rerank.split(",")]
+    args.rerank = [int(v) for v in args.rerank.split(",") if v]
     args.builds = [tuple(int(p) for p in b.split(":")) for b in args.builds.split(",")]
     real = real_vectors(args)
     if args.embed_only:
@@ -472,7 +473,8 @@ def main() -> None:
     if "synthetic" in wanted:
         sets["synthetic"] = synthetic_vectors(real, args.seed, args.synthetic_n)
     if "lowrank" in wanted:
-        sets["lowrank"] = lowrank_vectors(real, args.seed, args.synthetic_n)
+        weights = {k: float(v) for k, v in (kv.split("=") for kv in args.lowrank.split(",") if kv)}
+        sets["lowrank"] = lowrank_vectors(real, args.seed, args.synthetic_n, **weights)
     print(
         f"\n{'vectors':<10} {'who':<4} {'LID':>6} {'LIDmed':>6} {'RC':>6} {'gap10':>7} {'d1':>6} {'d10':>6} {'dmean':>6}"
         f" {'|mean|':>6} {'pc10':>5} {'pc50':>5} {'pc100':>5}"
