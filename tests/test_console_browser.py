@@ -226,7 +226,15 @@ def test_sign_in_choose_a_tenant_and_read_the_overview(tab: Tab, people: dict[st
     for label in ("Plan", "Region", "Where the data lives", "Credits"):
         assert main.get_by_text(label, exact=True).count() >= 1, label
     assert "25,000" in main.inner_text()  # the credits, in the en-GB locale
-    assert tab.page.locator("[role=meter]").count() == 4
+    meters = tab.page.locator("[role=meter]").all()  # one bar per plan limit, each named by its label
+    names = [tab.page.locator("#" + str(m.get_attribute("aria-labelledby"))).inner_text() for m in meters]
+    assert names == [
+        "Members",
+        "Active API keys",
+        "Knowledge base",
+        "Largest file (kept / allowed)",
+        "Credits spent this month",
+    ]
     assert tab.page.locator("svg.chart rect:not(.base)").count() >= 28
     tab.shot(shots, "overview")
 
