@@ -532,20 +532,19 @@ def test_cli_imports_a_folder_with_a_summary(migrated_db: str, tmp_path: Path) -
     out = r.stdout
     assert "imported 3" in out and "skipped 2" in out, out
     assert "empty.txt" in out and "fake.pdf" in out, out
-    with psycopg.connect(migrated_db) as conn:
-        names = {
-            row[0]
-            for row in conn.execute(
-                "SELECT f.filename FROM knowledge_files f JOIN tenants t ON t.id = f.tenant_id WHERE t.slug = %s",
-                (slug,),
-            )
-        }
-    assert names == {"a.pdf", "b.md", "c.docx"}
+    assert stored(migrated_db, slug, "knowledge_files", "filename") == {"a.pdf", "b.md", "c.docx"}
     # Bad input: one line, exit code not 0.
     r = run_cli("knowledge", "import", slug, str(tmp_path / "missing"), db_url=migrated_db, env=env)
     assert r.returncode != 0 and "missing" in (r.stdout + r.stderr)
     r = run_cli("knowledge", "import", "no-such-tenant", str(folder), db_url=migrated_db, env=env)
     assert r.returncode != 0 and "no-such-tenant" in (r.stdout + r.stderr)
+
+
+def stored(db_url: str, slug: str, table: str, column: str) -> set[str]:
+    """One column of a tenant's rows, read as the owner (what really landed, whatever the CLI printed)."""
+    with psycopg.connect(db_url) as conn:
+        query = f"SELECT x.{column} FROM {table} x JOIN tenants t ON t.id = x.tenant_id WHERE t.slug = %s"
+        return {row[0] for row in conn.execute(query, (slug,))}
 
 
 def test_cli_skips_a_file_over_the_tenants_max_file_bytes_with_the_reason(migrated_db: str, tmp_path: Path) -> None:
@@ -566,18 +565,5 @@ def test_cli_skips_a_file_over_the_tenants_max_file_bytes_with_the_reason(migrat
     assert "imported 1" in out and "skipped 1" in out, out
     assert "six.txt" in out and f"the file has {6 * MIB} bytes, more than the {5 * MIB} allowed" in out, out
     assert "max_file_bytes (plan free)" in out, out
-    with psycopg.connect(migrated_db) as conn:
-        names = {
-            row[0]
-            for row in conn.execute(
-                "SELECT f.filename FROM knowledge_files f JOIN tenants t ON t.id = f.tenant_id WHERE t.slug = %s",
-                (slug,),
-            )
-        }
-        titles = {
-            row[0]
-            for row in conn.execute(
-                "SELECT d.title FROM knowledge_base d JOIN tenants t ON t.id = d.tenant_id WHERE t.slug = %s", (slug,)
-            )
-        }
-    assert names == {"small.txt"} and titles == {"small.txt"}
+    assert stored(migrated_db, slug, "knowledge_files", "filename") == {"small.txt"}
+    assert stored(migrated_db, slug, "knowledge_base", "title") == {"small.txt"}
