@@ -61,6 +61,7 @@ DECLARE
     v_level integer;
     v_found bigint;
     v_strict tsquery;   -- a large tenant's stricter requirement: at least v_level of v_words
+    v_own_gin boolean;  -- a large tenant (its own GIN index) searching without filters
     v_ann integer;      -- the dimension of the tenant's approximate index for p_model, if any
     v_index regclass;   -- the tenant's vector index (by its name), if any
     v_ann_documents bigint[];
@@ -83,15 +84,20 @@ BEGIN
                 UNION
                 SELECT s FROM unnest(tsvector_to_array(to_tsvector('simple', p_query_text))) AS s
                 WHERE to_tsvector(p_query_config::regconfig, s) <> ''::tsvector) AS words (w);
-        -- One query per distinct word (its stem or the word as written).
-        SELECT array_agg(q) INTO v_words FROM (
-            SELECT to_tsquery('simple', string_agg(DISTINCT quote_literal(l), ' | ')) AS q
-            FROM unnest(tsvector_to_array(to_tsvector('simple', p_query_text))) AS s (word)
-            CROSS JOIN LATERAL (
-                SELECT unnest(tsvector_to_array(to_tsvector(p_query_config::regconfig, s.word)))
-                UNION SELECT s.word) AS lex (l)
-            WHERE to_tsvector(p_query_config::regconfig, s.word) <> ''::tsvector
-            GROUP BY s.word) per_word;
+        v_own_gin := p_document_ids IS NULL AND p_metadata IS NULL AND p_language IS NULL
+            AND pg_catalog.to_regclass('public.knowledge_chunks_tsv_' || replace(v_tenant::text, '-', '')) IS NOT NULL;
+        -- One query per distinct word (its stem or the word as written): for hybrid mode's "half
+        -- of the words" and a large tenant's "most of the words" (a small tenant's keyword search skips it).
+        IF p_mode = 'hybrid' OR v_own_gin THEN
+            SELECT array_agg(q) INTO v_words FROM (
+                SELECT to_tsquery('simple', string_agg(DISTINCT quote_literal(l), ' | ')) AS q
+                FROM unnest(tsvector_to_array(to_tsvector('simple', p_query_text))) AS s (word)
+                CROSS JOIN LATERAL (
+                    SELECT unnest(tsvector_to_array(to_tsvector(p_query_config::regconfig, s.word)))
+                    UNION SELECT s.word) AS lex (l)
+                WHERE to_tsvector(p_query_config::regconfig, s.word) <> ''::tsvector
+                GROUP BY s.word) per_word;
+        END IF;
         -- In hybrid mode the keyword side speaks only for passages holding at least half of the
         -- query's words: fusion adds the two rankings, and a passage sharing one common word
         -- with the query would otherwise outrank the right passage found by meaning alone (for
@@ -109,9 +115,7 @@ BEGIN
         -- rather than every passage sharing one common word (a natural-language query of five
         -- words matches most of a 5,000-passage tenant). Each level is one GIN probe that stops
         -- at v_pool rows. Small tenants keep ranking every match: it is cheap there.
-        IF cardinality(v_words) BETWEEN 2 AND 6 AND p_document_ids IS NULL AND p_metadata IS NULL
-           AND p_language IS NULL
-           AND pg_catalog.to_regclass('public.knowledge_chunks_tsv_' || replace(v_tenant::text, '-', '')) IS NOT NULL THEN
+        IF v_own_gin AND cardinality(v_words) BETWEEN 2 AND 6 THEN
             FOR v_level IN REVERSE cardinality(v_words) .. greatest(v_need, 1) + 1 LOOP
                 v_strict := app.tsquery_at_least(v_words, v_level);
                 EXECUTE format('SELECT count(*) FROM (SELECT FROM public.knowledge_chunks c
