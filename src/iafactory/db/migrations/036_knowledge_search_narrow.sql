@@ -8,8 +8,8 @@
 --   hold more of the words are the ones a reader wants first (coordination-level matching).
 --   Small and medium tenants still rank every match (it is cheap there); the test corpus's
 --   recall@5 is unchanged; on the bench's 5,000-passage tenant the keyword top 10s of its query
---   mix share 74% of their passages with 035's (035 ranked passages repeating one common word
---   above passages holding all the words), hybrid top 10s 86%.
+--   mix share 74-77% of their passages with 035's (035 ranked passages repeating one common word
+--   above passages holding all the words), hybrid top 10s 86-88%.
 -- * The 5,000 best matches by ts_rank used to be sorted with their tsvectors (1.7 kB each: a
 --   2.4 MB top-N heap for a broad query); now the ranking pass keeps ids and ranks, and the 500
 --   best are read again by primary key for cover density.
