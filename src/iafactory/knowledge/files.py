@@ -45,17 +45,13 @@ class FileLimit:
     max_bytes: int
     which: str
 
-    @classmethod
-    def platform(cls, ceiling: int) -> FileLimit:
-        return cls(ceiling, "the platform's limit (kb_max_file_bytes)")
-
 
 async def file_limit(tx: Transaction, tenant_id: UUID, ceiling: int) -> FileLimit:
     """The file-size limit in force for a tenant: its max_file_bytes (the plan's, or the tenant's
     override: app.tenant_limits), or the platform's ceiling when that is smaller."""
     row = await tx.fetchrow("SELECT plan, max_file_bytes FROM app.tenant_limits(%s)", (tenant_id,))
-    if row is None or row["max_file_bytes"] is None or int(row["max_file_bytes"]) > ceiling:
-        return FileLimit.platform(ceiling)
+    if row is None or int(row["max_file_bytes"]) > ceiling:  # the column is NOT NULL, the override too
+        return FileLimit(ceiling, "the platform's limit (kb_max_file_bytes)")
     return FileLimit(int(row["max_file_bytes"]), f"the tenant's max_file_bytes (plan {row['plan']})")
 
 
