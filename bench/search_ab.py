@@ -1,11 +1,11 @@
-"""A/B of app.search_passages against 035's definition, same database, same session, calls interleaved.
+"""A/B of app.search_passages against an earlier migration's definition, same database, same session, calls interleaved.
 
     python bench/search_ab.py ADMIN_URL [--queries 80] [--broad 40] [--rounds 3] [--old-sql FILE] [--bucket large]
 
 ADMIN_URL: a database kept by `bench/retrieval.py --keep` (same --passages/--tenants/--seed, to find its
-5,000-passage tenant (or --bucket's median tenant) and generate its queries the same way). The old definition (035's migration by
+5,000-passage tenant (or --bucket's median tenant) and generate its queries the same way). The old definition (036's migration by
 default) is created under another name, app.bench_search_old, in that database only; the new one is the
-migrated app.search_passages (036's). Both are called by the application role inside the tenant's transaction,
+migrated app.search_passages (038's). Both are called by the application role inside the tenant's transaction,
 alternately per query and mode; p50/p95 per mode, for the bench's query mix and for broad queries (one or
 two of the tenant's most common topic words), and how often the two return the same top 10.
 """
@@ -26,7 +26,7 @@ from iafactory.config import Settings
 from iafactory.knowledge.search import SEARCH_SQL
 from retrieval import LANGUAGES, MODES, Embeddings, Query, Vocabulary, make_layout, make_query
 
-OLD = Path(__file__).parent.parent / "src/iafactory/db/migrations/035_knowledge_search_faster.sql"
+OLD = Path(__file__).parent.parent / "src/iafactory/db/migrations/036_knowledge_search_narrow.sql"
 
 
 def create_old(conn: psycopg.Connection, path: Path) -> None:

@@ -1,0 +1,226 @@
+-- 038: a large tenant's keyword search no longer semi-joins its matches with its documents.
+--
+-- 036 kept, for every tenant, the semi-join of the keyword matches with the tenant's documents
+-- (the docs CTE): it leads a small tenant's search to its own chunks by document instead of the
+-- whole corpus's GIN posting lists. A large tenant searching without filters reads its own GIN
+-- index (031), every match is its own, and every chunk's document exists (foreign key): the
+-- semi-join only cost the scan of all its documents and a hash probe per match (about 1 ms of a
+-- 5,000-passage tenant's 10 ms hybrid search). Same rows as 036 (bench/search_ab.py, which measures
+-- it against 036 in one session: top-10 overlap 1.000 in every mode).
+--
+-- The fused ranking is cut to the k best before their passages' text and titles are read (036
+-- read all of the up to 80 pooled passages, with their text, and then kept 10).
+--
+-- The probes for the stricter levels are static statements rather than EXECUTE'd text: the
+-- function plans every statement for the values at hand (plan_cache_mode force_custom_plan), so
+-- the tenant is a constant there too and the planner still picks the tenant's partial GIN index,
+-- without parsing a statement per probe.
+
+CREATE OR REPLACE FUNCTION app.search_passages(
+    p_query_text text, p_query_config text, p_query_embedding text, p_model text, p_k integer,
+    p_mode text, p_document_ids bigint[], p_language text, p_metadata jsonb)
+    RETURNS TABLE (document_id bigint, title text, chunk_no integer, content text, char_start integer,
+                   char_end integer, heading_path text, language text, score double precision,
+                   keyword_rank bigint, semantic_rank bigint, page_start integer, page_end integer)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = ''
+    SET plan_cache_mode = force_custom_plan
+    AS $$
+#variable_conflict use_column
+DECLARE
+    v_tenant uuid := app.current_tenant_id();
+    v_pool integer := greatest(p_k * 4, 40);
+    v_query tsquery;
+    v_words tsquery[];  -- one query per distinct word: its stem or the word as written
+    v_need integer := 1;
+    v_enough tsquery;   -- at least v_need of v_words, as one query (up to 6 words)
+    v_level integer;
+    v_found bigint;
+    v_strict tsquery;   -- a large tenant's stricter requirement: at least v_level of v_words
+    v_own_gin boolean := false;  -- a large tenant (its own GIN index) searching without filters
+    v_ann integer;      -- the dimension of the tenant's approximate index for p_model, if any
+    v_index regclass;   -- the tenant's vector index (by its name), if any
+    v_ann_documents bigint[];
+    v_ann_chunks integer[];
+    v_ef text;
+    v_iterative text;
+BEGIN
+    IF v_tenant IS NULL THEN
+        RETURN;  -- no tenant, no rows (fail closed)
+    END IF;
+    IF p_mode IN ('hybrid', 'keyword') AND coalesce(p_query_text, '') <> '' THEN
+        -- Any of the query's words (stemmed in the query's language, and as written): ranking,
+        -- not the match, rewards passages that contain more of them. Not the words that the
+        -- query's language ignores ("de", "the", "und"): as written, they would match nearly
+        -- every passage of that language, and fusion would rank those above a passage found by
+        -- meaning alone (e.g. in another language). PostgreSQL's 'arabic' has no stop words.
+        SELECT to_tsquery('simple', string_agg(DISTINCT quote_literal(w), ' | '))
+          INTO v_query
+          FROM (SELECT unnest(tsvector_to_array(to_tsvector(p_query_config::regconfig, p_query_text)))
+                UNION
+                SELECT s FROM unnest(tsvector_to_array(to_tsvector('simple', p_query_text))) AS s
+                WHERE to_tsvector(p_query_config::regconfig, s) <> ''::tsvector) AS words (w);
+        v_own_gin := p_document_ids IS NULL AND p_metadata IS NULL AND p_language IS NULL
+            AND pg_catalog.to_regclass('public.knowledge_chunks_tsv_' || replace(v_tenant::text, '-', '')) IS NOT NULL;
+        -- One query per distinct word (its stem or the word as written): for hybrid mode's "half
+        -- of the words" and a large tenant's "most of the words" (a small tenant's keyword search skips it).
+        IF p_mode = 'hybrid' OR v_own_gin THEN
+            SELECT array_agg(q) INTO v_words FROM (
+                SELECT to_tsquery('simple', string_agg(DISTINCT quote_literal(l), ' | ')) AS q
+                FROM unnest(tsvector_to_array(to_tsvector('simple', p_query_text))) AS s (word)
+                CROSS JOIN LATERAL (
+                    SELECT unnest(tsvector_to_array(to_tsvector(p_query_config::regconfig, s.word)))
+                    UNION SELECT s.word) AS lex (l)
+                WHERE to_tsvector(p_query_config::regconfig, s.word) <> ''::tsvector
+                GROUP BY s.word) per_word;
+        END IF;
+        -- In hybrid mode the keyword side speaks only for passages holding at least half of the
+        -- query's words: fusion adds the two rankings, and a passage sharing one common word
+        -- with the query would otherwise outrank the right passage found by meaning alone (for
+        -- instance in another language). Up to 6 words as one query (the alternatives of every
+        -- v_need of them together: one test per match); more, by counting per match.
+        IF p_mode = 'hybrid' THEN
+            v_need := ceil(coalesce(cardinality(v_words), 0) / 2.0);
+            IF v_need > 1 AND cardinality(v_words) <= 6 THEN
+                v_enough := app.tsquery_at_least(v_words, v_need);
+            END IF;
+        END IF;
+        -- A large tenant (it has its own GIN index) without filters: the passages that hold the
+        -- most of the query's words come first. From all the words down, the first level that
+        -- at least v_pool passages reach is required of every match, so the ranking reads those
+        -- rather than every passage sharing one common word (a natural-language query of five
+        -- words matches most of a 5,000-passage tenant). Each level is one GIN probe that stops
+        -- at v_pool rows. Small tenants keep ranking every match: it is cheap there.
+        IF v_own_gin AND cardinality(v_words) BETWEEN 2 AND 6 THEN
+            FOR v_level IN REVERSE cardinality(v_words) .. greatest(v_need, 1) + 1 LOOP
+                v_strict := app.tsquery_at_least(v_words, v_level);
+                SELECT count(*) INTO v_found
+                  FROM (SELECT FROM public.knowledge_chunks c
+                        WHERE c.tenant_id = v_tenant AND c.tsv @@ v_strict LIMIT v_pool) m;
+                EXIT WHEN v_found >= v_pool;
+                v_strict := NULL;
+            END LOOP;
+        END IF;
+    END IF;
+    -- A large tenant's approximate vector index, when it is built (valid) for the query's model.
+    -- Not with a document or metadata filter: the filtered documents' chunks are read exactly.
+    -- Most tenants have none: to_regclass (a cache lookup, nothing to plan) says so before the
+    -- catalog is queried.
+    IF p_mode IN ('hybrid', 'semantic') AND p_query_embedding IS NOT NULL
+       AND p_document_ids IS NULL AND p_metadata IS NULL THEN
+        v_index := pg_catalog.to_regclass('public.knowledge_chunks_ann_' || replace(v_tenant::text, '-', ''));
+        IF v_index IS NOT NULL THEN
+            SELECT (j.c ->> 'dimension')::integer
+              INTO v_ann
+              FROM pg_catalog.pg_index x
+              CROSS JOIN LATERAL (SELECT pg_catalog.obj_description(x.indexrelid, 'pg_class')::jsonb) AS j (c)
+             WHERE x.indexrelid = v_index AND x.indisvalid AND x.indisready
+               AND j.c ->> 'model' = p_model AND j.c ->> 'tenant_id' = v_tenant::text;
+        END IF;
+    END IF;
+    IF v_ann IS NOT NULL THEN
+        -- pgvector >= 0.8 (the index is built only then): the scan goes on until the pool is
+        -- full after filters. ef_search 400 (bench/retrieval.py, synthetic 384-d vectors, 25,000
+        -- passages: recall@10 0.84 at 40, 0.98 at 160, 0.993 at 400, 1.0 at 800; its own queries
+        -- are harder: 0.78 at 400 on 100,000 passages, hence opt-in); 100 candidates by the
+        -- index, re-ranked by exact distance.
+        v_ef := current_setting('hnsw.ef_search', true);
+        v_iterative := current_setting('hnsw.iterative_scan', true);
+        PERFORM set_config('hnsw.ef_search', greatest(v_pool * 10, 400)::text, true);
+        PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+        -- The tenant as a literal (a uuid), so that the planner matches the partial index; then
+        -- the pool in exact order of distance.
+        EXECUTE format(
+            $q$SELECT array_agg(m.document_id ORDER BY m.distance, m.document_id, m.chunk_no),
+                      array_agg(m.chunk_no ORDER BY m.distance, m.document_id, m.chunk_no)
+               FROM (SELECT c.document_id, c.chunk_no,
+                            c.embedding::public.vector(%2$s) OPERATOR(public.<=>) $1::public.vector(%2$s) AS distance
+                     FROM public.knowledge_chunks c
+                     WHERE c.tenant_id = %1$L AND c.embedding_model = %3$L
+                       AND ($2::text IS NULL OR c.language = $2)
+                     ORDER BY c.embedding::public.vector(%2$s) OPERATOR(public.<=>) $1::public.vector(%2$s)
+                     LIMIT greatest($3, 100)) m$q$,
+            v_tenant, v_ann, p_model)
+          INTO v_ann_documents, v_ann_chunks
+          USING p_query_embedding, p_language, v_pool;
+        PERFORM set_config('hnsw.ef_search', coalesce(v_ef, '40'), true);
+        PERFORM set_config('hnsw.iterative_scan', coalesce(v_iterative, 'off'), true);
+    END IF;
+    RETURN QUERY
+    WITH docs AS (
+        SELECT d.id FROM public.knowledge_base d
+        WHERE d.tenant_id = v_tenant
+          AND (p_document_ids IS NULL OR d.id = ANY (p_document_ids))
+          AND (p_metadata IS NULL OR d.metadata @> p_metadata)
+    ),
+    -- Each side takes its v_pool best first (a top-N sort), then numbers them.
+    -- Keyword side: at most 5,000 matches are ranked (the first found: a word in half of a
+    -- 200,000-passage tenant would otherwise cost 100,000 rankings), by ts_rank, in one pass that
+    -- keeps only ids and ranks (sorting the matches with their tsvectors, 1.7 kB each, cost more
+    -- than ranking them); the 500 best are read again by primary key and ranked by cover density.
+    -- The semi-join with docs leads a small tenant to its own chunks (by document) rather than
+    -- through the GIN index's posting lists, which are the whole corpus's. Without a document
+    -- filter every chunk's document qualifies (foreign key), so a large tenant's keyword side
+    -- (its own GIN index) and the semantic side skip that semi-join (v_own_gin and the NULL
+    -- filters are constants in the custom plan, so the planner drops the test).
+    keyword AS (
+        SELECT m.document_id, m.chunk_no, row_number() OVER (ORDER BY m.rank DESC, m.document_id, m.chunk_no) AS r
+        FROM (SELECT b.document_id, b.chunk_no, ts_rank_cd(t.tsv, v_query) AS rank
+              FROM (SELECT s.document_id, s.chunk_no
+                    FROM (SELECT c.document_id, c.chunk_no, ts_rank(c.tsv, v_query) AS rank
+                          FROM public.knowledge_chunks c
+                          WHERE v_query IS NOT NULL AND c.tenant_id = v_tenant AND c.tsv @@ v_query
+                            AND (v_strict IS NULL OR c.tsv @@ v_strict)
+                            AND (v_own_gin OR c.document_id IN (SELECT id FROM docs))
+                            AND (p_language IS NULL OR c.language = p_language)
+                            AND (v_need <= 1 OR v_enough IS NOT NULL AND c.tsv @@ v_enough
+                                 OR v_enough IS NULL
+                                    AND (SELECT count(*) FROM unnest(v_words) AS w (q) WHERE c.tsv @@ w.q) >= v_need)
+                          LIMIT 5000) s
+                    ORDER BY s.rank DESC, s.document_id, s.chunk_no
+                    LIMIT 500) b
+              JOIN public.knowledge_chunks t
+                ON t.tenant_id = v_tenant AND t.document_id = b.document_id AND t.chunk_no = b.chunk_no
+              ORDER BY 3 DESC, 1, 2
+              LIMIT v_pool) m
+    ),
+    semantic AS (
+        SELECT a.document_id, a.chunk_no, a.r
+        FROM unnest(v_ann_documents, v_ann_chunks) WITH ORDINALITY AS a (document_id, chunk_no, r)
+        WHERE v_ann IS NOT NULL AND a.r <= v_pool
+        UNION ALL
+        SELECT m.document_id, m.chunk_no, row_number() OVER (ORDER BY m.distance, m.document_id, m.chunk_no) AS r
+        FROM (SELECT c.document_id, c.chunk_no,
+                     app.cosine_distance(c.embedding, app.to_embedding(p_query_embedding)) AS distance
+              FROM public.knowledge_chunks c
+              WHERE v_ann IS NULL AND p_mode IN ('hybrid', 'semantic') AND p_query_embedding IS NOT NULL
+                AND c.tenant_id = v_tenant AND c.embedding_model = p_model
+                AND (p_document_ids IS NULL AND p_metadata IS NULL OR c.document_id IN (SELECT id FROM docs))
+                AND (p_language IS NULL OR c.language = p_language)
+              ORDER BY 3, 1, 2
+              LIMIT v_pool) m
+    ),
+    fused AS (
+        SELECT coalesce(k.document_id, s.document_id) AS document_id,
+               coalesce(k.chunk_no, s.chunk_no) AS chunk_no,
+               coalesce(1.0 / (60 + k.r), 0) + coalesce(1.0 / (60 + s.r), 0) AS score,
+               k.r AS keyword_rank, s.r AS semantic_rank
+        FROM keyword k FULL JOIN semantic s ON s.document_id = k.document_id AND s.chunk_no = k.chunk_no
+    ),
+    -- The k best first, then their passages and titles: the pools (up to 2 x v_pool rows) are not
+    -- all read again for the 10 returned. Every pooled passage and its document exist in this
+    -- statement's snapshot (read by it; foreign key), so the joins drop nothing.
+    best AS (
+        SELECT * FROM fused f
+        ORDER BY f.score DESC, f.document_id, f.chunk_no
+        LIMIT least(greatest(p_k, 1), 50)
+    )
+    SELECT f.document_id, d.title::text, f.chunk_no, c.content, c.char_start, c.char_end, c.heading_path,
+           c.language::text, f.score::double precision, f.keyword_rank, f.semantic_rank, c.page_start, c.page_end
+    FROM best f
+    JOIN public.knowledge_chunks c ON c.tenant_id = v_tenant AND c.document_id = f.document_id AND c.chunk_no = f.chunk_no
+    JOIN public.knowledge_base d ON d.tenant_id = v_tenant AND d.id = f.document_id
+    ORDER BY f.score DESC, f.document_id, f.chunk_no;
+END
+$$;
+
+CALL app.lock_down_functions();
