@@ -1,6 +1,7 @@
 """A/B of app.search_passages against an earlier migration's definition, same database, same session, calls interleaved.
 
     python bench/search_ab.py ADMIN_URL [--queries 80] [--broad 40] [--rounds 3] [--old-sql FILE] [--bucket large]
+                                     [--passages 60000 --tenants 100 --huge 0 --huge-size 200000]
 
 ADMIN_URL: a database kept by `bench/retrieval.py --keep` (same --passages/--tenants/--seed, to find its
 5,000-passage tenant (or --bucket's median tenant) and generate its queries the same way). The old definition (036's migration by
@@ -47,15 +48,17 @@ def main() -> None:
     parser.add_argument("admin")
     parser.add_argument("--passages", type=int, default=60000)
     parser.add_argument("--tenants", type=int, default=100)
+    parser.add_argument("--huge", type=int, default=0, help="as retrieval.py's: tenants of --huge-size passages")
+    parser.add_argument("--huge-size", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--queries", type=int, default=80)
     parser.add_argument("--broad", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--old-sql", type=Path, default=OLD)
-    parser.add_argument("--bucket", default="large", help="small, medium or large: its median tenant")
+    parser.add_argument("--bucket", default="large", help="small, medium, large or huge: its median tenant")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    layout = make_layout(args.passages, args.tenants, rng, [])
+    layout = make_layout(args.passages, args.tenants, rng, [args.huge_size] * args.huge)
     emb = Embeddings(rng)
     vocabs = {lang: Vocabulary(lang) for lang in LANGUAGES}
     in_bucket = sorted(layout.bucket(args.bucket), key=lambda t: t.size)
