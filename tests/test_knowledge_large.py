@@ -111,7 +111,13 @@ def names(tenant: uuid.UUID, vectors: bool) -> set[str]:
 
 
 async def search(
-    world: dict[str, Any], tenant: uuid.UUID, mode: str, vector: str | None, query: str = "budget", k: int = 10
+    world: dict[str, Any],
+    tenant: uuid.UUID,
+    mode: str,
+    vector: str | None,
+    query: str = "budget",
+    k: int = 10,
+    document_ids: list[int] | None = None,
 ):
     """The search's rows and, in the same transaction, how often each of the tenant's own indexes
     was scanned."""
@@ -119,7 +125,7 @@ async def search(
         bootstrap.database(world["settings"], world["url"]) as db,
         db.tenant(TenantContext(tenant_id=tenant), read_only=True) as tx,
     ):
-        rows = await tx.fetch(SEARCH_SQL, (query, "simple", vector, MODEL, k, mode, None, None, None))
+        rows = await tx.fetch(SEARCH_SQL, (query, "simple", vector, MODEL, k, mode, document_ids, None, None))
         scans = {}
         for prefix in (large.KEYWORD_PREFIX, large.VECTOR_PREFIX):
             name = large.index_name(prefix, tenant)
@@ -202,6 +208,23 @@ async def test_search_uses_the_large_tenants_indexes_and_exact_search_for_the_sm
     rows, scans = await search(world, b, "semantic", vector)
     assert scans == {large.KEYWORD_PREFIX: 0, large.VECTOR_PREFIX: 0}
     assert [(r["document_id"], r["chunk_no"]) for r in rows] == exact_top(url, b, vector)
+
+
+async def test_a_large_tenants_document_filter_still_filters(world: dict[str, Any]) -> None:
+    """Migration 038: without filters a tenant with its own GIN index skips the semi-join of its
+    keyword matches with its documents (every match is its own); with a document filter it may not.
+    k = 50 with the tenant's HNSW index also asks for more than pgvector's largest ef_search (it failed before 038)."""
+    url, a = world["url"], world["a"]
+    await large.reconcile(url, world["settings"])
+    assert large.index_name(large.KEYWORD_PREFIX, a) in indexes(url)
+    with psycopg.connect(url) as conn:
+        docs = [r[0] for r in conn.execute("SELECT id FROM knowledge_base WHERE tenant_id = %s ORDER BY id", (a,))]
+    picked = docs[3:5]
+    for mode in ("keyword", "hybrid"):
+        rows, _ = await search(world, a, mode, query_vector(world), "alpha budget", k=50)
+        assert len({r["document_id"] for r in rows}) > len(picked)  # unfiltered: many documents
+        rows, _ = await search(world, a, mode, query_vector(world), "alpha budget", k=50, document_ids=picked)
+        assert rows and {r["document_id"] for r in rows} == set(picked), mode
 
 
 async def test_b_never_gets_as_rows_with_as_indexes_present(world: dict[str, Any]) -> None:

@@ -1,26 +1,33 @@
--- 038: search reads the text of the passages it returns only, and probes a large tenant's GIN
--- index without building a statement per probe. Same answers as 036 (bench/search_ab.py, which
--- measures the two in one session: top-10 overlap 1.000 in every mode and tenant size, but for
--- queries matching more than 5,000 passages, whose keyword ranking is of the first 5,000 found
--- and so depends on the plan: 0.90 on broad queries in a 200,000-passage tenant).
+-- 038: search reads less: the text of the passages it returns only, and no document list for a
+-- large tenant's keyword matches. Same answers as 036 (bench/search_ab.py measures the two in one
+-- session: top-10 overlap 1.000 in every mode and tenant size, but for queries matching more than
+-- 5,000 passages, whose keyword ranking is of the first 5,000 found and so depends on the plan:
+-- 0.90 on broad queries in a 200,000-passage tenant).
 --
+-- * A tenant with its own GIN index (031) searching without filters: every keyword match is its
+--   own and every chunk's document exists (foreign key), so the semi-join of the matches with the
+--   tenant's documents only cost a probe per match (13 ms of a broad query in a 200,000-passage
+--   tenant: 5,000 probes). It is written `EXISTS (SELECT FROM docs WHERE v_own_gin OR docs.id =
+--   c.document_id)`: the planner makes the semi-join before it folds v_own_gin (a constant in the
+--   custom plan), so a small tenant keeps the semi-join as its access path (its chunks by
+--   document), and a large one gets a semi-join on `true`, met by the first document. (Written
+--   `v_own_gin OR c.document_id IN (...)`, small tenants lost that path: keyword p50 +13-24%.)
 -- * The fused ranking is cut to the k best before their passages' text and titles are read: 036
 --   joined all of the pooled passages (up to 2 x 40 for k = 10) with their text and titles, then
 --   kept 10. Every pooled passage and its document exist in the statement's snapshot (the
 --   statement read them; foreign key), so the joins drop nothing.
+-- * A bug since 031: with a tenant's HNSW index, k > 25 set hnsw.ef_search above pgvector's
+--   maximum (1,000) and the search failed; it is capped there.
 -- * The probes for the stricter levels (036) are static statements rather than EXECUTE'd text:
 --   the function plans every statement for the values at hand (plan_cache_mode
 --   force_custom_plan), so the tenant is a constant there too and the planner still picks the
 --   tenant's partial GIN index.
 --
--- bench/search_ab.py against 036 on the 60,000-passage bench database (quiet machine, p50 ratio):
--- the 5,000-passage tenant 0.97 in every mode, the median medium tenant (771) hybrid 0.94 and
--- semantic 0.90, the median small one (33) 1.00-1.02.
---
--- Measured and left out (again, see 035's notes): skipping the keyword side's semi-join with the
--- tenant's documents for a tenant with its own GIN index, written `v_own_gin OR c.document_id IN
--- (...)`. The planner turns IN into a semi-join before it folds the constant, so small tenants
--- lost the semi-join as their access path (keyword p50 +13-24%) for a few percent at 5,000.
+-- bench/search_ab.py against 036, p50 ratio (quiet machine, embedded PostgreSQL 18 with
+-- shared_buffers 2 GB): the 200,000-passage tenant (300,000 passages over 200 tenants) hybrid
+-- 0.84-0.91, keyword 0.84-0.85; on 60,000 passages over 100 tenants, the 5,000-passage tenant
+-- hybrid 0.93-0.97 (p50 9.8 ms for the bench's mix, 10.3 for broad queries), the median medium
+-- tenant (771) 0.92-0.95 but keyword 0.99-1.00, the median small one (33) 1.00-1.02.
 
 CREATE OR REPLACE FUNCTION app.search_passages(
     p_query_text text, p_query_config text, p_query_embedding text, p_model text, p_k integer,
@@ -42,7 +49,7 @@ DECLARE
     v_level integer;
     v_found bigint;
     v_strict tsquery;   -- a large tenant's stricter requirement: at least v_level of v_words
-    v_own_gin boolean;  -- a large tenant (its own GIN index) searching without filters
+    v_own_gin boolean := false;  -- a large tenant (its own GIN index) searching without filters
     v_ann integer;      -- the dimension of the tenant's approximate index for p_model, if any
     v_index regclass;   -- the tenant's vector index (by its name), if any
     v_ann_documents bigint[];
@@ -128,10 +135,11 @@ BEGIN
         -- full after filters. ef_search 400 (bench/retrieval.py, synthetic 384-d vectors, 25,000
         -- passages: recall@10 0.84 at 40, 0.98 at 160, 0.993 at 400, 1.0 at 800; its own queries
         -- are harder: 0.78 at 400 on 100,000 passages, hence opt-in); 100 candidates by the
-        -- index, re-ranked by exact distance.
+        -- index, re-ranked by exact distance. pgvector takes ef_search up to 1,000 (k > 25 asked
+        -- for more, and the search failed).
         v_ef := current_setting('hnsw.ef_search', true);
         v_iterative := current_setting('hnsw.iterative_scan', true);
-        PERFORM set_config('hnsw.ef_search', greatest(v_pool * 10, 400)::text, true);
+        PERFORM set_config('hnsw.ef_search', least(greatest(v_pool * 10, 400), 1000)::text, true);
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
         -- The tenant as a literal (a uuid), so that the planner matches the partial index; then
         -- the pool in exact order of distance.
@@ -176,7 +184,7 @@ BEGIN
                           FROM public.knowledge_chunks c
                           WHERE v_query IS NOT NULL AND c.tenant_id = v_tenant AND c.tsv @@ v_query
                             AND (v_strict IS NULL OR c.tsv @@ v_strict)
-                            AND c.document_id IN (SELECT id FROM docs)
+                            AND EXISTS (SELECT FROM docs WHERE v_own_gin OR docs.id = c.document_id)
                             AND (p_language IS NULL OR c.language = p_language)
                             AND (v_need <= 1 OR v_enough IS NOT NULL AND c.tsv @@ v_enough
                                  OR v_enough IS NULL
