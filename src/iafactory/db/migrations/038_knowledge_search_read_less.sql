@@ -12,6 +12,11 @@
 --   custom plan), so a small tenant keeps the semi-join as its access path (its chunks by
 --   document), and a large one gets a semi-join on `true`, met by the first document. (Written
 --   `v_own_gin OR c.document_id IN (...)`, small tenants lost that path: keyword p50 +13-24%.)
+-- * The keyword matches are tested against the strictest of the requirements only: a large
+--   tenant's "most of the words" (v_strict), else hybrid's "half of the words" (v_enough), else
+--   any word (v_query); each implies the next. 036 gave the GIN index all of them, and it combined
+--   their posting lists for each (a broad two-word query in the 200,000-passage tenant: 63 ms
+--   for the 5,000 matches ranked, 22 ms with the strict test alone).
 -- * The fused ranking is cut to the k best before their passages' text and titles are read: 036
 --   joined all of the pooled passages (up to 2 x 40 for k = 10) with their text and titles, then
 --   kept 10. Every pooled passage and its document exist in the statement's snapshot (the
@@ -25,9 +30,10 @@
 --
 -- bench/search_ab.py against 036, p50 ratio (quiet machine, embedded PostgreSQL 18 with
 -- shared_buffers 2 GB): the 200,000-passage tenant (300,000 passages over 200 tenants) hybrid
--- 0.84-0.91, keyword 0.84-0.85; on 60,000 passages over 100 tenants, the 5,000-passage tenant
--- hybrid 0.93-0.97 (p50 9.8 ms for the bench's mix, 10.3 for broad queries), the median medium
--- tenant (771) 0.92-0.95 but keyword 0.99-1.00, the median small one (33) 1.00-1.02.
+-- 0.80-0.81 (p50 40 ms, p95 101 -> 66 ms), keyword 0.72-0.76; on 60,000 passages over 100
+-- tenants, the 5,000-passage tenant hybrid 0.96-0.98 (p50 9.6 ms for the bench's mix, 10.9 for
+-- broad queries), the median medium tenant (771) hybrid 0.91-0.93, keyword 0.98-0.99, semantic
+-- 0.87-0.91, the median small one (33) 0.99-1.03.
 
 CREATE OR REPLACE FUNCTION app.search_passages(
     p_query_text text, p_query_config text, p_query_embedding text, p_model text, p_k integer,
@@ -182,13 +188,13 @@ BEGIN
               FROM (SELECT s.document_id, s.chunk_no
                     FROM (SELECT c.document_id, c.chunk_no, ts_rank(c.tsv, v_query) AS rank
                           FROM public.knowledge_chunks c
-                          WHERE v_query IS NOT NULL AND c.tenant_id = v_tenant AND c.tsv @@ v_query
-                            AND (v_strict IS NULL OR c.tsv @@ v_strict)
+                          -- The strictest requirement only, which implies the others (one GIN test).
+                          WHERE v_query IS NOT NULL AND c.tenant_id = v_tenant
+                            AND c.tsv @@ coalesce(v_strict, v_enough, v_query)
                             AND EXISTS (SELECT FROM docs WHERE v_own_gin OR docs.id = c.document_id)
                             AND (p_language IS NULL OR c.language = p_language)
-                            AND (v_need <= 1 OR v_enough IS NOT NULL AND c.tsv @@ v_enough
-                                 OR v_enough IS NULL
-                                    AND (SELECT count(*) FROM unnest(v_words) AS w (q) WHERE c.tsv @@ w.q) >= v_need)
+                            AND (v_need <= 1 OR v_strict IS NOT NULL OR v_enough IS NOT NULL
+                                 OR (SELECT count(*) FROM unnest(v_words) AS w (q) WHERE c.tsv @@ w.q) >= v_need)
                           LIMIT 5000) s
                     ORDER BY s.rank DESC, s.document_id, s.chunk_no
                     LIMIT 500) b
