@@ -1325,7 +1325,7 @@ def main() -> None:
             version = conn.execute(
                 "SELECT 'PostgreSQL ' || current_setting('server_version') || coalesce("
                 "(SELECT ' + pgvector ' || extversion FROM pg_extension WHERE extname = 'vector'),"
-                " ' (no pgvector)')"
+                " ' (no pgvector)') || ', shared_buffers ' || current_setting('shared_buffers')"
             ).fetchone()[0]
         kind = fill(admin, layout, rng, emb)
         args.built = (

@@ -77,6 +77,7 @@ def main() -> None:
     same: dict[tuple[str, str], list[float]] = {}
     with psycopg.connect(args.admin, autocommit=True) as conn:
         create_old(conn, args.old_sql)
+        shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
         try:
             with conn.transaction():
                 conn.execute(f"SET LOCAL ROLE {Settings().app_db_user}")
@@ -101,7 +102,8 @@ def main() -> None:
         finally:
             conn.execute("DROP FUNCTION app.bench_search_old")
     print(
-        f"tenant {tenant.id}: {tenant.size} passages ({tenant.language}); {args.rounds} rounds; load {os.getloadavg()}"
+        f"tenant {tenant.id}: {tenant.size} passages ({tenant.language}); {args.rounds} rounds; "
+        f"shared_buffers {shared_buffers}; load {os.getloadavg()}"
     )
     print("| queries | mode | old p50 / p95 ms | new p50 / p95 ms | p50 ratio | top-10 overlap |")
     print("|---|---|---|---|---|---|")
