@@ -258,6 +258,37 @@ async def test_erasure_drops_the_indexes_and_import_builds_them_again(world: dic
     assert len(rows) == 10 and (scans[large.VECTOR_PREFIX] > 0 or not world["vectors"])
 
 
+def reloptions(url: str, name: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT coalesce(reloptions, '{}') FROM pg_class WHERE relname = %s", (name,)).fetchone()[0]
+
+
+async def test_a_vector_index_built_with_other_parameters_is_rebuilt_with_the_current_ones(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade from pgvector's default build (m 16, ef_construction 64: what earlier versions
+    built) gets the denser graph at the next run; the keyword index is left alone."""
+    if not world["vectors"]:
+        pytest.skip("no pgvector >= 0.8 here: no vector index is built")
+    url, a = world["url"], world["a"]
+    name = large.index_name(large.VECTOR_PREFIX, a)
+    monkeypatch.setattr(large, "HNSW_BUILD", dict(large.HNSW_DEFAULTS))
+    await large.reconcile(url, world["settings"])
+    assert reloptions(url, name) == ["m=16", "ef_construction=64"]
+    monkeypatch.undo()
+    planned = await large.reconcile(url, world["settings"], dry_run=True)
+    assert [(x.verb, x.index, x.reason) for x in planned] == [
+        ("drop", name, "built with m 16, ef_construction 64"),
+        ("create", name, f"{A_SIZE:,} passages"),
+    ]
+    await large.reconcile(url, world["settings"])
+    assert reloptions(url, name) == ["m=32", "ef_construction=128"]
+    assert indexes(url) == names(a, True)
+    assert await large.reconcile(url, world["settings"]) == []
+    rows, scans = await search(world, a, "semantic", query_vector(world))
+    assert len(rows) == 10 and scans[large.VECTOR_PREFIX] > 0
+
+
 def _passages(conn: psycopg.Connection, tenant: uuid.UUID, texts: list[str], rng: np.random.Generator) -> None:
     """One document whose passages are `texts`."""
     with conn.transaction():
