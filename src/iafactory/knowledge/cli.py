@@ -223,8 +223,9 @@ async def index_large_command(
 ) -> None:
     """Give large tenants search indexes of their own, built without blocking writes (run it
     from cron or a timer; a second run finds nothing to do): a keyword (GIN) index from
-    IAFACTORY_KNOWLEDGE_KEYWORD_INDEX_MIN_CHUNKS passages, an approximate vector (HNSW) index from
-    IAFACTORY_KNOWLEDGE_VECTOR_INDEX_MIN_CHUNKS; dropped again below half."""
+    IAFACTORY_KNOWLEDGE_KEYWORD_INDEX_MIN_CHUNKS passages (default 5,000), an approximate vector
+    (HNSW) index from IAFACTORY_KNOWLEDGE_VECTOR_INDEX_MIN_CHUNKS (default 20,000); dropped again
+    below half. A vector index built with other parameters (an earlier version's) is rebuilt."""
     settings = get_settings()
 
     def report(action: large.Action) -> None:
