@@ -4,9 +4,9 @@
                                      [--passages 60000 --tenants 100 --huge 0 --huge-size 200000]
 
 ADMIN_URL: a database kept by `bench/retrieval.py --keep` (same --passages/--tenants/--seed, to find its
-5,000-passage tenant (or --bucket's median tenant) and generate its queries the same way). The old definition (036's migration by
+5,000-passage tenant (or --bucket's median tenant) and generate its queries the same way). The old definition (038's migration by
 default) is created under another name, app.bench_search_old, in that database only; the new one is the
-migrated app.search_passages (038's). Both are called by the application role inside the tenant's transaction,
+migrated app.search_passages (the latest migration's). Both are called by the application role inside the tenant's transaction,
 alternately per query and mode; p50/p95 per mode, for the bench's query mix and for broad queries (one or
 two of the tenant's most common topic words), and how often the two return the same top 10.
 """
@@ -27,7 +27,7 @@ from iafactory.config import Settings
 from iafactory.knowledge.search import SEARCH_SQL
 from retrieval import LANGUAGES, MODES, Embeddings, Query, Vocabulary, make_layout, make_query
 
-OLD = Path(__file__).parent.parent / "src/iafactory/db/migrations/036_knowledge_search_narrow.sql"
+OLD = Path(__file__).parent.parent / "src/iafactory/db/migrations/038_knowledge_search_read_less.sql"
 
 
 def create_old(conn: psycopg.Connection, path: Path) -> None:
