@@ -258,35 +258,127 @@ async def test_erasure_drops_the_indexes_and_import_builds_them_again(world: dic
     assert len(rows) == 10 and (scans[large.VECTOR_PREFIX] > 0 or not world["vectors"])
 
 
-def reloptions(url: str, name: str) -> list[str]:
+def index_state(url: str, name: str) -> tuple[bool, list[str], dict] | None:
+    """(valid, reloptions, comment) of an index, None when there is none by that name."""
     with psycopg.connect(url) as conn:
-        return conn.execute("SELECT coalesce(reloptions, '{}') FROM pg_class WHERE relname = %s", (name,)).fetchone()[0]
+        row = conn.execute(
+            """SELECT x.indisvalid, coalesce(i.reloptions, '{}'), obj_description(i.oid, 'pg_class')::jsonb
+               FROM pg_class i JOIN pg_index x ON x.indexrelid = i.oid WHERE i.relname = %s""",
+            (name,),
+        ).fetchone()
+    return (row[0], row[1], row[2]) if row else None
 
 
-async def test_a_vector_index_built_with_other_parameters_is_rebuilt_with_the_current_ones(
+def vector_scans_of_a_search(url: str, tenant: uuid.UUID) -> int:
+    """How often one semantic search by the application scans the tenant's vector index (sync:
+    usable while reconcile() reports a step)."""
+    with psycopg.connect(url) as conn, conn.transaction():
+        conn.execute("SET LOCAL ROLE iaf_app")
+        conn.execute(sql.SQL("SET LOCAL app.tenant_id = {}").format(sql.Literal(str(tenant))))
+        v = vector_literal([1.0] + [0.0] * (DIM - 1))
+        assert (
+            len(conn.execute(SEARCH_SQL, ("", "simple", v, MODEL, 10, "semantic", None, None, None)).fetchall()) == 10
+        )
+        name = large.index_name(large.VECTOR_PREFIX, tenant)
+        return conn.execute(
+            "SELECT coalesce(pg_stat_get_xact_numscans(to_regclass(%s)), 0)", ("public." + name,)
+        ).fetchone()[0]
+
+
+async def test_a_vector_index_built_with_other_parameters_is_replaced_and_searched_until_then(
     world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An upgrade from pgvector's default build (m 16, ef_construction 64: what earlier versions
-    built) gets the denser graph at the next run; the keyword index is left alone."""
+    built) gets the denser graph at the next run, built beside the old one: when the new graph is
+    ready the tenant's searches still use the old one (a build takes most of an hour at 400,000
+    passages; an exact scan there costs ~300 ms), and then the new one under the same name."""
     if not world["vectors"]:
         pytest.skip("no pgvector >= 0.8 here: no vector index is built")
     url, a = world["url"], world["a"]
     name = large.index_name(large.VECTOR_PREFIX, a)
     monkeypatch.setattr(large, "HNSW_BUILD", dict(large.HNSW_DEFAULTS))
     await large.reconcile(url, world["settings"])
-    assert reloptions(url, name) == ["m=16", "ef_construction=64"]
+    assert index_state(url, name)[:2] == (True, ["m=16", "ef_construction=64"])
     monkeypatch.undo()
+    outdated = "built with m 16, ef_construction 64"
     planned = await large.reconcile(url, world["settings"], dry_run=True)
     assert [(x.verb, x.index, x.reason) for x in planned] == [
-        ("drop", name, "built with m 16, ef_construction 64"),
-        ("create", name, f"{A_SIZE:,} passages"),
+        ("create", name + large.NEXT, f"to replace it: {outdated}"),
+        ("swap", name, outdated),
     ]
-    await large.reconcile(url, world["settings"])
-    assert reloptions(url, name) == ["m=32", "ef_construction=128"]
+    seen: list[tuple] = []
+
+    def report(action: large.Action) -> None:
+        if action.verb == "create":  # the replacement is built, not yet swapped in
+            seen.append(
+                (index_state(url, name)[:2], index_state(url, name + large.NEXT)[:2], vector_scans_of_a_search(url, a))
+            )
+
+    await large.reconcile(url, world["settings"], report=report)
+    assert seen == [((True, ["m=16", "ef_construction=64"]), (True, ["m=32", "ef_construction=128"]), 1)]
+    valid, options, comment = index_state(url, name)
+    assert (valid, options, comment["model"]) == (True, ["m=32", "ef_construction=128"], MODEL)
+    assert index_state(url, name + large.NEXT) is None and index_state(url, name + large.RETIRED) is None
     assert indexes(url) == names(a, True)
     assert await large.reconcile(url, world["settings"]) == []
-    rows, scans = await search(world, a, "semantic", query_vector(world))
-    assert len(rows) == 10 and scans[large.VECTOR_PREFIX] > 0
+    assert vector_scans_of_a_search(url, a) == 1
+
+
+async def test_a_tenant_that_changes_model_gets_its_vector_index_replaced(world: dict[str, Any]) -> None:
+    if not world["vectors"]:
+        pytest.skip("no pgvector >= 0.8 here: no vector index is built")
+    url, a = world["url"], world["a"]
+    name = large.index_name(large.VECTOR_PREFIX, a)
+    await large.reconcile(url, world["settings"])
+    with psycopg.connect(url, autocommit=True) as conn:  # re-embedded with another model (same dimension)
+        conn.execute("UPDATE knowledge_chunks SET embedding_model = 'test-model-8d-v2' WHERE tenant_id = %s", (a,))
+    planned = await large.reconcile(url, world["settings"], dry_run=True)
+    outdated = f"built for model {MODEL!r}, not 'test-model-8d-v2'"
+    assert [(x.verb, x.index, x.reason) for x in planned] == [
+        ("create", name + large.NEXT, f"to replace it: {outdated}"),
+        ("swap", name, outdated),
+    ]
+    await large.reconcile(url, world["settings"])
+    assert index_state(url, name)[2]["model"] == "test-model-8d-v2"
+    assert indexes(url) == names(a, True) and await large.reconcile(url, world["settings"]) == []
+
+
+async def test_an_interrupted_replacement_is_cleaned_up_and_erasure_takes_its_leftovers(
+    world: dict[str, Any],
+) -> None:
+    """A run killed during a replacement leaves `…_next` (being built, maybe invalid) or, between
+    the swap and the drop, `…_old`: the next run drops them; erasing the tenant drops them too."""
+    url, a, b = world["url"], world["a"], world["b"]
+    await large.reconcile(url, world["settings"])
+    leftovers = [
+        large.index_name(prefix, t) + suffix
+        for prefix, t, suffix in (
+            (large.VECTOR_PREFIX, a, large.NEXT),
+            (large.VECTOR_PREFIX, a, large.RETIRED),
+            (large.KEYWORD_PREFIX, b, large.NEXT),
+        )
+    ]
+    with psycopg.connect(url, autocommit=True) as conn:
+        for leftover in leftovers:
+            conn.execute(
+                sql.SQL("CREATE INDEX {} ON knowledge_chunks (chunk_no) WHERE tenant_id = {}").format(
+                    sql.Identifier(leftover), sql.Literal(str(a if "_ann_" in leftover else b))
+                )
+            )
+    dropped = await large.reconcile(url, world["settings"])
+    assert sorted((x.verb, x.index, x.reason) for x in dropped) == sorted(
+        ("drop", leftover, "left by an interrupted replacement") for leftover in leftovers
+    )
+    assert all(index_state(url, leftover) is None for leftover in leftovers)
+    assert indexes(url) == names(a, world["vectors"])
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE INDEX {} ON knowledge_chunks (chunk_no) WHERE tenant_id = {}").format(
+                sql.Identifier(leftovers[1]), sql.Literal(str(a))
+            )
+        )
+    assert sorted(await large.drop_tenant_indexes(url, a)) == sorted(names(a, world["vectors"]) | {leftovers[1]})
+    assert index_state(url, leftovers[1]) is None and indexes(url) == set()
 
 
 def _passages(conn: psycopg.Connection, tenant: uuid.UUID, texts: list[str], rng: np.random.Generator) -> None:

