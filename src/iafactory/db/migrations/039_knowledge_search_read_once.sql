@@ -1,23 +1,31 @@
--- 039: the keyword side's second pass reads its 500 passages by row version (ctid) rather than
--- by primary key. Same answers as 038 (bench/search_ab.py: top-10 overlap 1.000 in every mode).
+-- 039: the keyword side reads each match once more at most, and by row version. Same answers as
+-- 038 (bench/search_ab.py: top-10 overlap 1.000 in every mode and tenant size, but for broad
+-- queries in a 200,000-passage tenant, whose keyword ranking is of the first 5,000 matches found,
+-- a sample that follows the plan: 0.90, as between 036 and 038).
 --
--- The first pass ranks up to 5,000 matches by ts_rank and keeps the 500 best; 038 read those
--- again through knowledge_chunks_pkey (three index pages and the heap page each) for ts_rank_cd.
--- They are now fetched by the ctid the first pass read them at (a Tid Scan: the heap page
--- only). Within one statement that is the same row version: the statement's snapshot saw it
--- there, and a row version that a live snapshot can still see is neither removed nor moved
--- (pruning keeps its line pointer). The tenant condition stays on the fetch, as everywhere.
--- Citus: the statement names its tenant in every table's condition, so it is routed whole to
--- one shard, where the ctid is the shard's own.
+-- * The 500 best matches by ts_rank are read again for ts_rank_cd by the ctid the first pass read
+--   them at (a Tid Scan: the heap page only) instead of through knowledge_chunks_pkey (three index
+--   pages more each). Within one call that is the same row version: the function is STABLE, so
+--   all its statements run on the calling statement's snapshot, and a row version that a live
+--   snapshot can still see is neither removed nor moved (pruning keeps its line pointer). The
+--   tenant condition stays on the fetch, as everywhere; under Citus every statement names its
+--   tenant, so each is routed whole to one shard, where the ctid is the shard's own.
+-- * A large tenant's level probe (its own GIN index, 2-6 words) is the keyword side's first pass
+--   at that level: it keeps the 500 best row versions of the first 5,000 matches, and the search
+--   statement starts from them. 038's probe stopped at v_pool rows, and the search statement then
+--   read the chosen level's posting lists again (17 ms of a broad two-word query in a
+--   270,000-passage tenant).
+-- * 038's header called the tenant's HNSW index opt-in (built by default from 20,000 passages
+--   since 555ad32); its keyword filter's `v_strict IS NOT NULL` disjunct is gone with v_strict's
+--   use in the search statement.
 --
--- Also: 038's header called the tenant's HNSW index opt-in (it is built by default from 20,000
--- passages since 555ad32), and the keyword filter's `v_strict IS NOT NULL` disjunct was implied
--- by the others (a strict level is only set for 2-6 words, where hybrid mode sets v_enough and
--- keyword mode needs one word): removed.
---
--- bench/search_ab.py against 038 (embedded PostgreSQL 18, shared_buffers 2 GB, 60,000 passages
--- over 100 tenants, the 5,000-passage tenant, 2 rounds): hybrid p50 11.9 -> 10.8 ms (0.91) for
--- the bench's mix, 12.7 -> 11.5 (0.91) for broad queries; keyword 0.85 and 0.89; semantic 1.00.
+-- bench/search_ab.py against 038, p50 ratio (embedded PostgreSQL 18, shared_buffers 2 GB, 3
+-- rounds; this machine answers ~20% slower than the one that measured 038): the 5,000-passage
+-- tenant of 60,000 passages over 100 tenants, hybrid 0.93 for the bench's mix (13.4 -> 12.6 ms;
+-- the Tid Scan alone, 2 rounds on a quieter hour: 11.9 -> 10.8) and 0.91 for broad queries
+-- (15.9 -> 14.4), keyword 0.86 / 0.90, semantic 0.96-0.99; keyword in a 270,000-passage tenant
+-- (300,000 passages over 200 tenants) 0.87 for the mix (31.9 -> 27.8 ms, p95 59.6 -> 45.2) and
+-- 0.90 for broad queries (32.5 -> 29.3).
 
 CREATE OR REPLACE FUNCTION app.search_passages(
     p_query_text text, p_query_config text, p_query_embedding text, p_model text, p_k integer,
@@ -37,7 +45,7 @@ DECLARE
     v_need integer := 1;
     v_enough tsquery;   -- at least v_need of v_words, as one query (up to 6 words)
     v_level integer;
-    v_found bigint;
+    v_best tid[];       -- a large tenant's strict level: the keyword side's first pass, done by its probe
     v_strict tsquery;   -- a large tenant's stricter requirement: at least v_level of v_words
     v_own_gin boolean := false;  -- a large tenant (its own GIN index) searching without filters
     v_ann integer;      -- the dimension of the tenant's approximate index for p_model, if any
@@ -91,16 +99,26 @@ BEGIN
         -- most of the query's words come first. From all the words down, the first level that
         -- at least v_pool passages reach is required of every match, so the ranking reads those
         -- rather than every passage sharing one common word (a natural-language query of five
-        -- words matches most of a 5,000-passage tenant). Each level is one GIN probe that stops
-        -- at v_pool rows. Small tenants keep ranking every match: it is cheap there.
+        -- words matches most of a 5,000-passage tenant). Each level is one GIN probe, which is
+        -- the keyword side's first pass at that level (below: the 500 best by ts_rank of the
+        -- first 5,000 matches; 039: it used to stop at v_pool rows, and the statement below read
+        -- the chosen level's posting lists again, 17 ms of a broad query in a 270,000-passage
+        -- tenant). It holds at least v_pool row versions when the level has v_pool matches
+        -- (v_pool <= 200 < 500). Small tenants keep ranking every match: it is cheap there.
         IF v_own_gin AND cardinality(v_words) BETWEEN 2 AND 6 THEN
             FOR v_level IN REVERSE cardinality(v_words) .. greatest(v_need, 1) + 1 LOOP
                 v_strict := app.tsquery_at_least(v_words, v_level);
-                SELECT count(*) INTO v_found
-                  FROM (SELECT FROM public.knowledge_chunks c
-                        WHERE c.tenant_id = v_tenant AND c.tsv @@ v_strict LIMIT v_pool) m;
-                EXIT WHEN v_found >= v_pool;
+                SELECT array_agg(b.row_version) INTO v_best
+                  FROM (SELECT s.row_version
+                        FROM (SELECT c.ctid AS row_version, c.document_id, c.chunk_no, ts_rank(c.tsv, v_query) AS rank
+                              FROM public.knowledge_chunks c
+                              WHERE c.tenant_id = v_tenant AND c.tsv @@ v_strict
+                              LIMIT 5000) s
+                        ORDER BY s.rank DESC, s.document_id, s.chunk_no
+                        LIMIT 500) b;
+                EXIT WHEN cardinality(v_best) >= v_pool;
                 v_strict := NULL;
+                v_best := NULL;
             END LOOP;
         END IF;
     END IF;
@@ -171,19 +189,22 @@ BEGIN
     keyword AS (
         SELECT m.document_id, m.chunk_no, row_number() OVER (ORDER BY m.rank DESC, m.document_id, m.chunk_no) AS r
         FROM (SELECT t.document_id, t.chunk_no, ts_rank_cd(t.tsv, v_query) AS rank
-              FROM (SELECT s.row_version
+              FROM (SELECT unnest(v_best) AS row_version  -- the strict level's probe did the first pass
+                    WHERE v_best IS NOT NULL
+                    UNION ALL
+                    (SELECT s.row_version
                     FROM (SELECT c.ctid AS row_version, c.document_id, c.chunk_no, ts_rank(c.tsv, v_query) AS rank
                           FROM public.knowledge_chunks c
                           -- The strictest requirement only, which implies the others (one GIN test).
-                          WHERE v_query IS NOT NULL AND c.tenant_id = v_tenant
-                            AND c.tsv @@ coalesce(v_strict, v_enough, v_query)
+                          WHERE v_query IS NOT NULL AND v_best IS NULL AND c.tenant_id = v_tenant
+                            AND c.tsv @@ coalesce(v_enough, v_query)
                             AND EXISTS (SELECT FROM docs WHERE v_own_gin OR docs.id = c.document_id)
                             AND (p_language IS NULL OR c.language = p_language)
                             AND (v_need <= 1 OR v_enough IS NOT NULL
                                  OR (SELECT count(*) FROM unnest(v_words) AS w (q) WHERE c.tsv @@ w.q) >= v_need)
                           LIMIT 5000) s
                     ORDER BY s.rank DESC, s.document_id, s.chunk_no
-                    LIMIT 500) b
+                    LIMIT 500)) b
               JOIN public.knowledge_chunks t ON t.ctid = b.row_version AND t.tenant_id = v_tenant
               ORDER BY 3 DESC, 1, 2
               LIMIT v_pool) m
