@@ -291,7 +291,7 @@ async def test_a_vector_index_built_with_other_parameters_is_replaced_and_search
     """An upgrade from pgvector's default build (m 16, ef_construction 64: what earlier versions
     built) gets the denser graph at the next run, built beside the old one: when the new graph is
     ready the tenant's searches still use the old one (a build takes most of an hour at 400,000
-    passages; an exact scan there costs ~300 ms), and then the new one under the same name."""
+    passages; without it a semantic search of 270,000 took 585 ms), and then the new one under the same name."""
     if not world["vectors"]:
         pytest.skip("no pgvector >= 0.8 here: no vector index is built")
     url, a = world["url"], world["a"]

