@@ -5,7 +5,11 @@ rows, dropped by an erasure, built again by an import. Behaviour only, no timing
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from psycopg import sql
 
 from conftest import settings_for
 from iafactory.db import bootstrap
+from iafactory.db.scope import admin_connect
 from iafactory.knowledge import large
 from iafactory.knowledge.embeddings import vector_literal
 from iafactory.knowledge.search import SEARCH_SQL
@@ -379,6 +384,41 @@ async def test_an_interrupted_replacement_is_cleaned_up_and_erasure_takes_its_le
         )
     assert sorted(await large.drop_tenant_indexes(url, a)) == sorted(names(a, world["vectors"]) | {leftovers[1]})
     assert index_state(url, leftovers[1]) is None and indexes(url) == set()
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Wait for a condition (bounded polling, not a sleep standing for one)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for: {what}")
+        await asyncio.sleep(0.005)
+
+
+async def test_a_build_is_visible_with_its_phase_while_it_waits_for_a_writer(world: dict[str, Any]) -> None:
+    """CREATE INDEX CONCURRENTLY first waits for the transactions writing to the table: what
+    `index-large` shows the operator (watch_builds) names the index and that phase, and the build
+    goes on once the writer ends."""
+    url, a = world["url"], world["a"]
+    ours = names(a, world["vectors"])  # the first of them is built first
+    seen: list[list[dict]] = []
+    with psycopg.connect(url) as writer:
+        writer.execute("UPDATE knowledge_chunks SET chunk_no = chunk_no WHERE false")  # its lock lasts until rollback
+        build = asyncio.create_task(large.reconcile(url, world["settings"]))
+        watcher = asyncio.create_task(large.watch_builds(url, seen.append, every=0.01))
+        try:
+            await until(lambda: any(b["index"] in ours for builds in seen for b in builds), "a build in progress")
+        finally:
+            writer.rollback()
+    done = await build
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    first = next(b for builds in seen for b in builds if b["index"] in ours)
+    assert first["index"] == min(ours) and first["phase"] == "waiting for writers before build"
+    assert {x.index for x in done} == ours == indexes(url)
+    async with await admin_connect(url) as conn:
+        assert await large.builds_in_progress(conn) == []  # finished builds are not shown
 
 
 def _passages(conn: psycopg.Connection, tenant: uuid.UUID, texts: list[str], rng: np.random.Generator) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,39 @@ async def _import_one(db: Any, ctx: TenantContext, limit: files_service.FileLimi
     return None
 
 
+async def _reconcile_showing_builds(url: str, settings: Any, report: Any) -> list[large.Action]:
+    """large.reconcile() with a bar per index being built, from PostgreSQL's own progress report
+    (blocks of the table read, then tuples sorted or validated, by phase)."""
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"), console=console
+    ) as bars:
+        shown: dict[str, TaskID] = {}
+
+        def show(builds: list[dict]) -> None:
+            for build in builds:
+                unit = "blocks" if build["blocks_total"] else "tuples"
+                done, total = build[f"{unit}_done"], build[f"{unit}_total"]
+                counts = f"{done:,} / {total:,} {unit}" if total else ""
+                description = f"{build['index']}: {build['phase']}"
+                if build["index"] not in shown:
+                    shown[build["index"]] = bars.add_task(description, total=None, counts=counts)
+                bars.update(
+                    shown[build["index"]], description=description, completed=done, total=total or None, counts=counts
+                )
+            for name in set(shown) - {build["index"] for build in builds}:
+                bars.remove_task(shown.pop(name))
+
+        watcher = asyncio.create_task(large.watch_builds(url, show))
+        try:
+            return await large.reconcile(url, settings, report=report)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
+                await watcher  # the bars are a view: a lost watcher connection changes nothing
+
+
 @knowledge_app.command("index-large")
 @run
 async def index_large_command(
@@ -226,7 +260,8 @@ async def index_large_command(
     IAFACTORY_KNOWLEDGE_KEYWORD_INDEX_MIN_CHUNKS passages (default 5,000), an approximate vector
     (HNSW) index from IAFACTORY_KNOWLEDGE_VECTOR_INDEX_MIN_CHUNKS (default 20,000); dropped again
     below half. A vector index built with other parameters (an earlier version's) or for another
-    model is replaced: built beside it, then swapped in, so searches never lose it."""
+    model is replaced: built beside it, then swapped in, so searches never lose it. In a
+    terminal, a bar per index being built shows PostgreSQL's own progress report."""
     settings = get_settings()
 
     def report(action: large.Action) -> None:
@@ -237,7 +272,10 @@ async def index_large_command(
 
     total = 0
     for _, url in cell_urls(settings):
-        actions = await large.reconcile(url, settings, dry_run=dry_run, report=None if dry_run else report)
+        if dry_run or not console.is_terminal:
+            actions = await large.reconcile(url, settings, dry_run=dry_run, report=None if dry_run else report)
+        else:
+            actions = await _reconcile_showing_builds(url, settings, report)
         if dry_run:
             for action in actions:
                 console.print(f"would {action.verb} {action.kind} index {action.index} ({action.reason})")
