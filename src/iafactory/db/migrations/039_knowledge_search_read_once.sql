@@ -104,7 +104,7 @@ BEGIN
         -- first 5,000 matches; 039: it used to stop at v_pool rows, and the statement below read
         -- the chosen level's posting lists again, 17 ms of a broad query in a 270,000-passage
         -- tenant). It holds at least v_pool row versions when the level has v_pool matches
-        -- (v_pool <= 200 < 500). Small tenants keep ranking every match: it is cheap there.
+        -- (v_pool <= 200 < 500 for the API's k <= 50). Small tenants keep ranking every match.
         IF v_own_gin AND cardinality(v_words) BETWEEN 2 AND 6 THEN
             FOR v_level IN REVERSE cardinality(v_words) .. greatest(v_need, 1) + 1 LOOP
                 v_strict := app.tsquery_at_least(v_words, v_level);
