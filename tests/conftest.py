@@ -14,10 +14,12 @@ session (scripts/pgbouncer.py); migrations, operator commands and LISTEN stay di
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,6 +135,15 @@ def prepare_sync(url: str) -> list:
     from iafactory.db.bootstrap import migrate_and_prepare
 
     return asyncio.run(migrate_and_prepare(url, settings_for(url)))
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Wait for a condition (bounded polling, not a sleep standing for one)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for: {what}")
+        await asyncio.sleep(0.005)
 
 
 def settings_for(url: str, **overrides) -> Settings:

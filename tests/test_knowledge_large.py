@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import settings_for
+from conftest import settings_for, until
 from iafactory.db import bootstrap
 from iafactory.db.scope import admin_connect
 from iafactory.knowledge import large
@@ -384,15 +382,6 @@ async def test_an_interrupted_replacement_is_cleaned_up_and_erasure_takes_its_le
         )
     assert sorted(await large.drop_tenant_indexes(url, a)) == sorted(names(a, world["vectors"]) | {leftovers[1]})
     assert index_state(url, leftovers[1]) is None and indexes(url) == set()
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Wait for a condition (bounded polling, not a sleep standing for one)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting for: {what}")
-        await asyncio.sleep(0.005)
 
 
 async def test_a_build_is_visible_with_its_phase_while_it_waits_for_a_writer(world: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api_support import ApiWorld, build_world, fast_settings
+from conftest import until
 from iafactory.admission import ANONYMOUS, CpuWork, Gate
 from iafactory.app import create_app
 from iafactory.auth.passwords import hash_password
@@ -65,15 +66,6 @@ async def serving(admin_url: str, **overrides: Any) -> AsyncIterator[tuple[FastA
                 yield app, db, client
             finally:
                 app.state.load.close()
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Wait for a condition (bounded polling, not a sleep standing for one)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting for: {what}")
-        await asyncio.sleep(0.005)
 
 
 @asynccontextmanager
