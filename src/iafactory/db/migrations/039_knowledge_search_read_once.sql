@@ -20,12 +20,13 @@
 --   use in the search statement.
 --
 -- bench/search_ab.py against 038, p50 ratio (embedded PostgreSQL 18, shared_buffers 2 GB, 3
--- rounds; this machine answers ~20% slower than the one that measured 038): the 5,000-passage
--- tenant of 60,000 passages over 100 tenants, hybrid 0.93 for the bench's mix (13.4 -> 12.6 ms;
--- the Tid Scan alone, 2 rounds on a quieter hour: 11.9 -> 10.8) and 0.91 for broad queries
--- (15.9 -> 14.4), keyword 0.86 / 0.90, semantic 0.96-0.99; keyword in a 270,000-passage tenant
--- (300,000 passages over 200 tenants) 0.87 for the mix (31.9 -> 27.8 ms, p95 59.6 -> 45.2) and
--- 0.90 for broad queries (32.5 -> 29.3).
+-- rounds; this machine's speed drifts by up to 2x within the hour, the ratios hold): the
+-- 5,000-passage tenant of 60,000 passages over 100 tenants, hybrid 0.89-0.93 for the bench's mix
+-- (9.2 -> 8.2 ms at a fast hour, 13.4 -> 12.6 at a slow one) and 0.90-0.91 for broad queries
+-- (9.4 -> 8.4, 15.9 -> 14.4), keyword 0.84-0.90, semantic 0.96-1.01; the median medium tenant
+-- (771 passages) 0.96, the median small one (33) 1.00; a 270,000-passage tenant (300,000 over 200
+-- tenants, its own GIN and HNSW indexes) hybrid 0.94 / 0.97 (59.5 -> 55.9 ms, 60.5 -> 58.8),
+-- keyword 0.86 / 0.88 (19.9 -> 17.2, 23.3 -> 20.6; p95 43.2 -> 31.7).
 
 CREATE OR REPLACE FUNCTION app.search_passages(
     p_query_text text, p_query_config text, p_query_embedding text, p_model text, p_k integer,
