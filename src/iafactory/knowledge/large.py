@@ -205,14 +205,7 @@ async def swap_in(conn: Conn, name: str) -> bool:
     """The valid replacement `<name>_next` takes `name`, in one transaction (searches see the old
     index or the new one, never none); the old one is then dropped concurrently. False when there
     is no valid replacement to swap in."""
-    row = await (
-        await conn.execute(
-            """SELECT x.indisvalid AS valid FROM pg_index x
-               WHERE x.indexrelid = to_regclass(%s) AND x.indrelid = 'public.knowledge_chunks'::regclass""",
-            ("public." + name + NEXT,),
-        )
-    ).fetchone()
-    if not row or not row["valid"]:
+    if not (await existing(conn)).get(name + NEXT, {}).get("valid"):
         return False
     renames = ((name, name + RETIRED), (name + NEXT, name))
     async with conn.transaction():
