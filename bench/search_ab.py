@@ -1,7 +1,7 @@
 """A/B of app.search_passages against an earlier migration's definition, same database, same session, calls interleaved.
 
-    python bench/search_ab.py ADMIN_URL [--queries 80] [--broad 40] [--rounds 3] [--old-sql FILE] [--bucket large]
-                                     [--passages 60000 --tenants 100 --huge 0 --huge-size 200000]
+    python bench/search_ab.py ADMIN_URL [--queries 80] [--broad 40] [--rounds 3] [--old-sql FILE | --unsampled]
+                                     [--bucket large] [--passages 60000 --tenants 100 --huge 0 --huge-size 200000]
 
 ADMIN_URL: a database kept by `bench/retrieval.py --keep` (same --passages/--tenants/--seed, to find its
 5,000-passage tenant (or --bucket's median tenant) and generate its queries the same way). The old definition (038's migration by
@@ -9,6 +9,10 @@ default) is created under another name, app.bench_search_old, in that database o
 migrated app.search_passages (the latest migration's). Both are called by the application role inside the tenant's transaction,
 alternately per query and mode; p50/p95 per mode, for the bench's query mix and for broad queries (one or
 two of the tenant's most common topic words), and how often the two return the same top 10.
+
+--unsampled: "old" is the latest function without the keyword side's sample (every match ranked, not
+the first 5,000 found; the 500 best by ts_rank still re-ranked by cover density): the top-10 overlap
+is then how much of the full keyword ranking the sampled one keeps, and the ratio what that costs.
 """
 
 from __future__ import annotations
@@ -30,11 +34,19 @@ from retrieval import LANGUAGES, MODES, Embeddings, Query, Vocabulary, make_layo
 OLD = Path(__file__).parent.parent / "src/iafactory/db/migrations/038_knowledge_search_read_less.sql"
 
 
-def create_old(conn: psycopg.Connection, path: Path) -> None:
-    text = path.read_text()
+def unsampled() -> str:
+    """The latest migration's app.search_passages with every match ranked (no LIMIT 5000)."""
+    latest = max((OLD.parent).glob("[0-9][0-9][0-9]_*.sql"))
+    text = latest.read_text()
+    if text.count("LIMIT 5000") != 2:
+        raise SystemExit(f"{latest.name}: expected the keyword side's two LIMIT 5000")
+    return text.replace("LIMIT 5000", "LIMIT 2147483647")
+
+
+def create_old(conn: psycopg.Connection, text: str) -> None:
     m = re.search(r"CREATE OR REPLACE FUNCTION (app\.search_(?:knowledge|passages))\(.*?\n\$\$;", text, re.S)
     if not m:
-        raise SystemExit(f"no app.search_knowledge or app.search_passages in {path}")
+        raise SystemExit("no app.search_knowledge or app.search_passages in the old definition")
     conn.execute(m.group(0).replace(m.group(1) + "(", "app.bench_search_old(", 1))
     owner = conn.execute(
         "SELECT proowner::regrole::text FROM pg_proc WHERE oid = 'app.search_passages'::regproc"
@@ -55,6 +67,7 @@ def main() -> None:
     parser.add_argument("--broad", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--old-sql", type=Path, default=OLD)
+    parser.add_argument("--unsampled", action="store_true", help="old: the latest function, every keyword match ranked")
     parser.add_argument("--bucket", default="large", help="small, medium, large or huge: its median tenant")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -76,7 +89,7 @@ def main() -> None:
     times: dict[tuple[str, str, str], list[float]] = {}
     same: dict[tuple[str, str], list[float]] = {}
     with psycopg.connect(args.admin, autocommit=True) as conn:
-        create_old(conn, args.old_sql)
+        create_old(conn, unsampled() if args.unsampled else args.old_sql.read_text())
         shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
         try:
             with conn.transaction():
