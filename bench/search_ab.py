@@ -10,6 +10,7 @@ migrated app.search_passages (the latest migration's). Both are called by the ap
 alternately per query and mode; p50/p95 per mode, for the bench's query mix and for broad queries (one or
 two of the tenant's most common topic words), and how often the two return the same top 10.
 
+--new-sql FILE / --new-unsampled: the same for "new" (by default the migrated function).
 --unsampled: "old" is the latest function without the keyword side's sample (every match ranked, not
 the first 5,000 found; the 500 best by ts_rank still re-ranked by cover density): the top-10 overlap
 is then how much of the full keyword ranking the sampled one keeps, and the ratio what that costs.
@@ -29,7 +30,7 @@ import psycopg
 from _common import percentile
 from iafactory.config import Settings
 from iafactory.knowledge.search import SEARCH_SQL
-from retrieval import LANGUAGES, MODES, Embeddings, Query, Vocabulary, make_layout, make_query
+from retrieval import LANGUAGES, MODES, Embeddings, Query, Tenant, Vocabulary, make_layout, make_query
 
 OLD = Path(__file__).parent.parent / "src/iafactory/db/migrations/038_knowledge_search_read_less.sql"
 
@@ -43,39 +44,34 @@ def unsampled() -> str:
     return text.replace("LIMIT 5000", "LIMIT 2147483647")
 
 
-def create_old(conn: psycopg.Connection, text: str) -> None:
+def create_variant(conn: psycopg.Connection, text: str, name: str) -> str:
+    """The definition in `text` created as app.<name>, owned and granted like app.search_passages;
+    returns SEARCH_SQL calling it."""
     m = re.search(r"CREATE OR REPLACE FUNCTION (app\.search_(?:knowledge|passages))\(.*?\n\$\$;", text, re.S)
     if not m:
-        raise SystemExit("no app.search_knowledge or app.search_passages in the old definition")
-    conn.execute(m.group(0).replace(m.group(1) + "(", "app.bench_search_old(", 1))
+        raise SystemExit(f"no app.search_knowledge or app.search_passages in the definition for {name}")
+    conn.execute(m.group(0).replace(m.group(1) + "(", f"app.{name}(", 1))
     owner = conn.execute(
         "SELECT proowner::regrole::text FROM pg_proc WHERE oid = 'app.search_passages'::regproc"
     ).fetchone()[0]
-    conn.execute(f"ALTER FUNCTION app.bench_search_old OWNER TO {owner}")
-    conn.execute(f"GRANT EXECUTE ON FUNCTION app.bench_search_old TO {Settings().app_db_user}")
+    conn.execute(f"ALTER FUNCTION app.{name} OWNER TO {owner}")
+    conn.execute(f"GRANT EXECUTE ON FUNCTION app.{name} TO {Settings().app_db_user}")
+    return SEARCH_SQL.replace("app.search_passages", f"app.{name}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("admin")
-    parser.add_argument("--passages", type=int, default=60000)
-    parser.add_argument("--tenants", type=int, default=100)
-    parser.add_argument("--huge", type=int, default=0, help="as retrieval.py's: tenants of --huge-size passages")
-    parser.add_argument("--huge-size", type=int, default=200_000)
-    parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--queries", type=int, default=80)
-    parser.add_argument("--broad", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--old-sql", type=Path, default=OLD)
-    parser.add_argument("--unsampled", action="store_true", help="old: the latest function, every keyword match ranked")
-    parser.add_argument("--bucket", default="large", help="small, medium, large or huge: its median tenant")
-    args = parser.parse_args()
+def definition(path: Path | None, unsampled_: bool) -> str | None:
+    return unsampled() if unsampled_ else path.read_text() if path else None
+
+
+def bench_queries(args: argparse.Namespace) -> tuple[Tenant, list[Query], list[Query]]:
+    """The bucket's median tenant of retrieval.py's layout (large: the 5,000-passage one), the bench's
+    query mix for it, and broad queries: one or two of its most common topic words."""
     rng = np.random.default_rng(args.seed)
     layout = make_layout(args.passages, args.tenants, rng, [args.huge_size] * args.huge)
     emb = Embeddings(rng)
     vocabs = {lang: Vocabulary(lang) for lang in LANGUAGES}
     in_bucket = sorted(layout.bucket(args.bucket), key=lambda t: t.size)
-    tenant = in_bucket[len(in_bucket) // 2]  # the median tenant of the bucket (large: the 5,000-passage one)
+    tenant = in_bucket[len(in_bucket) // 2]
     qrng = np.random.default_rng(args.seed + 1)
     mix = [make_query(qrng, tenant, vocabs, emb) for _ in range(args.queries)]
     vocab = vocabs[tenant.language]
@@ -85,11 +81,38 @@ def main() -> None:
         first = vocab.by_topic[topic][: 1 + i % 2 + (i // 2) % 2]
         q = make_query(qrng, tenant, vocabs, emb)
         broad.append(Query(tenant, " ".join(vocab.words[j] for j in first[-(1 + i % 2) :]), q.vector, q.literal))
-    old_sql = SEARCH_SQL.replace("app.search_passages", "app.bench_search_old")
+    return tenant, mix, broad
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """retrieval.py's layout options (to find the tenant and make its queries as it did) and the queries'."""
+    parser.add_argument("--passages", type=int, default=60000)
+    parser.add_argument("--tenants", type=int, default=100)
+    parser.add_argument("--huge", type=int, default=0, help="as retrieval.py's: tenants of --huge-size passages")
+    parser.add_argument("--huge-size", type=int, default=200_000)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--queries", type=int, default=80)
+    parser.add_argument("--broad", type=int, default=40)
+    parser.add_argument("--bucket", default="large", help="small, medium, large or huge: its median tenant")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("admin")
+    add_layout_arguments(parser)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--old-sql", type=Path, default=OLD)
+    parser.add_argument("--unsampled", action="store_true", help="old: the latest function, every keyword match ranked")
+    parser.add_argument("--new-sql", type=Path, default=None, help="new: this definition instead of the migrated one")
+    parser.add_argument("--new-unsampled", action="store_true", help="new: the latest function, every match ranked")
+    args = parser.parse_args()
+    tenant, mix, broad = bench_queries(args)
     times: dict[tuple[str, str, str], list[float]] = {}
     same: dict[tuple[str, str], list[float]] = {}
     with psycopg.connect(args.admin, autocommit=True) as conn:
-        create_old(conn, unsampled() if args.unsampled else args.old_sql.read_text())
+        old_sql = create_variant(conn, definition(args.old_sql, args.unsampled) or "", "bench_search_old")
+        new_text = definition(args.new_sql, args.new_unsampled)
+        new_sql = create_variant(conn, new_text, "bench_search_new") if new_text else SEARCH_SQL
         shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
         try:
             with conn.transaction():
@@ -101,7 +124,7 @@ def main() -> None:
                             for mode in MODES:
                                 params = q.params(mode)
                                 answers = {}
-                                for which, statement in (("old", old_sql), ("new", SEARCH_SQL))[:: 1 if r % 2 else -1]:
+                                for which, statement in (("old", old_sql), ("new", new_sql))[:: 1 if r % 2 else -1]:
                                     t0 = time.perf_counter()
                                     rows = conn.execute(statement, params).fetchall()
                                     if r:
@@ -113,7 +136,7 @@ def main() -> None:
                                         overlap / len(answers["old"]) if answers["old"] else float(not answers["new"])
                                     )
         finally:
-            conn.execute("DROP FUNCTION app.bench_search_old")
+            conn.execute("DROP FUNCTION IF EXISTS app.bench_search_old, app.bench_search_new")
     print(
         f"tenant {tenant.id}: {tenant.size} passages ({tenant.language}); {args.rounds} rounds; "
         f"shared_buffers {shared_buffers}; load {os.getloadavg()}"

@@ -1,0 +1,118 @@
+"""Experiment: a very large tenant's keyword side read in rank order from a RUM index (PostgreSQL
+extension `rum`, Debian's postgresql-NN-rum; not in the embedded server), against 039's sample of
+the first 5,000 matches and against every match ranked.
+
+    python bench/keyword_rum.py ADMIN_URL [search_ab.py's options: --passages 220000 --tenants 20
+                                --huge 1 --bucket huge --rounds 2 ...]
+
+Why: GIN hands matches over in table order, so 039 ranks the first 5,000 found, and in a
+200,000-passage tenant that sample decides the answer (`bench/search_ab.py --unsampled`: 0.37 of
+the bench mix's keyword top 10 are the full ranking's). RUM keeps the lexemes' positions in the
+index and can return `tsv @@ q ORDER BY tsv <=> q` best first, without the heap.
+
+ADMIN_URL: a database kept by `bench/retrieval.py --keep` on a server that has the rum extension.
+For every tenant with its own GIN index of at least 20,000 passages a partial RUM index is built
+CONCURRENTLY (timed); a variant of 039's app.search_passages takes the 500 best row versions of
+the chosen level from it (`ORDER BY tsv <=> query`, RUM's ts_rank-like distance) instead of
+ranking the first 5,000 matches by ts_rank, and re-ranks them by cover density as 039 does. Two
+runs of bench/search_ab.py: the variant against 039 (time, answers in common) and against every
+match ranked (`--new-unsampled`: how much of the full ranking each keeps). The indexes are
+dropped afterwards. Not part of the product.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from keyword_segments import MIGRATION, PROBE
+
+HERE = Path(__file__).parent
+
+RUM_PROBE = """                SELECT array_agg(b.row_version) INTO v_best
+                  FROM (SELECT c.ctid AS row_version
+                        FROM public.knowledge_chunks c
+                        WHERE c.tenant_id = v_tenant AND c.tsv @@ v_strict
+                        ORDER BY c.tsv OPERATOR(public.<=>) v_query
+                        LIMIT 500) b;"""
+
+# One word, or no level with the pool: the hybrid half (or any word), best first as well.
+AFTER_LEVELS = """            END LOOP;
+        END IF;
+        IF v_own_gin AND v_best IS NULL AND v_query IS NOT NULL THEN
+            SELECT array_agg(b.row_version) INTO v_best
+              FROM (SELECT c.ctid AS row_version
+                    FROM public.knowledge_chunks c
+                    WHERE c.tenant_id = v_tenant AND c.tsv @@ coalesce(v_enough, v_query)
+                      AND (v_need <= 1 OR v_enough IS NOT NULL
+                           OR (SELECT count(*) FROM unnest(v_words) AS w (q) WHERE c.tsv @@ w.q) >= v_need)
+                    ORDER BY c.tsv OPERATOR(public.<=>) v_query
+                    LIMIT 500) b;
+        END IF;"""
+
+
+def variant() -> str:
+    fn = re.search(r"CREATE OR REPLACE FUNCTION app\.search_passages\(.*?\n\$\$;", MIGRATION.read_text(), re.S)
+    assert fn, MIGRATION
+    text = fn.group(0)
+    end_levels = "            END LOOP;\n        END IF;"
+    for needle in (PROBE, end_levels):
+        assert text.count(needle) == 1, needle
+    return text.replace(PROBE, RUM_PROBE).replace(end_levels, AFTER_LEVELS) + "\n"
+
+
+def build(admin: str) -> list[str]:
+    names = []
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS rum")
+        for (hex_id,) in conn.execute(
+            "SELECT substr(relname, 22) FROM pg_class WHERE relname LIKE 'knowledge\\_chunks\\_tsv\\_%' "
+            "AND length(relname) = 53"
+        ).fetchall():
+            tenant = f"{hex_id[:8]}-{hex_id[8:12]}-{hex_id[12:16]}-{hex_id[16:20]}-{hex_id[20:]}"
+            n = conn.execute("SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s", (tenant,)).fetchone()[0]
+            if n < 20_000:
+                continue
+            name = f"bench_rum_{hex_id}"
+            t0 = time.perf_counter()
+            conn.execute(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON knowledge_chunks "
+                f"USING rum (tsv rum_tsvector_ops) WHERE tenant_id = '{tenant}'"
+            )
+            size = conn.execute(f"SELECT pg_size_pretty(pg_relation_size('{name}'))").fetchone()[0]
+            print(f"tenant {tenant}: {n:,} passages, RUM index {size} built in {time.perf_counter() - t0:.1f} s")
+            names.append(name)
+        conn.execute("ANALYZE knowledge_chunks")
+    return names
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit(__doc__)
+    admin, rest = argv[0], argv[1:]
+    names = build(admin)
+    try:
+        with tempfile.NamedTemporaryFile("w", suffix=".sql") as f:
+            f.write(variant())
+            f.flush()
+            for against in ([], ["--new-unsampled"]):
+                print(f"== RUM variant (old) against {'every match ranked' if against else '039'} (new)")
+                subprocess.run(
+                    [sys.executable, str(HERE / "search_ab.py"), admin, "--old-sql", f.name, *against, *rest],
+                    check=True,
+                )
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for name in names:
+                conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+
+
+if __name__ == "__main__":
+    main()
