@@ -722,7 +722,7 @@ class Writer(threading.Thread):
                     """INSERT INTO knowledge_chunks (tenant_id, document_id, chunk_no, content, char_start, char_end,
                            language, ts_config, content_hash, tsv, embedding, embedding_model)
                        VALUES (%s, %s, %s, 'facture budget', 0, 14, 'fr', 'simple', repeat('0', 64),
-                               to_tsvector('simple', 'facture budget'), %s, %s)""",
+                               to_tsvector('simple', 'facture budget'), app.to_embedding(%s), %s)""",
                     (self.tenant.id, doc, n, literal, MODEL),
                 )
                 self.times[self.phase].append((time.perf_counter() - t0) * 1000)

@@ -101,6 +101,12 @@ def main() -> None:
     parser.add_argument("admin")
     add_layout_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--modes",
+        type=lambda v: [m for m in v.split(",") if m],
+        default=list(MODES),
+        help="comma-separated (default: all; keyword alone where semantic search is an exact scan of real[])",
+    )
     parser.add_argument("--old-sql", type=Path, default=OLD)
     parser.add_argument("--unsampled", action="store_true", help="old: the latest function, every keyword match ranked")
     parser.add_argument("--new-sql", type=Path, default=None, help="new: this definition instead of the migrated one")
@@ -121,7 +127,7 @@ def main() -> None:
                 for r in range(args.rounds + 1):  # the first round warms
                     for kind, queries in (("mix", mix), ("broad", broad)):
                         for q in queries:
-                            for mode in MODES:
+                            for mode in args.modes:
                                 params = q.params(mode)
                                 answers = {}
                                 for which, statement in (("old", old_sql), ("new", new_sql))[:: 1 if r % 2 else -1]:
@@ -144,7 +150,7 @@ def main() -> None:
     print("| queries | mode | old p50 / p95 ms | new p50 / p95 ms | p50 ratio | top-10 overlap |")
     print("|---|---|---|---|---|---|")
     for kind in ("mix", "broad"):
-        for mode in MODES:
+        for mode in args.modes:
             old, new = times[(kind, mode, "old")], times[(kind, mode, "new")]
             o50, n50 = percentile(old, 0.5) * 1e3, percentile(new, 0.5) * 1e3
             print(
