@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psycopg
 
-from keyword_segments import MIGRATION, PROBE
+from keyword_segments import MIGRATION, PROBE, own_gin_tenants
 
 HERE = Path(__file__).parent
 
@@ -78,15 +78,8 @@ def build(admin: str) -> list[str]:
     names = []
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS rum")
-        for (hex_id,) in conn.execute(
-            "SELECT substr(relname, 22) FROM pg_class WHERE relname LIKE 'knowledge\\_chunks\\_tsv\\_%' "
-            "AND length(relname) = 53"
-        ).fetchall():
-            tenant = f"{hex_id[:8]}-{hex_id[8:12]}-{hex_id[12:16]}-{hex_id[16:20]}-{hex_id[20:]}"
-            n = conn.execute("SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s", (tenant,)).fetchone()[0]
-            if n < 20_000:
-                continue
-            name = f"bench_rum_{hex_id}"
+        for tenant, n in own_gin_tenants(conn, 20_000):
+            name = f"bench_rum_{tenant.hex}"
             t0 = time.perf_counter()
             conn.execute(
                 f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON knowledge_chunks "

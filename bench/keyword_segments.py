@@ -37,8 +37,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from uuid import UUID
 
 import psycopg
+
+from iafactory.knowledge import large
 
 HERE = Path(__file__).parent
 MIGRATION = HERE.parent / "src/iafactory/db/migrations/039_knowledge_search_read_once.sql"
@@ -82,6 +85,18 @@ def variant() -> str:
     return text.replace("    v_best tid[];", "    v_segments text;\n    v_best tid[];") + "\n"
 
 
+def own_gin_tenants(conn: psycopg.Connection, at_least: int) -> list[tuple[UUID, int]]:
+    """The tenants with their own GIN index (iafactory.knowledge.large) and at least that many passages."""
+    found = []
+    for (name,) in conn.execute("SELECT relname FROM pg_class WHERE relname LIKE 'knowledge\\_chunks\\_tsv\\_%'"):
+        parsed = large.parse_index_name(name)
+        if parsed and parsed[0] == "keyword" and not parsed[2]:
+            n = conn.execute("SELECT count(*) FROM knowledge_chunks WHERE tenant_id = %s", (parsed[1],)).fetchone()[0]
+            if n >= at_least:
+                found.append((parsed[1], n))
+    return found
+
+
 def build(admin: str, segments: int) -> list[str]:
     names = []
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -90,19 +105,13 @@ def build(admin: str, segments: int) -> list[str]:
         )
         conn.execute("GRANT SELECT ON bench_keyword_segments TO PUBLIC")
         conn.execute("TRUNCATE bench_keyword_segments")
-        tenants = conn.execute(
-            """SELECT substr(c.relname, 22) FROM pg_class c
-               WHERE c.relname LIKE 'knowledge\\_chunks\\_tsv\\_%' AND length(c.relname) = 53"""
-        ).fetchall()
-        for (hex_id,) in tenants:
-            tenant = f"{hex_id[:8]}-{hex_id[8:12]}-{hex_id[12:16]}-{hex_id[16:20]}-{hex_id[20:]}"
-            n, bounds = conn.execute(
-                """SELECT count(*), percentile_disc(%s::float8[]) WITHIN GROUP (ORDER BY document_id)
+        for tenant, n in own_gin_tenants(conn, 20_000):
+            hex_id = tenant.hex
+            bounds = conn.execute(
+                """SELECT percentile_disc(%s::float8[]) WITHIN GROUP (ORDER BY document_id)
                    FROM knowledge_chunks WHERE tenant_id = %s""",
                 ([i / segments for i in range(1, segments)], tenant),
-            ).fetchone()
-            if n < 20_000:
-                continue
+            ).fetchone()[0]
             edges = [0, *bounds, 2**62]
             t0 = time.perf_counter()
             for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
