@@ -29,18 +29,13 @@ RUM ranks every match before ordering them: no faster than ranking them from the
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import psycopg
 
-from keyword_segments import MIGRATION, PROBE, own_gin_tenants
-
-HERE = Path(__file__).parent
+from keyword_segments import PROBE, own_gin_tenants
+from search_ab import compare_with, latest_edited
 
 RUM_PROBE = """                SELECT array_agg(b.row_version) INTO v_best
                   FROM (SELECT c.ctid AS row_version
@@ -49,6 +44,7 @@ RUM_PROBE = """                SELECT array_agg(b.row_version) INTO v_best
                         ORDER BY c.tsv OPERATOR(public.<=>) v_query
                         LIMIT 500) b;"""
 
+END_LEVELS = "            END LOOP;\n        END IF;"
 # One word, or no level with the pool: the hybrid half (or any word), best first as well.
 AFTER_LEVELS = """            END LOOP;
         END IF;
@@ -65,13 +61,7 @@ AFTER_LEVELS = """            END LOOP;
 
 
 def variant() -> str:
-    fn = re.search(r"CREATE OR REPLACE FUNCTION app\.search_passages\(.*?\n\$\$;", MIGRATION.read_text(), re.S)
-    assert fn, MIGRATION
-    text = fn.group(0)
-    end_levels = "            END LOOP;\n        END IF;"
-    for needle in (PROBE, end_levels):
-        assert text.count(needle) == 1, needle
-    return text.replace(PROBE, RUM_PROBE).replace(end_levels, AFTER_LEVELS) + "\n"
+    return latest_edited((PROBE, RUM_PROBE, 1), (END_LEVELS, AFTER_LEVELS, 1))
 
 
 def build(admin: str) -> list[str]:
@@ -99,15 +89,9 @@ def main() -> None:
     admin, rest = argv[0], argv[1:]
     names = build(admin)
     try:
-        with tempfile.NamedTemporaryFile("w", suffix=".sql") as f:
-            f.write(variant())
-            f.flush()
-            for against in ([], ["--new-unsampled"]):
-                print(f"== RUM variant (old) against {'every match ranked' if against else '039'} (new)")
-                subprocess.run(
-                    [sys.executable, str(HERE / "search_ab.py"), admin, "--old-sql", f.name, *against, *rest],
-                    check=True,
-                )
+        for against in ([], ["--new-unsampled"]):
+            print(f"== RUM variant (old) against {'every match ranked' if against else 'the migrated function'} (new)")
+            compare_with(admin, variant(), [*against, *rest])
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             for name in names:

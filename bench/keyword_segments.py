@@ -31,20 +31,14 @@ needs is a keyword structure read in rank order, not a cheaper way to take an ar
 from __future__ import annotations
 
 import itertools
-import re
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from uuid import UUID
 
 import psycopg
 
 from iafactory.knowledge import large
-
-HERE = Path(__file__).parent
-MIGRATION = HERE.parent / "src/iafactory/db/migrations/039_knowledge_search_read_once.sql"
+from search_ab import compare_with, latest_edited
 
 PROBE = """                SELECT array_agg(b.row_version) INTO v_best
                   FROM (SELECT s.row_version
@@ -73,16 +67,17 @@ SEGMENTS_OF_TENANT = """            SELECT string_agg(format(
 """
 
 
+LEVELS = "        IF v_own_gin AND cardinality(v_words) BETWEEN 2 AND 6 THEN\n"
+DECLARE_BEST = "    v_best tid[];"
+
+
 def variant() -> str:
-    """039's function with the segmented probe."""
-    fn = re.search(r"CREATE OR REPLACE FUNCTION app\.search_passages\(.*?\n\$\$;", MIGRATION.read_text(), re.S)
-    assert fn, MIGRATION
-    text = fn.group(0)
-    loop = "        IF v_own_gin AND cardinality(v_words) BETWEEN 2 AND 6 THEN\n"
-    for needle in (PROBE, loop, "    v_best tid[];"):
-        assert text.count(needle) == 1, needle
-    text = text.replace(PROBE, SEGMENTED_PROBE).replace(loop, loop + SEGMENTS_OF_TENANT)
-    return text.replace("    v_best tid[];", "    v_segments text;\n    v_best tid[];") + "\n"
+    """The migrated search function with the segmented probe."""
+    return latest_edited(
+        (PROBE, SEGMENTED_PROBE, 1),
+        (LEVELS, LEVELS + SEGMENTS_OF_TENANT, 1),
+        (DECLARE_BEST, "    v_segments text;\n" + DECLARE_BEST, 1),
+    )
 
 
 def own_gin_tenants(conn: psycopg.Connection, at_least: int) -> list[tuple[UUID, int]]:
@@ -146,10 +141,7 @@ def main() -> None:
         del rest[i : i + 2]
     names = build(admin, segments)
     try:
-        with tempfile.NamedTemporaryFile("w", suffix=".sql") as f:
-            f.write(variant())
-            f.flush()
-            subprocess.run([sys.executable, str(HERE / "search_ab.py"), admin, "--old-sql", f.name, *rest], check=True)
+        compare_with(admin, variant(), rest)
     finally:
         drop(admin, names)
 

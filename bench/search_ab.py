@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,16 +33,34 @@ from iafactory.config import Settings
 from iafactory.knowledge.search import SEARCH_SQL
 from retrieval import LANGUAGES, MODES, Embeddings, Query, Tenant, Vocabulary, make_layout, make_query
 
-OLD = Path(__file__).parent.parent / "src/iafactory/db/migrations/038_knowledge_search_read_less.sql"
+MIGRATIONS = Path(__file__).parent.parent / "src/iafactory/db/migrations"
+OLD = MIGRATIONS / "038_knowledge_search_read_less.sql"
+
+
+def latest_edited(*edits: tuple[str, str, int]) -> str:
+    """The latest migration's text with each (text, replacement, how many times it must stand there)
+    made: a variant of the migrated search function, failing loudly once a later migration moves
+    what it edits."""
+    latest = max(MIGRATIONS.glob("[0-9][0-9][0-9]_*.sql"))
+    text = latest.read_text()
+    for needle, replacement, times in edits:
+        if text.count(needle) != times:
+            raise SystemExit(f"{latest.name}: expected {times} of {needle.strip()[:60]!r}")
+        text = text.replace(needle, replacement)
+    return text
 
 
 def unsampled() -> str:
     """The latest migration's app.search_passages with every match ranked (no LIMIT 5000)."""
-    latest = max((OLD.parent).glob("[0-9][0-9][0-9]_*.sql"))
-    text = latest.read_text()
-    if text.count("LIMIT 5000") != 2:
-        raise SystemExit(f"{latest.name}: expected the keyword side's two LIMIT 5000")
-    return text.replace("LIMIT 5000", "LIMIT 2147483647")
+    return latest_edited(("LIMIT 5000", "LIMIT 2147483647", 2))
+
+
+def compare_with(admin: str, old_text: str, argv: list[str]) -> None:
+    """main() with `old_text` as the old definition (for the experiments that build a variant)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sql") as f:
+        f.write(old_text)
+        f.flush()
+        main([admin, "--old-sql", f.name, *argv])
 
 
 def create_variant(conn: psycopg.Connection, text: str, name: str) -> str:
@@ -96,7 +115,7 @@ def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bucket", default="large", help="small, medium, large or huge: its median tenant")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("admin")
     add_layout_arguments(parser)
@@ -111,7 +130,7 @@ def main() -> None:
     parser.add_argument("--unsampled", action="store_true", help="old: the latest function, every keyword match ranked")
     parser.add_argument("--new-sql", type=Path, default=None, help="new: this definition instead of the migrated one")
     parser.add_argument("--new-unsampled", action="store_true", help="new: the latest function, every match ranked")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     tenant, mix, broad = bench_queries(args)
     times: dict[tuple[str, str, str], list[float]] = {}
     same: dict[tuple[str, str], list[float]] = {}
